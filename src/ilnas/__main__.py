@@ -1,0 +1,5 @@
+import sys
+
+from ilnas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,334 @@
+"""Typed, frozen configuration. Dataclasses hold every default; YAML presets and ``--set key=value``
+only override them, and ``resolve`` is the one place that merges and validates."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ilnas.errors import IlnasError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Args:
+        tasks: task names; for a search, the learner order l1..lK of every round.
+        data_dir: where data sets live (downloaded to, for CIFAR).
+        download: fetch missing CIFAR files (torchvision).
+        verify: check the files' MD5 sums (torchvision's integrity check).
+        image_size: side of the embedded digit images.
+    """
+
+    tasks: tuple[str, ...] = ("mnist5k", "digits")
+    data_dir: str = "data"
+    download: bool = True
+    verify: bool = True
+    image_size: int = 16
+
+
+@dataclass(frozen=True)
+class SpaceConfig:
+    """The supernet: C channels in the first cell, ``layers`` cells, stem of stem_multiplier * C."""
+
+    channels: int = 16
+    layers: int = 8
+    stem_multiplier: int = 3
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The search recipe. Defaults: the DARTS search hyperparameters; the framework picks
+    K and M: ``single`` (one task, one round), ``mtl`` (Eq. 10: one round, no coupling), ``il``.
+
+    Args:
+        rounds: M, the number of interleaving rounds.
+        coupling, lam: how each stage is pulled towards the previous one (prox | gd | copy | none).
+        order: 1 (first order) or 2 (unrolled, second order).
+        hvp: fd | exact, the mixed Hessian-vector product of order 2.
+        update_order: alg1 (paper) | darts (A first, then the weight step at the new A).
+        virtual_momentum: momentum and weight decay inside the unrolled step (official DARTS).
+        steps_per_epoch: None = the largest task's train split / batch_size.
+        train_weights, val_weights: per-task weights beta, alpha of Eq. 10 (None = all 1).
+        eval_batches: validation batches per task for the epoch's accuracy (None = all).
+    """
+
+    framework: str = "il"
+    rounds: int = 2
+    coupling: str = "prox"
+    lam: float = 100.0
+    allow_unstable: bool = False
+    order: int = 2
+    hvp: str = "fd"
+    fd_eps: float = 0.01
+    update_order: str = "alg1"
+    virtual_momentum: bool = True
+    epochs: int = 50
+    steps_per_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 0.025
+    lr_min: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    grad_clip: float = 5.0
+    arch_lr: float = 3e-4
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    train_weights: tuple[float, ...] | None = None
+    val_weights: tuple[float, ...] | None = None
+    eval_batches: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """An evaluation network: ``style`` cifar (stem 3C) or imagenet (two stride-2 stems)."""
+
+    style: str = "cifar"
+    layers: int = 20
+    channels: int = 36
+    auxiliary: bool = True
+    auxiliary_weight: float = 0.4
+    drop_path: float = 0.2
+
+
+@dataclass(frozen=True)
+class SearchRunConfig:
+    kind: str = "search"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+
+@dataclass(frozen=True)
+class EvalRunConfig:
+    kind: str = "eval"
+    description: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(tasks=("cifar10",)))
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
+RunConfig = SearchRunConfig | EvalRunConfig
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+def _preset_dir():
+    return resources.files("ilnas").joinpath("presets")
+
+
+def list_presets() -> dict[str, str]:
+    """name -> description, for every preset that ships with ilnas."""
+    out = {}
+    for f in sorted(_preset_dir().iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            out[f.name[:-5]] = (yaml.safe_load(f.read_text()) or {}).get("description", "")
+    return out
+
+
+def load_preset(name: str) -> dict:
+    f = _preset_dir().joinpath(f"{name}.yaml")
+    if not f.is_file():
+        raise IlnasError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    return yaml.safe_load(f.read_text()) or {}
+
+
+def _load_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise IlnasError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise IlnasError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise IlnasError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+# --- merging and validation ---------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'search.lam=10' -> (['search', 'lam'], 10). The value is read as YAML (numbers, lists, null)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise IlnasError(f"malformed --set {text!r}: expected section.key=value, e.g. search.lam=10")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise IlnasError(f"malformed --set {text!r}: the value is not valid YAML") from None
+    return key.strip().split("."), parsed
+
+
+def _set_nested(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise IlnasError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except IlnasError as e:
+                errors.append(str(e))
+        raise IlnasError(errors[0] if errors else f"{where} may not be null")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise IlnasError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise IlnasError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise IlnasError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise IlnasError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise IlnasError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise IlnasError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise IlnasError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data`` over its defaults; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise IlnasError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise IlnasError(f"unknown config key {where}{unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
+                         f"{', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-friendly dict (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
+            kind: str = "search") -> RunConfig:
+    """Defaults <- preset <- config file <- --set overrides, then validation."""
+    data: dict = {}
+    if preset is not None:
+        data = load_preset(preset)
+    if config_file is not None:
+        for section, values in _load_file(config_file).items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section] = {**data[section], **values}
+            else:
+                data[section] = values
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_nested(data, keys, value)
+    found_kind = data.get("kind", kind)
+    if found_kind != kind:
+        raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
+    cfg = from_dict(KINDS[kind], data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    if not cfg.data.tasks:
+        raise IlnasError("data.tasks is empty: name at least one task")
+    if cfg.data.image_size < 8:
+        raise IlnasError(f"data.image_size must be at least 8, got {cfg.data.image_size}")
+    if isinstance(cfg, SearchRunConfig):
+        _validate_search(cfg)
+    else:
+        _validate_network(cfg.network)
+
+
+def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise IlnasError(f"{section}.{name} must be positive, got {value}")
+
+
+def _validate_search(cfg: SearchRunConfig) -> None:
+    s, k = cfg.search, len(cfg.data.tasks)
+    _positive("search", s, ("epochs", "batch_size", "rounds", "lr", "steps_per_epoch", "eval_batches"))
+    _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
+    if s.lam < 0:
+        raise IlnasError(f"search.lam (lambda) must be >= 0, got {s.lam}")
+    if s.lr_min < 0 or s.lr_min > s.lr:
+        raise IlnasError(f"search.lr_min must lie in [0, lr], got {s.lr_min}")
+    if len(set(cfg.data.tasks)) != k:
+        raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
+    if s.framework not in ("single", "mtl", "il"):
+        raise IlnasError(f"search.framework must be single, mtl or il, got {s.framework!r}")
+    if s.framework == "single" and (k != 1 or s.rounds != 1):
+        raise IlnasError(f"framework 'single' takes one task and one round, got {k} tasks, {s.rounds} rounds")
+    if s.framework == "mtl" and (s.rounds != 1 or s.coupling != "none"):
+        raise IlnasError("framework 'mtl' (Eq. 10) takes search.rounds=1 and search.coupling=none")
+    if s.dtype not in ("float32", "float64"):
+        raise IlnasError(f"search.dtype must be float32 or float64, got {s.dtype!r}")
+    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
+        raise IlnasError(f"search.device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
+    from ilnas.search.engine import validate_config  # lazily: the engine pulls in torch
+
+    validate_config(engine_config(s), k, s.lr)
+
+
+def _validate_network(net: NetworkConfig) -> None:
+    _positive("network", net, ("layers", "channels"))
+    if net.style not in ("cifar", "imagenet"):
+        raise IlnasError(f"network.style must be cifar or imagenet, got {net.style!r}")
+    if not 0.0 <= net.drop_path < 1.0:
+        raise IlnasError(f"network.drop_path must lie in [0, 1), got {net.drop_path}")
+
+
+def engine_config(s: SearchConfig):
+    """The engine's view of a search configuration."""
+    from ilnas.search.engine import EngineConfig
+
+    return EngineConfig(order=s.order, hvp=s.hvp, fd_eps=s.fd_eps, coupling=s.coupling, lam=s.lam,
+                        allow_unstable=s.allow_unstable, update_order=s.update_order,
+                        virtual_momentum=s.virtual_momentum, momentum=s.momentum,
+                        weight_decay=s.weight_decay, grad_clip=s.grad_clip,
+                        train_weights=s.train_weights, val_weights=s.val_weights)

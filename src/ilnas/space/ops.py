@@ -1,0 +1,135 @@
+"""The DARTS candidate operations (Liu et al., 2019), one registry for search and evaluation.
+
+ReLU -> conv -> BN ordering; a separable conv is the depthwise-pointwise block twice, a dilated conv
+once with dilation 2. ``affine=False`` gives the search variants, in which pools are followed by a
+non-affine BatchNorm (``pool_bn=True``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ilnas.errors import IlnasError
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+OPS: dict[str, OpFactory] = {}
+
+# Order matters: it is the column order of the alphas and of the official genotypes.
+PRIMITIVES: tuple[str, ...] = (
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+)
+
+
+def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
+    # Search cells never switch to running statistics: without buffers a supernet is a pure
+    # function of (weights, alphas, x), which is what functional_call and vmap need.
+    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=affine)
+
+
+def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
+    def wrap(fn: OpFactory) -> OpFactory:
+        OPS[name] = fn
+        return fn
+    return wrap
+
+
+def create_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
+    if name not in OPS:
+        raise IlnasError(f"unknown operation {name!r}; known: {', '.join(sorted(OPS))}")
+    return OPS[name](channels, stride, affine)
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool):
+        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
+                         batch_norm(c_out, affine))
+
+
+class DilConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int,
+                 affine: bool):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            batch_norm(c_out, affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool):
+        super().__init__(DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
+                         DilConv(c_in, c_out, kernel, 1, padding, 1, affine))
+
+
+class Zero(nn.Module):
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool):
+        super().__init__()
+        if c_out % 2:
+            raise IlnasError(f"FactorizedReduce needs an even channel count, got {c_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
+        self.bn = batch_norm(c_out, affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+
+
+def _pool(pool: nn.Module, channels: int, affine: bool) -> nn.Module:
+    return pool if affine else nn.Sequential(pool, batch_norm(channels, affine=False))
+
+
+@register_op("none")
+def _none(c: int, stride: int, affine: bool) -> nn.Module:
+    return Zero(stride)
+
+
+@register_op("max_pool_3x3")
+def _max_pool(c: int, stride: int, affine: bool) -> nn.Module:
+    return _pool(nn.MaxPool2d(3, stride=stride, padding=1), c, affine)
+
+
+@register_op("avg_pool_3x3")
+def _avg_pool(c: int, stride: int, affine: bool) -> nn.Module:
+    return _pool(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False), c, affine)
+
+
+@register_op("skip_connect")
+def _skip(c: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine)
+
+
+@register_op("sep_conv_3x3")
+def _sep3(c: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(c, c, 3, stride, 1, affine)
+
+
+@register_op("sep_conv_5x5")
+def _sep5(c: int, stride: int, affine: bool) -> nn.Module:
+    return SepConv(c, c, 5, stride, 2, affine)
+
+
+@register_op("dil_conv_3x3")
+def _dil3(c: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(c, c, 3, stride, 2, 2, affine)
+
+
+@register_op("dil_conv_5x5")
+def _dil5(c: int, stride: int, affine: bool) -> nn.Module:
+    return DilConv(c, c, 5, stride, 4, 2, affine)
