@@ -226,7 +226,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        raise IlnasError(f"unknown config key {where}{unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
+        raise IlnasError(f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
                          f"{', '.join(names)}")
     kwargs = {}
     for name, value in data.items():

@@ -109,8 +109,10 @@ def _torchvision_cifar(name: str, source: DataSource, train: bool):
 
     cls_name, folder, *_ = CIFAR[name]
     cls = getattr(torchvision.datasets, cls_name)
-    if not source.verify:  # the only thing tests bypass: the MD5 of every batch file
-        cls = type(cls_name, (cls,), {"_check_integrity": lambda self: True})
+    if not source.verify:  # drop only the MD5 sums: the files must still exist and load
+        unchecked = lambda files: [[name, None] for name, _ in files]  # noqa: E731
+        cls = type(cls_name, (cls,), {"train_list": unchecked(cls.train_list), "test_list": unchecked(cls.test_list),
+                                      "meta": {**cls.meta, "md5": None}})
     root = Path(source.data_dir)
     try:
         return cls(str(root), train=train, download=source.download and source.verify)

@@ -63,7 +63,7 @@ class Genotype:
     def from_dict(cls, d: dict) -> "Genotype":
         missing = [f for f in FIELDS if f not in d]
         if missing:
-            raise IlnasError(f"genotype is missing {', '.join(missing)}")
+            raise IlnasError(f"malformed genotype: missing {', '.join(missing)}")
         try:
             return cls(normal=_edges(d["normal"]), normal_concat=_ints(d["normal_concat"]),
                        reduce=_edges(d["reduce"]), reduce_concat=_ints(d["reduce_concat"]))
@@ -177,6 +177,8 @@ def load_genotype(spec: str) -> Genotype:
     known = zoo()
     if spec in known:
         return known[spec]
+    if "Genotype" in spec:
+        return parse_genotype(spec)
     path = Path(spec)
     if path.is_dir():
         path = path / "genotype.json"
@@ -190,8 +192,6 @@ def load_genotype(spec: str) -> Genotype:
             except json.JSONDecodeError as e:
                 raise IlnasError(f"{path} is not valid JSON: {e}") from None
         return parse_genotype(text)
-    if "Genotype" in spec:
-        return parse_genotype(spec)
     raise IlnasError(f"unknown genotype {spec!r}: not a zoo name ({', '.join(sorted(known))}), "
                      f"a file, a run directory or a Genotype(...) literal")
 

@@ -1,0 +1,154 @@
+"""End to end through the command line: a short demo search, SIGKILL + resume, and every bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilnas.config import list_presets, resolve
+from ilnas.errors import IlnasError
+
+SHORT = ["--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
+         "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
+
+
+def ilnas(*args: str, cwd: Path | None = None, wait: bool = True):
+    cmd = [sys.executable, "-m", "ilnas", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    r = ilnas("search", "--out", str(out), "--quiet", *SHORT, "--set", "search.epochs=3")
+    assert r.returncode == 0, r.stderr
+    assert "genotype = Genotype(" in r.stdout
+    return out
+
+
+def test_short_demo_search_writes_a_complete_run(finished_run):
+    files = {p.name for p in finished_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "genotype.json", "genotype.txt", "alphas.npy",
+            "summary.json", "tb"} <= files
+    records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(steps) == 9 and len(epochs) == 3
+    assert len(steps[0]["train_loss"]) == 4 and len(steps[0]["val_loss"]) == 2  # S = 4 stages, K = 2
+    assert set(epochs[-1]["val_acc"]) == {"mnist5k", "digits"}
+    assert epochs[0]["alpha_entropy"]["normal"] > epochs[-1]["alpha_entropy"]["normal"] - 1e-3
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["genotype"] == (finished_run / "genotype.txt").read_text().strip()
+    assert any((finished_run / "tb").iterdir())
+    # the found genotype feeds straight into describe
+    r = ilnas("describe", str(finished_run), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["params"] > 1e6
+
+
+def test_sigkill_then_resume_ends_equal_to_the_uninterrupted_run(finished_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = ilnas("search", "--out", str(out), "--quiet", *SHORT, "--set", "search.epochs=3", wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before it could be interrupted"
+    r = ilnas("search", "--out", str(out), "--resume", "--quiet")
+    assert r.returncode == 0, r.stderr
+
+    a = torch.load(finished_run / "checkpoint.pt", weights_only=False)["state"]
+    b = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    assert a["step"] == b["step"] == 9
+    for x, y in zip(a["arch"], b["arch"]):
+        assert torch.equal(x, y)
+    for sa, sb in zip(a["stages"], b["stages"]):
+        for key in ("w", "h", "buf_w", "buf_h"):
+            assert all(torch.equal(x, y) for x, y in zip(sa[key], sb[key]))
+    losses = lambda run: [(r.get("train_loss"), r.get("val_loss")) for r in  # noqa: E731
+                          map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert losses(out) == losses(finished_run)
+    assert (out / "genotype.txt").read_text() == (finished_run / "genotype.txt").read_text()
+
+
+BAD = [
+    (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
+    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, rounds,"),
+    (["search", "--set", "searchlam"], "malformed --set 'searchlam'"),
+    (["search", "--set", "search.batch_size=0"], "search.batch_size must be positive"),
+    (["search", "--set", "search.epochs=-3"], "search.epochs must be positive"),
+    (["search", "--set", "search.lam=-1"], "search.lam (lambda) must be >= 0"),
+    (["search", "--set", "search.coupling=gd"], "coupling 'gd' with 2*lr*lambda = 5 >= 1"),
+    (["search", "--set", "search.order=3"], "order must be 1 or 2"),
+    (["search", "--preset", "darts2nd-cifar10", "--set", "data.data_dir=__EMPTY__", "--set", "data.download=false",
+      "--force"], "no cifar10 data in"),  # --force passes the run-dir check; the data must still fail first
+    (["describe", "Genotype(normal=[('warp_conv', 0)])"], "malformed genotype"),
+    (["describe", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
+    (["search", "--bogus-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
+def test_bad_input_gives_one_line_and_exit_2_and_leaves_the_run_untouched(finished_run, tmp_path, args, message):
+    before = snapshot(finished_run)
+    args = [a.replace("__EMPTY__", str(tmp_path)) for a in args]
+    if args[0] == "search":
+        args = [*args, "--out", str(finished_run)]
+    r = ilnas(*args)
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_a_finished_run_is_not_overwritten_without_force(finished_run):
+    before = snapshot(finished_run)
+    r = ilnas("search", "--out", str(finished_run), *SHORT)
+    assert r.returncode == 2 and "already holds a finished run; pass --force" in r.stderr
+    r = ilnas("search", "--out", str(finished_run), "--resume")
+    assert r.returncode == 2 and "finished run" in r.stderr
+    assert snapshot(finished_run) == before
+
+
+def test_a_head_that_does_not_match_its_task_is_refused():
+    from torch import nn
+
+    from ilnas.space.functional import FunctionalTaskNet
+    from ilnas.space.supernet import Supernet
+
+    enc = Supernet(1, 2, 3)
+    with pytest.raises(IlnasError, match="task head gives 7 outputs but the task has 10 classes"):
+        FunctionalTaskNet(enc, nn.Linear(enc.out_features, 7), 10)
+
+
+@pytest.mark.parametrize("name", list(list_presets()))
+def test_every_preset_validates(name):
+    kind = "eval" if name.startswith("eval-") else "search"
+    cfg = resolve(name, kind=kind)
+    assert cfg.description
+
+
+def test_paper_preset_settings():
+    cfg = resolve("il-darts2nd-cifar")
+    s = cfg.search
+    assert cfg.data.tasks == ("cifar100", "cifar10") and s.rounds == 2 and s.lam == 100.0 and s.order == 2
+    assert (s.batch_size, s.epochs, s.lr, s.lr_min, s.momentum, s.weight_decay, s.grad_clip) == (
+        64, 50, 0.025, 0.001, 0.9, 3e-4, 5.0)
+    assert (s.arch_lr, s.arch_betas, s.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    assert (cfg.space.channels, cfg.space.layers) == (16, 8)

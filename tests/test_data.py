@@ -1,0 +1,88 @@
+"""Data: CIFAR from tiny files in the real python-batch format, the embedded digit tasks, batching."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from ilnas.data.loader import BatchMaker, random_crop
+from ilnas.data.tasks import DataSource, create_task
+from ilnas.errors import IlnasError
+
+
+def write_cifar(root, name: str, per_batch: int = 8, test: int = 6) -> dict:
+    """CIFAR-10 (5 data batches + test_batch) or CIFAR-100 (train + test) as pickled dicts, the layout
+    torchvision reads (uint8 rows of 3072 = 3 x 32 x 32, labels, a meta file)."""
+    rng = np.random.default_rng(0)
+    if name == "cifar10":
+        folder, classes, label_key = root / "cifar-10-batches-py", 10, "labels"
+        files = {f"data_batch_{i}": per_batch for i in range(1, 6)} | {"test_batch": test}
+        meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(classes)]})
+    else:
+        folder, classes, label_key = root / "cifar-100-python", 100, "fine_labels"
+        files = {"train": 5 * per_batch, "test": test}
+        meta = ("meta", {"fine_label_names": [f"c{i}" for i in range(classes)]})
+    folder.mkdir(parents=True)
+    written = {}
+    for fname, n in files.items():
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n).tolist()
+        with open(folder / fname, "wb") as f:
+            pickle.dump({"data": data, label_key: labels}, f)  # str keys, as the originals load
+        written[fname] = (data, labels)
+    with open(folder / meta[0], "wb") as f:
+        pickle.dump(meta[1], f)
+    return written
+
+
+@pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loads_real_batch_files_and_splits_half_half(tmp_path, name, classes):
+    written = write_cifar(tmp_path, name)
+    task = create_task(name, DataSource(str(tmp_path), download=False, verify=False))
+    assert task.num_classes == classes and task.input_shape == (3, 32, 32)
+    assert len(task.train) == len(task.val) == 20 and len(task.test) == 6
+    test_data, test_labels = written["test_batch" if name == "cifar10" else "test"]
+    # python batches are row-major (3, 32, 32) per image
+    assert torch.equal(task.test.x, torch.from_numpy(test_data.reshape(-1, 3, 32, 32)))
+    assert task.test.y.tolist() == test_labels
+    both = torch.cat([task.train.x, task.val.x]).flatten(1)
+    assert len({tuple(r.tolist()[:16]) for r in both}) == 40  # a partition: no image twice
+
+
+def test_missing_cifar_data_is_a_clear_error(tmp_path):
+    with pytest.raises(IlnasError, match="no cifar10 data"):
+        create_task("cifar10", DataSource(str(tmp_path), download=False))
+
+
+def test_embedded_digit_tasks():
+    source = DataSource(image_size=16)
+    mnist, digits = create_task("mnist5k", source), create_task("digits", source)
+    assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (2000, 2000, 1000)
+    assert (len(digits.train), len(digits.val), len(digits.test)) == (700, 700, 397)
+    for t in (mnist, digits):
+        assert t.input_shape == (1, 16, 16) and t.num_classes == 10 and not t.flip
+        assert set(t.train.y.unique().tolist()) == set(range(10))
+        assert t.train.x.dtype == torch.uint8 and t.train.x.max() > 200
+
+
+def test_batches_are_normalised_augmented_and_reproducible():
+    task = create_task("digits", DataSource())
+    maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True)
+    a = [next(maker.stream(64, seed=3)) for _ in range(2)]
+    assert torch.equal(a[0][0], a[1][0]) and torch.equal(a[0][1], a[1][1])
+    x, y = next(maker.stream(64, seed=4))
+    assert x.shape == (64, 1, 16, 16) and not torch.equal(x, a[0][0])
+    assert abs(float(x.mean())) < 0.5
+    plain = BatchMaker(task, task.val, torch.device("cpu"), torch.float32, augment=False)
+    assert sum(len(b[1]) for b in plain.ordered(100)) == 700
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    gen = torch.Generator().manual_seed(0)
+    out = random_crop(x, 2, gen)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for n in range(2):
+        assert any(torch.equal(out[n], padded[n, :, i:i + 5, j:j + 5]) for i in range(5) for j in range(5))

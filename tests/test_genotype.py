@@ -1,0 +1,81 @@
+"""Genotype: derivation on hand-set alphas, the official string format, JSON, the zoo."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+from ilnas.errors import IlnasError
+from ilnas.space.genotype import Genotype, derive_genotype, load_genotype, parse_genotype, zoo
+from ilnas.space.ops import PRIMITIVES
+from ilnas.space.supernet import num_edges
+
+OP = {p: i for i, p in enumerate(PRIMITIVES)}
+
+
+def published_lines() -> list[str]:
+    text = resources.files("ilnas.space").joinpath("zoo.txt").read_text()
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_hand_set_alphas_decode_to_the_expected_cell():
+    w = torch.full((num_edges(), len(PRIMITIVES)), 0.01)
+    # node 0 (edges 0, 1): both inputs; node 1 (edges 2-4): inputs 2 and 0; node 2 (5-8): 3 and 1;
+    # node 3 (9-13): 4 and 2. 'none' is strongest on edge 4 but never counts.
+    plan = {0: ("sep_conv_3x3", 0.5), 1: ("skip_connect", 0.4), 2: ("max_pool_3x3", 0.3),
+            4: ("dil_conv_5x5", 0.6), 5: ("avg_pool_3x3", 0.2), 6: ("sep_conv_5x5", 0.3), 8: ("dil_conv_3x3", 0.9),
+            11: ("sep_conv_3x3", 0.7), 13: ("skip_connect", 0.8)}
+    for edge, (op, value) in plan.items():
+        w[edge, OP[op]] = value
+    w[3, OP["none"]] = 0.99
+    g = derive_genotype(w, w)
+    assert g.normal == (("sep_conv_3x3", 0), ("skip_connect", 1), ("dil_conv_5x5", 2), ("max_pool_3x3", 0),
+                        ("dil_conv_3x3", 3), ("sep_conv_5x5", 1), ("skip_connect", 4), ("sep_conv_3x3", 2))
+    assert g.normal_concat == (2, 3, 4, 5)
+    assert g.reduce == g.normal
+
+
+@pytest.mark.parametrize("line", published_lines(), ids=lambda l: l.split("=")[0].strip())
+def test_every_published_literal_parses_and_round_trips(line):
+    name, _, literal = line.partition("=")
+    g = parse_genotype(line)  # verbatim, with its NAME = prefix
+    assert g == parse_genotype(literal)
+    assert parse_genotype(g.to_string()) == g
+    assert Genotype.from_dict(json.loads(json.dumps(g.to_dict()))) == g
+    assert zoo()[name.strip()] == g
+    assert len(g.normal) == len(g.reduce) == 8 and g.normal_concat == (2, 3, 4, 5)
+
+
+def test_list_concat_and_log_line_forms():
+    g = zoo()["DARTS_V2"]
+    as_list = g.to_string().replace("range(2, 6)", "[2, 3, 4, 5]")
+    assert parse_genotype(as_list) == g
+    log = "2026-01-01 12:00:00 genotype = " + g.to_string()
+    assert parse_genotype(log) == g
+    assert g.normal[0] == ("sep_conv_3x3", 0) and g.reduce[-1] == ("max_pool_3x3", 1)
+
+
+def test_load_genotype_from_name_json_run_dir_and_literal(tmp_path):
+    g = zoo()["PDARTS"]
+    (tmp_path / "genotype.json").write_text(json.dumps(g.to_dict()))
+    assert load_genotype("PDARTS") == g
+    assert load_genotype(str(tmp_path / "genotype.json")) == g
+    assert load_genotype(str(tmp_path)) == g
+    assert load_genotype(g.to_string()) == g
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Genotype(normal=[('foo_conv', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+     "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])", "unknown operation 'foo_conv'"),
+    ("Genotype(normal=[('sep_conv_3x3', 5), ('sep_conv_3x3', 0)], normal_concat=[2], "
+     "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])", "does not exist yet"),
+    ("Genotype(normal=[('sep_conv_3x3', 0)", "not a valid"),
+    ("Genotype(normal=__import__('os').system('true'))", "malformed genotype"),
+    ("Genotype(normal=[], colour=[])", "unknown field"),
+    ("not a genotype at all", "unknown genotype"),
+])
+def test_malformed_genotypes_are_refused(text, message):
+    with pytest.raises(IlnasError, match=message):
+        load_genotype(text)

@@ -1,0 +1,182 @@
+"""The engine's hypergradient against brute-force autograd through the whole unrolled chain."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_problem
+from ilnas.search.coupling import create_coupling
+from ilnas.search.engine import EngineConfig, _stage_losses, hypergradient, search_step, unroll
+
+LR, LAM = 0.1, 1.0
+
+
+def brute_force(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
+    """d/dA sum_{s in F} L^val_s(W_bar_s(A), H_bar_s(A)) with every step kept in the graph."""
+    arch = [a.detach().requires_grad_() for a in p.state.arch]
+    c = 2 * lr * cfg.lam
+    wd, mu = cfg.weight_decay, cfg.momentum
+    prev, bars = None, []
+    for s, st in enumerate(p.state.stages):
+        k = st.learner
+        w = prev if cfg.coupling == "copy" and s > 0 else [x.detach().requires_grad_() for x in st.w]
+        h = [x.detach().requires_grad_() for x in st.h]
+        g = torch.autograd.grad(p.learners[k].loss(arch, w, h, p.train[k]), w + h, create_graph=True)
+        w_step = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(w, st.buf_w, g[:len(w)])]
+        h_bar = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(h, st.buf_h, g[len(w):])]
+        if s > 0 and cfg.coupling == "prox":
+            w_step = [(x + c * q) / (1 + c) for x, q in zip(w_step, prev)]
+        if s > 0 and cfg.coupling == "gd":
+            w_step = [x - c * (o - q) for x, o, q in zip(w_step, w, prev)]
+        prev = w_step
+        bars.append((w_step, h_bar))
+    K = len(p.learners)
+    total = sum(p.learners[p.state.stages[s].learner].loss(arch, *bars[s], p.val[p.state.stages[s].learner])
+                for s in range(len(bars) - K, len(bars)))
+    return list(torch.autograd.grad(total, arch))
+
+
+def engine_hypergradient(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
+    coupling = create_coupling(cfg.coupling, lr, cfg.lam, cfg.weight_decay, cfg.allow_unstable)
+    losses = _stage_losses(p.state, p.learners, p.train, cfg)
+    unrolled = unroll(p.state, losses, coupling, cfg, lr)
+    return hypergradient(p.state, p.learners, p.val, losses, unrolled, coupling, cfg, lr)[0]
+
+
+def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm()
+    return float(num / torch.cat([y.flatten() for y in b]).norm())
+
+
+@pytest.mark.parametrize("coupling", ["none", "prox", "gd", "copy"])
+def test_exact_hypergradient_equals_autograd_through_the_unrolled_chain(coupling):
+    p = make_problem(K=2, M=2)
+    cfg = EngineConfig(hvp="exact", coupling=coupling, lam=LAM, allow_unstable=True)
+    expected = brute_force(p, cfg, LR)
+    assert torch.cat([e.flatten() for e in expected]).norm() > 1e-3  # a real signal, not zeros
+    assert rel_error(engine_hypergradient(p, cfg, LR), expected) < 1e-8
+
+
+@pytest.mark.parametrize("coupling", ["none", "prox", "gd", "copy"])
+def test_finite_difference_hypergradient_converges_to_autograd(coupling):
+    """On a smooth supernet the FD error is the O(eps^2) truncation error: below 1e-3 at eps=1e-3,
+    and ten times smaller eps gives a far smaller error."""
+    p = make_problem(K=2, M=2, smooth_ops=True)
+    exact = brute_force(p, EngineConfig(coupling=coupling, lam=LAM), LR)
+    errors = [rel_error(engine_hypergradient(p, EngineConfig(hvp="fd", fd_eps=eps, coupling=coupling, lam=LAM,
+                                                                allow_unstable=True), LR), exact)
+              for eps in (1e-2, 1e-3)]
+    assert errors[1] < 1e-3
+    assert errors[1] < errors[0] / 30
+
+
+def test_mtl_equals_the_sum_of_two_single_task_hypergradients():
+    """lambda = 0, M = 1, K = 2 is Eq. 10 with alpha = beta = 1."""
+    p = make_problem(K=2, M=1)
+    cfg = EngineConfig(hvp="exact", coupling="none", lam=0.0)
+    joint = engine_hypergradient(p, cfg, LR)
+    singles = []
+    for k in range(2):
+        q = copy.copy(p)
+        q.state = copy.copy(p.state)
+        q.state.stages = [copy.copy(p.state.stages[k])]
+        q.state.stages[0].learner = 0
+        q.learners, q.train, q.val = [p.learners[k]], [p.train[k]], [p.val[k]]
+        singles.append(engine_hypergradient(q, cfg, LR))
+    assert rel_error(joint, [a + b for a, b in zip(*singles)]) < 1e-12
+
+
+def test_task_weights_scale_the_mtl_objective():
+    p = make_problem(K=2, M=1)
+    base = EngineConfig(hvp="exact", coupling="none", lam=0.0)
+    g1 = engine_hypergradient(p, base, LR)
+    g2 = engine_hypergradient(p, EngineConfig(hvp="exact", coupling="none", lam=0.0, val_weights=(2.0, 2.0),
+                                              train_weights=(1.0, 1.0)), LR)
+    assert rel_error(g2, [2 * g for g in g1]) < 1e-12
+
+
+# --- the official DARTS-2nd architect step, written independently ------------------------------
+
+class DartsModel(nn.Module):
+    """DARTS's Network: alphas as parameters of the model, weights = encoder + classifier."""
+
+    def __init__(self, net, w, h, arch):
+        super().__init__()
+        self.encoder, self.head = copy.deepcopy(net.encoder), copy.deepcopy(net.head)
+        with torch.no_grad():
+            for p, v in zip(self.weights(), w + h):
+                p.copy_(v)
+        self.alphas = nn.ParameterList([nn.Parameter(a.detach().clone()) for a in arch])
+
+    def weights(self):
+        return list(self.encoder.parameters()) + list(self.head.parameters())
+
+    def loss(self, x, y):
+        feats = self.encoder(x, self.alphas[0].softmax(-1), self.alphas[1].softmax(-1))
+        return nn.functional.cross_entropy(self.head(feats), y)
+
+
+def official_darts_step(model: DartsModel, w_opt, a_opt, train, val, lr, momentum, wd, r=1e-2):
+    """architect.step(unrolled=True) followed by train_search.py's weight step."""
+    # _compute_unrolled_model: theta - eta * (momentum * buf + dtheta + wd * theta)
+    unrolled = copy.deepcopy(model)
+    grads = torch.autograd.grad(model.loss(*train), model.weights())
+    with torch.no_grad():
+        for p, q, g in zip(model.weights(), unrolled.weights(), grads):
+            buf = w_opt.state[p]["momentum_buffer"]
+            q.copy_(p - lr * (momentum * buf + g + wd * p))
+    # _backward_step_unrolled
+    unrolled.zero_grad()
+    unrolled.loss(*val).backward()
+    dalpha = [a.grad.clone() for a in unrolled.alphas]
+    vector = [q.grad.clone() for q in unrolled.weights()]
+    R = r / torch.cat([v.flatten() for v in vector]).norm()
+    with torch.no_grad():
+        for p, v in zip(model.weights(), vector):
+            p.add_(v, alpha=R)
+    grads_p = torch.autograd.grad(model.loss(*train), list(model.alphas))
+    with torch.no_grad():
+        for p, v in zip(model.weights(), vector):
+            p.sub_(v, alpha=2 * R)
+    grads_n = torch.autograd.grad(model.loss(*train), list(model.alphas))
+    with torch.no_grad():
+        for p, v in zip(model.weights(), vector):
+            p.add_(v, alpha=R)
+    for a, d, gp, gn in zip(model.alphas, dalpha, grads_p, grads_n):
+        a.grad = d - lr * (gp - gn) / (2 * R)
+    a_opt.step()
+    # the weight step at the new alphas
+    w_opt.zero_grad()
+    model.loss(*train).backward()
+    nn.utils.clip_grad_norm_(model.weights(), 5.0)
+    w_opt.step()
+
+
+def test_single_task_step_equals_the_official_darts_architect():
+    p = make_problem(K=1, M=1, momentum_buffers=False)
+    st = p.state.stages[0]
+    model = DartsModel(p.learners[0].loss.__self__, st.w, st.h, p.state.arch)
+    w_opt = torch.optim.SGD(model.weights(), lr=LR, momentum=0.9, weight_decay=3e-4)
+    a_opt = torch.optim.Adam(model.alphas, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    # one plain weight step first, so that both sides carry real momentum buffers
+    w_opt.zero_grad()
+    model.loss(*p.train[0]).backward()
+    w_opt.step()
+    st.w = [q.detach().clone() for q in model.encoder.parameters()]
+    st.h = [q.detach().clone() for q in model.head.parameters()]
+    bufs = [w_opt.state[q]["momentum_buffer"].clone() for q in model.weights()]
+    st.buf_w, st.buf_h = bufs[:len(st.w)], bufs[len(st.w):]
+
+    cfg = EngineConfig(order=2, hvp="fd", coupling="none", lam=0.0, update_order="darts", virtual_momentum=True,
+                       momentum=0.9, weight_decay=3e-4, grad_clip=5.0)
+    for _ in range(2):
+        search_step(p.state, p.learners, p.train, p.val, cfg, LR)
+        official_darts_step(model, w_opt, a_opt, p.train[0], p.val[0], LR, 0.9, 3e-4)
+    for ours, theirs in zip(p.state.arch, model.alphas):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-10)
+    for ours, theirs in zip(st.w + st.h, model.weights()):
+        assert torch.allclose(ours, theirs, rtol=0, atol=1e-10)
+    assert not torch.allclose(p.state.arch[0], model.alphas[0] * 0)  # sanity: non-trivial alphas

@@ -1,0 +1,62 @@
+"""Evaluation networks: published parameter counts, shapes, drop-path; the search supernet's shapes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ilnas.config import resolve
+from ilnas.recipes.describe import describe
+from ilnas.space.genotype import zoo
+from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
+from ilnas.space.supernet import Supernet, init_alphas, mixing_weights, num_edges
+
+PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published
+    ("DARTS_V2", 3.3, 4.7), ("PDARTS", 3.4, 4.9), ("PC_DARTS_cifar", 3.6, 5.3),
+]
+
+
+@pytest.mark.parametrize("name, cifar, imagenet", PUBLISHED)
+def test_published_parameter_counts(name, cifar, imagenet):
+    g = zoo()[name]
+    assert round(count_parameters(NetworkCIFAR(g, 10, 20, 36)) / 1e6, 1) == cifar
+    assert round(count_parameters(NetworkImageNet(g, 1000, 14, 48)) / 1e6, 1) == imagenet
+
+
+def test_describe_darts_v2_on_the_cifar10_preset():
+    info = describe(zoo()["DARTS_V2"], resolve("eval-cifar10", kind="eval"))
+    assert info["params"] == 3_349_342  # the official code prints "param size = 3.349342MB"
+    assert info["params_total"] > info["params"]
+    assert 400e6 < info["macs"] < 700e6
+
+
+def test_network_outputs_and_drop_path():
+    g = zoo()["DARTS_V2"]
+    net = NetworkCIFAR(g, 7, layers=5, channels=8)
+    net.drop_path_prob = 0.3
+    net.train()
+    logits, aux = net(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 7) and aux.shape == (3, 7)
+    net.eval()
+    x = torch.randn(3, 3, 32, 32)
+    logits, aux = net(x)
+    assert aux is None and torch.equal(net(x)[0], logits)  # no randomness in eval mode
+    y = torch.randn(4, 2, 3, 3)
+    assert torch.equal(drop_path(y, 0.5, training=False), y)
+    dropped = drop_path(torch.ones(1000, 1, 1, 1), 0.25, training=True)
+    kept = dropped[dropped != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / 0.75)) and 0.15 < (dropped == 0).float().mean() < 0.35
+    inet = NetworkImageNet(g, 11, layers=5, channels=8).train()
+    logits, aux = inet(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 11) and aux.shape == (2, 11)
+
+
+def test_supernet_is_a_pure_function_of_weights_alphas_and_input():
+    net = Supernet(3, 4, 5)
+    a = [mixing_weights(x) for x in init_alphas(num_edges(), 8, torch.Generator().manual_seed(0))]
+    x = torch.randn(2, 3, 16, 16)
+    out = net(x, *a)
+    assert out.shape == (2, net.out_features) == (2, 4 * 16)
+    assert torch.equal(net(x, *a), out) and not list(net.buffers())
+    # 14 edges x 8 ops per cell; reductions at layers // 3 and 2 * layers // 3
+    assert [c.reduction for c in net.cells] == [False, True, False, True, False]
+    assert sum(len(e.ops) for e in net.cells[0].edges) == 14 * 8
