@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ilnas.data.loader import BatchMaker, random_crop
+from ilnas.data.augment import crop
+from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import DataSource, create_task
 from ilnas.errors import IlnasError
 
@@ -82,7 +83,7 @@ def test_batches_are_normalised_augmented_and_reproducible():
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     gen = torch.Generator().manual_seed(0)
-    out = random_crop(x, 2, gen)
+    out = crop(x, 2, torch.randint(0, 5, (2,), generator=gen), torch.randint(0, 5, (2,), generator=gen))
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for n in range(2):
         assert any(torch.equal(out[n], padded[n, :, i:i + 5, j:j + 5]) for i in range(5) for j in range(5))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    t = sub.add_parser("train", help="re-train a genotype from scratch (torchrun for several GPUs)")
+    t.add_argument("--genotype", help="zoo name, genotype.json, search run directory, or Genotype(...) literal")
+    t.add_argument("--preset", help="an eval-* preset; default: eval-cifar10")
+    t.add_argument("--config", help="a YAML file overriding the preset")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", help="run directory (default: runs/train-<preset>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sub.add_parser("presets", help="list the presets")
 
     d = sub.add_parser("describe", help="print a genotype and the size of its evaluation network")
@@ -41,27 +52,55 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _search(args: argparse.Namespace) -> None:
-    from ilnas.config import from_dict, resolve, SearchRunConfig, validate
-    from ilnas.recipes.search import run_search
+def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, prefix: str) -> tuple[object, Path]:
+    """The resolved configuration (from the run's config.yaml when resuming) and the run directory."""
+    from ilnas.config import KINDS, from_dict, resolve, validate
     from ilnas.runs import RunDir
 
-    if args.resume:
-        if not args.out:
-            raise IlnasError("--resume needs --out DIR, the run to continue")
-        if args.preset or args.config or args.overrides:
-            raise IlnasError("--resume takes its configuration from the run's config.yaml; "
-                             "drop --preset/--config/--set")
-        RunDir.check(Path(args.out), resume=True, force=False)
-        cfg = from_dict(SearchRunConfig, RunDir(Path(args.out)).config())
-        validate(cfg)
-    else:
-        cfg = resolve(args.preset or ("demo" if not args.config else None), args.config, args.overrides)
-    name = args.preset or "demo"
-    out = Path(args.out) if args.out else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.resume:
+        cfg = resolve(args.preset or (default_preset if not args.config else None), args.config, args.overrides, kind)
+        name = args.preset or default_preset
+        out = Path(args.out) if args.out else Path("runs") / f"{prefix}{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        return cfg, out
+    if not args.out:
+        raise IlnasError("--resume needs --out DIR, the run to continue")
+    if args.preset or args.config or args.overrides:
+        raise IlnasError("--resume takes its configuration from the run's config.yaml; drop --preset/--config/--set")
+    RunDir.check(Path(args.out), resume=True, force=False)
+    saved = RunDir(Path(args.out)).config()
+    saved.pop("genotype", None)
+    cfg = from_dict(KINDS[kind], saved)
+    validate(cfg)
+    return cfg, Path(args.out)
+
+
+def _search(args: argparse.Namespace) -> None:
+    from ilnas.recipes.search import run_search
+
+    cfg, out = _config_and_out(args, "search", "demo", "")
     print(f"run directory: {out}", flush=True)
     genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet)
     print(f"genotype = {genotype.to_string()}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from ilnas.recipes.train import run_train
+    from ilnas.space.genotype import load_genotype
+
+    cfg, out = _config_and_out(args, "eval", "eval-cifar10", "train-")
+    if args.resume:
+        if args.genotype:
+            raise IlnasError("--resume trains the run's own genotype; drop --genotype")
+        genotype = load_genotype(str(out / "genotype.json"))
+    elif not args.genotype:
+        raise IlnasError("train needs --genotype (a zoo name, genotype.json, run directory or literal)")
+    else:
+        genotype = load_genotype(args.genotype)
+    result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+        print(f"run directory: {out}")
+        print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
+              f"{result['params'] / 1e6:.2f}M parameters")
 
 
 def _presets(args: argparse.Namespace) -> None:
@@ -90,7 +129,7 @@ def _describe(args: argparse.Namespace) -> None:
     print(f"multiply-adds: {info['macs'] / 1e6:.0f}M at {info['resolution']}x{info['resolution']}")
 
 
-COMMANDS = {"search": _search, "presets": _presets, "describe": _describe}
+COMMANDS = {"search": _search, "train": _train, "presets": _presets, "describe": _describe}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

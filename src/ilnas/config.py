@@ -100,6 +100,44 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Re-training from scratch. Defaults: the DARTS CIFAR recipe (600 epochs, batch 96, cosine).
+
+    Args:
+        batch_size: the global batch, split evenly over torchrun ranks.
+        schedule: cosine (to lr_min) | linear (warm-up, then linear decay to 0) | step (gamma per step_size).
+        cutout: side of the cutout square on in-memory tasks (0: off).
+        resolution, color_jitter, workers: image-folder tasks (ImageNet recipe).
+        steps_per_epoch: cap on steps per epoch (None: the whole training set).
+        amp: bf16 autocast on CUDA; channels_last: NHWC activations on CUDA.
+        deterministic: torch.use_deterministic_algorithms (slower kernels).
+    """
+
+    epochs: int = 600
+    batch_size: int = 96
+    lr: float = 0.025
+    lr_min: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 1
+    gamma: float = 0.97
+    momentum: float = 0.9
+    weight_decay: float = 3e-4
+    label_smoothing: float = 0.0
+    grad_clip: float | None = 5.0
+    cutout: int = 16
+    resolution: int = 224
+    color_jitter: bool = False
+    workers: int = 4
+    steps_per_epoch: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
 class SearchRunConfig:
     kind: str = "search"
     description: str = ""
@@ -114,6 +152,7 @@ class EvalRunConfig:
     description: str = ""
     data: DataConfig = field(default_factory=lambda: DataConfig(tasks=("cifar10",)))
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
@@ -264,7 +303,7 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
     for text in overrides:
         keys, value = parse_override(text)
         _set_nested(data, keys, value)
-    found_kind = data.get("kind", kind)
+    found_kind = data.get("kind", "search" if preset is not None else kind)  # presets say "kind: eval"
     if found_kind != kind:
         raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
     cfg = from_dict(KINDS[kind], data)
@@ -281,6 +320,7 @@ def validate(cfg: RunConfig) -> None:
         _validate_search(cfg)
     else:
         _validate_network(cfg.network)
+        _validate_train(cfg.train)
 
 
 def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
@@ -319,8 +359,22 @@ def _validate_network(net: NetworkConfig) -> None:
     _positive("network", net, ("layers", "channels"))
     if net.style not in ("cifar", "imagenet"):
         raise IlnasError(f"network.style must be cifar or imagenet, got {net.style!r}")
+    if net.auxiliary_weight < 0:
+        raise IlnasError(f"network.auxiliary_weight must be >= 0, got {net.auxiliary_weight}")
     if not 0.0 <= net.drop_path < 1.0:
         raise IlnasError(f"network.drop_path must lie in [0, 1), got {net.drop_path}")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    _positive("train", t, ("epochs", "batch_size", "lr", "steps_per_epoch", "step_size", "resolution"))
+    if t.schedule not in ("cosine", "linear", "step"):
+        raise IlnasError(f"train.schedule must be cosine, linear or step, got {t.schedule!r}")
+    if t.warmup_epochs < 0 or t.warmup_epochs >= t.epochs and t.schedule == "linear":
+        raise IlnasError(f"train.warmup_epochs must lie in [0, epochs), got {t.warmup_epochs}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
+    if t.cutout < 0 or t.workers < 0:
+        raise IlnasError("train.cutout and train.workers must be >= 0")
 
 
 def engine_config(s: SearchConfig):

@@ -1,6 +1,6 @@
 """A run directory: resolved config, metrics log, checkpoints, and the rules that keep it safe.
 
-A finished run (one with ``summary.json``) is never overwritten without ``force``; an unfinished one
+A finished run (one with ``summary.json`` or ``result.json``) is never overwritten without ``force``; an unfinished one
 is continued with ``resume``. Nothing here is written before the caller has validated its inputs.
 """
 from __future__ import annotations
@@ -18,7 +18,12 @@ import yaml
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
 
-CONFIG, METRICS, CHECKPOINT, SUMMARY = "config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"
+CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
+FINISHED = ("summary.json", "result.json")  # a search ends with the first, a training run with the second
+
+
+def is_finished(path: Path) -> bool:
+    return any((Path(path) / name).is_file() for name in FINISHED)
 
 
 class RunDir:
@@ -35,13 +40,13 @@ class RunDir:
         if resume:
             if not (path / CONFIG).is_file():
                 raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
-            if (path / SUMMARY).is_file():
+            if is_finished(path):
                 raise IlnasError(f"{path} holds a finished run; nothing to resume")
             return
         if path.exists() and not path.is_dir():
             raise IlnasError(f"{path} exists and is not a directory")
         if path.is_dir() and any(path.iterdir()) and not force:
-            state = "a finished run" if (path / SUMMARY).is_file() else "an unfinished run (continue it with --resume)"
+            state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
             raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
 
     @classmethod
@@ -95,5 +100,6 @@ class RunDir:
         np.save(buf, array)
         atomic_write_bytes(self.path / name, buf.getvalue())
 
-    def finish(self, summary: dict) -> None:
-        atomic_write_text(self.path / SUMMARY, json.dumps(summary, indent=1) + "\n")
+    def finish(self, summary: dict, name: str = FINISHED[0]) -> None:
+        """Write the run's final record; from then on the run counts as finished."""
+        atomic_write_text(self.path / name, json.dumps(summary, indent=1) + "\n")

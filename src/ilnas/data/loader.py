@@ -1,44 +1,34 @@
-"""Batches cut from in-memory uint8 splits, augmented and normalised on the device in one op each.
+"""Batches cut from in-memory uint8 splits, augmented and normalised on the device.
 
-A stream is a pure function of its seed: the search seeds each (epoch, task, split) stream itself,
-so a resumed run sees exactly the batches an uninterrupted one would.
+``BatchMaker`` serves the search: endless shuffled streams, each a pure function of its seed, so a
+resumed run draws exactly the batches an uninterrupted one would. ``ShardedEpochs`` serves training:
+DistributedSampler semantics (one global permutation per epoch, rank r takes every world-th index)
+with every sample's augmentation drawn per epoch, so N ranks see the same images as one process.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
+from ilnas.data import augment
 from ilnas.data.tasks import Split, Task
 from ilnas.errors import IlnasError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop of a zero-padded batch (N, C, H, W), in one gather."""
-    n, c, h, w = x.shape
-    xp = F.pad(x, (padding,) * 4)
-    oy = torch.randint(0, 2 * padding + 1, (n, 1), generator=gen).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (n, 1), generator=gen).to(x.device)
-    rows = (oy + torch.arange(h, device=x.device))[:, None, :, None]  # (N, 1, H, 1)
-    cols = (ox + torch.arange(w, device=x.device))[:, None, None, :]  # (N, 1, 1, W)
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return xp[batch, chan, rows, cols]
-
-
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, x.flip(-1), x)
-
-
 class BatchMaker:
-    """Turns index sets of one task split into normalised (x, y) batches on ``device``."""
+    """Turns index sets of one split into normalised (x, y) batches on ``device``.
 
-    def __init__(self, task: Task, split: Split, device: torch.device, dtype: torch.dtype, augment: bool):
-        self.task, self.augment = task, augment
+    Args:
+        augment: crop (task.crop_padding) and flip (task.flip) as in the DARTS search.
+        cutout: side of the cutout square (0: off), applied after normalisation.
+    """
+
+    def __init__(self, task: Task, split: Split, device: torch.device, dtype: torch.dtype, augment: bool,
+                 cutout: int = 0):
+        self.task, self.augment, self.cutout = task, augment, cutout
         self.x, self.y = split.x.to(device), split.y.to(device)
         self.mean = torch.tensor(task.mean, device=device, dtype=dtype)[None, :, None, None]
         self.std = torch.tensor(task.std, device=device, dtype=dtype)[None, :, None, None]
@@ -47,14 +37,16 @@ class BatchMaker:
     def __len__(self) -> int:
         return len(self.y)
 
-    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
+    def draw(self, n: int, gen: torch.Generator) -> augment.AugmentParams:
+        if not self.augment:
+            return augment.AugmentParams()
+        return augment.draw(n, tuple(self.x.shape[2:]), self.task.crop_padding, self.task.flip, self.cutout, gen)
+
+    def batch(self, idx: torch.Tensor, params: augment.AugmentParams) -> Batch:
         idx = idx.to(self.x.device)
-        x = self.x[idx].to(self.dtype) / 255.0
-        if self.augment and self.task.crop_padding:
-            x = random_crop(x, self.task.crop_padding, gen)
-        if self.augment and self.task.flip:
-            x = random_flip(x, gen)
-        return (x - self.mean) / self.std, self.y[idx]
+        x = augment.apply(self.x[idx].to(self.dtype) / 255.0, params, self.task.crop_padding)
+        x = augment.apply_cutout((x - self.mean) / self.std, params, self.cutout)
+        return x, self.y[idx]
 
     def stream(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless shuffled batches (reshuffled at every pass), determined by ``seed``."""
@@ -65,10 +57,33 @@ class BatchMaker:
         while True:
             perm = torch.randperm(len(self), generator=gen)
             for i in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.batch(perm[i:i + batch_size], gen)
+                yield self.batch(perm[i:i + batch_size], self.draw(batch_size, gen))
 
-    def ordered(self, batch_size: int) -> Iterator[Batch]:
-        """Every image once, in order, without augmentation (evaluation)."""
-        gen = torch.Generator()
-        for i in range(0, len(self), batch_size):
-            yield self.batch(torch.arange(i, min(i + batch_size, len(self))), gen)
+    def ordered(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """Every image once (this rank's share: indices rank, rank + world, ...), unaugmented."""
+        idx = torch.arange(rank, len(self), world)
+        for i in range(0, len(idx), batch_size):
+            yield self.batch(idx[i:i + batch_size], augment.AugmentParams())
+
+
+class ShardedEpochs:
+    """Training epochs over a BatchMaker for one rank of ``world``; ``batch_size`` is per rank."""
+
+    def __init__(self, maker: BatchMaker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 max_steps: int | None = None):
+        self.maker, self.batch_size, self.seed, self.rank, self.world = maker, batch_size, seed, rank, world
+        self.steps = len(maker) // (batch_size * world)
+        if self.steps == 0:
+            raise IlnasError(f"task {maker.task.name} has {len(maker)} training images, fewer than one "
+                             f"global batch of {batch_size * world}")
+        if max_steps is not None:
+            self.steps = min(self.steps, max_steps)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        perm = torch.randperm(len(self.maker), generator=gen)
+        params = self.maker.draw(len(self.maker), gen)  # every sample's draw, whichever rank takes it
+        mine = perm[:self.steps * self.batch_size * self.world][self.rank::self.world]
+        for i in range(self.steps):
+            idx = mine[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.maker.batch(idx, params.take(idx))

@@ -15,7 +15,8 @@ TASK_SHAPES = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagenet": (10
 def task_shape(cfg: EvalRunConfig) -> tuple[int, int, int]:
     name = cfg.data.tasks[0]
     if name in TASK_SHAPES:
-        return TASK_SHAPES[name]
+        classes, channels, resolution = TASK_SHAPES[name]
+        return classes, channels, cfg.train.resolution if name == "imagenet" else resolution
     if name in ("mnist5k", "digits"):
         return 10, 1, cfg.data.image_size
     from ilnas.errors import IlnasError
@@ -24,11 +25,13 @@ def task_shape(cfg: EvalRunConfig) -> tuple[int, int, int]:
                      f"{', '.join([*TASK_SHAPES, 'mnist5k', 'digits'])}")
 
 
-def build_network(genotype: Genotype, cfg: EvalRunConfig) -> torch.nn.Module:
-    classes, channels, _ = task_shape(cfg)
+def build_network(genotype: Genotype, cfg: EvalRunConfig, classes: int, channels: int,
+                  resolution: int) -> torch.nn.Module:
     net = cfg.network
-    cls = NetworkCIFAR if net.style == "cifar" else NetworkImageNet
-    return cls(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels)
+    if net.style == "imagenet":
+        return NetworkImageNet(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels)
+    return NetworkCIFAR(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels,
+                        small_images=resolution < 32)
 
 
 def multiply_adds(model: torch.nn.Module, channels: int, resolution: int) -> int:
@@ -40,8 +43,8 @@ def multiply_adds(model: torch.nn.Module, channels: int, resolution: int) -> int
 
 
 def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
-    _, channels, resolution = task_shape(cfg)
-    model = build_network(genotype, cfg)
+    classes, channels, resolution = task_shape(cfg)
+    model = build_network(genotype, cfg, classes, channels, resolution)
     return {"genotype": genotype.to_string(), "task": cfg.data.tasks[0],
             "network": f"{cfg.network.style}, {cfg.network.layers} cells, C={cfg.network.channels}",
             "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

@@ -52,13 +52,14 @@ class EvalCell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-    """The DARTS auxiliary classifier: 8x8 maps (CIFAR, pool stride 3) or 14x14 (ImageNet, stride 2)."""
+    """The DARTS auxiliary classifier: pool to 2x2 (8x8 maps on CIFAR: 5x5 pool, stride 3; 14x14 on
+    ImageNet: stride 2; smaller images: adaptive), 1x1 conv to 128, 2x2 conv to 768, linear."""
 
-    def __init__(self, channels: int, num_classes: int, pool_stride: int, bn_after_second_conv: bool):
+    def __init__(self, channels: int, num_classes: int, pool: nn.Module, bn_after_second_conv: bool):
         super().__init__()
         self.features = nn.Sequential(
             nn.ReLU(inplace=True),
-            nn.AvgPool2d(5, stride=pool_stride, padding=0, count_include_pad=False),
+            pool,
             nn.Conv2d(channels, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
             nn.Conv2d(128, 768, 2, bias=False),
             nn.BatchNorm2d(768) if bn_after_second_conv else nn.Identity(), nn.ReLU(inplace=True),
@@ -103,16 +104,18 @@ class _Network(nn.Module):
 
 
 class NetworkCIFAR(_Network):
-    """Args: genotype, num_classes, layers (20), channels (C=36), auxiliary, in_channels, stem_multiplier."""
+    """Args: genotype, num_classes, layers (20), channels (C=36), auxiliary, in_channels, stem_multiplier,
+    small_images (under 32x32, e.g. the digit tasks: the auxiliary head pools adaptively)."""
 
     def __init__(self, genotype: Genotype, num_classes: int = 10, layers: int = 20, channels: int = 36,
-                 auxiliary: bool = True, in_channels: int = 3, stem_multiplier: int = 3):
+                 auxiliary: bool = True, in_channels: int = 3, stem_multiplier: int = 3, small_images: bool = False):
         super().__init__()
         c_stem = stem_multiplier * channels
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
         self._build_cells(genotype, layers, c_stem, c_stem, channels, reduction_prev=False)
-        self.auxiliary = (AuxiliaryHead(self.aux_channels, num_classes, pool_stride=3, bn_after_second_conv=True)
-                          if auxiliary else None)
+        pool = (nn.AdaptiveAvgPool2d(2) if small_images
+                else nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False))
+        self.auxiliary = AuxiliaryHead(self.aux_channels, num_classes, pool, bn_after_second_conv=True) if auxiliary else None
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(self.out_features, num_classes)
 
@@ -137,8 +140,8 @@ class NetworkImageNet(_Network):
                                    nn.BatchNorm2d(channels))
         self._build_cells(genotype, layers, channels, channels, channels, reduction_prev=True)
         # The official ImageNet auxiliary head has no BatchNorm after its second conv.
-        self.auxiliary = (AuxiliaryHead(self.aux_channels, num_classes, pool_stride=2, bn_after_second_conv=False)
-                          if auxiliary else None)
+        pool = nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False)
+        self.auxiliary = AuxiliaryHead(self.aux_channels, num_classes, pool, bn_after_second_conv=False) if auxiliary else None
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(self.out_features, num_classes)
 

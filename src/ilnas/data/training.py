@@ -1,0 +1,130 @@
+"""Data for re-training a cell: the 'all training images -> test split' protocol of the paper.
+
+Two pipelines with one interface (``steps``, ``epoch(e)``, ``test()``): in-memory tasks (CIFAR, the
+digits: train + validation splits joined, augmented on the device) and image folders (ImageNet or
+any ``imagefolder:<path>`` with train/ and val/, through torchvision's ImageFolder and a DataLoader
+with a DistributedSampler). Both shard over ranks like DistributedSampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
+from ilnas.data.tasks import DataSource, Split, TASKS, create_task
+from ilnas.errors import IlnasError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TrainData(Protocol):
+    name: str
+    num_classes: int
+    in_channels: int
+    resolution: int
+    steps: int
+
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+    def test(self) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """This process's place: per-rank batch size, rank, world size, and where batches go."""
+
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+    max_steps: int | None = None
+
+
+class InMemoryData:
+    def __init__(self, name: str, source: DataSource, shard: Sharding, cutout: int, dtype: torch.dtype):
+        task = create_task(name, source)
+        joined = Split(torch.cat([task.train.x, task.val.x]), torch.cat([task.train.y, task.val.y]))
+        train = BatchMaker(task, joined, shard.device, dtype, augment=True, cutout=cutout)
+        self._test = BatchMaker(task, task.test, shard.device, dtype, augment=False)
+        self._epochs = ShardedEpochs(train, shard.batch_size, shard.seed, shard.rank, shard.world, shard.max_steps)
+        self.shard = shard
+        self.name, self.num_classes = name, task.num_classes
+        self.in_channels, self.resolution = task.input_shape[0], task.input_shape[1]
+        self.steps = self._epochs.steps
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        return self._epochs.epoch(epoch)
+
+    def test(self) -> Iterator[Batch]:
+        return self._test.ordered(self.shard.batch_size, self.shard.rank, self.shard.world)
+
+
+class FolderData:
+    """ImageNet-style training: RandomResizedCrop + flip (+ colour jitter); test: resize, centre crop."""
+
+    def __init__(self, name: str, root: Path, shard: Sharding, resolution: int, color_jitter: bool,
+                 workers: int):
+        from torchvision import datasets, transforms as T
+
+        for sub in ("train", "val"):
+            if not (root / sub).is_dir():
+                raise IlnasError(f"no image folder {root / sub} for task {name} (expected train/ and val/ "
+                                 f"with one folder per class)")
+        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
+        if color_jitter:
+            train_tf.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2))
+        test_tf = [T.Resize(round(resolution * 256 / 224)), T.CenterCrop(resolution)]
+        try:
+            self.train_set = datasets.ImageFolder(str(root / "train"), T.Compose([*train_tf, T.ToTensor(), normalize]))
+            self.test_set = datasets.ImageFolder(str(root / "val"), T.Compose([*test_tf, T.ToTensor(), normalize]))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise IlnasError(f"cannot read image folder {root}: {e}") from None
+        if self.train_set.classes != self.test_set.classes:
+            raise IlnasError(f"{root}/train and {root}/val hold different class folders")
+        self.name, self.num_classes, self.in_channels, self.resolution = name, len(self.train_set.classes), 3, resolution
+        self.shard, self.workers = shard, workers
+        self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=shard.world, rank=shard.rank,
+                                                           shuffle=True, seed=shard.seed, drop_last=True)
+        self.steps = len(self.sampler) // shard.batch_size
+        if self.steps == 0:
+            raise IlnasError(f"{root}/train has {len(self.train_set)} images, fewer than one global batch of "
+                             f"{shard.batch_size * shard.world}")
+        if shard.max_steps is not None:
+            self.steps = min(self.steps, shard.max_steps)
+
+    def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=self.shard.batch_size, sampler=sampler,
+                                           num_workers=self.workers, pin_memory=self.shard.device.type == "cuda",
+                                           drop_last=sampler is self.sampler)
+
+    def _to_device(self, loader, steps: int | None = None) -> Iterator[Batch]:
+        for i, (x, y) in enumerate(loader):
+            if steps is not None and i >= steps:
+                break
+            yield x.to(self.shard.device, non_blocking=True), y.to(self.shard.device, non_blocking=True)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        self.sampler.set_epoch(epoch)
+        return self._to_device(self._loader(self.train_set, self.sampler), self.steps)
+
+    def test(self) -> Iterator[Batch]:
+        mine = list(range(self.shard.rank, len(self.test_set), self.shard.world))
+        return self._to_device(self._loader(self.test_set, mine))
+
+
+def create_train_data(name: str, source: DataSource, shard: Sharding, *, cutout: int = 0, resolution: int = 224,
+                      color_jitter: bool = False, workers: int = 4, dtype: torch.dtype = torch.float32) -> TrainData:
+    """``cifar10``, ``cifar100``, ``mnist5k``, ``digits`` (in memory), ``imagenet`` (an ImageFolder tree
+    at <data_dir>/imagenet) or ``imagefolder:<path>``."""
+    if name in TASKS:
+        return InMemoryData(name, source, shard, cutout, dtype)
+    if name == "imagenet":
+        return FolderData(name, Path(source.data_dir) / "imagenet", shard, resolution, color_jitter, workers)
+    if name.startswith("imagefolder:"):
+        return FolderData(name, Path(name.split(":", 1)[1]), shard, resolution, color_jitter, workers)
+    raise IlnasError(f"unknown task {name!r}; known: {', '.join([*sorted(TASKS), 'imagenet', 'imagefolder:<path>'])}")

@@ -1,0 +1,175 @@
+"""The re-training recipe, top to bottom: a genotype -> its evaluation network -> trained from scratch.
+
+Runs as one process or under ``torchrun`` (DistributedDataParallel; NCCL on GPUs, gloo on CPUs): the
+global batch is split over ranks, metrics are summed across ranks, only rank 0 writes. Every epoch
+reseeds its randomness from (seed, epoch, rank), so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ilnas.config import EvalRunConfig, to_dict
+from ilnas.data.tasks import DataSource
+from ilnas.data.training import Sharding, TrainData, create_train_data
+from ilnas.errors import IlnasError
+from ilnas.recipes.describe import build_network, multiply_adds
+from ilnas.runs import RunDir
+from ilnas.space.genotype import Genotype, save_genotype
+from ilnas.space.network import count_parameters
+from ilnas.train import distributed
+from ilnas.train.schedules import learning_rate
+
+
+def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
+              progress: bool = True) -> dict:
+    """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank)."""
+    t = cfg.train
+    if t.batch_size % distributed.world_size():
+        raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
+    process = distributed.start(t.device)
+    try:
+        return _run(cfg, genotype, Path(out), resume, force, progress, process)
+    finally:
+        distributed.stop()
+
+
+def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
+         process: distributed.Process) -> dict:
+    t, net_cfg = cfg.train, cfg.network
+    RunDir.check(out, resume, force)
+    distributed.barrier(process)  # every rank has checked before rank 0 creates anything
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    shard = Sharding(t.batch_size // process.world, process.rank, process.world, process.device, t.seed,
+                     t.steps_per_epoch)
+    source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
+    data = create_train_data(cfg.data.tasks[0], source, shard, cutout=t.cutout, resolution=t.resolution,
+                             color_jitter=t.color_jitter, workers=t.workers)
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    model = build_network(genotype, cfg, data.num_classes, data.in_channels, data.resolution)
+    sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
+             "macs": multiply_adds(model, data.in_channels, data.resolution)}
+    cuda = process.device.type == "cuda"
+    memory_format = torch.channels_last if (cuda and t.channels_last) else torch.contiguous_format
+    model = model.to(process.device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    run = RunDir(out)
+    if process.main and not resume:
+        run = RunDir.create(out, {**to_dict(cfg), "genotype": genotype.to_string()}, force)
+        save_genotype(genotype, out)
+    distributed.barrier(process)
+    start_epoch, best, elapsed = 0, 0.0, 0.0
+    ckpt = run.load_checkpoint() if resume else None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best, elapsed = ckpt["epoch"], ckpt["best_top1"], ckpt["elapsed"]
+    if process.main:
+        run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
+           if process.world > 1 else model)
+    writer = None
+    if process.main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and t.amp) else contextlib.nullcontext
+
+    record = {}
+    for epoch in range(start_epoch, t.epochs):
+        t0 = time.perf_counter()
+        lr = learning_rate(t.schedule, epoch, t.epochs, t.lr, t.lr_min, t.warmup_epochs, t.step_size, t.gamma)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.drop_path_prob = net_cfg.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
+        torch.manual_seed(t.seed * 100_003 + epoch * 1_009 + process.rank)  # drop-path masks, loader workers
+        train = _train_epoch(ddp, data, optimizer, epoch, cfg, autocast, memory_format, process, progress)
+        train_time = time.perf_counter() - t0
+        test = evaluate(model, data, autocast, memory_format, process)
+        elapsed += time.perf_counter() - t0
+        best = max(best, test["top1"])
+        record = {"kind": "epoch", "epoch": epoch, "lr": lr, "drop_path": model.drop_path_prob, **train,
+                  **{f"test_{k}": v for k, v in test.items()}, "images_per_s": train["images"] / train_time,
+                  "epoch_time": time.perf_counter() - t0}
+        if process.main:
+            run.log(record)
+            for key in ("train_loss", "train_acc", "test_top1", "test_top5", "lr", "images_per_s"):
+                if key in record:
+                    writer.add_scalar(f"train/{key}", record[key], epoch)
+            writer.flush()
+            run.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "best_top1": best, "elapsed": elapsed, "metrics_lines": run.metrics_lines()})
+            print(f"epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  train loss {train['train_loss']:.3f} "
+                  f"acc {train['train_acc']:.3f}  test top-1 {test['top1']:.4f}  "
+                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+        distributed.barrier(process)
+
+    if not record:  # resumed a run whose epochs had all finished
+        record = run.read_metrics()[-1]
+    hours = elapsed / 3600.0
+    result = {"task": data.name, "genotype": genotype.to_string(), "epochs": t.epochs,
+              "final_test_error": 1.0 - record["test_top1"], "best_test_error": 1.0 - best, **sizes,
+              "images_per_s": record["images_per_s"], "world_size": process.world, "device": str(process.device),
+              "gpu_hours": hours * process.world if process.device.type == "cuda" else 0.0,
+              "hours": hours, "replica_divergence": distributed.replica_divergence(model, process)}
+    if "test_top5" in record:
+        result["final_test_error_top5"] = 1.0 - record["test_top5"]
+    if process.main:
+        writer.close()
+        run.finish(result, "result.json")
+    return result
+
+
+def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, epoch: int,
+                 cfg: EvalRunConfig, autocast, memory_format, process: distributed.Process,
+                 progress: bool) -> dict:
+    t, aux_weight = cfg.train, cfg.network.auxiliary_weight
+    ddp.train()
+    loss_sum = correct = seen = 0.0
+    bar = tqdm(data.epoch(epoch), total=data.steps, desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
+               leave=False, disable=None if (progress and process.main) else True)
+    for x, y in bar:
+        x = x.contiguous(memory_format=memory_format)
+        with autocast():
+            logits, aux = ddp(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+            if aux is not None and aux_weight > 0:
+                loss = loss + aux_weight * F.cross_entropy(aux.float(), y, label_smoothing=t.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), t.grad_clip)
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += float((logits.argmax(-1) == y).sum())
+        seen += len(y)
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], process)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TrainData, autocast, memory_format,
+             process: distributed.Process) -> dict:
+    """Top-1 (and top-5 where there are more than 10 classes) over the whole test split, all ranks."""
+    model.eval()
+    top1 = top5 = n = 0.0
+    for x, y in data.test():
+        with autocast():
+            logits, _ = model(x.contiguous(memory_format=memory_format))
+        ranked = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
+        top1 += float((ranked[:, 0] == y).sum())
+        top5 += float((ranked == y[:, None]).any(-1).sum())
+        n += len(y)
+    top1, top5, n = distributed.all_sum([top1, top5, n], process)
+    out = {"top1": top1 / n}
+    if data.num_classes > 10:
+        out["top5"] = top5 / n
+    return out

@@ -1,0 +1,158 @@
+"""Re-training: schedules, sharding, torchrun/DDP on gloo, image folders, CIFAR-100, kill + resume."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ilnas.data.loader import BatchMaker, ShardedEpochs
+from ilnas.data.tasks import DataSource, create_task
+from ilnas.train.schedules import learning_rate
+from test_cli import ilnas, snapshot
+from test_data import write_cifar
+
+TINY = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
+        "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--quiet"]
+
+
+def test_schedules_follow_their_formulas():
+    assert learning_rate("cosine", 0, 600, 0.025) == 0.025
+    assert math.isclose(learning_rate("cosine", 300, 600, 0.025), 0.0125)
+    assert math.isclose(learning_rate("cosine", 150, 600, 0.025, 0.001), 0.001 + 0.024 * (1 + math.cos(math.pi / 4)) / 2)
+    # ImageNet: 5 warm-up epochs to 0.5, then linear decay
+    assert [learning_rate("linear", e, 250, 0.5, warmup=5) for e in range(5)] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert math.isclose(learning_rate("linear", 125, 250, 0.5, warmup=5), 0.25)
+    assert math.isclose(learning_rate("step", 10, 250, 0.1, step_size=1, gamma=0.97), 0.1 * 0.97 ** 10)
+
+
+def test_two_ranks_see_exactly_the_global_batches_of_one_process():
+    task = create_task("digits", DataSource())
+    maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True, cutout=4)
+    one = list(ShardedEpochs(maker, 32, seed=5).epoch(3))
+    ranks = [list(ShardedEpochs(maker, 16, seed=5, rank=r, world=2).epoch(3)) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 700 // 32
+    key = lambda x, y: sorted(zip(x.flatten(1).tolist(), y.tolist()))  # noqa: E731
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *ranks):
+        assert key(x, y) == key(torch.cat([x0, x1]), torch.cat([y0, y1]))  # same images, same augmentation
+    assert not torch.equal(one[0][0], list(ShardedEpochs(maker, 32, seed=5).epoch(4))[0][0])
+
+
+def run_json(out: Path) -> tuple[dict, list[dict]]:
+    result = json.loads((out / "result.json").read_text())
+    return result, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    common = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY, "--set", "network.drop_path=0.0",
+              "--set", "train.cutout=0"]
+    single = ilnas(*common, "--out", str(tmp_path / "single"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "ilnas", *common, "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, one_epochs = run_json(tmp_path / "single")
+    two, two_epochs = run_json(tmp_path / "ddp")
+    assert two["world_size"] == 2 and two["replica_divergence"] == 0.0
+    assert one["params"] == two["params"]
+    # Same global batches; only BatchNorm differs (statistics per rank's half-batch).
+    for a, b in zip(one_epochs, two_epochs):
+        assert a["images"] == b["images"] == 48
+        assert abs(a["train_loss"] - b["train_loss"]) < 0.1 * a["train_loss"]
+
+
+def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 6) -> None:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
+                pixels[..., c] = 255  # a learnable colour cue
+                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+
+
+def test_image_folder_training(tmp_path):
+    write_image_folder(tmp_path / "imgs")
+    r = ilnas("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
+              "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
+              "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
+              "--set", "network.layers=3", "--set", "network.channels=8", "--set", "train.batch_size=6",
+              "--quiet", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    result, epochs = run_json(tmp_path / "run")
+    assert result["task"].startswith("imagefolder:") and epochs[0]["images"] == 18
+    assert 0.0 <= result["final_test_error"] <= 1.0
+
+
+def test_cifar100_training_reports_top5(tmp_path):
+    write_cifar(tmp_path / "data", "cifar100")
+    r = ilnas("train", "--genotype", "PDARTS", "--preset", "eval-cifar100", *TINY, "--set", "train.epochs=1",
+              "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.download=false",
+              "--set", "data.verify=false", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    result, epochs = run_json(tmp_path / "run")
+    assert "final_test_error_top5" in result and "test_top5" in epochs[0]
+    assert result["final_test_error_top5"] <= result["final_test_error"]
+
+
+def test_killed_and_resumed_training_ends_equal_to_an_uninterrupted_one(tmp_path):
+    args = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY, "--set", "train.epochs=3"]
+    full = ilnas(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    proc = ilnas(*args, "--out", str(out), wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists(), "the run finished before it could be interrupted"
+    r = ilnas("train", "--resume", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]  # noqa
+    assert strip(run_json(out)[1]) == strip(run_json(tmp_path / "full")[1])
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--genotype", "NOT_A_CELL"], {}, "unknown genotype 'NOT_A_CELL'"),
+    (["--genotype", "Genotype(normal=[('laser_conv', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+                    "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])"], {},
+     "unknown operation 'laser_conv'"),
+    (["--genotype", "DARTS_V2", "--preset", "eval-cifar10", "--set", "data.data_dir=__TMP__",
+      "--set", "data.download=false"], {}, "no cifar10 data in"),
+    (["--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set", "data.tasks=[imagefolder:__TMP__]"], {},
+     "no image folder"),
+    (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.batch_size=15"],
+     {"WORLD_SIZE": "2", "RANK": "0"}, "train.batch_size=15 is not divisible by the 2 ranks"),
+    (["--preset", "eval-digits"], {}, "train needs --genotype"),
+    (["--genotype", "DARTS_V2", "--preset", "demo"], {}, "is a 'search' configuration, expected 'eval'"),
+])
+def test_bad_training_input_is_one_line_and_exit_2(tmp_path, args, env, message):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.yaml").write_text("kept: true\n")
+    before = snapshot(existing)
+    args = [a.replace("__TMP__", str(tmp_path / "nothing")) for a in args]
+    r = subprocess.run([sys.executable, "-m", "ilnas", "train", *args, "--out", str(existing), "--force"],
+                       capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert snapshot(existing) == before
