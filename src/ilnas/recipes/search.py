@@ -5,7 +5,6 @@ is seeded by (seed, epoch, task, split), so a resumed run draws the same data as
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,11 +24,7 @@ from ilnas.search.engine import Learner, SearchState, Stage, search_step, stage_
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.genotype import Genotype, derive_genotype, save_genotype
 from ilnas.space.supernet import Supernet, alpha_entropy, init_alphas, mixing_weights, num_edges
-
-
-def cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
-    """CosineAnnealingLR(T_max=epochs, eta_min=lr_min) at ``epoch``, computed explicitly."""
-    return lr_min + (lr - lr_min) * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+from ilnas.train.schedules import cosine
 
 
 def pick_device(name: str) -> torch.device:
@@ -146,7 +141,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     genotype = None
     for epoch in range(start_epoch, s.epochs):
         t_epoch = time.perf_counter()
-        lr = cosine_lr(epoch, s.epochs, s.lr, s.lr_min)
+        lr = cosine(epoch, s.epochs, s.lr, s.lr_min)
         streams = [(m.stream(s.batch_size, stream_seed(s.seed, epoch, k, 0)),
                     v.stream(s.batch_size, stream_seed(s.seed, epoch, k, 1)))
                    for k, (m, v) in enumerate(zip(train, val))]
