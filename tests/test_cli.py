@@ -27,6 +27,17 @@ def ilnas(*args: str, cwd: Path | None = None, wait: bool = True):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, finished: str) -> None:
+    """SIGKILL ``proc`` as soon as its first checkpoint lands, before the run can finish."""
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / finished).exists(), "the run finished before it could be interrupted"
+
+
 def snapshot(run: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
@@ -63,13 +74,7 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
 def test_sigkill_then_resume_ends_equal_to_the_uninterrupted_run(finished_run, tmp_path):
     out = tmp_path / "killed"
     proc = ilnas("search", "--out", str(out), "--quiet", *SHORT, "--set", "search.epochs=3", wait=False)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists(), "the run finished before it could be interrupted"
+    kill_after_first_checkpoint(proc, out, "summary.json")
     r = ilnas("search", "--out", str(out), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from ilnas.data.loader import BatchMaker, ShardedEpochs
 from ilnas.data.tasks import DataSource, create_task
 from ilnas.train.schedules import learning_rate
-from test_cli import ilnas, snapshot
+from test_cli import ilnas, kill_after_first_checkpoint, snapshot
 from test_data import write_cifar
 
 TINY = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
@@ -113,13 +111,7 @@ def test_killed_and_resumed_training_ends_equal_to_an_uninterrupted_one(tmp_path
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
     proc = ilnas(*args, "--out", str(out), wait=False)
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists(), "the run finished before it could be interrupted"
+    kill_after_first_checkpoint(proc, out, "result.json")
     r = ilnas("train", "--resume", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
