@@ -10,7 +10,7 @@ from torch import nn
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, stage_learners
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import Supernet, init_alphas, num_edges
+from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
 
 
 def smooth(module: nn.Module) -> nn.Module:
@@ -32,13 +32,14 @@ class Problem:
 
 
 def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_ops: bool = False,
-                 momentum_buffers: bool = True) -> Problem:
-    """A 3-cell, C=2 supernet on 8x8 one-channel images, float64, random data."""
+                 momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False) -> Problem:
+    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data."""
     dtype = torch.float64
     primitives = [p for p in PRIMITIVES if p != "max_pool_3x3"] if smooth_ops else PRIMITIVES
+    ops = full_edge_ops(primitives)
 
     def build_encoder() -> Supernet:
-        net = Supernet(1, 2, 3, primitives=primitives).to(dtype)
+        net = Supernet(1, 2 * partial_channels, 3, ops, ops, partial_channels).to(dtype)
         return smooth(net) if smooth_ops else net
 
     gen = torch.Generator().manual_seed(seed)
@@ -53,7 +54,7 @@ def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_o
         bufs = ([0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in w],
                 [0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in h]) if momentum_buffers else (None, None)
         stages.append(Stage(k, w, h, *bufs))
-    arch = [(a * 300).requires_grad_() for a in init_alphas(num_edges(), len(primitives), gen, dtype)]
+    arch = [(a * 300).requires_grad_() for a in init_arch(len(primitives), edge_normalization, gen, dtype)]
     adam = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
 
     def batch(c: int):

@@ -53,7 +53,7 @@ def finished_run(tmp_path_factory) -> Path:
 
 def test_short_demo_search_writes_a_complete_run(finished_run):
     files = {p.name for p in finished_run.iterdir()}
-    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "genotype.json", "genotype.txt", "alphas.npy",
+    assert {"config.yaml", "metrics.jsonl", "checkpoint.pt", "genotype.json", "genotype.txt", "arch_history.npz",
             "summary.json", "tb"} <= files
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
@@ -94,7 +94,7 @@ def test_sigkill_then_resume_ends_equal_to_the_uninterrupted_run(finished_run, t
 
 BAD = [
     (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
-    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, rounds,"),
+    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds,"),
     (["search", "--set", "searchlam"], "malformed --set 'searchlam'"),
     (["search", "--set", "search.batch_size=0"], "search.batch_size must be positive"),
     (["search", "--set", "search.epochs=-3"], "search.epochs must be positive"),

@@ -8,7 +8,7 @@ from ilnas.config import resolve
 from ilnas.recipes.describe import describe
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
-from ilnas.space.supernet import Supernet, init_alphas, mixing_weights, num_edges
+from ilnas.space.supernet import Supernet, arch_weights, init_arch
 
 PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published
     ("DARTS_V2", 3.3, 4.7), ("PDARTS", 3.4, 4.9), ("PC_DARTS_cifar", 3.6, 5.3),
@@ -52,7 +52,7 @@ def test_network_outputs_and_drop_path():
 
 def test_supernet_is_a_pure_function_of_weights_alphas_and_input():
     net = Supernet(3, 4, 5)
-    a = [mixing_weights(x) for x in init_alphas(num_edges(), 8, torch.Generator().manual_seed(0))]
+    a = arch_weights(init_arch(8, generator=torch.Generator().manual_seed(0)))
     x = torch.randn(2, 3, 16, 16)
     out = net(x, *a)
     assert out.shape == (2, net.out_features) == (2, 4 * 16)

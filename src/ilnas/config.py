@@ -34,11 +34,31 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """The supernet: C channels in the first cell, ``layers`` cells, stem of stem_multiplier * C."""
+    """The supernet: C channels in the first cell, ``layers`` cells, stem of stem_multiplier * C.
+
+    Args:
+        partial_channels: K of PC-DARTS, 1/K of the channels through the mixed op (1: off).
+        edge_normalization: PC-DARTS betas, a softmax over each node's incoming edges.
+    """
 
     channels: int = 16
     layers: int = 8
     stem_multiplier: int = 3
+    partial_channels: int = 1
+    edge_normalization: bool = False
+
+
+@dataclass(frozen=True)
+class PDartsConfig:
+    """P-DARTS phases (search.method=pdarts): cells and candidate ops per edge of each phase, the
+    skip-connect dropout base rate of each phase (CIFAR-10 0.0/0.4/0.7, CIFAR-100 0.1/0.2/0.3),
+    its decay after the warm-up, and the cap on skip-connects in the final normal cell."""
+
+    layers: tuple[int, ...] = (5, 11, 17)
+    ops_per_edge: tuple[int, ...] = (8, 5, 3)
+    skip_dropout: tuple[float, ...] = (0.0, 0.4, 0.7)
+    dropout_decay: float = 0.2
+    max_skips: int = 2
 
 
 @dataclass(frozen=True)
@@ -53,12 +73,15 @@ class SearchConfig:
         hvp: fd | exact, the mixed Hessian-vector product of order 2.
         update_order: alg1 (paper) | darts (A first, then the weight step at the new A).
         virtual_momentum: momentum and weight decay inside the unrolled step (official DARTS).
+        method: darts (one phase) | pdarts (the phases of the pdarts section; epochs are per phase).
+        warmup_epochs: weight-only epochs at the start of each phase (P-DARTS 10, PC-DARTS 15).
         steps_per_epoch: None = the largest task's train split / batch_size.
         train_weights, val_weights: per-task weights beta, alpha of Eq. 10 (None = all 1).
         eval_batches: validation batches per task for the epoch's accuracy (None = all).
     """
 
     framework: str = "il"
+    method: str = "darts"
     rounds: int = 2
     coupling: str = "prox"
     lam: float = 100.0
@@ -69,6 +92,7 @@ class SearchConfig:
     update_order: str = "alg1"
     virtual_momentum: bool = True
     epochs: int = 50
+    warmup_epochs: int = 0
     steps_per_epoch: int | None = None
     batch_size: int = 64
     lr: float = 0.025
@@ -144,6 +168,7 @@ class SearchRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    pdarts: PDartsConfig = field(default_factory=PDartsConfig)
 
 
 @dataclass(frozen=True)
@@ -340,6 +365,16 @@ def _validate_search(cfg: SearchRunConfig) -> None:
         raise IlnasError(f"search.lr_min must lie in [0, lr], got {s.lr_min}")
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
+    if s.method not in ("darts", "pdarts"):
+        raise IlnasError(f"search.method must be darts or pdarts (PC-DARTS is space.partial_channels and "
+                         f"space.edge_normalization), got {s.method!r}")
+    if not 0 <= s.warmup_epochs < s.epochs:
+        raise IlnasError(f"search.warmup_epochs must lie in [0, epochs), got {s.warmup_epochs}")
+    if cfg.space.partial_channels < 1 or cfg.space.channels % cfg.space.partial_channels:
+        raise IlnasError(f"space.partial_channels must be >= 1 and divide space.channels={cfg.space.channels}, "
+                         f"got {cfg.space.partial_channels}")
+    if s.method == "pdarts":
+        _validate_pdarts(cfg.pdarts)
     if s.framework not in ("single", "mtl", "il"):
         raise IlnasError(f"search.framework must be single, mtl or il, got {s.framework!r}")
     if s.framework == "single" and (k != 1 or s.rounds != 1):
@@ -353,6 +388,19 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     from ilnas.search.engine import validate_config  # lazily: the engine pulls in torch
 
     validate_config(engine_config(s), k, s.lr)
+
+
+def _validate_pdarts(p: PDartsConfig) -> None:
+    from ilnas.space.ops import PRIMITIVES
+
+    if not len(p.layers) == len(p.ops_per_edge) == len(p.skip_dropout) >= 1:
+        raise IlnasError("pdarts.layers, pdarts.ops_per_edge and pdarts.skip_dropout need one entry per phase")
+    ops = list(p.ops_per_edge)
+    if ops[0] != len(PRIMITIVES) or ops != sorted(ops, reverse=True) or ops[-1] < 2:
+        raise IlnasError(f"pdarts.ops_per_edge must start at {len(PRIMITIVES)}, never grow, and end at >= 2; "
+                         f"got {ops}")
+    if any(not 0.0 <= r < 1.0 for r in p.skip_dropout) or p.max_skips < 0:
+        raise IlnasError("pdarts.skip_dropout rates must lie in [0, 1) and pdarts.max_skips be >= 0")
 
 
 def _validate_network(net: NetworkConfig) -> None:

@@ -95,9 +95,10 @@ class RunDir:
         except Exception as e:  # a checkpoint is written atomically, so this is outside damage
             raise IlnasError(f"cannot read {p}: {e}") from None
 
-    def save_array(self, name: str, array: np.ndarray) -> None:
+    def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """An .npz archive, written atomically."""
         buf = io.BytesIO()
-        np.save(buf, array)
+        np.savez(buf, **arrays)
         atomic_write_bytes(self.path / name, buf.getvalue())
 
     def finish(self, summary: dict, name: str = FINISHED[0]) -> None:

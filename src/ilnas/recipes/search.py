@@ -1,12 +1,15 @@
-"""The search recipe, top to bottom: tasks -> supernet and heads -> stages -> epochs of engine steps.
+"""The search recipe, top to bottom: tasks -> phases -> (supernet and heads -> stages -> epochs of
+engine steps). DARTS and PC-DARTS search in one phase; P-DARTS in several, each a fresh supernet
+(deeper, fewer ops per edge) with fresh weights and architecture, the ops pruned in between.
 
-Everything the run needs to continue bit-exactly is in the per-epoch checkpoint; every batch stream
-is seeded by (seed, epoch, task, split), so a resumed run draws the same data as an uninterrupted one.
+Everything needed to continue bit-exactly is in the per-epoch checkpoint; every batch stream and
+every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -20,11 +23,44 @@ from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import DataSource, Task, create_task
 from ilnas.errors import IlnasError
 from ilnas.runs import RunDir
-from ilnas.search.engine import Learner, SearchState, Stage, search_step, stage_learners, final_stages
+from ilnas.search.engine import Learner, SearchState, Stage, final_stages, search_step, stage_learners
+from ilnas.search.schedules import skip_dropout_rate
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
-from ilnas.space.genotype import Genotype, derive_genotype, save_genotype
-from ilnas.space.supernet import Supernet, alpha_entropy, init_alphas, mixing_weights, num_edges
+from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype, save_genotype
+from ilnas.space.pdarts import limit_skips, prune_ops
+from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
 from ilnas.train.schedules import cosine
+
+ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+
+
+@dataclass(frozen=True)
+class Phase:
+    layers: int
+    ops_per_edge: int
+    skip_dropout: float  # base rate of the phase
+
+
+def plan_phases(cfg: SearchRunConfig) -> list[Phase]:
+    if cfg.search.method == "pdarts":
+        p = cfg.pdarts
+        return [Phase(*x) for x in zip(p.layers, p.ops_per_edge, p.skip_dropout)]
+    return [Phase(cfg.space.layers, 8, 0.0)]
+
+
+@dataclass
+class Progress:
+    """Where the search stands between epochs: all of it goes into the checkpoint."""
+
+    phase: int = 0
+    epoch: int = 0  # completed epochs of the phase
+    global_step: int = 0
+    normal_ops: list = field(default_factory=full_edge_ops)
+    reduce_ops: list = field(default_factory=full_edge_ops)
+    history: dict = field(default_factory=dict)  # "p{phase}/{name}" -> list of per-epoch arrays
+    phase_genotypes: list = field(default_factory=list)
+    final_genotype: str | None = None  # set once the last phase has ended
+    elapsed: float = 0.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,21 +74,19 @@ def pick_device(name: str) -> torch.device:
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:
     source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
     tasks = [create_task(name, source) for name in cfg.data.tasks]
-    shapes = {t.input_shape[0] for t in tasks}
-    if len(shapes) > 1:
-        raise IlnasError(f"the tasks' images have different channel counts {sorted(shapes)}; "
-                         f"a shared encoder needs one")
+    if len({t.input_shape[0] for t in tasks}) > 1:
+        raise IlnasError("the tasks' images have different channel counts; a shared encoder needs one")
     return tasks
 
 
-def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], device: torch.device,
-               dtype: torch.dtype) -> tuple[list[FunctionalTaskNet], callable, list[callable]]:
+def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,
+               device: torch.device, dtype: torch.dtype):
     """One supernet module shared by all tasks, one linear head per task; builders for fresh weights."""
     sp = cfg.space
-    channels = tasks[0].input_shape[0]
 
     def build_encoder() -> Supernet:
-        return Supernet(channels, sp.channels, sp.layers, stem_multiplier=sp.stem_multiplier).to(device, dtype)
+        return Supernet(tasks[0].input_shape[0], sp.channels, layers, progress.normal_ops, progress.reduce_ops,
+                        sp.partial_channels, sp.stem_multiplier).to(device, dtype)
 
     encoder = build_encoder()
     head_builders = [lambda t=t: nn.Linear(encoder.out_features, t.num_classes).to(device, dtype) for t in tasks]
@@ -60,15 +94,16 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], device: torch.device
     return nets, build_encoder, head_builders
 
 
-def init_state(cfg: SearchRunConfig, build_encoder, head_builders, num_ops: int, device: torch.device,
-               dtype: torch.dtype) -> SearchState:
+def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, num_ops: int,
+               device: torch.device, dtype: torch.dtype) -> SearchState:
+    """Fresh stage weights and a fresh architecture (per P-DARTS phase, too)."""
     s = cfg.search
-    order = list(range(len(cfg.data.tasks)))
-    stages = [Stage(k, fresh_parameters(build_encoder, s.seed * 1000 + i),
-                    fresh_parameters(head_builders[k], s.seed * 1000 + 500 + i))
-              for i, k in enumerate(stage_learners(order, s.rounds))]
-    gen = torch.Generator().manual_seed(s.seed)
-    arch = [a.to(device, dtype).requires_grad_() for a in init_alphas(num_edges(), num_ops, gen, dtype)]
+    seed = s.seed * 1000 + phase * 100
+    stages = [Stage(k, fresh_parameters(build_encoder, seed + i), fresh_parameters(head_builders[k], seed + 50 + i))
+              for i, k in enumerate(stage_learners(list(range(len(cfg.data.tasks))), s.rounds))]
+    gen = torch.Generator().manual_seed(seed)
+    arch = [a.to(device, dtype).requires_grad_()
+            for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
     adam = torch.optim.Adam(arch, lr=s.arch_lr, betas=s.arch_betas, weight_decay=s.arch_weight_decay)
     return SearchState(arch, adam, stages)
 
@@ -91,8 +126,8 @@ def load_state_dict(state: SearchState, d: dict, device: torch.device) -> None:
                     for s in d["stages"]]
 
 
-def stream_seed(seed: int, epoch: int, task: int, split: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 101 + task) * 2 + split
+def stream_seed(seed: int, phase: int, epoch: int, task: int, split: int) -> int:
+    return (((seed * 101 + phase) * 1_000_003 + epoch) * 101 + task) * 2 + split
 
 
 @torch.no_grad()
@@ -107,6 +142,11 @@ def accuracy(net: FunctionalTaskNet, arch, stage: Stage, maker: BatchMaker, batc
     return correct / max(total, 1)
 
 
+def current_genotype(state: SearchState, progress: Progress) -> Genotype:
+    normal, reduce = ranking_weights(state.arch)
+    return derive_genotype(normal, reduce, progress.normal_ops, progress.reduce_ops)
+
+
 def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: bool = False,
                progress: bool = True) -> Genotype:
     """Run (or continue) a search into ``out``; returns the final genotype."""
@@ -114,83 +154,124 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     s = cfg.search
     device, dtype = pick_device(s.device), getattr(torch, s.dtype)
     tasks = load_tasks(cfg)
-    nets, build_encoder, head_builders = build_nets(cfg, tasks, device, dtype)
-    learners = [Learner(t.name, net.loss) for t, net in zip(tasks, nets)]
     train = [BatchMaker(t, t.train, device, dtype, augment=True) for t in tasks]
     val = [BatchMaker(t, t.val, device, dtype, augment=False) for t in tasks]
     for m in train + val:
         if len(m) < s.batch_size:
             raise IlnasError(f"task {m.task.name} has a split of {len(m)} images, fewer than "
                              f"search.batch_size={s.batch_size}")
-    steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in train)
-    primitives = nets[0].encoder.primitives
+    phases = plan_phases(cfg)
 
-    state = init_state(cfg, build_encoder, head_builders, len(primitives), device, dtype)
     run = RunDir(out) if resume else RunDir.create(out, to_dict(cfg), force)
     ckpt = run.load_checkpoint() if resume else None
-    start_epoch, history, elapsed = 0, [], 0.0
-    if ckpt is not None:
-        load_state_dict(state, ckpt["state"], device)
-        start_epoch, history, elapsed = ckpt["epoch"], list(ckpt["alphas"]), ckpt["elapsed"]
+    prog = ckpt["progress"] if ckpt else Progress()
     run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
-
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run.path / "tb"), purge_step=state.step)
+    writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step)
+    context = (cfg, tasks, train, val, run, writer, device, dtype, progress)
+    for p in range(prog.phase, len(phases)):
+        state = _run_phase(context, phases, prog, ckpt["state"] if ckpt and prog.epoch else None)
+        ckpt = None
+        normal, reduce = ranking_weights(state.arch)
+        if p + 1 < len(phases):  # P-DARTS: prune to the next phase's op count; fresh everything
+            prog.normal_ops = prune_ops(normal, prog.normal_ops, phases[p + 1].ops_per_edge)
+            prog.reduce_ops = prune_ops(reduce, prog.reduce_ops, phases[p + 1].ops_per_edge)
+        elif cfg.search.method == "pdarts":
+            prog.final_genotype = limit_skips(normal, reduce, prog.normal_ops, prog.reduce_ops,
+                                              cfg.pdarts.max_skips).to_string()
+        else:
+            prog.final_genotype = derive_genotype(normal, reduce, prog.normal_ops, prog.reduce_ops).to_string()
+        prog.phase, prog.epoch = p + 1, 0
+        _checkpoint(run, prog, state)  # the ended phase's state: kept for the record, not resumed
+    writer.close()
+
+    genotype = parse_genotype(prog.final_genotype)
+    save_genotype(genotype, run.path)
+    hours = prog.elapsed / 3600.0
+    run.finish({"genotype": genotype.to_string(), "phase_genotypes": prog.phase_genotypes,
+                "phases": len(phases), "epochs_per_phase": s.epochs, "steps": prog.global_step,
+                "search_hours": hours, "device": str(device), "gpu_hours": hours if device.type == "cuda" else 0.0})
+    return genotype
+
+
+def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
+    run.save_checkpoint({"progress": prog, "state": state_dict(state), "metrics_lines": run.metrics_lines()})
+
+
+def _run_phase(context, phases: list[Phase], prog: Progress, saved_state: dict | None) -> SearchState:
+    cfg, tasks, train, val, run, writer, device, dtype, progress = context
+    s, phase = cfg.search, phases[prog.phase]
+    nets, build_encoder, head_builders = build_nets(cfg, tasks, phase.layers, prog, device, dtype)
+    learners = [Learner(t.name, net.loss) for t, net in zip(tasks, nets)]
+    state = init_state(cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, device, dtype)
+    if saved_state is not None:
+        load_state_dict(state, saved_state, device)
+    steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in train)
     ecfg = engine_config(s)
-    genotype = None
-    for epoch in range(start_epoch, s.epochs):
+    tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
+    for epoch in range(prog.epoch, s.epochs):
         t_epoch = time.perf_counter()
         lr = cosine(epoch, s.epochs, s.lr, s.lr_min)
-        streams = [(m.stream(s.batch_size, stream_seed(s.seed, epoch, k, 0)),
-                    v.stream(s.batch_size, stream_seed(s.seed, epoch, k, 1)))
+        dropout = skip_dropout_rate(phase.skip_dropout, epoch, s.epochs, s.warmup_epochs, cfg.pdarts.dropout_decay)
+        nets[0].encoder.set_skip_dropout(dropout)
+        torch.manual_seed(stream_seed(s.seed, prog.phase, epoch, 0, 0))  # dropout masks
+        update_arch = epoch >= s.warmup_epochs
+        streams = [(m.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 0)),
+                    v.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 1)))
                    for k, (m, v) in enumerate(zip(train, val))]
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
+        bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
                    disable=None if progress else True)
         for _ in bar:
             t0 = time.perf_counter()
             batches = [(next(tr), next(va)) for tr, va in streams]
-            metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches], ecfg, lr)
-            metrics.update(kind="step", epoch=epoch, step=state.step, step_time=time.perf_counter() - t0)
+            metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches], ecfg, lr,
+                                  update_arch)
+            prog.global_step += 1
+            metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
+                           step_time=time.perf_counter() - t0)
             run.log(metrics)
-            writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), state.step)
-            writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), state.step)
-            writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], state.step)
-            bar.set_postfix(val_loss=f"{np.mean(metrics['val_loss']):.3f}")
+            writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), prog.global_step)
+            if update_arch:
+                writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), prog.global_step)
+                writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], prog.global_step)
+            bar.set_postfix(train_loss=f"{np.mean(metrics['train_loss']):.3f}")
         bar.close()
+        _end_epoch(cfg, tasks, nets, val, state, prog, epoch, lr, dropout, run, writer, time.perf_counter() - t_epoch, tag)
+    return state
 
-        arch = [a.detach() for a in state.arch]
-        final = final_stages(state, len(tasks))
-        val_acc = {tasks[state.stages[i].learner].name: accuracy(nets[state.stages[i].learner], arch, state.stages[i],
-                                                                  val[state.stages[i].learner], s.batch_size,
-                                                                  s.eval_batches) for i in final}
-        genotype = derive_genotype(mixing_weights(arch[0]), mixing_weights(arch[1]), primitives)
-        entropy = {"normal": alpha_entropy(arch[0]), "reduce": alpha_entropy(arch[1])}
-        elapsed += time.perf_counter() - t_epoch
-        record = {"kind": "epoch", "epoch": epoch, "step": state.step, "lr": lr, "val_acc": val_acc,
-                  "alpha_entropy": entropy, "epoch_time": time.perf_counter() - t_epoch,
-                  "genotype": genotype.to_string()}
-        run.log(record)
-        for name, acc in val_acc.items():
-            writer.add_scalar(f"val_acc/{name}", acc, epoch)
-        writer.add_scalar("search/lr", lr, epoch)
-        writer.add_scalar("alpha_entropy/normal", entropy["normal"], epoch)
-        writer.add_scalar("alpha_entropy/reduce", entropy["reduce"], epoch)
-        writer.flush()
-        history.append(torch.stack([a.cpu().float() for a in arch]).numpy())
-        save_genotype(genotype, run.path)
-        run.save_array("alphas.npy", np.stack(history))  # (epochs, 2, E, O) logits, normal and reduce
-        run.save_checkpoint({"epoch": epoch + 1, "state": state_dict(state), "alphas": history,
-                             "metrics_lines": run.metrics_lines(), "elapsed": elapsed})
-        print(f"epoch {epoch + 1}/{s.epochs}  lr {lr:.4f}  val acc "
-              + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items())
-              + f"  ({record['epoch_time']:.1f}s)", flush=True)
-    writer.close()
-    if genotype is None:  # resumed a run whose last epoch had finished before the summary was written
-        history_arch = torch.from_numpy(history[-1])
-        genotype = derive_genotype(mixing_weights(history_arch[0]), mixing_weights(history_arch[1]), primitives)
-    hours = elapsed / 3600.0
-    run.finish({"genotype": genotype.to_string(), "epochs": s.epochs, "steps": state.step,
-                "search_hours": hours, "device": str(device),
-                "gpu_hours": hours if device.type == "cuda" else 0.0})
-    return genotype
+
+def _end_epoch(cfg, tasks, nets, val, state: SearchState, prog: Progress, epoch: int, lr: float, dropout: float,
+               run: RunDir, writer, seconds: float, tag: str) -> None:
+    s = cfg.search
+    arch = [a.detach() for a in state.arch]
+    t0 = time.perf_counter()
+    val_acc = {}
+    for i in final_stages(state, len(tasks)):
+        k = state.stages[i].learner
+        val_acc[tasks[k].name] = accuracy(nets[k], arch, state.stages[i], val[k], s.batch_size, s.eval_batches)
+    genotype = current_genotype(state, prog)
+    entropy = {"normal": alpha_entropy(arch[0]), "reduce": alpha_entropy(arch[1])}
+    seconds += time.perf_counter() - t0
+    prog.elapsed += seconds
+    record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
+              "skip_dropout": dropout, "arch_updated": epoch >= s.warmup_epochs, "val_acc": val_acc,
+              "alpha_entropy": entropy, "epoch_time": seconds, "genotype": genotype.to_string()}
+    run.log(record)
+    x = prog.global_step
+    for name, acc in val_acc.items():
+        writer.add_scalar(f"val_acc/{name}", acc, x)
+    writer.add_scalar("search/lr", lr, x)
+    writer.add_scalar("alpha_entropy/normal", entropy["normal"], x)
+    writer.add_scalar("alpha_entropy/reduce", entropy["reduce"], x)
+    writer.flush()
+    for name, a in zip(ARCH_NAMES, arch):
+        prog.history.setdefault(f"p{prog.phase}/{name}", []).append(a.cpu().float().numpy())
+    run.save_arrays("arch_history.npz", {k: np.stack(v) for k, v in prog.history.items()})
+    save_genotype(genotype, run.path)
+    prog.epoch = epoch + 1
+    if prog.epoch == s.epochs:
+        prog.phase_genotypes.append(genotype.to_string())
+    _checkpoint(run, prog, state)
+    print(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {lr:.4f}  val acc "
+          + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)", flush=True)

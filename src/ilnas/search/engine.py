@@ -106,11 +106,16 @@ class Unrolled:
 
 
 def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch],
-                val: Sequence[Batch], cfg: EngineConfig, lr: float) -> dict[str, Any]:
-    """One iteration over all stages; train[k], val[k] are learner k's batches. Returns metrics."""
+                val: Sequence[Batch], cfg: EngineConfig, lr: float, update_arch: bool = True) -> dict[str, Any]:
+    """One iteration over all stages; train[k], val[k] are learner k's batches. Returns metrics.
+    ``update_arch=False`` is a weight-only step (the warm-up epochs of P-DARTS and PC-DARTS)."""
     coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, coupling, cfg, lr)
+    if not update_arch:
+        commit(state, lambda s, w, h: unrolled.grads[s], coupling, cfg, lr)
+        state.step += 1
+        return {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": False}
     hyper, val_loss = hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
     _arch_step(state, hyper)
     if cfg.update_order == "darts":  # the real weight step recomputed at the new A

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ilnas.errors import IlnasError
-from ilnas.space.supernet import Supernet, mixing_weights
+from ilnas.space.supernet import Supernet, arch_weights
 
 Tensors = list[torch.Tensor]
 
@@ -36,8 +36,7 @@ class FunctionalTaskNet:
         self.head_names = [n for n, _ in head.named_parameters()]
 
     def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor) -> torch.Tensor:
-        normal, reduce = (mixing_weights(a) for a in arch[:2])
-        feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, normal, reduce))
+        feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, *arch_weights(arch)))
         return functional_call(self.head, dict(zip(self.head_names, h)), (feats,))
 
     def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

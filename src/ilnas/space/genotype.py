@@ -19,7 +19,7 @@ import torch
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text
 from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import NODES
+from ilnas.space.supernet import NODES, EdgeOps, full_edge_ops
 
 Edge = tuple[str, int]
 FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
@@ -136,24 +136,27 @@ def parse_genotype(text: str) -> Genotype:
     return Genotype.from_dict(fields)
 
 
-def derive_genotype(normal: torch.Tensor, reduce: torch.Tensor,
-                    primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> Genotype:
+def derive_genotype(normal: torch.Tensor, reduce: torch.Tensor, normal_ops: EdgeOps | None = None,
+                    reduce_ops: EdgeOps | None = None, nodes: int = NODES) -> Genotype:
     """The DARTS rule on (E, O) mixing weights: per node the two incoming edges whose strongest
-    non-``none`` op is strongest, each with that op."""
-    return Genotype(normal=_derive_cell(normal, primitives, nodes), normal_concat=tuple(range(2, 2 + nodes)),
-                    reduce=_derive_cell(reduce, primitives, nodes), reduce_concat=tuple(range(2, 2 + nodes)))
+    non-``none`` op is strongest, each with that op. ``*_ops`` name each edge's columns (default:
+    the eight primitives on every edge)."""
+    return Genotype(normal=derive_cell(normal, normal_ops or full_edge_ops(nodes=nodes), nodes),
+                    normal_concat=tuple(range(2, 2 + nodes)),
+                    reduce=derive_cell(reduce, reduce_ops or full_edge_ops(nodes=nodes), nodes),
+                    reduce_concat=tuple(range(2, 2 + nodes)))
 
 
-def _derive_cell(weights: torch.Tensor, primitives: Sequence[str], nodes: int) -> tuple[Edge, ...]:
+def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES) -> tuple[Edge, ...]:
     w = weights.detach().double().cpu()  # (E, O)
-    usable = torch.tensor([p != "none" for p in primitives])
+    usable = torch.tensor([[op != "none" for op in ops] for ops in edge_ops])
     w = w.masked_fill(~usable, float("-inf"))
     chosen, start = [], 0
     for i in range(nodes):
         rows = w[start:start + 2 + i]
         strength = rows.max(dim=1).values.tolist()
         for j in sorted(range(2 + i), key=lambda j: -strength[j])[:2]:
-            chosen.append((primitives[int(rows[j].argmax())], j))
+            chosen.append((edge_ops[start + j][int(rows[j].argmax())], j))
         start += 2 + i
     return tuple(chosen)
 

@@ -1,8 +1,10 @@
 """The DARTS search space as a module that owns weights but no architecture.
 
 A cell receives its mixing weights as an argument, so one module serves every weight set the
-search keeps (``functional_call(supernet, weights, (x, arch))``) and knows nothing about how the
-architecture is learnt.
+search keeps (``functional_call(supernet, weights, (x, *arch_weights(arch)))``) and knows nothing
+about how the architecture is learnt. Two variants of the space are options of the same module:
+PC-DARTS (Xu et al., 2020: partial channels through the mixed op, edge normalisation) and P-DARTS
+(Chen et al., 2019: a different op subset per edge, dropout after skip-connects).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ilnas.errors import IlnasError
 from ilnas.space.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
 
 NODES = 4  # intermediate nodes per cell
+EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column order)
 
 
 def num_edges(nodes: int = NODES) -> int:
@@ -26,37 +30,71 @@ def reduction_layers(layers: int) -> tuple[int, ...]:
     return (layers // 3, 2 * layers // 3)
 
 
-class MixedOp(nn.Module):
-    """sum_o w_o * op_o(x) over the candidate ops of one edge."""
+def full_edge_ops(primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> list[list[str]]:
+    return [list(primitives) for _ in range(num_edges(nodes))]
 
-    def __init__(self, channels: int, stride: int, primitives: Sequence[str]):
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(N, C, H, W): interleave the channels of ``groups`` equal groups (ShuffleNet)."""
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class MixedOp(nn.Module):
+    """sum_o w_o * op_o(x) over the candidate ops of one edge.
+
+    With ``partial_channels`` K > 1 (PC-DARTS) only the first C/K channels go through the ops; the
+    rest bypass them (max-pooled on reduction edges) and a channel shuffle with K groups follows.
+    ``skip_dropout`` (P-DARTS) is dropout after identity ops, set by the search per epoch.
+    """
+
+    def __init__(self, channels: int, stride: int, primitives: Sequence[str], partial_channels: int = 1):
         super().__init__()
-        self.ops = nn.ModuleList(create_op(p, channels, stride, affine=False) for p in primitives)
+        if channels % partial_channels:
+            raise IlnasError(f"partial_channels={partial_channels} does not divide {channels} channels")
+        self.k, self.stride = partial_channels, stride
+        self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False) for p in primitives)
+        self.identity = [isinstance(op, nn.Identity) for op in self.ops]
+        self.skip_dropout = 0.0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # weights: (O,)
-        return sum(w * op(x) for w, op in zip(weights, self.ops))
+        active = x if self.k == 1 else x[:, :x.shape[1] // self.k]
+        out = 0
+        for w, op, identity in zip(weights, self.ops, self.identity):
+            y = op(active)
+            if identity and self.skip_dropout > 0:
+                y = F.dropout(y, self.skip_dropout, training=True)
+            out = out + w * y
+        if self.k == 1:
+            return out
+        bypass = x[:, x.shape[1] // self.k:]
+        if self.stride == 2:
+            bypass = F.max_pool2d(bypass, 2, 2)
+        return channel_shuffle(torch.cat([out, bypass], dim=1), self.k)
 
 
 class SearchCell(nn.Module):
-    def __init__(self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool,
-                 reduction_prev: bool, primitives: Sequence[str], nodes: int = NODES):
+    def __init__(self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool,
+                 edge_ops: EdgeOps, partial_channels: int = 1, nodes: int = NODES):
         super().__init__()
         self.reduction = reduction
         self.nodes = nodes
         self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False) if reduction_prev
                             else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False))
         self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList(
-            MixedOp(channels, 2 if reduction and j < 2 else 1, primitives)
-            for i in range(nodes) for j in range(2 + i)
-        )
+        strides = [2 if reduction and j < 2 else 1 for i in range(nodes) for j in range(2 + i)]
+        self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels) for s, ops in zip(strides, edge_ops))
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first)
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+        # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first); edge_weights: (E,)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.nodes):
-            node = sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states))
+            node = 0
+            for j, h in enumerate(states):
+                y = self.edges[offset + j](h, weights[offset + j])
+                node = node + (y if edge_weights is None else edge_weights[offset + j] * y)
             offset += len(states)
             states.append(node)
         return torch.cat(states[2:], dim=1)
@@ -71,14 +109,20 @@ class Supernet(nn.Module):
         in_channels: image channels.
         channels: C, the channels of the first cell's nodes.
         layers: number of cells.
-        primitives: candidate ops per edge, in alpha column order.
+        normal_ops, reduce_ops: per edge, the candidate ops (default: all eight everywhere).
+        partial_channels: K of PC-DARTS (1: every channel through every op, plain DARTS).
         stem_multiplier: the stem has stem_multiplier * C channels.
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 16, layers: int = 8,
-                 primitives: Sequence[str] = PRIMITIVES, stem_multiplier: int = 3, nodes: int = NODES):
+                 normal_ops: EdgeOps | None = None, reduce_ops: EdgeOps | None = None,
+                 partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES):
         super().__init__()
-        self.primitives = tuple(primitives)
+        self.normal_ops = [list(o) for o in (normal_ops or full_edge_ops(nodes=nodes))]
+        self.reduce_ops = [list(o) for o in (reduce_ops or full_edge_ops(nodes=nodes))]
+        if len({len(o) for o in self.normal_ops + self.reduce_ops}) != 1:
+            raise IlnasError("every edge must have the same number of candidate ops")
+        self.nodes = nodes
         c_curr = stem_multiplier * channels
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(c_curr, track_running_stats=False))
@@ -88,29 +132,67 @@ class Supernet(nn.Module):
             reduction = i in reduction_layers(layers)
             c_curr = c_curr * 2 if reduction else c_curr
             cells.append(SearchCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev,
-                                    self.primitives, nodes))
+                                    self.reduce_ops if reduction else self.normal_ops, partial_channels, nodes))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
         self.cells = nn.ModuleList(cells)
         self.out_features = c_prev
 
-    def forward(self, x: torch.Tensor, normal: torch.Tensor, reduce: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W); normal, reduce: (E, O) mixing weights. Returns (N, out_features)."""
+    @property
+    def num_ops(self) -> int:
+        return len(self.normal_ops[0])
+
+    def set_skip_dropout(self, p: float) -> None:
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.skip_dropout = p
+
+    def forward(self, x: torch.Tensor, normal: torch.Tensor, reduce: torch.Tensor,
+                normal_edges: torch.Tensor | None = None, reduce_edges: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None.
+        Returns (N, out_features)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, reduce if cell.reduction else normal)
+            w, e = (reduce, reduce_edges) if cell.reduction else (normal, normal_edges)
+            s0, s1 = s1, cell(s0, s1, w, e)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)
 
 
-def init_alphas(edges: int, ops: int, generator: torch.Generator | None = None,
-                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """DARTS initialisation: 1e-3 * N(0, 1) logits for the normal and the reduction cell."""
-    return tuple(1e-3 * torch.randn(edges, ops, generator=generator, dtype=dtype) for _ in range(2))
+def init_arch(num_ops: int, edge_normalization: bool = False, generator: torch.Generator | None = None,
+              dtype: torch.dtype | None = None, nodes: int = NODES) -> list[torch.Tensor]:
+    """DARTS initialisation, 1e-3 * N(0, 1): alphas (E, O) of the normal and the reduction cell, and
+    with edge normalisation (PC-DARTS) betas (E,) of each."""
+    e = num_edges(nodes)
+    shapes = [(e, num_ops), (e, num_ops)] + ([(e,), (e,)] if edge_normalization else [])
+    return [1e-3 * torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
 
 
 def mixing_weights(alphas: torch.Tensor) -> torch.Tensor:
     """(E, O) logits -> (E, O) per-edge softmax."""
     return F.softmax(alphas, dim=-1)
+
+
+def edge_weights(betas: torch.Tensor, nodes: int = NODES) -> torch.Tensor:
+    """(E,) logits -> (E,) softmax over each node's incoming edges (PC-DARTS edge normalisation)."""
+    parts, start = [], 0
+    for i in range(nodes):
+        parts.append(F.softmax(betas[start:start + 2 + i], dim=-1))
+        start += 2 + i
+    return torch.cat(parts)
+
+
+def arch_weights(arch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Architecture logits [alpha_n, alpha_r(, beta_n, beta_r)] -> the supernet's forward arguments."""
+    return tuple(mixing_weights(a) for a in arch[:2]) + tuple(edge_weights(b) for b in arch[2:])
+
+
+def ranking_weights(arch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, O) weights the genotype is derived from: softmax(alpha), times the edge weight under
+    edge normalisation (PC-DARTS)."""
+    w = arch_weights([a.detach() for a in arch])
+    if len(w) == 2:
+        return w
+    return w[0] * w[2][:, None], w[1] * w[3][:, None]
 
 
 def alpha_entropy(alphas: torch.Tensor) -> float:
