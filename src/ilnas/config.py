@@ -74,6 +74,8 @@ class SearchConfig:
         update_order: alg1 (paper) | darts (A first, then the weight step at the new A).
         virtual_momentum: momentum and weight decay inside the unrolled step (official DARTS).
         method: darts (one phase) | pdarts (the phases of the pdarts section; epochs are per phase).
+        settings: base-method (the preset's values: the base method's own search settings) | paper
+            (the interleaving paper's shared settings, PAPER_SETTINGS, over the preset; --set still wins).
         warmup_epochs: weight-only epochs at the start of each phase (P-DARTS 10, PC-DARTS 15).
         steps_per_epoch: None = the largest task's train split / batch_size.
         train_weights, val_weights: per-task weights beta, alpha of Eq. 10 (None = all 1).
@@ -82,6 +84,7 @@ class SearchConfig:
 
     framework: str = "il"
     method: str = "darts"
+    settings: str = "base-method"
     rounds: int = 2
     coupling: str = "prox"
     lam: float = 100.0
@@ -181,6 +184,10 @@ class EvalRunConfig:
 
 
 KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
+
+# The search settings the paper states for every IL search ("the rest follow" the base method).
+PAPER_SETTINGS = {"batch_size": 64, "epochs": 50, "lr": 0.025, "lr_min": 0.001, "momentum": 0.9,
+                  "weight_decay": 3e-4, "arch_lr": 3e-4, "arch_betas": [0.5, 0.999], "arch_weight_decay": 1e-3}
 RunConfig = SearchRunConfig | EvalRunConfig
 
 
@@ -220,6 +227,24 @@ def _load_file(path: str) -> dict:
 
 
 # --- merging and validation ---------------------------------------------------------------------
+
+def _merge(into: dict, layer: dict) -> None:
+    for section, values in layer.items():
+        if isinstance(values, dict) and isinstance(into.get(section), dict):
+            into[section] = {**into[section], **values}
+        else:
+            into[section] = values
+
+
+def _settings(layers: list[dict]) -> Any:
+    """The last word on search.settings among preset, config file and --set."""
+    found = "base-method"
+    for layer in layers:
+        search = layer.get("search")
+        if isinstance(search, dict) and "settings" in search:
+            found = search["settings"]
+    return found
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'search.lam=10' -> (['search', 'lam'], 10). The value is read as YAML (numbers, lists, null)."""
@@ -316,18 +341,18 @@ def to_dict(cfg: Any) -> dict:
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
             kind: str = "search") -> RunConfig:
     """Defaults <- preset <- config file <- --set overrides, then validation."""
-    data: dict = {}
-    if preset is not None:
-        data = load_preset(preset)
-    if config_file is not None:
-        for section, values in _load_file(config_file).items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section] = {**data[section], **values}
-            else:
-                data[section] = values
+    layers = [load_preset(preset) if preset is not None else {}]
+    layers.append(_load_file(config_file) if config_file is not None else {})
+    user: dict = {}
     for text in overrides:
         keys, value = parse_override(text)
-        _set_nested(data, keys, value)
+        _set_nested(user, keys, value)
+    layers.append(user)
+    data: dict = {}
+    for i, layer in enumerate(layers):
+        _merge(data, layer)
+        if i == 0 and _settings(layers) == "paper" and isinstance(data.get("search", {}), dict):
+            data["search"] = {**data.get("search", {}), **PAPER_SETTINGS}  # over the preset, under the user
     found_kind = data.get("kind", "search" if preset is not None else kind)  # presets say "kind: eval"
     if found_kind != kind:
         raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
@@ -365,6 +390,8 @@ def _validate_search(cfg: SearchRunConfig) -> None:
         raise IlnasError(f"search.lr_min must lie in [0, lr], got {s.lr_min}")
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
+    if s.settings not in ("base-method", "paper"):
+        raise IlnasError(f"search.settings must be base-method or paper, got {s.settings!r}")
     if s.method not in ("darts", "pdarts"):
         raise IlnasError(f"search.method must be darts or pdarts (PC-DARTS is space.partial_channels and "
                          f"space.edge_normalization), got {s.method!r}")

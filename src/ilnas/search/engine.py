@@ -21,7 +21,7 @@ import torch
 from ilnas.errors import IlnasError
 from ilnas.search.coupling import Coupling, create_coupling
 from ilnas.search.hvp import StageLoss, create_hvp
-from ilnas.search.tensors import Tensors, axpy, detached, norm, zeros_like
+from ilnas.search.tensors import Tensors, axpy, detached, grad, norm, zeros_like
 
 Batch = Any
 LossFn = Callable[[Tensors, Tensors, Tensors, Batch], torch.Tensor]  # (arch, w, h, batch) -> scalar
@@ -191,7 +191,7 @@ def hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence
         w, h = ((unrolled.w_bar[s], unrolled.h_bar[s]) if second else (state.stages[s].w, state.stages[s].h))
         wp, hp = detached(w, second), detached(h, second)
         value = learners[k].loss(arch, wp, hp, val[k])
-        grads = torch.autograd.grad(weight * value, arch + (wp + hp if second else []))
+        grads = grad(weight * value, arch + (wp + hp if second else []))
         hyper = [a + b for a, b in zip(hyper, grads[:len(arch)])]
         g_val[s] = (list(grads[len(arch):len(arch) + len(w)]), list(grads[len(arch) + len(w):]))
         val_loss.append(float(value.detach()))

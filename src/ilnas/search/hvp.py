@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.search.tensors import Tensors, axpy, detached, norm
+from ilnas.search.tensors import Tensors, axpy, detached, grad, norm
 
 StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
 HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
@@ -41,7 +41,7 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
     def grads_at(sign: float) -> Tensors:
         wp = detached(axpy(sign * r, v_w, w), requires_grad=want_w)
         hp = axpy(sign * r, v_h, h)
-        return list(torch.autograd.grad(loss(arch, wp, hp), arch + (wp if want_w else [])))
+        return grad(loss(arch, wp, hp), arch + (wp if want_w else []))
 
     plus, minus = grads_at(1.0), grads_at(-1.0)
     diff = [(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
@@ -55,6 +55,5 @@ def exact(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, 
     wp, hp = detached(w, requires_grad=True), detached(h, requires_grad=True)
     g = torch.autograd.grad(loss(arch, wp, hp), wp + hp, create_graph=True)
     dot = sum((gi * vi).sum() for gi, vi in zip(g, v_w + v_h))
-    out = torch.autograd.grad(dot, arch + (wp if want_w else []), allow_unused=True)
-    out = [torch.zeros_like(t) if o is None else o for o, t in zip(out, arch + (wp if want_w else []))]
+    out = grad(dot, arch + (wp if want_w else []))
     return out[:len(arch)], (out[len(arch):] if want_w else None)

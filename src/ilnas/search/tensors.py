@@ -25,3 +25,10 @@ def detached(x: Tensors, requires_grad: bool = False) -> Tensors:
 
 def zeros_like(x: Tensors) -> Tensors:
     return [torch.zeros_like(xi) for xi in x]
+
+
+def grad(output: torch.Tensor, inputs: Tensors, **kwargs) -> Tensors:
+    """torch.autograd.grad with zeros for inputs the output does not use (e.g. the normal-cell
+    alphas of a supernet that is all reduction cells)."""
+    out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(out, inputs)]
