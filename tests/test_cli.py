@@ -94,7 +94,7 @@ def test_sigkill_then_resume_ends_equal_to_the_uninterrupted_run(finished_run, t
 
 BAD = [
     (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
-    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds,"),
+    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, settings, rounds,"),
     (["search", "--set", "searchlam"], "malformed --set 'searchlam'"),
     (["search", "--set", "search.batch_size=0"], "search.batch_size must be positive"),
     (["search", "--set", "search.epochs=-3"], "search.epochs must be positive"),

@@ -63,6 +63,21 @@ class Progress:
     elapsed: float = 0.0
 
 
+@dataclass
+class SearchContext:
+    """What stays fixed for a whole search: configuration, data, run directory, device."""
+
+    cfg: SearchRunConfig
+    tasks: list[Task]
+    train: list[BatchMaker]
+    val: list[BatchMaker]
+    run: RunDir
+    writer: object  # torch.utils.tensorboard.SummaryWriter
+    device: torch.device
+    dtype: torch.dtype
+    progress_bar: bool
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -169,9 +184,9 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step)
-    context = (cfg, tasks, train, val, run, writer, device, dtype, progress)
+    ctx = SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress)
     for p in range(prog.phase, len(phases)):
-        state = _run_phase(context, phases, prog, ckpt["state"] if ckpt and prog.epoch else None)
+        state = _run_phase(ctx, phases, prog, ckpt["state"] if ckpt and prog.epoch else None)
         ckpt = None
         normal, reduce = ranking_weights(state.arch)
         if p + 1 < len(phases):  # P-DARTS: prune to the next phase's op count; fresh everything
@@ -199,29 +214,31 @@ def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
     run.save_checkpoint({"progress": prog, "state": state_dict(state), "metrics_lines": run.metrics_lines()})
 
 
-def _run_phase(context, phases: list[Phase], prog: Progress, saved_state: dict | None) -> SearchState:
-    cfg, tasks, train, val, run, writer, device, dtype, progress = context
-    s, phase = cfg.search, phases[prog.phase]
-    nets, build_encoder, head_builders = build_nets(cfg, tasks, phase.layers, prog, device, dtype)
-    learners = [Learner(t.name, net.loss) for t, net in zip(tasks, nets)]
-    state = init_state(cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, device, dtype)
+def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_state: dict | None) -> SearchState:
+    """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture."""
+    s, phase = ctx.cfg.search, phases[prog.phase]
+    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, phase.layers, prog, ctx.device, ctx.dtype)
+    learners = [Learner(t.name, net.loss) for t, net in zip(ctx.tasks, nets)]
+    state = init_state(ctx.cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, ctx.device,
+                       ctx.dtype)
     if saved_state is not None:
-        load_state_dict(state, saved_state, device)
-    steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in train)
+        load_state_dict(state, saved_state, ctx.device)
+    steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in ctx.train)
     ecfg = engine_config(s)
     tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
     for epoch in range(prog.epoch, s.epochs):
         t_epoch = time.perf_counter()
         lr = cosine(epoch, s.epochs, s.lr, s.lr_min)
-        dropout = skip_dropout_rate(phase.skip_dropout, epoch, s.epochs, s.warmup_epochs, cfg.pdarts.dropout_decay)
+        dropout = skip_dropout_rate(phase.skip_dropout, epoch, s.epochs, s.warmup_epochs,
+                                    ctx.cfg.pdarts.dropout_decay)
         nets[0].encoder.set_skip_dropout(dropout)
         torch.manual_seed(stream_seed(s.seed, prog.phase, epoch, 0, 0))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
         streams = [(m.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 0)),
                     v.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 1)))
-                   for k, (m, v) in enumerate(zip(train, val))]
+                   for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
         bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
-                   disable=None if progress else True)
+                   disable=None if ctx.progress_bar else True)
         for _ in bar:
             t0 = time.perf_counter()
             batches = [(next(tr), next(va)) for tr, va in streams]
@@ -230,38 +247,40 @@ def _run_phase(context, phases: list[Phase], prog: Progress, saved_state: dict |
             prog.global_step += 1
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
-            run.log(metrics)
-            writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), prog.global_step)
+            ctx.run.log(metrics)
+            ctx.writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), prog.global_step)
             if update_arch:
-                writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), prog.global_step)
-                writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], prog.global_step)
+                ctx.writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), prog.global_step)
+                ctx.writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], prog.global_step)
             bar.set_postfix(train_loss=f"{np.mean(metrics['train_loss']):.3f}")
         bar.close()
-        _end_epoch(cfg, tasks, nets, val, state, prog, epoch, lr, dropout, run, writer, time.perf_counter() - t_epoch, tag)
+        record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
+                  "skip_dropout": dropout, "arch_updated": update_arch}
+        _end_epoch(ctx, nets, state, prog, record, time.perf_counter() - t_epoch, tag)
     return state
 
 
-def _end_epoch(cfg, tasks, nets, val, state: SearchState, prog: Progress, epoch: int, lr: float, dropout: float,
-               run: RunDir, writer, seconds: float, tag: str) -> None:
-    s = cfg.search
+def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchState, prog: Progress,
+               record: dict, seconds: float, tag: str) -> None:
+    """Validation accuracy, genotype, logs, architecture history and the checkpoint."""
+    s, run, writer, epoch = ctx.cfg.search, ctx.run, ctx.writer, record["epoch"]
     arch = [a.detach() for a in state.arch]
     t0 = time.perf_counter()
     val_acc = {}
-    for i in final_stages(state, len(tasks)):
+    for i in final_stages(state, len(ctx.tasks)):
         k = state.stages[i].learner
-        val_acc[tasks[k].name] = accuracy(nets[k], arch, state.stages[i], val[k], s.batch_size, s.eval_batches)
+        val_acc[ctx.tasks[k].name] = accuracy(nets[k], arch, state.stages[i], ctx.val[k], s.batch_size,
+                                              s.eval_batches)
     genotype = current_genotype(state, prog)
     entropy = {"normal": alpha_entropy(arch[0]), "reduce": alpha_entropy(arch[1])}
     seconds += time.perf_counter() - t0
     prog.elapsed += seconds
-    record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
-              "skip_dropout": dropout, "arch_updated": epoch >= s.warmup_epochs, "val_acc": val_acc,
-              "alpha_entropy": entropy, "epoch_time": seconds, "genotype": genotype.to_string()}
+    record.update(val_acc=val_acc, alpha_entropy=entropy, epoch_time=seconds, genotype=genotype.to_string())
     run.log(record)
     x = prog.global_step
     for name, acc in val_acc.items():
         writer.add_scalar(f"val_acc/{name}", acc, x)
-    writer.add_scalar("search/lr", lr, x)
+    writer.add_scalar("search/lr", record["lr"], x)
     writer.add_scalar("alpha_entropy/normal", entropy["normal"], x)
     writer.add_scalar("alpha_entropy/reduce", entropy["reduce"], x)
     writer.flush()
@@ -273,5 +292,5 @@ def _end_epoch(cfg, tasks, nets, val, state: SearchState, prog: Progress, epoch:
     if prog.epoch == s.epochs:
         prog.phase_genotypes.append(genotype.to_string())
     _checkpoint(run, prog, state)
-    print(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {lr:.4f}  val acc "
+    print(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {record['lr']:.4f}  val acc "
           + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)", flush=True)

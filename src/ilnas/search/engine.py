@@ -13,7 +13,7 @@ The engine sees learners only as loss functions of (arch, w, h, batch): it knows
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -81,7 +81,6 @@ class SearchState:
     arch_optimizer: torch.optim.Optimizer
     stages: list[Stage]
     step: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def stage_learners(order: Sequence[int], rounds: int) -> list[int]:
