@@ -180,3 +180,17 @@ def test_single_task_step_equals_the_official_darts_architect():
     for ours, theirs in zip(st.w + st.h, model.weights()):
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-10)
     assert not torch.allclose(p.state.arch[0], model.alphas[0] * 0)  # sanity: non-trivial alphas
+
+
+def test_literal_gd_coupling_diverges_where_prox_stays_stable():
+    """At the paper's eta = 0.025 and lambda = 100 (2 eta lambda = 5), committing Eq. 7 literally
+    overshoots by -4x per step; the proximal form contracts towards the previous stage instead."""
+    norms = {}
+    for coupling in ("gd", "prox"):
+        p = make_problem(K=2, M=2, momentum_buffers=False)
+        cfg = EngineConfig(order=1, coupling=coupling, lam=100.0, allow_unstable=True, grad_clip=None)
+        for _ in range(6):
+            search_step(p.state, p.learners, p.train, p.val, cfg, 0.025)
+        norms[coupling] = max(float(torch.cat([w.flatten() for w in st.w]).abs().max()) for st in p.state.stages)
+    assert norms["prox"] < 10.0
+    assert not norms["gd"] < 1e3  # also true when it has overflowed to inf/nan
