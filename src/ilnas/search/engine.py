@@ -111,19 +111,17 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, coupling, cfg, lr)
-    if not update_arch:
-        commit(state, lambda s, w, h: unrolled.grads[s], coupling, cfg, lr)
-        state.step += 1
-        return {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": False}
-    hyper, val_loss = hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
-    _arch_step(state, hyper)
-    if cfg.update_order == "darts":  # the real weight step recomputed at the new A
-        commit(state, lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:], coupling, cfg, lr)
-    else:
-        commit(state, lambda s, w, h: unrolled.grads[s], coupling, cfg, lr)
+    metrics: dict[str, Any] = {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": update_arch}
+    grads = lambda s, w, h: unrolled.grads[s]  # noqa: E731  (alg1: commit the unrolled step)
+    if update_arch:
+        hyper, val_loss = hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
+        _arch_step(state, hyper)
+        metrics.update(val_loss=val_loss, hypergrad_norm=float(norm(hyper)))
+        if cfg.update_order == "darts":  # the real weight step recomputed at the new A
+            grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:]  # noqa: E731
+    commit(state, grads, coupling, cfg, lr)
     state.step += 1
-    return {"train_loss": unrolled.train_loss, "val_loss": val_loss,
-            "hypergrad_norm": float(norm(hyper)), "lr": lr}
+    return metrics
 
 
 def _virtual_wd(cfg: EngineConfig) -> float:
