@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ilnas.config import EvalRunConfig
+from ilnas.errors import IlnasError
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters
 
@@ -19,8 +20,6 @@ def task_shape(cfg: EvalRunConfig) -> tuple[int, int, int]:
         return classes, channels, cfg.train.resolution if name == "imagenet" else resolution
     if name in ("mnist5k", "digits"):
         return 10, 1, cfg.data.image_size
-    from ilnas.errors import IlnasError
-
     raise IlnasError(f"no evaluation shape known for task {name!r}; known: "
                      f"{', '.join([*TASK_SHAPES, 'mnist5k', 'digits'])}")
 
