@@ -2,44 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import SHORT_SEARCH, ilnas, kill_after_first_checkpoint, snapshot
 from ilnas.config import list_presets, resolve
 from ilnas.errors import IlnasError
+from ilnas.runs import read_checkpoint
 
-SHORT = ["--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
-         "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
-
-
-def ilnas(*args: str, cwd: Path | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "ilnas", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, finished: str) -> None:
-    """SIGKILL ``proc`` as soon as its first checkpoint lands, before the run can finish."""
-    deadline = time.time() + 300
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / finished).exists(), "the run finished before it could be interrupted"
-
-
-def snapshot(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+SHORT = SHORT_SEARCH
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +51,8 @@ def test_sigkill_then_resume_ends_equal_to_the_uninterrupted_run(finished_run, t
     r = ilnas("search", "--out", str(out), "--resume", "--quiet")
     assert r.returncode == 0, r.stderr
 
-    a = torch.load(finished_run / "checkpoint.pt", weights_only=False)["state"]
-    b = torch.load(out / "checkpoint.pt", weights_only=False)["state"]
+    a = read_checkpoint(finished_run / "checkpoint.pt")["state"]
+    b = read_checkpoint(out / "checkpoint.pt")["state"]
     assert a["step"] == b["step"] == 9
     for x, y in zip(a["arch"], b["arch"]):
         assert torch.equal(x, y)

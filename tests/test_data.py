@@ -1,41 +1,15 @@
 """Data: CIFAR from tiny files in the real python-batch format, the embedded digit tasks, batching."""
 from __future__ import annotations
 
-import pickle
 
-import numpy as np
 import pytest
 import torch
 
 from ilnas.data.augment import crop
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import DataSource, create_task
+from helpers import write_cifar
 from ilnas.errors import IlnasError
-
-
-def write_cifar(root, name: str, per_batch: int = 8, test: int = 6) -> dict:
-    """CIFAR-10 (5 data batches + test_batch) or CIFAR-100 (train + test) as pickled dicts, the layout
-    torchvision reads (uint8 rows of 3072 = 3 x 32 x 32, labels, a meta file)."""
-    rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder, classes, label_key = root / "cifar-10-batches-py", 10, "labels"
-        files = {f"data_batch_{i}": per_batch for i in range(1, 6)} | {"test_batch": test}
-        meta = ("batches.meta", {"label_names": [f"c{i}" for i in range(classes)]})
-    else:
-        folder, classes, label_key = root / "cifar-100-python", 100, "fine_labels"
-        files = {"train": 5 * per_batch, "test": test}
-        meta = ("meta", {"fine_label_names": [f"c{i}" for i in range(classes)]})
-    folder.mkdir(parents=True)
-    written = {}
-    for fname, n in files.items():
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, classes, n).tolist()
-        with open(folder / fname, "wb") as f:
-            pickle.dump({"data": data, label_key: labels}, f)  # str keys, as the originals load
-        written[fname] = (data, labels)
-    with open(folder / meta[0], "wb") as f:
-        pickle.dump(meta[1], f)
-    return written
 
 
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])

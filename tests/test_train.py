@@ -13,13 +13,10 @@ import torch
 
 from ilnas.data.loader import BatchMaker, ShardedEpochs
 from ilnas.data.tasks import DataSource, create_task
+from ilnas.runs import read_checkpoint
 from ilnas.train.schedules import learning_rate
-from test_cli import ilnas, kill_after_first_checkpoint, snapshot
-from test_data import write_cifar
-
-TINY = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
-        "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--quiet"]
-
+from helpers import TINY_TRAIN as TINY, ilnas, kill_after_first_checkpoint, snapshot, write_image_folder
+from helpers import write_cifar
 
 def test_schedules_follow_their_formulas():
     assert learning_rate("cosine", 0, 600, 0.025) == 0.025
@@ -68,19 +65,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.1 * a["train_loss"]
 
 
-def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 6) -> None:
-    from PIL import Image
-
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", per_class), ("val", 2)):
-        for c, name in enumerate(classes):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
-                pixels[..., c] = 255  # a learnable colour cue
-                Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
-
-
 def test_image_folder_training(tmp_path):
     write_image_folder(tmp_path / "imgs")
     r = ilnas("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
@@ -114,8 +98,8 @@ def test_killed_and_resumed_training_ends_equal_to_an_uninterrupted_one(tmp_path
     kill_after_first_checkpoint(proc, out, "result.json")
     r = ilnas("train", "--resume", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(out / "checkpoint.pt", weights_only=False)
+    a = read_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = read_checkpoint(out / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -140,7 +124,7 @@ def test_killed_and_resumed_training_ends_equal_to_an_uninterrupted_one(tmp_path
 def test_bad_training_input_is_one_line_and_exit_2(tmp_path, args, env, message):
     existing = tmp_path / "existing"
     existing.mkdir()
-    (existing / "config.yaml").write_text("kept: true\n")
+    (existing / "config.yaml").write_text("kind: eval\nkept: true\n")
     before = snapshot(existing)
     args = [a.replace("__TMP__", str(tmp_path / "nothing")) for a in args]
     r = subprocess.run([sys.executable, "-m", "ilnas", "train", *args, "--out", str(existing), "--force"],

@@ -14,7 +14,7 @@ from ilnas.errors import IlnasError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
-        print(f"ilnas: error: {message}", file=sys.stderr)
+        print(f"ilnas: error: {_one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -54,24 +54,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, prefix: str) -> tuple[object, Path]:
     """The resolved configuration (from the run's config.yaml when resuming) and the run directory."""
-    from ilnas.config import KINDS, from_dict, resolve, validate
-    from ilnas.runs import RunDir
+    from ilnas.config import resolve
+    from ilnas.runs import resume_config
 
+    if args.out is not None and not args.out.strip():
+        raise IlnasError("--out is empty; name a run directory")
     if not args.resume:
-        cfg = resolve(args.preset or (default_preset if not args.config else None), args.config, args.overrides, kind)
-        name = args.preset or default_preset
-        out = Path(args.out) if args.out else Path("runs") / f"{prefix}{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
+        cfg = resolve(preset, args.config, args.overrides, kind)
+        out = Path(args.out) if args.out else Path("runs") / f"{prefix}{preset or 'config'}-{time.strftime('%Y%m%d-%H%M%S')}"
         return cfg, out
     if not args.out:
         raise IlnasError("--resume needs --out DIR, the run to continue")
-    if args.preset or args.config or args.overrides:
+    if args.preset is not None or args.config or args.overrides:
         raise IlnasError("--resume takes its configuration from the run's config.yaml; drop --preset/--config/--set")
-    RunDir.check(Path(args.out), resume=True, force=False)
-    saved = RunDir(Path(args.out)).config()
-    saved.pop("genotype", None)
-    cfg = from_dict(KINDS[kind], saved)
-    validate(cfg)
-    return cfg, Path(args.out)
+    return resume_config(Path(args.out), kind), Path(args.out)
 
 
 def _search(args: argparse.Namespace) -> None:
@@ -91,12 +88,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.resume:
         if args.genotype:
             raise IlnasError("--resume trains the run's own genotype; drop --genotype")
-        genotype = load_genotype(str(out / "genotype.json"))
+        genotype, source = load_genotype(str(out / "genotype.json")), None
     elif not args.genotype:
         raise IlnasError("train needs --genotype (a zoo name, genotype.json, run directory or literal)")
     else:
-        genotype = load_genotype(args.genotype)
-    result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet)
+        genotype, source = load_genotype(args.genotype), args.genotype
+    result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet,
+                       genotype_source=source)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
         print(f"run directory: {out}")
         print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
@@ -132,13 +130,22 @@ def _describe(args: argparse.Namespace) -> None:
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "describe": _describe}
 
 
+def _one_line(text: str) -> str:
+    """Messages name user paths, which may hold newlines: escape them so every message is one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+        sys.stdout.flush()
     except IlnasError as e:
-        print(f"ilnas: error: {e}", file=sys.stderr)
-        return 2
+        print(f"ilnas: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # `ilnas describe ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("ilnas: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,8 @@ only override them, and ``resolve`` is the one place that merges and validates."
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +15,10 @@ from typing import Any, Sequence
 import yaml
 
 from ilnas.errors import IlnasError
+from ilnas.seeds import MAX_SEED
+
+MAX_CONFIG_BYTES = 1 << 20
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 @dataclass(frozen=True)
@@ -208,19 +214,42 @@ def list_presets() -> dict[str, str]:
 
 def load_preset(name: str) -> dict:
     f = _preset_dir().joinpath(f"{name}.yaml")
-    if not f.is_file():
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or not f.is_file():
         raise IlnasError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
-    return yaml.safe_load(f.read_text()) or {}
+    return load_yaml(f.read_text()) or {}
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few lines of nested aliases expand to billions of entries."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse configuration YAML: safe types only, no aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)
 
 
 def _load_file(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise IlnasError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        if not p.is_file():
+            raise IlnasError(f"config file {path} does not exist or is not a file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise IlnasError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        data = load_yaml(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise IlnasError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise IlnasError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise IlnasError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise IlnasError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise IlnasError(f"config file {path} must hold a mapping of sections")
     return data
@@ -228,12 +257,22 @@ def _load_file(path: str) -> dict:
 
 # --- merging and validation ---------------------------------------------------------------------
 
-def _merge(into: dict, layer: dict) -> None:
+def _sections() -> set[str]:
+    """The names of the configuration's sections (data, search, train, ...)."""
+    return {f.name for cls in KINDS.values() for f in dataclasses.fields(cls) if f.name not in ("kind", "description")}
+
+
+def _merge(into: dict, layer: dict, where: str) -> None:
+    """Sections merge key by key; a section given as anything but a mapping is an error, not a reset."""
     for section, values in layer.items():
-        if isinstance(values, dict) and isinstance(into.get(section), dict):
-            into[section] = {**into[section], **values}
-        else:
-            into[section] = values
+        if section not in _sections():
+            into[section] = values  # "kind", "description", or an unknown key that from_dict reports
+            continue
+        if values is None:  # an empty section ("search:" with nothing below)
+            values = {}
+        if not isinstance(values, dict):
+            raise IlnasError(f"{where}: section {section!r} must be a mapping of settings, got {values!r}"[:200])
+        into[section] = {**into.get(section, {}), **values}
 
 
 def _settings(layers: list[dict]) -> Any:
@@ -252,7 +291,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
         raise IlnasError(f"malformed --set {text!r}: expected section.key=value, e.g. search.lam=10")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = load_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         raise IlnasError(f"malformed --set {text!r}: the value is not valid YAML") from None
     return key.strip().split("."), parsed
@@ -297,9 +336,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise IlnasError(f"{where} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise IlnasError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise IlnasError(f"{where} must be a finite number, got {value}")
+        return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise IlnasError(f"{where} must be a string, got {value!r}")
@@ -341,6 +388,8 @@ def to_dict(cfg: Any) -> dict:
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
             kind: str = "search") -> RunConfig:
     """Defaults <- preset <- config file <- --set overrides, then validation."""
+    if preset is not None and not preset.strip():
+        raise IlnasError("--preset is empty; name a preset (see `ilnas presets`)")
     layers = [load_preset(preset) if preset is not None else {}]
     layers.append(_load_file(config_file) if config_file is not None else {})
     user: dict = {}
@@ -349,8 +398,8 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
         _set_nested(user, keys, value)
     layers.append(user)
     data: dict = {}
-    for i, layer in enumerate(layers):
-        _merge(data, layer)
+    for i, (layer, where) in enumerate(zip(layers, (f"preset {preset}", f"config file {config_file}", "--set"))):
+        _merge(data, layer, where)
         if i == 0 and _settings(layers) == "paper" and isinstance(data.get("search", {}), dict):
             data["search"] = {**data.get("search", {}), **PAPER_SETTINGS}  # over the preset, under the user
     found_kind = data.get("kind", "search" if preset is not None else kind)  # presets say "kind: eval"
@@ -364,8 +413,8 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
 def validate(cfg: RunConfig) -> None:
     if not cfg.data.tasks:
         raise IlnasError("data.tasks is empty: name at least one task")
-    if cfg.data.image_size < 8:
-        raise IlnasError(f"data.image_size must be at least 8, got {cfg.data.image_size}")
+    if not 8 <= cfg.data.image_size <= 1024:
+        raise IlnasError(f"data.image_size must lie in [8, 1024], got {cfg.data.image_size}")
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
@@ -380,14 +429,41 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
 
 
+def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 0:
+            raise IlnasError(f"{section}.{name} must be >= 0, got {value}")
+
+
+def _common(section: str, obj: Any) -> None:
+    """What search and train share: SGD arguments, the seed and the device."""
+    _positive(section, obj, ("lr", "grad_clip"))
+    _non_negative(section, obj, ("weight_decay", "lr_min"))
+    if not 0.0 <= obj.momentum < 1.0:
+        raise IlnasError(f"{section}.momentum must lie in [0, 1), got {obj.momentum}")
+    if obj.lr_min > obj.lr:
+        raise IlnasError(f"{section}.lr_min must lie in [0, lr], got {obj.lr_min}")
+    if not 0 <= obj.seed < MAX_SEED:
+        raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {obj.seed}"[:120])
+    if obj.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", obj.device):
+        raise IlnasError(f"{section}.device must be {DEVICES}, got {obj.device!r}")
+
+
 def _validate_search(cfg: SearchRunConfig) -> None:
     s, k = cfg.search, len(cfg.data.tasks)
-    _positive("search", s, ("epochs", "batch_size", "rounds", "lr", "steps_per_epoch", "eval_batches"))
+    _positive("search", s, ("epochs", "batch_size", "rounds", "steps_per_epoch", "eval_batches", "arch_lr",
+                            "fd_eps"))
     _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
+    _common("search", s)
     if s.lam < 0:
         raise IlnasError(f"search.lam (lambda) must be >= 0, got {s.lam}")
-    if s.lr_min < 0 or s.lr_min > s.lr:
-        raise IlnasError(f"search.lr_min must lie in [0, lr], got {s.lr_min}")
+    _non_negative("search", s, ("arch_weight_decay",))
+    if not all(0.0 <= b < 1.0 for b in s.arch_betas):
+        raise IlnasError(f"search.arch_betas must both lie in [0, 1), got {list(s.arch_betas)}")
+    for name in ("train_weights", "val_weights"):
+        if any(w < 0 for w in getattr(s, name) or ()):
+            raise IlnasError(f"search.{name} must be >= 0, got {list(getattr(s, name))}")
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
     if s.settings not in ("base-method", "paper"):
@@ -410,8 +486,6 @@ def _validate_search(cfg: SearchRunConfig) -> None:
         raise IlnasError("framework 'mtl' (Eq. 10) takes search.rounds=1 and search.coupling=none")
     if s.dtype not in ("float32", "float64"):
         raise IlnasError(f"search.dtype must be float32 or float64, got {s.dtype!r}")
-    if s.device not in ("auto", "cpu", "cuda") and not s.device.startswith("cuda:"):
-        raise IlnasError(f"search.device must be auto, cpu, cuda or cuda:N, got {s.device!r}")
     from ilnas.search.engine import validate_config  # lazily: the engine pulls in torch
 
     validate_config(engine_config(s), k, s.lr)
@@ -441,7 +515,8 @@ def _validate_network(net: NetworkConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    _positive("train", t, ("epochs", "batch_size", "lr", "steps_per_epoch", "step_size", "resolution"))
+    _positive("train", t, ("epochs", "batch_size", "steps_per_epoch", "step_size", "resolution", "gamma"))
+    _common("train", t)
     if t.schedule not in ("cosine", "linear", "step"):
         raise IlnasError(f"train.schedule must be cosine, linear or step, got {t.schedule!r}")
     if t.warmup_epochs < 0 or t.warmup_epochs >= t.epochs and t.schedule == "linear":

@@ -1,36 +1,57 @@
-"""Atomic writes: a file is either its old self or its new self, never half of each."""
+"""Atomic writes: a file is either its old self or its new self, never half of each.
+
+Files are created with the permissions the umask allows (like ``open``), not ``mkstemp``'s 0600.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Callable, BinaryIO
 
 
-def _atomic(path: Path, write) -> None:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than an instant)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: Path, write: Callable[[BinaryIO], object], keep_previous: Path | None = None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data))
+def atomic_write_bytes(path: Path, data: bytes, keep_previous: Path | None = None) -> None:
+    """Write ``data`` to ``path`` atomically; with ``keep_previous``, the old file moves there first."""
+    _atomic(path, lambda f: f.write(data), keep_previous)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))

@@ -1,71 +1,311 @@
-"""A run directory: resolved config, metrics log, checkpoints, and the rules that keep it safe.
+"""A run directory: resolved config, provenance, metrics log, checksummed checkpoints, and the rules
+that keep it safe (the format is described in docs/run-directory.md).
 
-A finished run (one with ``summary.json`` or ``result.json``) is never overwritten without ``force``; an unfinished one
-is continued with ``resume``. Nothing here is written before the caller has validated its inputs.
+- Nothing on disk changes before the caller has validated everything: ``check`` only reads.
+- A finished run (``summary.json`` or ``result.json``) is never overwritten without ``force``, and
+  ``force`` deletes only a directory that holds an ilnas run.
+- One process at a time: ``RunDir.open`` takes an exclusive lock (``.lock``) for the life of the run.
+- Checkpoints hold plain tensors and containers only (loaded with ``weights_only=True``), carry a
+  SHA-256 of their bytes and the configuration they were written under; the previous one is kept, and
+  a damaged latest checkpoint falls back to it with a one-line warning.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import hashlib
 import io
 import json
+import math
+import os
+import platform
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import yaml
 
-from ilnas.errors import IlnasError
-from ilnas.fileio import atomic_torch_save, atomic_write_bytes, atomic_write_text
+from ilnas.config import KINDS, from_dict, to_dict, validate
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, umask
 
-CONFIG, METRICS, CHECKPOINT = "config.yaml", "metrics.jsonl", "checkpoint.pt"
+CONFIG, METRICS, CHECKPOINT, PREVIOUS = "config.yaml", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"
+LOCK, PROVENANCE = ".lock", "provenance.json"
 FINISHED = ("summary.json", "result.json")  # a search ends with the first, a training run with the second
+KIND_NAMES = {"search": "search", "eval": "training"}
+MAGIC = b"ilnas-checkpoint-v1\n"  # then the SHA-256 of the payload in hex, a newline, the torch.save bytes
 
 
 def is_finished(path: Path) -> bool:
     return any((Path(path) / name).is_file() for name in FINISHED)
 
 
-class RunDir:
+def _read_config(path: Path) -> dict:
+    """config.yaml as a mapping with a known ``kind``, or a one-line error."""
+    f = Path(path) / CONFIG
+    try:
+        data = yaml.safe_load(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise IlnasError(f"{f} cannot be read as YAML ({_first_line(e)})") from None
+    if not isinstance(data, dict) or data.get("kind") not in KINDS:
+        raise IlnasError(f"{f} is not an ilnas configuration (empty, or no 'kind: search|eval')")
+    return data
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def is_ilnas_run(path: Path) -> bool:
+    try:
+        _read_config(path)
+        return True
+    except IlnasError:
+        return False
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a directory holds, the lock file aside."""
+    return [p for p in Path(path).iterdir() if p.name != LOCK]
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an --out below a file, on a read-only file system or without write permission."""
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise IlnasError(f"cannot create run directory {path}: {base} is a file")
+    try:  # a probe file, removed at once: the only reliable test (root ignores permission bits)
+        with open(os.open(base / f".ilnas-probe-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                  "wb"):
+            pass
+        os.unlink(base / f".ilnas-probe-{os.getpid()}")
+    except OSError as e:
+        reason = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e)).lower()
+        raise IlnasError(f"cannot write to {base} ({reason}); choose another --out") from None
+
+
+def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = True) -> None:
+    """Refuse, before anything is written, what would damage an existing run or cannot work
+    (``probe_lock=False``: the caller holds the lock itself)."""
+    path = Path(path)
+    if resume and force:
+        raise IlnasError("--resume and --force exclude each other")
+    if path.exists() and not path.is_dir():
+        raise IlnasError(f"{path} exists and is not a directory")
+    _check_writable(path)
+    if resume:
+        if not (path / CONFIG).is_file():
+            raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
+        found = _read_config(path)["kind"]
+        if found != kind:
+            raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `ilnas "
+                             f"{'search' if found == 'search' else 'train'} --resume`")
+        if is_finished(path):
+            raise IlnasError(f"{path} holds a finished run; nothing to resume")
+    elif path.is_dir() and _entries(path):
+        if not force:
+            state = "a finished run" if is_finished(path) else (
+                "an unfinished run (continue it with --resume)" if (path / CONFIG).is_file() else "other files")
+            raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it" if state != "other files"
+                             else f"{path} is not empty and holds no ilnas run; choose another --out")
+        if not is_ilnas_run(path):
+            raise IlnasError(f"{path} does not hold an ilnas run (no valid {CONFIG}); --force deletes only "
+                             f"ilnas runs: choose another --out")
+    if path.is_dir() and probe_lock:
+        _RunLock(path).probe()
+
+
+def resume_config(path: Path, kind: str) -> Any:
+    """The run's validated configuration, for --resume (a training run's genotype is in genotype.json)."""
+    check(path, resume=True, force=False, kind=kind)
+    data = {k: v for k, v in _read_config(path).items() if k != "genotype"}
+    try:
+        cfg = from_dict(KINDS[kind], data)
+        validate(cfg)
+    except IlnasError as e:
+        raise IlnasError(f"{Path(path) / CONFIG} is not a valid configuration: {e}") from None
+    return cfg
+
+
+# --- the lock ------------------------------------------------------------------------------------
+
+class _RunLock:
+    """An exclusive ``flock`` on <run>/.lock; the file names the holder for whoever is refused."""
+
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.file = Path(path) / LOCK
+        self.fd: int | None = None
 
-    # --- lifecycle ---------------------------------------------------------------------------
-    @classmethod
-    def check(cls, path: Path, resume: bool, force: bool) -> None:
-        """Refuse, before anything is written, what would damage an existing run."""
-        path = Path(path)
-        if resume and force:
-            raise IlnasError("--resume and --force exclude each other")
-        if resume:
-            if not (path / CONFIG).is_file():
-                raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
-            if is_finished(path):
-                raise IlnasError(f"{path} holds a finished run; nothing to resume")
+    def _try(self) -> int | None:
+        import fcntl
+
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            os.close(fd)
+            return None
+
+    def _refuse(self) -> None:
+        try:
+            holder = self.file.read_text(errors="replace").strip() or "unknown process"
+        except OSError:
+            holder = "unknown process"
+        raise IlnasError(f"{self.file.parent} is in use by another ilnas process ({holder}); wait for it to end "
+                         f"or choose another --out")
+
+    def probe(self) -> None:
+        """Refuse now if another process holds the run; hold nothing afterwards."""
+        if not self.file.exists():
             return
-        if path.exists() and not path.is_dir():
-            raise IlnasError(f"{path} exists and is not a directory")
-        if path.is_dir() and any(path.iterdir()) and not force:
-            state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
-            raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
+        fd = self._try()
+        if fd is None:
+            self._refuse()
+        os.close(fd)
+
+    def acquire(self) -> None:
+        fd = self._try()
+        if fd is None:
+            self._refuse()
+        holder = (f"pid {os.getpid()} on {socket.gethostname()}, since {_now()}: "
+                  f"{' '.join(sys.argv)}").replace("\n", " ")
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode() + b"\n")
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- provenance ----------------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    """The commit of the ilnas source tree, when it runs from a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        r = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ilnas")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def provenance_session(resumed: bool) -> dict:
+    return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
+            "host": socket.gethostname(), "ilnas": _version(), "git_commit": _git_commit(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+
+
+# --- strict JSON -----------------------------------------------------------------------------------
+
+def strict_json(value: Any) -> Any:
+    """NaN and infinities become null, so every line of metrics.jsonl is valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+# --- the run directory -------------------------------------------------------------------------------
+
+class RunDir:
+    """An open run: holds the lock until ``close``; every write failure becomes one line (``RunFailed``)."""
+
+    def __init__(self, path: Path, kind: str, config: dict):
+        self.path, self.kind, self.config = Path(path), kind, config
+        self._lock = _RunLock(self.path)
 
     @classmethod
-    def create(cls, path: Path, config: dict, force: bool) -> "RunDir":
+    def open(cls, path: Path, kind: str, config: dict, resume: bool, force: bool,
+             provenance: dict | None = None) -> "RunDir":
+        """Lock ``path`` and start (or, with ``resume``, continue) the run. Call only after every input
+        has been validated: with ``force`` this is where the old run is deleted."""
         path = Path(path)
-        if force and path.is_dir():
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IlnasError(f"cannot create run directory {path}: {e.strerror or e}") from None
+        run = cls(path, kind, config)
+        run._lock.acquire()
+        try:
+            check(path, resume, force, kind, probe_lock=False)  # again, under the lock: another process may have been first
+            with run._writing("the run's files"):
+                if not resume:
+                    for entry in _entries(path):  # check() made sure this is an ilnas run
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                    atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
+                run._add_session(resume, provenance or {})
+        except BaseException:
+            run.close()
+            raise
         return run
 
-    def config(self) -> dict:
-        return yaml.safe_load((self.path / CONFIG).read_text())
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            kept = " the last checkpoint is intact;" if (self.path / CHECKPOINT).exists() else ""
+            raise RunFailed(f"cannot write {what} in {self.path} ({e.strerror or e});{kept} fix this and continue "
+                            f"with --resume") from None
+
+    def _add_session(self, resumed: bool, extra: dict) -> None:
+        p = self.path / PROVENANCE
+        record = {"sessions": []}
+        if resumed and p.is_file():
+            try:
+                record = json.loads(p.read_text())
+            except (OSError, ValueError):
+                pass  # a damaged record is replaced, not trusted
+        record.update(extra)
+        record.setdefault("sessions", []).append(provenance_session(resumed))
+        atomic_write_text(p, json.dumps(record, indent=1) + "\n")
 
     # --- metrics -----------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self._writing(METRICS), open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
     def metrics_lines(self) -> int:
         p = self.path / METRICS
@@ -76,31 +316,111 @@ class RunDir:
         p = self.path / METRICS
         if p.is_file():
             kept = p.read_text().splitlines(keepends=True)[:lines]
-            atomic_write_text(p, "".join(kept))
+            with self._writing(METRICS):
+                atomic_write_text(p, "".join(kept))
 
     def read_metrics(self) -> list[dict]:
-        p = self.path / METRICS
-        return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+        return read_metrics(self.path)
 
-    # --- checkpoints and artefacts ----------------------------------------------------------
+    # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, payload: dict) -> None:
-        atomic_torch_save(payload, self.path / CHECKPOINT)
+        """Atomically, with a checksum and the run's configuration; the previous one is kept."""
+        buf = io.BytesIO()
+        torch.save({"kind": self.kind, "config": self.config, **payload}, buf)
+        data = buf.getvalue()
+        blob = MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data
+        with self._writing("the checkpoint"):
+            atomic_write_bytes(self.path / CHECKPOINT, blob, keep_previous=self.path / PREVIOUS)
 
-    def load_checkpoint(self) -> dict | None:
-        p = self.path / CHECKPOINT
-        if not p.is_file():
-            return None
-        try:
-            return torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as e:  # a checkpoint is written atomically, so this is outside damage
-            raise IlnasError(f"cannot read {p}: {e}") from None
-
+    # --- artefacts -------------------------------------------------------------------------
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         """An .npz archive, written atomically."""
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(self.path / name, buf.getvalue())
+        with self._writing(name):
+            atomic_write_bytes(self.path / name, buf.getvalue())
+
+    def save_genotype(self, genotype: Any) -> None:
+        """genotype.json and genotype.txt (the official string form)."""
+        self.write_text("genotype.json", json.dumps(genotype.to_dict(), indent=1) + "\n")
+        self.write_text("genotype.txt", genotype.to_string() + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        with self._writing(name):
+            atomic_write_text(self.path / name, text)
 
     def finish(self, summary: dict, name: str = FINISHED[0]) -> None:
         """Write the run's final record; from then on the run counts as finished."""
-        atomic_write_text(self.path / name, json.dumps(summary, indent=1) + "\n")
+        p = self.path / PROVENANCE
+        with self._writing(PROVENANCE):
+            record = json.loads(p.read_text()) if p.is_file() else {"sessions": []}
+            if record.get("sessions"):
+                record["sessions"][-1]["end"] = _now()
+            atomic_write_text(p, json.dumps(record, indent=1) + "\n")
+        self.write_text(name, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
+
+
+def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
+    """The run's latest intact checkpoint (None before the first), refused unless it was written by a
+    ``kind`` run under ``config``. Reads only: call it before anything is written."""
+    path = Path(path)
+    latest, previous = path / CHECKPOINT, path / PREVIOUS
+    if not latest.exists() and not previous.exists():
+        return None
+    try:
+        payload = read_checkpoint(latest)
+    except IlnasError as e:
+        if not previous.exists():
+            raise
+        payload = read_checkpoint(previous)
+        print(f"ilnas: warning: {e}; continuing from the previous checkpoint {previous.name}", file=sys.stderr,
+              flush=True)
+    if payload.get("kind") != kind:
+        found = KIND_NAMES.get(payload.get("kind"), repr(payload.get("kind")))
+        raise IlnasError(f"the checkpoint in {path} belongs to a {found} run, not to this {KIND_NAMES[kind]} run; "
+                         f"it cannot be resumed")
+    if payload.get("config") != config:
+        key = _first_difference(payload.get("config"), config)
+        raise IlnasError(f"{path / CONFIG} differs from the configuration its checkpoint was written with "
+                         f"(first at {key}); restore it, or start a new run with --force")
+    return payload
+
+
+def read_metrics(path: Path) -> list[dict]:
+    p = Path(path) / METRICS
+    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's payload after its checksum is verified; plain data only (``weights_only=True``)."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise IlnasError(f"cannot read {path} ({e.strerror or e})") from None
+    head, _, rest = blob.partition(b"\n")
+    digest, _, data = rest.partition(b"\n")
+    if head + b"\n" != MAGIC:
+        raise IlnasError(f"{path} is not an ilnas checkpoint (or was written by an older version)")
+    if hashlib.sha256(data).hexdigest().encode() != digest:
+        raise IlnasError(f"{path} is damaged (checksum mismatch)")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # the checksum held, so this is a foreign or hand-made file
+        raise IlnasError(f"{path} cannot be loaded ({_first_line(e)})") from None
+    if not isinstance(payload, dict):
+        raise IlnasError(f"{path} is not an ilnas checkpoint")
+    return payload
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
+    return where or "the top level"
+
+
+def config_dict(cfg: Any, **extra: Any) -> dict:
+    """The mapping a run stores as config.yaml (and in each checkpoint)."""
+    return {**to_dict(cfg), **extra}

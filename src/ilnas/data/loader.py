@@ -14,6 +14,7 @@ import torch
 from ilnas.data import augment
 from ilnas.data.tasks import Split, Task
 from ilnas.errors import IlnasError
+from ilnas.seeds import derive_seed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -80,7 +81,7 @@ class ShardedEpochs:
             self.steps = min(self.steps, max_steps)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         perm = torch.randperm(len(self.maker), generator=gen)
         params = self.maker.draw(len(self.maker), gen)  # every sample's draw, whichever rank takes it
         mine = perm[:self.steps * self.batch_size * self.world][self.rank::self.world]

@@ -8,6 +8,7 @@ digits that ship in scikit-learn), resized to a common small size.
 """
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -120,7 +121,11 @@ def _torchvision_cifar(name: str, source: DataSource, train: bool):
         raise IlnasError(f"no {name} data in {root / folder} ({e}); pass data.download=true or point "
                          f"data.data_dir at a folder holding {folder}/") from None
     except OSError as e:
-        raise IlnasError(f"could not download {name} into {root}: {e}") from None
+        raise IlnasError(f"could not read or download {name} in {root}: {e.strerror or e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+            ImportError, UnicodeDecodeError) as e:  # a damaged batch file (only reachable with verify=false)
+        raise IlnasError(f"the {name} files in {root / folder} are damaged ({type(e).__name__}: "
+                         f"{str(e)[:80]}); delete them and download again") from None
 
 
 def _cifar_split(ds) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
 """Size of the evaluation network a genotype gives under an evaluation preset."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,6 +33,20 @@ def build_network(genotype: Genotype, cfg: EvalRunConfig, classes: int, channels
         return NetworkImageNet(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels)
     return NetworkCIFAR(genotype, classes, net.layers, net.channels, net.auxiliary, in_channels=channels,
                         small_images=resolution < 32)
+
+
+def check_input_size(genotype: Genotype, cfg: EvalRunConfig, classes: int, channels: int, resolution: int) -> None:
+    """Refuse images the network style cannot take, before any run directory changes: one training-mode
+    forward pass (auxiliary head included) of a narrow copy of the network (same cells, C=8) on two images."""
+    narrow = dataclasses.replace(cfg, network=dataclasses.replace(cfg.network, channels=8))
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = build_network(genotype, narrow, classes, channels, resolution).train()
+        try:
+            model(torch.zeros(2, channels, resolution, resolution))
+        except RuntimeError as e:
+            raise IlnasError(f"{resolution}x{resolution} images are too small for the {cfg.network.style}-style "
+                             f"network of {cfg.network.layers} cells ({str(e).splitlines()[0][:100]}); use larger "
+                             f"images (train.resolution) or another network.style") from None
 
 
 def multiply_adds(model: torch.nn.Module, channels: int, resolution: int) -> int:

@@ -7,6 +7,8 @@ every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repe
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,15 +20,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ilnas.config import SearchRunConfig, engine_config, to_dict
+from ilnas.config import SearchRunConfig, engine_config
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import DataSource, Task, create_task
-from ilnas.errors import IlnasError
-from ilnas.runs import RunDir
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import Learner, SearchState, Stage, final_stages, search_step, stage_learners
 from ilnas.search.schedules import skip_dropout_rate
+from ilnas.seeds import derive_seed
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
-from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype, save_genotype
+from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.pdarts import limit_skips, prune_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
 from ilnas.train.schedules import cosine
@@ -82,7 +85,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise IlnasError(f"search.device={name} but no CUDA device is available")
+        raise IlnasError(f"search.device={name} but no CUDA device is available; use device=cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise IlnasError(f"search.device={name} but only {torch.cuda.device_count()} CUDA devices are visible")
     return torch.device(name)
 
 
@@ -113,10 +118,10 @@ def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, n
                device: torch.device, dtype: torch.dtype) -> SearchState:
     """Fresh stage weights and a fresh architecture (per P-DARTS phase, too)."""
     s = cfg.search
-    seed = s.seed * 1000 + phase * 100
-    stages = [Stage(k, fresh_parameters(build_encoder, seed + i), fresh_parameters(head_builders[k], seed + 50 + i))
+    stages = [Stage(k, fresh_parameters(build_encoder, derive_seed(s.seed, phase, i, 0)),
+                    fresh_parameters(head_builders[k], derive_seed(s.seed, phase, i, 1)))
               for i, k in enumerate(stage_learners(list(range(len(cfg.data.tasks))), s.rounds))]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(derive_seed(s.seed, phase))
     arch = [a.to(device, dtype).requires_grad_()
             for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
     adam = torch.optim.Adam(arch, lr=s.arch_lr, betas=s.arch_betas, weight_decay=s.arch_weight_decay)
@@ -124,7 +129,7 @@ def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, n
 
 
 def state_dict(state: SearchState) -> dict:
-    return {"arch": [a.detach().cpu() for a in state.arch], "arch_optimizer": state.arch_optimizer.state_dict(),
+    return {"arch": [a.detach().cpu().clone() for a in state.arch], "arch_optimizer": state.arch_optimizer.state_dict(),
             "step": state.step,
             "stages": [{"learner": st.learner, "w": st.w, "h": st.h, "buf_w": st.buf_w, "buf_h": st.buf_h}
                        for st in state.stages]}
@@ -141,19 +146,43 @@ def load_state_dict(state: SearchState, d: dict, device: torch.device) -> None:
                     for s in d["stages"]]
 
 
-def stream_seed(seed: int, phase: int, epoch: int, task: int, split: int) -> int:
-    return (((seed * 101 + phase) * 1_000_003 + epoch) * 101 + task) * 2 + split
+def state_is_finite(state: SearchState) -> bool:
+    tensors = [*state.arch, *(t for st in state.stages for part in (st.w, st.h, st.buf_w or [], st.buf_h or [])
+                              for t in part)]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def check_step(metrics: dict, state: SearchState, tasks: Sequence[Task], step: int, epoch: int) -> None:
+    """Stop a diverging search at the first non-finite loss, hypergradient or architecture."""
+    names = [tasks[st.learner].name for st in state.stages]
+    bad = [f"train loss of stage {i + 1} ({names[i]})" for i, v in enumerate(metrics["train_loss"])
+           if not math.isfinite(v)]
+    bad += [f"validation loss of {tasks[k].name}" for k, v in enumerate(metrics.get("val_loss", []))
+            if not math.isfinite(v)]
+    if not math.isfinite(metrics.get("hypergrad_norm", 0.0)):
+        bad.append("the hypergradient")
+    if not bad and not all(bool(torch.isfinite(a).all()) for a in state.arch):
+        bad.append("the architecture")
+    if bad:
+        raise RunFailed(f"the search diverged at step {step} (epoch {epoch + 1}): {bad[0]} is not finite; the run is "
+                        f"not finished and its last good checkpoint is kept; lower search.lr or search.arch_lr and "
+                        f"start again")
 
 
 @torch.no_grad()
 def accuracy(net: FunctionalTaskNet, arch, stage: Stage, maker: BatchMaker, batch_size: int,
              max_batches: int | None) -> float:
+    """Validation accuracy in evaluation mode (no skip-connect dropout)."""
     correct = total = 0
-    for i, (x, y) in enumerate(maker.ordered(batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        correct += int((net.logits(arch, stage.w, stage.h, x).argmax(-1) == y).sum())
-        total += len(y)
+    net.encoder.eval()
+    try:
+        for i, (x, y) in enumerate(maker.ordered(batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            correct += int((net.logits(arch, stage.w, stage.h, x).argmax(-1) == y).sum())
+            total += len(y)
+    finally:
+        net.encoder.train()
     return correct / max(total, 1)
 
 
@@ -164,8 +193,12 @@ def current_genotype(state: SearchState, progress: Progress) -> Genotype:
 
 def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: bool = False,
                progress: bool = True) -> Genotype:
-    """Run (or continue) a search into ``out``; returns the final genotype."""
-    RunDir.check(out, resume, force)
+    """Run (or continue) a search into ``out``; returns the final genotype. Everything is validated
+    (run directory, checkpoint against config, device, data, shapes) before anything is written."""
+    out = Path(out)
+    check(out, resume, force, "search")
+    config = config_dict(cfg)
+    ckpt = load_checkpoint(out, "search", config) if resume else None
     s = cfg.search
     device, dtype = pick_device(s.device), getattr(torch, s.dtype)
     tasks = load_tasks(cfg)
@@ -176,15 +209,44 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
             raise IlnasError(f"task {m.task.name} has a split of {len(m)} images, fewer than "
                              f"search.batch_size={s.batch_size}")
     phases = plan_phases(cfg)
+    prog = Progress(**ckpt["progress"]) if ckpt else Progress()
+    probe_supernet(cfg, tasks, phases, val, device, dtype)
 
-    run = RunDir(out) if resume else RunDir.create(out, to_dict(cfg), force)
-    ckpt = run.load_checkpoint() if resume else None
-    prog = ckpt["progress"] if ckpt else Progress()
-    run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
-    from torch.utils.tensorboard import SummaryWriter
+    with RunDir.open(out, "search", config, resume, force) as run:
+        run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step)
-    ctx = SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress)
+        # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).
+        writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step + 1 if resume else None)
+        try:
+            genotype = _search(SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress),
+                               phases, prog, ckpt)
+        finally:
+            writer.close()
+    return genotype
+
+
+def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phases: list[Phase], val: Sequence[BatchMaker],
+                   device: torch.device, dtype: torch.dtype) -> None:
+    """One forward pass of the first phase's supernet on two images of each task, with the random state
+    untouched: a shape that cannot work is refused here, before the run directory changes."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        nets, _, _ = build_nets(cfg, tasks, phases[0].layers, Progress(), device, dtype)
+        arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
+                                                       torch.Generator().manual_seed(0), dtype)]
+        for net, maker in zip(nets, val):
+            x, _ = next(maker.ordered(2))
+            w = [p.detach() for p in net.encoder.parameters()]
+            h = [p.detach() for p in net.head.parameters()]
+            try:
+                net.logits(arch, w, h, x)
+            except RuntimeError as e:
+                raise IlnasError(f"the supernet cannot take {maker.task.name}'s {tuple(x.shape[1:])} images "
+                                 f"({str(e).splitlines()[0][:120]})") from None
+
+
+def _search(ctx: SearchContext, phases: list[Phase], prog: Progress, ckpt: dict | None) -> Genotype:
+    cfg, run = ctx.cfg, ctx.run
     for p in range(prog.phase, len(phases)):
         state = _run_phase(ctx, phases, prog, ckpt["state"] if ckpt and prog.epoch else None)
         ckpt = None
@@ -199,19 +261,28 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
             prog.final_genotype = derive_genotype(normal, reduce, prog.normal_ops, prog.reduce_ops).to_string()
         prog.phase, prog.epoch = p + 1, 0
         _checkpoint(run, prog, state)  # the ended phase's state: kept for the record, not resumed
-    writer.close()
+    ctx.writer.flush()
 
     genotype = parse_genotype(prog.final_genotype)
-    save_genotype(genotype, run.path)
+    run.save_genotype(genotype)
     hours = prog.elapsed / 3600.0
     run.finish({"genotype": genotype.to_string(), "phase_genotypes": prog.phase_genotypes,
-                "phases": len(phases), "epochs_per_phase": s.epochs, "steps": prog.global_step,
-                "search_hours": hours, "device": str(device), "gpu_hours": hours if device.type == "cuda" else 0.0})
+                "phases": len(phases), "epochs_per_phase": cfg.search.epochs, "steps": prog.global_step,
+                "search_hours": hours, "device": str(ctx.device),
+                "gpu_hours": hours if ctx.device.type == "cuda" else 0.0})
     return genotype
 
 
+def _require_finite(state: SearchState, prog: Progress) -> None:
+    if not state_is_finite(state):
+        raise RunFailed(f"the search diverged by step {prog.global_step}: its weights are not finite; the run is "
+                        f"not finished and its last good checkpoint is kept; lower search.lr and start again")
+
+
 def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
-    run.save_checkpoint({"progress": prog, "state": state_dict(state), "metrics_lines": run.metrics_lines()})
+    _require_finite(state, prog)
+    run.save_checkpoint({"progress": dataclasses.asdict(prog), "state": state_dict(state),
+                         "metrics_lines": run.metrics_lines()})
 
 
 def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_state: dict | None) -> SearchState:
@@ -232,10 +303,10 @@ def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_st
         dropout = skip_dropout_rate(phase.skip_dropout, epoch, s.epochs, s.warmup_epochs,
                                     ctx.cfg.pdarts.dropout_decay)
         nets[0].encoder.set_skip_dropout(dropout)
-        torch.manual_seed(stream_seed(s.seed, prog.phase, epoch, 0, 0))  # dropout masks
+        torch.manual_seed(derive_seed(s.seed, prog.phase, epoch))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
-        streams = [(m.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 0)),
-                    v.stream(s.batch_size, stream_seed(s.seed, prog.phase, epoch, k, 1)))
+        streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0)),
+                    v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1)))
                    for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
         bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
                    disable=None if ctx.progress_bar else True)
@@ -245,6 +316,7 @@ def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_st
             metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches], ecfg, lr,
                                   update_arch)
             prog.global_step += 1
+            check_step(metrics, state, ctx.tasks, prog.global_step, epoch)
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
             ctx.run.log(metrics)
@@ -264,6 +336,7 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
                record: dict, seconds: float, tag: str) -> None:
     """Validation accuracy, genotype, logs, architecture history and the checkpoint."""
     s, run, writer, epoch = ctx.cfg.search, ctx.run, ctx.writer, record["epoch"]
+    _require_finite(state, prog)
     arch = [a.detach() for a in state.arch]
     t0 = time.perf_counter()
     val_acc = {}
@@ -284,10 +357,10 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     writer.add_scalar("alpha_entropy/normal", entropy["normal"], x)
     writer.add_scalar("alpha_entropy/reduce", entropy["reduce"], x)
     writer.flush()
-    for name, a in zip(ARCH_NAMES, arch):
-        prog.history.setdefault(f"p{prog.phase}/{name}", []).append(a.cpu().float().numpy())
-    run.save_arrays("arch_history.npz", {k: np.stack(v) for k, v in prog.history.items()})
-    save_genotype(genotype, run.path)
+    for name, a in zip(ARCH_NAMES, arch):  # a copy: the live alphas move on with every step
+        prog.history.setdefault(f"p{prog.phase}/{name}", []).append(a.detach().cpu().float().clone())
+    run.save_arrays("arch_history.npz", {k: torch.stack(v).numpy() for k, v in prog.history.items()})
+    run.save_genotype(genotype)
     prog.epoch = epoch + 1
     if prog.epoch == s.epochs:
         prog.phase_genotypes.append(genotype.to_string())

@@ -7,43 +7,49 @@ reseeds its randomness from (seed, epoch, rank), so a resumed run repeats an uni
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ilnas.config import EvalRunConfig, to_dict
+from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import DataSource
 from ilnas.data.training import Sharding, TrainData, create_train_data
-from ilnas.errors import IlnasError
-from ilnas.recipes.describe import build_network, multiply_adds
-from ilnas.runs import RunDir
-from ilnas.space.genotype import Genotype, save_genotype
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.recipes.describe import build_network, check_input_size, multiply_adds
+from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
+from ilnas.seeds import derive_seed
+from ilnas.space.genotype import Genotype
 from ilnas.space.network import count_parameters
 from ilnas.train import distributed
 from ilnas.train.schedules import learning_rate
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
-              progress: bool = True) -> dict:
-    """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank)."""
+              progress: bool = True, genotype_source: str | None = None) -> dict:
+    """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
+    ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance."""
     t = cfg.train
     if t.batch_size % distributed.world_size():
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
     process = distributed.start(t.device)
     try:
-        return _run(cfg, genotype, Path(out), resume, force, progress, process)
+        return _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
     finally:
         distributed.stop()
 
 
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
-         process: distributed.Process) -> dict:
-    t, net_cfg = cfg.train, cfg.network
-    RunDir.check(out, resume, force)
+         process: distributed.Process, genotype_source: str | None) -> dict:
+    t = cfg.train
+    check(out, resume, force, "eval")
+    config = config_dict(cfg, genotype=genotype.to_string())
+    ckpt = load_checkpoint(out, "eval", config) if resume else None
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -52,7 +58,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
     data = create_train_data(cfg.data.tasks[0], source, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers)
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    check_input_size(genotype, cfg, data.num_classes, data.in_channels, data.resolution)
+    torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, cfg, data.num_classes, data.in_channels, data.resolution)
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
              "macs": multiply_adds(model, data.in_channels, data.resolution)}
@@ -60,70 +67,119 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     memory_format = torch.channels_last if (cuda and t.channels_last) else torch.contiguous_format
     model = model.to(process.device, memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-    run = RunDir(out)
-    if process.main and not resume:
-        run = RunDir.create(out, {**to_dict(cfg), "genotype": genotype.to_string()}, force)
-        save_genotype(genotype, out)
-    distributed.barrier(process)
     start_epoch, best, elapsed = 0, 0.0, 0.0
-    ckpt = run.load_checkpoint() if resume else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best, elapsed = ckpt["epoch"], ckpt["best_top1"], ckpt["elapsed"]
-    if process.main:
-        run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
-           if process.world > 1 else model)
-    writer = None
-    if process.main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"), purge_step=start_epoch)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (cuda and t.amp) else contextlib.nullcontext
+    run = None
+    if process.main:
+        run = RunDir.open(out, "eval", config, resume, force, {"genotype_source": genotype_source} if not resume
+                          else None)
+    try:
+        if process.main:
+            if not resume:
+                run.save_genotype(genotype)
+            run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
+        distributed.barrier(process)
+        ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
+               if process.world > 1 else model)
+        loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run)
+        record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
+        return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
+    finally:
+        if run is not None:
+            run.close()
 
-    record = {}
-    for epoch in range(start_epoch, t.epochs):
+
+@dataclass
+class TrainLoop:
+    """The epochs of one training run: what stays fixed while they run."""
+
+    cfg: EvalRunConfig
+    data: TrainData
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    process: distributed.Process
+    memory_format: torch.memory_format
+    progress: bool
+    run: RunDir | None  # rank 0 only
+
+    def autocast(self):
+        if self.process.device.type == "cuda" and self.cfg.train.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def epochs(self, start_epoch: int, best: float, elapsed: float) -> tuple[dict, float, float]:
+        t, run = self.cfg.train, self.run
+        writer = None
+        if run is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # Resumed: drop the events an interrupted run logged after its checkpoint (epochs >= start).
+            writer = SummaryWriter(str(run.path / "tb"), purge_step=start_epoch if start_epoch else None)
+        record: dict = {}
+        try:
+            for epoch in range(start_epoch, t.epochs):
+                record, best, elapsed = self.epoch(epoch, best, elapsed, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+        if not record:  # resumed a run whose epochs had all finished
+            record = read_metrics(self.run.path)[-1] if self.run is not None else {}
+        return record, best, elapsed
+
+    def epoch(self, epoch: int, best: float, elapsed: float, writer) -> tuple[dict, float, float]:
+        t, model, run, process = self.cfg.train, self.model, self.run, self.process
         t0 = time.perf_counter()
         lr = learning_rate(t.schedule, epoch, t.epochs, t.lr, t.lr_min, t.warmup_epochs, t.step_size, t.gamma)
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        model.drop_path_prob = net_cfg.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
-        torch.manual_seed(t.seed * 100_003 + epoch * 1_009 + process.rank)  # drop-path masks, loader workers
-        train = _train_epoch(ddp, data, optimizer, epoch, cfg, autocast, memory_format, process, progress)
+        model.drop_path_prob = self.cfg.network.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
+        torch.manual_seed(derive_seed(t.seed, epoch, process.rank))  # drop-path masks, loader workers
+        train = _train_epoch(self.ddp, self.data, self.optimizer, epoch, self.cfg, self.autocast, self.memory_format,
+                             process, self.progress)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, data, autocast, memory_format, process)
+        test = evaluate(model, self.data, self.autocast, self.memory_format, process)
         elapsed += time.perf_counter() - t0
         best = max(best, test["top1"])
         record = {"kind": "epoch", "epoch": epoch, "lr": lr, "drop_path": model.drop_path_prob, **train,
                   **{f"test_{k}": v for k, v in test.items()}, "images_per_s": train["images"] / train_time,
                   "epoch_time": time.perf_counter() - t0}
-        if process.main:
+        if run is not None:
+            if not all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point()):
+                raise RunFailed(f"training diverged in epoch {epoch + 1}: the weights are not finite; the run is not "
+                                f"finished and its last good checkpoint is kept; lower train.lr and start again")
             run.log(record)
             for key in ("train_loss", "train_acc", "test_top1", "test_top5", "lr", "images_per_s"):
                 if key in record:
                     writer.add_scalar(f"train/{key}", record[key], epoch)
             writer.flush()
-            run.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "best_top1": best, "elapsed": elapsed, "metrics_lines": run.metrics_lines()})
+            run.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(),
+                                 "optimizer": self.optimizer.state_dict(), "best_top1": best, "elapsed": elapsed,
+                                 "metrics_lines": run.metrics_lines()})
             print(f"epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  train loss {train['train_loss']:.3f} "
                   f"acc {train['train_acc']:.3f}  test top-1 {test['top1']:.4f}  "
                   f"({record['images_per_s']:.0f} img/s)", flush=True)
         distributed.barrier(process)
+        return record, best, elapsed
 
-    if not record:  # resumed a run whose epochs had all finished
-        record = run.read_metrics()[-1]
+
+def _finish(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, model: torch.nn.Module,
+            process: distributed.Process, run: RunDir | None, record: dict, best: float, elapsed: float,
+            sizes: dict) -> dict:
+    """result.json: final and best test error, sizes, throughput, cost."""
     hours = elapsed / 3600.0
-    result = {"task": data.name, "genotype": genotype.to_string(), "epochs": t.epochs,
+    result = {"task": data.name, "genotype": genotype.to_string(), "epochs": cfg.train.epochs,
               "final_test_error": 1.0 - record["test_top1"], "best_test_error": 1.0 - best, **sizes,
               "images_per_s": record["images_per_s"], "world_size": process.world, "device": str(process.device),
               "gpu_hours": hours * process.world if process.device.type == "cuda" else 0.0,
               "hours": hours, "replica_divergence": distributed.replica_divergence(model, process)}
     if "test_top5" in record:
         result["final_test_error_top5"] = 1.0 - record["test_top5"]
-    if process.main:
-        writer.close()
+    if run is not None:
         run.finish(result, "result.json")
     return result
 
@@ -148,7 +204,11 @@ def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.O
         if t.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), t.grad_clip)
         optimizer.step()
-        loss_sum += float(loss.detach()) * len(y)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RunFailed(f"training diverged in epoch {epoch + 1}: the loss is {value}; the run is not finished "
+                            f"and its last good checkpoint is kept; lower train.lr and start again")
+        loss_sum += value * len(y)
         correct += float((logits.argmax(-1) == y).sum())
         seen += len(y)
     loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], process)

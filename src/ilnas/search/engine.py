@@ -112,7 +112,16 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, coupling, cfg, lr)
     metrics: dict[str, Any] = {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": update_arch}
-    grads = lambda s, w, h: unrolled.grads[s]  # noqa: E731  (alg1: commit the unrolled step)
+    arch0 = [a.detach().clone() for a in state.arch]  # alg1: the weight step belongs to the architecture the iteration began with
+
+    def grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
+        """alg1: the unrolled step's gradient, or a fresh one where the commit moved its point (under
+        ``copy`` the point is the previous stage's committed weights, which clipping moves off W_bar)."""
+        point = unrolled.points[s][0]
+        if w is point or all(torch.equal(a, b) for a, b in zip(w, point)):
+            return unrolled.grads[s]
+        return _gradient(losses[s], arch0, w, h)[1:]
+
     if update_arch:
         hyper, val_loss = hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
         _arch_step(state, hyper)

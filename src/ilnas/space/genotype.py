@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.fileio import atomic_write_text
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import NODES, EdgeOps, full_edge_ops
 
@@ -61,13 +60,15 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Genotype":
+        if not isinstance(d, dict):
+            raise IlnasError(f"malformed genotype: expected a mapping with {', '.join(FIELDS)}, got {d!r}"[:160])
         missing = [f for f in FIELDS if f not in d]
         if missing:
             raise IlnasError(f"malformed genotype: missing {', '.join(missing)}")
         try:
             return cls(normal=_edges(d["normal"]), normal_concat=_ints(d["normal_concat"]),
                        reduce=_edges(d["reduce"]), reduce_concat=_ints(d["reduce_concat"]))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError) as e:
             raise IlnasError(f"malformed genotype: {e}") from None
 
 
@@ -104,11 +105,19 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
 
 # --- the official string format, read without eval -------------------------------------------
 
+MAX_NODES = 64  # far beyond any DARTS-family cell; bounds what a hostile range() can allocate
+
+
 def _literal(node: ast.AST) -> object:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
-        if node.keywords or not 1 <= len(node.args) <= 3:
+        args = [ast.literal_eval(a) for a in node.args]
+        if node.keywords or not 1 <= len(args) <= 3 or any(isinstance(a, bool) or not isinstance(a, int)
+                                                          for a in args):
             raise ValueError("range takes one to three integers")
-        return list(range(*[ast.literal_eval(a) for a in node.args]))
+        r = range(*args)
+        if len(r) > MAX_NODES + 2:
+            raise ValueError(f"range of {len(r)} nodes is beyond any cell")
+        return list(r)
     return ast.literal_eval(node)
 
 
@@ -119,7 +128,7 @@ def parse_genotype(text: str) -> Genotype:
         raise IlnasError(f"not a genotype (expected 'Genotype(normal=..., ...)'): {text[:60]!r}")
     try:
         call = ast.parse(text[match.start():].strip(), mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise IlnasError(f"malformed genotype: not a valid Genotype(...) expression: {text[:60]!r}") from None
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Genotype"):
         raise IlnasError("malformed genotype: expected a single Genotype(...) call")
@@ -131,8 +140,8 @@ def parse_genotype(text: str) -> Genotype:
             if kw.arg not in FIELDS:
                 raise ValueError(f"unknown field {kw.arg!r}")
             fields[kw.arg] = _literal(kw.value)
-    except ValueError as e:
-        raise IlnasError(f"malformed genotype: {e}") from None
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
+        raise IlnasError(f"malformed genotype: {e}"[:200]) from None
     return Genotype.from_dict(fields)
 
 
@@ -188,18 +197,17 @@ def load_genotype(spec: str) -> Genotype:
         if not path.is_file():
             raise IlnasError(f"{spec} holds no genotype.json (has its search finished an epoch?)")
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except OSError as e:
+            raise IlnasError(f"cannot read {path} ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise IlnasError(f"{path} is not UTF-8 text") from None
         if path.suffix == ".json":
             try:
                 return Genotype.from_dict(json.loads(text))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise IlnasError(f"{path} is not valid JSON: {e}") from None
         return parse_genotype(text)
     raise IlnasError(f"unknown genotype {spec!r}: not a zoo name ({', '.join(sorted(known))}), "
                      f"a file, a run directory or a Genotype(...) literal")
-
-
-def save_genotype(genotype: Genotype, directory: Path) -> None:
-    """genotype.json and genotype.txt (official string), each written atomically."""
-    atomic_write_text(directory / "genotype.json", json.dumps(genotype.to_dict(), indent=1) + "\n")
-    atomic_write_text(directory / "genotype.txt", genotype.to_string() + "\n")

@@ -63,7 +63,7 @@ class MixedOp(nn.Module):
         for w, op, identity in zip(weights, self.ops, self.identity):
             y = op(active)
             if identity and self.skip_dropout > 0:
-                y = F.dropout(y, self.skip_dropout, training=True)
+                y = F.dropout(y, self.skip_dropout, training=self.training)
             out = out + w * y
         if self.k == 1:
             return out

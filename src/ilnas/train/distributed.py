@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ilnas.errors import IlnasError
+
 
 @dataclass(frozen=True)
 class Process:
@@ -31,6 +33,10 @@ def start(device: str) -> Process:
     world = world_size()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or device.startswith("cuda:") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise IlnasError(f"train.device={device} but no CUDA device is available; use device=cpu or auto")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise IlnasError(f"train.device={device} but only {torch.cuda.device_count()} CUDA devices are visible")
     if use_cuda:
         dev = torch.device(device if device.startswith("cuda:") and world == 1 else f"cuda:{local}")
         torch.cuda.set_device(dev)
