@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import SHORT_SEARCH, TINY_TRAIN, ilnas
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, stage_learners
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
@@ -67,6 +69,28 @@ def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_o
 @pytest.fixture
 def problem_factory():
     return make_problem
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished three-epoch demo search (IL, K=2, M=2) on a tiny supernet, run through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    r = ilnas("search", "--out", str(out), "--quiet", *SHORT_SEARCH, "--set", "search.epochs=3")
+    assert r.returncode == 0, r.stderr
+    assert "genotype = Genotype(" in r.stdout
+    return out
+
+
+TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
+
+
+@pytest.fixture(scope="session")
+def finished_training(tmp_path_factory) -> Path:
+    """A finished three-epoch re-training of DARTS_V2 on the digits (3 cells, C=4), run through the CLI."""
+    out = tmp_path_factory.mktemp("runs") / "train"
+    r = ilnas(*TRAIN_ARGS, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
 
 
 __all__ = ["EngineConfig", "make_problem", "smooth"]

@@ -1,6 +1,7 @@
 """What several test modules share: running the CLI, snapshots of run directories, kills, TensorBoard reads."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -32,6 +33,27 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     while not path.exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
+
+
+def wait_for_sessions(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until ``count`` processes have opened the run (each adds a session to provenance.json)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if len(json.loads((out / "provenance.json").read_text())["sessions"]) >= count:
+                return
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+
+
+def session_seconds(run: Path) -> float:
+    """How long the run's first process held it, from its provenance."""
+    import datetime
+
+    s = json.loads((run / "provenance.json").read_text())["sessions"][0]
+    return (datetime.datetime.fromisoformat(s["end"]) - datetime.datetime.fromisoformat(s["start"])).total_seconds()
 
 
 def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, finished: str) -> None:

@@ -194,3 +194,29 @@ def test_literal_gd_coupling_diverges_where_prox_stays_stable():
         norms[coupling] = max(float(torch.cat([w.flatten() for w in st.w]).abs().max()) for st in p.state.stages)
     assert norms["prox"] < 10.0
     assert not norms["gd"] < 1e3  # also true when it has overflowed to inf/nan
+
+
+def test_copy_coupling_commits_gradients_at_the_clipped_previous_weights():
+    """alg1 + copy: stage s starts from stage s-1's committed (clipped) weights, so its real update must use
+    the gradient there, not the one the unrolled chain took at the unclipped virtual weights."""
+    p = make_problem(K=2, M=2)
+    clip, lr, mom, wd = 0.05, 0.1, 0.9, 3e-4
+    arch0 = [a.detach().clone() for a in p.state.arch]
+    expected, prev, clipped = [], None, []
+    for s, st in enumerate(p.state.stages):
+        w = [x.detach().requires_grad_() for x in (prev if s > 0 else st.w)]
+        h = [x.detach().requires_grad_() for x in st.h]
+        g = torch.autograd.grad(p.learners[st.learner].loss(arch0, w, h, p.train[st.learner]), w + h)
+        total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in g])))
+        clipped.append(total > clip)
+        g = [x * (clip / (total + 1e-6)) for x in g] if total > clip else list(g)
+        bufs = [mom * b + gi + wd * q.detach() for b, gi, q in zip(st.buf_w + st.buf_h, g, w + h)]
+        new = [q.detach() - lr * b for q, b in zip(w + h, bufs)]
+        expected.append(new)
+        prev = new[:len(w)]
+    assert all(clipped)
+    cfg = EngineConfig(order=1, coupling="copy", update_order="alg1", momentum=mom, weight_decay=wd, grad_clip=clip)
+    search_step(p.state, p.learners, p.train, p.val, cfg, lr)
+    for st, want in zip(p.state.stages, expected):
+        for got, w in zip(st.w + st.h, want):
+            assert torch.allclose(got, w, rtol=0, atol=1e-12)

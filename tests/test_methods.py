@@ -12,7 +12,7 @@ from conftest import make_problem
 from ilnas.config import resolve
 from ilnas.recipes.search import run_search
 from ilnas.recipes.train import run_train
-from ilnas.runs import RunDir
+from ilnas.runs import read_metrics
 from ilnas.search.engine import EngineConfig
 from ilnas.search.schedules import skip_dropout_rate
 from ilnas.space.genotype import derive_genotype
@@ -134,7 +134,7 @@ def test_every_combination_searches_and_its_genotype_trains(tmp_path, framework,
     cfg = resolve(PRESETS[framework, method], overrides=[*TINY, *FRAMEWORKS[framework]])
     assert cfg.search.framework == framework
     genotype = run_search(cfg, tmp_path / "search", progress=False)
-    records = [r for r in RunDir(tmp_path / "search").read_metrics() if r["kind"] == "epoch"]
+    records = [r for r in read_metrics(tmp_path / "search") if r["kind"] == "epoch"]
     phases = 3 if method == "pdarts" else 1
     assert len(records) == 2 * phases and [r["arch_updated"] for r in records[:2]] == [False, True]
     if method == "pdarts":

@@ -59,6 +59,8 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
 
     if args.out is not None and not args.out.strip():
         raise IlnasError("--out is empty; name a run directory")
+    if args.resume and args.force:
+        raise IlnasError("--resume and --force exclude each other")
     if not args.resume:
         preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
         cfg = resolve(preset, args.config, args.overrides, kind)

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import socket
@@ -262,7 +263,9 @@ class RunDir:
         try:
             check(path, resume, force, kind, probe_lock=False)  # again, under the lock: another process may have been first
             with run._writing("the run's files"):
-                if not resume:
+                if resume:
+                    run._drop_damaged_checkpoint()
+                else:
                     for entry in _entries(path):  # check() made sure this is an ilnas run
                         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
                     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
@@ -289,6 +292,16 @@ class RunDir:
             kept = " the last checkpoint is intact;" if (self.path / CHECKPOINT).exists() else ""
             raise RunFailed(f"cannot write {what} in {self.path} ({e.strerror or e});{kept} fix this and continue "
                             f"with --resume") from None
+
+    def _drop_damaged_checkpoint(self) -> None:
+        """A resumed run continues from the previous checkpoint when the latest is damaged; remove the
+        damaged one so that the next save does not keep it as the fallback."""
+        latest = self.path / CHECKPOINT
+        if latest.exists() and (self.path / PREVIOUS).exists():
+            try:
+                read_checkpoint(latest, verify_only=True)
+            except IlnasError:
+                latest.unlink()
 
     def _add_session(self, resumed: bool, extra: dict) -> None:
         p = self.path / PROVENANCE
@@ -391,8 +404,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint's payload after its checksum is verified; plain data only (``weights_only=True``)."""
+def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:
+    """A checkpoint's payload after its checksum is verified; plain data only (``weights_only=True``).
+    ``verify_only``: check the checksum and return None."""
     path = Path(path)
     try:
         blob = path.read_bytes()
@@ -404,8 +418,13 @@ def read_checkpoint(path: Path) -> dict:
         raise IlnasError(f"{path} is not an ilnas checkpoint (or was written by an older version)")
     if hashlib.sha256(data).hexdigest().encode() != digest:
         raise IlnasError(f"{path} is damaged (checksum mismatch)")
+    if verify_only:
+        return None
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise IlnasError(f"{path} cannot be loaded: it holds pickled objects other than tensors and plain "
+                         f"containers, which could run code") from None
     except Exception as e:  # the checksum held, so this is a foreign or hand-made file
         raise IlnasError(f"{path} cannot be loaded ({_first_line(e)})") from None
     if not isinstance(payload, dict):

@@ -316,10 +316,10 @@ def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_st
             metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches], ecfg, lr,
                                   update_arch)
             prog.global_step += 1
-            check_step(metrics, state, ctx.tasks, prog.global_step, epoch)
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
-            ctx.run.log(metrics)
+            ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
+            check_step(metrics, state, ctx.tasks, prog.global_step, epoch)
             ctx.writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), prog.global_step)
             if update_arch:
                 ctx.writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), prog.global_step)

@@ -85,7 +85,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         distributed.barrier(process)
         ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
                if process.world > 1 else model)
-        loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run)
+        loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume)
         record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
         return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
     finally:
@@ -106,6 +106,7 @@ class TrainLoop:
     memory_format: torch.memory_format
     progress: bool
     run: RunDir | None  # rank 0 only
+    resumed: bool
 
     def autocast(self):
         if self.process.device.type == "cuda" and self.cfg.train.amp:
@@ -119,7 +120,7 @@ class TrainLoop:
             from torch.utils.tensorboard import SummaryWriter
 
             # Resumed: drop the events an interrupted run logged after its checkpoint (epochs >= start).
-            writer = SummaryWriter(str(run.path / "tb"), purge_step=start_epoch if start_epoch else None)
+            writer = SummaryWriter(str(run.path / "tb"), purge_step=start_epoch if self.resumed else None)
         record: dict = {}
         try:
             for epoch in range(start_epoch, t.epochs):

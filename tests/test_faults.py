@@ -1,0 +1,592 @@
+"""Fault injection: hostile inputs, damaged files, concurrent processes, divergence, full disks and SIGKILL
+at random points. Every refusal is one line on stderr with a non-zero exit and leaves the run untouched;
+every interrupted run resumes to exactly the files of an uninterrupted one."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TRAIN_ARGS
+from helpers import (SHORT_SEARCH, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
+                     write_cifar, write_image_folder)
+from ilnas import cli
+from ilnas.config import resolve
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.recipes import search as search_recipe
+from ilnas.runs import MAGIC, read_checkpoint
+from ilnas.space.supernet import MixedOp
+
+SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.epochs=3"]  # = the finished_run fixture
+# A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
+MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tasks=[digits]", *SHORT_SEARCH,
+         "--set", "search.steps_per_epoch=2", "--set", "search.eval_batches=1", "--set", "search.epochs=3"]
+GENOTYPE_OK = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat={c}, "
+               "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])")
+
+
+def call(*argv: str) -> tuple[int, str, str]:
+    """``ilnas ARGV`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_refused(argv: list[str], message: str, untouched: list[Path], code: int = 2) -> str:
+    before = [snapshot(p) if p.is_dir() else (p.read_bytes() if p.exists() else None) for p in untouched]
+    rc, _, err = call(*argv)
+    assert rc == code, err
+    assert message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    after = [snapshot(p) if p.is_dir() else (p.read_bytes() if p.exists() else None) for p in untouched]
+    assert after == before
+    return err
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "micro"
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert rc == 0, err
+    return out
+
+
+def unfinished_copy(run: Path, dest: Path) -> Path:
+    """A copy of a finished run with its final record removed: a run that --resume accepts."""
+    shutil.copytree(run, dest)
+    for name in ("summary.json", "result.json"):
+        (dest / name).unlink(missing_ok=True)
+    return dest
+
+
+# --- configuration values that must be refused before the finished run is touched (with --force) --------
+
+BAD_SETTINGS = [
+    ("search.arch_lr=-1", "search.arch_lr must be positive"),
+    ("search.arch_betas=[1.5,0.999]", "search.arch_betas must both lie in [0, 1)"),
+    ("search.seed=100000000000000000000", "search.seed must lie in [0, 2**32)"),
+    ("search.seed=-1", "search.seed must lie in [0, 2**32)"),
+    ("search.lr=.nan", "search.lr must be a finite number"),
+    ("search.lam=.nan", "search.lam must be a finite number"),
+    ("search.lr=.inf", "search.lr must be a finite number"),
+    ("search.lr=1e400", "search.lr must be a finite number"),
+    ("search.fd_eps=0", "search.fd_eps must be positive"),
+    ("search.grad_clip=-1", "search.grad_clip must be positive"),
+    ("search.momentum=-0.5", "search.momentum must lie in [0, 1)"),
+    ("search.weight_decay=-1", "search.weight_decay must be >= 0"),
+    ("search.arch_weight_decay=-1", "search.arch_weight_decay must be >= 0"),
+    ("search.lr_min=1", "search.lr_min must lie in [0, lr]"),
+    ("search.device=tpu", "search.device must be auto, cpu, cuda or cuda:N"),
+    ("search.dtype=float16", "search.dtype must be float32 or float64"),
+    ("search.val_weights=[-1,1]", "search.val_weights must be >= 0"),
+    ("search.train_weights=[1]", "train_weights has 1 entries for 2 learners"),
+    ("search.train_weights=[&a 1, *a]", "not valid YAML"),
+    ("data.image_size=100000", "data.image_size must lie in [8, 1024]"),
+    ("data.tasks=[no_such_task]", "unknown task 'no_such_task'"),
+    ("search.batch_size=100000", "fewer than search.batch_size=100000"),
+    ("space.partial_channels=3", "space.partial_channels must be >= 1 and divide"),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_a_bad_search_setting_never_deletes_the_run_it_would_replace(finished_run, setting, message):
+    assert_refused(["search", "--out", str(finished_run), "--force", *SHORT_SEARCH, "--set", setting], message,
+                   [finished_run])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_cuda_without_a_gpu_is_refused_before_anything_is_written(finished_run, finished_training, command):
+    run, extra = (finished_run, []) if command == "search" else (finished_training, TRAIN_ARGS[1:5])
+    section = "search" if command == "search" else "train"
+    assert_refused([command, *extra, "--out", str(run), "--force", "--set", f"{section}.device=cuda"],
+                   "no CUDA device is available", [run])
+
+
+BAD_TRAIN_SETTINGS = [
+    ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
+    ("train.lr=.nan", "train.lr must be a finite number"),
+    ("train.momentum=-1", "train.momentum must lie in [0, 1)"),
+    ("train.grad_clip=-1", "train.grad_clip must be positive"),
+    ("train.weight_decay=-1", "train.weight_decay must be >= 0"),
+    ("train.seed=1099511627776", "train.seed must lie in [0, 2**32)"),
+    ("train.gamma=0", "train.gamma must be positive"),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_TRAIN_SETTINGS, ids=[s for s, _ in BAD_TRAIN_SETTINGS])
+def test_a_bad_training_setting_never_deletes_the_run_it_would_replace(finished_training, setting, message):
+    assert_refused([*TRAIN_ARGS, "--out", str(finished_training), "--force", "--set", setting], message,
+                   [finished_training])
+
+
+# --- configuration files and command lines -------------------------------------------------------------
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+
+CONFIG_FILES = [  # (name, bytes of --config, extra --set, message)
+    ("alias-bomb", ALIAS_BOMB.encode(), [], "YAML aliases (*name) are not accepted"),
+    ("not-utf8", b"search:\n  lam: \xff\xfe\n", [], "is not UTF-8 text"),
+    ("not-yaml", b"search: [unclosed\n", [], "is not valid YAML"),
+    ("a-list", b"- 1\n- 2\n", [], "must hold a mapping of sections"),
+    ("scalar-section", b"search: 5\n", ["--set", "search.lam=1"], "section 'search' must be a mapping"),
+    ("eval-kind", b"kind: eval\n", [], "is a 'eval' configuration, expected 'search'"),
+    ("unknown-key", b"search:\n  lamda: 1\n", [], "unknown config key 'search.lamda'"),
+]
+
+
+@pytest.mark.parametrize("name, content, extra, message", CONFIG_FILES, ids=[c[0] for c in CONFIG_FILES])
+def test_a_bad_config_file_is_refused_in_one_line(finished_run, tmp_path, name, content, extra, message):
+    f = tmp_path / "cfg.yaml"
+    f.write_bytes(content)
+    t0 = time.perf_counter()
+    assert_refused(["search", "--config", str(f), *extra, "--out", str(finished_run), "--force"], message,
+                   [finished_run])
+    assert time.perf_counter() - t0 < 30  # an alias bomb must not hang
+
+
+def test_a_config_file_that_cannot_be_read_is_refused(finished_run, tmp_path):
+    assert_refused(["search", "--config", str(tmp_path), "--out", str(finished_run), "--force"],
+                   "does not exist or is not a file", [finished_run])
+    assert_refused(["search", "--config", str(tmp_path / "missing.yaml"), "--out", str(finished_run)],
+                   "does not exist or is not a file", [finished_run])
+    if os.geteuid() != 0:  # root reads anything
+        f = tmp_path / "locked.yaml"
+        f.write_text("search: {}\n")
+        f.chmod(0)
+        assert_refused(["search", "--config", str(f), "--out", str(finished_run), "--force"], "cannot be read",
+                       [finished_run])
+
+
+COMMAND_LINES = [
+    (["search", "--preset", ""], "--preset is empty"),
+    (["search", "--preset", "../presets/demo"], "unknown preset '../presets/demo'"),
+    (["search", "--out", ""], "--out is empty"),
+    (["search", "--resume", "--force", "--out", "__RUN__"], "--resume and --force exclude each other"),
+    (["search", "--resume"], "--resume needs --out DIR"),
+    (["search", "--resume", "--out", "__RUN__", "--set", "search.lam=1"], "drop --preset/--config/--set"),
+    (["search", "--resume", "--out", "__RUN__"], "holds a finished run; nothing to resume"),
+    (["search", "--out", "__RUN__"], "already holds a finished run; pass --force"),
+    (["train", "--resume", "--out", "__RUN__"], "holds a search run; resume it with `ilnas search --resume`"),
+    (["search", "--set", "search"], "malformed --set 'search'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", COMMAND_LINES, ids=[" ".join(a) for a, _ in COMMAND_LINES])
+def test_a_bad_command_line_is_refused_in_one_line(finished_run, argv, message):
+    argv = [a.replace("__RUN__", str(finished_run)) for a in argv]
+    assert_refused(argv, message, [finished_run])
+
+
+def test_a_training_run_cannot_be_resumed_as_a_search(finished_training):
+    assert_refused(["search", "--resume", "--out", str(finished_training)],
+                   "holds a training run; resume it with `ilnas train --resume`", [finished_training])
+
+
+# --- where --out points ---------------------------------------------------------------------------------
+
+def test_force_refuses_a_directory_that_is_not_an_ilnas_run(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    assert_refused(["search", "--out", str(mine), "--force"], "does not hold an ilnas run", [mine])
+    assert_refused(["search", "--out", str(mine)], "is not empty and holds no ilnas run", [mine])
+    (mine / "config.yaml").write_text("my: own config\n")  # a config.yaml that is not ours
+    assert_refused(["search", "--out", str(mine), "--force"], "does not hold an ilnas run", [mine])
+    assert (mine / "chapter1.tex").read_text() == "precious"
+
+
+def test_out_below_a_file_or_on_an_unwritable_place_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert_refused(["search", "--out", str(f / "run")], "is a file", [f])
+    assert_refused(["search", "--out", str(f)], "exists and is not a directory", [f])
+    newline = tmp_path / "two\nlines"
+    newline.write_text("x")
+    err = assert_refused(["search", "--out", str(newline / "run")], "two\\nlines", [newline])
+    assert "\n" not in err.strip()
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        assert_refused(["search", "--out", str(ro / "run")], "cannot write to", [ro])
+    if Path("/proc/self").is_dir():  # procfs: a read-only place every Linux has
+        assert_refused(["search", "--out", "/proc/self/ilnas-run"], "cannot write to", [])
+
+
+# --- genotypes ----------------------------------------------------------------------------------------
+
+GENOTYPE_FILES = [
+    ("null.json", b"null", "malformed genotype: expected a mapping"),
+    ("five.json", b"5", "malformed genotype: expected a mapping"),
+    ("list.json", b"[1, 2]", "malformed genotype: expected a mapping"),
+    ("bad.json", b"{", "is not valid JSON"),
+    ("latin1.txt", "Genotype(normal=[('sep_conv_3x3', 0)]) \xe9".encode("latin-1"), "is not UTF-8 text"),
+    ("range-str.txt", GENOTYPE_OK.format(c="range('a')").encode(), "range takes one to three integers"),
+    ("range-float.txt", GENOTYPE_OK.format(c="range(2.5)").encode(), "range takes one to three integers"),
+    ("range-huge.txt", GENOTYPE_OK.format(c="range(2, 10000000000)").encode(), "is beyond any cell"),
+    ("range-zero-step.txt", GENOTYPE_OK.format(c="range(2, 4, 0)").encode(), "malformed genotype"),
+    ("nul.txt", b"Genotype(normal=\x00)", "malformed genotype"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", GENOTYPE_FILES, ids=[g[0] for g in GENOTYPE_FILES])
+def test_a_bad_genotype_file_is_refused_in_one_line(tmp_path, finished_training, name, content, message):
+    f = tmp_path / name
+    f.write_bytes(content)
+    assert_refused(["describe", str(f)], message, [])
+    assert_refused([*TRAIN_ARGS[:1], "--genotype", str(f), *TRAIN_ARGS[3:], "--out", str(finished_training),
+                    "--force"], message, [finished_training])
+
+
+def test_a_good_range_still_parses():
+    from ilnas.space.genotype import parse_genotype
+
+    assert parse_genotype(GENOTYPE_OK.format(c="range(2, 3)")).normal_concat == (2,)
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-type"])
+def test_damaged_cifar_files_are_refused_without_a_traceback(tmp_path, finished_training, damage):
+    write_cifar(tmp_path / "data", "cifar10")
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
+    data = batch.read_bytes()
+    batch.write_bytes({"garbage": b"not a pickle at all", "truncated": data[:100],
+                       "wrong-type": b"\x80\x04K\x05."}[damage])  # the last: a pickled int
+    assert_refused(["train", "--genotype", "DARTS_V2", "--preset", "eval-cifar10", "--out", str(finished_training),
+                    "--force", "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.download=false",
+                    "--set", "data.verify=false"], "are damaged", [finished_training])
+
+
+def test_an_image_folder_too_small_for_the_network_is_refused_before_a_run_exists(tmp_path):
+    write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    assert_refused(["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--out", str(out),
+                    "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=32",
+                    "--set", "train.workers=0", "--set", "train.batch_size=6", "--set", "network.layers=3"],
+                   "too small for the imagenet-style network", [])
+    assert not out.exists()  # nothing half-written blocks the rerun
+
+
+# --- resuming -----------------------------------------------------------------------------------------
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+RESUME_DAMAGE = {  # name: (what is done to an unfinished copy of the finished search run, message)
+    "edited-config": (lambda run: _edit(run / "config.yaml", "lr: 0.025", "lr: 0.05"),
+                      "differs from the configuration its checkpoint was written with (first at search.lr)"),
+    "empty-config": (lambda run: (run / "config.yaml").write_text(""), "is not an ilnas configuration"),
+    "non-yaml-config": (lambda run: (run / "config.yaml").write_text("search: [\n"), "cannot be read as YAML"),
+    "binary-config": (lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00"), "cannot be read as YAML"),
+    "invalid-config": (lambda run: _edit(run / "config.yaml", "lr: 0.025", "lr: -0.025"),
+                       "is not a valid configuration: search.lr must be positive"),
+    "garbage-checkpoint": (lambda run: [(run / n).write_bytes(b"junk") for n in ("checkpoint.pt", "checkpoint.prev.pt")],
+                           "is not an ilnas checkpoint"),
+    "both-checkpoints-damaged": (lambda run: [_flip(run / n) for n in ("checkpoint.pt", "checkpoint.prev.pt")],
+                                 "is damaged (checksum mismatch)"),
+}
+
+
+def _flip(path: Path, at: float = 0.6) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(RESUME_DAMAGE))
+def test_resume_checks_config_and_checkpoint_before_touching_anything(finished_run, tmp_path, damage):
+    run = unfinished_copy(finished_run, tmp_path / "run")
+    do, message = RESUME_DAMAGE[damage]
+    do(run)
+    assert_refused(["search", "--resume", "--out", str(run)], message, [run])
+
+
+def test_resume_refuses_a_foreign_checkpoint(finished_run, finished_training, tmp_path):
+    run = unfinished_copy(finished_run, tmp_path / "run")
+    shutil.copy(finished_training / "checkpoint.pt", run / "checkpoint.pt")  # a training checkpoint
+    assert_refused(["search", "--resume", "--out", str(run)], "belongs to a training run", [run])
+    deeper = tmp_path / "deeper"  # another search's checkpoint: another preset, another depth
+    rc, _, err = call(*MICRO, "--out", str(deeper), "--set", "space.layers=4", "--set", "search.epochs=1")
+    assert rc == 0, err
+    shutil.copy(deeper / "checkpoint.pt", run / "checkpoint.pt")
+    assert_refused(["search", "--resume", "--out", str(run)], "differs from the configuration its checkpoint", [run])
+
+
+def test_a_checkpoint_that_unpickles_a_class_is_refused(finished_run, tmp_path):
+    run = unfinished_copy(finished_run, tmp_path / "run")
+    buf = io.BytesIO()
+    torch.save({"kind": "search", "payload": Path("/")}, buf)  # a pickled class instance, valid checksum
+    data = buf.getvalue()
+    (run / "checkpoint.pt").write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    (run / "checkpoint.prev.pt").unlink()
+    assert_refused(["search", "--resume", "--out", str(run)], "holds pickled objects other than tensors", [run])
+
+
+# --- concurrency --------------------------------------------------------------------------------------
+
+def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "run"
+    proc = ilnas(*SEARCH3, "--set", "search.epochs=30", "--out", str(out), wait=False)
+    try:
+        wait_for_sessions(out, 1, proc)
+        before_log = (out / "provenance.json").read_text()
+        for argv in (["search", "--resume", "--out", str(out)], [*SEARCH3, "--out", str(out), "--force"],
+                     ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--out", str(out), "--force"]):
+            rc, _, err = call(*argv)
+            assert rc == 2 and "is in use by another ilnas process" in err, err
+            assert f"pid {proc.pid}" in err and len(err.strip().splitlines()) == 1
+        assert (out / "provenance.json").read_text() == before_log
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- divergence ---------------------------------------------------------------------------------------
+
+def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "search.lr=1e30")
+    assert rc == 3 and "the search diverged at step" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "summary.json").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    for line in lines:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
+    assert None in json.loads(lines[-1])["train_loss"] + json.loads(lines[-1]).get("val_loss", []) + \
+        [json.loads(lines[-1]).get("hypergrad_norm")]  # the failing step, its bad values as null
+    if (out / "checkpoint.pt").exists():
+        state = read_checkpoint(out / "checkpoint.pt")["state"]
+        assert all(torch.isfinite(a).all() for a in state["arch"])
+
+
+def test_a_diverging_training_stops_unfinished(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = call(*TRAIN_ARGS, "--out", str(out), "--set", "train.lr=1e30", "--set", "train.grad_clip=null")
+    assert rc == 3 and "training diverged" in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "result.json").exists()
+
+
+def _fail_at_step(monkeypatch, step: int, fault) -> None:
+    """Make the search's ``step``-th engine step fail with ``fault(metrics)`` (a first-class fault injection)."""
+    real, count = search_recipe.search_step, [0]
+
+    def faulty(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        count[0] += 1
+        if count[0] == step:
+            fault(metrics)
+        return metrics
+    monkeypatch.setattr(search_recipe, "search_step", faulty)
+
+
+def test_divergence_after_a_checkpoint_keeps_it_and_the_run_resumes_exactly(micro_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_at_step(monkeypatch, 3, lambda m: m["train_loss"].__setitem__(0, math.nan))  # epoch 2 of 3
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert rc == 3 and "step 3 (epoch 2): train loss of stage 1 (digits) is not finite" in err, err
+    assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 1  # the last good one
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    assert_same_search(micro_run, out)
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(micro_run, tmp_path, monkeypatch):
+    import ilnas.runs as runs
+
+    out, real, saves = tmp_path / "run", runs.atomic_write_bytes, [0]
+
+    def full_disk(path, data, keep_previous=None):
+        if Path(path).name == "checkpoint.pt":
+            saves[0] += 1
+            if saves[0] == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data, keep_previous)
+    monkeypatch.setattr(runs, "atomic_write_bytes", full_disk)
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert rc == 3 and "No space left on device" in err and "the last checkpoint is intact" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 1
+    monkeypatch.undo()
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    assert_same_search(micro_run, out)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(micro_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_at_step(monkeypatch, 5, lambda m: m["train_loss"].__setitem__(0, math.inf))  # after two checkpoints
+    assert call(*MICRO, "--out", str(out))[0] == 3
+    monkeypatch.undo()
+    assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 2
+    _flip(out / "checkpoint.pt")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "checksum mismatch" in warnings[0] and "checkpoint.prev.pt" in warnings[0]
+    assert_same_search(micro_run, out)
+
+
+# --- hygiene ------------------------------------------------------------------------------------------
+
+def test_run_files_honour_the_umask_and_record_provenance(finished_training, tmp_path):
+    old = os.umask(0o027)
+    try:
+        rc, _, err = call(*TRAIN_ARGS, "--set", "train.epochs=1", "--out", str(tmp_path / "run"))
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    for p in (tmp_path / "run").iterdir():
+        if p.is_file():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o640, p.name
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["genotype_source"] == "DARTS_V2"
+    session = prov["sessions"][0]
+    assert session["ilnas"] and session["torch"] == torch.__version__ and session["end"] >= session["start"]
+    assert session["command"] == sys.argv and session["host"]  # the program that ran it
+
+
+def test_describe_into_a_closed_pipe_exits_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "describe", "DARTS_V2", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first byte, like `| head -0`
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+# --- correctness bugs found by independent checks ---------------------------------------------------------
+
+def test_skip_connect_dropout_is_off_in_evaluation_mode():
+    op = MixedOp(4, 1, ["skip_connect", "sep_conv_3x3"])
+    op.skip_dropout = 0.5
+    x, w = torch.randn(3, 4, 6, 6), torch.tensor([1.0, 0.0])
+    op.eval()
+    assert torch.equal(op(x, w), x)
+    op.train()
+    assert not torch.equal(op(x, w), x)
+
+
+# --- SIGKILL at random points ----------------------------------------------------------------------------
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and "hours" not in k} for r in rows]
+
+
+def _metrics(run: Path) -> list[dict]:
+    return _strip([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+def _tb(run: Path) -> dict:
+    return {tag: values for tag, values in tb_scalars(run).items() if "per_s" not in tag}
+
+
+def assert_same_tensors(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+def assert_same_search(a: Path, b: Path) -> None:
+    """Bit for bit: weights, optimiser states, alphas, history, metrics, TensorBoard scalars, genotype."""
+    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
+    assert_same_tensors(ca["state"], cb["state"])
+    assert_same_tensors(ca["progress"]["history"], cb["progress"]["history"])
+    ha, hb = np.load(a / "arch_history.npz"), np.load(b / "arch_history.npz")
+    assert sorted(ha) == sorted(hb) and all(np.array_equal(ha[k], hb[k]) for k in ha)
+    assert not np.array_equal(ha["p0/alphas_normal"][0], ha["p0/alphas_normal"][-1])  # a history, not a copy
+    assert _metrics(a) == _metrics(b)
+    assert _tb(a) == _tb(b)
+    assert (a / "genotype.txt").read_text() == (b / "genotype.txt").read_text()
+    assert _strip([json.loads((a / "summary.json").read_text())]) == _strip([json.loads((b / "summary.json").read_text())])
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
+    assert ca["epoch"] == cb["epoch"]
+    assert_same_tensors(ca["model"], cb["model"])
+    assert_same_tensors(ca["optimizer"], cb["optimizer"])
+    assert _metrics(a) == _metrics(b)
+    assert _tb(a) == _tb(b)
+    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    assert {k: v for k, v in ra.items() if "hours" not in k and "per_s" not in k} == \
+           {k: v for k, v in rb.items() if "hours" not in k and "per_s" not in k}
+
+
+def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, span: float) -> int:
+    """Start ``argv``, SIGKILL it at a random moment of its first ``span`` seconds with the run open, resume,
+    repeat ``kills`` times; then let the last resume finish. Returns how many kills hit an unfinished run."""
+    rng, hits = random.Random(seed), 0
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    for i in range(kills):
+        wait_for_sessions(out, i + 1, proc)
+        time.sleep(rng.uniform(0.0, span))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (out / finished).exists():
+            return hits
+        hits += 1
+        proc = ilnas(argv[0], "--resume", "--quiet", "--out", str(out), wait=False)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()
+    return hits
+
+
+@pytest.mark.parametrize("seed, argv", [(0, SEARCH3), (1, MICRO)], ids=["il", "single"])
+def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_run, tmp_path, seed, argv):
+    reference = finished_run if argv is SEARCH3 else micro_run
+    out = tmp_path / "run"
+    hits = kill_and_resume(argv, out, "summary.json", seed, kills=2, span=0.8 * session_seconds(reference))
+    assert hits >= 1
+    assert_same_search(reference, out)
+    sessions = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert len(sessions) >= 2 and sessions[-1]["resumed"] and sessions[-1]["end"]
+
+
+def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training, tmp_path):
+    out = tmp_path / "run"
+    hits = kill_and_resume(TRAIN_ARGS, out, "result.json", seed=3, kills=2,
+                           span=0.8 * session_seconds(finished_training))
+    assert hits >= 1
+    assert_same_training(finished_training, out)
+
+
+def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():
+    assert issubclass(RunFailed, IlnasError) and RunFailed.exit_code == 3 and IlnasError.exit_code == 2
+    with pytest.raises(IlnasError, match="search.lr must be a finite number"):
+        resolve(overrides=["search.lr=.nan"])
