@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import SHORT_SEARCH, TINY_TRAIN, ilnas
+from helpers import SEARCH3, TINY_TRAIN, ilnas
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, stage_learners
 from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
@@ -73,9 +73,9 @@ def problem_factory():
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished three-epoch demo search (IL, K=2, M=2) on a tiny supernet, run through the CLI."""
+    """A finished three-epoch demo search (IL, K=2, M=2, two steps an epoch) on a tiny supernet, via the CLI."""
     out = tmp_path_factory.mktemp("runs") / "demo"
-    r = ilnas("search", "--out", str(out), "--quiet", *SHORT_SEARCH, "--set", "search.epochs=3")
+    r = ilnas(*SEARCH3, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "genotype = Genotype(" in r.stdout
     return out

@@ -15,6 +15,8 @@ import torch
 
 SHORT_SEARCH = ["--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
                 "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
+# The finished_run fixture: IL on mnist5k + digits (K=2, M=2), 3 epochs of 2 steps.
+SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.steps_per_epoch=2", "--set", "search.epochs=3"]
 TINY_TRAIN = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
               "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--quiet"]
 

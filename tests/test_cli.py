@@ -19,7 +19,7 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert len(steps) == 9 and len(epochs) == 3
+    assert len(steps) == 6 and len(epochs) == 3
     assert len(steps[0]["train_loss"]) == 4 and len(steps[0]["val_loss"]) == 2  # S = 4 stages, K = 2
     assert set(epochs[-1]["val_acc"]) == {"mnist5k", "digits"}
     assert epochs[0]["alpha_entropy"]["normal"] > epochs[-1]["alpha_entropy"]["normal"] - 1e-3

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import TRAIN_ARGS
-from helpers import (SHORT_SEARCH, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
+from helpers import (SEARCH3, SHORT_SEARCH, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
                      write_cifar, write_image_folder)
 from ilnas import cli
 from ilnas.config import resolve
@@ -33,7 +33,6 @@ from ilnas.recipes import search as search_recipe
 from ilnas.runs import MAGIC, read_checkpoint
 from ilnas.space.supernet import MixedOp
 
-SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.epochs=3"]  # = the finished_run fixture
 # A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
 MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tasks=[digits]", *SHORT_SEARCH,
          "--set", "search.steps_per_epoch=2", "--set", "search.eval_batches=1", "--set", "search.epochs=3"]
@@ -191,6 +190,9 @@ COMMAND_LINES = [
     (["search", "--out", "__RUN__"], "already holds a finished run; pass --force"),
     (["train", "--resume", "--out", "__RUN__"], "holds a search run; resume it with `ilnas search --resume`"),
     (["search", "--set", "search"], "malformed --set 'search'"),
+    (["search", "--out", "a\x00b"], "--out cannot hold a NUL byte"),
+    (["search", "--config", "a\x00b"], "--config cannot hold a NUL byte"),
+    (["describe", "a\x00b"], "cannot hold a NUL byte"),
 ]
 
 
@@ -567,11 +569,11 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
     return hits
 
 
-@pytest.mark.parametrize("seed, argv", [(0, SEARCH3), (1, MICRO)], ids=["il", "single"])
-def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_run, tmp_path, seed, argv):
+@pytest.mark.parametrize("seed, argv, kills", [(0, SEARCH3, 1), (1, MICRO, 2)], ids=["il", "single"])
+def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_run, tmp_path, seed, argv, kills):
     reference = finished_run if argv is SEARCH3 else micro_run
     out = tmp_path / "run"
-    hits = kill_and_resume(argv, out, "summary.json", seed, kills=2, span=0.8 * session_seconds(reference))
+    hits = kill_and_resume(argv, out, "summary.json", seed, kills, span=0.8 * session_seconds(reference))
     assert hits >= 1
     assert_same_search(reference, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]

@@ -61,6 +61,9 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
         raise IlnasError("--out is empty; name a run directory")
     if args.resume and args.force:
         raise IlnasError("--resume and --force exclude each other")
+    for flag, value in (("--out", args.out), ("--config", args.config)):
+        if value is not None and "\x00" in value:
+            raise IlnasError(f"{flag} cannot hold a NUL byte")
     if not args.resume:
         preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
         cfg = resolve(preset, args.config, args.overrides, kind)
@@ -84,7 +87,7 @@ def _search(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from ilnas.recipes.train import run_train
-    from ilnas.space.genotype import load_genotype
+    from ilnas.space.genotype import load_genotype, zoo
 
     cfg, out = _config_and_out(args, "eval", "eval-cifar10", "train-")
     if args.resume:
@@ -94,7 +97,9 @@ def _train(args: argparse.Namespace) -> None:
     elif not args.genotype:
         raise IlnasError("train needs --genotype (a zoo name, genotype.json, run directory or literal)")
     else:
-        genotype, source = load_genotype(args.genotype), args.genotype
+        genotype = load_genotype(args.genotype)
+        found = Path(args.genotype)  # a search run or a file: recorded as an absolute path
+        source = str(found.resolve()) if args.genotype not in zoo() and found.exists() else args.genotype
     result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet,
                        genotype_source=source)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks

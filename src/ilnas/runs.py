@@ -264,6 +264,8 @@ class RunDir:
             check(path, resume, force, kind, probe_lock=False)  # again, under the lock: another process may have been first
             with run._writing("the run's files"):
                 if resume:
+                    for tmp in path.glob(".*.tmp"):  # half-written files of a killed process; we hold the lock
+                        tmp.unlink()
                     run._drop_damaged_checkpoint()
                 else:
                     for entry in _entries(path):  # check() made sure this is an ilnas run

@@ -191,6 +191,8 @@ def load_genotype(spec: str) -> Genotype:
         return known[spec]
     if "Genotype" in spec:
         return parse_genotype(spec)
+    if "\x00" in spec:
+        raise IlnasError("a genotype name or path cannot hold a NUL byte")
     path = Path(spec)
     if path.is_dir():
         path = path / "genotype.json"
