@@ -1,4 +1,5 @@
-"""What several test modules share: running the CLI, snapshots of run directories, kills, TensorBoard reads."""
+"""What several test modules share: running the CLI, run-directory snapshots, kills, TensorBoard reads, data
+files in their real formats, and a tiny float64 search problem with its brute-force hypergradient."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, hypergradient, stage_learners
+from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
+from ilnas.space.ops import PRIMITIVES
+from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
 
 SHORT_SEARCH = ["--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
                 "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
@@ -19,6 +27,8 @@ SHORT_SEARCH = ["--set", "space.layers=3", "--set", "space.channels=4", "--set",
 SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.steps_per_epoch=2", "--set", "search.epochs=3"]
 TINY_TRAIN = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
               "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--quiet"]
+# The finished_training fixture: DARTS_V2 re-trained on the digits, 3 cells, C=4, 3 epochs of 3 steps.
+TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
 
 
 def ilnas(*args: str, cwd: Path | None = None, wait: bool = True, env: dict | None = None):
@@ -117,3 +127,90 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
                 pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
                 pixels[..., c] = 255  # a learnable colour cue
                 Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
+
+
+# --- a tiny float64 search problem, and the brute-force hypergradient it is checked against ---------------
+
+def smooth(module: nn.Module) -> nn.Module:
+    """Swap every ReLU for SiLU: finite differences need a smooth loss to be checked tightly."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.ReLU):
+            setattr(module, name, nn.SiLU())
+        else:
+            smooth(child)
+    return module
+
+
+@dataclass
+class Problem:
+    state: SearchState
+    learners: list[Learner]
+    train: list
+    val: list
+
+
+def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_ops: bool = False,
+                 momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False) -> Problem:
+    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data."""
+    dtype = torch.float64
+    primitives = [p for p in PRIMITIVES if p != "max_pool_3x3"] if smooth_ops else PRIMITIVES
+    ops = full_edge_ops(primitives)
+
+    def build_encoder() -> Supernet:
+        net = Supernet(1, 2 * partial_channels, 3, ops, ops, partial_channels).to(dtype)
+        return smooth(net) if smooth_ops else net
+
+    gen = torch.Generator().manual_seed(seed)
+    encoder = build_encoder()
+    head_builders = [lambda c=c: nn.Linear(encoder.out_features, c).to(dtype) for c in classes[:K]]
+    nets = [FunctionalTaskNet(encoder, hb(), c) for hb, c in zip(head_builders, classes)]
+    learners = [Learner(f"task{k}", net.loss) for k, net in enumerate(nets)]
+    stages = []
+    for s, k in enumerate(stage_learners(list(range(K)), M)):
+        w = fresh_parameters(build_encoder, 100 * seed + s)
+        h = fresh_parameters(head_builders[k], 100 * seed + 50 + s)
+        bufs = ([0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in w],
+                [0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in h]) if momentum_buffers else (None, None)
+        stages.append(Stage(k, w, h, *bufs))
+    arch = [(a * 300).requires_grad_() for a in init_arch(len(primitives), edge_normalization, gen, dtype)]
+    adam = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+
+    def batch(c: int):
+        return (torch.randn(6, 1, 8, 8, generator=gen, dtype=dtype), torch.randint(0, c, (6,), generator=gen))
+
+    return Problem(SearchState(arch, adam, stages), learners, [batch(c) for c in classes[:K]],
+                   [batch(c) for c in classes[:K]])
+
+
+def brute_force(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
+    """d/dA sum_{s in F} L^val_s(W_bar_s(A), H_bar_s(A)) with every step kept in the graph."""
+    arch = [a.detach().requires_grad_() for a in p.state.arch]
+    c = 2 * lr * cfg.lam
+    wd, mu = cfg.weight_decay, cfg.momentum
+    prev, bars = None, []
+    for s, st in enumerate(p.state.stages):
+        k = st.learner
+        w = prev if cfg.coupling == "copy" and s > 0 else [x.detach().requires_grad_() for x in st.w]
+        h = [x.detach().requires_grad_() for x in st.h]
+        g = torch.autograd.grad(p.learners[k].loss(arch, w, h, p.train[k]), w + h, create_graph=True)
+        w_step = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(w, st.buf_w, g[:len(w)])]
+        h_bar = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(h, st.buf_h, g[len(w):])]
+        if s > 0 and cfg.coupling == "prox":
+            w_step = [(x + c * q) / (1 + c) for x, q in zip(w_step, prev)]
+        if s > 0 and cfg.coupling == "gd":
+            w_step = [x - c * (o - q) for x, o, q in zip(w_step, w, prev)]
+        prev = w_step
+        bars.append((w_step, h_bar))
+    K = len(p.learners)
+    total = sum(p.learners[p.state.stages[s].learner].loss(arch, *bars[s], p.val[p.state.stages[s].learner])
+                for s in range(len(bars) - K, len(bars)))
+    return list(torch.autograd.grad(total, arch))
+
+
+def engine_hypergradient(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
+    return hypergradient(p.state, p.learners, p.train, p.val, cfg, lr)[0]
+
+
+def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm()
+    return float(num / torch.cat([y.flatten() for y in b]).norm())

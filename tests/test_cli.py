@@ -97,3 +97,19 @@ def test_paper_preset_settings():
         64, 50, 0.025, 0.001, 0.9, 3e-4, 5.0)
     assert (s.arch_lr, s.arch_betas, s.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
     assert (cfg.space.channels, cfg.space.layers) == (16, 8)
+
+
+def test_help_version_and_presets_start_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom ilnas import cli\n"
+            "for argv in (['--help'], ['--version'], ['search', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "cli.main(['presets'])\nprint('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch loaded: False" in r.stdout and "ilnas 0.1.0" in r.stdout and "il-darts2nd-cifar" in r.stdout
+    import ilnas
+
+    assert ilnas.Genotype is ilnas.__getattr__("Genotype") and "run_search" in dir(ilnas)

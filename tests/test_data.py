@@ -61,3 +61,28 @@ def test_random_crop_is_a_shifted_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     for n in range(2):
         assert any(torch.equal(out[n], padded[n, :, i:i + 5, j:j + 5]) for i in range(5) for j in range(5))
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "digits", "cifar10", "cifar100"])
+def test_the_task_registry_states_what_loading_finds(name, tmp_path):
+    from helpers import write_cifar
+    from ilnas.data.tasks import task_info
+
+    if name.startswith("cifar"):
+        write_cifar(tmp_path, name)
+    source = DataSource(str(tmp_path), download=False, verify=False, image_size=12)
+    info, task = task_info(name, source), create_task(name, source)
+    assert info.in_memory and (info.classes, info.channels, info.resolution) == (
+        task.num_classes, *task.input_shape[:2])
+
+
+def test_image_folder_tasks_are_known_without_loading_them(tmp_path):
+    from helpers import write_image_folder
+    from ilnas.data.tasks import task_info
+
+    write_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"))
+    info = task_info(f"imagefolder:{tmp_path / 'imgs'}", DataSource())
+    assert not info.in_memory and info.classes == 4 and info.root == tmp_path / "imgs"
+    assert task_info("imagenet", DataSource(data_dir="/nowhere")).classes == 1000
+    with pytest.raises(IlnasError, match="searches only on in-memory tasks"):
+        create_task("imagenet", DataSource())

@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TRAIN_ARGS
-from helpers import (SEARCH3, SHORT_SEARCH, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
+from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
                      write_cifar, write_image_folder)
 from ilnas import cli
 from ilnas.config import resolve
@@ -291,6 +290,19 @@ def test_an_image_folder_too_small_for_the_network_is_refused_before_a_run_exist
                     "--set", "train.workers=0", "--set", "train.batch_size=6", "--set", "network.layers=3"],
                    "too small for the imagenet-style network", [])
     assert not out.exists()  # nothing half-written blocks the rerun
+
+
+def test_an_unreadable_image_stops_training_in_one_line(tmp_path):
+    write_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "train" / "dog" / "3.png").write_bytes(b"not a png")  # found only when read
+    out = tmp_path / "run"
+    rc, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--out", str(out), "--quiet",
+                      "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
+                      "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1",
+                      "--set", "train.warmup_epochs=0", "--set", "network.layers=3", "--set", "network.channels=8",
+                      "--set", "train.batch_size=6")
+    assert rc == 3 and "cannot read an image of imagefolder:" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (out / "result.json").exists()
 
 
 # --- resuming -----------------------------------------------------------------------------------------

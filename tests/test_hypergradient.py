@@ -7,51 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_problem
-from ilnas.search.coupling import create_coupling
-from ilnas.search.engine import EngineConfig, _stage_losses, hypergradient, search_step, unroll
+from helpers import brute_force, engine_hypergradient, make_problem, rel_error
+from ilnas.search.coupling import COUPLINGS, create_coupling
+from ilnas.search.engine import EngineConfig, search_step
 
 LR, LAM = 0.1, 1.0
 
 
-def brute_force(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
-    """d/dA sum_{s in F} L^val_s(W_bar_s(A), H_bar_s(A)) with every step kept in the graph."""
-    arch = [a.detach().requires_grad_() for a in p.state.arch]
-    c = 2 * lr * cfg.lam
-    wd, mu = cfg.weight_decay, cfg.momentum
-    prev, bars = None, []
-    for s, st in enumerate(p.state.stages):
-        k = st.learner
-        w = prev if cfg.coupling == "copy" and s > 0 else [x.detach().requires_grad_() for x in st.w]
-        h = [x.detach().requires_grad_() for x in st.h]
-        g = torch.autograd.grad(p.learners[k].loss(arch, w, h, p.train[k]), w + h, create_graph=True)
-        w_step = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(w, st.buf_w, g[:len(w)])]
-        h_bar = [x - lr * (mu * b + gi + wd * x) for x, b, gi in zip(h, st.buf_h, g[len(w):])]
-        if s > 0 and cfg.coupling == "prox":
-            w_step = [(x + c * q) / (1 + c) for x, q in zip(w_step, prev)]
-        if s > 0 and cfg.coupling == "gd":
-            w_step = [x - c * (o - q) for x, o, q in zip(w_step, w, prev)]
-        prev = w_step
-        bars.append((w_step, h_bar))
-    K = len(p.learners)
-    total = sum(p.learners[p.state.stages[s].learner].loss(arch, *bars[s], p.val[p.state.stages[s].learner])
-                for s in range(len(bars) - K, len(bars)))
-    return list(torch.autograd.grad(total, arch))
-
-
-def engine_hypergradient(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
-    coupling = create_coupling(cfg.coupling, lr, cfg.lam, cfg.weight_decay, cfg.allow_unstable)
-    losses = _stage_losses(p.state, p.learners, p.train, cfg)
-    unrolled = unroll(p.state, losses, coupling, cfg, lr)
-    return hypergradient(p.state, p.learners, p.val, losses, unrolled, coupling, cfg, lr)[0]
-
-
-def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    num = torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm()
-    return float(num / torch.cat([y.flatten() for y in b]).norm())
-
-
-@pytest.mark.parametrize("coupling", ["none", "prox", "gd", "copy"])
+@pytest.mark.parametrize("coupling", list(COUPLINGS))
 def test_exact_hypergradient_equals_autograd_through_the_unrolled_chain(coupling):
     p = make_problem(K=2, M=2)
     cfg = EngineConfig(hvp="exact", coupling=coupling, lam=LAM, allow_unstable=True)
@@ -60,7 +23,7 @@ def test_exact_hypergradient_equals_autograd_through_the_unrolled_chain(coupling
     assert rel_error(engine_hypergradient(p, cfg, LR), expected) < 1e-8
 
 
-@pytest.mark.parametrize("coupling", ["none", "prox", "gd", "copy"])
+@pytest.mark.parametrize("coupling", list(COUPLINGS))
 def test_finite_difference_hypergradient_converges_to_autograd(coupling):
     """On a smooth supernet the FD error is the O(eps^2) truncation error: below 1e-3 at eps=1e-3,
     and ten times smaller eps gives a far smaller error."""
@@ -220,3 +183,10 @@ def test_copy_coupling_commits_gradients_at_the_clipped_previous_weights():
     for st, want in zip(p.state.stages, expected):
         for got, w in zip(st.w + st.h, want):
             assert torch.allclose(got, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(COUPLINGS))
+def test_a_coupling_built_directly_knows_its_own_facts(name):
+    direct, made = COUPLINGS[name](lr=0.025, lam=1.0), create_coupling(name, 0.025, 1.0)
+    assert (direct.grad_at_prev, direct.needs_w_hvp) == (made.grad_at_prev, made.needs_w_hvp)
+    assert (direct.grad_at_prev, direct.needs_w_hvp) == ((True, True) if name == "copy" else (False, False))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_problem
+from helpers import brute_force, engine_hypergradient, make_problem, rel_error
 from ilnas.config import resolve
 from ilnas.recipes.search import run_search
 from ilnas.recipes.train import run_train
@@ -19,7 +19,6 @@ from ilnas.space.genotype import derive_genotype
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.pdarts import limit_skips, prune_ops
 from ilnas.space.supernet import MixedOp, channel_shuffle, edge_weights, full_edge_ops, ranking_weights
-from test_hypergradient import brute_force, engine_hypergradient, rel_error
 
 
 def test_channel_shuffle_is_a_permutation():

@@ -60,3 +60,12 @@ def test_supernet_is_a_pure_function_of_weights_alphas_and_input():
     # 14 edges x 8 ops per cell; reductions at layers // 3 and 2 * layers // 3
     assert [c.reduction for c in net.cells] == [False, True, False, True, False]
     assert sum(len(e.ops) for e in net.cells[0].edges) == 14 * 8
+
+
+def test_describe_sizes_an_image_folder_network(tmp_path):
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"))
+    cfg = resolve("eval-imagefolder", kind="eval", overrides=[f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]"])
+    info = describe(zoo()["DARTS_V2"], cfg)
+    assert info["resolution"] == 224 and info["params"] > 3e6  # 14 cells, C=48, a 3-way classifier

@@ -1,14 +1,37 @@
-"""ilnas: interleaving learning (K learners, M rounds, one shared architecture) for DARTS-family NAS."""
-from ilnas.data.tasks import Task, create_task
-from ilnas.errors import IlnasError
-from ilnas.recipes.search import run_search
-from ilnas.recipes.train import run_train
-from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, search_step
-from ilnas.space.genotype import Genotype, derive_genotype, load_genotype, parse_genotype, zoo
-from ilnas.space.network import NetworkCIFAR, NetworkImageNet
-from ilnas.space.supernet import Supernet
+"""ilnas: interleaving learning (K learners, M rounds, one shared architecture) for DARTS-family NAS.
 
-__all__ = ["IlnasError", "Task", "create_task", "run_search", "run_train", "EngineConfig", "Learner",
-           "SearchState", "Stage", "search_step", "Genotype", "derive_genotype", "load_genotype",
-           "parse_genotype", "zoo", "NetworkCIFAR", "NetworkImageNet", "Supernet"]
+The public names load on first use (PEP 562), so ``import ilnas`` and ``ilnas --help`` do not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ilnas.errors import IlnasError, RunFailed
+
 __version__ = "0.1.0"
+
+_PUBLIC = {  # name -> module that defines it
+    "Task": "ilnas.data.tasks", "create_task": "ilnas.data.tasks",
+    "run_search": "ilnas.recipes.search", "run_train": "ilnas.recipes.train",
+    "EngineConfig": "ilnas.search.engine", "Learner": "ilnas.search.engine", "SearchState": "ilnas.search.engine",
+    "Stage": "ilnas.search.engine", "search_step": "ilnas.search.engine",
+    "Genotype": "ilnas.space.genotype", "derive_genotype": "ilnas.space.genotype",
+    "load_genotype": "ilnas.space.genotype", "parse_genotype": "ilnas.space.genotype", "zoo": "ilnas.space.genotype",
+    "NetworkCIFAR": "ilnas.space.network", "NetworkImageNet": "ilnas.space.network",
+    "Supernet": "ilnas.space.supernet",
+}
+
+__all__ = ["IlnasError", "RunFailed", "__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'ilnas' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ilnas import __version__
 from ilnas.errors import IlnasError
 
 
@@ -20,6 +21,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ilnas", description="Interleaving learning for differentiable architecture search.")
+    p.add_argument("--version", action="version", version=f"ilnas {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="search a cell (default: the embedded demo)")

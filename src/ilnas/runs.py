@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 
+from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, umask
@@ -211,18 +212,9 @@ def _git_commit() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ilnas")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def provenance_session(resumed: bool) -> dict:
     return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
-            "host": socket.gethostname(), "ilnas": _version(), "git_commit": _git_commit(),
+            "host": socket.gethostname(), "ilnas": __version__, "git_commit": _git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
@@ -285,6 +277,15 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def out_of_memory(self, batch_setting: str) -> Iterator[None]:
+        """Out of device memory part-way: one line that names the setting to lower."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise RunFailed(f"out of device memory; lower {batch_setting} and continue with --resume (the last "
+                            f"checkpoint is intact)") from None
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:

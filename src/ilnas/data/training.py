@@ -14,8 +14,8 @@ from typing import Iterator, Protocol
 import torch
 
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
-from ilnas.data.tasks import DataSource, Split, TASKS, create_task
-from ilnas.errors import IlnasError
+from ilnas.data.tasks import DataSource, Split, create_task, task_info
+from ilnas.errors import IlnasError, RunFailed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -103,9 +103,15 @@ class FolderData:
                                            drop_last=sampler is self.sampler)
 
     def _to_device(self, loader, steps: int | None = None) -> Iterator[Batch]:
-        for i, (x, y) in enumerate(loader):
-            if steps is not None and i >= steps:
-                break
+        batches = iter(loader)
+        for i in range(len(loader) if steps is None else steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                return
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise RunFailed(f"cannot read an image of {self.name} ({str(e).splitlines()[0][:160]}); the last "
+                                f"checkpoint is kept: repair or remove the file and continue with --resume") from None
             yield x.to(self.shard.device, non_blocking=True), y.to(self.shard.device, non_blocking=True)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
@@ -119,12 +125,8 @@ class FolderData:
 
 def create_train_data(name: str, source: DataSource, shard: Sharding, *, cutout: int = 0, resolution: int = 224,
                       color_jitter: bool = False, workers: int = 4, dtype: torch.dtype = torch.float32) -> TrainData:
-    """``cifar10``, ``cifar100``, ``mnist5k``, ``digits`` (in memory), ``imagenet`` (an ImageFolder tree
-    at <data_dir>/imagenet) or ``imagefolder:<path>``."""
-    if name in TASKS:
+    """Any task of ``task_info``: in-memory tasks (train + validation joined) or image-folder trees."""
+    info = task_info(name, source)
+    if info.in_memory:
         return InMemoryData(name, source, shard, cutout, dtype)
-    if name == "imagenet":
-        return FolderData(name, Path(source.data_dir) / "imagenet", shard, resolution, color_jitter, workers)
-    if name.startswith("imagefolder:"):
-        return FolderData(name, Path(name.split(":", 1)[1]), shard, resolution, color_jitter, workers)
-    raise IlnasError(f"unknown task {name!r}; known: {', '.join([*sorted(TASKS), 'imagenet', 'imagefolder:<path>'])}")
+    return FolderData(name, info.root, shard, resolution, color_jitter, workers)

@@ -7,24 +7,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ilnas.config import EvalRunConfig
+from ilnas.data.tasks import DataSource, task_info
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters
-
-# (classes, input channels, resolution) of the tasks an evaluation network is built for
-TASK_SHAPES = {"cifar10": (10, 3, 32), "cifar100": (100, 3, 32), "imagenet": (1000, 3, 224)}
-
-
-def task_shape(cfg: EvalRunConfig) -> tuple[int, int, int]:
-    name = cfg.data.tasks[0]
-    if name in TASK_SHAPES:
-        classes, channels, resolution = TASK_SHAPES[name]
-        return classes, channels, cfg.train.resolution if name == "imagenet" else resolution
-    if name in ("mnist5k", "digits"):
-        return 10, 1, cfg.data.image_size
-    raise IlnasError(f"no evaluation shape known for task {name!r}; known: "
-                     f"{', '.join([*TASK_SHAPES, 'mnist5k', 'digits'])}")
-
 
 def build_network(genotype: Genotype, cfg: EvalRunConfig, classes: int, channels: int,
                   resolution: int) -> torch.nn.Module:
@@ -58,7 +44,9 @@ def multiply_adds(model: torch.nn.Module, channels: int, resolution: int) -> int
 
 
 def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
-    classes, channels, resolution = task_shape(cfg)
+    d = cfg.data
+    info = task_info(d.tasks[0], DataSource(d.data_dir, d.download, d.verify, d.image_size))
+    classes, channels, resolution = info.classes, info.channels, info.resolution or cfg.train.resolution
     model = build_network(genotype, cfg, classes, channels, resolution)
     return {"genotype": genotype.to_string(), "task": cfg.data.tasks[0],
             "network": f"{cfg.network.style}, {cfg.network.layers} cells, C={cfg.network.channels}",

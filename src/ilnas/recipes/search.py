@@ -219,8 +219,9 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).
         writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step + 1 if resume else None)
         try:
-            genotype = _search(SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress),
-                               phases, prog, ckpt)
+            with run.out_of_memory("search.batch_size"):
+                genotype = _search(SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress),
+                                   phases, prog, ckpt)
         finally:
             writer.close()
     return genotype

@@ -86,7 +86,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
                if process.world > 1 else model)
         loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume)
-        record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
+        with run.out_of_memory("train.batch_size") if run is not None else contextlib.nullcontext():
+            record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
         return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
     finally:
         if run is not None:

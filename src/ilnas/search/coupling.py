@@ -1,4 +1,4 @@
-"""How a stage's unrolled weights are tied to the previous stage's (DESIGN Sec. 2, paper Eq. 7).
+"""How a stage's unrolled weights are tied to the previous stage's (docs/design.md Sec. 3, paper Eq. 7).
 
 Every mode maps ``stepped`` = W_s - eta * (G_s + ...) and the previous stage's W_prev to W_bar_s, and
 says how the chain is differentiated: ``w_scale`` multiplies eta in the W-part of the stage's mixed
@@ -7,7 +7,7 @@ Hessian-vector product, ``adjoint`` carries the adjoint u_s back to stage s-1 (J
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import ClassVar
 
 from ilnas.errors import IlnasError
 from ilnas.search.tensors import Tensors, axpy, scale
@@ -15,13 +15,19 @@ from ilnas.search.tensors import Tensors, axpy, scale
 
 @dataclass(frozen=True)
 class Coupling:
-    """Args: lr (eta), lam (lambda), virtual_wd (the weight decay inside the virtual step)."""
+    """Args: lr (eta), lam (lambda), virtual_wd (the weight decay inside the virtual step).
+
+    Facts of the mode (class attributes, so that a coupling built directly is as right as one from
+    ``create_coupling``): ``grad_at_prev``, the stage gradient is taken at W_prev instead of at W_s;
+    ``needs_w_hvp``, J contains a Hessian, so the adjoint needs the W-part of the HVP.
+    """
+
+    grad_at_prev: ClassVar[bool] = False
+    needs_w_hvp: ClassVar[bool] = False
 
     lr: float
     lam: float
     virtual_wd: float = 0.0
-    grad_at_prev: bool = False  # the stage gradient is taken at W_prev instead of at W_s
-    needs_w_hvp: bool = False  # J contains a Hessian: the adjoint needs the W-part of the HVP
 
     def combine(self, stepped: Tensors, own: Tensors, prev: Tensors) -> Tensors:
         return stepped
@@ -69,16 +75,15 @@ class GradientCoupling(Coupling):
 class CopyCoupling(Coupling):
     """lam -> infinity: each stage starts from the previous stage's weights; J = (1 - eta wd) I - eta H_WW."""
 
+    grad_at_prev: ClassVar[bool] = True
+    needs_w_hvp: ClassVar[bool] = True
+
     def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors:
         return axpy(-1.0, hvp_w, scale(1.0 - self.lr * self.virtual_wd, u))
 
 
-COUPLINGS: dict[str, Callable[..., Coupling]] = {
-    "none": NoCoupling,
-    "prox": ProxCoupling,
-    "gd": GradientCoupling,
-    "copy": lambda **kw: CopyCoupling(grad_at_prev=True, needs_w_hvp=True, **kw),
-}
+COUPLINGS: dict[str, type[Coupling]] = {"none": NoCoupling, "prox": ProxCoupling, "gd": GradientCoupling,
+                                        "copy": CopyCoupling}
 
 
 def create_coupling(name: str, lr: float, lam: float, virtual_wd: float = 0.0,

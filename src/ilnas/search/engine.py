@@ -1,4 +1,4 @@
-"""The multi-level engine of interleaving learning (paper Eq. 5-9; DESIGN Sec. 2).
+"""The multi-level engine of interleaving learning (paper Eq. 5-9; docs/design.md Sec. 2).
 
 K learners x M rounds = S stages in interleaving order. Each stage keeps its own weights (W_s, H_s)
 and momentum buffers; the architecture A is shared. One ``search_step``:
@@ -123,7 +123,7 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
         return _gradient(losses[s], arch0, w, h)[1:]
 
     if update_arch:
-        hyper, val_loss = hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
+        hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
         _arch_step(state, hyper)
         metrics.update(val_loss=val_loss, hypergrad_norm=float(norm(hyper)))
         if cfg.update_order == "darts":  # the real weight step recomputed at the new A
@@ -180,9 +180,20 @@ def _sgd_direction(p: Tensors, g: Tensors, buf: Tensors | None, momentum: float,
     return axpy(-lr, d, p)
 
 
-def hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
-                  losses: Sequence[StageLoss], unrolled: Unrolled, coupling: Coupling,
+def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
                   cfg: EngineConfig, lr: float) -> tuple[Tensors, list[float]]:
+    """d/dA of sum_{s in F} alpha_k L^val_s through the whole unrolled chain (paper Eq. 5-9), at the
+    state's current weights and batches ``train[k]``, ``val[k]``; the state is not changed.
+    Returns (hypergradient, the final round's validation losses)."""
+    coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
+    losses = _stage_losses(state, learners, train, cfg)
+    unrolled = unroll(state, losses, coupling, cfg, lr)
+    return _hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
+
+
+def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
+                   losses: Sequence[StageLoss], unrolled: Unrolled, coupling: Coupling,
+                   cfg: EngineConfig, lr: float) -> tuple[Tensors, list[float]]:
     """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses)."""
     final = final_stages(state, len(learners))
     arch = detached(state.arch, True)
