@@ -125,7 +125,7 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
             (root / split / name).mkdir(parents=True)
             for i in range(n):
                 pixels = torch.randint(0, 256, (40, 48, 3), generator=gen, dtype=torch.uint8)
-                pixels[..., c] = 255  # a learnable colour cue
+                pixels[..., c % 3] = 255  # a learnable colour cue
                 Image.fromarray(pixels.numpy()).save(root / split / name / f"{i}.png")
 
 

@@ -131,6 +131,10 @@ class NetworkConfig:
     auxiliary_weight: float = 0.4
     drop_path: float = 0.2
 
+    def build_args(self) -> dict:
+        """The settings ``ilnas.space.network.build_network`` takes."""
+        return {"style": self.style, "layers": self.layers, "channels": self.channels, "auxiliary": self.auxiliary}
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -32,6 +32,7 @@ from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.pdarts import limit_skips, prune_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
+from ilnas.train.distributed import pick_device
 from ilnas.train.schedules import cosine
 
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
@@ -79,16 +80,6 @@ class SearchContext:
     device: torch.device
     dtype: torch.dtype
     progress_bar: bool
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise IlnasError(f"search.device={name} but no CUDA device is available; use device=cpu or auto")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise IlnasError(f"search.device={name} but only {torch.cuda.device_count()} CUDA devices are visible")
-    return torch.device(name)
 
 
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:

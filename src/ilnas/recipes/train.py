@@ -21,11 +21,10 @@ from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import DataSource
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.recipes.describe import build_network, check_input_size, multiply_adds
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype
-from ilnas.space.network import count_parameters
+from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
 from ilnas.train import distributed
 from ilnas.train.schedules import learning_rate
 
@@ -58,9 +57,10 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
     data = create_train_data(cfg.data.tasks[0], source, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers)
-    check_input_size(genotype, cfg, data.num_classes, data.in_channels, data.resolution)
+    check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, cfg.network.style,
+                     cfg.network.layers)
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
-    model = build_network(genotype, cfg, data.num_classes, data.in_channels, data.resolution)
+    model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
              "macs": multiply_adds(model, data.in_channels, data.resolution)}
     cuda = process.device.type == "cuda"

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ilnas.errors import IlnasError
 from ilnas.space.genotype import Edge, Genotype
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 from ilnas.space.supernet import reduction_layers
@@ -154,3 +155,36 @@ def count_parameters(model: nn.Module, include_auxiliary: bool = False) -> int:
     """Parameters, by default without the auxiliary head (the convention of published tables)."""
     return sum(p.numel() for name, p in model.named_parameters()
                if include_auxiliary or not name.startswith("auxiliary."))
+
+
+def build_network(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
+                  layers: int = 20, channels: int = 36, auxiliary: bool = True) -> nn.Module:
+    """The evaluation network of ``style`` cifar (``small_images`` below 32x32) or imagenet."""
+    if style == "imagenet":
+        return NetworkImageNet(genotype, classes, layers, channels, auxiliary, in_channels=in_channels)
+    return NetworkCIFAR(genotype, classes, layers, channels, auxiliary, in_channels=in_channels,
+                        small_images=resolution < 32)
+
+
+def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str,
+                     layers: int) -> None:
+    """Refuse images a network style cannot take: one training-mode forward pass (auxiliary head included)
+    of a narrow copy of the network (same cells, C=8) on two images, the random state untouched."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        model = build_network(genotype, classes, in_channels, resolution, style, layers, channels=8).train()
+        try:
+            model(torch.zeros(2, in_channels, resolution, resolution))
+        except RuntimeError as e:
+            raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
+                             f"{layers} cells ({str(e).splitlines()[0][:100]}); use larger images "
+                             f"(train.resolution) or another network.style") from None
+
+
+def multiply_adds(model: nn.Module, in_channels: int, resolution: int) -> int:
+    """Multiply-adds of one eval-mode forward pass of one image (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, in_channels, resolution, resolution))
+    return counter.get_total_flops() // 2

@@ -27,23 +27,31 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device, refused in one line when it is not there;
+    under torchrun (``world`` > 1) every rank takes ``cuda:<local rank>``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise IlnasError(f"device={name} but no CUDA device is available; use device=cpu or auto")
+    index = int(name[5:]) if name.startswith("cuda:") and world == 1 else local_rank
+    if index >= torch.cuda.device_count():
+        raise IlnasError(f"device={name} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return torch.device(f"cuda:{index}")
+
+
 def start(device: str) -> Process:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs);
     a plain process is rank 0 of 1."""
     world = world_size()
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or device.startswith("cuda:") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise IlnasError(f"train.device={device} but no CUDA device is available; use device=cpu or auto")
-    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
-        raise IlnasError(f"train.device={device} but only {torch.cuda.device_count()} CUDA devices are visible")
-    if use_cuda:
-        dev = torch.device(device if device.startswith("cuda:") and world == 1 else f"cuda:{local}")
+    dev = pick_device(device, local, world)
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Process(rank, world, local, dev)
 
 
