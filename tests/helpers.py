@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -40,13 +39,6 @@ def ilnas(*args: str, cwd: Path | None = None, wait: bool = True, env: dict | No
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
-
-
 def wait_for_sessions(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until ``count`` processes have opened the run (each adds a session to provenance.json)."""
     deadline = time.time() + timeout
@@ -58,22 +50,6 @@ def wait_for_sessions(out: Path, count: int, proc: subprocess.Popen, timeout: fl
             pass
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
-
-
-def session_seconds(run: Path) -> float:
-    """How long the run's first process held it, from its provenance."""
-    import datetime
-
-    s = json.loads((run / "provenance.json").read_text())["sessions"][0]
-    return (datetime.datetime.fromisoformat(s["end"]) - datetime.datetime.fromisoformat(s["start"])).total_seconds()
-
-
-def kill_after_first_checkpoint(proc: subprocess.Popen, out: Path, finished: str) -> None:
-    """SIGKILL ``proc`` as soon as its first checkpoint lands, before the run can finish."""
-    wait_for(out / "checkpoint.pt", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / finished).exists(), "the run finished before it could be interrupted"
 
 
 def snapshot(run: Path) -> dict[str, bytes]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from helpers import SHORT_SEARCH, ilnas, snapshot
-from ilnas.config import list_presets, resolve
+from ilnas.config import list_presets, load_preset, resolve, to_dict
 from ilnas.errors import IlnasError
 
 SHORT = SHORT_SEARCH
@@ -34,7 +35,7 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
 
 BAD = [
     (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
-    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, settings, rounds,"),
+    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds, coupling,"),
     (["search", "--set", "searchlam"], "malformed --set 'searchlam'"),
     (["search", "--set", "search.batch_size=0"], "search.batch_size must be positive"),
     (["search", "--set", "search.epochs=-3"], "search.epochs must be positive"),
@@ -83,10 +84,31 @@ def test_a_head_that_does_not_match_its_task_is_refused():
 
 
 @pytest.mark.parametrize("name", list(list_presets()))
-def test_every_preset_validates(name):
+def test_every_preset_runs_the_values_its_files_state(name):
+    """What a preset's file (and each base preset it names) writes is what runs: nothing lies over it."""
     kind = "eval" if name.startswith("eval-") else "search"
-    cfg = resolve(name, kind=kind)
-    assert cfg.description
+    resolved = to_dict(resolve(name, kind=kind))
+    assert resolved["description"] and resolved["kind"] == kind
+    chain, stated = [load_preset(name)], {}
+    while "base" in chain[-1]:
+        chain.append(load_preset(chain[-1]["base"]))
+    for layer in reversed(chain):  # the base first; the preset's own values last
+        for section, values in layer.items():
+            if isinstance(values, dict):
+                stated.update({(section, key): value for key, value in values.items()})
+    assert stated
+    for (section, key), value in stated.items():
+        assert resolved[section][key] == value, f"{name}: {section}.{key}"
+
+
+def test_config_prints_what_a_preset_resolves_to(capsys):
+    from ilnas import cli
+
+    assert cli.main(["config", "il-pdarts-cifar", "--set", "search.lam=10"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(resolve("il-pdarts-cifar", overrides=["search.lam=10"]))
+    assert (printed["search"]["epochs"], printed["search"]["batch_size"], printed["search"]["lam"]) == (50, 64, 10.0)
+    assert cli.main(["config", "eval-digits"]) == 0 and "kind: eval" in capsys.readouterr().out
 
 
 def test_paper_preset_settings():
@@ -113,3 +135,18 @@ def test_help_version_and_presets_start_without_torch():
     import ilnas
 
     assert ilnas.Genotype is ilnas.__getattr__("Genotype") and "run_search" in dir(ilnas)
+
+
+def test_a_config_file_may_name_a_base_preset(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: il-darts2nd-cifar\nsearch: {lam: 10}\n")
+    cfg = resolve(None, str(f))
+    assert cfg.search.lam == 10.0 and cfg.data.tasks == ("cifar100", "cifar10") and cfg.search.batch_size == 64
+    with pytest.raises(IlnasError, match="names a base preset; drop --preset"):
+        resolve("demo", str(f))
+    f.write_text("base: [1]\n")
+    with pytest.raises(IlnasError, match="is not a preset name"):
+        resolve(None, str(f))
+    f.write_text("base: no-such-preset\n")
+    with pytest.raises(IlnasError, match="unknown preset 'no-such-preset'"):
+        resolve(None, str(f))

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, ilnas, session_seconds, snapshot, tb_scalars, wait_for_sessions,
+from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, ilnas, snapshot, tb_scalars, wait_for_sessions,
                      write_cifar, write_image_folder)
 from ilnas import cli
 from ilnas.config import resolve
@@ -513,6 +513,13 @@ def _strip(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and "hours" not in k} for r in rows]
 
 
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _metrics(run: Path) -> list[dict]:
     return _strip([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
 
@@ -562,14 +569,18 @@ def assert_same_training(a: Path, b: Path) -> None:
            {k: v for k, v in rb.items() if "hours" not in k and "per_s" not in k}
 
 
-def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, span: float) -> int:
-    """Start ``argv``, SIGKILL it at a random moment of its first ``span`` seconds with the run open, resume,
-    repeat ``kills`` times; then let the last resume finish. Returns how many kills hit an unfinished run."""
+def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, lines: int) -> int:
+    """Start ``argv``; SIGKILL it at a random point (once its metrics log has reached a random line below
+    ``lines``, the length of the uninterrupted run's log, plus a random instant), resume; ``kills`` times.
+    Then let the last resume finish. Returns how many kills hit an unfinished run."""
     rng, hits = random.Random(seed), 0
     proc = ilnas(*argv, "--out", str(out), wait=False)
     for i in range(kills):
         wait_for_sessions(out, i + 1, proc)
-        time.sleep(rng.uniform(0.0, span))
+        target = rng.randint(0, lines - 2)
+        while proc.poll() is None and len(read_lines(out / "metrics.jsonl")) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if (out / finished).exists():
@@ -585,7 +596,7 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
 def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_run, tmp_path, seed, argv, kills):
     reference = finished_run if argv is SEARCH3 else micro_run
     out = tmp_path / "run"
-    hits = kill_and_resume(argv, out, "summary.json", seed, kills, span=0.8 * session_seconds(reference))
+    hits = kill_and_resume(argv, out, "summary.json", seed, kills, len(read_lines(reference / "metrics.jsonl")))
     assert hits >= 1
     assert_same_search(reference, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
@@ -595,7 +606,7 @@ def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_
 def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training, tmp_path):
     out = tmp_path / "run"
     hits = kill_and_resume(TRAIN_ARGS, out, "result.json", seed=3, kills=2,
-                           span=0.8 * session_seconds(finished_training))
+                           lines=len(read_lines(finished_training / "metrics.jsonl")))
     assert hits >= 1
     assert_same_training(finished_training, out)
 

@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets")
 
+    c = sub.add_parser("config", help="print the fully resolved configuration of a preset, file and --set")
+    c.add_argument("preset", nargs="?", help="a preset name (default: demo, unless --config is given)")
+    c.add_argument("--config", help="a YAML file over the preset (it may name a base preset: `base: NAME`)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
     d = sub.add_parser("describe", help="print a genotype and the size of its evaluation network")
     d.add_argument("genotype", help="zoo name, genotype.json, run directory, or Genotype(...) literal")
     d.add_argument("--preset", default="eval-cifar10", help="evaluation preset (default: eval-cifar10)")
@@ -119,6 +124,15 @@ def _presets(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {description}")
 
 
+def _config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from ilnas.config import resolve, to_dict
+
+    preset = args.preset if args.preset is not None else (None if args.config else "demo")
+    print(yaml.safe_dump(to_dict(resolve(preset, args.config, args.overrides, kind=None)), sort_keys=False), end="")
+
+
 def _describe(args: argparse.Namespace) -> None:
     from ilnas.config import resolve
     from ilnas.recipes.describe import describe
@@ -136,7 +150,7 @@ def _describe(args: argparse.Namespace) -> None:
     print(f"multiply-adds: {info['macs'] / 1e6:.0f}M at {info['resolution']}x{info['resolution']}")
 
 
-COMMANDS = {"search": _search, "train": _train, "presets": _presets, "describe": _describe}
+COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe}
 
 
 def _one_line(text: str) -> str:

@@ -80,8 +80,6 @@ class SearchConfig:
         update_order: alg1 (paper) | darts (A first, then the weight step at the new A).
         virtual_momentum: momentum and weight decay inside the unrolled step (official DARTS).
         method: darts (one phase) | pdarts (the phases of the pdarts section; epochs are per phase).
-        settings: base-method (the preset's values: the base method's own search settings) | paper
-            (the interleaving paper's shared settings, PAPER_SETTINGS, over the preset; --set still wins).
         warmup_epochs: weight-only epochs at the start of each phase (P-DARTS 10, PC-DARTS 15).
         steps_per_epoch: None = the largest task's train split / batch_size.
         train_weights, val_weights: per-task weights beta, alpha of Eq. 10 (None = all 1).
@@ -90,7 +88,6 @@ class SearchConfig:
 
     framework: str = "il"
     method: str = "darts"
-    settings: str = "base-method"
     rounds: int = 2
     coupling: str = "prox"
     lam: float = 100.0
@@ -195,9 +192,6 @@ class EvalRunConfig:
 
 KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
 
-# The search settings the paper states for every IL search ("the rest follow" the base method).
-PAPER_SETTINGS = {"batch_size": 64, "epochs": 50, "lr": 0.025, "lr_min": 0.001, "momentum": 0.9,
-                  "weight_decay": 3e-4, "arch_lr": 3e-4, "arch_betas": [0.5, 0.999], "arch_weight_decay": 1e-3}
 RunConfig = SearchRunConfig | EvalRunConfig
 
 
@@ -208,19 +202,31 @@ def _preset_dir():
 
 
 def list_presets() -> dict[str, str]:
-    """name -> description, for every preset that ships with ilnas."""
+    """name -> description, for every preset that ships with ilnas (base presets, named ``_*``, aside)."""
     out = {}
     for f in sorted(_preset_dir().iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
+        if f.name.endswith(".yaml") and not f.name.startswith("_"):
             out[f.name[:-5]] = (yaml.safe_load(f.read_text()) or {}).get("description", "")
     return out
 
 
 def load_preset(name: str) -> dict:
+    """A preset's own mapping (its ``base``, if any, not yet applied)."""
     f = _preset_dir().joinpath(f"{name}.yaml")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name) or not f.is_file():
+    if not isinstance(name, str) or not re.fullmatch(r"_?[a-z0-9][a-z0-9-]*", name) or not f.is_file():
         raise IlnasError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     return load_yaml(f.read_text()) or {}
+
+
+def _with_bases(layer: dict, where: str, seen: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
+    """A preset or config file preceded by the chain of base presets it names (``base: NAME``)."""
+    own = {k: v for k, v in layer.items() if k != "base"}
+    if "base" not in layer:
+        return [(own, where)]
+    base = layer["base"]
+    if not isinstance(base, str) or base in seen:
+        raise IlnasError(f"{where}: base {base!r} is not a preset name or repeats one ({' -> '.join(seen)})")
+    return _with_bases(load_preset(base), f"preset {base}", (*seen, base)) + [(own, where)]
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -277,16 +283,6 @@ def _merge(into: dict, layer: dict, where: str) -> None:
         if not isinstance(values, dict):
             raise IlnasError(f"{where}: section {section!r} must be a mapping of settings, got {values!r}"[:200])
         into[section] = {**into.get(section, {}), **values}
-
-
-def _settings(layers: list[dict]) -> Any:
-    """The last word on search.settings among preset, config file and --set."""
-    found = "base-method"
-    for layer in layers:
-        search = layer.get("search")
-        if isinstance(search, dict) and "settings" in search:
-            found = search["settings"]
-    return found
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -390,26 +386,35 @@ def to_dict(cfg: Any) -> dict:
 
 
 def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
-            kind: str = "search") -> RunConfig:
-    """Defaults <- preset <- config file <- --set overrides, then validation."""
-    if preset is not None and not preset.strip():
-        raise IlnasError("--preset is empty; name a preset (see `ilnas presets`)")
-    layers = [load_preset(preset) if preset is not None else {}]
-    layers.append(_load_file(config_file) if config_file is not None else {})
+            kind: str | None = "search") -> RunConfig:
+    """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- --set,
+    then validation. ``kind=None`` takes whichever kind the preset or file declares (default search)."""
+    layers: list[tuple[dict, str]] = []
+    if preset is not None:
+        if not preset.strip():
+            raise IlnasError("--preset is empty; name a preset (see `ilnas presets`)")
+        if preset.startswith("_"):
+            raise IlnasError(f"{preset} is a base preset: name it as `base: {preset}` in a preset or config file")
+        layers += _with_bases(load_preset(preset), f"preset {preset}", (preset,))
+    if config_file is not None:
+        data = _load_file(config_file)
+        if "base" in data and preset is not None:
+            raise IlnasError(f"config file {config_file} names a base preset; drop --preset")
+        layers += _with_bases(data, f"config file {config_file}")
     user: dict = {}
     for text in overrides:
         keys, value = parse_override(text)
         _set_nested(user, keys, value)
-    layers.append(user)
-    data: dict = {}
-    for i, (layer, where) in enumerate(zip(layers, (f"preset {preset}", f"config file {config_file}", "--set"))):
-        _merge(data, layer, where)
-        if i == 0 and _settings(layers) == "paper" and isinstance(data.get("search", {}), dict):
-            data["search"] = {**data.get("search", {}), **PAPER_SETTINGS}  # over the preset, under the user
-    found_kind = data.get("kind", "search" if preset is not None else kind)  # presets say "kind: eval"
-    if found_kind != kind:
+    merged: dict = {}
+    for layer, where in [*layers, (user, "--set")]:
+        _merge(merged, layer, where)
+    from_preset = preset is not None or len(layers) > 1
+    found_kind = merged.get("kind", "search" if from_preset or kind is None else kind)  # presets say "kind: eval"
+    if kind is not None and found_kind != kind:
         raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
-    cfg = from_dict(KINDS[kind], data)
+    if found_kind not in KINDS:
+        raise IlnasError(f"kind must be one of {', '.join(KINDS)}, got {found_kind!r}")
+    cfg = from_dict(KINDS[found_kind], merged)
     validate(cfg)
     return cfg
 
@@ -470,8 +475,6 @@ def _validate_search(cfg: SearchRunConfig) -> None:
             raise IlnasError(f"search.{name} must be >= 0, got {list(getattr(s, name))}")
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
-    if s.settings not in ("base-method", "paper"):
-        raise IlnasError(f"search.settings must be base-method or paper, got {s.settings!r}")
     if s.method not in ("darts", "pdarts"):
         raise IlnasError(f"search.method must be darts or pdarts (PC-DARTS is space.partial_channels and "
                          f"space.edge_normalization), got {s.method!r}")

@@ -57,8 +57,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
     data = create_train_data(cfg.data.tasks[0], source, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers)
-    check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, cfg.network.style,
-                     cfg.network.layers)
+    check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

@@ -166,12 +166,12 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
                         small_images=resolution < 32)
 
 
-def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str,
-                     layers: int) -> None:
-    """Refuse images a network style cannot take: one training-mode forward pass (auxiliary head included)
-    of a narrow copy of the network (same cells, C=8) on two images, the random state untouched."""
+def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
+                     layers: int = 20, channels: int = 36, auxiliary: bool = True) -> None:
+    """Refuse images a network cannot take: one training-mode forward pass (auxiliary head included) of
+    a narrow copy of it (same cells, C=8 instead of ``channels``) on two images, the random state untouched."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model = build_network(genotype, classes, in_channels, resolution, style, layers, channels=8).train()
+        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary).train()
         try:
             model(torch.zeros(2, in_channels, resolution, resolution))
         except RuntimeError as e:
