@@ -29,7 +29,7 @@ from ilnas import cli
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes import search as search_recipe
-from ilnas.runs import MAGIC, read_checkpoint
+from ilnas.runs import MAGIC, PREVIOUS, read_checkpoint
 from ilnas.space.supernet import MixedOp
 
 # A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
@@ -213,7 +213,7 @@ def test_force_refuses_a_directory_that_is_not_an_ilnas_run(tmp_path):
     mine.mkdir()
     (mine / "chapter1.tex").write_text("precious")
     assert_refused(["search", "--out", str(mine), "--force"], "does not hold an ilnas run", [mine])
-    assert_refused(["search", "--out", str(mine)], "is not empty and holds no ilnas run", [mine])
+    assert_refused(["search", "--out", str(mine)], "does not hold an ilnas run", [mine])
     (mine / "config.yaml").write_text("my: own config\n")  # a config.yaml that is not ours
     assert_refused(["search", "--out", str(mine), "--force"], "does not hold an ilnas run", [mine])
     assert (mine / "chapter1.tex").read_text() == "precious"
@@ -321,9 +321,9 @@ RESUME_DAMAGE = {  # name: (what is done to an unfinished copy of the finished s
     "binary-config": (lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00"), "cannot be read as YAML"),
     "invalid-config": (lambda run: _edit(run / "config.yaml", "lr: 0.025", "lr: -0.025"),
                        "is not a valid configuration: search.lr must be positive"),
-    "garbage-checkpoint": (lambda run: [(run / n).write_bytes(b"junk") for n in ("checkpoint.pt", "checkpoint.prev.pt")],
+    "garbage-checkpoint": (lambda run: [(run / n).write_bytes(b"junk") for n in ("checkpoint.pt", PREVIOUS)],
                            "is not an ilnas checkpoint"),
-    "both-checkpoints-damaged": (lambda run: [_flip(run / n) for n in ("checkpoint.pt", "checkpoint.prev.pt")],
+    "both-checkpoints-damaged": (lambda run: [_flip(run / n) for n in ("checkpoint.pt", PREVIOUS)],
                                  "is damaged (checksum mismatch)"),
 }
 
@@ -554,7 +554,8 @@ def assert_same_search(a: Path, b: Path) -> None:
     assert _metrics(a) == _metrics(b)
     assert _tb(a) == _tb(b)
     assert (a / "genotype.txt").read_text() == (b / "genotype.txt").read_text()
-    assert _strip([json.loads((a / "summary.json").read_text())]) == _strip([json.loads((b / "summary.json").read_text())])
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (a, b)]
+    assert _strip(summaries[:1]) == _strip(summaries[1:])
 
 
 def assert_same_training(a: Path, b: Path) -> None:

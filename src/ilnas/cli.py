@@ -74,7 +74,8 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
     if not args.resume:
         preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
         cfg = resolve(preset, args.config, args.overrides, kind)
-        out = Path(args.out) if args.out else Path("runs") / f"{prefix}{preset or 'config'}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path(args.out) if args.out else Path("runs") / f"{prefix}{preset or 'config'}-{stamp}"
         return cfg, out
     if not args.out:
         raise IlnasError("--resume needs --out DIR, the run to continue")

@@ -119,14 +119,12 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
         if is_finished(path):
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
     elif path.is_dir() and _entries(path):
-        if not force:
-            state = "a finished run" if is_finished(path) else (
-                "an unfinished run (continue it with --resume)" if (path / CONFIG).is_file() else "other files")
-            raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it" if state != "other files"
-                             else f"{path} is not empty and holds no ilnas run; choose another --out")
         if not is_ilnas_run(path):
-            raise IlnasError(f"{path} does not hold an ilnas run (no valid {CONFIG}); --force deletes only "
-                             f"ilnas runs: choose another --out")
+            raise IlnasError(f"{path} is not empty and does not hold an ilnas run (no valid {CONFIG}); ilnas writes "
+                             f"only into an empty directory or over its own runs: choose another --out")
+        if not force:
+            state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
+            raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
     if path.is_dir() and probe_lock:
         _RunLock(path).probe()
 
@@ -253,7 +251,8 @@ class RunDir:
         run = cls(path, kind, config)
         run._lock.acquire()
         try:
-            check(path, resume, force, kind, probe_lock=False)  # again, under the lock: another process may have been first
+            # Again, under the lock: another process may have been first.
+            check(path, resume, force, kind, probe_lock=False)
             with run._writing("the run's files"):
                 if resume:
                     for tmp in path.glob(".*.tmp"):  # half-written files of a killed process; we hold the lock

@@ -112,7 +112,8 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, coupling, cfg, lr)
     metrics: dict[str, Any] = {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": update_arch}
-    arch0 = [a.detach().clone() for a in state.arch]  # alg1: the weight step belongs to the architecture the iteration began with
+    # alg1: the weight step belongs to the architecture the iteration began with
+    arch0 = [a.detach().clone() for a in state.arch]
 
     def grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
         """alg1: the unrolled step's gradient, or a fresh one where the commit moved its point (under
