@@ -10,6 +10,7 @@ from torch import nn
 from helpers import brute_force, engine_hypergradient, make_problem, rel_error
 from ilnas.search.coupling import COUPLINGS, create_coupling
 from ilnas.search.engine import EngineConfig, search_step
+from ilnas.search.hvp import HVPS
 
 LR, LAM = 0.1, 1.0
 
@@ -190,3 +191,10 @@ def test_a_coupling_built_directly_knows_its_own_facts(name):
     direct, made = COUPLINGS[name](lr=0.025, lam=1.0), create_coupling(name, 0.025, 1.0)
     assert (direct.grad_at_prev, direct.needs_w_hvp) == (made.grad_at_prev, made.needs_w_hvp)
     assert (direct.grad_at_prev, direct.needs_w_hvp) == ((True, True) if name == "copy" else (False, False))
+
+
+@pytest.mark.parametrize("hvp", sorted(HVPS))
+def test_every_registered_hvp_gives_the_hypergradient_of_the_unrolled_chain(hvp):
+    p = make_problem(K=2, M=2, smooth_ops=True)
+    cfg = EngineConfig(hvp=hvp, fd_eps=1e-3, coupling="prox", lam=LAM)
+    assert rel_error(engine_hypergradient(p, cfg, LR), brute_force(p, cfg, LR)) < 1e-3
