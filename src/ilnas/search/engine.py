@@ -95,13 +95,17 @@ def final_stages(state: SearchState, num_learners: int) -> list[int]:
 
 # --- one step ------------------------------------------------------------------------------------
 
-@dataclass
-class Unrolled:
-    points: list[tuple[Tensors, Tensors]]  # where each G_s was taken (pre-step weights)
-    grads: list[tuple[Tensors, Tensors]]   # G_s = (dW, dH), detached
-    w_bar: list[Tensors]
-    h_bar: list[Tensors]
-    train_loss: list[float]
+@dataclass(frozen=True)
+class UnrolledStage:
+    """One stage of the unrolled step: where its gradient was taken, the gradient, the virtual weights."""
+
+    w: Tensors          # the point of G_s: W_s (or W_bar_{s-1} under copy) ...
+    h: Tensors          # ... and H_s
+    grad_w: Tensors     # G_s, detached
+    grad_h: Tensors
+    w_bar: Tensors      # W_bar_s, H_bar_s
+    h_bar: Tensors
+    train_loss: float
 
 
 def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch],
@@ -111,16 +115,17 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, coupling, cfg, lr)
-    metrics: dict[str, Any] = {"train_loss": unrolled.train_loss, "lr": lr, "arch_updated": update_arch}
+    metrics: dict[str, Any] = {"train_loss": [u.train_loss for u in unrolled], "lr": lr,
+                               "arch_updated": update_arch}
     # alg1: the weight step belongs to the architecture the iteration began with
     arch0 = [a.detach().clone() for a in state.arch]
 
     def grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
         """alg1: the unrolled step's gradient, or a fresh one where the commit moved its point (under
         ``copy`` the point is the previous stage's committed weights, which clipping moves off W_bar)."""
-        point = unrolled.points[s][0]
+        point = unrolled[s].w
         if w is point or all(torch.equal(a, b) for a, b in zip(w, point)):
-            return unrolled.grads[s]
+            return unrolled[s].grad_w, unrolled[s].grad_h
         return _gradient(losses[s], arch0, w, h)[1:]
 
     if update_arch:
@@ -155,20 +160,17 @@ def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors) -> tuple[f
 
 
 def unroll(state: SearchState, losses: Sequence[StageLoss], coupling: Coupling, cfg: EngineConfig,
-           lr: float) -> Unrolled:
+           lr: float) -> list[UnrolledStage]:
     """Steps 1-2: one virtual SGD step per stage, chained through the coupling."""
-    out = Unrolled([], [], [], [], [])
+    out: list[UnrolledStage] = []
     wd, mom = _virtual_wd(cfg), (cfg.momentum if cfg.virtual_momentum else 0.0)
     for s, stage in enumerate(state.stages):
-        w = out.w_bar[s - 1] if (coupling.grad_at_prev and s > 0) else stage.w
+        w = out[-1].w_bar if (coupling.grad_at_prev and s > 0) else stage.w
         value, gw, gh = _gradient(losses[s], state.arch, w, stage.h)
         w_step = _sgd_direction(w, gw, stage.buf_w, mom, wd, lr)
-        w_bar = coupling.combine(w_step, w, out.w_bar[s - 1]) if s > 0 else w_step
-        out.points.append((w, stage.h))
-        out.grads.append((gw, gh))
-        out.w_bar.append(w_bar)
-        out.h_bar.append(_sgd_direction(stage.h, gh, stage.buf_h, mom, wd, lr))
-        out.train_loss.append(value)
+        w_bar = coupling.combine(w_step, w, out[-1].w_bar) if s > 0 else w_step
+        h_bar = _sgd_direction(stage.h, gh, stage.buf_h, mom, wd, lr)
+        out.append(UnrolledStage(w, stage.h, gw, gh, w_bar, h_bar, value))
     return out
 
 
@@ -193,7 +195,7 @@ def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequen
 
 
 def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
-                   losses: Sequence[StageLoss], unrolled: Unrolled, coupling: Coupling,
+                   losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage], coupling: Coupling,
                    cfg: EngineConfig, lr: float) -> tuple[Tensors, list[float]]:
     """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses)."""
     final = final_stages(state, len(learners))
@@ -206,7 +208,7 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
         k = state.stages[s].learner
         weight = cfg.val_weights[k] if cfg.val_weights else 1.0
         # First order: at the current weights; second order: at the unrolled ones.
-        w, h = ((unrolled.w_bar[s], unrolled.h_bar[s]) if second else (state.stages[s].w, state.stages[s].h))
+        w, h = ((unrolled[s].w_bar, unrolled[s].h_bar) if second else (state.stages[s].w, state.stages[s].h))
         wp, hp = detached(w, second), detached(h, second)
         value = learners[k].loss(arch, wp, hp, val[k])
         grads = grad(weight * value, arch + (wp + hp if second else []))
@@ -218,19 +220,19 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
     return hyper, val_loss
 
 
-def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unrolled: Unrolled,
+def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
                  g_val: dict[int, tuple[Tensors, Tensors]], coupling: Coupling, cfg: EngineConfig,
                  lr: float) -> Tensors:
     """Adjoint recursion u_s = 1[s in F] g_s + J^T u_{s+1};  grad_A -= HVP_s((eta_W u_s, eta h_s))."""
     hvp = create_hvp(cfg.hvp)
     u: Tensors | None = None
-    for s in reversed(range(len(unrolled.points))):
+    for s in reversed(range(len(unrolled))):
         g, h_adj = g_val.get(s, (None, None))
         if g is not None:
             u = g if u is None else [a + b for a, b in zip(u, g)]
         if u is None:
             continue  # nothing downstream depends on this stage
-        w, h = unrolled.points[s]
+        w, h = unrolled[s].w, unrolled[s].h
         w_eta = lr * (coupling.w_scale() if s > 0 else 1.0)
         v_h = [lr * x for x in h_adj] if h_adj is not None else zeros_like(h)
         want_w = coupling.needs_w_hvp and s > 0
