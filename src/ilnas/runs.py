@@ -260,7 +260,10 @@ class RunDir:
                     run._drop_damaged_checkpoint()
                 else:
                     for entry in _entries(path):  # check() made sure this is an ilnas run
-                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                        if entry.is_dir() and not entry.is_symlink():
+                            shutil.rmtree(entry)
+                        else:
+                            entry.unlink()
                     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
                 run._add_session(resume, provenance or {})
         except BaseException:
