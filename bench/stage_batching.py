@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
+from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.space.supernet import Supernet, init_arch
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ilnas.optim import SGD
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, hypergradient, stage_learners
-from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
+from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
 
@@ -158,11 +159,11 @@ def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_o
                    [batch(c) for c in classes[:K]])
 
 
-def brute_force(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
+def brute_force(p, cfg: EngineConfig, lr: float, sgd: SGD = SGD()) -> list[torch.Tensor]:
     """d/dA sum_{s in F} L^val_s(W_bar_s(A), H_bar_s(A)) with every step kept in the graph."""
     arch = [a.detach().requires_grad_() for a in p.state.arch]
     c = 2 * lr * cfg.lam
-    wd, mu = cfg.weight_decay, cfg.momentum
+    wd, mu = sgd.weight_decay, sgd.momentum
     prev, bars = None, []
     for s, st in enumerate(p.state.stages):
         k = st.learner
@@ -183,8 +184,8 @@ def brute_force(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
     return list(torch.autograd.grad(total, arch))
 
 
-def engine_hypergradient(p, cfg: EngineConfig, lr: float) -> list[torch.Tensor]:
-    return hypergradient(p.state, p.learners, p.train, p.val, cfg, lr)[0]
+def engine_hypergradient(p, cfg: EngineConfig, lr: float, sgd: SGD = SGD()) -> list[torch.Tensor]:
+    return hypergradient(p.state, p.learners, p.train, p.val, cfg, sgd, lr)[0]
 
 
 def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

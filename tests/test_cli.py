@@ -35,13 +35,13 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
 
 BAD = [
     (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
-    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds, coupling,"),
+    (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds, epochs,"),
     (["search", "--set", "searchlam"], "malformed --set 'searchlam'"),
     (["search", "--set", "search.batch_size=0"], "search.batch_size must be positive"),
     (["search", "--set", "search.epochs=-3"], "search.epochs must be positive"),
-    (["search", "--set", "search.lam=-1"], "search.lam (lambda) must be >= 0"),
-    (["search", "--set", "search.coupling=gd"], "coupling 'gd' with 2*lr*lambda = 5 >= 1"),
-    (["search", "--set", "search.order=3"], "order must be 1 or 2"),
+    (["search", "--set", "engine.lam=-1"], "engine.lam (lambda) must be >= 0"),
+    (["search", "--set", "engine.coupling=gd"], "coupling 'gd' with 2*lr*lambda = 5 >= 1"),
+    (["search", "--set", "engine.order=3"], "order must be 1 or 2"),
     (["search", "--preset", "darts2nd-cifar10", "--set", "data.data_dir=__EMPTY__", "--set", "data.download=false",
       "--force"], "no cifar10 data in"),  # --force passes the run-dir check; the data must still fail first
     (["describe", "Genotype(normal=[('warp_conv', 0)])"], "malformed genotype"),
@@ -75,7 +75,7 @@ def test_a_finished_run_is_not_overwritten_without_force(finished_run):
 def test_a_head_that_does_not_match_its_task_is_refused():
     from torch import nn
 
-    from ilnas.space.functional import FunctionalTaskNet
+    from ilnas.search.task_net import FunctionalTaskNet
     from ilnas.space.supernet import Supernet
 
     enc = Supernet(1, 2, 3)
@@ -104,20 +104,20 @@ def test_every_preset_runs_the_values_its_files_state(name):
 def test_config_prints_what_a_preset_resolves_to(capsys):
     from ilnas import cli
 
-    assert cli.main(["config", "il-pdarts-cifar", "--set", "search.lam=10"]) == 0
+    assert cli.main(["config", "il-pdarts-cifar", "--set", "engine.lam=10"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == to_dict(resolve("il-pdarts-cifar", overrides=["search.lam=10"]))
-    assert (printed["search"]["epochs"], printed["search"]["batch_size"], printed["search"]["lam"]) == (50, 64, 10.0)
+    assert printed == to_dict(resolve("il-pdarts-cifar", overrides=["engine.lam=10"]))
+    assert (printed["search"]["epochs"], printed["search"]["batch_size"], printed["engine"]["lam"]) == (50, 64, 10.0)
     assert cli.main(["config", "eval-digits"]) == 0 and "kind: eval" in capsys.readouterr().out
 
 
 def test_paper_preset_settings():
     cfg = resolve("il-darts2nd-cifar")
-    s = cfg.search
-    assert cfg.data.tasks == ("cifar100", "cifar10") and s.rounds == 2 and s.lam == 100.0 and s.order == 2
-    assert (s.batch_size, s.epochs, s.lr, s.lr_min, s.momentum, s.weight_decay, s.grad_clip) == (
-        64, 50, 0.025, 0.001, 0.9, 3e-4, 5.0)
-    assert (s.arch_lr, s.arch_betas, s.arch_weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
+    s, o, a = cfg.search, cfg.optimizer, cfg.arch_optimizer
+    assert cfg.data.tasks == ("cifar100", "cifar10") and s.rounds == 2 and cfg.engine.lam == 100.0
+    assert cfg.engine.order == 2 and (s.batch_size, s.epochs) == (64, 50)
+    assert (o.lr, o.lr_min, o.schedule, o.momentum, o.weight_decay, o.grad_clip) == (0.025, 0.001, "cosine", 0.9, 3e-4, 5.0)
+    assert (a.lr, a.betas, a.weight_decay) == (3e-4, (0.5, 0.999), 1e-3)
     assert (cfg.space.channels, cfg.space.layers) == (16, 8)
 
 
@@ -139,9 +139,9 @@ def test_help_version_and_presets_start_without_torch():
 
 def test_a_config_file_may_name_a_base_preset(tmp_path):
     f = tmp_path / "mine.yaml"
-    f.write_text("base: il-darts2nd-cifar\nsearch: {lam: 10}\n")
+    f.write_text("base: il-darts2nd-cifar\nengine: {lam: 10}\n")
     cfg = resolve(None, str(f))
-    assert cfg.search.lam == 10.0 and cfg.data.tasks == ("cifar100", "cifar10") and cfg.search.batch_size == 64
+    assert cfg.engine.lam == 10.0 and cfg.data.tasks == ("cifar100", "cifar10") and cfg.search.batch_size == 64
     with pytest.raises(IlnasError, match="names a base preset; drop --preset"):
         resolve("demo", str(f))
     f.write_text("base: [1]\n")

@@ -7,7 +7,8 @@ import torch
 
 from ilnas.data.augment import crop
 from ilnas.data.loader import BatchMaker
-from ilnas.data.tasks import DataSource, create_task
+from ilnas.config import DataConfig
+from ilnas.data.tasks import create_task
 from helpers import write_cifar
 from ilnas.errors import IlnasError
 
@@ -15,7 +16,7 @@ from ilnas.errors import IlnasError
 @pytest.mark.parametrize("name, classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_loads_real_batch_files_and_splits_half_half(tmp_path, name, classes):
     written = write_cifar(tmp_path, name)
-    task = create_task(name, DataSource(str(tmp_path), download=False, verify=False))
+    task = create_task(name, DataConfig(data_dir=str(tmp_path), download=False, verify=False))
     assert task.num_classes == classes and task.input_shape == (3, 32, 32)
     assert len(task.train) == len(task.val) == 20 and len(task.test) == 6
     test_data, test_labels = written["test_batch" if name == "cifar10" else "test"]
@@ -28,11 +29,11 @@ def test_cifar_loads_real_batch_files_and_splits_half_half(tmp_path, name, class
 
 def test_missing_cifar_data_is_a_clear_error(tmp_path):
     with pytest.raises(IlnasError, match="no cifar10 data"):
-        create_task("cifar10", DataSource(str(tmp_path), download=False))
+        create_task("cifar10", DataConfig(data_dir=str(tmp_path), download=False))
 
 
 def test_embedded_digit_tasks():
-    source = DataSource(image_size=16)
+    source = DataConfig(image_size=16)
     mnist, digits = create_task("mnist5k", source), create_task("digits", source)
     assert (len(mnist.train), len(mnist.val), len(mnist.test)) == (2000, 2000, 1000)
     assert (len(digits.train), len(digits.val), len(digits.test)) == (700, 700, 397)
@@ -43,7 +44,7 @@ def test_embedded_digit_tasks():
 
 
 def test_batches_are_normalised_augmented_and_reproducible():
-    task = create_task("digits", DataSource())
+    task = create_task("digits", DataConfig())
     maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True)
     a = [next(maker.stream(64, seed=3)) for _ in range(2)]
     assert torch.equal(a[0][0], a[1][0]) and torch.equal(a[0][1], a[1][1])
@@ -70,7 +71,7 @@ def test_the_task_registry_states_what_loading_finds(name, tmp_path):
 
     if name.startswith("cifar"):
         write_cifar(tmp_path, name)
-    source = DataSource(str(tmp_path), download=False, verify=False, image_size=12)
+    source = DataConfig(data_dir=str(tmp_path), download=False, verify=False, image_size=12)
     info, task = task_info(name, source), create_task(name, source)
     assert info.in_memory and (info.classes, info.channels, info.resolution) == (
         task.num_classes, *task.input_shape[:2])
@@ -81,8 +82,8 @@ def test_image_folder_tasks_are_known_without_loading_them(tmp_path):
     from ilnas.data.tasks import task_info
 
     write_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"))
-    info = task_info(f"imagefolder:{tmp_path / 'imgs'}", DataSource())
+    info = task_info(f"imagefolder:{tmp_path / 'imgs'}", DataConfig())
     assert not info.in_memory and info.classes == 4 and info.root == tmp_path / "imgs"
-    assert task_info("imagenet", DataSource(data_dir="/nowhere")).classes == 1000
+    assert task_info("imagenet", DataConfig(data_dir="/nowhere")).classes == 1000
     with pytest.raises(IlnasError, match="searches only on in-memory tasks"):
-        create_task("imagenet", DataSource())
+        create_task("imagenet", DataConfig())

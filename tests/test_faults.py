@@ -80,29 +80,30 @@ def unfinished_copy(run: Path, dest: Path) -> Path:
 # --- configuration values that must be refused before the finished run is touched (with --force) --------
 
 BAD_SETTINGS = [
-    ("search.arch_lr=-1", "search.arch_lr must be positive"),
-    ("search.arch_betas=[1.5,0.999]", "search.arch_betas must both lie in [0, 1)"),
+    ("arch_optimizer.lr=-1", "arch_optimizer.lr must be positive"),
+    ("arch_optimizer.betas=[1.5,0.999]", "arch_optimizer.betas must both lie in [0, 1)"),
     ("search.seed=100000000000000000000", "search.seed must lie in [0, 2**32)"),
     ("search.seed=-1", "search.seed must lie in [0, 2**32)"),
-    ("search.lr=.nan", "search.lr must be a finite number"),
-    ("search.lam=.nan", "search.lam must be a finite number"),
-    ("search.lr=.inf", "search.lr must be a finite number"),
-    ("search.lr=1e400", "search.lr must be a finite number"),
-    ("search.fd_eps=0", "search.fd_eps must be positive"),
-    ("search.grad_clip=-1", "search.grad_clip must be positive"),
-    ("search.momentum=-0.5", "search.momentum must lie in [0, 1)"),
-    ("search.weight_decay=-1", "search.weight_decay must be >= 0"),
-    ("search.arch_weight_decay=-1", "search.arch_weight_decay must be >= 0"),
-    ("search.lr_min=1", "search.lr_min must lie in [0, lr]"),
+    ("optimizer.lr=.nan", "optimizer.lr must be a finite number"),
+    ("engine.lam=.nan", "engine.lam must be a finite number"),
+    ("optimizer.lr=.inf", "optimizer.lr must be a finite number"),
+    ("optimizer.lr=1e400", "optimizer.lr must be a finite number"),
+    ("engine.fd_eps=0", "engine.fd_eps must be positive"),
+    ("optimizer.grad_clip=-1", "optimizer.grad_clip must be positive"),
+    ("optimizer.momentum=-0.5", "optimizer.momentum must lie in [0, 1)"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay must be >= 0"),
+    ("arch_optimizer.weight_decay=-1", "arch_optimizer.weight_decay must be >= 0"),
+    ("optimizer.lr_min=1", "optimizer.lr_min must lie in [0, lr]"),
     ("search.device=tpu", "search.device must be auto, cpu, cuda or cuda:N"),
     ("search.dtype=float16", "search.dtype must be float32 or float64"),
-    ("search.val_weights=[-1,1]", "search.val_weights must be >= 0"),
-    ("search.train_weights=[1]", "train_weights has 1 entries for 2 learners"),
-    ("search.train_weights=[&a 1, *a]", "not valid YAML"),
+    ("engine.val_weights=[-1,1]", "engine.val_weights must be >= 0"),
+    ("engine.train_weights=[1]", "train_weights has 1 entries for 2 learners"),
+    ("engine.train_weights=[&a 1, *a]", "not valid YAML"),
     ("data.image_size=100000", "data.image_size must lie in [8, 1024]"),
     ("data.tasks=[no_such_task]", "unknown task 'no_such_task'"),
     ("search.batch_size=100000", "fewer than search.batch_size=100000"),
     ("space.partial_channels=3", "space.partial_channels must be >= 1 and divide"),
+    ("search.lam=10", "config key 'search.lam' is now 'engine.lam'"),
 ]
 
 
@@ -123,12 +124,12 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(finished_run, 
 
 BAD_TRAIN_SETTINGS = [
     ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
-    ("train.lr=.nan", "train.lr must be a finite number"),
-    ("train.momentum=-1", "train.momentum must lie in [0, 1)"),
-    ("train.grad_clip=-1", "train.grad_clip must be positive"),
-    ("train.weight_decay=-1", "train.weight_decay must be >= 0"),
+    ("optimizer.lr=.nan", "optimizer.lr must be a finite number"),
+    ("optimizer.momentum=-1", "optimizer.momentum must lie in [0, 1)"),
+    ("optimizer.grad_clip=-1", "optimizer.grad_clip must be positive"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay must be >= 0"),
     ("train.seed=1099511627776", "train.seed must lie in [0, 2**32)"),
-    ("train.gamma=0", "train.gamma must be positive"),
+    ("optimizer.gamma=0", "optimizer.gamma must be positive"),
 ]
 
 
@@ -149,7 +150,7 @@ CONFIG_FILES = [  # (name, bytes of --config, extra --set, message)
     ("not-utf8", b"search:\n  lam: \xff\xfe\n", [], "is not UTF-8 text"),
     ("not-yaml", b"search: [unclosed\n", [], "is not valid YAML"),
     ("a-list", b"- 1\n- 2\n", [], "must hold a mapping of sections"),
-    ("scalar-section", b"search: 5\n", ["--set", "search.lam=1"], "section 'search' must be a mapping"),
+    ("scalar-section", b"search: 5\n", ["--set", "engine.lam=1"], "section 'search' must be a mapping"),
     ("eval-kind", b"kind: eval\n", [], "is a 'eval' configuration, expected 'search'"),
     ("unknown-key", b"search:\n  lamda: 1\n", [], "unknown config key 'search.lamda'"),
 ]
@@ -184,7 +185,7 @@ COMMAND_LINES = [
     (["search", "--out", ""], "--out is empty"),
     (["search", "--resume", "--force", "--out", "__RUN__"], "--resume and --force exclude each other"),
     (["search", "--resume"], "--resume needs --out DIR"),
-    (["search", "--resume", "--out", "__RUN__", "--set", "search.lam=1"], "drop --preset/--config/--set"),
+    (["search", "--resume", "--out", "__RUN__", "--set", "engine.lam=1"], "drop --preset/--config/--set"),
     (["search", "--resume", "--out", "__RUN__"], "holds a finished run; nothing to resume"),
     (["search", "--out", "__RUN__"], "already holds a finished run; pass --force"),
     (["train", "--resume", "--out", "__RUN__"], "holds a search run; resume it with `ilnas search --resume`"),
@@ -299,7 +300,7 @@ def test_an_unreadable_image_stops_training_in_one_line(tmp_path):
     rc, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--out", str(out), "--quiet",
                       "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
                       "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1",
-                      "--set", "train.warmup_epochs=0", "--set", "network.layers=3", "--set", "network.channels=8",
+                      "--set", "optimizer.warmup_epochs=0", "--set", "network.layers=3", "--set", "network.channels=8",
                       "--set", "train.batch_size=6")
     assert rc == 3 and "cannot read an image of imagefolder:" in err, err
     assert len(err.strip().splitlines()) == 1 and not (out / "result.json").exists()
@@ -315,12 +316,12 @@ def _edit(path: Path, old: str, new: str) -> None:
 
 RESUME_DAMAGE = {  # name: (what is done to an unfinished copy of the finished search run, message)
     "edited-config": (lambda run: _edit(run / "config.yaml", "lr: 0.025", "lr: 0.05"),
-                      "differs from the configuration its checkpoint was written with (first at search.lr)"),
+                      "differs from the configuration its checkpoint was written with (first at optimizer.lr)"),
     "empty-config": (lambda run: (run / "config.yaml").write_text(""), "is not an ilnas configuration"),
     "non-yaml-config": (lambda run: (run / "config.yaml").write_text("search: [\n"), "cannot be read as YAML"),
     "binary-config": (lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00"), "cannot be read as YAML"),
     "invalid-config": (lambda run: _edit(run / "config.yaml", "lr: 0.025", "lr: -0.025"),
-                       "is not a valid configuration: search.lr must be positive"),
+                       "is not a valid configuration: optimizer.lr must be positive"),
     "garbage-checkpoint": (lambda run: [(run / n).write_bytes(b"junk") for n in ("checkpoint.pt", PREVIOUS)],
                            "is not an ilnas checkpoint"),
     "both-checkpoints-damaged": (lambda run: [_flip(run / n) for n in ("checkpoint.pt", PREVIOUS)],
@@ -386,7 +387,7 @@ def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path
 
 def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path):
     out = tmp_path / "run"
-    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "search.lr=1e30")
+    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "optimizer.lr=1e30")
     assert rc == 3 and "the search diverged at step" in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "summary.json").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -401,7 +402,7 @@ def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path):
 
 def test_a_diverging_training_stops_unfinished(tmp_path):
     out = tmp_path / "run"
-    rc, _, err = call(*TRAIN_ARGS, "--out", str(out), "--set", "train.lr=1e30", "--set", "train.grad_clip=null")
+    rc, _, err = call(*TRAIN_ARGS, "--out", str(out), "--set", "optimizer.lr=1e30", "--set", "optimizer.grad_clip=null")
     assert rc == 3 and "training diverged" in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "result.json").exists()
 
@@ -499,12 +500,11 @@ def test_describe_into_a_closed_pipe_exits_quietly():
 
 def test_skip_connect_dropout_is_off_in_evaluation_mode():
     op = MixedOp(4, 1, ["skip_connect", "sep_conv_3x3"])
-    op.skip_dropout = 0.5
     x, w = torch.randn(3, 4, 6, 6), torch.tensor([1.0, 0.0])
     op.eval()
-    assert torch.equal(op(x, w), x)
+    assert torch.equal(op(x, w, skip_dropout=0.5), x)
     op.train()
-    assert not torch.equal(op(x, w), x)
+    assert not torch.equal(op(x, w, skip_dropout=0.5), x)
 
 
 # --- SIGKILL at random points ----------------------------------------------------------------------------
@@ -614,5 +614,5 @@ def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training,
 
 def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():
     assert issubclass(RunFailed, IlnasError) and RunFailed.exit_code == 3 and IlnasError.exit_code == 2
-    with pytest.raises(IlnasError, match="search.lr must be a finite number"):
-        resolve(overrides=["search.lr=.nan"])
+    with pytest.raises(IlnasError, match="optimizer.lr must be a finite number"):
+        resolve(overrides=["optimizer.lr=.nan"])

@@ -9,6 +9,7 @@ from torch import nn
 
 from helpers import brute_force, engine_hypergradient, make_problem, rel_error
 from ilnas.search.coupling import COUPLINGS, create_coupling
+from ilnas.optim import SGD
 from ilnas.search.engine import EngineConfig, search_step
 from ilnas.search.hvp import HVPS
 
@@ -134,10 +135,10 @@ def test_single_task_step_equals_the_official_darts_architect():
     bufs = [w_opt.state[q]["momentum_buffer"].clone() for q in model.weights()]
     st.buf_w, st.buf_h = bufs[:len(st.w)], bufs[len(st.w):]
 
-    cfg = EngineConfig(order=2, hvp="fd", coupling="none", lam=0.0, update_order="darts", virtual_momentum=True,
-                       momentum=0.9, weight_decay=3e-4, grad_clip=5.0)
+    cfg = EngineConfig(order=2, hvp="fd", coupling="none", lam=0.0, update_order="darts", virtual_momentum=True)
+    sgd = SGD(momentum=0.9, weight_decay=3e-4, grad_clip=5.0)
     for _ in range(2):
-        search_step(p.state, p.learners, p.train, p.val, cfg, LR)
+        search_step(p.state, p.learners, p.train, p.val, cfg, sgd, LR)
         official_darts_step(model, w_opt, a_opt, p.train[0], p.val[0], LR, 0.9, 3e-4)
     for ours, theirs in zip(p.state.arch, model.alphas):
         assert torch.allclose(ours, theirs, rtol=0, atol=1e-10)
@@ -152,9 +153,9 @@ def test_literal_gd_coupling_diverges_where_prox_stays_stable():
     norms = {}
     for coupling in ("gd", "prox"):
         p = make_problem(K=2, M=2, momentum_buffers=False)
-        cfg = EngineConfig(order=1, coupling=coupling, lam=100.0, allow_unstable=True, grad_clip=None)
+        cfg = EngineConfig(order=1, coupling=coupling, lam=100.0, allow_unstable=True)
         for _ in range(6):
-            search_step(p.state, p.learners, p.train, p.val, cfg, 0.025)
+            search_step(p.state, p.learners, p.train, p.val, cfg, SGD(grad_clip=None), 0.025)
         norms[coupling] = max(float(torch.cat([w.flatten() for w in st.w]).abs().max()) for st in p.state.stages)
     assert norms["prox"] < 10.0
     assert not norms["gd"] < 1e3  # also true when it has overflowed to inf/nan
@@ -179,8 +180,8 @@ def test_copy_coupling_commits_gradients_at_the_clipped_previous_weights():
         expected.append(new)
         prev = new[:len(w)]
     assert all(clipped)
-    cfg = EngineConfig(order=1, coupling="copy", update_order="alg1", momentum=mom, weight_decay=wd, grad_clip=clip)
-    search_step(p.state, p.learners, p.train, p.val, cfg, lr)
+    cfg = EngineConfig(order=1, coupling="copy", update_order="alg1")
+    search_step(p.state, p.learners, p.train, p.val, cfg, SGD(momentum=mom, weight_decay=wd, grad_clip=clip), lr)
     for st, want in zip(p.state.stages, expected):
         for got, w in zip(st.w + st.h, want):
             assert torch.allclose(got, w, rtol=0, atol=1e-12)

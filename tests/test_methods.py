@@ -13,11 +13,11 @@ from ilnas.config import resolve
 from ilnas.recipes.search import run_search
 from ilnas.recipes.train import run_train
 from ilnas.runs import read_metrics
+from ilnas.config import PDartsConfig
 from ilnas.search.engine import EngineConfig
-from ilnas.search.schedules import skip_dropout_rate
+from ilnas.search.methods import Darts, PDarts, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
 from ilnas.space.ops import PRIMITIVES
-from ilnas.space.pdarts import limit_skips, prune_ops
 from ilnas.space.supernet import MixedOp, channel_shuffle, edge_weights, full_edge_ops, ranking_weights
 
 
@@ -111,11 +111,26 @@ def test_skip_limit_strikes_the_weakest_skips_first():
 
 def test_skip_dropout_follows_the_official_schedule():
     # P-DARTS train_search.py: warm-up p = rate * (epochs - epoch - 1) / epochs; then rate * exp(-(epoch - warmup) * 0.2)
-    assert math.isclose(skip_dropout_rate(0.4, 0, 25, 10), 0.4 * 24 / 25)
-    assert math.isclose(skip_dropout_rate(0.4, 9, 25, 10), 0.4 * 15 / 25)
-    assert math.isclose(skip_dropout_rate(0.4, 10, 25, 10), 0.4)
-    assert math.isclose(skip_dropout_rate(0.7, 15, 25, 10), 0.7 * math.exp(-1.0))
-    assert skip_dropout_rate(0.0, 20, 25, 10) == 0.0
+    pdarts = PDarts(PDartsConfig(skip_dropout=(0.0, 0.4, 0.7)))
+    assert math.isclose(pdarts.skip_dropout(1, 0, 25, 10), 0.4 * 24 / 25)
+    assert math.isclose(pdarts.skip_dropout(1, 9, 25, 10), 0.4 * 15 / 25)
+    assert math.isclose(pdarts.skip_dropout(1, 10, 25, 10), 0.4)
+    assert math.isclose(pdarts.skip_dropout(2, 15, 25, 10), 0.7 * math.exp(-1.0))
+    assert pdarts.skip_dropout(0, 20, 25, 10) == 0.0
+    assert Darts(8).skip_dropout(0, 0, 25, 10) == 0.0 and len(Darts(8).phases) == 1
+
+
+def test_skip_dropout_is_an_argument_of_the_forward_pass():
+    """Rate 0 (and evaluation mode) leave the supernet deterministic; a positive rate draws masks."""
+    from ilnas.space.supernet import Supernet, arch_weights, init_arch
+
+    net = Supernet(3, 4, 2)
+    a = arch_weights(init_arch(8, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(net(x, *a), net(x, *a, skip_dropout=0.0))
+    assert not torch.equal(net(x, *a, skip_dropout=0.9), net(x, *a, skip_dropout=0.9))
+    net.eval()
+    assert torch.equal(net(x, *a, skip_dropout=0.9), net(x, *a))
 
 
 TINY = ["space.channels=8", "search.batch_size=8", "search.steps_per_epoch=2", "search.eval_batches=1",

@@ -8,6 +8,7 @@ from ilnas.config import resolve
 from ilnas.recipes.describe import describe
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
+from ilnas.space.ops import OPS, PRIMITIVES, create_op
 from ilnas.space.supernet import Supernet, arch_weights, init_arch
 
 PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published
@@ -32,9 +33,8 @@ def test_describe_darts_v2_on_the_cifar10_preset():
 def test_network_outputs_and_drop_path():
     g = zoo()["DARTS_V2"]
     net = NetworkCIFAR(g, 7, layers=5, channels=8)
-    net.drop_path_prob = 0.3
     net.train()
-    logits, aux = net(torch.randn(3, 3, 32, 32))
+    logits, aux = net(torch.randn(3, 3, 32, 32), drop_path_rate=0.3)
     assert logits.shape == (3, 7) and aux.shape == (3, 7)
     net.eval()
     x = torch.randn(3, 3, 32, 32)
@@ -69,3 +69,42 @@ def test_describe_sizes_an_image_folder_network(tmp_path):
     cfg = resolve("eval-imagefolder", kind="eval", overrides=[f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]"])
     info = describe(zoo()["DARTS_V2"], cfg)
     assert info["resolution"] == 224 and info["params"] > 3e6  # 14 cells, C=48, a 3-way classifier
+
+
+def expected_op_parameters(name: str, c: int, stride: int, affine: bool) -> int:
+    """The official DARTS operations' weights, counted by hand: a depthwise k x k conv has c * k * k, a
+    pointwise conv c * c, an affine BatchNorm 2c; a separable conv is two depthwise-pointwise blocks."""
+    bn = 2 * c if affine else 0
+    kernel = {"3x3": 9, "5x5": 25}
+    if name.startswith("sep_conv"):
+        return 2 * (c * kernel[name[-3:]] + c * c + bn)
+    if name.startswith("dil_conv"):
+        return c * kernel[name[-3:]] + c * c + bn
+    if name == "skip_connect" and stride == 2:  # FactorizedReduce: two 1x1 convs to c/2 channels each
+        return c * c + bn
+    return 0  # none, pools (their search-mode BatchNorm is not affine), identity
+
+
+def test_the_op_registry_is_the_darts_space():
+    assert set(OPS) == set(PRIMITIVES) and len(PRIMITIVES) == 8
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["eval", "search"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_registered_op_keeps_channels_and_has_its_published_weights(name, stride, affine):
+    c = 6
+    op = create_op(name, c, stride, affine)
+    assert count_parameters(op) == expected_op_parameters(name, c, stride, affine)
+    if not affine:  # search ops: no running statistics, so the supernet stays a pure function
+        assert not list(op.buffers())
+    x = torch.randn(2, c, 8, 8, requires_grad=True)
+    y = op(x)
+    assert y.shape == (2, c, 8 // stride, 8 // stride)
+    if name == "none":
+        assert not y.any()
+    elif name == "skip_connect" and stride == 1:
+        assert torch.equal(y, x)
+    else:
+        y.square().sum().backward()
+        assert x.grad.abs().sum() > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in op.parameters())

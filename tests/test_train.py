@@ -12,23 +12,25 @@ import pytest
 import torch
 
 from ilnas.data.loader import BatchMaker, ShardedEpochs
-from ilnas.data.tasks import DataSource, create_task
-from ilnas.train.schedules import learning_rate
+from ilnas.config import DataConfig
+from ilnas.data.tasks import create_task
+from ilnas.optim import SGD
 from helpers import TINY_TRAIN as TINY, ilnas, snapshot, write_image_folder
 from helpers import write_cifar
 
 def test_schedules_follow_their_formulas():
-    assert learning_rate("cosine", 0, 600, 0.025) == 0.025
-    assert math.isclose(learning_rate("cosine", 300, 600, 0.025), 0.0125)
-    assert math.isclose(learning_rate("cosine", 150, 600, 0.025, 0.001), 0.001 + 0.024 * (1 + math.cos(math.pi / 4)) / 2)
+    assert SGD(lr=0.025).lr_at(0, 600) == 0.025
+    assert math.isclose(SGD(lr=0.025).lr_at(300, 600), 0.0125)
+    assert math.isclose(SGD(lr=0.025, lr_min=0.001).lr_at(150, 600), 0.001 + 0.024 * (1 + math.cos(math.pi / 4)) / 2)
     # ImageNet: 5 warm-up epochs to 0.5, then linear decay
-    assert [learning_rate("linear", e, 250, 0.5, warmup=5) for e in range(5)] == [0.1, 0.2, 0.3, 0.4, 0.5]
-    assert math.isclose(learning_rate("linear", 125, 250, 0.5, warmup=5), 0.25)
-    assert math.isclose(learning_rate("step", 10, 250, 0.1, step_size=1, gamma=0.97), 0.1 * 0.97 ** 10)
+    linear = SGD(lr=0.5, schedule="linear", warmup_epochs=5)
+    assert [linear.lr_at(e, 250) for e in range(5)] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert math.isclose(linear.lr_at(125, 250), 0.25)
+    assert math.isclose(SGD(lr=0.1, schedule="step", step_size=1, gamma=0.97).lr_at(10, 250), 0.1 * 0.97 ** 10)
 
 
 def test_two_ranks_see_exactly_the_global_batches_of_one_process():
-    task = create_task("digits", DataSource())
+    task = create_task("digits", DataConfig())
     maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True, cutout=4)
     one = list(ShardedEpochs(maker, 32, seed=5).epoch(3))
     ranks = [list(ShardedEpochs(maker, 16, seed=5, rank=r, world=2).epoch(3)) for r in (0, 1)]
@@ -68,7 +70,7 @@ def test_image_folder_training(tmp_path):
     write_image_folder(tmp_path / "imgs")
     r = ilnas("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
               "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
-              "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
+              "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1", "--set", "optimizer.warmup_epochs=0",
               "--set", "network.layers=3", "--set", "network.channels=8", "--set", "train.batch_size=6",
               "--quiet", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr

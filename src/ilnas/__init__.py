@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 _PUBLIC = {  # name -> module that defines it
     "Task": "ilnas.data.tasks", "create_task": "ilnas.data.tasks",
     "run_search": "ilnas.recipes.search", "run_train": "ilnas.recipes.train",
-    "EngineConfig": "ilnas.search.engine", "Learner": "ilnas.search.engine", "SearchState": "ilnas.search.engine",
+    "EngineConfig": "ilnas.search.config", "SGD": "ilnas.optim", "hypergradient": "ilnas.search.engine",
+    "FunctionalTaskNet": "ilnas.search.task_net", "Learner": "ilnas.search.engine", "SearchState": "ilnas.search.engine",
     "Stage": "ilnas.search.engine", "search_step": "ilnas.search.engine",
     "Genotype": "ilnas.space.genotype", "derive_genotype": "ilnas.space.genotype",
     "load_genotype": "ilnas.space.genotype", "parse_genotype": "ilnas.space.genotype", "zoo": "ilnas.space.genotype",

@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", help="a preset name (see `ilnas presets`); default: demo")
     s.add_argument("--config", help="a YAML file overriding the preset")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, e.g. search.lam=10 (repeatable)")
+                   help="override one setting, e.g. engine.lam=10 (repeatable)")
     s.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     s.add_argument("--force", action="store_true", help="overwrite an existing run in --out")

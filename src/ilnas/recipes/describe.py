@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ilnas.config import EvalRunConfig
-from ilnas.data.tasks import DataSource, task_info
+from ilnas.data.tasks import task_info
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, count_parameters, multiply_adds
 
 
 def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
     d = cfg.data
-    info = task_info(d.tasks[0], DataSource(d.data_dir, d.download, d.verify, d.image_size))
+    info = task_info(d.tasks[0], d)
     classes, channels, resolution = info.classes, info.channels, info.resolution or cfg.train.resolution
     model = build_network(genotype, classes, channels, resolution, **cfg.network.build_args())
     return {"genotype": genotype.to_string(), "task": cfg.data.tasks[0],

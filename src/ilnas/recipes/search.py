@@ -1,6 +1,6 @@
 """The search recipe, top to bottom: tasks -> phases -> (supernet and heads -> stages -> epochs of
-engine steps). DARTS and PC-DARTS search in one phase; P-DARTS in several, each a fresh supernet
-(deeper, fewer ops per edge) with fresh weights and architecture, the ops pruned in between.
+engine steps). The base method (search/methods.py) decides the phases, the skip-connect dropout of
+each epoch, the ops of the next phase and the final genotype; this recipe is the same for all.
 
 Everything needed to continue bit-exactly is in the per-epoch checkpoint; every batch stream and
 every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repeats an uninterrupted one.
@@ -8,6 +8,7 @@ every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -20,36 +21,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ilnas.config import SearchRunConfig, engine_config
+from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
-from ilnas.data.tasks import DataSource, Task, create_task
+from ilnas.data.tasks import Task, create_task
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import Learner, SearchState, Stage, final_stages, search_step, stage_learners
-from ilnas.search.schedules import skip_dropout_rate
+from ilnas.search.methods import Darts, Phase, create_method
+from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
-from ilnas.space.functional import FunctionalTaskNet, fresh_parameters
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.pdarts import limit_skips, prune_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
 from ilnas.train.distributed import pick_device
-from ilnas.train.schedules import cosine
 
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
-
-
-@dataclass(frozen=True)
-class Phase:
-    layers: int
-    ops_per_edge: int
-    skip_dropout: float  # base rate of the phase
-
-
-def plan_phases(cfg: SearchRunConfig) -> list[Phase]:
-    if cfg.search.method == "pdarts":
-        p = cfg.pdarts
-        return [Phase(*x) for x in zip(p.layers, p.ops_per_edge, p.skip_dropout)]
-    return [Phase(cfg.space.layers, 8, 0.0)]
 
 
 @dataclass
@@ -72,6 +57,7 @@ class SearchContext:
     """What stays fixed for a whole search: configuration, data, run directory, device."""
 
     cfg: SearchRunConfig
+    method: Darts
     tasks: list[Task]
     train: list[BatchMaker]
     val: list[BatchMaker]
@@ -83,8 +69,7 @@ class SearchContext:
 
 
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:
-    source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
-    tasks = [create_task(name, source) for name in cfg.data.tasks]
+    tasks = [create_task(name, cfg.data) for name in cfg.data.tasks]
     if len({t.input_shape[0] for t in tasks}) > 1:
         raise IlnasError("the tasks' images have different channel counts; a shared encoder needs one")
     return tasks
@@ -115,7 +100,8 @@ def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, n
     gen = torch.Generator().manual_seed(derive_seed(s.seed, phase))
     arch = [a.to(device, dtype).requires_grad_()
             for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
-    adam = torch.optim.Adam(arch, lr=s.arch_lr, betas=s.arch_betas, weight_decay=s.arch_weight_decay)
+    a = cfg.arch_optimizer
+    adam = torch.optim.Adam(arch, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
     return SearchState(arch, adam, stages)
 
 
@@ -155,7 +141,7 @@ def check_step(metrics: dict, state: SearchState, tasks: Sequence[Task], step: i
         bad.append("the hypergradient")
     if bad:
         raise RunFailed(f"the search diverged at step {step} (epoch {epoch + 1}): {bad[0]} is not finite; the run is "
-                        f"not finished and its last good checkpoint is kept; lower search.lr or search.arch_lr and "
+                        f"not finished and its last good checkpoint is kept; lower optimizer.lr or arch_optimizer.lr and "
                         f"start again")
 
 
@@ -198,9 +184,9 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
         if len(m) < s.batch_size:
             raise IlnasError(f"task {m.task.name} has a split of {len(m)} images, fewer than "
                              f"search.batch_size={s.batch_size}")
-    phases = plan_phases(cfg)
+    method = create_method(cfg)
     prog = Progress(**ckpt["progress"]) if ckpt else Progress()
-    probe_supernet(cfg, tasks, phases, val, device, dtype)
+    probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
 
     with RunDir.open(out, "search", config, resume, force) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
@@ -210,19 +196,19 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
         writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step + 1 if resume else None)
         try:
             with run.out_of_memory("search.batch_size"):
-                genotype = _search(SearchContext(cfg, tasks, train, val, run, writer, device, dtype, progress),
-                                   phases, prog, ckpt)
+                genotype = _search(SearchContext(cfg, method, tasks, train, val, run, writer, device, dtype,
+                                                 progress), prog, ckpt)
         finally:
             writer.close()
     return genotype
 
 
-def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phases: list[Phase], val: Sequence[BatchMaker],
+def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, val: Sequence[BatchMaker],
                    device: torch.device, dtype: torch.dtype) -> None:
     """One forward pass of the first phase's supernet on two images of each task, with the random state
     untouched: a shape that cannot work is refused here, before the run directory changes."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        nets, _, _ = build_nets(cfg, tasks, phases[0].layers, Progress(), device, dtype)
+        nets, _, _ = build_nets(cfg, tasks, phase.layers, Progress(), device, dtype)
         arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
                                                        torch.Generator().manual_seed(0), dtype)]
         for net, maker in zip(nets, val):
@@ -236,20 +222,19 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phases: list[Pha
                                  f"({str(e).splitlines()[0][:120]})") from None
 
 
-def _search(ctx: SearchContext, phases: list[Phase], prog: Progress, ckpt: dict | None) -> Genotype:
-    cfg, run = ctx.cfg, ctx.run
+def _search(ctx: SearchContext, prog: Progress, ckpt: dict | None) -> Genotype:
+    cfg, run, method = ctx.cfg, ctx.run, ctx.method
+    phases = method.phases
     for p in range(prog.phase, len(phases)):
-        state = _run_phase(ctx, phases, prog, ckpt["state"] if ckpt and prog.epoch else None)
+        state = _run_phase(ctx, prog, ckpt["state"] if ckpt and prog.epoch else None)
         ckpt = None
         normal, reduce = ranking_weights(state.arch)
-        if p + 1 < len(phases):  # P-DARTS: prune to the next phase's op count; fresh everything
-            prog.normal_ops = prune_ops(normal, prog.normal_ops, phases[p + 1].ops_per_edge)
-            prog.reduce_ops = prune_ops(reduce, prog.reduce_ops, phases[p + 1].ops_per_edge)
-        elif cfg.search.method == "pdarts":
-            prog.final_genotype = limit_skips(normal, reduce, prog.normal_ops, prog.reduce_ops,
-                                              cfg.pdarts.max_skips).to_string()
+        if p + 1 < len(phases):  # the next phase: its candidate ops; fresh weights and architecture
+            prog.normal_ops = method.next_ops(normal, prog.normal_ops, p + 1)
+            prog.reduce_ops = method.next_ops(reduce, prog.reduce_ops, p + 1)
         else:
-            prog.final_genotype = derive_genotype(normal, reduce, prog.normal_ops, prog.reduce_ops).to_string()
+            prog.final_genotype = method.final_genotype(normal, reduce, prog.normal_ops,
+                                                        prog.reduce_ops).to_string()
         prog.phase, prog.epoch = p + 1, 0
         _checkpoint(run, prog, state)  # the ended phase's state: kept for the record, not resumed
     ctx.writer.flush()
@@ -267,7 +252,7 @@ def _search(ctx: SearchContext, phases: list[Phase], prog: Progress, ckpt: dict 
 def _require_finite(state: SearchState, prog: Progress) -> None:
     if not state_is_finite(state):
         raise RunFailed(f"the search diverged by step {prog.global_step}: its weights are not finite; the run is "
-                        f"not finished and its last good checkpoint is kept; lower search.lr and start again")
+                        f"not finished and its last good checkpoint is kept; lower optimizer.lr and start again")
 
 
 def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
@@ -276,24 +261,23 @@ def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
                          "metrics_lines": run.metrics_lines()})
 
 
-def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_state: dict | None) -> SearchState:
+def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> SearchState:
     """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture."""
-    s, phase = ctx.cfg.search, phases[prog.phase]
-    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, phase.layers, prog, ctx.device, ctx.dtype)
-    learners = [Learner(t.name, net.loss) for t, net in zip(ctx.tasks, nets)]
+    s, phases = ctx.cfg.search, ctx.method.phases
+    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, phases[prog.phase].layers, prog, ctx.device,
+                                                    ctx.dtype)
     state = init_state(ctx.cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
     if saved_state is not None:
         load_state_dict(state, saved_state, ctx.device)
     steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in ctx.train)
-    ecfg = engine_config(s)
     tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
     for epoch in range(prog.epoch, s.epochs):
         t_epoch = time.perf_counter()
-        lr = cosine(epoch, s.epochs, s.lr, s.lr_min)
-        dropout = skip_dropout_rate(phase.skip_dropout, epoch, s.epochs, s.warmup_epochs,
-                                    ctx.cfg.pdarts.dropout_decay)
-        nets[0].encoder.set_skip_dropout(dropout)
+        lr = ctx.cfg.optimizer.lr_at(epoch, s.epochs)
+        dropout = ctx.method.skip_dropout(prog.phase, epoch, s.epochs, s.warmup_epochs)
+        learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout))
+                    for t, net in zip(ctx.tasks, nets)]
         torch.manual_seed(derive_seed(s.seed, prog.phase, epoch))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
         streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0)),
@@ -304,8 +288,8 @@ def _run_phase(ctx: SearchContext, phases: list[Phase], prog: Progress, saved_st
         for _ in bar:
             t0 = time.perf_counter()
             batches = [(next(tr), next(va)) for tr, va in streams]
-            metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches], ecfg, lr,
-                                  update_arch)
+            metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
+                                  ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch)
             prog.global_step += 1
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ilnas.config import EvalRunConfig
-from ilnas.data.tasks import DataSource
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
@@ -26,7 +25,6 @@ from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
 from ilnas.train import distributed
-from ilnas.train.schedules import learning_rate
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
@@ -54,8 +52,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         torch.use_deterministic_algorithms(True)
     shard = Sharding(t.batch_size // process.world, process.rank, process.world, process.device, t.seed,
                      t.steps_per_epoch)
-    source = DataSource(cfg.data.data_dir, cfg.data.download, cfg.data.verify, cfg.data.image_size)
-    data = create_train_data(cfg.data.tasks[0], source, shard, cutout=t.cutout, resolution=t.resolution,
+    data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
@@ -65,7 +62,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     cuda = process.device.type == "cuda"
     memory_format = torch.channels_last if (cuda and t.channels_last) else torch.contiguous_format
     model = model.to(process.device, memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    sgd = cfg.optimizer
+    optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
     start_epoch, best, elapsed = 0, 0.0, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -135,24 +133,24 @@ class TrainLoop:
     def epoch(self, epoch: int, best: float, elapsed: float, writer) -> tuple[dict, float, float]:
         t, model, run, process = self.cfg.train, self.model, self.run, self.process
         t0 = time.perf_counter()
-        lr = learning_rate(t.schedule, epoch, t.epochs, t.lr, t.lr_min, t.warmup_epochs, t.step_size, t.gamma)
+        lr = self.cfg.optimizer.lr_at(epoch, t.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        model.drop_path_prob = self.cfg.network.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
+        drop_path_rate = self.cfg.network.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
         torch.manual_seed(derive_seed(t.seed, epoch, process.rank))  # drop-path masks, loader workers
-        train = _train_epoch(self.ddp, self.data, self.optimizer, epoch, self.cfg, self.autocast, self.memory_format,
-                             process, self.progress)
+        train = _train_epoch(self.ddp, self.data, self.optimizer, epoch, drop_path_rate, self.cfg, self.autocast,
+                             self.memory_format, process, self.progress)
         train_time = time.perf_counter() - t0
         test = evaluate(model, self.data, self.autocast, self.memory_format, process)
         elapsed += time.perf_counter() - t0
         best = max(best, test["top1"])
-        record = {"kind": "epoch", "epoch": epoch, "lr": lr, "drop_path": model.drop_path_prob, **train,
+        record = {"kind": "epoch", "epoch": epoch, "lr": lr, "drop_path": drop_path_rate, **train,
                   **{f"test_{k}": v for k, v in test.items()}, "images_per_s": train["images"] / train_time,
                   "epoch_time": time.perf_counter() - t0}
         if run is not None:
             if not all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point()):
                 raise RunFailed(f"training diverged in epoch {epoch + 1}: the weights are not finite; the run is not "
-                                f"finished and its last good checkpoint is kept; lower train.lr and start again")
+                                f"finished and its last good checkpoint is kept; lower optimizer.lr and start again")
             run.log(record)
             for key in ("train_loss", "train_acc", "test_top1", "test_top5", "lr", "images_per_s"):
                 if key in record:
@@ -186,7 +184,7 @@ def _finish(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, model: torc
 
 
 def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, epoch: int,
-                 cfg: EvalRunConfig, autocast, memory_format, process: distributed.Process,
+                 drop_path_rate: float, cfg: EvalRunConfig, autocast, memory_format, process: distributed.Process,
                  progress: bool) -> dict:
     t, aux_weight = cfg.train, cfg.network.auxiliary_weight
     ddp.train()
@@ -196,19 +194,19 @@ def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.O
     for x, y in bar:
         x = x.contiguous(memory_format=memory_format)
         with autocast():
-            logits, aux = ddp(x)
+            logits, aux = ddp(x, drop_path_rate=drop_path_rate)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
             if aux is not None and aux_weight > 0:
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), y, label_smoothing=t.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if t.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), t.grad_clip)
+        if cfg.optimizer.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
         value = float(loss.detach())
         if not math.isfinite(value):
             raise RunFailed(f"training diverged in epoch {epoch + 1}: the loss is {value}; the run is not finished "
-                            f"and its last good checkpoint is kept; lower train.lr and start again")
+                            f"and its last good checkpoint is kept; lower optimizer.lr and start again")
         loss_sum += value * len(y)
         correct += float((logits.argmax(-1) == y).sum())
         seen += len(y)

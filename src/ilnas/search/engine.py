@@ -19,9 +19,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ilnas.errors import IlnasError
+from ilnas.optim import SGD
+from ilnas.search.config import EngineConfig
 from ilnas.search.coupling import Coupling, create_coupling
 from ilnas.search.hvp import StageLoss, create_hvp
-from ilnas.search.tensors import Tensors, axpy, detached, grad, norm, zeros_like
+from ilnas.search.tensors import Tensors, axpy, detached, grads, norm, zeros_like
 
 Batch = Any
 LossFn = Callable[[Tensors, Tensors, Tensors, Batch], torch.Tensor]  # (arch, w, h, batch) -> scalar
@@ -33,33 +35,6 @@ class Learner:
 
     name: str
     loss: LossFn
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Args:
-        order: 1 drops the Hessian terms (first-order DARTS), 2 differentiates the unrolled chain.
-        hvp: 'fd' (central differences, eps / ||v||) or 'exact' (double backward).
-        coupling, lam: how a stage is pulled towards the previous one (see coupling.py).
-        update_order: 'alg1' commits the unrolled weights of the step (paper Algorithm 1);
-            'darts' updates A first, then recomputes the weight step at the new A (official DARTS).
-        virtual_momentum: momentum and weight decay enter the virtual step (official DARTS).
-        train_weights, val_weights: per-learner loss weights (beta and alpha of Eq. 10).
-    """
-
-    order: int = 2
-    hvp: str = "fd"
-    fd_eps: float = 0.01
-    coupling: str = "prox"
-    lam: float = 100.0
-    allow_unstable: bool = False
-    update_order: str = "alg1"
-    virtual_momentum: bool = True
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    grad_clip: float | None = 5.0
-    train_weights: tuple[float, ...] | None = None
-    val_weights: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -108,19 +83,44 @@ class UnrolledStage:
     train_loss: float
 
 
-def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch],
-                val: Sequence[Batch], cfg: EngineConfig, lr: float, update_arch: bool = True) -> dict[str, Any]:
-    """One iteration over all stages; train[k], val[k] are learner k's batches. Returns metrics.
-    ``update_arch=False`` is a weight-only step (the warm-up epochs of P-DARTS and PC-DARTS)."""
-    coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
+@dataclass(frozen=True)
+class StepRule:
+    """What one iteration's arithmetic is fixed by: the engine settings, the SGD being unrolled and
+    committed (momentum, weight decay, clipping), this epoch's learning rate eta and the coupling."""
+
+    cfg: EngineConfig
+    sgd: SGD
+    lr: float
+    coupling: Coupling
+
+    @classmethod
+    def create(cls, cfg: EngineConfig, sgd: SGD, lr: float) -> StepRule:
+        virtual_wd = sgd.weight_decay if cfg.virtual_momentum else 0.0
+        return cls(cfg, sgd, lr, create_coupling(cfg.coupling, lr, cfg.lam, virtual_wd, cfg.allow_unstable))
+
+    @property
+    def virtual_momentum(self) -> float:
+        return self.sgd.momentum if self.cfg.virtual_momentum else 0.0
+
+    @property
+    def virtual_wd(self) -> float:
+        return self.sgd.weight_decay if self.cfg.virtual_momentum else 0.0
+
+
+def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
+                cfg: EngineConfig, sgd: SGD, lr: float, update_arch: bool = True) -> dict[str, Any]:
+    """One iteration over all stages; train[k], val[k] are learner k's batches, ``lr`` this epoch's eta
+    of ``sgd``. Returns metrics. ``update_arch=False`` is a weight-only step (the warm-up epochs of
+    P-DARTS and PC-DARTS)."""
+    rule = StepRule.create(cfg, sgd, lr)
     losses = _stage_losses(state, learners, train, cfg)
-    unrolled = unroll(state, losses, coupling, cfg, lr)
+    unrolled = unroll(state, losses, rule)
     metrics: dict[str, Any] = {"train_loss": [u.train_loss for u in unrolled], "lr": lr,
                                "arch_updated": update_arch}
     # alg1: the weight step belongs to the architecture the iteration began with
     arch0 = [a.detach().clone() for a in state.arch]
 
-    def grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
+    def stage_grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
         """alg1: the unrolled step's gradient, or a fresh one where the commit moved its point (under
         ``copy`` the point is the previous stage's committed weights, which clipping moves off W_bar)."""
         point = unrolled[s].w
@@ -129,18 +129,14 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
         return _gradient(losses[s], arch0, w, h)[1:]
 
     if update_arch:
-        hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
+        hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, rule)
         _arch_step(state, hyper)
         metrics.update(val_loss=val_loss, hypergrad_norm=float(norm(hyper)))
         if cfg.update_order == "darts":  # the real weight step recomputed at the new A
-            grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:]  # noqa: E731
-    commit(state, grads, coupling, cfg, lr)
+            stage_grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:]  # noqa: E731
+    commit(state, stage_grads, rule)
     state.step += 1
     return metrics
-
-
-def _virtual_wd(cfg: EngineConfig) -> float:
-    return cfg.weight_decay if cfg.virtual_momentum else 0.0
 
 
 def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequence[Batch],
@@ -155,76 +151,75 @@ def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequ
 def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors) -> tuple[float, Tensors, Tensors]:
     wp, hp = detached(w, True), detached(h, True)
     value = loss(detached(arch), wp, hp)
-    g = torch.autograd.grad(value, wp + hp)
-    return float(value.detach()), list(g[:len(w)]), list(g[len(w):])
+    gw, gh = grads(value, wp, hp)
+    return float(value.detach()), gw, gh
 
 
-def unroll(state: SearchState, losses: Sequence[StageLoss], coupling: Coupling, cfg: EngineConfig,
-           lr: float) -> list[UnrolledStage]:
+def unroll(state: SearchState, losses: Sequence[StageLoss], rule: StepRule) -> list[UnrolledStage]:
     """Steps 1-2: one virtual SGD step per stage, chained through the coupling."""
     out: list[UnrolledStage] = []
-    wd, mom = _virtual_wd(cfg), (cfg.momentum if cfg.virtual_momentum else 0.0)
+    coupling = rule.coupling
     for s, stage in enumerate(state.stages):
         w = out[-1].w_bar if (coupling.grad_at_prev and s > 0) else stage.w
         value, gw, gh = _gradient(losses[s], state.arch, w, stage.h)
-        w_step = _sgd_direction(w, gw, stage.buf_w, mom, wd, lr)
+        w_step = _sgd_direction(w, gw, stage.buf_w, rule)
         w_bar = coupling.combine(w_step, w, out[-1].w_bar) if s > 0 else w_step
-        h_bar = _sgd_direction(stage.h, gh, stage.buf_h, mom, wd, lr)
+        h_bar = _sgd_direction(stage.h, gh, stage.buf_h, rule)
         out.append(UnrolledStage(w, stage.h, gw, gh, w_bar, h_bar, value))
     return out
 
 
-def _sgd_direction(p: Tensors, g: Tensors, buf: Tensors | None, momentum: float, wd: float,
-                   lr: float) -> Tensors:
+def _sgd_direction(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> Tensors:
     """The official DARTS virtual step: p - lr * (momentum * buf + g + wd * p)."""
-    d = [gi + wd * pi for gi, pi in zip(g, p)]
-    if buf is not None and momentum:
-        d = axpy(momentum, buf, d)
-    return axpy(-lr, d, p)
+    d = [gi + rule.virtual_wd * pi for gi, pi in zip(g, p)]
+    if buf is not None and rule.virtual_momentum:
+        d = axpy(rule.virtual_momentum, buf, d)
+    return axpy(-rule.lr, d, p)
 
 
 def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
-                  cfg: EngineConfig, lr: float) -> tuple[Tensors, list[float]]:
+                  cfg: EngineConfig, sgd: SGD, lr: float) -> tuple[Tensors, list[float]]:
     """d/dA of sum_{s in F} alpha_k L^val_s through the whole unrolled chain (paper Eq. 5-9), at the
     state's current weights and batches ``train[k]``, ``val[k]``; the state is not changed.
     Returns (hypergradient, the final round's validation losses)."""
-    coupling = create_coupling(cfg.coupling, lr, cfg.lam, _virtual_wd(cfg), cfg.allow_unstable)
+    rule = StepRule.create(cfg, sgd, lr)
     losses = _stage_losses(state, learners, train, cfg)
-    unrolled = unroll(state, losses, coupling, cfg, lr)
-    return _hypergradient(state, learners, val, losses, unrolled, coupling, cfg, lr)
+    return _hypergradient(state, learners, val, losses, unroll(state, losses, rule), rule)
 
 
 def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
-                   losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage], coupling: Coupling,
-                   cfg: EngineConfig, lr: float) -> tuple[Tensors, list[float]]:
+                   losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
+                   rule: StepRule) -> tuple[Tensors, list[float]]:
     """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses)."""
-    final = final_stages(state, len(learners))
+    cfg = rule.cfg
     arch = detached(state.arch, True)
     second = cfg.order == 2
     hyper = zeros_like(arch)
     g_val: dict[int, tuple[Tensors, Tensors]] = {}
     val_loss = []
-    for s in final:
+    for s in final_stages(state, len(learners)):
         k = state.stages[s].learner
         weight = cfg.val_weights[k] if cfg.val_weights else 1.0
         # First order: at the current weights; second order: at the unrolled ones.
         w, h = ((unrolled[s].w_bar, unrolled[s].h_bar) if second else (state.stages[s].w, state.stages[s].h))
         wp, hp = detached(w, second), detached(h, second)
         value = learners[k].loss(arch, wp, hp, val[k])
-        grads = grad(weight * value, arch + (wp + hp if second else []))
-        hyper = [a + b for a, b in zip(hyper, grads[:len(arch)])]
-        g_val[s] = (list(grads[len(arch):len(arch) + len(w)]), list(grads[len(arch) + len(w):]))
+        if second:
+            d_arch, g_w, g_h = grads(weight * value, arch, wp, hp)
+            g_val[s] = (g_w, g_h)
+        else:
+            (d_arch,) = grads(weight * value, arch)
+        hyper = [a + b for a, b in zip(hyper, d_arch)]
         val_loss.append(float(value.detach()))
     if second:
-        hyper = _chain_terms(hyper, arch, losses, unrolled, g_val, coupling, cfg, lr)
+        hyper = _chain_terms(hyper, arch, losses, unrolled, g_val, rule)
     return hyper, val_loss
 
 
 def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
-                 g_val: dict[int, tuple[Tensors, Tensors]], coupling: Coupling, cfg: EngineConfig,
-                 lr: float) -> Tensors:
+                 g_val: dict[int, tuple[Tensors, Tensors]], rule: StepRule) -> Tensors:
     """Adjoint recursion u_s = 1[s in F] g_s + J^T u_{s+1};  grad_A -= HVP_s((eta_W u_s, eta h_s))."""
-    hvp = create_hvp(cfg.hvp)
+    hvp, coupling, lr = create_hvp(rule.cfg.hvp), rule.coupling, rule.lr
     u: Tensors | None = None
     for s in reversed(range(len(unrolled))):
         g, h_adj = g_val.get(s, (None, None))
@@ -236,7 +231,7 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unr
         w_eta = lr * (coupling.w_scale() if s > 0 else 1.0)
         v_h = [lr * x for x in h_adj] if h_adj is not None else zeros_like(h)
         want_w = coupling.needs_w_hvp and s > 0
-        d_arch, d_w = hvp(losses[s], arch, w, h, [w_eta * x for x in u], v_h, want_w, cfg.fd_eps)
+        d_arch, d_w = hvp(losses[s], arch, w, h, [w_eta * x for x in u], v_h, want_w, rule.cfg.fd_eps)
         hyper = [a - b for a, b in zip(hyper, d_arch)]
         u = coupling.adjoint(u, d_w) if s > 0 else None
     return hyper
@@ -249,47 +244,54 @@ def _arch_step(state: SearchState, hyper: Tensors) -> None:
     state.arch_optimizer.zero_grad(set_to_none=True)
 
 
-def commit(state: SearchState, grads: Callable[[int, Tensors, Tensors], tuple[Tensors, Tensors]],
-           coupling: Coupling, cfg: EngineConfig, lr: float) -> None:
+def commit(state: SearchState, stage_grads: Callable[[int, Tensors, Tensors], tuple[Tensors, Tensors]],
+           rule: StepRule) -> None:
     """Step 5: the real updates, stage by stage: SGD (momentum, weight decay, gradient clipping)
     on the stage's own loss, then the coupling towards the previous stage's new weights."""
     prev: Tensors | None = None
+    coupling = rule.coupling
     for s, stage in enumerate(state.stages):
         w = prev if (coupling.grad_at_prev and s > 0) else stage.w
-        gw, gh = grads(s, w, stage.h)
-        gw, gh = _clip(gw + gh, cfg.grad_clip, len(gw))
-        new_w, stage.buf_w = _sgd(w, gw, stage.buf_w, cfg, lr)
-        stage.h, stage.buf_h = _sgd(stage.h, gh, stage.buf_h, cfg, lr)
+        gw, gh = _clip(*stage_grads(s, w, stage.h), max_norm=rule.sgd.grad_clip)
+        new_w, stage.buf_w = _sgd(w, gw, stage.buf_w, rule)
+        stage.h, stage.buf_h = _sgd(stage.h, gh, stage.buf_h, rule)
         stage.w = coupling.combine(new_w, w, prev) if s > 0 else new_w
         stage.w = detached(stage.w)
         prev = stage.w
 
 
-def _clip(g: Tensors, max_norm: float | None, split: int) -> tuple[Tensors, Tensors]:
+def _clip(gw: Tensors, gh: Tensors, max_norm: float | None) -> tuple[Tensors, Tensors]:
+    """Clip the stage's gradient (encoder and head together) to norm ``max_norm``, as clip_grad_norm_."""
     if max_norm is not None:
-        total = float(norm(g))
+        total = float(norm(gw + gh))
         if total > max_norm:
-            g = [x * (max_norm / (total + 1e-6)) for x in g]
-    return g[:split], g[split:]
+            factor = max_norm / (total + 1e-6)
+            return [x * factor for x in gw], [x * factor for x in gh]
+    return gw, gh
 
 
-def _sgd(p: Tensors, g: Tensors, buf: Tensors | None, cfg: EngineConfig, lr: float) -> tuple[Tensors, Tensors]:
+def _sgd(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> tuple[Tensors, Tensors]:
     """torch.optim.SGD semantics: buf = momentum * buf + (g + wd * p); p = p - lr * buf."""
-    d = [gi + cfg.weight_decay * pi for gi, pi in zip(g, p)]
-    buf = d if buf is None else axpy(cfg.momentum, buf, d)
-    return detached(axpy(-lr, buf, p)), detached(buf)
+    d = [gi + rule.sgd.weight_decay * pi for gi, pi in zip(g, p)]
+    buf = d if buf is None else axpy(rule.sgd.momentum, buf, d)
+    return detached(axpy(-rule.lr, buf, p)), detached(buf)
 
 
 def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None:
     """Refuse settings the engine cannot run, before any run directory is touched."""
     if cfg.order not in (1, 2):
-        raise IlnasError(f"order must be 1 or 2, got {cfg.order}")
+        raise IlnasError(f"engine.order must be 1 or 2, got {cfg.order}")
     if cfg.update_order not in ("alg1", "darts"):
-        raise IlnasError(f"update_order must be 'alg1' or 'darts', got {cfg.update_order!r}")
+        raise IlnasError(f"engine.update_order must be alg1 or darts, got {cfg.update_order!r}")
     if cfg.lam < 0:
-        raise IlnasError(f"lambda must be >= 0, got {cfg.lam}")
+        raise IlnasError(f"engine.lam (lambda) must be >= 0, got {cfg.lam}")
+    if cfg.fd_eps <= 0:
+        raise IlnasError(f"engine.fd_eps must be positive, got {cfg.fd_eps}")
     create_hvp(cfg.hvp)
     create_coupling(cfg.coupling, max_lr, cfg.lam, 0.0, cfg.allow_unstable)
-    for name, weights in (("train_weights", cfg.train_weights), ("val_weights", cfg.val_weights)):
+    for name in ("train_weights", "val_weights"):
+        weights = getattr(cfg, name)
         if weights is not None and len(weights) != num_learners:
-            raise IlnasError(f"{name} has {len(weights)} entries for {num_learners} learners")
+            raise IlnasError(f"engine.{name} has {len(weights)} entries for {num_learners} learners")
+        if any(x < 0 for x in weights or ()):
+            raise IlnasError(f"engine.{name} must be >= 0, got {list(weights)}")

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.search.tensors import Tensors, axpy, detached, grad, norm
+from ilnas.search.tensors import Tensors, axpy, detached, grads, norm
 
 StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
 HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
@@ -38,14 +38,14 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
         return [torch.zeros_like(a) for a in arch], ([torch.zeros_like(x) for x in w] if want_w else None)
     r = eps / vnorm
 
-    def grads_at(sign: float) -> Tensors:
+    def grads_at(sign: float) -> list[Tensors]:
         wp = detached(axpy(sign * r, v_w, w), requires_grad=want_w)
         hp = axpy(sign * r, v_h, h)
-        return grad(loss(arch, wp, hp), arch + (wp if want_w else []))
+        return grads(loss(arch, wp, hp), arch, wp if want_w else [])
 
-    plus, minus = grads_at(1.0), grads_at(-1.0)
-    diff = [(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
-    return diff[:len(arch)], (diff[len(arch):] if want_w else None)
+    d_arch, d_w = ([(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
+                   for plus, minus in zip(grads_at(1.0), grads_at(-1.0)))
+    return d_arch, (d_w if want_w else None)
 
 
 @register_hvp
@@ -55,5 +55,5 @@ def exact(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, 
     wp, hp = detached(w, requires_grad=True), detached(h, requires_grad=True)
     g = torch.autograd.grad(loss(arch, wp, hp), wp + hp, create_graph=True)
     dot = sum((gi * vi).sum() for gi, vi in zip(g, v_w + v_h))
-    out = grad(dot, arch + (wp if want_w else []))
-    return out[:len(arch)], (out[len(arch):] if want_w else None)
+    d_arch, d_w = grads(dot, arch, wp if want_w else [])
+    return d_arch, (d_w if want_w else None)

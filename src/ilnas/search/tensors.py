@@ -32,3 +32,13 @@ def grad(output: torch.Tensor, inputs: Tensors, **kwargs) -> Tensors:
     alphas of a supernet that is all reduction cells)."""
     out = torch.autograd.grad(output, inputs, allow_unused=True, **kwargs)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(out, inputs)]
+
+
+def grads(output: torch.Tensor, *groups: Tensors, **kwargs) -> list[Tensors]:
+    """``grad`` with respect to several weight sets in one backward pass, returned one list per set."""
+    flat = grad(output, [t for g in groups for t in g], **kwargs)
+    out, start = [], 0
+    for g in groups:
+        out.append(flat[start:start + len(g)])
+        start += len(g)
+    return out

@@ -75,8 +75,6 @@ class _Network(nn.Module):
     """Shared body: cells, auxiliary head, pooling, classifier. Subclasses add the stem and ``_stem``
     (input -> the first two cell inputs)."""
 
-    drop_path_prob: float = 0.0
-
     def _build_cells(self, genotype: Genotype, layers: int, c_prev_prev: int, c_prev: int, channels: int,
                      reduction_prev: bool) -> None:
         cells, c_curr, self.aux_after = [], channels, 2 * layers // 3
@@ -94,11 +92,13 @@ class _Network(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.out_features = c_prev
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, drop_path_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (logits, auxiliary logits or None); ``drop_path_rate``: the rate of dropping each cell's
+        non-identity paths (training mode only; DARTS ramps it up linearly over the epochs)."""
         s0, s1 = self._stem(x)
         aux = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, drop_path_rate)
             if i == self.aux_after and self.auxiliary is not None and self.training:
                 aux = self.auxiliary(s1)
         return self.classifier(torch.flatten(self.global_pool(s1), 1)), aux

@@ -45,7 +45,7 @@ class MixedOp(nn.Module):
 
     With ``partial_channels`` K > 1 (PC-DARTS) only the first C/K channels go through the ops; the
     rest bypass them (max-pooled on reduction edges) and a channel shuffle with K groups follows.
-    ``skip_dropout`` (P-DARTS) is dropout after identity ops, set by the search per epoch.
+    ``skip_dropout`` (P-DARTS) is the rate of dropout after identity ops, given with every call.
     """
 
     def __init__(self, channels: int, stride: int, primitives: Sequence[str], partial_channels: int = 1):
@@ -55,15 +55,15 @@ class MixedOp(nn.Module):
         self.k, self.stride = partial_channels, stride
         self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False) for p in primitives)
         self.identity = [isinstance(op, nn.Identity) for op in self.ops]
-        self.skip_dropout = 0.0
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # weights: (O,)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, skip_dropout: float = 0.0) -> torch.Tensor:
+        # weights: (O,)
         active = x if self.k == 1 else x[:, :x.shape[1] // self.k]
         out = 0
         for w, op, identity in zip(weights, self.ops, self.identity):
             y = op(active)
-            if identity and self.skip_dropout > 0:
-                y = F.dropout(y, self.skip_dropout, training=self.training)
+            if identity and skip_dropout > 0:
+                y = F.dropout(y, skip_dropout, training=self.training)
             out = out + w * y
         if self.k == 1:
             return out
@@ -86,14 +86,14 @@ class SearchCell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels) for s, ops in zip(strides, edge_ops))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                edge_weights: torch.Tensor | None = None) -> torch.Tensor:
+                edge_weights: torch.Tensor | None = None, skip_dropout: float = 0.0) -> torch.Tensor:
         # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first); edge_weights: (E,)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for _ in range(self.nodes):
             node = 0
             for j, h in enumerate(states):
-                y = self.edges[offset + j](h, weights[offset + j])
+                y = self.edges[offset + j](h, weights[offset + j], skip_dropout)
                 node = node + (y if edge_weights is None else edge_weights[offset + j] * y)
             offset += len(states)
             states.append(node)
@@ -142,19 +142,16 @@ class Supernet(nn.Module):
     def num_ops(self) -> int:
         return len(self.normal_ops[0])
 
-    def set_skip_dropout(self, p: float) -> None:
-        for m in self.modules():
-            if isinstance(m, MixedOp):
-                m.skip_dropout = p
-
     def forward(self, x: torch.Tensor, normal: torch.Tensor, reduce: torch.Tensor,
-                normal_edges: torch.Tensor | None = None, reduce_edges: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None.
+                normal_edges: torch.Tensor | None = None, reduce_edges: torch.Tensor | None = None,
+                skip_dropout: float = 0.0) -> torch.Tensor:
+        """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None;
+        skip_dropout: P-DARTS's dropout rate after skip-connects (training mode only).
         Returns (N, out_features)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             w, e = (reduce, reduce_edges) if cell.reduction else (normal, normal_edges)
-            s0, s1 = s1, cell(s0, s1, w, e)
+            s0, s1 = s1, cell(s0, s1, w, e, skip_dropout)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)
 
 

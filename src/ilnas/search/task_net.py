@@ -1,4 +1,5 @@
-"""A supernet plus one task head, evaluated as a pure function of (arch, weights, head weights, x).
+"""A learner of the search: the supernet plus one task head, evaluated as a pure function of
+(arch, encoder weights, head weights, x), which is what the engine's loss functions take.
 
 One module instance serves every weight set (``torch.func.functional_call``), so the search can keep
 as many stages as it likes without deep copies of the network.
@@ -35,13 +36,17 @@ class FunctionalTaskNet:
         self.encoder_names = [n for n, _ in encoder.named_parameters()]
         self.head_names = [n for n, _ in head.named_parameters()]
 
-    def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor) -> torch.Tensor:
-        feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, *arch_weights(arch)))
+    def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor,
+               skip_dropout: float = 0.0) -> torch.Tensor:
+        feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, *arch_weights(arch)),
+                                {"skip_dropout": skip_dropout})
         return functional_call(self.head, dict(zip(self.head_names, h)), (feats,))
 
-    def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor],
+             skip_dropout: float = 0.0) -> torch.Tensor:
+        """The engine's loss of a learner: cross-entropy of the logits."""
         x, y = batch
-        return F.cross_entropy(self.logits(arch, w, h, x), y)
+        return F.cross_entropy(self.logits(arch, w, h, x, skip_dropout), y)
 
 
 def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:
