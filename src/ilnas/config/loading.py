@@ -1,0 +1,254 @@
+"""Where settings come from: the defaults of the schema <- a preset (after the base presets it names)
+<- a --config file <- --set overrides, merged section by section, coerced to the schema's types and
+validated. Safe YAML only (no aliases), size-limited files, one-line errors."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from ilnas.config.schema import KINDS, RunConfig, validate
+from ilnas.errors import IlnasError
+
+MAX_CONFIG_BYTES = 1 << 20
+
+# Settings that have moved to their own section: a config file written for the flat layout gets a pointer.
+MOVED = {**{f"search.{k}": f"engine.{k}" for k in ("order", "hvp", "fd_eps", "coupling", "lam", "allow_unstable",
+                                                     "update_order", "virtual_momentum", "train_weights", "val_weights")},
+         **{f"{s}.{k}": f"optimizer.{k}" for s in ("search", "train") for k in (
+             "lr", "lr_min", "momentum", "weight_decay", "grad_clip", "schedule", "step_size", "gamma")},
+         "train.warmup_epochs": "optimizer.warmup_epochs",
+         **{f"search.arch_{k}": f"arch_optimizer.{k}" for k in ("lr", "betas", "weight_decay")}}
+
+
+# --- presets ----------------------------------------------------------------------------------
+
+def _preset_dir():
+    return resources.files("ilnas").joinpath("presets")
+
+
+def list_presets() -> dict[str, str]:
+    """name -> description, for every preset that ships with ilnas (base presets, named ``_*``, aside)."""
+    out = {}
+    for f in sorted(_preset_dir().iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml") and not f.name.startswith("_"):
+            out[f.name[:-5]] = (yaml.safe_load(f.read_text()) or {}).get("description", "")
+    return out
+
+
+def load_preset(name: str) -> dict:
+    """A preset's own mapping (its ``base``, if any, not yet applied)."""
+    f = _preset_dir().joinpath(f"{name}.yaml")
+    if not isinstance(name, str) or not re.fullmatch(r"_?[a-z0-9][a-z0-9-]*", name) or not f.is_file():
+        raise IlnasError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    return load_yaml(f.read_text()) or {}
+
+
+def _with_bases(layer: dict, where: str, seen: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
+    """A preset or config file preceded by the chain of base presets it names (``base: NAME``)."""
+    own = {k: v for k, v in layer.items() if k != "base"}
+    if "base" not in layer:
+        return [(own, where)]
+    base = layer["base"]
+    if not isinstance(base, str) or base in seen:
+        raise IlnasError(f"{where}: base {base!r} is not a preset name or repeats one ({' -> '.join(seen)})")
+    return _with_bases(load_preset(base), f"preset {base}", (*seen, base)) + [(own, where)]
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few lines of nested aliases expand to billions of entries."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse configuration YAML: safe types only, no aliases."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
+def _load_file(path: str) -> dict:
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise IlnasError(f"config file {path} does not exist or is not a file")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise IlnasError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        data = load_yaml(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise IlnasError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise IlnasError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        raise IlnasError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise IlnasError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+# --- merging ------------------------------------------------------------------------------------------
+
+def _sections() -> set[str]:
+    """The names of the configuration's sections (data, search, train, ...)."""
+    return {f.name for cls in KINDS.values() for f in dataclasses.fields(cls) if f.name not in ("kind", "description")}
+
+
+def _merge(into: dict, layer: dict, where: str) -> None:
+    """Sections merge key by key; a section given as anything but a mapping is an error, not a reset."""
+    for section, values in layer.items():
+        if section not in _sections():
+            into[section] = values  # "kind", "description", or an unknown key that from_dict reports
+            continue
+        if values is None:  # an empty section ("search:" with nothing below)
+            values = {}
+        if not isinstance(values, dict):
+            raise IlnasError(f"{where}: section {section!r} must be a mapping of settings, got {values!r}"[:200])
+        into[section] = {**into.get(section, {}), **values}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'engine.lam=10' -> (['search', 'lam'], 10). The value is read as YAML (numbers, lists, null)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise IlnasError(f"malformed --set {text!r}: expected section.key=value, e.g. engine.lam=10")
+    try:
+        parsed = load_yaml(value) if value.strip() else ""
+    except yaml.YAMLError:
+        raise IlnasError(f"malformed --set {text!r}: the value is not valid YAML") from None
+    return key.strip().split("."), parsed
+
+
+def _set_nested(d: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise IlnasError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except IlnasError as e:
+                errors.append(str(e))
+        raise IlnasError(errors[0] if errors else f"{where} may not be null")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise IlnasError(f"{where} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise IlnasError(f"{where} must have {len(args)} entries, got {len(value)}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise IlnasError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise IlnasError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise IlnasError(f"{where} must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise IlnasError(f"{where} must be a finite number, got {value}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise IlnasError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    raise IlnasError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data`` over its defaults; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise IlnasError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown and where + unknown[0] in MOVED:
+        raise IlnasError(f"config key {where + unknown[0]!r} is now {MOVED[where + unknown[0]]!r}")
+    if unknown:
+        raise IlnasError(f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
+                         f"{', '.join(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-friendly dict (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
+            kind: str | None = "search") -> RunConfig:
+    """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- --set,
+    then validation. ``kind=None`` takes whichever kind the preset or file declares (default search)."""
+    layers: list[tuple[dict, str]] = []
+    if preset is not None:
+        if not preset.strip():
+            raise IlnasError("--preset is empty; name a preset (see `ilnas presets`)")
+        if preset.startswith("_"):
+            raise IlnasError(f"{preset} is a base preset: name it as `base: {preset}` in a preset or config file")
+        layers += _with_bases(load_preset(preset), f"preset {preset}", (preset,))
+    if config_file is not None:
+        data = _load_file(config_file)
+        if "base" in data and preset is not None:
+            raise IlnasError(f"config file {config_file} names a base preset; drop --preset")
+        layers += _with_bases(data, f"config file {config_file}")
+    user: dict = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_nested(user, keys, value)
+    merged: dict = {}
+    for layer, where in [*layers, (user, "--set")]:
+        _merge(merged, layer, where)
+    from_preset = preset is not None or len(layers) > 1
+    found_kind = merged.get("kind", "search" if from_preset or kind is None else kind)  # presets say "kind: eval"
+    if kind is not None and found_kind != kind:
+        raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
+    if found_kind not in KINDS:
+        raise IlnasError(f"kind must be one of {', '.join(KINDS)}, got {found_kind!r}")
+    cfg = from_dict(KINDS[found_kind], merged)
+    validate(cfg)
+    return cfg
