@@ -32,7 +32,7 @@ from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
-from ilnas.train.distributed import pick_device
+from ilnas.distributed import pick_device
 
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 

@@ -24,7 +24,7 @@ from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
-from ilnas.train import distributed
+from ilnas import distributed
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
