@@ -5,14 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SEARCH3, TRAIN_ARGS, ilnas
+from helpers import SEARCH3, TRAIN_ARGS, ilnas, with_report
 
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> Path:
-    """A finished three-epoch demo search (IL, K=2, M=2, two steps an epoch) on a tiny supernet, via the CLI."""
+    """A finished three-epoch demo search (IL, K=2, M=2, two steps an epoch) on a tiny supernet, via the CLI,
+    with its end-of-run report."""
     out = tmp_path_factory.mktemp("runs") / "demo"
-    r = ilnas(*SEARCH3, "--out", str(out))
+    r = ilnas(*with_report(SEARCH3), "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "genotype = Genotype(" in r.stdout
     return out
@@ -22,6 +23,6 @@ def finished_run(tmp_path_factory) -> Path:
 def finished_training(tmp_path_factory) -> Path:
     """A finished three-epoch re-training of DARTS_V2 on the digits (3 cells, C=4), run through the CLI."""
     out = tmp_path_factory.mktemp("runs") / "train"
-    r = ilnas(*TRAIN_ARGS, "--out", str(out))
+    r = ilnas(*with_report(TRAIN_ARGS), "--out", str(out))
     assert r.returncode == 0, r.stderr
     return out

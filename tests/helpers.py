@@ -21,11 +21,12 @@ from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
 
-SHORT_SEARCH = ["--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
+# Short runs skip the end-of-run report (seconds of plotting each); the session fixtures keep it (with_report).
+SHORT_SEARCH = ["--no-report", "--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
                 "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
 # The finished_run fixture: IL on mnist5k + digits (K=2, M=2), 3 epochs of 2 steps.
 SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.steps_per_epoch=2", "--set", "search.epochs=3"]
-TINY_TRAIN = ["--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
+TINY_TRAIN = ["--no-report", "--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",
               "--set", "train.steps_per_epoch=3", "--set", "train.epochs=2", "--quiet"]
 # The finished_training fixture: DARTS_V2 re-trained on the digits, 3 cells, C=4, 3 epochs of 3 steps.
 TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
@@ -116,6 +117,11 @@ def smooth(module: nn.Module) -> nn.Module:
         else:
             smooth(child)
     return module
+
+
+def with_report(args: list[str]) -> list[str]:
+    """The same command, writing plots/ and report.html at its end."""
+    return [a for a in args if a != "--no-report"]
 
 
 @dataclass

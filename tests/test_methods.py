@@ -147,7 +147,8 @@ PRESETS = {("single", "darts"): "darts2nd-cifar10", ("single", "pdarts"): "pdart
 def test_every_combination_searches_and_its_genotype_trains(tmp_path, framework, method):
     cfg = resolve(PRESETS[framework, method], overrides=[*TINY, *FRAMEWORKS[framework]])
     assert cfg.search.framework == framework
-    genotype = run_search(cfg, tmp_path / "search", progress=False)
+    report = (framework, method) == ("il", "pdarts")  # one search draws its report: every phase's cells
+    genotype = run_search(cfg, tmp_path / "search", progress=False, report=report)
     records = [r for r in read_metrics(tmp_path / "search") if r["kind"] == "epoch"]
     phases = 3 if method == "pdarts" else 1
     assert len(records) == 2 * phases and [r["arch_updated"] for r in records[:2]] == [False, True]
@@ -157,8 +158,13 @@ def test_every_combination_searches_and_its_genotype_trains(tmp_path, framework,
     assert ("p0/betas_normal" in history) == (method == "pcdarts")
     if method == "pdarts":
         assert history["p1/alphas_normal"].shape == (2, 14, 5) and history["p2/alphas_normal"].shape == (2, 14, 3)
+        assert history["p1/normal_ops"].shape == (14, 5) and history["p2/reduce_ops"].shape == (14, 3)
+    if report:
+        plots = {p.name for p in (tmp_path / "search" / "plots").iterdir()}
+        assert {f"cell_phase{p}_{c}.svg" for p in (1, 2, 3) for c in ("normal", "reduce")} <= plots
+        assert {f"alphas_p{p}_{c}.png" for p in (0, 1, 2) for c in ("normal", "reduce")} <= plots
     train_cfg = resolve("eval-digits", kind="eval", overrides=[
         "data.tasks=[digits]", "network.layers=3", "network.channels=4", "train.epochs=1",
         "train.steps_per_epoch=1", "train.batch_size=8"])
-    result = run_train(train_cfg, genotype, tmp_path / "train", progress=False)
+    result = run_train(train_cfg, genotype, tmp_path / "train", progress=False, report=False)
     assert result["genotype"] == genotype.to_string() and result["params"] > 0

@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     s.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
 
     t = sub.add_parser("train", help="re-train a genotype from scratch (torchrun for several GPUs)")
     t.add_argument("--genotype", help="zoo name, genotype.json, search run directory, or Genotype(...) literal")
@@ -43,8 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
 
     sub.add_parser("presets", help="list the presets")
+
+    pl = sub.add_parser("plot", help="draw a run's cells, curves and alphas into plots/ and report.html")
+    pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (search or training)")
 
     c = sub.add_parser("config", help="print the fully resolved configuration of a preset, file and --set")
     c.add_argument("preset", nargs="?", help="a preset name (default: demo, unless --config is given)")
@@ -89,7 +94,8 @@ def _search(args: argparse.Namespace) -> None:
 
     cfg, out = _config_and_out(args, "search", "demo", "")
     print(f"run directory: {out}", flush=True)
-    genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet,
+                          report=not args.no_report)
     print(f"genotype = {genotype.to_string()}")
 
 
@@ -109,7 +115,7 @@ def _train(args: argparse.Namespace) -> None:
         found = Path(args.genotype)  # a search run or a file: recorded as an absolute path
         source = str(found.resolve()) if args.genotype not in zoo() and found.exists() else args.genotype
     result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet,
-                       genotype_source=source)
+                       genotype_source=source, report=not args.no_report)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
         print(f"run directory: {out}")
         print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
@@ -134,6 +140,13 @@ def _config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(to_dict(resolve(preset, args.config, args.overrides, kind=None)), sort_keys=False), end="")
 
 
+def _plot(args: argparse.Namespace) -> None:
+    from ilnas.recipes.report import make_report
+
+    for run in args.runs:
+        print(f"report: {make_report(Path(run))}")
+
+
 def _describe(args: argparse.Namespace) -> None:
     from ilnas.config import resolve
     from ilnas.recipes.describe import describe
@@ -151,7 +164,8 @@ def _describe(args: argparse.Namespace) -> None:
     print(f"multiply-adds: {info['macs'] / 1e6:.0f}M at {info['resolution']}x{info['resolution']}")
 
 
-COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe}
+COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,
+            "plot": _plot}
 
 
 def _one_line(text: str) -> str:

@@ -48,7 +48,7 @@ def is_finished(path: Path) -> bool:
     return any((Path(path) / name).is_file() for name in FINISHED)
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     """config.yaml as a mapping with a known ``kind``, or a one-line error."""
     f = Path(path) / CONFIG
     try:
@@ -67,7 +67,7 @@ def _first_line(e: BaseException) -> str:
 
 def is_ilnas_run(path: Path) -> bool:
     try:
-        _read_config(path)
+        read_config(path)
         return True
     except IlnasError:
         return False
@@ -112,7 +112,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
     if resume:
         if not (path / CONFIG).is_file():
             raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
-        found = _read_config(path)["kind"]
+        found = read_config(path)["kind"]
         if found != kind:
             raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `ilnas "
                              f"{'search' if found == 'search' else 'train'} --resume`")
@@ -132,7 +132,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
 def resume_config(path: Path, kind: str) -> Any:
     """The run's validated configuration, for --resume (a training run's genotype is in genotype.json)."""
     check(path, resume=True, force=False, kind=kind)
-    data = {k: v for k, v in _read_config(path).items() if k != "genotype"}
+    data = {k: v for k, v in read_config(path).items() if k != "genotype"}
     try:
         cfg = from_dict(KINDS[kind], data)
         validate(cfg)
@@ -402,6 +402,17 @@ def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
         raise IlnasError(f"{path / CONFIG} differs from the configuration its checkpoint was written with "
                          f"(first at {key}); restore it, or start a new run with --force")
     return payload
+
+
+def read_json(path: Path, name: str) -> dict | None:
+    """A run's JSON file (summary.json, result.json, provenance.json) or None where it is absent."""
+    f = Path(path) / name
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IlnasError(f"{f} cannot be read as JSON ({_first_line(e)})") from None
 
 
 def read_metrics(path: Path) -> list[dict]:

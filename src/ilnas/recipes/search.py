@@ -25,13 +25,14 @@ from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import Learner, SearchState, Stage, final_stages, search_step, stage_learners
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.supernet import Supernet, alpha_entropy, full_edge_ops, init_arch, ranking_weights
+from ilnas.space.supernet import Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights
 from ilnas.distributed import pick_device
 
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
@@ -47,6 +48,7 @@ class Progress:
     normal_ops: list = field(default_factory=full_edge_ops)
     reduce_ops: list = field(default_factory=full_edge_ops)
     history: dict = field(default_factory=dict)  # "p{phase}/{name}" -> list of per-epoch arrays
+    history_ops: dict = field(default_factory=dict)  # "p{phase}/normal_ops" -> the ops of each edge (labels)
     phase_genotypes: list = field(default_factory=list)
     final_genotype: str | None = None  # set once the last phase has ended
     elapsed: float = 0.0
@@ -129,14 +131,28 @@ def state_is_finite(state: SearchState) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-def check_step(metrics: dict, state: SearchState, tasks: Sequence[Task], step: int, epoch: int) -> None:
+def stage_labels(state: SearchState, tasks: Sequence[Task]) -> list[str]:
+    """Each stage's name in the logs: its round and task, e.g. r2/digits."""
+    k = len(tasks)
+    return [f"r{s // k + 1}/{tasks[st.learner].name}" for s, st in enumerate(state.stages)]
+
+
+def label_metrics(metrics: dict, state: SearchState, tasks: Sequence[Task]) -> dict:
+    """The engine's per-stage train losses and per-learner validation losses as mappings named by stage
+    (round/task) and by task, so that every logged value says what it belongs to."""
+    out = {**metrics, "train_loss": dict(zip(stage_labels(state, tasks), metrics["train_loss"]))}
+    if "val_loss" in metrics:
+        finals = final_stages(state, len(tasks))
+        out["val_loss"] = {tasks[state.stages[s].learner].name: v for s, v in zip(finals, metrics["val_loss"])}
+    return out
+
+
+def check_step(metrics: dict, step: int, epoch: int) -> None:
     """Stop a diverging search at the first non-finite loss or hypergradient (values the step has already
     brought to the host; weights and alphas are checked once an epoch, before the checkpoint)."""
-    names = [tasks[st.learner].name for st in state.stages]
-    bad = [f"train loss of stage {i + 1} ({names[i]})" for i, v in enumerate(metrics["train_loss"])
+    bad = [f"train loss of stage {i + 1} ({label})" for i, (label, v) in enumerate(metrics["train_loss"].items())
            if not math.isfinite(v)]
-    bad += [f"validation loss of {tasks[k].name}" for k, v in enumerate(metrics.get("val_loss", []))
-            if not math.isfinite(v)]
+    bad += [f"validation loss of {name}" for name, v in metrics.get("val_loss", {}).items() if not math.isfinite(v)]
     if not math.isfinite(metrics.get("hypergrad_norm", 0.0)):
         bad.append("the hypergradient")
     if bad:
@@ -162,15 +178,25 @@ def accuracy(net: FunctionalTaskNet, arch, stage: Stage, maker: BatchMaker, batc
     return correct / max(total, 1)
 
 
+def arch_history_arrays(prog: Progress) -> dict[str, np.ndarray]:
+    """Per phase: the architecture logits of every epoch, (epochs, E, O) and (epochs, E), with their labels:
+    the candidate ops of each edge (E, O) and each edge's endpoints (E,), e.g. "c_{k-1} -> 2"."""
+    arrays = {k: torch.stack(v).numpy() for k, v in prog.history.items()}
+    arrays.update({k: np.array(v, dtype=str) for k, v in prog.history_ops.items()})
+    arrays["edges"] = np.array(edge_names(), dtype=str)
+    return arrays
+
+
 def current_genotype(state: SearchState, progress: Progress) -> Genotype:
     normal, reduce = ranking_weights(state.arch)
     return derive_genotype(normal, reduce, progress.normal_ops, progress.reduce_ops)
 
 
 def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: bool = False,
-               progress: bool = True) -> Genotype:
+               progress: bool = True, report: bool = True) -> Genotype:
     """Run (or continue) a search into ``out``; returns the final genotype. Everything is validated
-    (run directory, checkpoint against config, device, data, shapes) before anything is written."""
+    (run directory, checkpoint against config, device, data, shapes) before anything is written.
+    ``report``: plots/ and report.html at the end (recipes/report.py)."""
     out = Path(out)
     check(out, resume, force, "search")
     config = config_dict(cfg)
@@ -198,6 +224,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
             with run.out_of_memory("search.batch_size"):
                 genotype = _search(SearchContext(cfg, method, tasks, train, val, run, writer, device, dtype,
                                                  progress), prog, ckpt)
+            if report:
+                report_at_end(run.path, writer)
         finally:
             writer.close()
     return genotype
@@ -291,20 +319,27 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
             metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
                                   ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch)
             prog.global_step += 1
+            metrics = label_metrics(metrics, state, ctx.tasks)
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
             ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
-            check_step(metrics, state, ctx.tasks, prog.global_step, epoch)
-            ctx.writer.add_scalar("search/train_loss", float(np.mean(metrics["train_loss"])), prog.global_step)
-            if update_arch:
-                ctx.writer.add_scalar("search/val_loss", float(np.mean(metrics["val_loss"])), prog.global_step)
-                ctx.writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], prog.global_step)
-            bar.set_postfix(train_loss=f"{np.mean(metrics['train_loss']):.3f}")
+            check_step(metrics, prog.global_step, epoch)
+            _log_step(ctx.writer, metrics, prog.global_step)
+            bar.set_postfix(train_loss=f"{np.mean(list(metrics['train_loss'].values())):.3f}")
         bar.close()
         record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
                   "skip_dropout": dropout, "arch_updated": update_arch}
         _end_epoch(ctx, nets, state, prog, record, time.perf_counter() - t_epoch, tag)
     return state
+
+
+def _log_step(writer, metrics: dict, step: int) -> None:
+    for label, value in metrics["train_loss"].items():
+        writer.add_scalar(f"train_loss/{label}", value, step)
+    for name, value in metrics.get("val_loss", {}).items():
+        writer.add_scalar(f"val_loss/{name}", value, step)
+    if "hypergrad_norm" in metrics:
+        writer.add_scalar("search/hypergrad_norm", metrics["hypergrad_norm"], step)
 
 
 def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchState, prog: Progress,
@@ -334,7 +369,8 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     writer.flush()
     for name, a in zip(ARCH_NAMES, arch):  # a copy: the live alphas move on with every step
         prog.history.setdefault(f"p{prog.phase}/{name}", []).append(a.detach().cpu().float().clone())
-    run.save_arrays("arch_history.npz", {k: torch.stack(v).numpy() for k, v in prog.history.items()})
+    prog.history_ops.update({f"p{prog.phase}/normal_ops": prog.normal_ops, f"p{prog.phase}/reduce_ops": prog.reduce_ops})
+    run.save_arrays("arch_history.npz", arch_history_arrays(prog))
     run.save_genotype(genotype)
     prog.epoch = epoch + 1
     if prog.epoch == s.epochs:

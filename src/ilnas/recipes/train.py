@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype
@@ -28,17 +29,21 @@ from ilnas import distributed
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
-              progress: bool = True, genotype_source: str | None = None) -> dict:
+              progress: bool = True, genotype_source: str | None = None, report: bool = True) -> dict:
     """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
-    ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance."""
+    ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance;
+    ``report``: plots/ and report.html at the end (recipes/report.py)."""
     t = cfg.train
     if t.batch_size % distributed.world_size():
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
     process = distributed.start(t.device)
     try:
-        return _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
+        result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
     finally:
         distributed.stop()
+    if report and process.main:
+        report_at_end(Path(out))
+    return result
 
 
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,

@@ -26,6 +26,16 @@ def num_edges(nodes: int = NODES) -> int:
     return sum(2 + i for i in range(nodes))
 
 
+def node_name(index: int) -> str:
+    """A cell input's name as in the DARTS paper's figures: c_{k-2}, c_{k-1}, then intermediate nodes 0, 1, ..."""
+    return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else str(index - 2)
+
+
+def edge_names(nodes: int = NODES) -> list[str]:
+    """Each edge in alpha row order, named by its endpoints: "c_{k-2} -> 0", ..., "2 -> 3"."""
+    return [f"{node_name(j)} -> {i}" for i in range(nodes) for j in range(2 + i)]
+
+
 def reduction_layers(layers: int) -> tuple[int, ...]:
     return (layers // 3, 2 * layers // 3)
 

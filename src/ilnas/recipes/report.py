@@ -1,0 +1,160 @@
+"""A run's pictures and one-page report, from its files alone: ``plots/`` (cell diagrams of the final
+genotype and of every P-DARTS phase, learning curves, the evolution of the architecture weights) and
+``report.html`` beside them. Runs at the end of every search and training run, and as ``ilnas plot``
+on any run directory, finished or still running (it reads, and writes only plots/ and report.html)."""
+from __future__ import annotations
+
+import html
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ilnas.errors import IlnasError
+from ilnas.fileio import atomic_write_text
+from ilnas.report.cells import CELLS, save_cells, save_figure
+from ilnas.report.figures import alpha_figures, search_curves, training_curves
+from ilnas.runs import KIND_NAMES, read_config, read_json, read_metrics
+from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
+
+PLOTS, REPORT = "plots", "report.html"
+
+
+@dataclass
+class Report:
+    """What the page shows: a title, rows of facts, and sections of figures (paths relative to the run)."""
+
+    title: str
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    sections: list[tuple[str, list[str]]] = field(default_factory=list)
+    config: str = ""
+
+
+def make_report(path: Path, writer=None) -> Path:
+    """Write ``plots/`` and ``report.html`` for the run in ``path``; also to TensorBoard as images when
+    ``writer`` (a SummaryWriter) is given. Returns the report's path."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise IlnasError(f"{path} is not an ilnas run (no config.yaml)")
+    config = read_config(path)
+    plots = path / PLOTS
+    try:
+        plots.mkdir(exist_ok=True)
+    except OSError as e:
+        raise IlnasError(f"cannot write the report in {path} ({e.strerror or e})") from None
+    report = Report(f"ilnas {KIND_NAMES[config['kind']]} run {path.name}",
+                    config=yaml.safe_dump(config, sort_keys=False))
+    figures = _search_report(path, config, report) if config["kind"] == "search" else _training_report(path, report)
+    for name, fig in figures.items():
+        save_figure(fig, plots / name)
+        if writer is not None:
+            writer.add_figure(f"report/{name}", fig)
+    out = path / REPORT
+    atomic_write_text(out, render_html(report))
+    return out
+
+
+def report_at_end(path: Path, writer=None) -> None:
+    """The report a finished run writes; a failure here costs the run nothing, so it is a warning."""
+    try:
+        make_report(path, writer)
+    except (IlnasError, OSError, ValueError, RuntimeError) as e:
+        print(f"ilnas: warning: the report of {path} was not written ({str(e).splitlines()[0][:160]}); "
+              f"try `ilnas plot {path}`", file=sys.stderr)
+
+
+def _genotype(path: Path) -> Genotype | None:
+    return load_genotype(str(path / "genotype.json")) if (path / "genotype.json").is_file() else None
+
+
+def _cell_sections(genotype: Genotype, plots: Path, stem: str, title: str) -> tuple[str, list[str]]:
+    save_cells(genotype, plots, stem, title)
+    return title.strip() or "cells", [f"{PLOTS}/{stem}_{cell}.svg" for cell in CELLS]
+
+
+def _search_report(path: Path, config: dict, report: Report) -> dict:
+    search, engine, data = config.get("search", {}), config.get("engine", {}), config.get("data", {})
+    summary = read_json(path, "summary.json")
+    genotype = _genotype(path)
+    report.facts += [("status", "finished" if summary else "running or interrupted"),
+                     ("tasks (learner order)", " -> ".join(data.get("tasks", []))),
+                     ("framework, method", f"{search.get('framework')}, {search.get('method')}"),
+                     ("rounds M, coupling, lambda", f"{search.get('rounds')}, {engine.get('coupling')}, "
+                                                    f"{engine.get('lam')}"),
+                     ("order, hvp", f"{engine.get('order')}, {engine.get('hvp')}")]
+    if summary:
+        report.facts += [("search hours", f"{summary['search_hours']:.3f}"), ("steps", str(summary["steps"])),
+                         ("device", summary.get("device", ""))]
+    if genotype is not None:
+        report.facts.append(("genotype" if summary else "current genotype", genotype.to_string()))
+        report.facts += _network_size(genotype, data)
+        report.sections.append(_cell_sections(genotype, path / PLOTS, "cell", "final " if summary else "current "))
+    phase_genotypes = (summary or {}).get("phase_genotypes", [])
+    for p, text in enumerate(phase_genotypes if len(phase_genotypes) > 1 else []):
+        report.sections.append(_cell_sections(parse_genotype(text), path / PLOTS, f"cell_phase{p + 1}",
+                                              f"phase {p + 1} "))
+    figures = {"curves": search_curves(read_metrics(path))}
+    if (path / "arch_history.npz").is_file():
+        with np.load(path / "arch_history.npz") as npz:
+            figures.update(alpha_figures({k: npz[k] for k in npz.files}))
+    report.sections.insert(0, ("learning curves", [f"{PLOTS}/curves.svg"]))
+    report.sections.append(("architecture weights", [f"{PLOTS}/{name}.svg" for name in figures if name != "curves"]))
+    return figures
+
+
+def _network_size(genotype: Genotype, data: dict) -> list[tuple[str, str]]:
+    """Parameters and multiply-adds of the cell's evaluation network (DARTS CIFAR: 20 cells, C=36) on the
+    first task; nothing when its size cannot be known without its files."""
+    from ilnas.config import DataConfig, EvalRunConfig, from_dict
+    from ilnas.recipes.describe import describe
+
+    try:
+        cfg = EvalRunConfig(data=from_dict(DataConfig, {**data, "tasks": data["tasks"][:1]}))
+        size = describe(genotype, cfg)
+    except (IlnasError, KeyError, TypeError):
+        return []
+    return [("evaluation network", f"{size['network']} on {size['task']}: {size['params'] / 1e6:.2f} M parameters "
+                                   f"(without the auxiliary head), {size['macs'] / 1e6:.0f} M multiply-adds")]
+
+
+def _training_report(path: Path, report: Report) -> dict:
+    result = read_json(path, "result.json")
+    provenance = read_json(path, "provenance.json") or {}
+    genotype = _genotype(path)
+    report.facts.append(("status", "finished" if result else "running or interrupted"))
+    report.facts.append(("cell from", str(provenance.get("genotype_source", "unknown"))))
+    if result:
+        report.facts += [("task", result["task"]), ("final test error", f"{result['final_test_error']:.4f}"),
+                         ("best test error", f"{result['best_test_error']:.4f}"),
+                         ("parameters", f"{result['params'] / 1e6:.3f} M (without the auxiliary head)"),
+                         ("multiply-adds", f"{result['macs'] / 1e6:.1f} M"), ("hours", f"{result['hours']:.3f}")]
+    if genotype is not None:
+        report.facts.append(("genotype", genotype.to_string()))
+        report.sections.append(_cell_sections(genotype, path / PLOTS, "cell", ""))
+    report.sections.insert(0, ("learning curves", [f"{PLOTS}/curves.svg"]))
+    return {"curves": training_curves(read_metrics(path))}
+
+
+def render_html(report: Report) -> str:
+    """One self-contained page: the facts, each section's figures (linked to plots/), the configuration."""
+    e = html.escape
+    rows = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in report.facts)
+    sections = "\n".join(f"<h2>{e(title)}</h2>\n" + "\n".join(
+        f'<a href="{e(src)}"><img src="{e(src)}" alt="{e(src)}"></a>' for src in images)
+        for title, images in report.sections if images)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{e(report.title)}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}th{{text-align:left;padding-right:1em;
+vertical-align:top}}td{{font-family:monospace;word-break:break-all}}img{{max-width:100%;margin:.5em 0}}
+pre{{background:#f5f5f5;padding:1em;overflow:auto}}</style></head>
+<body><h1>{e(report.title)}</h1>
+<table>
+{rows}
+</table>
+{sections}
+<h2>configuration</h2>
+<pre>{e(report.config)}</pre>
+</body></html>
+"""

@@ -1,0 +1,95 @@
+"""Seeing a run: cell diagrams, curves, alpha evolution and report.html from real (tiny) runs."""
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+
+import matplotlib.image
+import numpy as np
+
+from helpers import ilnas, snapshot
+from ilnas.report.cells import cell_dot
+from ilnas.report.figures import alpha_figures
+from ilnas.space.genotype import load_genotype, zoo
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("src", "href")]
+
+
+def _links(report) -> list[str]:
+    parser = _Links()
+    parser.feed(report.read_text())
+    return parser.links
+
+
+def _svg_text(path) -> str:
+    return " ".join(t.text or "" for t in ET.parse(path).getroot().iter() if t.tag.endswith("text"))
+
+
+def test_a_finished_search_draws_its_cells_curves_and_alphas(finished_run):
+    plots, genotype = finished_run / "plots", load_genotype(str(finished_run / "genotype.json"))
+    for cell in ("normal", "reduce"):
+        text = _svg_text(plots / f"cell_{cell}.svg")
+        for op, _ in getattr(genotype, cell):
+            assert op in text  # every op of the genotype is named in its diagram
+        assert "c_{k-2}" in text and "c_{k}" in text
+        dot = (plots / f"cell_{cell}.dot").read_text()
+        assert dot.count("->") == 8 + 4 and dot.startswith("digraph")
+    for name in ("cell_normal", "curves", "alphas_p0_normal", "alphas_p0_reduce"):
+        image = matplotlib.image.imread(plots / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real, non-blank picture
+        ET.parse(plots / f"{name}.svg")
+    assert "r2/digits" in _svg_text(plots / "curves.svg")  # curves per stage, labelled by round and task
+    assert "c_{k-1} -> 1" in _svg_text(plots / "alphas_p0_normal.svg")  # edges named by their endpoints
+
+
+def test_report_html_links_resolve_and_show_the_summary(finished_run):
+    report = finished_run / "report.html"
+    links = _links(report)
+    assert len(links) >= 8 and all((finished_run / link).is_file() for link in links)
+    text = report.read_text()
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["genotype"].replace("'", "&#x27;") in text
+    assert re.search(r"M parameters \(without the auxiliary head\), \d+ M multiply-adds", text)
+    assert "search hours" in text and "kind: search" in text
+
+
+def test_the_search_sends_its_figures_to_tensorboard(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(finished_run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"report/curves", "report/alphas_p0_normal"} <= set(acc.Tags()["images"])
+
+
+def test_plot_redraws_a_training_run_without_touching_anything_else(finished_training):
+    before = {k: v for k, v in snapshot(finished_training).items() if not k.startswith(("plots", "report.html"))}
+    r = ilnas("plot", str(finished_training))
+    assert r.returncode == 0, r.stderr
+    assert {k: v for k, v in snapshot(finished_training).items()
+            if not k.startswith(("plots", "report.html"))} == before
+    assert all((finished_training / link).is_file() for link in _links(finished_training / "report.html"))
+    assert "accuracy" in _svg_text(finished_training / "plots" / "curves.svg")
+    assert "best test error" in (finished_training / "report.html").read_text()
+
+
+def test_plot_refuses_what_is_not_a_run(tmp_path):
+    r = ilnas("plot", str(tmp_path))
+    assert r.returncode == 2 and "is not an ilnas run (no config.yaml)" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_dot_text_and_alpha_figures_follow_their_inputs():
+    dot = cell_dot(zoo()["DARTS_V2"], "normal")
+    assert '"c_{k-1}" -> "0" [label="sep_conv_3x3"' in dot and '"3" -> "c_{k}"' in dot
+    history = {"p0/alphas_normal": np.zeros((2, 14, 8), np.float32), "p1/alphas_reduce": np.zeros((1, 14, 3)),
+               "p1/reduce_ops": np.array([["none", "skip_connect", "sep_conv_3x3"]] * 14)}
+    assert set(alpha_figures(history)) == {"alphas_p0_normal", "alphas_p1_reduce"}
