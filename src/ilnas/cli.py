@@ -48,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets")
 
+    cm = sub.add_parser("compare", help="a table of runs grouped by everything but the seed (mean ± std)")
+    cm.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs")
+    fmt = cm.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", action="store_true", help="print CSV")
+    fmt.add_argument("--json", action="store_true", help="print JSON (unrounded numbers)")
+
+    sw = sub.add_parser("sweep", help="run a grid of searches and re-train every found cell (resumable)")
+    sw.add_argument("spec", help="a sweep spec (YAML; see the README)")
+    sw.add_argument("--out", help="the sweep's directory (default: the spec's out)")
+    sw.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+
     pl = sub.add_parser("plot", help="draw a run's cells, curves and alphas into plots/ and report.html")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (search or training)")
 
@@ -147,6 +158,25 @@ def _plot(args: argparse.Namespace) -> None:
         print(f"report: {make_report(Path(run))}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from ilnas.recipes import compare
+
+    table = compare.compare(args.runs)
+    print(compare.as_json(table) if args.json else compare.as_csv(table) if args.csv else compare.markdown(table),
+          end="")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from ilnas.recipes.sweep import describe_sweep, load_spec, run_sweep
+
+    sweep = load_spec(args.spec, args.out)
+    print(describe_sweep(sweep), end="", flush=True)
+    if not args.dry_run:
+        summary = run_sweep(sweep)
+        print(f"sweep finished in {summary['wall_seconds'] / 60:.1f} min: {sweep.out / 'sweep.json'}; "
+              f"`ilnas compare {sweep.out}` for the table")
+
+
 def _describe(args: argparse.Namespace) -> None:
     from ilnas.config import resolve
     from ilnas.recipes.describe import describe
@@ -165,7 +195,7 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,
-            "plot": _plot}
+            "plot": _plot, "compare": _compare, "sweep": _sweep}
 
 
 def _one_line(text: str) -> str:

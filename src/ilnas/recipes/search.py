@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task
+from ilnas.distributed import pick_device
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
@@ -33,7 +34,6 @@ from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.supernet import Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights
-from ilnas.distributed import pick_device
 
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 

@@ -1,0 +1,206 @@
+"""Compare runs: search runs and the training runs of their cells, grouped by everything but the seed,
+in the layout of the paper's tables: method | framework | test error per task (mean ± std over seeds) |
+best | parameters | multiply-adds | search cost. Reads run directories only; writes nothing."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ilnas.errors import IlnasError
+from ilnas.runs import is_finished, read_config, read_json
+
+# Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
+IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "search.device", "train.device",
+           "train.workers", "train.amp", "train.channels_last", "train.deterministic"}
+SEEDS = {"search.seed", "train.seed"}
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """The run directories named, and those found below any other directory named (e.g. a sweep's)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(c.parent for c in p.rglob("config.yaml"))
+        else:
+            raise IlnasError(f"{p} is neither a run directory nor a directory of runs")
+    if not runs:
+        raise IlnasError(f"no ilnas runs in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(r.resolve() for r in runs))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def method_name(config: dict) -> str:
+    """The base method as the paper names it: DARTS-1st, DARTS-2nd, P-DARTS or PC-DARTS."""
+    if config.get("search", {}).get("method") == "pdarts":
+        return "P-DARTS"
+    if config.get("space", {}).get("partial_channels", 1) > 1:
+        return "PC-DARTS"
+    return "DARTS-1st" if config.get("engine", {}).get("order") == 1 else "DARTS-2nd"
+
+
+@dataclass
+class Group:
+    """Runs that differ only in their seeds: one search configuration (or one given cell) and the
+    training runs of its cells."""
+
+    method: str
+    framework: str
+    settings: dict[str, object]
+    searches: list[dict] = field(default_factory=list)  # summary.json of each finished search
+    trainings: dict[str, list[dict]] = field(default_factory=dict)  # task -> result.json of each training
+
+
+@dataclass
+class Comparison:
+    groups: list[Group]
+    tasks: list[str]
+    varying: list[str]  # the settings that tell groups of the same method and framework apart
+    unfinished: list[Path]
+
+
+def _search_of(training: Path) -> Path | None:
+    """The search run a training run's cell came from (provenance genotype_source), if it was one."""
+    source = (read_json(training, "provenance.json") or {}).get("genotype_source")
+    if not isinstance(source, str):
+        return None
+    p = Path(source) if Path(source).is_absolute() else training / source
+    p = p.parent if p.name == "genotype.json" else p
+    return p.resolve() if (p / "config.yaml").is_file() and read_config(p)["kind"] == "search" else None
+
+
+def compare(paths: Sequence[str | Path]) -> Comparison:
+    runs = find_runs(paths)
+    groups: dict[str, Group] = {}
+    unfinished = [r for r in runs if not is_finished(r)]
+
+    def group_of(config: dict, method: str, framework: str) -> Group:
+        settings = {k: v for k, v in _flat(config).items() if k not in IGNORED | SEEDS}
+        key = json.dumps(settings, sort_keys=True, default=str)
+        return groups.setdefault(key, Group(method, framework, settings))
+
+    for run in runs:
+        if not is_finished(run):
+            continue
+        config = read_config(run)
+        if config["kind"] == "search":
+            group_of(config, method_name(config), config["search"]["framework"]).searches.append(
+                read_json(run, "summary.json"))
+            continue
+        result = read_json(run, "result.json")
+        search = _search_of(run)
+        if search is not None:
+            scfg = read_config(search)
+            group = group_of(scfg, method_name(scfg), scfg["search"]["framework"])  # named or not
+        else:
+            source = (read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell"
+            group = group_of({"cell": config.get("genotype")}, str(source), "-")
+        group.trainings.setdefault(result["task"], []).append(result)
+    tasks = sorted({t for g in groups.values() for t in g.trainings})
+    return Comparison(list(groups.values()), tasks, _varying(list(groups.values())), unfinished)
+
+
+def _varying(groups: list[Group]) -> list[str]:
+    """Settings that two groups both have and set differently (a given cell's group has only ``cell``)."""
+    keys = sorted({k for g in groups for k in g.settings} - {"cell"})
+    return [k for k in keys if len({json.dumps(g.settings[k], default=str) for g in groups if k in g.settings}) > 1]
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    v = list(values)
+    if not v:
+        return math.nan, math.nan, 0
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return mean, std, len(v)
+
+
+def rows(c: Comparison) -> list[dict]:
+    """One row per group: plain numbers (errors in %, parameters in M, multiply-adds in M, hours)."""
+    out = []
+    for g in c.groups:
+        row: dict = {"method": g.method, "framework": g.framework,
+                     "settings": ", ".join(f"{k}={_show(g.settings[k])}" for k in c.varying if k in g.settings)}
+        for task in c.tasks:
+            results = g.trainings.get(task, [])
+            mean, std, n = mean_std(100 * r["final_test_error"] for r in results)
+            row[f"error_{task}"] = {"mean": mean, "std": std, "n": n,
+                                    "best": min((100 * r["final_test_error"] for r in results), default=math.nan)}
+        trained = [r for results in g.trainings.values() for r in results]
+        row["params_m"] = mean_std(r["params"] / 1e6 for r in trained)[0]
+        row["macs_m"] = mean_std(r["macs"] / 1e6 for r in trained)[0]
+        row["search_hours"] = mean_std(s["search_hours"] for s in g.searches)[0]
+        row["seeds"] = max([len(g.searches)] + [len(r) for r in g.trainings.values()])
+        out.append(row)
+    return out
+
+
+def _show(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _num(x: float, digits: int) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _error(cell: dict) -> str:
+    if not cell["n"]:
+        return "-"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}" if cell["n"] > 1 else f"{cell['mean']:.2f}"
+
+
+def _table(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "framework", *(["settings"] if c.varying else []),
+              *(f"error {t} (%)" for t in c.tasks), *(f"best {t} (%)" for t in c.tasks),
+              "params (M)", "MACs (M)", "search (h)", "seeds"]
+    body = []
+    for r in rows(c):
+        body.append([r["method"], r["framework"], *([r["settings"]] if c.varying else []),
+                     *(_error(r[f"error_{t}"]) for t in c.tasks), *(_num(r[f"error_{t}"]["best"], 2) for t in c.tasks),
+                     _num(r["params_m"], 2), _num(r["macs_m"], 0), _num(r["search_hours"], 3), str(r["seeds"])])
+    return header, body
+
+
+def markdown(c: Comparison) -> str:
+    header, body = _table(c)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    if c.unfinished:
+        lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out: " + ", ".join(map(str, c.unfinished)))
+    return "\n".join(lines) + "\n"
+
+
+def as_csv(c: Comparison) -> str:
+    header, body = _table(c)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(body)
+    return buf.getvalue()
+
+
+def as_json(c: Comparison) -> str:
+    def clean(x):
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return x
+    return json.dumps({"tasks": c.tasks, "varying": c.varying, "rows": [clean(r) for r in rows(c)],
+                       "unfinished": [str(p) for p in c.unfinished]}, indent=1) + "\n"

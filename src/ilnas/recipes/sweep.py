@@ -1,0 +1,275 @@
+"""Sweeps: a grid of searches, each followed by the re-training of its cell on every target task.
+
+A spec (YAML) names a search preset and common overrides, the grid's axes (a setting with a list of
+values, or named variants, each a list of overrides), and optionally the re-training. Every cell of the
+grid is one directory ``<out>/<cell>/`` holding ``search/`` and ``train-<task>/``: ilnas runs made by
+the ordinary commands, so a sweep resumes the way a run does (finished runs are skipped, interrupted
+ones continued with --resume) and ``ilnas compare <out>`` reads it. Cells run N at a time on this
+machine (the CPU cores divided between them, one GPU each where there are GPUs) or as SLURM jobs
+through submitit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+from ilnas.config import load_yaml, resolve, to_dict
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.fileio import atomic_write_text
+from ilnas.runs import CONFIG, is_finished, read_config
+
+SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
+EXECUTORS = ("local", "submitit")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One ilnas run of a cell: the command's arguments (without --out) and its directory."""
+
+    command: str  # search | train
+    args: tuple[str, ...]
+    out: Path
+    config: dict  # what the run resolves to: a run already there must hold the same
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    name: str
+    labels: dict[str, str]  # axis -> the value or variant name of this cell
+    runs: tuple[RunSpec, ...]  # the search first, then its re-trainings
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    out: Path
+    cells: tuple[Cell, ...]
+    parallel: int
+    executor: str
+    submitit: dict  # AutoExecutor parameters (slurm_partition, timeout_min, ...; cluster: local|slurm)
+
+
+def _list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise IlnasError(f"sweep spec: {where} must be a list of key=value strings")
+    return value
+
+
+def _axes(grid: Any) -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """Each axis as (name, [(label, overrides)]): a setting's values, or named variants."""
+    if not isinstance(grid, dict) or not grid:
+        raise IlnasError("sweep spec: grid must map axes to values, e.g. search.seed: [0, 1, 2]")
+    axes = []
+    for axis, values in grid.items():
+        if isinstance(values, dict) and values:
+            axes.append((axis, [(str(k), _list(v, f"grid.{axis}.{k}")) for k, v in values.items()]))
+        elif isinstance(values, list) and values:
+            if "." not in axis:
+                raise IlnasError(f"sweep spec: axis {axis!r} lists values but is not a setting (section.key); "
+                                 f"name variants instead: {axis}: {{name: [key=value, ...]}}")
+            axes.append((axis, [(_label(v), [f"{axis}={json.dumps(v)}"]) for v in values]))
+        else:
+            raise IlnasError(f"sweep spec: grid.{axis} must be a non-empty list of values or mapping of variants")
+    return axes
+
+
+def _label(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _dir_name(labels: dict[str, str]) -> str:
+    parts = [f"{axis.split('.')[-1]}-{label}" for axis, label in labels.items()]
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "_".join(parts))
+
+
+def load_spec(path: str | Path, out: str | None = None) -> Sweep:
+    """Read and check a spec, and resolve every run of every cell: a bad spec is refused before any run."""
+    p = Path(path)
+    try:
+        spec = load_yaml(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise IlnasError(f"sweep spec {path} cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise IlnasError(f"sweep spec {path} is not valid YAML text ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise IlnasError(f"sweep spec {path} must be a mapping")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise IlnasError(f"sweep spec: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(SPEC_KEYS))}")
+    root = Path(out or spec.get("out") or f"runs/sweep-{p.stem}")
+    search, train = spec.get("search") or {}, spec.get("train")
+    if not isinstance(search, dict):
+        raise IlnasError("sweep spec: search must be a mapping (preset, set)")
+    parallel, executor, report = spec.get("parallel", 1), spec.get("executor", "local"), spec.get("report", True)
+    if not isinstance(report, bool):
+        raise IlnasError(f"sweep spec: report must be true or false, got {report!r}")
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise IlnasError(f"sweep spec: parallel must be a positive integer, got {parallel!r}")
+    if executor not in EXECUTORS:
+        raise IlnasError(f"sweep spec: executor must be {' or '.join(EXECUTORS)}, got {executor!r}")
+    cells = []
+    axes = _axes(spec.get("grid"))
+    for combo in itertools.product(*(values for _, values in axes)):
+        labels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
+        overrides = _list(search.get("set"), "search.set") + [o for _, sets in combo for o in sets]
+        cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
+    if len({c.name for c in cells}) != len(cells):
+        raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
+    return Sweep(root, tuple(cells), parallel, executor, dict(spec.get("submitit") or {}))
+
+
+def _resolved(preset: str, overrides: list[str], kind: str, where: str):
+    """The configuration a run will have, its tasks known: refused here rather than when the run starts."""
+    from ilnas.data.tasks import task_info
+
+    try:
+        cfg = resolve(preset, None, overrides, kind)
+        for task in cfg.data.tasks:
+            task_info(task, cfg.data)
+    except IlnasError as e:
+        raise IlnasError(f"{where}: {e}") from None
+    return cfg
+
+
+def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str], train: Any, report: bool) -> Cell:
+    name = _dir_name(labels)
+    where = f"sweep cell {name}"
+    cfg = _resolved(preset, overrides, "search", where)
+    search_out = root / name / "search"
+    flags = () if report else ("--no-report",)
+    runs = [RunSpec("search", (*flags, "--preset", preset, *(a for o in overrides for a in ("--set", o))), search_out,
+                    to_dict(cfg))]
+    if train is not None:
+        if not isinstance(train, dict) or not train.get("tasks"):
+            raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set)")
+        for task in train["tasks"]:
+            sets = [f"data.tasks=[{task}]", *_list(train.get("set"), "train.set")]
+            preset = train.get("preset", "eval-digits")
+            tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}")
+            runs.append(RunSpec("train", (*flags, "--genotype", str(search_out), "--preset", preset,
+                                          *(a for o in sets for a in ("--set", o))), root / name / f"train-{task}",
+                                to_dict(tcfg)))
+    return Cell(name, labels, tuple(runs))
+
+
+def command(run: RunSpec) -> list[str]:
+    """The ilnas command that starts ``run``, or continues it where its directory holds it already."""
+    base = [sys.executable, "-m", "ilnas", run.command, "--quiet", "--out", str(run.out)]
+    if (run.out / CONFIG).is_file():
+        found = {k: v for k, v in read_config(run.out).items() if k != "genotype"}
+        if found != run.config:
+            raise IlnasError(f"{run.out} holds a run of another configuration than the sweep's; move it away or "
+                             f"choose another out")
+        return base + ["--resume", *(a for a in run.args if a == "--no-report")]
+    return base + list(run.args)
+
+
+def describe_sweep(sweep: Sweep) -> str:
+    """Every cell and the commands its runs start with (what --dry-run prints)."""
+    lines = [f"{len(sweep.cells)} cells in {sweep.out}, {sweep.parallel} at a time ({sweep.executor})"]
+    for cell in sweep.cells:
+        lines.append(f"{cell.name}:")
+        lines += ["  ilnas " + shlex.join([run.command, "--out", str(run.out), *run.args]) for run in cell.runs]
+    return "\n".join(lines) + "\n"
+
+
+def run_cell(cell: Cell, env: dict[str, str] | None = None) -> dict:
+    """The cell's runs in order (the search, then each re-training), each started, resumed or skipped.
+    Returns the cell's status; a failed run stops the cell (its log names why)."""
+    status = {"cell": cell.name, "labels": cell.labels, "runs": {}}
+    for run in cell.runs:
+        key = run.out.name
+        if is_finished(run.out):
+            status["runs"][key] = "finished (skipped)"
+            continue
+        run.out.parent.mkdir(parents=True, exist_ok=True)
+        log = run.out.parent / f"{key}.log"
+        with open(log, "ab") as f:
+            rc = subprocess.run(command(run), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        status["runs"][key] = "finished" if rc == 0 else f"failed (exit {rc}; see {log})"
+        if rc != 0:
+            break
+    return status
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def worker_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
+    """Slot ``slot`` of ``parallel``: its share of the CPU cores (oversubscribed OpenMP threads make a search
+    step many times slower), and its own GPU where there are GPUs."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, _cores() // parallel))}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    return env
+
+
+def run_sweep(sweep: Sweep) -> dict:
+    """Run every cell (N at a time, or through submitit); write ``<out>/sweep.json``; return it."""
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if sweep.executor == "submitit":
+        statuses = _submitit(sweep)
+    else:
+        gpus = _gpus()
+        slots: Queue = Queue()
+        for i in range(sweep.parallel):
+            slots.put(i)
+
+        def one(cell: Cell) -> dict:
+            slot = slots.get()
+            try:
+                return run_cell(cell, worker_env(slot, sweep.parallel, gpus))
+            finally:
+                slots.put(slot)
+
+        with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
+            statuses = list(pool.map(one, sweep.cells))
+    summary = {"out": str(sweep.out), "cells": statuses, "parallel": sweep.parallel, "executor": sweep.executor,
+               "wall_seconds": time.time() - t0,
+               "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
+    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=1) + "\n")
+    if summary["failed"]:
+        raise RunFailed(f"{len(summary['failed'])} of {len(statuses)} sweep cells failed (first: "
+                        f"{summary['failed'][0]}; see its .log); run the sweep again to continue")
+    return summary
+
+
+def _submitit(sweep: Sweep) -> list[dict]:
+    """One job per cell through submitit: SLURM where it is available, else (or with submitit: {cluster:
+    local}) its local executor."""
+    try:
+        import submitit
+    except ImportError:
+        raise IlnasError("executor submitit needs the submitit package: pip install 'ilnas[sweep]'") from None
+    params = dict(sweep.submitit)
+    cluster = params.pop("cluster", None)
+    executor = submitit.AutoExecutor(folder=str(sweep.out / "submitit"), cluster=cluster)
+    try:
+        executor.update_parameters(**params)
+    except (TypeError, ValueError) as e:
+        raise IlnasError(f"sweep spec: submitit settings not accepted ({e})") from None
+    jobs = [executor.submit(run_cell, cell) for cell in sweep.cells]
+    return [job.result() for job in jobs]

@@ -1,0 +1,90 @@
+"""ilnas compare on hand-made run directories: grouping by everything but the seed, means and stds."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import yaml
+
+from helpers import ilnas
+from ilnas.config import resolve, to_dict
+from ilnas.recipes.compare import compare, mean_std, rows
+from ilnas.space.genotype import zoo
+
+CELL = zoo()["DARTS_V2"].to_string()
+
+
+def _search_run(path, framework: str, seed: int, hours: float) -> None:
+    overrides = [f"search.seed={seed}"] + (["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
+                                           if framework == "mtl" else [])
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo", overrides=overrides))))
+    (path / "summary.json").write_text(json.dumps({"genotype": CELL, "search_hours": hours, "steps": 60}))
+
+
+def _training_run(path, source: str, task: str, error: float, seed: int = 0, params: float = 1.5e6) -> None:
+    path.mkdir(parents=True)
+    config = {**to_dict(resolve("eval-digits", kind="eval", overrides=[f"train.seed={seed}",
+                                                                      f"data.tasks=[{task}]"])), "genotype": CELL}
+    (path / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "provenance.json").write_text(json.dumps({"genotype_source": source, "sessions": []}))
+    (path / "result.json").write_text(json.dumps({"task": task, "final_test_error": error, "best_test_error": error,
+                                                  "params": params, "macs": 2e8, "hours": 0.1}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (err_digits, err_mnist) in enumerate([(0.10, 0.20), (0.12, 0.22), (0.14, 0.30)]):
+        _search_run(root / f"il-{seed}" / "search", "il", seed, hours=0.5 + seed)
+        _training_run(root / f"il-{seed}" / "digits", str(root / f"il-{seed}" / "search"), "digits", err_digits)
+        _training_run(root / f"il-{seed}" / "mnist5k", str(root / f"il-{seed}" / "search" / "genotype.json"),
+                      "mnist5k", err_mnist)
+    for seed, err in enumerate([0.20, 0.30]):
+        _search_run(root / f"mtl-{seed}" / "search", "mtl", seed, hours=2.0)
+        _training_run(root / f"mtl-{seed}" / "digits", str(root / f"mtl-{seed}" / "search"), "digits", err)
+    _training_run(root / "zoo", "DARTS_V2", "digits", 0.05, params=3.3e6)
+    (root / "broken").mkdir()
+    (root / "broken" / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo"))))  # never finished
+    return root
+
+
+def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
+    c = compare([runs])
+    assert c.tasks == ["digits", "mnist5k"] and len(c.unfinished) == 1 and c.unfinished[0].name == "broken"
+    by_framework = {r["framework"]: r for r in rows(c)}
+    il, mtl, zoo_row = by_framework["il"], by_framework["mtl"], by_framework["-"]
+    assert il["seeds"] == 3 and il["method"] == "DARTS-2nd"
+    assert math.isclose(il["error_digits"]["mean"], 12.0) and math.isclose(il["error_digits"]["std"], 2.0)
+    assert math.isclose(il["error_digits"]["best"], 10.0)
+    assert math.isclose(il["error_mnist5k"]["mean"], 24.0) and math.isclose(il["error_mnist5k"]["std"], math.sqrt(28))
+    assert math.isclose(il["search_hours"], 1.5) and math.isclose(il["params_m"], 1.5)
+    assert math.isclose(mtl["error_digits"]["std"], math.sqrt(50)) and mtl["error_mnist5k"]["n"] == 0
+    assert zoo_row["method"] == "DARTS_V2" and zoo_row["error_digits"]["mean"] == pytest.approx(5.0)
+    assert math.isnan(zoo_row["search_hours"])
+    assert "search.framework" in c.varying and "search.seed" not in c.varying
+
+
+def test_the_command_prints_markdown_csv_and_json(runs):
+    r = ilnas("compare", str(runs))
+    assert r.returncode == 0, r.stderr
+    assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
+    assert "1 unfinished run(s) left out" in r.stdout
+    table = list(csv.reader(io.StringIO(ilnas("compare", str(runs), "--csv").stdout)))
+    assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 4
+    data = json.loads(ilnas("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
+    (row,) = data["rows"]
+    assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
+
+
+def test_nothing_to_compare_is_one_line(tmp_path):
+    r = ilnas("compare", str(tmp_path))
+    assert r.returncode == 2 and "no ilnas runs in" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_mean_std_of_one_and_of_none():
+    assert mean_std([3.0]) == (3.0, 0.0, 1)
+    assert mean_std([])[2] == 0

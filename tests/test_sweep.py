@@ -1,0 +1,113 @@
+"""ilnas sweep: a 2 x 2 grid of tiny searches, each re-trained; interrupted, resumed, finished cells skipped;
+the submitit path through its local executor; bad specs refused before anything runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from helpers import ilnas
+from ilnas.errors import IlnasError
+from ilnas.recipes.sweep import load_spec
+
+SEARCH_SET = ["space.layers=2", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
+              "search.epochs=2", "search.eval_batches=1"]
+TRAIN_SET = ["network.layers=2", "network.channels=4", "train.batch_size=8", "train.steps_per_epoch=1",
+             "train.epochs=1"]
+MTL = ["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
+
+
+def _spec(tmp_path, **extra) -> str:
+    spec = {"out": str(tmp_path / "sweep"), "search": {"preset": "demo", "set": SEARCH_SET},
+            "grid": {"search.seed": [0, 1], "framework": {"il": [], "mtl": MTL}},
+            "train": {"preset": "eval-digits", "tasks": ["digits"], "set": TRAIN_SET},
+            "parallel": 2, "report": False, **extra}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return str(path)
+
+
+def _sessions(run) -> list[dict]:
+    return json.loads((run / "provenance.json").read_text())["sessions"]
+
+
+def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
+    spec, out = _spec(tmp_path), tmp_path / "sweep"
+    cells = load_spec(spec).cells
+    assert [c.name for c in cells] == ["seed-0_framework-il", "seed-0_framework-mtl", "seed-1_framework-il",
+                                       "seed-1_framework-mtl"]
+    # Interrupt: kill the sweep and its runs as soon as the first search has written a checkpoint.
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("*/search/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sweep.json").exists()
+
+    r = ilnas("sweep", spec)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "sweep.json").read_text())
+    assert not summary["failed"] and len(summary["cells"]) == 4
+    for cell in cells:
+        for run in ("search", "train-digits"):
+            assert (out / cell.name / run / ("summary.json" if run == "search" else "result.json")).is_file()
+    resumed = [s for c in cells for s in _sessions(out / c.name / "search") if s["resumed"]]
+    assert resumed  # the interrupted search was continued, not restarted
+    trained = json.loads((out / cells[1].name / "train-digits" / "provenance.json").read_text())
+    assert trained["genotype_source"] == str((out / cells[1].name / "search").resolve())
+
+    r = ilnas("sweep", spec)  # everything finished: every run is skipped
+    assert r.returncode == 0, r.stderr
+    again = json.loads((out / "sweep.json").read_text())
+    assert all(v == "finished (skipped)" for c in again["cells"] for v in c["runs"].values())
+
+    table = json.loads(ilnas("compare", str(out), "--json").stdout)
+    assert sorted(row["framework"] for row in table["rows"]) == ["il", "mtl"]
+    assert all(row["seeds"] == 2 and row["error_digits"]["n"] == 2 for row in table["rows"])
+
+
+def test_the_submitit_path_runs_through_its_local_executor(tmp_path):
+    pytest.importorskip("submitit")
+    spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "local", "timeout_min": 10},
+                 grid={"search.seed": [3]}, train=None)
+    r = ilnas("sweep", spec)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["executor"] == "submitit" and summary["cells"][0]["runs"] == {"search": "finished"}
+    assert (tmp_path / "sweep" / "seed-3" / "search" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": {}}, "grid must map axes to values"),
+    ({"grid": {"framework": [1, 2]}}, "is not a setting (section.key)"),
+    ({"grid": {"search.seed": [-1]}}, "sweep cell seed--1: search.seed must lie in [0, 2**32)"),
+    ({"parallel": 0}, "parallel must be a positive integer"),
+    ({"executor": "kubernetes"}, "executor must be local or submitit"),
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
+])
+def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
+    with pytest.raises(IlnasError) as e:
+        load_spec(_spec(tmp_path, **change))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):
+    r = ilnas("sweep", _spec(tmp_path, parallel=-3))
+    assert r.returncode == 2 and "parallel must be a positive integer" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_dry_run_lists_the_cells_and_their_commands(tmp_path):
+    r = ilnas("sweep", _spec(tmp_path), "--dry-run")
+    assert r.returncode == 0 and r.stdout.count("ilnas search") == 4 and r.stdout.count("ilnas train") == 4
+    assert not (tmp_path / "sweep").exists()
