@@ -47,6 +47,8 @@ def runs(tmp_path):
         _search_run(root / f"mtl-{seed}" / "search", "mtl", seed, hours=2.0)
         _training_run(root / f"mtl-{seed}" / "digits", str(root / f"mtl-{seed}" / "search"), "digits", err)
     _training_run(root / "zoo", "DARTS_V2", "digits", 0.05, params=3.3e6)
+    for seed, err in ((1, 0.40), (2, 0.50)):  # the random-cell control: one row over its seeds
+        _training_run(root / f"random-{seed}", f"random:{seed}", "digits", err)
     (root / "broken").mkdir()
     (root / "broken" / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo"))))  # never finished
     return root
@@ -55,7 +57,7 @@ def runs(tmp_path):
 def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
     c = compare([runs])
     assert c.tasks == ["digits", "mnist5k"] and len(c.unfinished) == 1 and c.unfinished[0].name == "broken"
-    by_framework = {r["framework"]: r for r in rows(c)}
+    by_framework = {r["framework"]: r for r in rows(c) if r["method"] != "random cell"}
     il, mtl, zoo_row = by_framework["il"], by_framework["mtl"], by_framework["-"]
     assert il["seeds"] == 3 and il["method"] == "DARTS-2nd"
     assert math.isclose(il["error_digits"]["mean"], 12.0) and math.isclose(il["error_digits"]["std"], 2.0)
@@ -65,6 +67,8 @@ def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
     assert math.isclose(mtl["error_digits"]["std"], math.sqrt(50)) and mtl["error_mnist5k"]["n"] == 0
     assert zoo_row["method"] == "DARTS_V2" and zoo_row["error_digits"]["mean"] == pytest.approx(5.0)
     assert math.isnan(zoo_row["search_hours"])
+    (random_row,) = [r for r in rows(c) if r["method"] == "random cell"]
+    assert random_row["seeds"] == 2 and random_row["error_digits"]["mean"] == pytest.approx(45.0)
     assert "search.framework" in c.varying and "search.seed" not in c.varying
 
 
@@ -74,7 +78,7 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
     assert "1 unfinished run(s) left out" in r.stdout
     table = list(csv.reader(io.StringIO(ilnas("compare", str(runs), "--csv").stdout)))
-    assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 4
+    assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 5
     data = json.loads(ilnas("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
     (row,) = data["rows"]
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)

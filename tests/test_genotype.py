@@ -79,3 +79,17 @@ def test_load_genotype_from_name_json_run_dir_and_literal(tmp_path):
 def test_malformed_genotypes_are_refused(text, message):
     with pytest.raises(IlnasError, match=message):
         load_genotype(text)
+
+
+def test_random_cells_are_valid_reproducible_and_varied():
+    from ilnas.space.genotype import random_genotype
+
+    cells = [random_genotype(seed) for seed in range(20)]
+    assert random_genotype(3) == cells[3] == load_genotype("random:3")
+    assert len({c.to_string() for c in cells}) == 20
+    for c in cells:
+        assert parse_genotype(c.to_string()) == c
+        assert all(op != "none" for op, _ in c.normal + c.reduce)
+        for i in range(4):  # two distinct inputs per node, each an input or an earlier node
+            (_, a), (_, b) = c.normal[2 * i:2 * i + 2]
+            assert a != b and max(a, b) < 2 + i

@@ -111,3 +111,12 @@ def test_dry_run_lists_the_cells_and_their_commands(tmp_path):
     r = ilnas("sweep", _spec(tmp_path), "--dry-run")
     assert r.returncode == 0 and r.stdout.count("ilnas search") == 4 and r.stdout.count("ilnas train") == 4
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_variant_that_names_its_cell_trains_it_without_searching(tmp_path):
+    spec = load_spec(_spec(tmp_path, grid={"search.seed": [4, 5], "framework": {"random": ["genotype=random:{seed}"]}}))
+    first = spec.cells[0]
+    assert [run.command for run in first.runs] == ["train"]
+    assert first.runs[0].args[first.runs[0].args.index("--genotype") + 1] == "random:4"
+    with pytest.raises(IlnasError, match="needs a train section"):
+        load_spec(_spec(tmp_path, grid={"framework": {"random": ["genotype=random:1"]}}, train=None))

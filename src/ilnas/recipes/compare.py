@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -108,8 +109,11 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             scfg = read_config(search)
             group = group_of(scfg, method_name(scfg), scfg["search"]["framework"])  # named or not
         else:
-            source = (read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell"
-            group = group_of({"cell": config.get("genotype")}, str(source), "-")
+            source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
+            if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
+                group = group_of({"cell": "random"}, "random cell", "-")
+            else:
+                group = group_of({"cell": config.get("genotype")}, source, "-")
         group.trainings.setdefault(result["task"], []).append(result)
     tasks = sorted({t for g in groups.values() for t in g.trainings})
     return Comparison(list(groups.values()), tasks, _varying(list(groups.values())), unfinished)

@@ -144,13 +144,28 @@ def _resolved(preset: str, overrides: list[str], kind: str, where: str):
 
 
 def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str], train: Any, report: bool) -> Cell:
+    """A cell's runs: its search and the re-training of the found cell; a variant that names a cell
+    (``genotype=SPEC``, ``{seed}`` standing for the cell's search.seed, e.g. random:{seed}) skips the search."""
     name = _dir_name(labels)
     where = f"sweep cell {name}"
+    given = [o.partition("=")[2] for o in overrides if o.startswith("genotype=")]
+    overrides = [o for o in overrides if not o.startswith("genotype=")]
     cfg = _resolved(preset, overrides, "search", where)
     search_out = root / name / "search"
     flags = () if report else ("--no-report",)
     runs = [RunSpec("search", (*flags, "--preset", preset, *(a for o in overrides for a in ("--set", o))), search_out,
                     to_dict(cfg))]
+    genotype = str(search_out)
+    if given:
+        from ilnas.space.genotype import load_genotype
+
+        genotype, runs = given[-1].replace("{seed}", str(cfg.search.seed)), []
+        try:
+            load_genotype(genotype)
+        except IlnasError as e:
+            raise IlnasError(f"{where}: {e}") from None
+        if train is None:
+            raise IlnasError(f"{where}: a variant that names its cell (genotype=...) needs a train section")
     if train is not None:
         if not isinstance(train, dict) or not train.get("tasks"):
             raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set)")
@@ -158,7 +173,7 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
             sets = [f"data.tasks=[{task}]", *_list(train.get("set"), "train.set")]
             preset = train.get("preset", "eval-digits")
             tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}")
-            runs.append(RunSpec("train", (*flags, "--genotype", str(search_out), "--preset", preset,
+            runs.append(RunSpec("train", (*flags, "--genotype", genotype, "--preset", preset,
                                           *(a for o in sets for a in ("--set", o))), root / name / f"train-{task}",
                                 to_dict(tcfg)))
     return Cell(name, labels, tuple(runs))

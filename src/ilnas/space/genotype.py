@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import random
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -170,6 +171,18 @@ def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES) ->
     return tuple(chosen)
 
 
+def random_genotype(seed: int, nodes: int = NODES) -> Genotype:
+    """A cell drawn uniformly from the DARTS space (the random-search control): per node two distinct
+    inputs among the cell inputs and earlier nodes, each with an op other than ``none``."""
+    rng = random.Random(seed)
+    ops = [p for p in PRIMITIVES if p != "none"]
+
+    def cell() -> list[Edge]:
+        return [(rng.choice(ops), j) for i in range(nodes) for j in sorted(rng.sample(range(2 + i), 2))]
+    concat = tuple(range(2, 2 + nodes))
+    return Genotype(tuple(cell()), concat, tuple(cell()), concat)
+
+
 # --- the zoo and the ways a user names a genotype ----------------------------------------------
 
 def zoo() -> dict[str, Genotype]:
@@ -184,11 +197,14 @@ def zoo() -> dict[str, Genotype]:
 
 
 def load_genotype(spec: str) -> Genotype:
-    """A zoo name, a genotype.json, a search run directory, a text file, or a literal."""
+    """A zoo name, ``random:SEED`` (a uniformly drawn cell), a genotype.json, a search run directory, a text
+    file, or a literal."""
     spec = spec.strip()
     known = zoo()
     if spec in known:
         return known[spec]
+    if re.fullmatch(r"random:\d{1,10}", spec):
+        return random_genotype(int(spec.split(":")[1]))
     if "Genotype" in spec:
         return parse_genotype(spec)
     if "\x00" in spec:
@@ -212,4 +228,4 @@ def load_genotype(spec: str) -> Genotype:
                 raise IlnasError(f"{path} is not valid JSON: {e}") from None
         return parse_genotype(text)
     raise IlnasError(f"unknown genotype {spec!r}: not a zoo name ({', '.join(sorted(known))}), "
-                     f"a file, a run directory or a Genotype(...) literal")
+                     f"random:SEED, a file, a run directory or a Genotype(...) literal")
