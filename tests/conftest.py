@@ -1,7 +1,12 @@
 """Shared fixtures: a finished search run and a finished training run made through the CLI (session-wide)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The suite runs in two worker processes (pytest -n 2) on two cores: one OpenMP thread each, for them and the
+# runs they start. More torch threads than cores make a search step many times slower, not faster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 

@@ -39,6 +39,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     process = distributed.start(t.device)
     try:
         result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
+        distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
         distributed.stop()
     if report and process.main:
