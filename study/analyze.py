@@ -1,76 +1,132 @@
-"""Tables and paired tests of the study (study/README.md) from its sweep directories.
+"""Tables, paired tests and figures of the study (study/README.md) from its sweep directories.
 
-    python study/analyze.py runs/study/main [runs/study/lambda ...]
+    python study/analyze.py runs/study/main runs/study/ablations --figures docs/results
 
-For every sweep directory: test error per arm (the grid's labels other than the seed) and task, mean ±
-std over seeds, and for every pair of arms a paired comparison over (seed, task): mean difference,
-paired t-test and Wilcoxon signed-rank p-values (scipy). Search cost per arm from the runs' summaries.
+Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds,
+search minutes; for every pair of arms a paired comparison over (seed, task): mean difference, paired
+t-test and Wilcoxon signed-rank p-values (scipy). Across sweeps: how many of the (op, input) choices of
+each cell an arm shares with the main IL arm's cell of the same seed. Figures: error per arm and task.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from scipy import stats
 
+Arm = dict  # (seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict
 
-def load(sweep: Path) -> dict[str, dict[tuple[int, str], float]]:
-    """arm -> {(seed, task): final test error in %}; plus arm -> search hours under key ("hours", "")."""
-    arms: dict[str, dict] = {}
+
+def load(sweep: Path) -> dict[str, Arm]:
+    arms: dict[str, Arm] = {}
     for cell in json.loads((sweep / "sweep.json").read_text())["cells"]:
         labels = dict(cell["labels"])
-        seed = int(labels.pop("search.seed", labels.pop("seed", 0)))
-        arm = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in labels.items()) or "all"
+        seed = int(labels.pop("search.seed", 0))
+        arm = arms.setdefault(", ".join(f"{k.split('.')[-1]}={v}" for k, v in labels.items()) or "all", {})
         for train in sorted((sweep / cell["cell"]).glob("train-*/result.json")):
             result = json.loads(train.read_text())
-            arms.setdefault(arm, {})[(seed, result["task"])] = 100 * result["final_test_error"]
-        summary = sweep / cell["cell"] / "search" / "summary.json"
-        if summary.is_file():
-            arms.setdefault(arm, {}).setdefault(("hours", ""), []).append(json.loads(summary.read_text())["search_hours"])
+            arm[(seed, result["task"])] = 100 * result["final_test_error"]
+        search = sweep / cell["cell"] / "search"
+        if (search / "summary.json").is_file():
+            arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
+            arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
     return arms
 
 
-def table(arms: dict) -> list[str]:
-    tasks = sorted({t for errors in arms.values() for (_, t) in errors if t})
+def _tasks(arms: dict[str, Arm]) -> list[str]:
+    return sorted({k[1] for arm in arms.values() for k in arm if isinstance(k[0], int) and isinstance(k[1], str)})
+
+
+def _errors(arm: Arm, task: str) -> list[float]:
+    return [e for k, e in sorted(arm.items(), key=lambda kv: str(kv[0])) if isinstance(k[0], int) and k[1] == task]
+
+
+def table(arms: dict[str, Arm]) -> list[str]:
+    tasks = _tasks(arms)
     lines = ["| arm | " + " | ".join(f"{t} error (%)" for t in tasks) + " | search (min) | seeds |",
              "|---|" + "---|" * (len(tasks) + 2)]
-    for arm, errors in arms.items():
+    for name, arm in arms.items():
         cells = []
         for t in tasks:
-            v = [e for (s, task), e in errors.items() if task == t]
+            v = _errors(arm, t)
             cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1 else
                          (f"{v[0]:.2f}" if v else "-"))
-        hours = errors.get(("hours", ""), [])
-        seeds = len({s for (s, t) in errors if t})
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {60 * statistics.mean(hours):.1f} | {seeds} |"
-                     if hours else f"| {arm} | " + " | ".join(cells) + f" | - | {seeds} |")
+        hours = arm.get(("hours", ""), [])
+        minutes = f"{60 * statistics.mean(hours):.1f}" if hours else "-"
+        seeds = len({k[0] for k in arm if isinstance(k[0], int)})
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} | {seeds} |")
     return lines
 
 
-def paired(arms: dict) -> list[str]:
-    lines = ["| A | B | pairs | mean(A - B) (points) | t-test p | Wilcoxon p |", "|---|---|---|---|---|---|"]
+def paired(arms: dict[str, Arm]) -> list[str]:
+    lines = ["| A | B | pairs (seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
+             "|---|---|---|---|---|---|"]
     for a, b in itertools.combinations(arms, 2):
-        keys = sorted(k for k in arms[a] if k in arms[b] and k[1])
+        keys = sorted(k for k in arms[a] if k in arms[b] and isinstance(k[0], int) and isinstance(k[1], str))
         if len(keys) < 3:
             continue
         x, y = [arms[a][k] for k in keys], [arms[b][k] for k in keys]
         diff = [p - q for p, q in zip(x, y)]
-        t = stats.ttest_rel(x, y).pvalue
+        t = stats.ttest_rel(x, y).pvalue if any(diff) else float("nan")
         w = stats.wilcoxon(x, y).pvalue if any(diff) else float("nan")
         lines.append(f"| {a} | {b} | {len(keys)} | {statistics.mean(diff):+.2f} | {t:.3f} | {w:.3f} |")
     return lines
 
 
-def main(paths: list[str]) -> None:
-    for path in map(Path, paths):
-        arms = load(path)
-        print(f"### {path.name}\n")
-        print("\n".join(table(arms)) + "\n")
-        print("\n".join(paired(arms)) + "\n")
+def _choices(genotype: dict) -> set:
+    return {(cell, i, op, j) for cell in ("normal", "reduce") for i, (op, j) in enumerate(genotype[cell])}
+
+
+def overlap(reference: Arm, arms: dict[str, Arm]) -> list[str]:
+    """Per arm: the mean share of (op, input) choices its cell has in common with the reference cell of the
+    same seed (1: the same cell)."""
+    lines = ["| arm | seeds | shared (op, input) choices with IL, fd, lambda=100, M=2 |", "|---|---|---|"]
+    for name, arm in arms.items():
+        shares = [len(_choices(g) & _choices(reference[k])) / 16 for k, g in arm.items()
+                  if k[0] == "cell" and k in reference]
+        if shares:
+            lines.append(f"| {name} | {len(shares)} | {statistics.mean(shares):.2f} |")
+    return lines
+
+
+def figure(arms: dict[str, Arm], title: str) -> Figure:
+    tasks = _tasks(arms)
+    fig = Figure(figsize=(4 + 1.1 * len(arms), 3.6 * len(tasks)))
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        for x, (name, arm) in enumerate(arms.items()):
+            v = _errors(arm, task)
+            ax.scatter([x] * len(v), v, s=18, alpha=0.7)
+            if v:
+                ax.errorbar(x + 0.15, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0,
+                            fmt="o", color="black", capsize=4)
+        ax.set_xticks(range(len(arms)), list(arms), rotation=20, fontsize=8)
+        ax.set_ylabel(f"{task} test error (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("sweeps", nargs="+")
+    p.add_argument("--figures", help="directory for one PNG per sweep")
+    args = p.parse_args()
+    loaded = {Path(s).name: load(Path(s)) for s in args.sweeps}
+    main_il = next((arm for arms in loaded.values() for name, arm in arms.items() if name == "framework=il"), None)
+    for name, arms in loaded.items():
+        print(f"### {name}\n\n" + "\n".join(table(arms)) + "\n\n" + "\n".join(paired(arms)) + "\n")
+        if main_il is not None:
+            print("\n".join(overlap(main_il, arms)) + "\n")
+        if args.figures:
+            Path(args.figures).mkdir(parents=True, exist_ok=True)
+            figure(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}.png", dpi=100)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
