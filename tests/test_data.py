@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,8 +83,59 @@ def test_image_folder_tasks_are_known_without_loading_them(tmp_path):
     from ilnas.data.tasks import task_info
 
     write_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"))
-    info = task_info(f"imagefolder:{tmp_path / 'imgs'}", DataConfig())
-    assert not info.in_memory and info.classes == 4 and info.root == tmp_path / "imgs"
+    name = f"imagefolder:{tmp_path / 'imgs'}"
+    info = task_info(name, DataConfig(image_size=24))
+    assert info.in_memory and (info.classes, info.channels, info.resolution) == (4, 3, 24)
+    streamed = task_info(name, DataConfig(folder_pipeline="stream"))
+    assert not streamed.in_memory and streamed.resolution is None and streamed.root == tmp_path / "imgs"
     assert task_info("imagenet", DataConfig(data_dir="/nowhere")).classes == 1000
-    with pytest.raises(IlnasError, match="searches only on in-memory tasks"):
-        create_task("imagenet", DataConfig())
+    with pytest.raises(IlnasError, match="a search needs the images in memory"):
+        create_task(name, DataConfig(folder_pipeline="stream"))
+
+
+def test_an_image_folder_is_decoded_once_into_splits_with_its_own_statistics(tmp_path):
+    """train/ halves into the search's train/validation splits with the fixed split seed, val/ is the test
+    split; pixels are the shorter side scaled to image_size and the centre square (what predict reads)."""
+    from PIL import Image
+    from helpers import write_image_folder
+    from ilnas.data.tasks import decode_image
+
+    write_image_folder(tmp_path / "imgs", per_class=6)  # 40x48 PNGs, classes cat/dog/eel, 2 per class in val/
+    task = create_task(f"imagefolder:{tmp_path / 'imgs'}", DataConfig(image_size=20))
+    assert task.classes == ("cat", "dog", "eel") and task.num_classes == 3 and task.input_shape == (3, 20, 20)
+    assert (len(task.train), len(task.val), len(task.test)) == (9, 9, 6)
+    assert sorted(torch.cat([task.train.y, task.val.y]).tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    xf = task.train.x.double() / 255
+    assert np.allclose(task.mean, xf.mean(dim=(0, 2, 3))) and np.allclose(task.std, xf.std(dim=(0, 2, 3)))
+    first = tmp_path / "imgs" / "val" / "cat" / "0.png"
+    expected = np.asarray(Image.open(first).convert("RGB").resize((24, 20), Image.Resampling.BICUBIC))[:, 2:22]
+    assert torch.equal(task.test.x[0], torch.from_numpy(expected.copy()).permute(2, 0, 1))
+    assert torch.equal(decode_image(first, 20), task.test.x[0])
+    again = create_task(f"imagefolder:{tmp_path / 'imgs'}", DataConfig(image_size=20))
+    assert torch.equal(again.train.x, task.train.x)  # the split never depends on anything but the files
+
+
+def test_an_image_folder_without_val_holds_out_a_fifth_as_its_test_split(tmp_path):
+    import shutil
+
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "imgs", per_class=10)
+    shutil.rmtree(tmp_path / "imgs" / "val")
+    task = create_task(f"imagefolder:{tmp_path / 'imgs'}", DataConfig())
+    assert (len(task.train), len(task.val), len(task.test)) == (12, 12, 6)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: (root / "train" / "dog" / "0.png").write_bytes(b"not a png"), "cannot read image"),
+    (lambda root: (root / "val" / "fox").mkdir(), "not those of train/"),
+    (lambda root: None, "over data.memory_limit_gb"),
+])
+def test_a_bad_image_folder_is_refused_in_one_line(tmp_path, damage, message):
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "imgs")
+    damage(tmp_path / "imgs")
+    limit = 1e-6 if "memory" in message else 8.0
+    with pytest.raises(IlnasError, match=message):
+        create_task(f"imagefolder:{tmp_path / 'imgs'}", DataConfig(memory_limit_gb=limit))

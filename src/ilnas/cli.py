@@ -67,12 +67,41 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="a YAML file over the preset (it may name a base preset: `base: NAME`)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    ev = sub.add_parser("evaluate", help="a trained model's accuracy on a task or a folder of labelled images")
+    ev.add_argument("run", help="a training run directory")
+    ev.add_argument("--data", required=True, metavar="TASK_OR_FOLDER",
+                    help="a task name (its test split), or a folder of class folders (or holding val/)")
+    _model_options(ev)
+    ev.add_argument("--out", help="where the results go (default: RUN/evaluations/<data>-<weights>/)")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--json", action="store_true", help="print evaluation.json")
+
+    pr = sub.add_parser("predict", help="the top-k classes of image files by a trained model")
+    pr.add_argument("run", help="a training run directory")
+    pr.add_argument("images", nargs="+", metavar="IMAGE")
+    pr.add_argument("--top-k", type=int, default=5)
+    _model_options(pr)
+    pr.add_argument("--json", action="store_true", help="print JSON")
+
+    ex = sub.add_parser("export", help="export a trained model (ONNX, TorchScript, ExportedProgram), checked")
+    ex.add_argument("run", help="a training run directory")
+    ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
+    ex.add_argument("--weights", choices=["last", "best"], default="last",
+                    help="the last epoch's weights (default) or the best test epoch's")
+    ex.add_argument("--out", help="the file to write (default: RUN/export/model.onnx|model.torchscript.pt|model.pt2)")
+
     d = sub.add_parser("describe", help="print a genotype and the size of its evaluation network")
     d.add_argument("genotype", help="zoo name, genotype.json, run directory, or Genotype(...) literal")
     d.add_argument("--preset", default="eval-cifar10", help="evaluation preset (default: eval-cifar10)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["last", "best"], default="last",
+                   help="the last epoch's weights (default) or the best test epoch's")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
 
 
 def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, prefix: str) -> tuple[object, Path]:
@@ -194,8 +223,52 @@ def _describe(args: argparse.Namespace) -> None:
     print(f"multiply-adds: {info['macs'] / 1e6:.0f}M at {info['resolution']}x{info['resolution']}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from ilnas.recipes.evaluate import evaluate
+
+    if args.batch_size < 1:
+        raise IlnasError(f"--batch-size must be positive, got {args.batch_size}")
+    r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device))
+    if args.json:
+        print(json.dumps(r, indent=1))
+        return
+    top_k = next(k for k in r if k.startswith("top") and k != "top1")
+    print(f"{r['data']}: {r['images']} images, top-1 {100 * r['top1']:.2f}%, {top_k} {100 * r[top_k]:.2f}% "
+          f"({args.weights} weights)")
+    worst = sorted(r["per_class"].items(), key=lambda kv: kv[1])[:5]
+    print("weakest classes: " + ", ".join(f"{c} {100 * a:.1f}%" for c, a in worst))
+    print(f"written: {r['out']}/evaluation.json, per_class.csv, confusion.csv, confusion.png")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from ilnas.recipes.evaluate import predict
+
+    found = predict(args.run, args.images, args.top_k, args.weights, _device(args.device))
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return
+    for item in found:
+        print(f"{item['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"]))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from ilnas.recipes.export import export_model
+
+    r = export_model(args.run, args.format, args.out, args.weights)
+    print(f"{r['format']}: {r['path']} (card: {r['card']})")
+    print(f"checked with {r['runtime']} at batch sizes {r['batch_sizes_checked']}: max |logit difference| vs "
+          f"PyTorch {r['max_abs_difference']:.2e}")
+
+
+def _device(name: str) -> str:
+    from ilnas.distributed import pick_device
+
+    return str(pick_device(name))
+
+
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,
-            "plot": _plot, "compare": _compare, "sweep": _sweep}
+            "plot": _plot, "compare": _compare, "sweep": _sweep, "evaluate": _evaluate, "predict": _predict,
+            "export": _export}
 
 
 def _one_line(text: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,8 @@ def world_size() -> int:
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device, refused in one line when it is not there;
     under torchrun (``world`` > 1) every rank takes ``cuda:<local rank>``."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", name):
+        raise IlnasError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":

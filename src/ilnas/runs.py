@@ -364,8 +364,11 @@ class RunDir:
         self.write_text("genotype.txt", genotype.to_string() + "\n")
 
     def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
         with self._writing(name):
-            atomic_write_text(self.path / name, text)
+            atomic_write_bytes(self.path / name, data)
 
     def finish(self, summary: dict, name: str = FINISHED[0]) -> None:
         """Write the run's final record; from then on the run counts as finished."""

@@ -10,7 +10,7 @@ import types
 import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -130,6 +130,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
+def _nest(keys: list[str], value: Any) -> dict:
+    """["engine", "lam"], 10 -> {"engine": {"lam": 10}}."""
+    for key in reversed(keys[1:]):
+        value = {key: value}
+    return {keys[0]: value}
+
+
 def _set_nested(d: dict, keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         d = d.setdefault(k, {})
@@ -220,10 +227,12 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def resolve(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = (),
-            kind: str | None = "search") -> RunConfig:
-    """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- --set,
-    then validation. ``kind=None`` takes whichever kind the preset or file declares (default search)."""
+def resolve(preset: str | None = None, config_file: str | None = None,
+            overrides: Sequence[str] | Mapping[str, Any] = (), kind: str | None = "search") -> RunConfig:
+    """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- overrides,
+    then validation. ``overrides``: ``--set`` strings (``"engine.lam=10"``) or a mapping of dotted keys or
+    sections to values (``{"engine.lam": 10, "search": {"epochs": 3}}``). ``kind=None`` takes whichever kind
+    the preset or file declares (default search)."""
     layers: list[tuple[dict, str]] = []
     if preset is not None:
         if not preset.strip():
@@ -237,9 +246,13 @@ def resolve(preset: str | None = None, config_file: str | None = None, overrides
             raise IlnasError(f"config file {config_file} names a base preset; drop --preset")
         layers += _with_bases(data, f"config file {config_file}")
     user: dict = {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _set_nested(user, keys, value)
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            _merge(user, _nest(str(key).split("."), value), "overrides")
+    else:
+        for text in overrides:
+            keys, value = parse_override(text)
+            _set_nested(user, keys, value)
     merged: dict = {}
     for layer, where in [*layers, (user, "--set")]:
         _merge(merged, layer, where)

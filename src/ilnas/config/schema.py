@@ -24,7 +24,11 @@ class DataConfig:
         data_dir: where data sets live (downloaded to, for CIFAR).
         download: fetch missing CIFAR files (torchvision).
         verify: check the files' MD5 sums (torchvision's integrity check).
-        image_size: side of the embedded digit images.
+        image_size: side of the embedded digit images and of image folders decoded into memory.
+        folder_pipeline: how ``imagefolder:<path>`` tasks are read: ``memory`` (decoded once to uint8
+            at image_size, searchable, CIFAR-style augmentation) or ``stream`` (re-training only:
+            torchvision's ImageFolder at train.resolution, the ImageNet recipe's augmentation).
+        memory_limit_gb: the most a ``memory`` image folder may take once decoded.
     """
 
     tasks: tuple[str, ...] = ("mnist5k", "digits")
@@ -32,6 +36,8 @@ class DataConfig:
     download: bool = True
     verify: bool = True
     image_size: int = 16
+    folder_pipeline: str = "memory"
+    memory_limit_gb: float = 8.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,10 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError("data.tasks is empty: name at least one task")
     if not 8 <= cfg.data.image_size <= 1024:
         raise IlnasError(f"data.image_size must lie in [8, 1024], got {cfg.data.image_size}")
+    if cfg.data.folder_pipeline not in ("memory", "stream"):
+        raise IlnasError(f"data.folder_pipeline must be memory or stream, got {cfg.data.folder_pipeline!r}")
+    if not cfg.data.memory_limit_gb > 0:
+        raise IlnasError(f"data.memory_limit_gb must be positive, got {cfg.data.memory_limit_gb}")
     run = cfg.search if isinstance(cfg, SearchRunConfig) else cfg.train
     section = "search" if isinstance(cfg, SearchRunConfig) else "train"
     _positive(section, run, ("epochs", "batch_size", "steps_per_epoch"))

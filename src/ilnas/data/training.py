@@ -22,11 +22,19 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TrainData(Protocol):
+    """A training pipeline and what a trained model needs to know of it: the class names in label order,
+    the normalisation, and how a test image is sized (shorter side to ``resize``, centre crop of
+    ``resolution``)."""
+
     name: str
     num_classes: int
     in_channels: int
     resolution: int
     steps: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize: int
 
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
@@ -55,6 +63,7 @@ class InMemoryData:
         self.shard = shard
         self.name, self.num_classes = name, task.num_classes
         self.in_channels, self.resolution = task.input_shape[0], task.input_shape[1]
+        self.classes, self.mean, self.std, self.resize = task.classes, task.mean, task.std, self.resolution
         self.steps = self._epochs.steps
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
@@ -79,7 +88,8 @@ class FolderData:
         train_tf = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
         if color_jitter:
             train_tf.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2))
-        test_tf = [T.Resize(round(resolution * 256 / 224)), T.CenterCrop(resolution)]
+        self.resize = round(resolution * 256 / 224)
+        test_tf = [T.Resize(self.resize), T.CenterCrop(resolution)]
         try:
             self.train_set = datasets.ImageFolder(str(root / "train"), T.Compose([*train_tf, T.ToTensor(), normalize]))
             self.test_set = datasets.ImageFolder(str(root / "val"), T.Compose([*test_tf, T.ToTensor(), normalize]))
@@ -88,6 +98,7 @@ class FolderData:
         if self.train_set.classes != self.test_set.classes:
             raise IlnasError(f"{root}/train and {root}/val hold different class folders")
         self.name, self.num_classes, self.in_channels, self.resolution = name, len(self.train_set.classes), 3, resolution
+        self.classes, self.mean, self.std = tuple(self.train_set.classes), IMAGENET_MEAN, IMAGENET_STD
         self.shard, self.workers = shard, workers
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=shard.world, rank=shard.rank,
                                                            shuffle=True, seed=shard.seed, drop_last=True)

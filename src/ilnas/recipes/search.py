@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
-from ilnas.data.tasks import Task, create_task
+from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas.distributed import pick_device
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes.report import report_at_end
@@ -71,10 +71,14 @@ class SearchContext:
 
 
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:
-    tasks = [create_task(name, cfg.data) for name in cfg.data.tasks]
-    if len({t.input_shape[0] for t in tasks}) > 1:
-        raise IlnasError("the tasks' images have different channel counts; a shared encoder needs one")
-    return tasks
+    """The tasks, once their static facts agree: one shared encoder takes one image shape."""
+    infos = [require_in_memory(task_info(name, cfg.data)) for name in cfg.data.tasks]
+    shapes = {(i.channels, i.resolution) for i in infos}
+    if len(shapes) > 1:
+        listed = ", ".join(f"{i.name} {i.channels}x{i.resolution}x{i.resolution}" for i in infos)
+        raise IlnasError(f"the tasks' images differ in shape ({listed}); one shared encoder needs one: pick tasks of "
+                         f"the same channel count and set data.image_size to the others' side")
+    return [create_task(name, cfg.data) for name in cfg.data.tasks]
 
 
 def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,

@@ -21,6 +21,7 @@ from ilnas import distributed
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
@@ -84,6 +85,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         if process.main:
             if not resume:
                 run.save_genotype(genotype)
+            run.write_text(CARD_FILE, model_card(cfg, genotype, data).to_json())
             run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
         distributed.barrier(process)
         ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
@@ -149,7 +151,7 @@ class TrainLoop:
         train_time = time.perf_counter() - t0
         test = evaluate(model, self.data, self.autocast, self.memory_format, process)
         elapsed += time.perf_counter() - t0
-        best = max(best, test["top1"])
+        previous_best, best = best, max(best, test["top1"])
         record = {"kind": "epoch", "epoch": epoch, "lr": lr, "drop_path": drop_path_rate, **train,
                   **{f"test_{k}": v for k, v in test.items()}, "images_per_s": train["images"] / train_time,
                   "epoch_time": time.perf_counter() - t0}
@@ -158,6 +160,8 @@ class TrainLoop:
                 raise RunFailed(f"training diverged in epoch {epoch + 1}: the weights are not finite; the run is not "
                                 f"finished and its last good checkpoint is kept; lower optimizer.lr and start again")
             run.log(record)
+            if test["top1"] > previous_best or epoch == 0:  # the best epoch's weights, before the checkpoint
+                run.write_bytes(WEIGHT_FILES["best"], state_dict_bytes(model))
             for key in ("train_loss", "train_acc", "test_top1", "test_top5", "lr", "images_per_s"):
                 if key in record:
                     writer.add_scalar(f"train/{key}", record[key], epoch)
@@ -185,8 +189,16 @@ def _finish(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, model: torc
     if "test_top5" in record:
         result["final_test_error_top5"] = 1.0 - record["test_top5"]
     if run is not None:
+        run.write_bytes(WEIGHT_FILES["last"], state_dict_bytes(model))
         run.finish(result, "result.json")
     return result
+
+
+def model_card(cfg: EvalRunConfig, genotype: Genotype, data: TrainData) -> ModelCard:
+    """model.json: what ``ilnas.load_model`` rebuilds the network from and how it feeds it."""
+    return ModelCard(genotype.to_string(), cfg.network.build_args(), tuple(data.classes),
+                     (data.in_channels, data.resolution, data.resolution), tuple(data.mean), tuple(data.std),
+                     data.resize, data.name)
 
 
 def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, epoch: int,
@@ -228,7 +240,7 @@ def evaluate(model: torch.nn.Module, data: TrainData, autocast, memory_format,
     top1 = top5 = n = 0.0
     for x, y in data.test():
         with autocast():
-            logits, _ = model(x.contiguous(memory_format=memory_format))
+            logits = model(x.contiguous(memory_format=memory_format))
         ranked = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
         top1 += float((ranked[:, 0] == y).sum())
         top5 += float((ranked == y[:, None]).any(-1).sum())

@@ -1,8 +1,9 @@
 """Evaluation networks built from a Genotype (DARTS Sec. 3.2): affine ops, drop-path, auxiliary head.
 
 ``NetworkCIFAR`` (stem 3C, reductions at layers//3 and 2*layers//3, auxiliary head after cell
-2*layers//3) and ``NetworkImageNet`` (two stride-2 stems, 7x7 average pooling). ``forward`` returns
-``(logits, aux_logits)``; ``aux_logits`` is None in eval mode or without an auxiliary head.
+2*layers//3) and ``NetworkImageNet`` (two stride-2 stems, 7x7 average pooling). In training mode
+``forward`` returns ``(logits, aux_logits)`` (``aux_logits`` None without an auxiliary head); in
+evaluation mode plain logits, so a trained network traces and exports like any classifier.
 """
 from __future__ import annotations
 
@@ -92,16 +93,19 @@ class _Network(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.out_features = c_prev
 
-    def forward(self, x: torch.Tensor, drop_path_rate: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (logits, auxiliary logits or None); ``drop_path_rate``: the rate of dropping each cell's
-        non-identity paths (training mode only; DARTS ramps it up linearly over the epochs)."""
+    def forward(self, x: torch.Tensor, drop_path_rate: float = 0.0
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Training mode: (logits, auxiliary logits or None); evaluation mode: logits.
+        ``drop_path_rate``: the rate of dropping each cell's non-identity paths (training mode only; DARTS
+        ramps it up linearly over the epochs)."""
         s0, s1 = self._stem(x)
         aux = None
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, drop_path_rate)
             if i == self.aux_after and self.auxiliary is not None and self.training:
                 aux = self.auxiliary(s1)
-        return self.classifier(torch.flatten(self.global_pool(s1), 1)), aux
+        logits = self.classifier(torch.flatten(self.global_pool(s1), 1))
+        return (logits, aux) if self.training else logits
 
 
 class NetworkCIFAR(_Network):

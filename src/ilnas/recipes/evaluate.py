@@ -1,0 +1,199 @@
+"""Use a trained model: ``evaluate`` it on a task's test split or a folder of labelled images (top-1, top-5,
+per-class accuracy, confusion matrix as CSV and PNG), ``predict`` the classes of image files.
+
+Images are prepared as the card says (``ilnas.models.ModelCard``): an in-memory task's test split as its
+uint8 tensors, image files scaled to the card's ``resize`` and centre-cropped, then normalised.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from ilnas.errors import IlnasError
+from ilnas.fileio import atomic_write_bytes, atomic_write_text
+from ilnas.models import ModelCard, load_model
+
+Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    size: int
+    batches: Labelled
+
+
+def _class_map(names: Sequence[str], card: ModelCard, where: str) -> list[int]:
+    unknown = [n for n in names if n not in card.classes]
+    if unknown:
+        raise IlnasError(f"{where} has classes the model does not know ({', '.join(unknown[:5])}); its classes: "
+                         f"{', '.join(card.classes[:10])}{' ...' if card.num_classes > 10 else ''}")
+    return [card.classes.index(n) for n in names]
+
+
+def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
+    from ilnas.data.tasks import IMAGE_SUFFIXES
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise IlnasError(f"{folder} holds no class folders (expected <folder>/<class>/<image>, or <folder>/val/...)")
+    index = _class_map(classes, card, str(folder))
+    items = [(p, index[i]) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
+             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise IlnasError(f"{folder} holds no images")
+
+    def batches() -> Labelled:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            yield card.read_images([p for p, _ in chunk]), torch.tensor([y for _, y in chunk])
+    return EvalSet(str(folder), len(items), batches())
+
+
+def _task_set(task: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet:
+    """A task name: in-memory tasks give their test split (with the run's data settings), streamed
+    image folders their val/ tree."""
+    from ilnas.config import DataConfig, from_dict
+    from ilnas.data.tasks import create_task, task_info
+    from ilnas.runs import read_config
+
+    try:  # the training run's data settings (image size, data_dir), for its own task and others alike
+        source = from_dict(DataConfig, read_config(run).get("data", {}), "data.")
+    except IlnasError:
+        source = DataConfig()
+    source = dataclasses.replace(source, tasks=(task,))
+    info = task_info(task, source)
+    if not info.in_memory:
+        return _folder_set(info.root / "val", card, batch_size)
+    t = create_task(task, source)
+    if t.input_shape != card.input_size:
+        raise IlnasError(f"{task}'s images are {'x'.join(map(str, t.input_shape))}, the model takes "
+                         f"{'x'.join(map(str, card.input_size))}")
+    labels = torch.tensor(_class_map(t.classes, card, task))[t.test.y]
+
+    def batches() -> Labelled:
+        for i in range(0, len(labels), batch_size):
+            yield t.test.x[i:i + batch_size], labels[i:i + batch_size]
+    return EvalSet(f"{task} (test split)", len(labels), batches())
+
+
+def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet:
+    """A task name (its test split) or a folder of class folders (or a folder holding val/)."""
+    from ilnas.data.tasks import TASKS, known_tasks
+
+    path = Path(data)
+    if ":" not in data and path.is_dir():
+        return _folder_set(path / "val" if (path / "val").is_dir() else path, card, batch_size)
+    if ":" not in data and data not in TASKS and data != "imagenet":
+        raise IlnasError(f"--data {data!r} is neither a folder nor a task ({known_tasks()})")
+    return _task_set(data, run, card, batch_size)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return model(model.card.normalize(images.to(device))).float().cpu()
+
+
+def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | None = None,
+             batch_size: int = 256, device: str = "cpu") -> dict:
+    """Top-1/top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted) of
+    ``run``'s model on ``data``; written to ``out`` (default <run>/evaluations/<data>-<which>/) as
+    evaluation.json, per_class.csv, confusion.csv and confusion.png. Returns evaluation.json's content."""
+    run = Path(run)
+    model = load_model(run, which, device)
+    card: ModelCard = model.card
+    dataset = evaluation_set(data, run, card, batch_size)
+    k, n = min(5, card.num_classes), card.num_classes
+    confusion = torch.zeros(n, n, dtype=torch.int64)
+    top_k = 0
+    for images, labels in dataset.batches:
+        ranked = _logits(model, images).topk(k, dim=-1).indices
+        confusion += torch.bincount(labels * n + ranked[:, 0], minlength=n * n).view(n, n)
+        top_k += int((ranked == labels[:, None]).any(-1).sum())
+    seen, total = confusion.sum(1).tolist(), int(confusion.sum())
+    per_class = {c: int(confusion[i, i]) / seen[i] for i, c in enumerate(card.classes) if seen[i] > 0}
+    result = {"run": str(run), "weights": which, "data": dataset.name, "images": total,
+              "top1": int(confusion.diagonal().sum()) / total, f"top{k}": top_k / total, "per_class": per_class}
+    target = Path(out) if out is not None else run / "evaluations" / f"{_slug(data)}-{which}"
+    _write_evaluation(target, result, confusion, card.classes)
+    result["out"] = str(target)
+    return result
+
+
+def _slug(text: str) -> str:
+    name = Path(text.split(":", 1)[-1].rstrip("/")).name or "data"
+    prefix = text.split(":", 1)[0] + "-" if ":" in text else ""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix + name)
+
+
+def _write_evaluation(out: Path, result: dict, confusion: torch.Tensor, classes: Sequence[str]) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=1) + "\n")
+        atomic_write_text(out / "per_class.csv", _csv([["class", "images", "accuracy"]] + [
+            [c, int(confusion[i].sum()), result["per_class"][c]] for i, c in enumerate(classes)
+            if c in result["per_class"]]))
+        atomic_write_text(out / "confusion.csv", _csv([["true \\ predicted", *classes]] + [
+            [c, *confusion[i].tolist()] for i, c in enumerate(classes)]))
+        atomic_write_bytes(out / "confusion.png", _confusion_png(confusion, classes))
+    except OSError as e:
+        raise IlnasError(f"cannot write the evaluation to {out}: {e.strerror or e}") from None
+
+
+def _csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _confusion_png(confusion: torch.Tensor, classes: Sequence[str]) -> bytes:
+    """Row-normalised confusion matrix; class names on the axes up to 40 classes."""
+    from matplotlib.figure import Figure
+
+    rates = confusion.double() / confusion.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    side = min(12.0, 3.0 + 0.35 * n)
+    fig = Figure(figsize=(side, side * 0.85))
+    ax = fig.add_subplot()
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    if n <= 40:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+    if n <= 12:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center",
+                        color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which: str = "last",
+            device: str = "cpu") -> list[dict]:
+    """For each image file: the ``top_k`` classes, by name, with their softmax probabilities."""
+    if top_k < 1:
+        raise IlnasError(f"top-k must be positive, got {top_k}")
+    model = load_model(run, which, device)
+    card: ModelCard = model.card
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise IlnasError(f"no image file {missing[0]}")
+    probs = _logits(model, card.read_images([Path(p) for p in images])).softmax(-1)
+    top = probs.topk(min(top_k, card.num_classes), dim=-1)
+    return [{"image": str(p), "top": [{"class": card.classes[int(i)], "probability": float(v)}
+                                      for v, i in zip(values, indices)]}
+            for p, values, indices in zip(images, top.values, top.indices)]

@@ -1,0 +1,112 @@
+"""Export a trained model for deployment: ONNX (checked by onnxruntime), TorchScript or a torch.export
+ExportedProgram, each with a dynamic batch dimension and checked against PyTorch on the same inputs.
+
+The exported graph takes what the network takes, normalised images (N, C, H, W), and returns logits;
+the card (class names, input size, mean/std, resize) is written beside it as ``<name>.json``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ilnas.errors import IlnasError, RunFailed
+from ilnas.fileio import atomic_write_text
+from ilnas.models import load_model
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
+TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, relative to max(1, |logits|)
+CHECK_BATCHES = (1, 3)  # checked at more than one batch size: the batch dimension is dynamic
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which: str = "last") -> dict:
+    """Write ``run``'s model in ``fmt`` to ``out`` (default <run>/export/<model file>), reload it with its own
+    runtime and compare its logits with PyTorch's. Returns where it went and the largest difference."""
+    if fmt not in FORMATS:
+        raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
+    model = load_model(run, which, "cpu")
+    target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
+    example = torch.randn(2, *model.card.input_size, generator=torch.Generator().manual_seed(0))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_path(target) as tmp:
+            runner, runtime = EXPORTERS[fmt](model, example, tmp)
+            difference = _difference(model, runner)
+        atomic_write_text(target.with_suffix(".json"), model.card.to_json())
+    except OSError as e:
+        raise IlnasError(f"cannot write {target}: {e.strerror or e}") from None
+    return {"format": fmt, "path": str(target), "card": str(target.with_suffix(".json")), "runtime": runtime,
+            "max_abs_difference": difference, "batch_sizes_checked": list(CHECK_BATCHES)}
+
+
+@contextlib.contextmanager
+def _atomic_path(target: Path):
+    """A temporary file beside ``target`` for an exporter to write; moved into place only on success."""
+    # the format's own suffix last: torch.export.save insists on .pt2
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _difference(model: torch.nn.Module, runner: Runner) -> float:
+    """max |exported - PyTorch| over inputs of every checked batch size; refused above the tolerance."""
+    worst = 0.0
+    gen = torch.Generator().manual_seed(1)
+    for n in CHECK_BATCHES:
+        x = torch.randn(n, *model.card.input_size, generator=gen)
+        with torch.no_grad():
+            expected = model(x)
+        got = runner(x)
+        scale = max(1.0, float(expected.abs().max()))
+        worst = max(worst, float((got - expected).abs().max()))
+        if not got.shape == expected.shape or worst > TOLERANCE * scale:
+            raise RunFailed(f"the exported model disagrees with PyTorch at batch size {n} (max |difference| "
+                            f"{worst:.3g}); it is not kept")
+    return worst
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=65536)
+
+
+def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise IlnasError("ONNX export needs the onnx extra: pip install 'ilnas[onnx]'") from None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
+                          output_names=["logits"], dynamic_shapes=({0: _batch_dim()},))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return (lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
+            f"onnxruntime {onnxruntime.__version__}")
+
+
+def _torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in recent releases; still served
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+        loaded = torch.jit.load(str(path))
+    return (lambda x: loaded(x).detach()), f"torch.jit {torch.__version__}"
+
+
+def _exported_program(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
+    torch.export.save(program, str(path))
+    loaded = torch.export.load(str(path)).module()
+    return (lambda x: loaded(x).detach()), f"torch.export {torch.__version__}"
+
+
+EXPORTERS = {"onnx": _onnx, "torchscript": _torchscript, "exported-program": _exported_program}
