@@ -21,6 +21,7 @@ _PUBLIC = {  # name -> module that defines it
     "load_genotype": "ilnas.space.genotype", "parse_genotype": "ilnas.space.genotype", "zoo": "ilnas.space.genotype",
     "NetworkCIFAR": "ilnas.space.network", "NetworkImageNet": "ilnas.space.network",
     "Supernet": "ilnas.space.supernet",
+    "load_model": "ilnas.models", "create_model": "ilnas.models", "ModelCard": "ilnas.models",
 }
 
 __all__ = ["IlnasError", "RunFailed", "__version__", *_PUBLIC]

@@ -1,0 +1,183 @@
+"""From a folder of one's own images to deployable models: search and re-training on image folders, the
+model artifact (safetensors + model.json), load_model, evaluate, predict, export, torch.hub, create_model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ilnas, snapshot, write_image_folder
+from ilnas.errors import IlnasError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SEARCH = ["--quiet", "--no-report", "--set", "space.layers=3", "--set", "space.channels=4",
+               "--set", "search.batch_size=8", "--set", "search.steps_per_epoch=2", "--set", "search.epochs=2",
+               "--set", "data.image_size=16"]
+TINY_TRAIN = ["--quiet", "--no-report", "--preset", "eval-digits", "--set", "network.layers=3",
+              "--set", "network.channels=4", "--set", "train.batch_size=6", "--set", "train.epochs=3",
+              "--set", "data.image_size=16", "--set", "train.cutout=0"]
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory) -> dict[str, Path]:
+    """Two image folders of PNGs, an IL search over both (K=2, M=2), and the found cell re-trained on the
+    first: the documented path, command by command."""
+    root = tmp_path_factory.mktemp("own")
+    write_image_folder(root / "pets", classes=("cat", "dog", "eel"), per_class=6)
+    write_image_folder(root / "fruit", classes=("apple", "fig"), per_class=8)
+    pets, fruit = f"imagefolder:{root / 'pets'}", f"imagefolder:{root / 'fruit'}"
+    r = ilnas("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, {fruit}]", "--out", str(root / "search"))
+    assert r.returncode == 0, r.stderr
+    r = ilnas("train", "--genotype", str(root / "search"), *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
+              "--out", str(root / "train"))
+    assert r.returncode == 0, r.stderr
+    return {"root": root, "pets": root / "pets", "search": root / "search", "train": root / "train"}
+
+
+def test_a_search_over_two_image_folders_finishes_with_both_learners(folder_runs):
+    summary = json.loads((folder_runs["search"] / "summary.json").read_text())
+    assert summary["genotype"].startswith("Genotype(")
+    last = [json.loads(line) for line in (folder_runs["search"] / "metrics.jsonl").read_text().splitlines()][-1]
+    assert set(last["val_acc"]) == {f"imagefolder:{folder_runs['root'] / n}" for n in ("pets", "fruit")}
+
+
+def test_a_training_run_leaves_a_model_that_loads_ready_to_use(folder_runs):
+    from ilnas import load_model
+    from ilnas.config import DataConfig
+    from ilnas.data.tasks import create_task
+    from ilnas.runs import read_checkpoint
+
+    run = folder_runs["train"]
+    card = json.loads((run / "model.json").read_text())
+    task = create_task(f"imagefolder:{folder_runs['pets']}", DataConfig(image_size=16))
+    assert card["classes"] == ["cat", "dog", "eel"] and card["input_size"] == [3, 16, 16]
+    assert card["mean"] == list(task.mean) and card["std"] == list(task.std) and card["resize"] == 16
+    assert card["genotype"] == (folder_runs["search"] / "genotype.txt").read_text().strip()
+    model = load_model(run)
+    assert not model.training and model.card.classes == ("cat", "dog", "eel")
+    logits = model(model.card.normalize(task.test.x))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (6, 3)  # plain logits, no auxiliary output
+    saved = read_checkpoint(run / "checkpoint.pt")["model"]  # the last epoch's state, as the checkpoint holds it
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_reproduces_the_runs_test_error_from_a_task_and_from_the_folder(folder_runs):
+    run = folder_runs["train"]
+    result = json.loads((run / "result.json").read_text())
+    r = ilnas("evaluate", str(run), "--data", f"imagefolder:{folder_runs['pets']}", "--json")
+    assert r.returncode == 0, r.stderr
+    by_task = json.loads(r.stdout)
+    assert by_task["images"] == 6 and by_task["top1"] == pytest.approx(1 - result["final_test_error"], abs=1e-9)
+    out = Path(by_task["out"])
+    confusion = np.loadtxt(out / "confusion.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    assert confusion.sum() == 6 and confusion.trace() / 6 == pytest.approx(by_task["top1"])
+    assert (out / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    per_class = (out / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,images,accuracy" and len(per_class) == 4
+    # The folder itself: its val/ decoded by the card's preprocessing gives the same pixels, the same answer.
+    r = ilnas("evaluate", str(run), "--data", str(folder_runs["pets"]), "--weights", "best", "--json",
+              "--out", str(folder_runs["root"] / "eval-best"))
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)
+    assert best["top1"] == pytest.approx(1 - result["best_test_error"], abs=1e-9)
+    assert (folder_runs["root"] / "eval-best" / "evaluation.json").is_file()
+
+
+def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs):
+    from ilnas import load_model
+
+    run, images = folder_runs["train"], sorted((folder_runs["pets"] / "val").rglob("*.png"))[:3]
+    r = ilnas("predict", str(run), *map(str, images), "--top-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    model = load_model(run)
+    with torch.no_grad():
+        probs = model(model.card.normalize(model.card.read_images(images))).softmax(-1)
+    for item, p in zip(found, probs):
+        assert len(item["top"]) == 2 and item["top"][0]["class"] == model.card.classes[int(p.argmax())]
+        assert item["top"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
+    r = ilnas("predict", str(run), str(images[0]))
+    assert r.returncode == 0 and r.stdout.startswith(f"{images[0]}: ") and r.stdout.count(",") == 2
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
+def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
+    from ilnas import load_model
+
+    out = tmp_path / {"onnx": "m.onnx", "torchscript": "m.pt", "exported-program": "m.pt2"}[fmt]
+    r = ilnas("export", str(folder_runs["train"]), "--format", fmt, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "max |logit difference|" in r.stdout and json.loads(out.with_suffix(".json").read_text())["classes"]
+    model = load_model(folder_runs["train"])
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = model(x)
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(out))(x)
+    else:
+        got = torch.export.load(str(out)).module()(x)
+    assert got.shape == (5, 3) and torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_torch_hub_builds_the_zoo_with_published_sizes_and_refuses_pretrained():
+    hub = torch.hub.load(str(REPO), "darts_v2", source="local", num_classes=10, trust_repo=True, verbose=False)
+    assert sum(p.numel() for p in hub.parameters()) == 3_349_342  # the official "param size = 3.349342MB"
+    assert hub(torch.zeros(2, 3, 32, 32))[0].shape == (2, 10)  # a fresh module is in training mode
+    big = torch.hub.load(str(REPO), "pdarts", source="local", num_classes=1000, style="imagenet", verbose=False)
+    assert round(sum(p.numel() for p in big.parameters()) / 1e6, 1) == 4.9  # P-DARTS, ImageNet: 4.9M
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        torch.hub.load(str(REPO), "darts_v2", source="local", pretrained=True, verbose=False)
+
+
+def test_create_model_builds_any_genotype_by_name_or_run(folder_runs):
+    from ilnas import create_model
+    from ilnas.space.genotype import load_genotype
+    from ilnas.space.network import NetworkCIFAR
+
+    found = create_model(str(folder_runs["search"]), num_classes=3)
+    same = NetworkCIFAR(load_genotype(str(folder_runs["search"])), 3, 20, 36, auxiliary=False)
+    assert [p.shape for p in found.parameters()] == [p.shape for p in same.parameters()]
+    assert isinstance(create_model("random:3", 100, layers=8, channels=16), NetworkCIFAR)
+    with pytest.raises(IlnasError, match="style must be"):
+        create_model("DARTS_V2", style="mobile")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "__RUN__", "--data", "digits"], "digits's images are 1x16x16, the model takes 3x16x16"),
+    (["evaluate", "__RUN__", "--data", "__OTHER__"], "has classes the model does not know (apple"),
+    (["evaluate", "__RUN__", "--data", "no-such-thing"], "is neither a folder nor a task"),
+    (["evaluate", "__SEARCH__", "--data", "digits"], "holds no model.json"),
+    (["predict", "__RUN__", "nowhere.png"], "no image file nowhere.png"),
+    (["predict", "__RUN__", "__RUN__/model.json"], "cannot read image"),
+    (["export", "__RUN__", "--format", "tflite"], "invalid choice: 'tflite'"),
+    (["predict", "__RUN__", "x.png", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, message):
+    run, search = folder_runs["train"], folder_runs["search"]
+    before = {p: snapshot(p) for p in (run, search)}
+    args = [a.replace("__RUN__", str(run)).replace("__SEARCH__", str(search))
+            .replace("__OTHER__", str(folder_runs["root"] / "fruit")) for a in args]
+    r = ilnas(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert {p: snapshot(p) for p in (run, search)} == before
+
+
+def test_image_shapes_are_checked_before_anything_is_written(tmp_path):
+    write_image_folder(tmp_path / "pets")
+    pets = f"imagefolder:{tmp_path / 'pets'}"
+    r = ilnas("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, digits]", "--out", str(tmp_path / "s"))
+    assert r.returncode == 2 and "differ in shape" in r.stderr and "digits 1x16x16" in r.stderr, r.stderr
+    r = ilnas("train", "--genotype", "DARTS_V2", *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
+              "--set", "network.style=imagenet", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "too small for the imagenet-style network" in r.stderr, r.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
