@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import sys
 import time
@@ -28,13 +29,15 @@ from ilnas.distributed import pick_device
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
-from ilnas.search.engine import Learner, SearchState, Stage, final_stages, search_step, stage_learners
+from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
+                                 search_step)
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.supernet import Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights
 
+log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
 
@@ -67,7 +70,7 @@ class SearchContext:
     writer: object  # torch.utils.tensorboard.SummaryWriter
     device: torch.device
     dtype: torch.dtype
-    progress_bar: bool
+    progress: bool  # progress bars and epoch lines
 
 
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:
@@ -100,15 +103,13 @@ def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, n
                device: torch.device, dtype: torch.dtype) -> SearchState:
     """Fresh stage weights and a fresh architecture (per P-DARTS phase, too)."""
     s = cfg.search
-    stages = [Stage(k, fresh_parameters(build_encoder, derive_seed(s.seed, phase, i, 0)),
-                    fresh_parameters(head_builders[k], derive_seed(s.seed, phase, i, 1)))
-              for i, k in enumerate(stage_learners(list(range(len(cfg.data.tasks))), s.rounds))]
+
+    def initial(i: int, k: int):
+        return (fresh_parameters(build_encoder, derive_seed(s.seed, phase, i, 0)),
+                fresh_parameters(head_builders[k], derive_seed(s.seed, phase, i, 1)))
     gen = torch.Generator().manual_seed(derive_seed(s.seed, phase))
-    arch = [a.to(device, dtype).requires_grad_()
-            for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
-    a = cfg.arch_optimizer
-    adam = torch.optim.Adam(arch, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay)
-    return SearchState(arch, adam, stages)
+    arch = [a.to(device, dtype) for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
+    return create_state(arch, initial, len(cfg.data.tasks), s.rounds, cfg.arch_optimizer)
 
 
 def state_dict(state: SearchState) -> dict:
@@ -133,22 +134,6 @@ def state_is_finite(state: SearchState) -> bool:
     tensors = [*state.arch, *(t for st in state.stages for part in (st.w, st.h, st.buf_w or [], st.buf_h or [])
                               for t in part)]
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
-def stage_labels(state: SearchState, tasks: Sequence[Task]) -> list[str]:
-    """Each stage's name in the logs: its round and task, e.g. r2/digits."""
-    k = len(tasks)
-    return [f"r{s // k + 1}/{tasks[st.learner].name}" for s, st in enumerate(state.stages)]
-
-
-def label_metrics(metrics: dict, state: SearchState, tasks: Sequence[Task]) -> dict:
-    """The engine's per-stage train losses and per-learner validation losses as mappings named by stage
-    (round/task) and by task, so that every logged value says what it belongs to."""
-    out = {**metrics, "train_loss": dict(zip(stage_labels(state, tasks), metrics["train_loss"]))}
-    if "val_loss" in metrics:
-        finals = final_stages(state, len(tasks))
-        out["val_loss"] = {tasks[state.stages[s].learner].name: v for s, v in zip(finals, metrics["val_loss"])}
-    return out
 
 
 def check_step(metrics: dict, step: int, epoch: int) -> None:
@@ -316,14 +301,14 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
                     v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1)))
                    for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
         bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
-                   disable=None if ctx.progress_bar else True)
+                   disable=None if ctx.progress else True)
         for _ in bar:
             t0 = time.perf_counter()
             batches = [(next(tr), next(va)) for tr, va in streams]
             metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
                                   ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch)
             prog.global_step += 1
-            metrics = label_metrics(metrics, state, ctx.tasks)
+            metrics = label_metrics(metrics, state, [t.name for t in ctx.tasks])
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
             ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
@@ -380,5 +365,6 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     if prog.epoch == s.epochs:
         prog.phase_genotypes.append(genotype.to_string())
     _checkpoint(run, prog, state)
-    print(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {record['lr']:.4f}  val acc "
-          + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)", flush=True)
+    if ctx.progress:
+        log.info(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {record['lr']:.4f}  val acc "
+                 + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)")

@@ -7,6 +7,7 @@ reseeds its randomness from (seed, epoch, rank), so a resumed run repeats an uni
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -27,6 +28,8 @@ from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
+
+log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
@@ -169,9 +172,10 @@ class TrainLoop:
             run.save_checkpoint({"epoch": epoch + 1, "model": model.state_dict(),
                                  "optimizer": self.optimizer.state_dict(), "best_top1": best, "elapsed": elapsed,
                                  "metrics_lines": run.metrics_lines()})
-            print(f"epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  train loss {train['train_loss']:.3f} "
-                  f"acc {train['train_acc']:.3f}  test top-1 {test['top1']:.4f}  "
-                  f"({record['images_per_s']:.0f} img/s)", flush=True)
+            if self.progress:
+                log.info(f"epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  train loss {train['train_loss']:.3f} "
+                         f"acc {train['train_acc']:.3f}  test top-1 {test['top1']:.4f}  "
+                         f"({record['images_per_s']:.0f} img/s)")
         distributed.barrier(process)
         return record, best, elapsed
 

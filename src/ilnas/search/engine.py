@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.optim import SGD
+from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.coupling import Coupling, create_coupling
 from ilnas.search.hvp import StageLoss, create_hvp
@@ -58,6 +58,20 @@ class SearchState:
     step: int = 0
 
 
+def create_state(arch: Tensors, initial: Callable[[int, int], tuple[Tensors, Tensors]], num_learners: int,
+                 rounds: int, arch_optimizer: Adam | None = None) -> SearchState:
+    """A fresh search state: K * M stages in interleaving order, stage s of learner k starting from
+    ``initial(s, k)`` -> (encoder weights, head weights) (cloned); ``arch`` becomes the leaf tensors that
+    Adam (``arch_optimizer``, default DARTS's settings) updates."""
+    a = arch_optimizer or Adam()
+    arch = [t.detach().clone().requires_grad_() for t in arch]
+    stages = []
+    for s, k in enumerate(stage_learners(list(range(num_learners)), rounds)):
+        w, h = initial(s, k)
+        stages.append(Stage(k, [t.detach().clone() for t in w], [t.detach().clone() for t in h]))
+    return SearchState(arch, torch.optim.Adam(arch, lr=a.lr, betas=a.betas, weight_decay=a.weight_decay), stages)
+
+
 def stage_learners(order: Sequence[int], rounds: int) -> list[int]:
     """Learner index of each stage in interleaving order: l1..lK, l1..lK, ... (M rounds)."""
     return [k for _ in range(rounds) for k in order]
@@ -66,6 +80,18 @@ def stage_learners(order: Sequence[int], rounds: int) -> list[int]:
 def final_stages(state: SearchState, num_learners: int) -> list[int]:
     """The last round: the only stages whose validation loss enters the objective."""
     return list(range(len(state.stages) - num_learners, len(state.stages)))
+
+
+def label_metrics(metrics: dict[str, Any], state: SearchState, names: Sequence[str]) -> dict[str, Any]:
+    """``search_step``'s per-stage train losses and per-learner validation losses as mappings named by
+    stage (round/learner, e.g. ``r2/digits``) and by learner, so that every value says what it belongs to."""
+    k = len(names)
+    labels = [f"r{s // k + 1}/{names[st.learner]}" for s, st in enumerate(state.stages)]
+    out = {**metrics, "train_loss": dict(zip(labels, metrics["train_loss"]))}
+    if "val_loss" in metrics:
+        finals = final_stages(state, k)
+        out["val_loss"] = {names[state.stages[s].learner]: v for s, v in zip(finals, metrics["val_loss"])}
+    return out
 
 
 # --- one step ------------------------------------------------------------------------------------

@@ -19,19 +19,25 @@ from ilnas.space.supernet import Supernet, arch_weights
 Tensors = list[torch.Tensor]
 
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> scalar loss
+
+
 class FunctionalTaskNet:
     """Args:
         encoder: the (shared-architecture) supernet; its parameters are W.
         head: maps (N, encoder.out_features) to (N, num_classes); its parameters are H.
-        num_classes: checked against the head's output width.
+        num_classes: checked against the head's output width (None: not checked).
+        criterion: the task's loss of (logits, targets); cross-entropy by default.
     """
 
-    def __init__(self, encoder: Supernet, head: nn.Module, num_classes: int):
-        self.encoder, self.head = encoder, head
-        probe = torch.zeros(2, encoder.out_features, dtype=next(head.parameters()).dtype)
+    def __init__(self, encoder: Supernet, head: nn.Module, num_classes: int | None,
+                 criterion: Criterion = F.cross_entropy):
+        self.encoder, self.head, self.criterion = encoder, head, criterion
+        probe = torch.zeros(2, encoder.out_features, dtype=next(head.parameters()).dtype,
+                            device=next(head.parameters()).device)
         with torch.no_grad():
             width = head(probe).shape[-1]
-        if width != num_classes:
+        if num_classes is not None and width != num_classes:
             raise IlnasError(f"task head gives {width} outputs but the task has {num_classes} classes")
         self.encoder_names = [n for n, _ in encoder.named_parameters()]
         self.head_names = [n for n, _ in head.named_parameters()]
@@ -44,9 +50,9 @@ class FunctionalTaskNet:
 
     def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor],
              skip_dropout: float = 0.0) -> torch.Tensor:
-        """The engine's loss of a learner: cross-entropy of the logits."""
+        """The engine's loss of a learner: the criterion of the logits and the batch's targets."""
         x, y = batch
-        return F.cross_entropy(self.logits(arch, w, h, x, skip_dropout), y)
+        return self.criterion(self.logits(arch, w, h, x, skip_dropout), y)
 
 
 def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:

@@ -1,0 +1,115 @@
+"""A ready search over your own tasks in Python: the DARTS space, one task head per task, the engine.
+
+    search = SupernetSearch({"shapes": lambda width: nn.Linear(width, 4),
+                             "colours": lambda width: MyHead(width)}, in_channels=3)
+    for step in range(100):
+        search.step(train={"shapes": (x1, y1), "colours": (x2, y2)}, val={...})
+    print(search.genotype())
+
+The recipe ``ilnas search`` adds data pipelines, epochs, schedules, P-DARTS phases, checkpoints and the run
+directory on top of the same pieces; this class is for tasks that live in your own tensors and code.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilnas.config.schema import SpaceConfig
+from ilnas.errors import IlnasError
+from ilnas.optim import SGD, Adam
+from ilnas.search.config import EngineConfig
+from ilnas.search.engine import Batch, Learner, create_state, final_stages, label_metrics, search_step
+from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
+from ilnas.seeds import derive_seed
+from ilnas.space.genotype import Genotype, derive_genotype
+from ilnas.space.supernet import Supernet, init_arch, ranking_weights
+
+HeadSpec = nn.Module | Callable[[int], nn.Module]  # a head, or a builder given the supernet's feature width
+
+
+class SupernetSearch:
+    """K tasks (the mapping's order is the learner order l1..lK of every round), M rounds, one shared
+    searchable cell.
+
+    Args:
+        heads: task name -> its head: a module mapping (N, feature width) to logits, or a builder called
+            with the feature width. Every stage of a task starts from the head's initial weights.
+        in_channels: channels of the images every task feeds the shared supernet.
+        space: the supernet (channels, cells, PC-DARTS's partial channels and edge normalisation).
+        rounds: M (1 with ``engine.coupling="none"``: the multi-task baseline; one task, one round: DARTS).
+        engine, sgd, arch_optimizer: how stages are unrolled and coupled; the stages' SGD (momentum,
+            weight decay, clipping); Adam on the architecture.
+        criteria: task name -> loss of (logits, targets), default cross-entropy. A loss receives the head's
+            logits and the batch's targets and returns a scalar.
+        seed: the stages' initial encoder weights and the architecture's initialisation.
+    """
+
+    def __init__(self, heads: Mapping[str, HeadSpec], in_channels: int, *, space: SpaceConfig = SpaceConfig(),
+                 rounds: int = 2, engine: EngineConfig = EngineConfig(), sgd: SGD = SGD(lr_min=0.001),
+                 arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        from ilnas.search.engine import validate_config
+
+        if not heads:
+            raise IlnasError("heads is empty: give at least one task")
+        unknown = set(criteria or {}) - set(heads)
+        if unknown:
+            raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")
+        validate_config(engine, len(heads), sgd.lr)
+        self.tasks, self.engine, self.sgd = list(heads), engine, sgd
+
+        def build_encoder() -> Supernet:
+            return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
+                            stem_multiplier=space.stem_multiplier).to(device, dtype)
+
+        self.encoder = build_encoder()
+        width = self.encoder.out_features
+        modules = [h if isinstance(h, nn.Module) else h(width) for h in heads.values()]
+        self.nets = [FunctionalTaskNet(self.encoder, m.to(device, dtype), None, (criteria or {}).get(name, F.cross_entropy))
+                     for name, m in zip(self.tasks, modules)]
+        self.learners = [Learner(name, net.loss) for name, net in zip(self.tasks, self.nets)]
+        heads_init = [[p.detach().clone() for p in m.parameters()] for m in modules]
+
+        def initial(s: int, k: int):
+            return fresh_parameters(build_encoder, derive_seed(seed, 0, s, 0)), heads_init[k]
+        arch = init_arch(self.encoder.num_ops, space.edge_normalization,
+                         torch.Generator().manual_seed(derive_seed(seed, 0)), dtype)
+        self.state = create_state([a.to(device) for a in arch], initial, len(self.tasks), rounds, arch_optimizer)
+
+    def _per_task(self, batches: Mapping[str, Batch], what: str) -> list[Batch]:
+        missing = [t for t in self.tasks if t not in batches]
+        if missing:
+            raise IlnasError(f"{what} has no batch for {', '.join(missing)}")
+        return [batches[t] for t in self.tasks]
+
+    def step(self, train: Mapping[str, Batch], val: Mapping[str, Batch], lr: float | None = None,
+             update_arch: bool = True) -> dict[str, Any]:
+        """One iteration: every stage's unrolled step on its task's ``train`` batch, the hypergradient of the
+        final round's losses on the ``val`` batches, Adam on the architecture, the stages' real SGD updates.
+        ``lr``: this step's learning rate (default ``sgd.lr``). Returns the engine's metrics, losses named
+        by stage (``r2/colours``) and task."""
+        lr = self.sgd.lr if lr is None else lr
+        metrics = search_step(self.state, self.learners, self._per_task(train, "train"),
+                              self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch)
+        return label_metrics(metrics, self.state, self.tasks)
+
+    def genotype(self) -> Genotype:
+        """The cell the current architecture weights derive (the DARTS rule: two strongest inputs per node)."""
+        return derive_genotype(*ranking_weights(self.state.arch))
+
+    @torch.no_grad()
+    def logits(self, task: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``task``'s final-round stage on ``x`` (evaluation mode)."""
+        if task not in self.tasks:
+            raise IlnasError(f"unknown task {task!r}; tasks: {', '.join(self.tasks)}")
+        k = self.tasks.index(task)
+        stage = next(self.state.stages[s] for s in final_stages(self.state, len(self.tasks))
+                     if self.state.stages[s].learner == k)
+        self.encoder.eval()
+        try:
+            return self.nets[k].logits([a.detach() for a in self.state.arch], stage.w, stage.h, x)
+        finally:
+            self.encoder.train()

@@ -1,0 +1,127 @@
+"""The Python API: SupernetSearch on one's own tensors and heads, create_state, resolve with a mapping,
+epoch lines through logging, and the documented example."""
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch, resolve
+from ilnas.errors import IlnasError
+from ilnas.search.engine import Learner, create_state, search_step
+from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
+from ilnas.seeds import derive_seed
+from ilnas.space.supernet import Supernet, init_arch
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE = SpaceConfig(channels=4, layers=2)
+
+
+def tensors(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def test_a_supernet_search_is_the_engine_on_the_state_one_would_build_by_hand():
+    """Same seeds, same heads, same batches: SupernetSearch's step equals search_step on a state built from
+    create_state, FunctionalTaskNet and a hand-written criterion, bit for bit."""
+    heads = {"a": nn.Linear(4 * 4 * 4, 3), "b": nn.Sequential(nn.Linear(4 * 4 * 4, 5), nn.Tanh(), nn.Linear(5, 2))}
+    head_init = {k: [p.detach().clone() for p in m.parameters()] for k, m in heads.items()}
+    smooth = functools.partial(F.cross_entropy, label_smoothing=0.2)
+    search = SupernetSearch(heads, 3, space=SPACE, rounds=2, criteria={"b": smooth}, seed=5)
+    assert [st.learner for st in search.state.stages] == [0, 1, 0, 1]
+    assert all(torch.equal(p, q) for st in search.state.stages for p, q in zip(st.h, head_init["ab"[st.learner]]))
+    assert not torch.equal(search.state.stages[0].w[0], search.state.stages[2].w[0])  # own encoder per stage
+
+    build = lambda: Supernet(3, 4, 2)  # noqa: E731
+    encoder = build()
+    nets = [FunctionalTaskNet(encoder, heads["a"], 3), FunctionalTaskNet(encoder, heads["b"], 2, smooth)]
+    arch = init_arch(8, generator=torch.Generator().manual_seed(derive_seed(5, 0)))
+    state = create_state(arch, lambda s, k: (fresh_parameters(build, derive_seed(5, 0, s, 0)), head_init["ab"[k]]),
+                         2, 2)
+    train = {"a": tensors(6, 3, 0), "b": tensors(6, 2, 1)}
+    val = {"a": tensors(6, 3, 2), "b": tensors(6, 2, 3)}
+    metrics = search.step(train, val, lr=0.05)
+    by_hand = search_step(state, [Learner("a", nets[0].loss), Learner("b", nets[1].loss)], [train["a"], train["b"]],
+                          [val["a"], val["b"]], EngineConfig(), SGD(lr_min=0.001), 0.05)
+    assert all(torch.equal(x, y) for x, y in zip(search.state.arch, state.arch))
+    assert all(torch.equal(x, y) for s1, s2 in zip(search.state.stages, state.stages) for x, y in zip(s1.w, s2.w))
+    assert list(metrics["train_loss"]) == ["r1/a", "r1/b", "r2/a", "r2/b"]
+    assert list(metrics["train_loss"].values()) == by_hand["train_loss"]
+    assert metrics["val_loss"] == dict(zip("ab", by_hand["val_loss"]))
+
+
+def test_a_criterion_receives_the_heads_logits_and_the_targets():
+    seen = []
+
+    def criterion(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        seen.append((tuple(logits.shape), tuple(targets.shape)))
+        return F.mse_loss(logits.squeeze(-1), targets)  # a regression head: any loss of (logits, targets)
+
+    search = SupernetSearch({"r": lambda width: nn.Linear(width, 1)}, 3, space=SPACE, rounds=1,
+                            engine=EngineConfig(coupling="none"), criteria={"r": criterion})
+    x, _ = tensors(4, 2, 0)
+    before = [a.detach().clone() for a in search.state.arch]
+    search.step({"r": (x, torch.randn(4))}, {"r": (x, torch.randn(4))})
+    assert seen and set(seen) == {((4, 1), (4,))}
+    assert any(not torch.equal(a, b) for a, b in zip(search.state.arch, before))
+    frozen = [a.detach().clone() for a in search.state.arch]
+    search.step({"r": (x, torch.randn(4))}, {"r": (x, torch.randn(4))}, update_arch=False)
+    assert all(torch.equal(a, b) for a, b in zip(search.state.arch, frozen))
+    assert search.logits("r", x).shape == (4, 1) and search.genotype().to_string().startswith("Genotype(")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: SupernetSearch({}, 3), "heads is empty"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, criteria={"b": F.cross_entropy}),
+     "criteria name tasks without a head"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, engine=EngineConfig(order=3)),
+     "engine.order must be 1 or 2"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 2)}, 3, space=SPACE).step(
+        {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0), "b": tensors(2, 2, 0)}), "train has no batch for b"),
+])
+def test_a_supernet_search_refuses_bad_input_in_one_line(make, message):
+    with pytest.raises(IlnasError, match=message):
+        make()
+
+
+def test_resolve_takes_a_mapping_of_dotted_keys_or_sections():
+    strings = resolve("demo", overrides=["engine.lam=10", "search.epochs=3", "data.tasks=[digits]",
+                                         "search.framework=single", "search.rounds=1"])
+    mapping = resolve("demo", overrides={"engine.lam": 10, "search": {"epochs": 3, "framework": "single"},
+                                         "data.tasks": ["digits"], "search.rounds": 1})
+    assert mapping == strings and mapping.engine.lam == 10.0 and mapping.search.epochs == 3
+    with pytest.raises(IlnasError, match="unknown config key 'search.epoch'"):
+        resolve("demo", overrides={"search.epoch": 3})
+
+
+def test_epoch_lines_go_through_logging_and_progress_false_is_silent(tmp_path, capsys, caplog):
+    from ilnas import run_train
+    from ilnas.space.genotype import zoo
+
+    cfg = resolve("eval-digits", overrides={"network.layers": 3, "network.channels": 4, "train.batch_size": 16,
+                                            "train.steps_per_epoch": 2, "train.epochs": 2}, kind="eval")
+    with caplog.at_level(logging.INFO, logger="ilnas"):
+        run_train(cfg, zoo()["DARTS_V2"], tmp_path / "loud", report=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ilnas.recipes.train"]
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2") and "test top-1" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ilnas"):
+        run_train(cfg, zoo()["DARTS_V2"], tmp_path / "quiet", progress=False, report=False)
+    assert not [r for r in caplog.records if r.name.startswith("ilnas")]
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.out and "epoch" not in captured.err
+
+
+def test_the_documented_example_runs(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "examples" / "custom_search.py"), "--steps", "2"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "step 2: val loss digit" in r.stdout and "genotype = Genotype(" in r.stdout
