@@ -42,6 +42,10 @@ def test_a_search_over_two_image_folders_finishes_with_both_learners(folder_runs
     assert summary["genotype"].startswith("Genotype(")
     last = [json.loads(line) for line in (folder_runs["search"] / "metrics.jsonl").read_text().splitlines()][-1]
     assert set(last["val_acc"]) == {f"imagefolder:{folder_runs['root'] / n}" for n in ("pets", "fruit")}
+    tasks = json.loads((folder_runs["search"] / "tasks.json").read_text())
+    assert [t["classes"] for t in tasks] == [["cat", "dog", "eel"], ["apple", "fig"]]
+    assert [t["splits"] for t in tasks] == [{"train": 9, "val": 9, "test": 6}, {"train": 8, "val": 8, "test": 4}]
+    assert all(t["input_shape"] == [3, 16, 16] and len(t["mean"]) == len(t["std"]) == 3 for t in tasks)
 
 
 def test_a_training_run_leaves_a_model_that_loads_ready_to_use(folder_runs):

@@ -12,6 +12,7 @@ with ``folder_pipeline=stream`` are read by torchvision's ImageFolder during re-
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -102,6 +103,13 @@ def register_task(name: str, channels: int, classes: int,
 
 def known_tasks() -> str:
     return ", ".join([*sorted(TASKS), "imagenet", "imagefolder:<path>"])
+
+
+def task_slug(name: str) -> str:
+    """A task name as a file name: ``imagefolder:/data/pets`` -> ``imagefolder-pets``, ``cifar10`` -> ``cifar10``."""
+    kind, sep, path = name.partition(":")
+    text = f"{kind}-{Path(path.rstrip('/')).name or 'data'}" if sep else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def task_info(name: str, source: DataConfig) -> TaskInfo:

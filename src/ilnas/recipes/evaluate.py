@@ -10,7 +10,6 @@ import csv
 import dataclasses
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -123,16 +122,13 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     per_class = {c: int(confusion[i, i]) / seen[i] for i, c in enumerate(card.classes) if seen[i] > 0}
     result = {"run": str(run), "weights": which, "data": dataset.name, "images": total,
               "top1": int(confusion.diagonal().sum()) / total, f"top{k}": top_k / total, "per_class": per_class}
-    target = Path(out) if out is not None else run / "evaluations" / f"{_slug(data)}-{which}"
+    from ilnas.data.tasks import task_slug
+
+    slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
+    target = Path(out) if out is not None else run / "evaluations" / f"{slug}-{which}"
     _write_evaluation(target, result, confusion, card.classes)
     result["out"] = str(target)
     return result
-
-
-def _slug(text: str) -> str:
-    name = Path(text.split(":", 1)[-1].rstrip("/")).name or "data"
-    prefix = text.split(":", 1)[0] + "-" if ":" in text else ""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", prefix + name)
 
 
 def _write_evaluation(out: Path, result: dict, confusion: torch.Tensor, classes: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import sys
@@ -82,6 +83,13 @@ def load_tasks(cfg: SearchRunConfig) -> list[Task]:
         raise IlnasError(f"the tasks' images differ in shape ({listed}); one shared encoder needs one: pick tasks of "
                          f"the same channel count and set data.image_size to the others' side")
     return [create_task(name, cfg.data) for name in cfg.data.tasks]
+
+
+def task_record(task: Task) -> dict:
+    """What the run keeps of a task: its classes, image shape, the normalisation computed for it, split sizes."""
+    return {"name": task.name, "classes": list(task.classes), "input_shape": list(task.input_shape),
+            "mean": list(task.mean), "std": list(task.std),
+            "splits": {"train": len(task.train), "val": len(task.val), "test": len(task.test)}}
 
 
 def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,
@@ -205,6 +213,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
 
     with RunDir.open(out, "search", config, resume, force) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
+        run.write_text("tasks.json", json.dumps([task_record(t) for t in tasks], indent=1) + "\n")
         from torch.utils.tensorboard import SummaryWriter
 
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).

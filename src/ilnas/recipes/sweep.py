@@ -167,6 +167,8 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
         if train is None:
             raise IlnasError(f"{where}: a variant that names its cell (genotype=...) needs a train section")
     if train is not None:
+        from ilnas.data.tasks import task_slug
+
         if not isinstance(train, dict) or not train.get("tasks"):
             raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set)")
         for task in train["tasks"]:
@@ -174,8 +176,8 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
             preset = train.get("preset", "eval-digits")
             tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}")
             runs.append(RunSpec("train", (*flags, "--genotype", genotype, "--preset", preset,
-                                          *(a for o in sets for a in ("--set", o))), root / name / f"train-{task}",
-                                to_dict(tcfg)))
+                                          *(a for o in sets for a in ("--set", o))),
+                                root / name / f"train-{task_slug(task)}", to_dict(tcfg)))
     return Cell(name, labels, tuple(runs))
 
 
