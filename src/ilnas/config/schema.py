@@ -82,6 +82,10 @@ class SearchConfig:
         steps_per_epoch: None = the largest task's train split / batch_size.
         eval_batches: validation batches per task for the epoch's accuracy (None = all).
         dtype: float32 | float64.
+        threads: CPU threads of torch's operations (None: OMP_NUM_THREADS when set, else every core
+            this process may use; see ilnas/threads.py).
+        channels_last: NHWC activations in the supernet (None: on CPUs, where they are measured faster;
+            off on CUDA, not yet measured there).
     """
 
     framework: str = "il"
@@ -95,6 +99,8 @@ class SearchConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    threads: int | None = None
+    channels_last: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,8 @@ class TrainConfig:
         steps_per_epoch: cap on steps per epoch (None: the whole training set).
         amp: bf16 autocast on CUDA; channels_last: NHWC activations on CUDA.
         deterministic: torch.use_deterministic_algorithms (slower kernels).
+        threads: CPU threads of torch's operations (None: OMP_NUM_THREADS when set, else every core
+            this process may use).
     """
 
     epochs: int = 600
@@ -140,6 +148,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     deterministic: bool = False
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError(f"data.memory_limit_gb must be positive, got {cfg.data.memory_limit_gb}")
     run = cfg.search if isinstance(cfg, SearchRunConfig) else cfg.train
     section = "search" if isinstance(cfg, SearchRunConfig) else "train"
-    _positive(section, run, ("epochs", "batch_size", "steps_per_epoch"))
+    _positive(section, run, ("epochs", "batch_size", "steps_per_epoch", "threads"))
     if not 0 <= run.seed < MAX_SEED:
         raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
     if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):

@@ -35,8 +35,10 @@ from ilnas.search.engine import (Learner, SearchState, Stage, create_state, fina
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
+from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.supernet import Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights
+from ilnas.space.supernet import (Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights,
+                                  use_channels_last)
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
@@ -99,7 +101,8 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progres
 
     def build_encoder() -> Supernet:
         return Supernet(tasks[0].input_shape[0], sp.channels, layers, progress.normal_ops, progress.reduce_ops,
-                        sp.partial_channels, sp.stem_multiplier).to(device, dtype)
+                        sp.partial_channels, sp.stem_multiplier,
+                        channels_last=use_channels_last(cfg.search.channels_last, device)).to(device, dtype)
 
     encoder = build_encoder()
     head_builders = [lambda t=t: nn.Linear(encoder.out_features, t.num_classes).to(device, dtype) for t in tasks]
@@ -200,6 +203,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     ckpt = load_checkpoint(out, "search", config) if resume else None
     s = cfg.search
     device, dtype = pick_device(s.device), getattr(torch, s.dtype)
+    set_threads(s.threads)
     tasks = load_tasks(cfg)
     train = [BatchMaker(t, t.train, device, dtype, augment=True) for t in tasks]
     val = [BatchMaker(t, t.val, device, dtype, augment=False) for t in tasks]

@@ -28,6 +28,7 @@ from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text
 from ilnas.runs import CONFIG, is_finished, read_config
+from ilnas.threads import available_cores
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
 EXECUTORS = ("local", "submitit")
@@ -221,10 +222,6 @@ def run_cell(cell: Cell, env: dict[str, str] | None = None) -> dict:
     return status
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _gpus() -> int:
     try:
         import torch
@@ -237,7 +234,7 @@ def _gpus() -> int:
 def worker_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
     """Slot ``slot`` of ``parallel``: its share of the CPU cores (oversubscribed OpenMP threads make a search
     step many times slower), and its own GPU where there are GPUs."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, _cores() // parallel))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, available_cores() // parallel))}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env

@@ -26,6 +26,7 @@ from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
+from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
 
@@ -41,6 +42,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     if t.batch_size % distributed.world_size():
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
     process = distributed.start(t.device)
+    set_threads(t.threads)
     try:
         result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it

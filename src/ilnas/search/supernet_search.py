@@ -25,7 +25,7 @@ from ilnas.search.engine import Batch, Learner, create_state, final_stages, labe
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
-from ilnas.space.supernet import Supernet, init_arch, ranking_weights
+from ilnas.space.supernet import Supernet, init_arch, ranking_weights, use_channels_last
 
 HeadSpec = nn.Module | Callable[[int], nn.Module]  # a head, or a builder given the supernet's feature width
 
@@ -45,12 +45,14 @@ class SupernetSearch:
         criteria: task name -> loss of (logits, targets), default cross-entropy. A loss receives the head's
             logits and the batch's targets and returns a scalar.
         seed: the stages' initial encoder weights and the architecture's initialisation.
+        channels_last: NHWC activations (None: on CPUs, where they are faster; see Supernet).
     """
 
     def __init__(self, heads: Mapping[str, HeadSpec], in_channels: int, *, space: SpaceConfig = SpaceConfig(),
                  rounds: int = 2, engine: EngineConfig = EngineConfig(), sgd: SGD = SGD(lr_min=0.001),
                  arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 channels_last: bool | None = None):
         from ilnas.search.engine import validate_config
 
         if not heads:
@@ -63,7 +65,8 @@ class SupernetSearch:
 
         def build_encoder() -> Supernet:
             return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
-                            stem_multiplier=space.stem_multiplier).to(device, dtype)
+                            stem_multiplier=space.stem_multiplier,
+                            channels_last=use_channels_last(channels_last, device)).to(device, dtype)
 
         self.encoder = build_encoder()
         width = self.encoder.out_features

@@ -122,12 +122,15 @@ class Supernet(nn.Module):
         normal_ops, reduce_ops: per edge, the candidate ops (default: all eight everywhere).
         partial_channels: K of PC-DARTS (1: every channel through every op, plain DARTS).
         stem_multiplier: the stem has stem_multiplier * C channels.
+        channels_last: run the cells on NHWC activations (faster convolutions on CPUs; the same function).
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 16, layers: int = 8,
                  normal_ops: EdgeOps | None = None, reduce_ops: EdgeOps | None = None,
-                 partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES):
+                 partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES,
+                 channels_last: bool = False):
         super().__init__()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.normal_ops = [list(o) for o in (normal_ops or full_edge_ops(nodes=nodes))]
         self.reduce_ops = [list(o) for o in (reduce_ops or full_edge_ops(nodes=nodes))]
         if len({len(o) for o in self.normal_ops + self.reduce_ops}) != 1:
@@ -158,11 +161,19 @@ class Supernet(nn.Module):
         """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None;
         skip_dropout: P-DARTS's dropout rate after skip-connects (training mode only).
         Returns (N, out_features)."""
-        s0 = s1 = self.stem(x)
+        # After the stem too: a one-channel NHWC image is also NCHW-contiguous, and convolutions follow
+        # the layout their input suggests.
+        s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             w, e = (reduce, reduce_edges) if cell.reduction else (normal, normal_edges)
             s0, s1 = s1, cell(s0, s1, w, e, skip_dropout)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+
+
+def use_channels_last(setting: bool | None, device: torch.device) -> bool:
+    """NHWC where it is measured faster: by default on CPUs (bench/search_step.py), not on CUDA, where it
+    has not been measured yet."""
+    return setting if setting is not None else torch.device(device).type == "cpu"
 
 
 def init_arch(num_ops: int, edge_normalization: bool = False, generator: torch.Generator | None = None,

@@ -1,0 +1,84 @@
+"""Benchmark: one search step of DARTS-1st, DARTS-2nd, MTL (K=2) and IL (K=2, M=2), side by side in one run.
+
+Every framework runs the same engine on the same supernet and random batches (``ilnas.SupernetSearch``);
+the table gives the time per step (median of ``--repeats`` after a warm-up) with NCHW and with NHWC
+activations (``Supernet(channels_last=...)``; NHWC is the CPU default), the NHWC speed-up, the ratio to this
+run's NCHW DARTS-2nd step, and on CUDA the peak memory.
+Run by hand:
+    python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
+    python bench/search_step.py --device cuda --paper   # the paper's: batch 64, C=16, 8 cells, 32x32 RGB
+Set OMP_NUM_THREADS (or --threads) to the cores you mean to use.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
+from ilnas.threads import set_threads
+
+FRAMEWORKS = {  # name: (tasks, rounds, engine)
+    "DARTS-1st": (1, 1, EngineConfig(order=1, coupling="none")),
+    "DARTS-2nd": (1, 1, EngineConfig(order=2, coupling="none")),
+    "MTL (K=2)": (2, 1, EngineConfig(order=2, coupling="none")),
+    "IL (K=2, M=2)": (2, 2, EngineConfig(order=2, coupling="prox", lam=100.0)),
+}
+
+
+def step_time(name: str, args: argparse.Namespace, channels_last: bool) -> tuple[float, float | None]:
+    tasks, rounds, engine = FRAMEWORKS[name]
+    dev = torch.device(args.device)
+    in_ch, c, layers, side, batch = (3, 16, 8, 32, 64) if args.paper else (1, 8, 5, 16, 16)
+    gen = torch.Generator().manual_seed(0)
+    heads = {f"task{k}": (lambda width: nn.Linear(width, 10)) for k in range(tasks)}
+    search = SupernetSearch(heads, in_ch, space=SpaceConfig(channels=c, layers=layers), rounds=rounds,
+                            engine=engine, sgd=SGD(lr=0.025, momentum=0.9, weight_decay=3e-4), device=dev,
+                            channels_last=channels_last)
+
+    def batches() -> dict:
+        return {t: (torch.randn(batch, in_ch, side, side, generator=gen).to(dev),
+                    torch.randint(0, 10, (batch,), generator=gen).to(dev)) for t in heads}
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for i in range(args.repeats + 1):  # the first is a warm-up
+        train, val = batches(), batches()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        search.step(train, val)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--paper", action="store_true", help="the paper's search configuration (for a GPU)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--only", nargs="*", choices=list(FRAMEWORKS), help="a subset of the frameworks")
+    a = p.parse_args()
+    threads = set_threads(a.threads)
+    print(f"device {a.device}, {threads} CPU thread(s), {'paper' if a.paper else 'CPU'} configuration, "
+          f"median of {a.repeats} steps")
+    rows = {name: (step_time(name, a, False), step_time(name, a, True)) for name in (a.only or FRAMEWORKS)}
+    base = rows["DARTS-2nd"][0][0] if "DARTS-2nd" in rows else None
+    print(f"{'framework':<15} {'NCHW s':>8} {'NHWC s':>8} {'speed-up':>9} {'NCHW x D2':>10} {'NHWC x D2':>10} "
+          f"{'peak GiB':>9}")
+    for name, ((nchw, peak), (nhwc, peak_l)) in rows.items():
+        ratios = f"{nchw / base:>10.2f} {nhwc / base:>10.2f}" if base else f"{'-':>10} {'-':>10}"
+        memory = f"{peak:.2f}/{peak_l:.2f}" if peak is not None else "-"
+        print(f"{name:<15} {nchw:>8.3f} {nhwc:>8.3f} {nchw / nhwc:>8.2f}x {ratios} {memory:>9}")
+
+
+if __name__ == "__main__":
+    main()
