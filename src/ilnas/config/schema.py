@@ -129,7 +129,8 @@ class TrainConfig:
         cutout: side of the cutout square on in-memory tasks (0: off).
         resolution, color_jitter, workers: image-folder tasks (ImageNet recipe).
         steps_per_epoch: cap on steps per epoch (None: the whole training set).
-        amp: bf16 autocast on CUDA; channels_last: NHWC activations on CUDA.
+        amp: bf16 autocast on CUDA; channels_last: NHWC activations (CUDA and CPU: 1.4-1.7x a step on CPUs,
+            bench/train_step.py).
         deterministic: torch.use_deterministic_algorithms (slower kernels).
         threads: CPU threads of torch's operations (None: OMP_NUM_THREADS when set, else every core
             this process may use).

@@ -72,7 +72,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
              "macs": multiply_adds(model, data.in_channels, data.resolution)}
     cuda = process.device.type == "cuda"
-    memory_format = torch.channels_last if (cuda and t.channels_last) else torch.contiguous_format
+    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(process.device, memory_format=memory_format)
     sgd = cfg.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)

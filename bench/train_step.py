@@ -1,0 +1,72 @@
+"""Benchmark: one re-training step (forward, auxiliary loss, backward, SGD) of an evaluation network, with
+NCHW and NHWC activations side by side in one run, and on CUDA also with bf16 autocast.
+
+Run by hand:
+    python bench/train_step.py                        # CPU: DARTS_V2, 8 cells, C=16, batch 32, 32x32
+    python bench/train_step.py --device cuda --paper  # DARTS_V2, 20 cells, C=36, batch 96 (the CIFAR recipe)
+Prints seconds per step and images per second for each variant, and the speed-up over NCHW fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ilnas import create_model
+from ilnas.threads import set_threads
+
+
+def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool) -> float:
+    dev = torch.device(args.device)
+    layers, channels, batch = (20, 36, 96) if args.paper else (8, 16, 32)
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(args.genotype, 10, layers=layers, channels=channels, auxiliary=True).to(dev, memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
+    x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=dev)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    times = []
+    for i in range(args.repeats + 1):  # the first is a warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        with autocast:
+            logits, aux = model(x, drop_path_rate=0.1)
+            loss = F.cross_entropy(logits.float(), y) + 0.4 * F.cross_entropy(aux.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--paper", action="store_true", help="the CIFAR recipe's network and batch (for a GPU)")
+    p.add_argument("--genotype", default="DARTS_V2")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args()
+    threads = set_threads(a.threads)
+    batch = 96 if a.paper else 32
+    variants = {"NCHW fp32": (False, False), "NHWC fp32": (True, False)}
+    if a.device.startswith("cuda"):
+        variants["NHWC bf16"] = (True, True)
+    print(f"device {a.device}, {threads} CPU thread(s), {a.genotype}, batch {batch}, median of {a.repeats} steps")
+    times = {name: step_time(a, *flags) for name, flags in variants.items()}
+    base = times["NCHW fp32"]
+    for name, seconds in times.items():
+        print(f"{name:<10} {seconds:8.3f} s/step  {batch / seconds:8.0f} images/s  speed-up {base / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
