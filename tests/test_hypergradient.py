@@ -199,3 +199,18 @@ def test_every_registered_hvp_gives_the_hypergradient_of_the_unrolled_chain(hvp)
     p = make_problem(K=2, M=2, smooth_ops=True)
     cfg = EngineConfig(hvp=hvp, fd_eps=1e-3, coupling="prox", lam=LAM)
     assert rel_error(engine_hypergradient(p, cfg, LR), brute_force(p, cfg, LR)) < 1e-3
+
+
+@pytest.mark.parametrize("want_w", [False, True])
+def test_a_zero_direction_gives_an_exactly_zero_finite_difference_product(want_w):
+    """The FD radius stays on the device (no host synchronisation); v = 0 must still give exact zeros."""
+    from ilnas.search.hvp import fd
+
+    p = make_problem(K=1, M=1)
+    st, (x, y) = p.state.stages[0], p.train[0]
+    loss = lambda a, w, h: p.learners[0].loss(a, w, h, (x, y))  # noqa: E731
+    arch = [a.detach().requires_grad_() for a in p.state.arch]
+    d_arch, d_w = fd(loss, arch, st.w, st.h, [torch.zeros_like(t) for t in st.w], [torch.zeros_like(t) for t in st.h],
+                     want_w)
+    assert all(torch.equal(d, torch.zeros_like(d)) for d in d_arch + (d_w or []))
+    assert (d_w is not None) == want_w

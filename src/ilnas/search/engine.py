@@ -106,7 +106,7 @@ class UnrolledStage:
     grad_h: Tensors
     w_bar: Tensors      # W_bar_s, H_bar_s
     h_bar: Tensors
-    train_loss: float
+    train_loss: torch.Tensor  # 0-dim, on the device: read once at the end of the step
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     rule = StepRule.create(cfg, sgd, lr)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, rule)
-    metrics: dict[str, Any] = {"train_loss": [u.train_loss for u in unrolled], "lr": lr,
-                               "arch_updated": update_arch}
+    metrics: dict[str, Any] = {"lr": lr, "arch_updated": update_arch}
+    scalars = {"train_loss": [u.train_loss for u in unrolled]}
     # alg1: the weight step belongs to the architecture the iteration began with
     arch0 = [a.detach().clone() for a in state.arch]
 
@@ -157,11 +157,16 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     if update_arch:
         hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, rule)
         _arch_step(state, hyper)
-        metrics.update(val_loss=val_loss, hypergrad_norm=float(norm(hyper)))
+        scalars.update(val_loss=val_loss, hypergrad_norm=[norm(hyper)])
         if cfg.update_order == "darts":  # the real weight step recomputed at the new A
             stage_grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:]  # noqa: E731
     commit(state, stage_grads, rule)
     state.step += 1
+    # One host synchronisation for the whole step: every logged scalar comes back together.
+    values = iter(torch.stack([v.detach().double() for vs in scalars.values() for v in vs]).tolist())
+    metrics.update({k: [next(values) for _ in vs] for k, vs in scalars.items()})
+    if "hypergrad_norm" in metrics:
+        metrics["hypergrad_norm"] = metrics["hypergrad_norm"][0]
     return metrics
 
 
@@ -174,11 +179,11 @@ def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequ
     return [bind(stage.learner) for stage in state.stages]
 
 
-def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors) -> tuple[float, Tensors, Tensors]:
+def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors) -> tuple[torch.Tensor, Tensors, Tensors]:
     wp, hp = detached(w, True), detached(h, True)
     value = loss(detached(arch), wp, hp)
     gw, gh = grads(value, wp, hp)
-    return float(value.detach()), gw, gh
+    return value.detach(), gw, gh
 
 
 def unroll(state: SearchState, losses: Sequence[StageLoss], rule: StepRule) -> list[UnrolledStage]:
@@ -210,13 +215,14 @@ def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequen
     Returns (hypergradient, the final round's validation losses)."""
     rule = StepRule.create(cfg, sgd, lr)
     losses = _stage_losses(state, learners, train, cfg)
-    return _hypergradient(state, learners, val, losses, unroll(state, losses, rule), rule)
+    hyper, val_loss = _hypergradient(state, learners, val, losses, unroll(state, losses, rule), rule)
+    return hyper, torch.stack(val_loss).tolist()
 
 
 def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
                    losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
-                   rule: StepRule) -> tuple[Tensors, list[float]]:
-    """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses)."""
+                   rule: StepRule) -> tuple[Tensors, list[torch.Tensor]]:
+    """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses as 0-dim tensors)."""
     cfg = rule.cfg
     arch = detached(state.arch, True)
     second = cfg.order == 2
@@ -236,7 +242,7 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
         else:
             (d_arch,) = grads(weight * value, arch)
         hyper = [a + b for a, b in zip(hyper, d_arch)]
-        val_loss.append(float(value.detach()))
+        val_loss.append(value.detach())
     if second:
         hyper = _chain_terms(hyper, arch, losses, unrolled, g_val, rule)
     return hyper, val_loss
@@ -287,12 +293,11 @@ def commit(state: SearchState, stage_grads: Callable[[int, Tensors, Tensors], tu
 
 
 def _clip(gw: Tensors, gh: Tensors, max_norm: float | None) -> tuple[Tensors, Tensors]:
-    """Clip the stage's gradient (encoder and head together) to norm ``max_norm``, as clip_grad_norm_."""
+    """Clip the stage's gradient (encoder and head together) to norm ``max_norm``, as clip_grad_norm_ does
+    (factor max_norm / (norm + 1e-6), at most 1), on the device: no host synchronisation."""
     if max_norm is not None:
-        total = float(norm(gw + gh))
-        if total > max_norm:
-            factor = max_norm / (total + 1e-6)
-            return [x * factor for x in gw], [x * factor for x in gh]
+        factor = (max_norm / (norm(gw + gh) + 1e-6)).clamp(max=1.0)
+        return [x * factor for x in gw], [x * factor for x in gh]
     return gw, gh
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.search.tensors import Tensors, axpy, detached, grads, norm
+from ilnas.search.tensors import Tensors, detached, grads, norm
 
 StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
 HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
@@ -32,15 +32,16 @@ def create_hvp(name: str) -> HVP:
 @register_hvp
 def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h: Tensors,
        want_w: bool, eps: float = 0.01) -> HVPResult:
-    """(grad L(p + r v) - grad L(p - r v)) / 2r with r = eps / ||v||, p = (W, H)."""
-    vnorm = float(norm(v_w + v_h))
-    if vnorm == 0.0:
-        return [torch.zeros_like(a) for a in arch], ([torch.zeros_like(x) for x in w] if want_w else None)
-    r = eps / vnorm
+    """(grad L(p + r v) - grad L(p - r v)) / 2r with r = eps / ||v||, p = (W, H).
+
+    r stays a tensor on the device (no host synchronisation). For v = 0 the clamped norm makes r huge but
+    finite, the two points coincide with p, and the difference is exactly zero."""
+    vnorm = norm(v_w + v_h)
+    r = eps / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
 
     def grads_at(sign: float) -> list[Tensors]:
-        wp = detached(axpy(sign * r, v_w, w), requires_grad=want_w)
-        hp = axpy(sign * r, v_h, h)
+        wp = detached([x + (sign * r) * v for x, v in zip(w, v_w)], requires_grad=want_w)
+        hp = [x + (sign * r) * v for x, v in zip(h, v_h)]
         return grads(loss(arch, wp, hp), arch, wp if want_w else [])
 
     d_arch, d_w = ([(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
