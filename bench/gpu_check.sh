@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The GPU check, one prepared script (a few minutes on one H200): the two benchmarks at the paper's
+# configuration, a shortened CUDA search on the embedded digits and a one-rank NCCL re-training under
+# torchrun, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+#   bash bench/gpu_check.sh                      # on a CUDA machine
+#   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+PAPER=${PAPER---paper}
+LOGS=${OUT:-gpu_check}
+mkdir -p "$LOGS"
+declare -A RC WALL
+
+run() {  # run NAME COMMAND...: its log, exit code and wall time
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" > "$LOGS/$name.log" 2>&1
+  RC[$name]=$?
+  WALL[$name]=$((SECONDS - t0))
+}
+
+if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
+run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3
+run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
+run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+    --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
+run train_nccl torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
+    --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
+    --out "$LOGS/train-run" --force
+
+for name in search_step train_step search train_nccl; do
+  printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
+done > "$LOGS/summary.tsv"
+python - "$LOGS" "$DEVICE" <<'PY'
+import json, pathlib, sys
+logs, device = pathlib.Path(sys.argv[1]), sys.argv[2]
+out = {"device": device, "gpu": (logs / "gpu.log").read_text().strip() if (logs / "gpu.log").exists() else None}
+for line in (logs / "summary.tsv").read_text().splitlines():
+    name, rc, wall = line.rstrip("\n").split("\t")
+    text = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
+    out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-10:]}
+for run, result in (("search-run", "summary.json"), ("train-run", "result.json")):
+    path = logs / run / result
+    out[run] = json.loads(path.read_text()) if path.exists() else None
+print(json.dumps(out, indent=1))
+PY
