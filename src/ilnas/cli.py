@@ -109,6 +109,7 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
     """The resolved configuration (from the run's config.yaml when resuming) and the run directory."""
     from ilnas.config import resolve
     from ilnas.runs import resume_config
+    from ilnas.distributed import world_size
 
     if args.out is not None and not args.out.strip():
         raise IlnasError("--out is empty; name a run directory")
@@ -120,6 +121,8 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
     if not args.resume:
         preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
         cfg = resolve(preset, args.config, args.overrides, kind)
+        if not args.out and world_size() > 1:
+            raise IlnasError("under torchrun every rank must name the same run directory: pass --out DIR")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = Path(args.out) if args.out else Path("runs") / f"{prefix}{preset or 'config'}-{stamp}"
         return cfg, out
@@ -134,10 +137,13 @@ def _search(args: argparse.Namespace) -> None:
     from ilnas.recipes.search import run_search
 
     cfg, out = _config_and_out(args, "search", "demo", "")
-    print(f"run directory: {out}", flush=True)
+    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks
+    if speaks:
+        print(f"run directory: {out}", flush=True)
     genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet,
                           report=not args.no_report)
-    print(f"genotype = {genotype.to_string()}")
+    if speaks:
+        print(f"genotype = {genotype.to_string()}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -76,9 +77,28 @@ def barrier(process: Process) -> None:
         dist.barrier()
 
 
-def replica_divergence(model: torch.nn.Module, process: Process) -> float:
-    """max |w_rank - w_other| over every parameter: 0 when DDP kept all replicas identical."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+def mean_over_ranks(process: Process) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The search engine's ``reduce`` under torchrun: each tensor's mean over the ranks, one all-reduce of
+    one flat buffer per call (a plain process gets the tensors back)."""
+    def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if process.world == 1 or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat.div_(process.world)
+        return [chunk.view(t.shape) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return reduce
+
+
+def shard(batch: tuple[torch.Tensor, ...], process: Process) -> tuple[torch.Tensor, ...]:
+    """This rank's contiguous slice of a global batch whose size the ranks divide."""
+    n = len(batch[0]) // process.world
+    return tuple(t[process.rank * n:(process.rank + 1) * n] for t in batch)
+
+
+def replica_divergence(tensors: Iterable[torch.Tensor], process: Process) -> float:
+    """max |x_rank - x_other| over every element: 0 when the ranks hold identical replicas."""
+    flat = torch.cat([t.detach().double().flatten() for t in tensors])
     if process.world == 1:
         return 0.0
     hi, lo = flat.clone(), flat.clone()

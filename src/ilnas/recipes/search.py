@@ -4,6 +4,10 @@ each epoch, the ops of the next phase and the final genotype; this recipe is the
 
 Everything needed to continue bit-exactly is in the per-epoch checkpoint; every batch stream and
 every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repeats an uninterrupted one.
+
+Under ``torchrun`` the search is data-parallel: every rank draws the same global batches and steps on its
+own slice of each; the engine averages every gradient over the ranks (distributed.mean_over_ranks), so
+all ranks hold the same architecture and weights, which each epoch verifies. Only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from tqdm import tqdm
 from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
-from ilnas.distributed import pick_device
+from ilnas import distributed
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
@@ -69,11 +73,15 @@ class SearchContext:
     tasks: list[Task]
     train: list[BatchMaker]
     val: list[BatchMaker]
-    run: RunDir
-    writer: object  # torch.utils.tensorboard.SummaryWriter
-    device: torch.device
+    run: RunDir | None  # rank 0 only
+    writer: object  # torch.utils.tensorboard.SummaryWriter, rank 0 only
+    process: distributed.Process
     dtype: torch.dtype
     progress: bool  # progress bars and epoch lines
+
+    @property
+    def device(self) -> torch.device:
+        return self.process.device
 
 
 def load_tasks(cfg: SearchRunConfig) -> list[Task]:
@@ -197,12 +205,25 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     """Run (or continue) a search into ``out``; returns the final genotype. Everything is validated
     (run directory, checkpoint against config, device, data, shapes) before anything is written.
     ``report``: plots/ and report.html at the end (recipes/report.py)."""
-    out = Path(out)
+    out, s = Path(out), cfg.search
+    if s.batch_size % distributed.world_size():
+        raise IlnasError(f"search.batch_size={s.batch_size} is not divisible by the {distributed.world_size()} ranks")
     check(out, resume, force, "search")
     config = config_dict(cfg)
     ckpt = load_checkpoint(out, "search", config) if resume else None
-    s = cfg.search
-    device, dtype = pick_device(s.device), getattr(torch, s.dtype)
+    process = distributed.start(s.device)
+    try:
+        genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process)
+        distributed.barrier(process)  # no rank tears the process group down while another still uses it
+    finally:
+        distributed.stop()
+    return genotype
+
+
+def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, resume: bool, force: bool,
+             progress: bool, report: bool, process: distributed.Process) -> Genotype:
+    """Data, method and shapes checked on every rank; then rank 0 opens the run directory and all search."""
+    s, device, dtype = cfg.search, process.device, getattr(torch, cfg.search.dtype)
     set_threads(s.threads)
     tasks = load_tasks(cfg)
     train = [BatchMaker(t, t.train, device, dtype, augment=True) for t in tasks]
@@ -214,6 +235,10 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     method = create_method(cfg)
     prog = Progress(**ckpt["progress"]) if ckpt else Progress()
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
+    distributed.barrier(process)  # every rank has checked before rank 0 creates anything
+    ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main)
+    if not process.main:
+        return _search(ctx, prog, ckpt)
 
     with RunDir.open(out, "search", config, resume, force) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
@@ -224,8 +249,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
         writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step + 1 if resume else None)
         try:
             with run.out_of_memory("search.batch_size"):
-                genotype = _search(SearchContext(cfg, method, tasks, train, val, run, writer, device, dtype,
-                                                 progress), prog, ckpt)
+                genotype = _search(dataclasses.replace(ctx, run=run, writer=writer), prog, ckpt)
             if report:
                 report_at_end(run.path, writer)
         finally:
@@ -267,15 +291,17 @@ def _search(ctx: SearchContext, prog: Progress, ckpt: dict | None) -> Genotype:
                                                         prog.reduce_ops).to_string()
         prog.phase, prog.epoch = p + 1, 0
         _checkpoint(run, prog, state)  # the ended phase's state: kept for the record, not resumed
-    ctx.writer.flush()
-
     genotype = parse_genotype(prog.final_genotype)
+    if run is None:
+        return genotype
+    ctx.writer.flush()
     run.save_genotype(genotype)
     hours = prog.elapsed / 3600.0
+    world = ctx.process.world
     run.finish({"genotype": genotype.to_string(), "phase_genotypes": prog.phase_genotypes,
                 "phases": len(phases), "epochs_per_phase": cfg.search.epochs, "steps": prog.global_step,
-                "search_hours": hours, "device": str(ctx.device),
-                "gpu_hours": hours if ctx.device.type == "cuda" else 0.0})
+                "search_hours": hours, "device": str(ctx.device), "world_size": world,
+                "gpu_hours": hours * world if ctx.device.type == "cuda" else 0.0})
     return genotype
 
 
@@ -285,10 +311,23 @@ def _require_finite(state: SearchState, prog: Progress) -> None:
                         f"not finished and its last good checkpoint is kept; lower optimizer.lr and start again")
 
 
-def _checkpoint(run: RunDir, prog: Progress, state: SearchState) -> None:
+def _require_same_replicas(process: distributed.Process, state: SearchState, prog: Progress) -> None:
+    """Data-parallel ranks must hold bit-identical architectures and weights (they apply the same averaged
+    gradients); a difference means the search is no longer one search, so it stops."""
+    if process.world == 1:
+        return
+    tensors = [*state.arch, *(t for st in state.stages for t in (*st.w, *st.h))]
+    diff = distributed.replica_divergence(tensors, process)
+    if diff != 0.0:
+        raise RunFailed(f"the {process.world} ranks' architectures or weights differ by {diff:.3g} after step "
+                        f"{prog.global_step}; the run is not finished and its last good checkpoint is kept")
+
+
+def _checkpoint(run: RunDir | None, prog: Progress, state: SearchState) -> None:
     _require_finite(state, prog)
-    run.save_checkpoint({"progress": dataclasses.asdict(prog), "state": state_dict(state),
-                         "metrics_lines": run.metrics_lines()})
+    if run is not None:
+        run.save_checkpoint({"progress": dataclasses.asdict(prog), "state": state_dict(state),
+                             "metrics_lines": run.metrics_lines()})
 
 
 def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> SearchState:
@@ -301,6 +340,7 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
     if saved_state is not None:
         load_state_dict(state, saved_state, ctx.device)
     steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in ctx.train)
+    reduce = distributed.mean_over_ranks(ctx.process)
     tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
     for epoch in range(prog.epoch, s.epochs):
         t_epoch = time.perf_counter()
@@ -308,7 +348,7 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
         dropout = ctx.method.skip_dropout(prog.phase, epoch, s.epochs, s.warmup_epochs)
         learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout))
                     for t, net in zip(ctx.tasks, nets)]
-        torch.manual_seed(derive_seed(s.seed, prog.phase, epoch))  # dropout masks
+        torch.manual_seed(_rank_seed(derive_seed(s.seed, prog.phase, epoch), ctx.process))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
         streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0)),
                     v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1)))
@@ -317,22 +357,32 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
                    disable=None if ctx.progress else True)
         for _ in bar:
             t0 = time.perf_counter()
-            batches = [(next(tr), next(va)) for tr, va in streams]
+            # every rank draws the whole global batch (same seeds) and keeps its own slice
+            batches = [(distributed.shard(next(tr), ctx.process), distributed.shard(next(va), ctx.process))
+                       for tr, va in streams]
             metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
-                                  ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch)
+                                  ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce)
             prog.global_step += 1
             metrics = label_metrics(metrics, state, [t.name for t in ctx.tasks])
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
                            step_time=time.perf_counter() - t0)
-            ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
+            if ctx.run is not None:
+                ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
             check_step(metrics, prog.global_step, epoch)
-            _log_step(ctx.writer, metrics, prog.global_step)
+            if ctx.writer is not None:
+                _log_step(ctx.writer, metrics, prog.global_step)
             bar.set_postfix(train_loss=f"{np.mean(list(metrics['train_loss'].values())):.3f}")
         bar.close()
         record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
                   "skip_dropout": dropout, "arch_updated": update_arch}
         _end_epoch(ctx, nets, state, prog, record, time.perf_counter() - t_epoch, tag)
     return state
+
+
+def _rank_seed(seed: int, process: distributed.Process) -> int:
+    """Rank 0 keeps the one-process seed (so one-process runs are unchanged); other ranks draw their own
+    masks for their own slices."""
+    return seed if process.main else derive_seed(seed, process.rank)
 
 
 def _log_step(writer, metrics: dict, step: int) -> None:
@@ -346,9 +396,11 @@ def _log_step(writer, metrics: dict, step: int) -> None:
 
 def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchState, prog: Progress,
                record: dict, seconds: float, tag: str) -> None:
-    """Validation accuracy, genotype, logs, architecture history and the checkpoint."""
-    s, run, writer, epoch = ctx.cfg.search, ctx.run, ctx.writer, record["epoch"]
+    """Validation accuracy, genotype and architecture history (every rank), then logs, files and the
+    checkpoint (rank 0)."""
+    s, epoch = ctx.cfg.search, record["epoch"]
     _require_finite(state, prog)
+    _require_same_replicas(ctx.process, state, prog)
     arch = [a.detach() for a in state.arch]
     t0 = time.perf_counter()
     val_acc = {}
@@ -361,23 +413,28 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     seconds += time.perf_counter() - t0
     prog.elapsed += seconds
     record.update(val_acc=val_acc, alpha_entropy=entropy, epoch_time=seconds, genotype=genotype.to_string())
-    run.log(record)
-    x = prog.global_step
-    for name, acc in val_acc.items():
-        writer.add_scalar(f"val_acc/{name}", acc, x)
-    writer.add_scalar("search/lr", record["lr"], x)
-    writer.add_scalar("alpha_entropy/normal", entropy["normal"], x)
-    writer.add_scalar("alpha_entropy/reduce", entropy["reduce"], x)
-    writer.flush()
     for name, a in zip(ARCH_NAMES, arch):  # a copy: the live alphas move on with every step
         prog.history.setdefault(f"p{prog.phase}/{name}", []).append(a.detach().cpu().float().clone())
     prog.history_ops.update({f"p{prog.phase}/normal_ops": prog.normal_ops, f"p{prog.phase}/reduce_ops": prog.reduce_ops})
-    run.save_arrays("arch_history.npz", arch_history_arrays(prog))
-    run.save_genotype(genotype)
     prog.epoch = epoch + 1
     if prog.epoch == s.epochs:
         prog.phase_genotypes.append(genotype.to_string())
-    _checkpoint(run, prog, state)
+    if ctx.run is not None:
+        _write_epoch(ctx, record, prog, genotype)
+    _checkpoint(ctx.run, prog, state)
     if ctx.progress:
         log.info(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {record['lr']:.4f}  val acc "
                  + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)")
+
+
+def _write_epoch(ctx: SearchContext, record: dict, prog: Progress, genotype: Genotype) -> None:
+    run, writer, x = ctx.run, ctx.writer, prog.global_step
+    run.log(record)
+    for name, acc in record["val_acc"].items():
+        writer.add_scalar(f"val_acc/{name}", acc, x)
+    writer.add_scalar("search/lr", record["lr"], x)
+    for part in ("normal", "reduce"):
+        writer.add_scalar(f"alpha_entropy/{part}", record["alpha_entropy"][part], x)
+    writer.flush()
+    run.save_arrays("arch_history.npz", arch_history_arrays(prog))
+    run.save_genotype(genotype)

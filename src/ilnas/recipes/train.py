@@ -191,7 +191,7 @@ def _finish(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, model: torc
               "final_test_error": 1.0 - record["test_top1"], "best_test_error": 1.0 - best, **sizes,
               "images_per_s": record["images_per_s"], "world_size": process.world, "device": str(process.device),
               "gpu_hours": hours * process.world if process.device.type == "cuda" else 0.0,
-              "hours": hours, "replica_divergence": distributed.replica_divergence(model, process)}
+              "hours": hours, "replica_divergence": distributed.replica_divergence(model.parameters(), process)}
     if "test_top5" in record:
         result["final_test_error_top5"] = 1.0 - record["test_top5"]
     if run is not None:

@@ -10,6 +10,10 @@ and momentum buffers; the architecture A is shared. One ``search_step``:
 5. Adam on A and the real SGD updates of every stage.
 
 The engine sees learners only as loss functions of (arch, w, h, batch): it knows nothing of convolutions.
+Nor of processes: for data-parallel search the caller passes ``reduce``, the mean over ranks, which is
+applied to every gradient that leaves a loss (stage gradients, validation gradients, the weight part of
+an HVP, the hypergradient) and to the logged losses. All of them are linear in the loss, so ranks that
+each hold a shard of every batch step exactly as one process whose loss is the mean of the shards' losses.
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ from ilnas.search.tensors import Tensors, axpy, detached, grads, norm, zeros_lik
 
 Batch = Any
 LossFn = Callable[[Tensors, Tensors, Tensors, Batch], torch.Tensor]  # (arch, w, h, batch) -> scalar
+Reduce = Callable[[Tensors], Tensors]  # the mean of each tensor over data-parallel ranks
+
+
+def no_reduce(x: Tensors) -> Tensors:
+    """One process: nothing to average."""
+    return x
 
 
 @dataclass(frozen=True)
@@ -112,17 +122,19 @@ class UnrolledStage:
 @dataclass(frozen=True)
 class StepRule:
     """What one iteration's arithmetic is fixed by: the engine settings, the SGD being unrolled and
-    committed (momentum, weight decay, clipping), this epoch's learning rate eta and the coupling."""
+    committed (momentum, weight decay, clipping), this epoch's learning rate eta, the coupling
+    and the mean over data-parallel ranks."""
 
     cfg: EngineConfig
     sgd: SGD
     lr: float
     coupling: Coupling
+    reduce: Reduce = no_reduce
 
     @classmethod
-    def create(cls, cfg: EngineConfig, sgd: SGD, lr: float) -> StepRule:
+    def create(cls, cfg: EngineConfig, sgd: SGD, lr: float, reduce: Reduce = no_reduce) -> StepRule:
         virtual_wd = sgd.weight_decay if cfg.virtual_momentum else 0.0
-        return cls(cfg, sgd, lr, create_coupling(cfg.coupling, lr, cfg.lam, virtual_wd, cfg.allow_unstable))
+        return cls(cfg, sgd, lr, create_coupling(cfg.coupling, lr, cfg.lam, virtual_wd, cfg.allow_unstable), reduce)
 
     @property
     def virtual_momentum(self) -> float:
@@ -134,11 +146,12 @@ class StepRule:
 
 
 def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
-                cfg: EngineConfig, sgd: SGD, lr: float, update_arch: bool = True) -> dict[str, Any]:
+                cfg: EngineConfig, sgd: SGD, lr: float, update_arch: bool = True,
+                reduce: Reduce = no_reduce) -> dict[str, Any]:
     """One iteration over all stages; train[k], val[k] are learner k's batches, ``lr`` this epoch's eta
     of ``sgd``. Returns metrics. ``update_arch=False`` is a weight-only step (the warm-up epochs of
-    P-DARTS and PC-DARTS)."""
-    rule = StepRule.create(cfg, sgd, lr)
+    P-DARTS and PC-DARTS). ``reduce``: the mean over data-parallel ranks (see the module docstring)."""
+    rule = StepRule.create(cfg, sgd, lr, reduce)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, rule)
     metrics: dict[str, Any] = {"lr": lr, "arch_updated": update_arch}
@@ -152,18 +165,22 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
         point = unrolled[s].w
         if w is point or all(torch.equal(a, b) for a, b in zip(w, point)):
             return unrolled[s].grad_w, unrolled[s].grad_h
-        return _gradient(losses[s], arch0, w, h)[1:]
+        return _gradient(losses[s], arch0, w, h, rule.reduce)[1:]
 
     if update_arch:
         hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, rule)
         _arch_step(state, hyper)
         scalars.update(val_loss=val_loss, hypergrad_norm=[norm(hyper)])
         if cfg.update_order == "darts":  # the real weight step recomputed at the new A
-            stage_grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h)[1:]  # noqa: E731
+            stage_grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h, rule.reduce)[1:]  # noqa: E731
     commit(state, stage_grads, rule)
     state.step += 1
-    # One host synchronisation for the whole step: every logged scalar comes back together.
-    values = iter(torch.stack([v.detach().double() for vs in scalars.values() for v in vs]).tolist())
+    # One host synchronisation for the whole step: every logged scalar comes back together. The losses
+    # are averaged over ranks; the hypergradient's norm is already the same on every rank.
+    losses_now = torch.stack([v.detach().double() for key, vs in scalars.items() if key != "hypergrad_norm"
+                              for v in vs])
+    norms = [v.detach().double().reshape(1) for v in scalars.get("hypergrad_norm", [])]
+    values = iter(torch.cat([rule.reduce([losses_now])[0], *norms]).tolist())
     metrics.update({k: [next(values) for _ in vs] for k, vs in scalars.items()})
     if "hypergrad_norm" in metrics:
         metrics["hypergrad_norm"] = metrics["hypergrad_norm"][0]
@@ -179,11 +196,17 @@ def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequ
     return [bind(stage.learner) for stage in state.stages]
 
 
-def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors) -> tuple[torch.Tensor, Tensors, Tensors]:
+def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors,
+              reduce: Reduce) -> tuple[torch.Tensor, Tensors, Tensors]:
+    """The stage's loss at (arch, w, h) (this rank's) and its weight gradient (averaged over ranks)."""
     wp, hp = detached(w, True), detached(h, True)
     value = loss(detached(arch), wp, hp)
-    gw, gh = grads(value, wp, hp)
+    gw, gh = _split(reduce(grads(value, wp + hp)[0]), len(wp))
     return value.detach(), gw, gh
+
+
+def _split(x: Tensors, n: int) -> tuple[Tensors, Tensors]:
+    return x[:n], x[n:]
 
 
 def unroll(state: SearchState, losses: Sequence[StageLoss], rule: StepRule) -> list[UnrolledStage]:
@@ -192,7 +215,7 @@ def unroll(state: SearchState, losses: Sequence[StageLoss], rule: StepRule) -> l
     coupling = rule.coupling
     for s, stage in enumerate(state.stages):
         w = out[-1].w_bar if (coupling.grad_at_prev and s > 0) else stage.w
-        value, gw, gh = _gradient(losses[s], state.arch, w, stage.h)
+        value, gw, gh = _gradient(losses[s], state.arch, w, stage.h, rule.reduce)
         w_step = _sgd_direction(w, gw, stage.buf_w, rule)
         w_bar = coupling.combine(w_step, w, out[-1].w_bar) if s > 0 else w_step
         h_bar = _sgd_direction(stage.h, gh, stage.buf_h, rule)
@@ -209,11 +232,11 @@ def _sgd_direction(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) 
 
 
 def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
-                  cfg: EngineConfig, sgd: SGD, lr: float) -> tuple[Tensors, list[float]]:
+                  cfg: EngineConfig, sgd: SGD, lr: float, reduce: Reduce = no_reduce) -> tuple[Tensors, list[float]]:
     """d/dA of sum_{s in F} alpha_k L^val_s through the whole unrolled chain (paper Eq. 5-9), at the
     state's current weights and batches ``train[k]``, ``val[k]``; the state is not changed.
-    Returns (hypergradient, the final round's validation losses)."""
-    rule = StepRule.create(cfg, sgd, lr)
+    Returns (hypergradient, the final round's validation losses, this rank's)."""
+    rule = StepRule.create(cfg, sgd, lr, reduce)
     losses = _stage_losses(state, learners, train, cfg)
     hyper, val_loss = _hypergradient(state, learners, val, losses, unroll(state, losses, rule), rule)
     return hyper, torch.stack(val_loss).tolist()
@@ -237,15 +260,15 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
         wp, hp = detached(w, second), detached(h, second)
         value = learners[k].loss(arch, wp, hp, val[k])
         if second:
-            d_arch, g_w, g_h = grads(weight * value, arch, wp, hp)
-            g_val[s] = (g_w, g_h)
+            d_arch, g_wh = grads(weight * value, arch, wp + hp)
+            g_val[s] = _split(rule.reduce(g_wh), len(wp))
         else:
             (d_arch,) = grads(weight * value, arch)
         hyper = [a + b for a, b in zip(hyper, d_arch)]
         val_loss.append(value.detach())
     if second:
         hyper = _chain_terms(hyper, arch, losses, unrolled, g_val, rule)
-    return hyper, val_loss
+    return rule.reduce(hyper), val_loss
 
 
 def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
@@ -264,8 +287,8 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unr
         v_h = [lr * x for x in h_adj] if h_adj is not None else zeros_like(h)
         want_w = coupling.needs_w_hvp and s > 0
         d_arch, d_w = hvp(losses[s], arch, w, h, [w_eta * x for x in u], v_h, want_w, rule.cfg.fd_eps)
-        hyper = [a - b for a, b in zip(hyper, d_arch)]
-        u = coupling.adjoint(u, d_w) if s > 0 else None
+        hyper = [a - b for a, b in zip(hyper, d_arch)]  # averaged over ranks once, by the caller
+        u = coupling.adjoint(u, rule.reduce(d_w) if want_w else d_w) if s > 0 else None
     return hyper
 
 

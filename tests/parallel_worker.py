@@ -1,0 +1,37 @@
+"""One rank of a data-parallel engine run, started by tests/test_parallel_search.py under torchrun (gloo):
+each rank steps on its half of every batch of the float64 test problem and saves what it ends with."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from helpers import make_problem
+from ilnas import distributed
+from ilnas.search.engine import search_step
+from parallel_cases import CASES, STEPS
+
+
+def main(out: Path) -> None:
+    process = distributed.start("cpu")
+    reduce = distributed.mean_over_ranks(process)
+    results = {}
+    for name, (cfg, sgd, lr) in CASES.items():
+        p = make_problem()
+        train = [distributed.shard(b, process) for b in p.train]
+        val = [distributed.shard(b, process) for b in p.val]
+        metrics = [search_step(p.state, p.learners, train, val, cfg, sgd, lr, reduce=reduce) for _ in range(STEPS)]
+        tensors = [*p.state.arch, *(t for st in p.state.stages for t in (*st.w, *st.h))]
+        results[name] = {"arch": [a.detach() for a in p.state.arch], "w": [st.w for st in p.state.stages],
+                         "h": [st.h for st in p.state.stages], "metrics": metrics,
+                         "divergence": distributed.replica_divergence(tensors, process)}
+    drifted = [a.detach() + (1e-3 if process.rank == 1 else 0.0) for a in p.state.arch]
+    results["drift"] = distributed.replica_divergence(drifted, process)
+    torch.save(results, out / f"rank{process.rank}.pt")
+    distributed.barrier(process)
+    distributed.stop()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,103 @@
+"""Data-parallel search under torchrun (gloo on CPU): ranks hold bit-identical architectures and weights, and
+their steps equal one process whose loss averages the ranks' slices of each batch (BatchNorm statistics are
+per slice, as with DistributedDataParallel); a 2-rank CLI search runs end to end and refuses bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SHORT_SEARCH, ilnas, make_problem, rel_error
+from ilnas.search.engine import Learner, search_step
+from parallel_cases import CASES, STEPS
+
+TESTS = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def sliced(learner: Learner) -> Learner:
+    """One process that normalises each half of a batch on its own: what two ranks compute together."""
+    def loss(a, w, h, batch):
+        x, y = batch
+        n = len(y) // 2
+        return 0.5 * (learner.loss(a, w, h, (x[:n], y[:n])) + learner.loss(a, w, h, (x[n:], y[n:])))
+    return Learner(learner.name, loss)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ranks")
+    r = torchrun(str(TESTS / "parallel_worker.py"), str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
+
+
+def test_replica_divergence_sees_one_rank_drift(ranks):
+    assert ranks[0]["drift"] == ranks[1]["drift"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_hold_identical_replicas_equal_to_one_process(ranks, case):
+    r0, r1 = ranks[0][case], ranks[1][case]
+    for a, b in zip(r0["arch"] + sum(r0["w"], []) + sum(r0["h"], []), r1["arch"] + sum(r1["w"], []) + sum(r1["h"], [])):
+        assert torch.equal(a, b)  # bit for bit
+    assert r0["metrics"] == r1["metrics"]
+    assert r0["divergence"] == r1["divergence"] == 0.0
+
+    cfg, sgd, lr = CASES[case]
+    p = make_problem()
+    learners = [sliced(learner) for learner in p.learners]
+    metrics = [search_step(p.state, learners, p.train, p.val, cfg, sgd, lr) for _ in range(STEPS)]
+    assert rel_error(r0["arch"], [a.detach() for a in p.state.arch]) < 1e-12
+    assert not torch.equal(r0["arch"][0], make_problem().state.arch[0].detach())  # the steps moved A
+    for s, st in enumerate(p.state.stages):
+        assert rel_error(r0["w"][s], st.w) < 1e-12 and rel_error(r0["h"][s], st.h) < 1e-12
+    for got, want in zip(r0["metrics"], metrics):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-12)
+        assert got.get("val_loss") == pytest.approx(want.get("val_loss"), rel=1e-12)
+        assert got.get("hypergrad_norm") == pytest.approx(want.get("hypergrad_norm"), rel=1e-10)
+
+
+MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tasks=[digits]", *SHORT_SEARCH,
+         "--set", "search.epochs=2", "--set", "search.steps_per_epoch=2"]
+
+
+def test_two_rank_cli_search_runs_the_same_global_batches(tmp_path):
+    one = ilnas(*MICRO, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun("-m", "ilnas", *MICRO, "--out", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
+    result = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert result["world_size"] == 2 and result["steps"] == 4
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("one", "two")]
+    steps = [[r for r in rs if r["kind"] == "step"] for rs in records]
+    assert len(steps[0]) == len(steps[1]) == 4
+    # Step 1 starts from the same weights on the same global batch; only BatchNorm's statistics differ
+    # (per half-batch on two ranks).
+    for name, loss in steps[0][0]["train_loss"].items():
+        assert abs(steps[1][0]["train_loss"][name] - loss) < 0.1 * loss
+    assert (tmp_path / "two" / "checkpoint.pt").exists() and (tmp_path / "two" / "genotype.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "search.batch_size=9", "--out", "__OUT__"], "search.batch_size=9 is not divisible by the 2 ranks"),
+    ([], "under torchrun every rank must name the same run directory: pass --out DIR"),
+])
+def test_bad_parallel_input_is_one_line_and_exit_2(tmp_path, args, message):
+    args = [a.replace("__OUT__", str(tmp_path / "run")) for a in args]
+    r = ilnas(*MICRO, *args, cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
