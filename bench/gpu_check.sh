@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (a few minutes on one H200): the two benchmarks at the paper's
-# configuration, a shortened CUDA search on the embedded digits and a one-rank NCCL re-training under
-# torchrun, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+# configuration, a shortened CUDA search on the embedded digits, the same search data-parallel under
+# torchrun (one NCCL rank, bf16 autocast) and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
 set -uo pipefail
@@ -25,11 +25,14 @@ run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 
 run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
 run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
+run search_nccl_bf16 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
+    --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
+    --out "$LOGS/search-nccl-run" --force
 run train_nccl torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
     --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
     --out "$LOGS/train-run" --force
 
-for name in search_step train_step search train_nccl; do
+for name in search_step train_step search search_nccl_bf16 train_nccl; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 python - "$LOGS" "$DEVICE" <<'PY'
@@ -40,7 +43,7 @@ for line in (logs / "summary.tsv").read_text().splitlines():
     name, rc, wall = line.rstrip("\n").split("\t")
     text = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
     out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-10:]}
-for run, result in (("search-run", "summary.json"), ("train-run", "result.json")):
+for run, result in (("search-run", "summary.json"), ("search-nccl-run", "summary.json"), ("train-run", "result.json")):
     path = logs / run / result
     out[run] = json.loads(path.read_text()) if path.exists() else None
 print(json.dumps(out, indent=1))

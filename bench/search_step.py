@@ -1,12 +1,13 @@
 """Benchmark: one search step of DARTS-1st, DARTS-2nd, MTL (K=2) and IL (K=2, M=2), side by side in one run.
 
 Every framework runs the same engine on the same supernet and random batches (``ilnas.SupernetSearch``);
-the table gives the time per step (median of ``--repeats`` after a warm-up) with NCHW and with NHWC
-activations (``Supernet(channels_last=...)``; NHWC is the CPU default), the NHWC speed-up, the ratio to this
-run's NCHW DARTS-2nd step, and on CUDA the peak memory.
+the table gives the time per step (median of ``--repeats`` after a warm-up) of each variant: NCHW, NHWC
+activations (``Supernet(channels_last=...)``; NHWC is the CPU default) and NHWC with bf16 autocast
+(``search.amp``), each variant's ratio to this run's NCHW DARTS-2nd step, and on CUDA the peak memory.
 Run by hand:
     python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
     python bench/search_step.py --device cuda --paper   # the paper's: batch 64, C=16, 8 cells, 32x32 RGB
+    python bench/search_step.py --variants NCHW "NHWC bf16"   # a subset of the variants
 Set OMP_NUM_THREADS (or --threads) to the cores you mean to use.
 """
 from __future__ import annotations
@@ -27,9 +28,11 @@ FRAMEWORKS = {  # name: (tasks, rounds, engine)
     "MTL (K=2)": (2, 1, EngineConfig(order=2, coupling="none")),
     "IL (K=2, M=2)": (2, 2, EngineConfig(order=2, coupling="prox", lam=100.0)),
 }
+VARIANTS = {"NCHW": {"channels_last": False}, "NHWC": {"channels_last": True},
+            "NHWC bf16": {"channels_last": True, "amp": True}}
 
 
-def step_time(name: str, args: argparse.Namespace, channels_last: bool) -> tuple[float, float | None]:
+def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float, float | None]:
     tasks, rounds, engine = FRAMEWORKS[name]
     dev = torch.device(args.device)
     in_ch, c, layers, side, batch = (3, 16, 8, 32, 64) if args.paper else (1, 8, 5, 16, 16)
@@ -37,7 +40,7 @@ def step_time(name: str, args: argparse.Namespace, channels_last: bool) -> tuple
     heads = {f"task{k}": (lambda width: nn.Linear(width, 10)) for k in range(tasks)}
     search = SupernetSearch(heads, in_ch, space=SpaceConfig(channels=c, layers=layers), rounds=rounds,
                             engine=engine, sgd=SGD(lr=0.025, momentum=0.9, weight_decay=3e-4), device=dev,
-                            channels_last=channels_last)
+                            **variant)
 
     def batches() -> dict:
         return {t: (torch.randn(batch, in_ch, side, side, generator=gen).to(dev),
@@ -66,18 +69,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", choices=list(FRAMEWORKS), help="a subset of the frameworks")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="a subset of the variants (NCHW first: it is the ratios' base)")
     a = p.parse_args()
     threads = set_threads(a.threads)
     print(f"device {a.device}, {threads} CPU thread(s), {'paper' if a.paper else 'CPU'} configuration, "
-          f"median of {a.repeats} steps")
-    rows = {name: (step_time(name, a, False), step_time(name, a, True)) for name in (a.only or FRAMEWORKS)}
+          f"median of {a.repeats} steps; 'x D2' = seconds / this run's {a.variants[0]} DARTS-2nd step")
+    rows = {name: [step_time(name, a, VARIANTS[v]) for v in a.variants] for name in (a.only or FRAMEWORKS)}
     base = rows["DARTS-2nd"][0][0] if "DARTS-2nd" in rows else None
-    print(f"{'framework':<15} {'NCHW s':>8} {'NHWC s':>8} {'speed-up':>9} {'NCHW x D2':>10} {'NHWC x D2':>10} "
-          f"{'peak GiB':>9}")
-    for name, ((nchw, peak), (nhwc, peak_l)) in rows.items():
-        ratios = f"{nchw / base:>10.2f} {nhwc / base:>10.2f}" if base else f"{'-':>10} {'-':>10}"
-        memory = f"{peak:.2f}/{peak_l:.2f}" if peak is not None else "-"
-        print(f"{name:<15} {nchw:>8.3f} {nhwc:>8.3f} {nchw / nhwc:>8.2f}x {ratios} {memory:>9}")
+    print(f"{'framework':<15} " + " ".join(f"{v + ' s':>12} {'x D2':>6}" for v in a.variants) + f" {'peak GiB':>16}")
+    for name, cells in rows.items():
+        times = " ".join(f"{t:>12.3f} {t / base if base else float('nan'):>6.2f}" for t, _ in cells)
+        memory = "/".join(f"{peak:.2f}" for _, peak in cells) if cells[0][1] is not None else "-"
+        print(f"{name:<15} {times} {memory:>16}")
 
 
 if __name__ == "__main__":

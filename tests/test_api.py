@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -78,12 +79,33 @@ def test_a_criterion_receives_the_heads_logits_and_the_targets():
     assert search.logits("r", x).shape == (4, 1) and search.genotype().to_string().startswith("Genotype(")
 
 
+def test_amp_search_steps_in_bf16_and_keeps_float32_state():
+    def search(amp: bool) -> SupernetSearch:
+        torch.manual_seed(0)  # the same heads
+        return SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 3)}, 3, space=SPACE, amp=amp)
+
+    mixed, plain = search(True), search(False)
+    batches = {"a": tensors(4, 2, 0), "b": tensors(4, 3, 1)}
+    seen = []
+    hook = mixed.encoder.stem[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    metrics = mixed.step(batches, batches)
+    hook.remove()
+    plain_metrics = plain.step(batches, batches)
+    assert torch.bfloat16 in seen and torch.float32 in seen  # bf16 passes, float32 FD passes
+    assert all(t.dtype == torch.float32 for t in mixed.state.arch + mixed.state.stages[0].w)
+    for name, loss in plain_metrics["train_loss"].items():
+        assert math.isfinite(metrics["train_loss"][name])
+        assert metrics["train_loss"][name] == pytest.approx(loss, rel=0.05)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: SupernetSearch({}, 3), "heads is empty"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, criteria={"b": F.cross_entropy}),
      "criteria name tasks without a head"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, engine=EngineConfig(order=3)),
      "engine.order must be 1 or 2"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, dtype=torch.float64, amp=True),
+     "amp \\(bf16 autocast\\) needs dtype=torch.float32"),
     (lambda: SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 2)}, 3, space=SPACE).step(
         {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0), "b": tensors(2, 2, 0)}), "train has no batch for b"),
 ])
@@ -100,6 +122,8 @@ def test_resolve_takes_a_mapping_of_dotted_keys_or_sections():
     assert mapping == strings and mapping.engine.lam == 10.0 and mapping.search.epochs == 3
     with pytest.raises(IlnasError, match="unknown config key 'search.epoch'"):
         resolve("demo", overrides={"search.epoch": 3})
+    with pytest.raises(IlnasError, match="search.amp \\(bf16 autocast\\) needs search.dtype=float32"):
+        resolve("demo", overrides={"search.amp": True, "search.dtype": "float64"})
 
 
 def test_epoch_lines_go_through_logging_and_progress_false_is_silent(tmp_path, capsys, caplog):

@@ -86,6 +86,10 @@ class SearchConfig:
             this process may use; see ilnas/threads.py).
         channels_last: NHWC activations in the supernet (None: on CPUs, where they are measured faster;
             off on CUDA, not yet measured there).
+        amp: bf16 autocast for the search's passes (any device; float32 only). Weights, the architecture,
+            gradients and the hypergradient's sums stay float32, and finite-difference HVP passes run in
+            float32 (their perturbation eps/||v|| lies below bf16's resolution). Off by default: the
+            hypergradient moves (tests bound it) and the speed-up is unmeasured on GPUs.
     """
 
     framework: str = "il"
@@ -101,6 +105,7 @@ class SearchConfig:
     dtype: str = "float32"
     threads: int | None = None
     channels_last: bool | None = None
+    amp: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,8 @@ def _validate_search(cfg: SearchRunConfig) -> None:
         raise IlnasError("framework 'mtl' (Eq. 10) takes search.rounds=1 and engine.coupling=none")
     if s.dtype not in ("float32", "float64"):
         raise IlnasError(f"search.dtype must be float32 or float64, got {s.dtype!r}")
+    if s.amp and s.dtype != "float32":
+        raise IlnasError(f"search.amp (bf16 autocast) needs search.dtype=float32, got {s.dtype}")
     validate_config(e, k, cfg.optimizer.lr)
 
 

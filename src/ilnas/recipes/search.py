@@ -360,8 +360,9 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
             # every rank draws the whole global batch (same seeds) and keeps its own slice
             batches = [(distributed.shard(next(tr), ctx.process), distributed.shard(next(va), ctx.process))
                        for tr, va in streams]
-            metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
-                                  ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=s.amp):
+                metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
+                                      ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce)
             prog.global_step += 1
             metrics = label_metrics(metrics, state, [t.name for t in ctx.tasks])
             metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,

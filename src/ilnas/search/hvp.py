@@ -35,14 +35,16 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
     """(grad L(p + r v) - grad L(p - r v)) / 2r with r = eps / ||v||, p = (W, H).
 
     r stays a tensor on the device (no host synchronisation). For v = 0 the clamped norm makes r huge but
-    finite, the two points coincide with p, and the difference is exactly zero."""
+    finite, the two points coincide with p, and the difference is exactly zero. The two passes run
+    without autocast: cast to bf16, W +- r v would mostly round back to W."""
     vnorm = norm(v_w + v_h)
     r = eps / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
 
     def grads_at(sign: float) -> list[Tensors]:
         wp = detached([x + (sign * r) * v for x, v in zip(w, v_w)], requires_grad=want_w)
         hp = [x + (sign * r) * v for x, v in zip(h, v_h)]
-        return grads(loss(arch, wp, hp), arch, wp if want_w else [])
+        with torch.autocast(w[0].device.type, enabled=False):
+            return grads(loss(arch, wp, hp), arch, wp if want_w else [])
 
     d_arch, d_w = ([(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
                    for plus, minus in zip(grads_at(1.0), grads_at(-1.0)))

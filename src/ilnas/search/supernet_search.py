@@ -11,6 +11,7 @@ directory on top of the same pieces; this class is for tasks that live in your o
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import torch
@@ -46,13 +47,14 @@ class SupernetSearch:
             logits and the batch's targets and returns a scalar.
         seed: the stages' initial encoder weights and the architecture's initialisation.
         channels_last: NHWC activations (None: on CPUs, where they are faster; see Supernet).
+        amp: bf16 autocast for the step's passes (float32 only; see SearchConfig.amp).
     """
 
     def __init__(self, heads: Mapping[str, HeadSpec], in_channels: int, *, space: SpaceConfig = SpaceConfig(),
                  rounds: int = 2, engine: EngineConfig = EngineConfig(), sgd: SGD = SGD(lr_min=0.001),
                  arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, amp: bool = False):
         from ilnas.search.engine import validate_config
 
         if not heads:
@@ -61,7 +63,11 @@ class SupernetSearch:
         if unknown:
             raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")
         validate_config(engine, len(heads), sgd.lr)
+        if amp and dtype != torch.float32:
+            raise IlnasError(f"amp (bf16 autocast) needs dtype=torch.float32, got {dtype}")
         self.tasks, self.engine, self.sgd = list(heads), engine, sgd
+        self.autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16,
+                                          enabled=amp)
 
         def build_encoder() -> Supernet:
             return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
@@ -95,8 +101,9 @@ class SupernetSearch:
         ``lr``: this step's learning rate (default ``sgd.lr``). Returns the engine's metrics, losses named
         by stage (``r2/colours``) and task."""
         lr = self.sgd.lr if lr is None else lr
-        metrics = search_step(self.state, self.learners, self._per_task(train, "train"),
-                              self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch)
+        with self.autocast():
+            metrics = search_step(self.state, self.learners, self._per_task(train, "train"),
+                                  self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch)
         return label_metrics(metrics, self.state, self.tasks)
 
     def genotype(self) -> Genotype:

@@ -161,6 +161,8 @@ class Supernet(nn.Module):
         """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None;
         skip_dropout: P-DARTS's dropout rate after skip-connects (training mode only).
         Returns (N, out_features)."""
+        normal, reduce, normal_edges, reduce_edges = _autocast_weights(x.device.type, normal, reduce, normal_edges,
+                                                                       reduce_edges)
         # After the stem too: a one-channel NHWC image is also NCHW-contiguous, and convolutions follow
         # the layout their input suggests.
         s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
@@ -168,6 +170,15 @@ class Supernet(nn.Module):
             w, e = (reduce, reduce_edges) if cell.reduction else (normal, normal_edges)
             s0, s1 = s1, cell(s0, s1, w, e, skip_dropout)
         return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+
+
+def _autocast_weights(device_type: str, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Under autocast, the mixing weights in the compute dtype: a float32 weight times a bf16 op output
+    would promote every mixed sum (and every next convolution's input) back to float32."""
+    if not torch.is_autocast_enabled(device_type):
+        return weights
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if w is None else w.to(dtype) for w in weights)
 
 
 def use_channels_last(setting: bool | None, device: torch.device) -> bool:
