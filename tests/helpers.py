@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ilnas.optim import SGD
+from ilnas.runs import read_checkpoint
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, hypergradient, stage_learners
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.space.ops import PRIMITIVES
@@ -108,6 +109,69 @@ def write_image_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int
 
 
 # --- a tiny float64 search problem, and the brute-force hypergradient it is checked against ---------------
+
+# --- comparing two runs bit for bit (a resumed run against an uninterrupted one) ---------------------
+
+def strip_times(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and "hours" not in k} for r in rows]
+
+
+def read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def metric_records(run: Path) -> list[dict]:
+    return strip_times([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
+
+
+def tb_values(run: Path) -> dict:
+    return {tag: values for tag, values in tb_scalars(run).items() if "per_s" not in tag}
+
+
+def assert_same_tensors(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+def assert_same_search(a: Path, b: Path) -> None:
+    """Bit for bit: weights, optimiser states, alphas, history, metrics, TensorBoard scalars, genotype."""
+    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
+    assert_same_tensors(ca["state"], cb["state"])
+    assert_same_tensors(ca["progress"]["history"], cb["progress"]["history"])
+    ha, hb = np.load(a / "arch_history.npz"), np.load(b / "arch_history.npz")
+    assert sorted(ha) == sorted(hb) and all(np.array_equal(ha[k], hb[k]) for k in ha)
+    assert not np.array_equal(ha["p0/alphas_normal"][0], ha["p0/alphas_normal"][-1])  # a history, not a copy
+    assert metric_records(a) == metric_records(b)
+    assert tb_values(a) == tb_values(b)
+    assert (a / "genotype.txt").read_text() == (b / "genotype.txt").read_text()
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (a, b)]
+    assert strip_times(summaries[:1]) == strip_times(summaries[1:])
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
+    assert ca["epoch"] == cb["epoch"]
+    assert_same_tensors(ca["model"], cb["model"])
+    assert_same_tensors(ca["optimizer"], cb["optimizer"])
+    assert metric_records(a) == metric_records(b)
+    assert tb_values(a) == tb_values(b)
+    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
+    assert {k: v for k, v in ra.items() if "hours" not in k and "per_s" not in k} == \
+           {k: v for k, v in rb.items() if "hours" not in k and "per_s" not in k}
+
 
 def smooth(module: nn.Module) -> nn.Module:
     """Swap every ReLU for SiLU: finite differences need a smooth loss to be checked tightly."""

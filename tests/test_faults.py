@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, ilnas, snapshot, tb_scalars, wait_for_sessions,
-                     write_cifar, write_image_folder)
+from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, ilnas, read_lines,
+                     snapshot, wait_for_sessions, write_cifar, write_image_folder)
 from ilnas import cli
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
@@ -508,67 +507,6 @@ def test_skip_connect_dropout_is_off_in_evaluation_mode():
 
 
 # --- SIGKILL at random points ----------------------------------------------------------------------------
-
-def _strip(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k and "hours" not in k} for r in rows]
-
-
-def read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text().splitlines()
-    except OSError:
-        return []
-
-
-def _metrics(run: Path) -> list[dict]:
-    return _strip([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()])
-
-
-def _tb(run: Path) -> dict:
-    return {tag: values for tag, values in tb_scalars(run).items() if "per_s" not in tag}
-
-
-def assert_same_tensors(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            assert_same_tensors(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tensors(x, y)
-    else:
-        assert a == b
-
-
-def assert_same_search(a: Path, b: Path) -> None:
-    """Bit for bit: weights, optimiser states, alphas, history, metrics, TensorBoard scalars, genotype."""
-    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
-    assert_same_tensors(ca["state"], cb["state"])
-    assert_same_tensors(ca["progress"]["history"], cb["progress"]["history"])
-    ha, hb = np.load(a / "arch_history.npz"), np.load(b / "arch_history.npz")
-    assert sorted(ha) == sorted(hb) and all(np.array_equal(ha[k], hb[k]) for k in ha)
-    assert not np.array_equal(ha["p0/alphas_normal"][0], ha["p0/alphas_normal"][-1])  # a history, not a copy
-    assert _metrics(a) == _metrics(b)
-    assert _tb(a) == _tb(b)
-    assert (a / "genotype.txt").read_text() == (b / "genotype.txt").read_text()
-    summaries = [json.loads((run / "summary.json").read_text()) for run in (a, b)]
-    assert _strip(summaries[:1]) == _strip(summaries[1:])
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    ca, cb = read_checkpoint(a / "checkpoint.pt"), read_checkpoint(b / "checkpoint.pt")
-    assert ca["epoch"] == cb["epoch"]
-    assert_same_tensors(ca["model"], cb["model"])
-    assert_same_tensors(ca["optimizer"], cb["optimizer"])
-    assert _metrics(a) == _metrics(b)
-    assert _tb(a) == _tb(b)
-    ra, rb = (json.loads((r / "result.json").read_text()) for r in (a, b))
-    assert {k: v for k, v in ra.items() if "hours" not in k and "per_s" not in k} == \
-           {k: v for k, v in rb.items() if "hours" not in k and "per_s" not in k}
-
 
 def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, lines: int) -> int:
     """Start ``argv``; SIGKILL it at a random point (once its metrics log has reached a random line below

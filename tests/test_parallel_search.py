@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import SHORT_SEARCH, ilnas, make_problem, rel_error
+from helpers import SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, rel_error
 from ilnas.search.engine import Learner, search_step
 from parallel_cases import CASES, STEPS
 
@@ -72,23 +74,62 @@ MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tas
          "--set", "search.epochs=2", "--set", "search.steps_per_epoch=2"]
 
 
-def test_two_rank_cli_search_runs_the_same_global_batches(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """An uninterrupted two-rank search."""
+    out = tmp_path_factory.mktemp("runs") / "two"
+    r = torchrun("-m", "ilnas", *MICRO, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
+    return out
+
+
+def test_two_rank_cli_search_runs_the_same_global_batches(two_ranks, tmp_path):
     one = ilnas(*MICRO, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr
-    two = torchrun("-m", "ilnas", *MICRO, "--out", str(tmp_path / "two"))
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
-    result = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert result["world_size"] == 2 and result["steps"] == 4
-    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-               for run in ("one", "two")]
-    steps = [[r for r in rs if r["kind"] == "step"] for rs in records]
+    summary = json.loads((two_ranks / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    steps = [[r for r in metric_records(run) if r["kind"] == "step"] for run in (tmp_path / "one", two_ranks)]
     assert len(steps[0]) == len(steps[1]) == 4
     # Step 1 starts from the same weights on the same global batch; only BatchNorm's statistics differ
     # (per half-batch on two ranks).
     for name, loss in steps[0][0]["train_loss"].items():
         assert abs(steps[1][0]["train_loss"][name] - loss) < 0.1 * loss
-    assert (tmp_path / "two" / "checkpoint.pt").exists() and (tmp_path / "two" / "genotype.json").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc: torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*TORCHRUN, "-m", "ilnas", *MICRO, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():  # the end of epoch 1
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.01)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks (in sessions of their own)
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_search(two_ranks, out)
 
 
 @pytest.mark.parametrize("args, message", [
