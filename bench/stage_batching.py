@@ -2,8 +2,11 @@
 stage after another (what the engine does now) versus in one torch.func.vmap over stacked weights.
 
 Prints both timings and their ratio, measured side by side in one run, and the largest difference
-between the two results. Run by hand:  python bench/stage_batching.py [--device cuda] [--paper]
-(--paper: the paper's supernet, 8 cells, C=16, 32x32 RGB, batch 64; default: the demo's).
+between the two results, for the stage gradients (weights and head) and for finite-difference-style
+passes (the gradient of the architecture only). Run by hand:
+    python bench/stage_batching.py [--device cuda] [--paper] [--stages 4]
+(--paper: the paper's supernet, 8 cells, C=16, 32x32 RGB, batch 64; default: the demo's). NCHW only:
+vmap cannot take channels_last activations.
 """
 from __future__ import annotations
 
@@ -50,27 +53,31 @@ def main() -> None:
     ws = [fresh_parameters(build, i) for i in range(a.stages)]
     hs = [fresh_parameters(lambda: nn.Linear(enc.out_features, 10).to(dev), 100 + i) for i in range(a.stages)]
 
-    def loss(w, h):
-        return net.loss(arch, w, h, (x, y))
+    def loss(a, w, h):
+        return net.loss(a, w, h, (x, y))
 
-    def sequential():
+    def sequential(weights: bool):
         out = []
         for w, h in zip(ws, hs):
-            wp, hp = [t.detach().requires_grad_() for t in w], [t.detach().requires_grad_() for t in h]
-            out.append(torch.autograd.grad(loss(wp, hp), wp + hp))
+            wp, hp = [t.detach().requires_grad_(weights) for t in w], [t.detach().requires_grad_(weights) for t in h]
+            ap = [t.detach().requires_grad_(not weights) for t in arch]
+            out.append(torch.autograd.grad(loss(ap, wp, hp), wp + hp if weights else ap))
         return out
 
     w_stacked = [torch.stack(t) for t in zip(*ws)]
     h_stacked = [torch.stack(t) for t in zip(*hs)]
-    batched = vmap(grad(loss, argnums=(0, 1)))
-
-    seq, vm = sequential(), batched(w_stacked, h_stacked)
-    diff = max(float((seq[s][i] - vm[0][i][s]).abs().max()) for s in range(a.stages) for i in range(len(ws[0])))
-    t_seq, t_vm = timed(sequential, a.repeats, dev), timed(lambda: batched(w_stacked, h_stacked), a.repeats, dev)
+    batched = {True: vmap(lambda w, h: grad(loss, argnums=(1, 2))(arch, w, h)),
+               False: vmap(lambda w, h: grad(loss, argnums=0)(arch, w, h))}
     print(f"device {dev}, {'paper' if a.paper else 'demo'} supernet ({layers} cells, C={c}, {size}x{size}, "
-          f"batch {batch}), {a.stages} stages")
-    print(f"sequential {t_seq * 1e3:.1f} ms   vmap {t_vm * 1e3:.1f} ms   speed-up {t_seq / t_vm:.2f}x   "
-          f"max |diff| {diff:.2e}")
+          f"batch {batch}), {a.stages} weight sets")
+    for weights, label in ((True, "stage gradients (W, H)"), (False, "architecture-only passes")):
+        seq, vm = sequential(weights), batched[weights](w_stacked, h_stacked)
+        flat = [t for part in vm for t in part] if weights else list(vm)
+        diff = max(float((seq[s][i] - flat[i][s]).abs().max()) for s in range(a.stages) for i in range(len(flat)))
+        t_seq = timed(lambda: sequential(weights), a.repeats, dev)
+        t_vm = timed(lambda: batched[weights](w_stacked, h_stacked), a.repeats, dev)
+        print(f"{label:<26} sequential {t_seq * 1e3:8.1f} ms   vmap {t_vm * 1e3:8.1f} ms   "
+              f"speed-up {t_seq / t_vm:.2f}x   max |diff| {diff:.2e}")
 
 
 if __name__ == "__main__":
