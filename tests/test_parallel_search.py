@@ -130,6 +130,8 @@ def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path):
     r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_search(two_ranks, out)
+    sessions = json.loads((out / "provenance.json").read_text())["sessions"]
+    assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 2), (True, 2)]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -211,7 +211,9 @@ def _git_commit() -> str | None:
 
 
 def provenance_session(resumed: bool) -> dict:
+    """Who worked on the run and how; ``world_size``: the torchrun ranks (a resume may use another count)."""
     return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "host": socket.gethostname(), "ilnas": __version__, "git_commit": _git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
