@@ -7,9 +7,17 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from helpers import make_problem
 from ilnas import distributed
-from ilnas.search.engine import search_step
+from ilnas.config import DataConfig
+from ilnas.data.loader import BatchMaker
+from ilnas.data.tasks import create_task
+from ilnas.recipes.search import accuracy
+from ilnas.search.engine import Stage, search_step
+from ilnas.search.task_net import FunctionalTaskNet
+from ilnas.space.supernet import Supernet, init_arch
 from parallel_cases import CASES, STEPS
 
 
@@ -28,9 +36,23 @@ def main(out: Path) -> None:
                          "divergence": distributed.replica_divergence(tensors, process)}
     drifted = [a.detach() + (1e-3 if process.rank == 1 else 0.0) for a in p.state.arch]
     results["drift"] = distributed.replica_divergence(drifted, process)
+    results["accuracy"] = dealt_accuracy(process)
     torch.save(results, out / f"rank{process.rank}.pt")
     distributed.barrier(process)
     distributed.stop()
+
+
+def dealt_accuracy(process: distributed.Process) -> tuple[float, float]:
+    """The search's validation accuracy of an untrained supernet on 5 digits batches: computed whole on
+    this rank, and dealt out over the ranks."""
+    task = create_task("digits", DataConfig())
+    maker = BatchMaker(task, task.val, torch.device("cpu"), torch.float32, augment=False)
+    torch.manual_seed(0)
+    encoder = Supernet(1, 4, 2)
+    net = FunctionalTaskNet(encoder, nn.Linear(encoder.out_features, 10), 10)
+    stage = Stage(0, [t.detach() for t in encoder.parameters()], [t.detach() for t in net.head.parameters()])
+    arch = init_arch(encoder.num_ops, generator=torch.Generator().manual_seed(0))
+    return (accuracy(net, arch, stage, maker, 32, 5), accuracy(net, arch, stage, maker, 32, 5, process))
 
 
 if __name__ == "__main__":

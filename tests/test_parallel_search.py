@@ -48,6 +48,12 @@ def test_replica_divergence_sees_one_rank_drift(ranks):
     assert ranks[0]["drift"] == ranks[1]["drift"] == pytest.approx(1e-3)
 
 
+def test_validation_accuracy_dealt_over_ranks_equals_one_process(ranks):
+    whole, dealt = ranks[0]["accuracy"]
+    assert ranks[1]["accuracy"] == (whole, dealt)
+    assert dealt == whole and 0.0 < whole < 1.0
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_hold_identical_replicas_equal_to_one_process(ranks, case):
     r0, r1 = ranks[0][case], ranks[1][case]

@@ -171,18 +171,24 @@ def check_step(metrics: dict, step: int, epoch: int) -> None:
 
 @torch.no_grad()
 def accuracy(net: FunctionalTaskNet, arch, stage: Stage, maker: BatchMaker, batch_size: int,
-             max_batches: int | None) -> float:
-    """Validation accuracy in evaluation mode (no skip-connect dropout)."""
+             max_batches: int | None, process: distributed.Process | None = None) -> float:
+    """Validation accuracy in evaluation mode (no skip-connect dropout). Under torchrun the batches are
+    dealt out to the ranks whole (batch i to rank i mod N) and the counts summed: the same number as one
+    process, in 1/N of the time."""
+    rank, world = (process.rank, process.world) if process else (0, 1)
     correct = total = 0
     net.encoder.eval()
     try:
         for i, (x, y) in enumerate(maker.ordered(batch_size)):
             if max_batches is not None and i >= max_batches:
                 break
-            correct += int((net.logits(arch, stage.w, stage.h, x).argmax(-1) == y).sum())
-            total += len(y)
+            if i % world == rank:
+                correct += int((net.logits(arch, stage.w, stage.h, x).argmax(-1) == y).sum())
+                total += len(y)
     finally:
         net.encoder.train()
+    if process is not None:
+        correct, total = distributed.all_sum([correct, total], process)
     return correct / max(total, 1)
 
 
@@ -408,7 +414,7 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     for i in final_stages(state, len(ctx.tasks)):
         k = state.stages[i].learner
         val_acc[ctx.tasks[k].name] = accuracy(nets[k], arch, state.stages[i], ctx.val[k], s.batch_size,
-                                              s.eval_batches)
+                                              s.eval_batches, ctx.process)
     genotype = current_genotype(state, prog)
     entropy = {"normal": alpha_entropy(arch[0]), "reduce": alpha_entropy(arch[1])}
     seconds += time.perf_counter() - t0
