@@ -79,6 +79,21 @@ def test_a_criterion_receives_the_heads_logits_and_the_targets():
     assert search.logits("r", x).shape == (4, 1) and search.genotype().to_string().startswith("Genotype(")
 
 
+def test_a_supernet_search_averages_through_its_reduce():
+    calls = []
+
+    def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        calls.append(len(tensors))
+        return tensors
+
+    search = SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 3)}, 3, space=SPACE, reduce=reduce)
+    batches = {"a": tensors(4, 2, 0), "b": tensors(4, 3, 1)}
+    search.step(batches, batches)
+    weights = len(search.state.stages[0].w) + 2  # encoder and a linear head
+    # 4 stage gradients, 2 validation gradients, the hypergradient, the 6 logged losses
+    assert calls == [weights] * 4 + [weights] * 2 + [len(search.state.arch), 1]
+
+
 def test_amp_search_steps_in_bf16_and_keeps_float32_state():
     def search(amp: bool) -> SupernetSearch:
         torch.manual_seed(0)  # the same heads

@@ -22,7 +22,8 @@ from ilnas.config.schema import SpaceConfig
 from ilnas.errors import IlnasError
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
-from ilnas.search.engine import Batch, Learner, create_state, final_stages, label_metrics, search_step
+from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
+                                 search_step)
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
@@ -48,13 +49,15 @@ class SupernetSearch:
         seed: the stages' initial encoder weights and the architecture's initialisation.
         channels_last: NHWC activations (None: on CPUs, where they are faster; see Supernet).
         amp: bf16 autocast for the step's passes (float32 only; see SearchConfig.amp).
+        reduce: the mean over data-parallel ranks, for a search under torchrun where each rank steps on
+            its slice of every batch: ``ilnas.distributed.mean_over_ranks(ilnas.distributed.start("cuda"))``.
     """
 
     def __init__(self, heads: Mapping[str, HeadSpec], in_channels: int, *, space: SpaceConfig = SpaceConfig(),
                  rounds: int = 2, engine: EngineConfig = EngineConfig(), sgd: SGD = SGD(lr_min=0.001),
                  arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 channels_last: bool | None = None, amp: bool = False):
+                 channels_last: bool | None = None, amp: bool = False, reduce: Reduce = no_reduce):
         from ilnas.search.engine import validate_config
 
         if not heads:
@@ -65,7 +68,7 @@ class SupernetSearch:
         validate_config(engine, len(heads), sgd.lr)
         if amp and dtype != torch.float32:
             raise IlnasError(f"amp (bf16 autocast) needs dtype=torch.float32, got {dtype}")
-        self.tasks, self.engine, self.sgd = list(heads), engine, sgd
+        self.tasks, self.engine, self.sgd, self.reduce = list(heads), engine, sgd, reduce
         self.autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=amp)
 
@@ -103,7 +106,7 @@ class SupernetSearch:
         lr = self.sgd.lr if lr is None else lr
         with self.autocast():
             metrics = search_step(self.state, self.learners, self._per_task(train, "train"),
-                                  self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch)
+                                  self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch, self.reduce)
         return label_metrics(metrics, self.state, self.tasks)
 
     def genotype(self) -> Genotype:
