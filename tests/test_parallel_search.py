@@ -41,7 +41,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
     r = torchrun(str(TESTS / "parallel_worker.py"), str(out))
     assert r.returncode == 0, r.stderr[-3000:]
-    return [torch.load(out / f"rank{i}.pt", weights_only=False) for i in (0, 1)]
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
 
 
 def test_replica_divergence_sees_one_rank_drift(ranks):
