@@ -137,7 +137,9 @@ def _search(args: argparse.Namespace) -> None:
     from ilnas.recipes.search import run_search
 
     cfg, out = _config_and_out(args, "search", "demo", "")
-    speaks = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks
+    from ilnas.distributed import is_main_rank
+
+    speaks = is_main_rank()
     if speaks:
         print(f"run directory: {out}", flush=True)
     genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet,
@@ -147,6 +149,7 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from ilnas.distributed import is_main_rank
     from ilnas.recipes.train import run_train
     from ilnas.space.genotype import load_genotype, zoo
 
@@ -163,7 +166,7 @@ def _train(args: argparse.Namespace) -> None:
         source = str(found.resolve()) if args.genotype not in zoo() and found.exists() else args.genotype
     result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet,
                        genotype_source=source, report=not args.no_report)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks
+    if is_main_rank():
         print(f"run directory: {out}")
         print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
               f"{result['params'] / 1e6:.2f}M parameters")

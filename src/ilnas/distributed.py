@@ -29,6 +29,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device, refused in one line when it is not there;
     under torchrun (``world`` > 1) every rank takes ``cuda:<local rank>``."""
