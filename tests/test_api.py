@@ -50,7 +50,8 @@ def test_a_supernet_search_is_the_engine_on_the_state_one_would_build_by_hand():
     train = {"a": tensors(6, 3, 0), "b": tensors(6, 2, 1)}
     val = {"a": tensors(6, 3, 2), "b": tensors(6, 2, 3)}
     metrics = search.step(train, val, lr=0.05)
-    by_hand = search_step(state, [Learner("a", nets[0].loss), Learner("b", nets[1].loss)], [train["a"], train["b"]],
+    by_hand = search_step(state, [Learner(t, net.loss, net.losses) for t, net in zip("ab", nets)],
+                          [train["a"], train["b"]],
                           [val["a"], val["b"]], EngineConfig(), SGD(lr_min=0.001), 0.05)
     assert all(torch.equal(x, y) for x, y in zip(search.state.arch, state.arch))
     assert all(torch.equal(x, y) for s1, s2 in zip(search.state.stages, state.stages) for x, y in zip(s1.w, s2.w))
@@ -79,19 +80,23 @@ def test_a_criterion_receives_the_heads_logits_and_the_targets():
     assert search.logits("r", x).shape == (4, 1) and search.genotype().to_string().startswith("Genotype(")
 
 
-def test_a_supernet_search_averages_through_its_reduce():
+@pytest.mark.parametrize("batched_sets", [1, 8])
+def test_a_supernet_search_averages_through_its_reduce(batched_sets):
     calls = []
 
     def reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         calls.append(len(tensors))
         return tensors
 
-    search = SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 3)}, 3, space=SPACE, reduce=reduce)
+    search = SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 3)}, 3, space=SPACE, reduce=reduce,
+                            engine=EngineConfig(batched_sets=batched_sets))
     batches = {"a": tensors(4, 2, 0), "b": tensors(4, 3, 1)}
     search.step(batches, batches)
     weights = len(search.state.stages[0].w) + 2  # encoder and a linear head
-    # 4 stage gradients, 2 validation gradients, the hypergradient, the 6 logged losses
-    assert calls == [weights] * 4 + [weights] * 2 + [len(search.state.arch), 1]
+    # 4 stage gradients (one pass per stage, or each task's two stages in one batched pass and one reduce),
+    # 2 validation gradients, the hypergradient, the 6 logged losses
+    stage_gradients = [weights] * 4 if batched_sets == 1 else [2 * weights] * 2
+    assert calls == stage_gradients + [weights] * 2 + [len(search.state.arch), 1]
 
 
 def test_amp_search_steps_in_bf16_and_keeps_float32_state():
@@ -102,7 +107,9 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
     mixed, plain = search(True), search(False)
     batches = {"a": tensors(4, 2, 0), "b": tensors(4, 3, 1)}
     seen = []
-    hook = mixed.encoder.stem[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    # every convolution's output, batched passes (their own module) included
+    hook = nn.modules.module.register_module_forward_hook(
+        lambda m, i, out: seen.append(out.dtype) if isinstance(m, nn.Conv2d) else None)
     metrics = mixed.step(batches, batches)
     hook.remove()
     plain_metrics = plain.step(batches, batches)

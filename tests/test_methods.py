@@ -18,12 +18,13 @@ from ilnas.search.engine import EngineConfig
 from ilnas.search.methods import Darts, PDarts, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
 from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import MixedOp, channel_shuffle, edge_weights, full_edge_ops, ranking_weights
+from ilnas.space.sets import shuffle_channels
+from ilnas.space.supernet import MixedOp, edge_weights, full_edge_ops, ranking_weights
 
 
 def test_channel_shuffle_is_a_permutation():
     x = torch.arange(12.0).view(1, 12, 1, 1)
-    y = channel_shuffle(x, 4).flatten().tolist()
+    y = shuffle_channels(x, 4).flatten().tolist()
     assert sorted(y) == list(range(12)) and y != list(range(12))
     assert y[:4] == [0, 3, 6, 9]  # one channel from each group in turn
 
@@ -38,7 +39,7 @@ def test_partial_channel_op_sends_a_quarter_through_the_ops(stride):
     x, w = torch.randn(3, c, 8, 8), torch.softmax(torch.randn(len(PRIMITIVES)), -1)
     out = pc(x, w)
     assert out.shape == (3, c, 8 // stride, 8 // stride)
-    unshuffled = channel_shuffle(out, c // k)  # the inverse of a shuffle with k groups
+    unshuffled = shuffle_channels(out, c // k)  # the inverse of a shuffle with k groups
     assert torch.allclose(unshuffled[:, :c // k], plain(x[:, :c // k], w), atol=1e-6)
     bypass = x[:, c // k:] if stride == 1 else torch.nn.functional.max_pool2d(x[:, c // k:], 2, 2)
     assert torch.equal(unshuffled[:, c // k:], bypass)

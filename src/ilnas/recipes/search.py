@@ -352,8 +352,8 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
         t_epoch = time.perf_counter()
         lr = ctx.cfg.optimizer.lr_at(epoch, s.epochs)
         dropout = ctx.method.skip_dropout(prog.phase, epoch, s.epochs, s.warmup_epochs)
-        learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout))
-                    for t, net in zip(ctx.tasks, nets)]
+        learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout),
+                            functools.partial(net.losses, skip_dropout=dropout)) for t, net in zip(ctx.tasks, nets)]
         torch.manual_seed(_rank_seed(derive_seed(s.seed, prog.phase, epoch), ctx.process))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
         streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0)),

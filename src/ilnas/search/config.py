@@ -16,6 +16,10 @@ class EngineConfig:
             A first, then recomputes the weight step at the new A (official DARTS).
         virtual_momentum: momentum and weight decay enter the virtual step (official DARTS).
         train_weights, val_weights: per-learner loss weights (beta and alpha of Eq. 10; None: all 1).
+        batched_sets: at most this many weight sets of one learner evaluated side by side in one pass: the
+            stage gradients of its stages, and their finite-difference passes (two per stage), which do not
+            depend on each other (every coupling but copy). The same numbers as one pass per set, in fewer,
+            larger passes; activation memory grows with the sets of a pass. 1: every pass alone.
     """
 
     order: int = 2
@@ -28,3 +32,4 @@ class EngineConfig:
     virtual_momentum: bool = True
     train_weights: tuple[float, ...] | None = None
     val_weights: tuple[float, ...] | None = None
+    batched_sets: int = 8

@@ -26,11 +26,13 @@ from ilnas.errors import IlnasError
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.coupling import Coupling, create_coupling
-from ilnas.search.hvp import StageLoss, create_hvp
+from ilnas.search.hvp import SetsLoss, StageLoss, create_hvp, fd_batched
 from ilnas.search.tensors import Tensors, axpy, detached, grads, norm, zeros_like
 
 Batch = Any
 LossFn = Callable[[Tensors, Tensors, Tensors, Batch], torch.Tensor]  # (arch, w, h, batch) -> scalar
+# (arch, [w_1..w_S], [h_1..h_S], batch) -> (S,): the loss of several weight sets on one batch in one pass
+BatchedLossFn = Callable[[Tensors, Sequence[Tensors], Sequence[Tensors], Batch], torch.Tensor]
 Reduce = Callable[[Tensors], Tensors]  # the mean of each tensor over data-parallel ranks
 
 
@@ -41,10 +43,14 @@ def no_reduce(x: Tensors) -> Tensors:
 
 @dataclass(frozen=True)
 class Learner:
-    """One task as the engine sees it: a name and a loss of (arch, encoder weights, head weights, batch)."""
+    """One task as the engine sees it: a name and a loss of (arch, encoder weights, head weights, batch);
+    optionally ``losses``, the same loss of several weight sets on one batch, evaluated together (the
+    supernet's sets side by side). The engine then batches the passes that do not depend on each other:
+    the stage gradients of one learner's stages and their finite-difference passes."""
 
     name: str
     loss: LossFn
+    losses: BatchedLossFn | None = None
 
 
 @dataclass
@@ -165,14 +171,14 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
         point = unrolled[s].w
         if w is point or all(torch.equal(a, b) for a, b in zip(w, point)):
             return unrolled[s].grad_w, unrolled[s].grad_h
-        return _gradient(losses[s], arch0, w, h, rule.reduce)[1:]
+        return _gradient(losses.single[s], arch0, w, h, rule.reduce)[1:]
 
     if update_arch:
         hyper, val_loss = _hypergradient(state, learners, val, losses, unrolled, rule)
         _arch_step(state, hyper)
         scalars.update(val_loss=val_loss, hypergrad_norm=[norm(hyper)])
         if cfg.update_order == "darts":  # the real weight step recomputed at the new A
-            stage_grads = lambda s, w, h: _gradient(losses[s], state.arch, w, h, rule.reduce)[1:]  # noqa: E731
+            stage_grads = _fresh_gradients(state, losses, rule)
     commit(state, stage_grads, rule)
     state.step += 1
     # One host synchronisation for the whole step: every logged scalar comes back together. The losses
@@ -187,13 +193,43 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
     return metrics
 
 
+@dataclass(frozen=True)
+class StageLosses:
+    """L^tr_s of every stage as a function of (arch, w, h), with the learner's weight (beta of Eq. 10), and,
+    where the learner can evaluate several weight sets at once, as a function of (arch, ws, hs) -> (S,)."""
+
+    single: list[StageLoss]
+    batched: list[SetsLoss | None]
+    learner: list[int]
+    max_sets: int
+
+    def groups(self, stages: Sequence[int], passes: int = 1) -> list[list[int]]:
+        """``stages`` split into groups evaluated together: the stages of one learner with a batched loss,
+        at most ``max_sets`` weight sets (``passes`` per stage) per group; the others alone."""
+        per_group = max(1, self.max_sets // passes)
+        out: list[list[int]] = []
+        for k in dict.fromkeys(self.learner[s] for s in stages):
+            mine = [s for s in stages if self.learner[s] == k]
+            size = per_group if self.batched[mine[0]] is not None else 1
+            out += [mine[i:i + size] for i in range(0, len(mine), size)]
+        return out
+
+
 def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequence[Batch],
-                  cfg: EngineConfig) -> list[StageLoss]:
-    """L^tr_s as a function of (arch, w, h), with the learner's weight (beta of Eq. 10)."""
-    def bind(k: int) -> StageLoss:
-        weight = cfg.train_weights[k] if cfg.train_weights else 1.0
-        return lambda a, w, h: weight * learners[k].loss(a, w, h, batches[k])
-    return [bind(stage.learner) for stage in state.stages]
+                  cfg: EngineConfig) -> StageLosses:
+    def weight(k: int) -> float:
+        return cfg.train_weights[k] if cfg.train_weights else 1.0
+
+    def single(k: int) -> StageLoss:
+        return lambda a, w, h: weight(k) * learners[k].loss(a, w, h, batches[k])
+
+    def batched(k: int) -> SetsLoss | None:
+        fn = learners[k].losses
+        if fn is None or cfg.batched_sets < 2:
+            return None
+        return lambda a, ws, hs: weight(k) * fn(a, ws, hs, batches[k])
+    ks = [stage.learner for stage in state.stages]
+    return StageLosses([single(k) for k in ks], [batched(k) for k in ks], ks, cfg.batched_sets)
 
 
 def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors,
@@ -205,17 +241,51 @@ def _gradient(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors,
     return value.detach(), gw, gh
 
 
+def _gradients(losses: StageLosses, arch: Tensors, points: dict[int, tuple[Tensors, Tensors]],
+               reduce: Reduce) -> dict[int, tuple[torch.Tensor, Tensors, Tensors]]:
+    """``_gradient`` of every stage in ``points`` (stage -> (w, h)), the stages of one learner in batched
+    passes: the losses of independent weight sets are summed, so one backward gives each set its gradient."""
+    out = {}
+    for group in losses.groups(list(points)):
+        if len(group) == 1:
+            out[group[0]] = _gradient(losses.single[group[0]], arch, *points[group[0]], reduce)
+            continue
+        wps = [detached(points[s][0], True) for s in group]
+        hps = [detached(points[s][1], True) for s in group]
+        values = losses.batched[group[0]](detached(arch), wps, hps)
+        flat = reduce(grads(values.sum(), [t for wp, hp in zip(wps, hps) for t in wp + hp])[0])
+        start = 0
+        for i, (s, wp, hp) in enumerate(zip(group, wps, hps)):
+            gw, gh = _split(flat[start:start + len(wp) + len(hp)], len(wp))
+            out[s] = (values[i].detach(), gw, gh)
+            start += len(wp) + len(hp)
+    return out
+
+
+def _fresh_gradients(state: SearchState, losses: StageLosses,
+                     rule: StepRule) -> Callable[[int, Tensors, Tensors], tuple[Tensors, Tensors]]:
+    """update_order=darts: the commit's gradients at the new A. Where each is taken at the stage's own
+    weights they are independent and computed together, before the commit moves any stage."""
+    if rule.coupling.grad_at_prev:
+        return lambda s, w, h: _gradient(losses.single[s], state.arch, w, h, rule.reduce)[1:]
+    fresh = _gradients(losses, state.arch, {s: (st.w, st.h) for s, st in enumerate(state.stages)}, rule.reduce)
+    return lambda s, w, h: fresh[s][1:]
+
+
 def _split(x: Tensors, n: int) -> tuple[Tensors, Tensors]:
     return x[:n], x[n:]
 
 
-def unroll(state: SearchState, losses: Sequence[StageLoss], rule: StepRule) -> list[UnrolledStage]:
-    """Steps 1-2: one virtual SGD step per stage, chained through the coupling."""
+def unroll(state: SearchState, losses: StageLosses, rule: StepRule) -> list[UnrolledStage]:
+    """Steps 1-2: one virtual SGD step per stage, chained through the coupling. Where each G_s is taken at
+    the stage's own weights, the gradients are independent and computed first, in batched passes."""
     out: list[UnrolledStage] = []
     coupling = rule.coupling
+    own = {} if coupling.grad_at_prev else _gradients(
+        losses, state.arch, {s: (st.w, st.h) for s, st in enumerate(state.stages)}, rule.reduce)
     for s, stage in enumerate(state.stages):
         w = out[-1].w_bar if (coupling.grad_at_prev and s > 0) else stage.w
-        value, gw, gh = _gradient(losses[s], state.arch, w, stage.h, rule.reduce)
+        value, gw, gh = own[s] if s in own else _gradient(losses.single[s], state.arch, w, stage.h, rule.reduce)
         w_step = _sgd_direction(w, gw, stage.buf_w, rule)
         w_bar = coupling.combine(w_step, w, out[-1].w_bar) if s > 0 else w_step
         h_bar = _sgd_direction(stage.h, gh, stage.buf_h, rule)
@@ -243,7 +313,7 @@ def hypergradient(state: SearchState, learners: Sequence[Learner], train: Sequen
 
 
 def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequence[Batch],
-                   losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
+                   losses: StageLosses, unrolled: Sequence[UnrolledStage],
                    rule: StepRule) -> tuple[Tensors, list[torch.Tensor]]:
     """Steps 3-4: d/dA of sum_{s in F} alpha_k L^val_s. Returns (hypergradient, val losses as 0-dim tensors)."""
     cfg = rule.cfg
@@ -271,10 +341,15 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
     return rule.reduce(hyper), val_loss
 
 
-def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unrolled: Sequence[UnrolledStage],
+def _chain_terms(hyper: Tensors, arch: Tensors, losses: StageLosses, unrolled: Sequence[UnrolledStage],
                  g_val: dict[int, tuple[Tensors, Tensors]], rule: StepRule) -> Tensors:
-    """Adjoint recursion u_s = 1[s in F] g_s + J^T u_{s+1};  grad_A -= HVP_s((eta_W u_s, eta h_s))."""
+    """Adjoint recursion u_s = 1[s in F] g_s + J^T u_{s+1};  grad_A -= HVP_s((eta_W u_s, eta h_s)).
+
+    Where J needs no HVP (every coupling but copy), every v_s is known before any HVP runs, so with
+    finite differences the stages' passes run together (``fd_batched``), the HVPs summed."""
     hvp, coupling, lr = create_hvp(rule.cfg.hvp), rule.coupling, rule.lr
+    batch_fd = rule.cfg.hvp == "fd" and not coupling.needs_w_hvp and any(f is not None for f in losses.batched)
+    pending: list[tuple[int, Tensors, Tensors]] = []  # (stage, v_w, v_h) of the batched FD passes
     u: Tensors | None = None
     for s in reversed(range(len(unrolled))):
         g, h_adj = g_val.get(s, (None, None))
@@ -286,9 +361,22 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: Sequence[StageLoss], unr
         w_eta = lr * (coupling.w_scale() if s > 0 else 1.0)
         v_h = [lr * x for x in h_adj] if h_adj is not None else zeros_like(h)
         want_w = coupling.needs_w_hvp and s > 0
-        d_arch, d_w = hvp(losses[s], arch, w, h, [w_eta * x for x in u], v_h, want_w, rule.cfg.fd_eps)
+        v_w = [w_eta * x for x in u]
+        if batch_fd:
+            pending.append((s, v_w, v_h))
+            u = coupling.adjoint(u, None) if s > 0 else None
+            continue
+        d_arch, d_w = hvp(losses.single[s], arch, w, h, v_w, v_h, want_w, rule.cfg.fd_eps)
         hyper = [a - b for a, b in zip(hyper, d_arch)]  # averaged over ranks once, by the caller
         u = coupling.adjoint(u, rule.reduce(d_w) if want_w else d_w) if s > 0 else None
+    vs = {s: (v_w, v_h) for s, v_w, v_h in pending}
+    for group in losses.groups(sorted(vs), passes=2):
+        points = [(unrolled[s].w, unrolled[s].h) for s in group]
+        if len(group) == 1 and losses.batched[group[0]] is None:
+            d_arch = hvp(losses.single[group[0]], arch, *points[0], *vs[group[0]], False, rule.cfg.fd_eps)[0]
+        else:
+            d_arch = fd_batched(losses.batched[group[0]], arch, points, [vs[s] for s in group], rule.cfg.fd_eps)
+        hyper = [a - b for a, b in zip(hyper, d_arch)]
     return hyper
 
 
@@ -341,6 +429,8 @@ def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None
         raise IlnasError(f"engine.lam (lambda) must be >= 0, got {cfg.lam}")
     if cfg.fd_eps <= 0:
         raise IlnasError(f"engine.fd_eps must be positive, got {cfg.fd_eps}")
+    if isinstance(cfg.batched_sets, bool) or not isinstance(cfg.batched_sets, int) or cfg.batched_sets < 1:
+        raise IlnasError(f"engine.batched_sets must be an integer >= 1, got {cfg.batched_sets!r}")
     create_hvp(cfg.hvp)
     create_coupling(cfg.coupling, max_lr, cfg.lam, 0.0, cfg.allow_unstable)
     for name in ("train_weights", "val_weights"):

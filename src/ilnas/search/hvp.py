@@ -5,7 +5,7 @@ DARTS architect (eps = 0.01 / ||v||, first-order passes only) and the exact doub
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -13,6 +13,7 @@ from ilnas.errors import IlnasError
 from ilnas.search.tensors import Tensors, detached, grads, norm
 
 StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
+SetsLoss = Callable[[Tensors, Sequence[Tensors], Sequence[Tensors]], torch.Tensor]  # (arch, ws, hs) -> (S,)
 HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
 HVP = Callable[..., HVPResult]
 HVPS: dict[str, HVP] = {}
@@ -37,8 +38,7 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
     r stays a tensor on the device (no host synchronisation). For v = 0 the clamped norm makes r huge but
     finite, the two points coincide with p, and the difference is exactly zero. The two passes run
     without autocast: cast to bf16, W +- r v would mostly round back to W."""
-    vnorm = norm(v_w + v_h)
-    r = eps / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
+    r = _radius(v_w + v_h, eps)
 
     def grads_at(sign: float) -> list[Tensors]:
         wp = detached([x + (sign * r) * v for x, v in zip(w, v_w)], requires_grad=want_w)
@@ -49,6 +49,29 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
     d_arch, d_w = ([(p - m) / (2.0 * r) for p, m in zip(plus, minus)]
                    for plus, minus in zip(grads_at(1.0), grads_at(-1.0)))
     return d_arch, (d_w if want_w else None)
+
+
+def _radius(v: Tensors, eps: float) -> torch.Tensor:
+    vnorm = norm(v)
+    return eps / vnorm.clamp_min(torch.finfo(vnorm.dtype).tiny)
+
+
+def fd_batched(losses: SetsLoss, arch: Tensors, points: Sequence[tuple[Tensors, Tensors]],
+               vs: Sequence[tuple[Tensors, Tensors]], eps: float = 0.01) -> Tensors:
+    """The sum over several stages of ``fd``'s architecture part, with every stage's two passes evaluated
+    as weight sets of one batched pass: the gradient of sum_s (L_s(p_s + r_s v_s) - L_s(p_s - r_s v_s)) / 2r_s
+    is the sum of the stages' central differences. ``points``: (W, H) per stage; ``vs``: (v_W, v_H)."""
+    ws, hs, scales = [], [], []
+    for (w, h), (v_w, v_h) in zip(points, vs):
+        r = _radius(v_w + v_h, eps)
+        for sign in (1.0, -1.0):
+            ws.append([x + (sign * r) * v for x, v in zip(w, v_w)])
+            hs.append([x + (sign * r) * v for x, v in zip(h, v_h)])
+            scales.append(sign / (2.0 * r))
+    with torch.autocast(points[0][0][0].device.type, enabled=False):
+        values = losses(arch, ws, hs)
+    (d_arch,) = grads((values * torch.stack(scales)).sum(), arch)
+    return d_arch
 
 
 @register_hvp

@@ -82,7 +82,7 @@ class SupernetSearch:
         modules = [h if isinstance(h, nn.Module) else h(width) for h in heads.values()]
         self.nets = [FunctionalTaskNet(self.encoder, m.to(device, dtype), None, (criteria or {}).get(name, F.cross_entropy))
                      for name, m in zip(self.tasks, modules)]
-        self.learners = [Learner(name, net.loss) for name, net in zip(self.tasks, self.nets)]
+        self.learners = [Learner(name, net.loss, net.losses) for name, net in zip(self.tasks, self.nets)]
         heads_init = [[p.detach().clone() for p in m.parameters()] for m in modules]
 
         def initial(s: int, k: int):

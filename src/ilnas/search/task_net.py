@@ -6,7 +6,7 @@ as many stages as it likes without deep copies of the network.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ilnas.errors import IlnasError
+from ilnas.space.sets import stack_sets
 from ilnas.space.supernet import Supernet, arch_weights
 
 Tensors = list[torch.Tensor]
@@ -41,6 +42,7 @@ class FunctionalTaskNet:
             raise IlnasError(f"task head gives {width} outputs but the task has {num_classes} classes")
         self.encoder_names = [n for n, _ in encoder.named_parameters()]
         self.head_names = [n for n, _ in head.named_parameters()]
+        self._batched: dict[int, Supernet] = {}
 
     def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor,
                skip_dropout: float = 0.0) -> torch.Tensor:
@@ -53,6 +55,20 @@ class FunctionalTaskNet:
         """The engine's loss of a learner: the criterion of the logits and the batch's targets."""
         x, y = batch
         return self.criterion(self.logits(arch, w, h, x, skip_dropout), y)
+
+    def losses(self, arch: Tensors, ws: Sequence[Tensors], hs: Sequence[Tensors],
+               batch: tuple[torch.Tensor, torch.Tensor], skip_dropout: float = 0.0) -> torch.Tensor:
+        """``loss`` of several weight sets on one batch, in one batched pass of the supernet (the sets side
+        by side along the channels, ilnas/space/sets.py): (S,) losses, the same numbers as S calls."""
+        x, y = batch
+        sets = len(ws)
+        if sets not in self._batched:
+            self._batched[sets] = self.encoder.batched(sets)
+        encoder = self._batched[sets].train(self.encoder.training)
+        feats = functional_call(encoder, dict(zip(self.encoder_names, stack_sets(ws))),
+                                (x.repeat(1, sets, 1, 1), *arch_weights(arch)), {"skip_dropout": skip_dropout})
+        return torch.stack([self.criterion(functional_call(self.head, dict(zip(self.head_names, h)), (feats[:, s],)), y)
+                            for s, h in enumerate(hs)])
 
 
 def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:

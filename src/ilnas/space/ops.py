@@ -2,7 +2,8 @@
 
 ReLU -> conv -> BN ordering; a separable conv is the depthwise-pointwise block twice, a dilated conv
 once with dilation 2. ``affine=False`` gives the search variants, in which pools are followed by a
-non-affine BatchNorm (``pool_bn=True``).
+non-affine BatchNorm (``pool_bn=True``). Every op takes ``sets``: S independent copies side by side along
+the channels, with convolutions grouped by set (ilnas/space/sets.py).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 
 from ilnas.errors import IlnasError
+from ilnas.space.sets import cat_channels
 
-OpFactory = Callable[[int, int, bool], nn.Module]
+OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
 OPS: dict[str, OpFactory] = {}
 
 # Order matters: it is the column order of the alphas and of the official genotypes.
@@ -36,33 +38,36 @@ def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
     return wrap
 
 
-def create_op(name: str, channels: int, stride: int, affine: bool = True) -> nn.Module:
+def create_op(name: str, channels: int, stride: int, affine: bool = True, sets: int = 1) -> nn.Module:
+    """The op on ``channels`` channels per set, ``sets`` sets side by side."""
     if name not in OPS:
         raise IlnasError(f"unknown operation {name!r}; known: {', '.join(sorted(OPS))}")
-    return OPS[name](channels, stride, affine)
+    return OPS[name](channels, stride, affine, sets)
 
 
 class ReLUConvBN(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool):
-        super().__init__(nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
-                         batch_norm(c_out, affine))
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool, sets: int = 1):
+        super().__init__(nn.ReLU(inplace=False),
+                         nn.Conv2d(sets * c_in, sets * c_out, kernel, stride, padding, groups=sets, bias=False),
+                         batch_norm(sets * c_out, affine))
 
 
 class DilConv(nn.Sequential):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int,
-                 affine: bool):
+                 affine: bool, sets: int = 1):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
-            nn.Conv2d(c_in, c_out, 1, bias=False),
-            batch_norm(c_out, affine),
+            nn.Conv2d(sets * c_in, sets * c_in, kernel, stride, padding, dilation=dilation, groups=sets * c_in,
+                      bias=False),
+            nn.Conv2d(sets * c_in, sets * c_out, 1, groups=sets, bias=False),
+            batch_norm(sets * c_out, affine),
         )
 
 
 class SepConv(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool):
-        super().__init__(DilConv(c_in, c_in, kernel, stride, padding, 1, affine),
-                         DilConv(c_in, c_out, kernel, 1, padding, 1, affine))
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool, sets: int = 1):
+        super().__init__(DilConv(c_in, c_in, kernel, stride, padding, 1, affine, sets),
+                         DilConv(c_in, c_out, kernel, 1, padding, 1, affine, sets))
 
 
 class Zero(nn.Module):
@@ -77,18 +82,19 @@ class Zero(nn.Module):
 class FactorizedReduce(nn.Module):
     """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
 
-    def __init__(self, c_in: int, c_out: int, affine: bool):
+    def __init__(self, c_in: int, c_out: int, affine: bool, sets: int = 1):
         super().__init__()
         if c_out % 2:
             raise IlnasError(f"FactorizedReduce needs an even channel count, got {c_out}")
+        self.sets = sets
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(c_in, c_out // 2, 1, stride=2, bias=False)
-        self.bn = batch_norm(c_out, affine)
+        self.conv_1 = nn.Conv2d(sets * c_in, sets * c_out // 2, 1, stride=2, groups=sets, bias=False)
+        self.conv_2 = nn.Conv2d(sets * c_in, sets * c_out // 2, 1, stride=2, groups=sets, bias=False)
+        self.bn = batch_norm(sets * c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(x)
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+        return self.bn(cat_channels([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], self.sets))
 
 
 def _pool(pool: nn.Module, channels: int, affine: bool) -> nn.Module:
@@ -96,40 +102,40 @@ def _pool(pool: nn.Module, channels: int, affine: bool) -> nn.Module:
 
 
 @register_op("none")
-def _none(c: int, stride: int, affine: bool) -> nn.Module:
+def _none(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return Zero(stride)
 
 
 @register_op("max_pool_3x3")
-def _max_pool(c: int, stride: int, affine: bool) -> nn.Module:
-    return _pool(nn.MaxPool2d(3, stride=stride, padding=1), c, affine)
+def _max_pool(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return _pool(nn.MaxPool2d(3, stride=stride, padding=1), sets * c, affine)
 
 
 @register_op("avg_pool_3x3")
-def _avg_pool(c: int, stride: int, affine: bool) -> nn.Module:
-    return _pool(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False), c, affine)
+def _avg_pool(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return _pool(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False), sets * c, affine)
 
 
 @register_op("skip_connect")
-def _skip(c: int, stride: int, affine: bool) -> nn.Module:
-    return nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine)
+def _skip(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine, sets)
 
 
 @register_op("sep_conv_3x3")
-def _sep3(c: int, stride: int, affine: bool) -> nn.Module:
-    return SepConv(c, c, 3, stride, 1, affine)
+def _sep3(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return SepConv(c, c, 3, stride, 1, affine, sets)
 
 
 @register_op("sep_conv_5x5")
-def _sep5(c: int, stride: int, affine: bool) -> nn.Module:
-    return SepConv(c, c, 5, stride, 2, affine)
+def _sep5(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return SepConv(c, c, 5, stride, 2, affine, sets)
 
 
 @register_op("dil_conv_3x3")
-def _dil3(c: int, stride: int, affine: bool) -> nn.Module:
-    return DilConv(c, c, 3, stride, 2, 2, affine)
+def _dil3(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return DilConv(c, c, 3, stride, 2, 2, affine, sets)
 
 
 @register_op("dil_conv_5x5")
-def _dil5(c: int, stride: int, affine: bool) -> nn.Module:
-    return DilConv(c, c, 5, stride, 4, 2, affine)
+def _dil5(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return DilConv(c, c, 5, stride, 4, 2, affine, sets)

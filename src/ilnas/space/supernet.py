@@ -16,6 +16,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError
 from ilnas.space.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
+from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
 
 NODES = 4  # intermediate nodes per cell
 EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column order)
@@ -44,31 +45,29 @@ def full_edge_ops(primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) ->
     return [list(primitives) for _ in range(num_edges(nodes))]
 
 
-def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(N, C, H, W): interleave the channels of ``groups`` equal groups (ShuffleNet)."""
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
 class MixedOp(nn.Module):
     """sum_o w_o * op_o(x) over the candidate ops of one edge.
 
     With ``partial_channels`` K > 1 (PC-DARTS) only the first C/K channels go through the ops; the
     rest bypass them (max-pooled on reduction edges) and a channel shuffle with K groups follows.
     ``skip_dropout`` (P-DARTS) is the rate of dropout after identity ops, given with every call.
+    ``sets``: weight sets side by side along the channels (ilnas/space/sets.py).
     """
 
-    def __init__(self, channels: int, stride: int, primitives: Sequence[str], partial_channels: int = 1):
+    def __init__(self, channels: int, stride: int, primitives: Sequence[str], partial_channels: int = 1,
+                 sets: int = 1):
         super().__init__()
         if channels % partial_channels:
             raise IlnasError(f"partial_channels={partial_channels} does not divide {channels} channels")
-        self.k, self.stride = partial_channels, stride
-        self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False) for p in primitives)
+        self.k, self.stride, self.channels, self.sets = partial_channels, stride, channels, sets
+        self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False, sets=sets)
+                                 for p in primitives)
         self.identity = [isinstance(op, nn.Identity) for op in self.ops]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, skip_dropout: float = 0.0) -> torch.Tensor:
         # weights: (O,)
-        active = x if self.k == 1 else x[:, :x.shape[1] // self.k]
+        part = self.channels // self.k
+        active = x if self.k == 1 else slice_channels(x, 0, part, self.sets)
         out = 0
         for w, op, identity in zip(weights, self.ops, self.identity):
             y = op(active)
@@ -77,23 +76,24 @@ class MixedOp(nn.Module):
             out = out + w * y
         if self.k == 1:
             return out
-        bypass = x[:, x.shape[1] // self.k:]
+        bypass = slice_channels(x, part, self.channels, self.sets)
         if self.stride == 2:
             bypass = F.max_pool2d(bypass, 2, 2)
-        return channel_shuffle(torch.cat([out, bypass], dim=1), self.k)
+        return shuffle_channels(cat_channels([out, bypass], self.sets), self.k, self.sets)
 
 
 class SearchCell(nn.Module):
     def __init__(self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool,
-                 edge_ops: EdgeOps, partial_channels: int = 1, nodes: int = NODES):
+                 edge_ops: EdgeOps, partial_channels: int = 1, nodes: int = NODES, sets: int = 1):
         super().__init__()
         self.reduction = reduction
-        self.nodes = nodes
-        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False) if reduction_prev
-                            else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False))
-        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False)
+        self.nodes, self.sets = nodes, sets
+        self.preprocess0 = (FactorizedReduce(c_prev_prev, channels, affine=False, sets=sets) if reduction_prev
+                            else ReLUConvBN(c_prev_prev, channels, 1, 1, 0, affine=False, sets=sets))
+        self.preprocess1 = ReLUConvBN(c_prev, channels, 1, 1, 0, affine=False, sets=sets)
         strides = [2 if reduction and j < 2 else 1 for i in range(nodes) for j in range(2 + i)]
-        self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels) for s, ops in zip(strides, edge_ops))
+        self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels, sets)
+                                   for s, ops in zip(strides, edge_ops))
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None, skip_dropout: float = 0.0) -> torch.Tensor:
@@ -107,7 +107,7 @@ class SearchCell(nn.Module):
                 node = node + (y if edge_weights is None else edge_weights[offset + j] * y)
             offset += len(states)
             states.append(node)
-        return torch.cat(states[2:], dim=1)
+        return cat_channels(states[2:], self.sets)
 
 
 class Supernet(nn.Module):
@@ -123,13 +123,19 @@ class Supernet(nn.Module):
         partial_channels: K of PC-DARTS (1: every channel through every op, plain DARTS).
         stem_multiplier: the stem has stem_multiplier * C channels.
         channels_last: run the cells on NHWC activations (faster convolutions on CPUs; the same function).
+        sets: S weight sets evaluated side by side in one pass (``batched``; ilnas/space/sets.py): the input
+            is (N, S * in_channels, H, W), the output (N, S, out_features).
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 16, layers: int = 8,
                  normal_ops: EdgeOps | None = None, reduce_ops: EdgeOps | None = None,
                  partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES,
-                 channels_last: bool = False):
+                 channels_last: bool = False, sets: int = 1):
         super().__init__()
+        self.settings = dict(in_channels=in_channels, channels=channels, layers=layers, normal_ops=normal_ops,
+                             reduce_ops=reduce_ops, partial_channels=partial_channels,
+                             stem_multiplier=stem_multiplier, nodes=nodes, channels_last=channels_last)
+        self.sets = sets
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.normal_ops = [list(o) for o in (normal_ops or full_edge_ops(nodes=nodes))]
         self.reduce_ops = [list(o) for o in (reduce_ops or full_edge_ops(nodes=nodes))]
@@ -137,19 +143,25 @@ class Supernet(nn.Module):
             raise IlnasError("every edge must have the same number of candidate ops")
         self.nodes = nodes
         c_curr = stem_multiplier * channels
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c_curr, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(c_curr, track_running_stats=False))
+        self.stem = nn.Sequential(nn.Conv2d(sets * in_channels, sets * c_curr, 3, padding=1, groups=sets, bias=False),
+                                  nn.BatchNorm2d(sets * c_curr, track_running_stats=False))
         c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
         cells, reduction_prev = [], False
         for i in range(layers):
             reduction = i in reduction_layers(layers)
             c_curr = c_curr * 2 if reduction else c_curr
             cells.append(SearchCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev,
-                                    self.reduce_ops if reduction else self.normal_ops, partial_channels, nodes))
+                                    self.reduce_ops if reduction else self.normal_ops, partial_channels, nodes, sets))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
         self.cells = nn.ModuleList(cells)
         self.out_features = c_prev
+
+    def batched(self, sets: int) -> Supernet:
+        """The same supernet for ``sets`` weight sets side by side, built without weights of its own (on
+        the meta device): it is only ever called with ``functional_call`` and ``stack_sets``' weights."""
+        with torch.device("meta"):
+            return Supernet(**self.settings, sets=sets).train(self.training)
 
     @property
     def num_ops(self) -> int:
@@ -160,7 +172,7 @@ class Supernet(nn.Module):
                 skip_dropout: float = 0.0) -> torch.Tensor:
         """x: (N, C, H, W); normal, reduce: (E, O) mixing weights; *_edges: (E,) edge weights or None;
         skip_dropout: P-DARTS's dropout rate after skip-connects (training mode only).
-        Returns (N, out_features)."""
+        Returns (N, out_features), or (N, sets, out_features) for several sets."""
         normal, reduce, normal_edges, reduce_edges = _autocast_weights(x.device.type, normal, reduce, normal_edges,
                                                                        reduce_edges)
         # After the stem too: a one-channel NHWC image is also NCHW-contiguous, and convolutions follow
@@ -169,7 +181,8 @@ class Supernet(nn.Module):
         for cell in self.cells:
             w, e = (reduce, reduce_edges) if cell.reduction else (normal, normal_edges)
             s0, s1 = s1, cell(s0, s1, w, e, skip_dropout)
-        return F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        features = F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        return features if self.sets == 1 else features.view(features.shape[0], self.sets, -1)
 
 
 def _autocast_weights(device_type: str, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
