@@ -1,18 +1,21 @@
 """Benchmark: one search step of DARTS-1st, DARTS-2nd, MTL (K=2) and IL (K=2, M=2), side by side in one run.
 
 Every framework runs the same engine on the same supernet and random batches (``ilnas.SupernetSearch``);
-the table gives the time per step (median of ``--repeats`` after a warm-up) of each variant: NCHW, NHWC
-activations (``Supernet(channels_last=...)``; NHWC is the CPU default) and NHWC with bf16 autocast
-(``search.amp``), each variant's ratio to this run's NCHW DARTS-2nd step, and on CUDA the peak memory.
+the table gives the time per step (median of ``--repeats`` after a warm-up) of each variant, its ratio to
+this run's first variant's DARTS-2nd step, and on CUDA the peak memory. Variants: "eager" runs every pass
+alone (``engine.batched_sets=1``), the others batch the independent passes of one task's stages (the
+default); NCHW or NHWC activations (``Supernet(channels_last=...)``; NHWC is the CPU default); bf16 autocast
+(``search.amp``).
 Run by hand:
     python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
     python bench/search_step.py --device cuda --paper   # the paper's: batch 64, C=16, 8 cells, 32x32 RGB
-    python bench/search_step.py --variants NCHW "NHWC bf16"   # a subset of the variants
+    python bench/search_step.py --variants "NCHW eager" NCHW   # a subset of the variants (the first is the base)
 Set OMP_NUM_THREADS (or --threads) to the cores you mean to use.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -28,12 +31,16 @@ FRAMEWORKS = {  # name: (tasks, rounds, engine)
     "MTL (K=2)": (2, 1, EngineConfig(order=2, coupling="none")),
     "IL (K=2, M=2)": (2, 2, EngineConfig(order=2, coupling="prox", lam=100.0)),
 }
-VARIANTS = {"NCHW": {"channels_last": False}, "NHWC": {"channels_last": True},
+VARIANTS = {"NCHW eager": {"channels_last": False, "batched_sets": 1},
+            "NHWC eager": {"channels_last": True, "batched_sets": 1},
+            "NCHW": {"channels_last": False}, "NHWC": {"channels_last": True},
             "NHWC bf16": {"channels_last": True, "amp": True}}
 
 
 def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float, float | None]:
     tasks, rounds, engine = FRAMEWORKS[name]
+    variant = dict(variant)
+    engine = dataclasses.replace(engine, batched_sets=variant.pop("batched_sets", engine.batched_sets))
     dev = torch.device(args.device)
     in_ch, c, layers, side, batch = (3, 16, 8, 32, 64) if args.paper else (1, 8, 5, 16, 16)
     gen = torch.Generator().manual_seed(0)
@@ -70,7 +77,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", choices=list(FRAMEWORKS), help="a subset of the frameworks")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
-                   help="a subset of the variants (NCHW first: it is the ratios' base)")
+                   help="a subset of the variants (the first is the ratios' base)")
     a = p.parse_args()
     threads = set_threads(a.threads)
     print(f"device {a.device}, {threads} CPU thread(s), {'paper' if a.paper else 'CPU'} configuration, "

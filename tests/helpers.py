@@ -196,22 +196,32 @@ class Problem:
     val: list
 
 
+class SmoothSupernet(Supernet):
+    """The supernet with SiLU for every ReLU (its batched twin too)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        smooth(self)
+
+
 def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_ops: bool = False,
-                 momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False) -> Problem:
-    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data."""
+                 momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False,
+                 batched: bool = True) -> Problem:
+    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data.
+    ``batched``: the learners can evaluate several weight sets in one pass (the engine's batched path)."""
     dtype = torch.float64
     primitives = [p for p in PRIMITIVES if p != "max_pool_3x3"] if smooth_ops else PRIMITIVES
     ops = full_edge_ops(primitives)
 
     def build_encoder() -> Supernet:
-        net = Supernet(1, 2 * partial_channels, 3, ops, ops, partial_channels).to(dtype)
-        return smooth(net) if smooth_ops else net
+        return (SmoothSupernet if smooth_ops else Supernet)(1, 2 * partial_channels, 3, ops, ops,
+                                                             partial_channels).to(dtype)
 
     gen = torch.Generator().manual_seed(seed)
     encoder = build_encoder()
     head_builders = [lambda c=c: nn.Linear(encoder.out_features, c).to(dtype) for c in classes[:K]]
     nets = [FunctionalTaskNet(encoder, hb(), c) for hb, c in zip(head_builders, classes)]
-    learners = [Learner(f"task{k}", net.loss) for k, net in enumerate(nets)]
+    learners = [Learner(f"task{k}", net.loss, net.losses if batched else None) for k, net in enumerate(nets)]
     stages = []
     for s, k in enumerate(stage_learners(list(range(K)), M)):
         w = fresh_parameters(build_encoder, 100 * seed + s)

@@ -46,6 +46,12 @@ def create_op(name: str, channels: int, stride: int, affine: bool = True, sets: 
 
 
 class ReLUConvBN(nn.Sequential):
+    starts_with_relu = True
+
+    def forward_from_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The op given relu(x): a supernet computes each node's ReLU once for all the ops it feeds."""
+        return self[2](self[1](x))
+
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool, sets: int = 1):
         super().__init__(nn.ReLU(inplace=False),
                          nn.Conv2d(sets * c_in, sets * c_out, kernel, stride, padding, groups=sets, bias=False),
@@ -53,6 +59,11 @@ class ReLUConvBN(nn.Sequential):
 
 
 class DilConv(nn.Sequential):
+    starts_with_relu = True
+
+    def forward_from_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self[3](self[2](self[1](x)))
+
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int,
                  affine: bool, sets: int = 1):
         super().__init__(
@@ -65,6 +76,11 @@ class DilConv(nn.Sequential):
 
 
 class SepConv(nn.Sequential):
+    starts_with_relu = True
+
+    def forward_from_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].forward_from_relu(x))
+
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, affine: bool, sets: int = 1):
         super().__init__(DilConv(c_in, c_in, kernel, stride, padding, 1, affine, sets),
                          DilConv(c_in, c_out, kernel, 1, padding, 1, affine, sets))
@@ -82,6 +98,8 @@ class Zero(nn.Module):
 class FactorizedReduce(nn.Module):
     """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
 
+    starts_with_relu = True
+
     def __init__(self, c_in: int, c_out: int, affine: bool, sets: int = 1):
         super().__init__()
         if c_out % 2:
@@ -93,7 +111,9 @@ class FactorizedReduce(nn.Module):
         self.bn = batch_norm(sets * c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(x)
+        return self.forward_from_relu(self.relu(x))
+
+    def forward_from_relu(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(cat_channels([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], self.sets))
 
 

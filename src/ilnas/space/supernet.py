@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilnas.errors import IlnasError
-from ilnas.space.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
+from ilnas.space.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, create_op
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
 
 NODES = 4  # intermediate nodes per cell
@@ -63,17 +63,28 @@ class MixedOp(nn.Module):
         self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False, sets=sets)
                                  for p in primitives)
         self.identity = [isinstance(op, nn.Identity) for op in self.ops]
+        self.relu = nn.ReLU(inplace=False)
+        self.from_relu = [getattr(op, "starts_with_relu", False) for op in self.ops]
+        # 'none' adds w * 0: exactly nothing to the sum, and nothing to any gradient (an edge of nothing
+        # but 'none' keeps it, for the shape of its zeros)
+        self.live = [i for i, op in enumerate(self.ops) if not isinstance(op, Zero)] or list(range(len(self.ops)))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, skip_dropout: float = 0.0) -> torch.Tensor:
-        # weights: (O,)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, skip_dropout: float = 0.0,
+                x_relu: torch.Tensor | None = None) -> torch.Tensor:
+        """weights: (O,); ``x_relu``: relu(x) where the caller already has it (it is shared by every op
+        that begins with that ReLU)."""
         part = self.channels // self.k
         active = x if self.k == 1 else slice_channels(x, 0, part, self.sets)
+        if x_relu is None and any(self.from_relu):
+            x_relu = self.relu(x)
+        active_relu = x_relu if self.k == 1 or x_relu is None else slice_channels(x_relu, 0, part, self.sets)
         out = 0
-        for w, op, identity in zip(weights, self.ops, self.identity):
-            y = op(active)
-            if identity and skip_dropout > 0:
+        for i in self.live:
+            op = self.ops[i]
+            y = op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
+            if self.identity[i] and skip_dropout > 0:
                 y = F.dropout(y, skip_dropout, training=self.training)
-            out = out + w * y
+            out = out + weights[i] * y
         if self.k == 1:
             return out
         bypass = slice_channels(x, part, self.channels, self.sets)
@@ -94,19 +105,23 @@ class SearchCell(nn.Module):
         strides = [2 if reduction and j < 2 else 1 for i in range(nodes) for j in range(2 + i)]
         self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels, sets)
                                    for s, ops in zip(strides, edge_ops))
+        self.relu = nn.ReLU(inplace=False)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None, skip_dropout: float = 0.0) -> torch.Tensor:
         # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first); edge_weights: (E,)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        relus = [self.relu(h) for h in states]  # once per node, for every op on its out-edges that begins with it
         offset = 0
-        for _ in range(self.nodes):
+        for i in range(self.nodes):
             node = 0
             for j, h in enumerate(states):
-                y = self.edges[offset + j](h, weights[offset + j], skip_dropout)
+                y = self.edges[offset + j](h, weights[offset + j], skip_dropout, relus[j])
                 node = node + (y if edge_weights is None else edge_weights[offset + j] * y)
             offset += len(states)
             states.append(node)
+            if i < self.nodes - 1:
+                relus.append(self.relu(node))
         return cat_channels(states[2:], self.sets)
 
 
@@ -159,9 +174,10 @@ class Supernet(nn.Module):
 
     def batched(self, sets: int) -> Supernet:
         """The same supernet for ``sets`` weight sets side by side, built without weights of its own (on
-        the meta device): it is only ever called with ``functional_call`` and ``stack_sets``' weights."""
+        the meta device): it is only ever called with ``functional_call`` and ``stack_sets``' weights.
+        A subclass is rebuilt as itself, from the same settings."""
         with torch.device("meta"):
-            return Supernet(**self.settings, sets=sets).train(self.training)
+            return type(self)(**self.settings, sets=sets).train(self.training)
 
     @property
     def num_ops(self) -> int:
