@@ -268,6 +268,7 @@ def engine_hypergradient(p, cfg: EngineConfig, lr: float, sgd: SGD = SGD()) -> l
     return hypergradient(p.state, p.learners, p.train, p.val, cfg, sgd, lr)[0]
 
 
+@torch.no_grad()
 def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     num = torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm()
     return float(num / torch.cat([y.flatten() for y in b]).norm())
