@@ -68,7 +68,7 @@ def fd_batched(losses: SetsLoss, arch: Tensors, points: Sequence[tuple[Tensors, 
             ws.append([x + (sign * r) * v for x, v in zip(w, v_w)])
             hs.append([x + (sign * r) * v for x, v in zip(h, v_h)])
             scales.append(sign / (2.0 * r))
-    with torch.autocast(points[0][0][0].device.type, enabled=False):
+    with torch.autocast(arch[0].device.type, enabled=False):
         values = losses(arch, ws, hs)
     (d_arch,) = grads((values * torch.stack(scales)).sum(), arch)
     return d_arch
