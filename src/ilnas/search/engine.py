@@ -268,8 +268,14 @@ def _fresh_gradients(state: SearchState, losses: StageLosses,
     weights they are independent and computed together, before the commit moves any stage."""
     if rule.coupling.grad_at_prev:
         return lambda s, w, h: _gradient(losses.single[s], state.arch, w, h, rule.reduce)[1:]
-    fresh = _gradients(losses, state.arch, {s: (st.w, st.h) for s, st in enumerate(state.stages)}, rule.reduce)
+    fresh = _own_gradients(state, losses, rule)
     return lambda s, w, h: fresh[s][1:]
+
+
+def _own_gradients(state: SearchState, losses: StageLosses,
+                   rule: StepRule) -> dict[int, tuple[torch.Tensor, Tensors, Tensors]]:
+    """Every stage's gradient at its own weights and the state's A, batched by learner."""
+    return _gradients(losses, state.arch, {s: (st.w, st.h) for s, st in enumerate(state.stages)}, rule.reduce)
 
 
 def _split(x: Tensors, n: int) -> tuple[Tensors, Tensors]:
@@ -281,8 +287,7 @@ def unroll(state: SearchState, losses: StageLosses, rule: StepRule) -> list[Unro
     the stage's own weights, the gradients are independent and computed first, in batched passes."""
     out: list[UnrolledStage] = []
     coupling = rule.coupling
-    own = {} if coupling.grad_at_prev else _gradients(
-        losses, state.arch, {s: (st.w, st.h) for s, st in enumerate(state.stages)}, rule.reduce)
+    own = {} if coupling.grad_at_prev else _own_gradients(state, losses, rule)
     for s, stage in enumerate(state.stages):
         w = out[-1].w_bar if (coupling.grad_at_prev and s > 0) else stage.w
         value, gw, gh = own[s] if s in own else _gradient(losses.single[s], state.arch, w, stage.h, rule.reduce)
