@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (a few minutes on one H200): the two step benchmarks at the paper's
-# configuration, a shortened CUDA search on the embedded digits, the same search data-parallel under
-# torchrun (one NCCL rank, bf16 autocast) and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+# configuration, the image-folder input pipeline (PIL in workers vs nvJPEG), a shortened CUDA search on
+# the embedded digits, the same search data-parallel under torchrun (one NCCL rank, bf16 autocast) and a
+# one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
 set -uo pipefail
@@ -23,6 +24,7 @@ run() {  # run NAME COMMAND...: its log, exit code and wall time
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3
 run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
+run folder_pipeline python bench/folder_pipeline.py --device "$DEVICE" --workers "$([ "$DEVICE" = cuda ] && echo 8 || echo 2)"
 run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
 run search_nccl_bf16 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
@@ -32,7 +34,7 @@ run train_nccl torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet -
     --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
     --out "$LOGS/train-run" --force
 
-for name in search_step train_step search search_nccl_bf16 train_nccl; do
+for name in search_step train_step folder_pipeline search search_nccl_bf16 train_nccl; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 python - "$LOGS" "$DEVICE" <<'PY'

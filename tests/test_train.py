@@ -102,6 +102,8 @@ def test_cifar100_training_reports_top5(tmp_path):
     (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.batch_size=15"],
      {"WORLD_SIZE": "2", "RANK": "0"}, "train.batch_size=15 is not divisible by the 2 ranks"),
     (["--preset", "eval-digits"], {}, "train needs --genotype"),
+    (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.decode=gpu"], {},
+     "train.decode must be workers or device"),
     (["--genotype", "DARTS_V2", "--preset", "demo"], {}, "is a 'search' configuration, expected 'eval'"),
 ])
 def test_bad_training_input_is_one_line_and_exit_2(tmp_path, args, env, message):

@@ -133,6 +133,9 @@ class TrainConfig:
         batch_size: the global batch, split evenly over torchrun ranks.
         cutout: side of the cutout square on in-memory tasks (0: off).
         resolution, color_jitter, workers: image-folder tasks (ImageNet recipe).
+        decode: how image-folder tasks are decoded: ``workers`` (PIL in the DataLoader workers) or ``device``
+            (the workers read the files; JPEGs are decoded in one batched call on the training device,
+            nvJPEG on CUDA, and cropped, flipped, jittered and normalised there: a GPU fed by few CPU cores).
         steps_per_epoch: cap on steps per epoch (None: the whole training set).
         amp: bf16 autocast on CUDA; channels_last: NHWC activations (CUDA and CPU: 1.4-1.7x a step on CPUs,
             bench/train_step.py).
@@ -148,6 +151,7 @@ class TrainConfig:
     resolution: int = 224
     color_jitter: bool = False
     workers: int = 4
+    decode: str = "workers"
     steps_per_epoch: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -301,3 +305,5 @@ def _validate_train(t: TrainConfig) -> None:
         raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if t.cutout < 0 or t.workers < 0:
         raise IlnasError("train.cutout and train.workers must be >= 0")
+    if t.decode not in ("workers", "device"):
+        raise IlnasError(f"train.decode must be workers or device, got {t.decode!r}")

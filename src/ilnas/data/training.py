@@ -3,7 +3,8 @@
 Two pipelines with one interface (``steps``, ``epoch(e)``, ``test()``): in-memory tasks (CIFAR, the
 digits: train + validation splits joined, augmented on the device) and image folders (ImageNet or
 any ``imagefolder:<path>`` with train/ and val/, through torchvision's ImageFolder and a DataLoader
-with a DistributedSampler). Both shard over ranks like DistributedSampler.
+with a DistributedSampler, decoded in the workers or on the device). Both shard over ranks like
+DistributedSampler.
 """
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import Iterator, Protocol
 
 import torch
 
+from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
 from ilnas.data.tasks import Split, create_task, task_info
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.seeds import derive_seed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -74,32 +77,35 @@ class InMemoryData:
 
 
 class FolderData:
-    """ImageNet-style training: RandomResizedCrop + flip (+ colour jitter); test: resize, centre crop."""
+    """ImageNet-style training: RandomResizedCrop + flip (+ colour jitter); test: resize, centre crop.
+
+    Args:
+        decode: ``workers`` (PIL decodes and augments in the DataLoader workers) or ``device`` (workers read
+            the bytes; decoding and augmentation run on the training device, see device_decode.py).
+    """
 
     def __init__(self, name: str, root: Path, shard: Sharding, resolution: int, color_jitter: bool,
-                 workers: int):
-        from torchvision import datasets, transforms as T
+                 workers: int, decode: str = "workers"):
+        from torchvision import datasets
 
         for sub in ("train", "val"):
             if not (root / sub).is_dir():
                 raise IlnasError(f"no image folder {root / sub} for task {name} (expected train/ and val/ "
                                  f"with one folder per class)")
-        normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-        train_tf = [T.RandomResizedCrop(resolution), T.RandomHorizontalFlip()]
-        if color_jitter:
-            train_tf.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2))
         self.resize = round(resolution * 256 / 224)
-        test_tf = [T.Resize(self.resize), T.CenterCrop(resolution)]
+        self.name, self.in_channels, self.resolution = name, 3, resolution
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.shard, self.workers, self.decode, self.color_jitter = shard, workers, decode, color_jitter
+        train_tf, test_tf = self._transforms() if decode == "workers" else (None, None)
+        loader = {} if decode == "workers" else {"loader": device_decode.read_encoded}
         try:
-            self.train_set = datasets.ImageFolder(str(root / "train"), T.Compose([*train_tf, T.ToTensor(), normalize]))
-            self.test_set = datasets.ImageFolder(str(root / "val"), T.Compose([*test_tf, T.ToTensor(), normalize]))
+            self.train_set = datasets.ImageFolder(str(root / "train"), train_tf, **loader)
+            self.test_set = datasets.ImageFolder(str(root / "val"), test_tf, **loader)
         except (FileNotFoundError, RuntimeError) as e:
             raise IlnasError(f"cannot read image folder {root}: {e}") from None
         if self.train_set.classes != self.test_set.classes:
             raise IlnasError(f"{root}/train and {root}/val hold different class folders")
-        self.name, self.num_classes, self.in_channels, self.resolution = name, len(self.train_set.classes), 3, resolution
-        self.classes, self.mean, self.std = tuple(self.train_set.classes), IMAGENET_MEAN, IMAGENET_STD
-        self.shard, self.workers = shard, workers
+        self.num_classes, self.classes = len(self.train_set.classes), tuple(self.train_set.classes)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=shard.world, rank=shard.rank,
                                                            shuffle=True, seed=shard.seed, drop_last=True)
         self.steps = len(self.sampler) // shard.batch_size
@@ -108,37 +114,68 @@ class FolderData:
                              f"{shard.batch_size * shard.world}")
         if shard.max_steps is not None:
             self.steps = min(self.steps, shard.max_steps)
+        self._norm = [torch.tensor(v, device=shard.device)[None, :, None, None] for v in (self.mean, self.std)]
+
+    def _transforms(self):
+        from torchvision import transforms as T
+
+        normalize = T.Normalize(self.mean, self.std)
+        train_tf = [T.RandomResizedCrop(self.resolution), T.RandomHorizontalFlip()]
+        if self.color_jitter:
+            train_tf.append(T.ColorJitter(*augment.JITTER))
+        test_tf = [T.Resize(self.resize), T.CenterCrop(self.resolution)]
+        return T.Compose([*train_tf, T.ToTensor(), normalize]), T.Compose([*test_tf, T.ToTensor(), normalize])
 
     def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        collate = device_decode.collate_encoded if self.decode == "device" else None
         return torch.utils.data.DataLoader(dataset, batch_size=self.shard.batch_size, sampler=sampler,
                                            num_workers=self.workers, pin_memory=self.shard.device.type == "cuda",
-                                           drop_last=sampler is self.sampler)
+                                           drop_last=sampler is self.sampler, collate_fn=collate)
 
-    def _to_device(self, loader, steps: int | None = None) -> Iterator[Batch]:
+    def _batches(self, loader, finish, steps: int | None = None) -> Iterator[Batch]:
+        """The loader's batches through ``finish`` onto the device; an unreadable image stops the run."""
         batches = iter(loader)
         for i in range(len(loader) if steps is None else steps):
             try:
-                x, y = next(batches)
+                yield finish(next(batches))
             except StopIteration:
                 return
             except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
                 raise RunFailed(f"cannot read an image of {self.name} ({str(e).splitlines()[0][:160]}); the last "
                                 f"checkpoint is kept: repair or remove the file and continue with --resume") from None
-            yield x.to(self.shard.device, non_blocking=True), y.to(self.shard.device, non_blocking=True)
+
+    def _to_device(self, batch) -> Batch:
+        x, y = batch
+        return x.to(self.shard.device, non_blocking=True), y.to(self.shard.device, non_blocking=True)
+
+    def _decoded(self, batch, gen: torch.Generator | None) -> Batch:
+        """An encoded batch decoded, augmented (``gen``: training) and normalised on the device."""
+        paths, datas, y = batch
+        images = device_decode.decode(paths, datas, self.shard.device)
+        x = (device_decode.train_images(images, self.resolution, gen, self.color_jitter) if gen is not None
+             else device_decode.eval_images(images, self.resize, self.resolution))
+        mean, std = self._norm
+        return (x - mean) / std, y.to(self.shard.device, non_blocking=True)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         self.sampler.set_epoch(epoch)
-        return self._to_device(self._loader(self.train_set, self.sampler), self.steps)
+        loader = self._loader(self.train_set, self.sampler)
+        if self.decode == "workers":
+            return self._batches(loader, self._to_device, self.steps)
+        gen = torch.Generator().manual_seed(derive_seed(self.shard.seed, epoch, self.shard.rank))
+        return self._batches(loader, lambda batch: self._decoded(batch, gen), self.steps)
 
     def test(self) -> Iterator[Batch]:
         mine = list(range(self.shard.rank, len(self.test_set), self.shard.world))
-        return self._to_device(self._loader(self.test_set, mine))
+        finish = self._to_device if self.decode == "workers" else lambda batch: self._decoded(batch, None)
+        return self._batches(self._loader(self.test_set, mine), finish)
 
 
 def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout: int = 0, resolution: int = 224,
-                      color_jitter: bool = False, workers: int = 4, dtype: torch.dtype = torch.float32) -> TrainData:
+                      color_jitter: bool = False, workers: int = 4, decode: str = "workers",
+                      dtype: torch.dtype = torch.float32) -> TrainData:
     """Any task of ``task_info``: in-memory tasks (train + validation joined) or image-folder trees."""
     info = task_info(name, source)
     if info.in_memory:
         return InMemoryData(name, source, shard, cutout, dtype)
-    return FolderData(name, info.root, shard, resolution, color_jitter, workers)
+    return FolderData(name, info.root, shard, resolution, color_jitter, workers, decode)

@@ -65,7 +65,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     shard = Sharding(t.batch_size // process.world, process.rank, process.world, process.device, t.seed,
                      t.steps_per_epoch)
     data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
-                             color_jitter=t.color_jitter, workers=t.workers)
+                             color_jitter=t.color_jitter, workers=t.workers, decode=t.decode)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
