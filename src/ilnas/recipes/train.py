@@ -32,6 +32,8 @@ from ilnas.space.network import build_network, check_input_size, count_parameter
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 
+LOSS_CHECK_STEPS = 50  # steps between the host's looks at the running loss (each look waits for the device)
+
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
               progress: bool = True, genotype_source: str | None = None, report: bool = True) -> dict:
@@ -212,10 +214,11 @@ def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.O
                  progress: bool) -> dict:
     t, aux_weight = cfg.train, cfg.network.auxiliary_weight
     ddp.train()
-    loss_sum = correct = seen = 0.0
+    # the loss sum and correct count stay on the device, so no step waits for the GPU to finish it
+    totals, seen, step = torch.zeros(2, dtype=torch.float64, device=process.device), 0, 0
     bar = tqdm(data.epoch(epoch), total=data.steps, desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
                leave=False, disable=None if (progress and process.main) else True)
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar, 1):
         x = x.contiguous(memory_format=memory_format)
         with autocast():
             logits, aux = ddp(x, drop_path_rate=drop_path_rate)
@@ -227,15 +230,19 @@ def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.O
         if cfg.optimizer.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.optimizer.grad_clip)
         optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RunFailed(f"training diverged in epoch {epoch + 1}: the loss is {value}; the run is not finished "
-                            f"and its last good checkpoint is kept; lower optimizer.lr and start again")
-        loss_sum += value * len(y)
-        correct += float((logits.argmax(-1) == y).sum())
+        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
         seen += len(y)
-    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], process)
+        if step % LOSS_CHECK_STEPS == 0:
+            _require_finite_loss(float(totals[0]), epoch, step)
+    _require_finite_loss(float(totals[0]), epoch, step)
+    loss_sum, correct, seen = distributed.all_sum([*totals.tolist(), seen], process)
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}
+
+
+def _require_finite_loss(loss_sum: float, epoch: int, step: int) -> None:
+    if not math.isfinite(loss_sum):
+        raise RunFailed(f"training diverged in epoch {epoch + 1}: the loss is not finite by step {step}; the run is "
+                        f"not finished and its last good checkpoint is kept; lower optimizer.lr and start again")
 
 
 @torch.no_grad()
@@ -243,15 +250,14 @@ def evaluate(model: torch.nn.Module, data: TrainData, autocast, memory_format,
              process: distributed.Process) -> dict:
     """Top-1 (and top-5 where there are more than 10 classes) over the whole test split, all ranks."""
     model.eval()
-    top1 = top5 = n = 0.0
+    totals, n = torch.zeros(2, dtype=torch.float64, device=process.device), 0  # top-1 and top-5 hits, on the device
     for x, y in data.test():
         with autocast():
             logits = model(x.contiguous(memory_format=memory_format))
         ranked = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices
-        top1 += float((ranked[:, 0] == y).sum())
-        top5 += float((ranked == y[:, None]).any(-1).sum())
+        totals += torch.stack([(ranked[:, 0] == y).sum().double(), (ranked == y[:, None]).any(-1).sum().double()])
         n += len(y)
-    top1, top5, n = distributed.all_sum([top1, top5, n], process)
+    top1, top5, n = distributed.all_sum([*totals.tolist(), n], process)
     out = {"top1": top1 / n}
     if data.num_classes > 10:
         out["top5"] = top5 / n
