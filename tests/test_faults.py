@@ -382,14 +382,28 @@ def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path
         proc.wait()
 
 
+def test_metrics_brought_back_in_groups_log_the_same_search(finished_run, tmp_path):
+    """search.log_every=3: the device runs three steps ahead of the host; the run is the same bit for bit."""
+    out = tmp_path / "grouped"
+    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "search.log_every=3")
+    assert rc == 0, err
+    assert_same_search(finished_run, out)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["step_time"] > 0 for r in steps if r["kind"] == "step")
+
+
 # --- divergence ---------------------------------------------------------------------------------------
 
-def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path):
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path, log_every):
+    """Metrics brought back in groups (log_every=5, longer than an epoch) stop at the same step, with the
+    same records, as metrics brought back every step."""
     out = tmp_path / "run"
-    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "optimizer.lr=1e30")
-    assert rc == 3 and "the search diverged at step" in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "optimizer.lr=1e30", "--set", f"search.log_every={log_every}")
+    assert rc == 3 and "the search diverged at step 1 (epoch 1)" in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "summary.json").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1]  # the steps after it are not logged
     for line in lines:
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
     last = json.loads(lines[-1])

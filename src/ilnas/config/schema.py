@@ -90,6 +90,9 @@ class SearchConfig:
             gradients and the hypergradient's sums stay float32, and finite-difference HVP passes run in
             float32 (their perturbation eps/||v|| lies below bf16's resolution). Off by default: the
             hypergradient moves (tests bound it) and the speed-up is unmeasured on GPUs.
+        log_every: steps whose metrics come back to the host together (1: every step waits for the
+            device before the next one starts). Every step is still logged, with the group's mean step time;
+            a non-finite loss is found at the end of its group, before anything of the group is saved.
     """
 
     framework: str = "il"
@@ -106,6 +109,7 @@ class SearchConfig:
     threads: int | None = None
     channels_last: bool | None = None
     amp: bool = False
+    log_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,7 @@ def _validate_sgd(o: SGD, epochs: int) -> None:
 
 def _validate_search(cfg: SearchRunConfig) -> None:
     s, e, k = cfg.search, cfg.engine, len(cfg.data.tasks)
-    _positive("search", s, ("rounds", "eval_batches"))
+    _positive("search", s, ("rounds", "eval_batches", "log_every"))
     _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
     _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
     _non_negative("arch_optimizer", cfg.arch_optimizer, ("weight_decay",))

@@ -35,7 +35,7 @@ from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
-                                 search_step)
+                                 search_step, to_host)
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
@@ -361,24 +361,22 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
                    for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
         bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
                    disable=None if ctx.progress else True)
+        pending: list[dict] = []  # steps whose metrics are still on the device
+        since = time.perf_counter()
         for _ in bar:
-            t0 = time.perf_counter()
             # every rank draws the whole global batch (same seeds) and keeps its own slice
             batches = [(distributed.shard(next(tr), ctx.process), distributed.shard(next(va), ctx.process))
                        for tr, va in streams]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=s.amp):
                 metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
-                                      ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce)
+                                      ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce, sync=False)
             prog.global_step += 1
-            metrics = label_metrics(metrics, state, [t.name for t in ctx.tasks])
-            metrics.update(kind="step", phase=prog.phase, epoch=epoch, step=prog.global_step,
-                           step_time=time.perf_counter() - t0)
-            if ctx.run is not None:
-                ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
-            check_step(metrics, prog.global_step, epoch)
-            if ctx.writer is not None:
-                _log_step(ctx.writer, metrics, prog.global_step)
-            bar.set_postfix(train_loss=f"{np.mean(list(metrics['train_loss'].values())):.3f}")
+            pending.append({**label_metrics(metrics, state, [t.name for t in ctx.tasks]), "kind": "step",
+                            "phase": prog.phase, "epoch": epoch, "step": prog.global_step})
+            if len(pending) == s.log_every:
+                since = _log_steps(ctx, pending, since, bar)
+        if pending:
+            _log_steps(ctx, pending, since, bar)
         bar.close()
         record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
                   "skip_dropout": dropout, "arch_updated": update_arch}
@@ -390,6 +388,22 @@ def _rank_seed(seed: int, process: distributed.Process) -> int:
     """Rank 0 keeps the one-process seed (so one-process runs are unchanged); other ranks draw their own
     masks for their own slices."""
     return seed if process.main else derive_seed(seed, process.rank)
+
+
+def _log_steps(ctx: SearchContext, pending: list[dict], since: float, bar) -> float:
+    """The pending steps' metrics brought to the host in one transfer, then logged and checked in order
+    (``since``: when the first of them began). Empties ``pending``; returns the time it did so."""
+    records, now = to_host(pending), time.perf_counter()
+    pending.clear()
+    for metrics in records:
+        metrics["step_time"] = (now - since) / len(records)
+        if ctx.run is not None:
+            ctx.run.log(metrics)  # non-finite values as null: the failing step stays on record
+        check_step(metrics, metrics["step"], metrics["epoch"])
+        if ctx.writer is not None:
+            _log_step(ctx.writer, metrics, metrics["step"])
+    bar.set_postfix(train_loss=f"{np.mean(list(records[-1]['train_loss'].values())):.3f}")
+    return now
 
 
 def _log_step(writer, metrics: dict, step: int) -> None:

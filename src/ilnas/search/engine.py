@@ -153,10 +153,12 @@ class StepRule:
 
 def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence[Batch], val: Sequence[Batch],
                 cfg: EngineConfig, sgd: SGD, lr: float, update_arch: bool = True,
-                reduce: Reduce = no_reduce) -> dict[str, Any]:
+                reduce: Reduce = no_reduce, sync: bool = True) -> dict[str, Any]:
     """One iteration over all stages; train[k], val[k] are learner k's batches, ``lr`` this epoch's eta
     of ``sgd``. Returns metrics. ``update_arch=False`` is a weight-only step (the warm-up epochs of
-    P-DARTS and PC-DARTS). ``reduce``: the mean over data-parallel ranks (see the module docstring)."""
+    P-DARTS and PC-DARTS). ``reduce``: the mean over data-parallel ranks (see the module docstring).
+    ``sync=False``: the losses and the hypergradient's norm stay 0-dim tensors on the device, and the step
+    never waits for the device; ``to_host`` brings several steps' values back in one transfer."""
     rule = StepRule.create(cfg, sgd, lr, reduce)
     losses = _stage_losses(state, learners, train, cfg)
     unrolled = unroll(state, losses, rule)
@@ -181,16 +183,34 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
             stage_grads = _fresh_gradients(state, losses, rule)
     commit(state, stage_grads, rule)
     state.step += 1
-    # One host synchronisation for the whole step: every logged scalar comes back together. The losses
-    # are averaged over ranks; the hypergradient's norm is already the same on every rank.
+    # The losses are averaged over ranks; the hypergradient's norm is already the same on every rank.
     losses_now = torch.stack([v.detach().double() for key, vs in scalars.items() if key != "hypergrad_norm"
                               for v in vs])
     norms = [v.detach().double().reshape(1) for v in scalars.get("hypergrad_norm", [])]
-    values = iter(torch.cat([rule.reduce([losses_now])[0], *norms]).tolist())
+    values = iter(torch.cat([rule.reduce([losses_now])[0], *norms]).unbind())
     metrics.update({k: [next(values) for _ in vs] for k, vs in scalars.items()})
     if "hypergrad_norm" in metrics:
         metrics["hypergrad_norm"] = metrics["hypergrad_norm"][0]
-    return metrics
+    return to_host([metrics])[0] if sync else metrics
+
+
+def to_host(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``records`` (metrics, possibly nested in lists and dicts) with every tensor replaced by its
+    float: one host synchronisation for all of them."""
+    found: list[torch.Tensor] = []
+    _map_tensors(list(records), found.append)
+    values = iter(torch.stack([t.reshape(()).double() for t in found]).tolist() if found else [])
+    return _map_tensors(list(records), lambda t: next(values))
+
+
+def _map_tensors(x: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_tensors(v, fn) for v in x)
+    return x
 
 
 @dataclass(frozen=True)
