@@ -58,9 +58,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=768)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--root", type=Path, default=None, help="write (and keep) the folder here, not in a temp dir")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.root or Path(tmp)
         write_photos(root, args.images)
         print(f"{args.images} JPEGs, batch {args.batch_size}, {args.workers} workers, device {args.device}")
         rates = {decode: images_per_second(root, decode, args) for decode in ("workers", "device")}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (a few minutes on one H200): the two step benchmarks at the paper's
-# configuration, the image-folder input pipeline (PIL in workers vs nvJPEG), a shortened CUDA search on
-# the embedded digits, the same search data-parallel under torchrun (one NCCL rank, bf16 autocast) and a
-# one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+# configuration, the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
+# its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
+# step and every 10 steps), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
+# and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
 set -uo pipefail
@@ -24,9 +25,18 @@ run() {  # run NAME COMMAND...: its log, exit code and wall time
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3
 run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
-run folder_pipeline python bench/folder_pipeline.py --device "$DEVICE" --workers "$([ "$DEVICE" = cuda ] && echo 8 || echo 2)"
+if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64 RES=224; else WORKERS=2 BATCH=8 RES=64; fi
+rm -rf "$LOGS/photos"
+run folder_pipeline python bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
+run train_decode_device python -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
+    --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
+    --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
+    --set train.resolution=$RES \
+    --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
 run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
+run search_log10 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+    --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
 run search_nccl_bf16 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
     --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
     --out "$LOGS/search-nccl-run" --force
@@ -34,7 +44,7 @@ run train_nccl torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet -
     --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
     --out "$LOGS/train-run" --force
 
-for name in search_step train_step folder_pipeline search search_nccl_bf16 train_nccl; do
+for name in search_step train_step folder_pipeline train_decode_device search search_log10 search_nccl_bf16 train_nccl; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 python - "$LOGS" "$DEVICE" <<'PY'
@@ -45,8 +55,15 @@ for line in (logs / "summary.tsv").read_text().splitlines():
     name, rc, wall = line.rstrip("\n").split("\t")
     text = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
     out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-10:]}
-for run, result in (("search-run", "summary.json"), ("search-nccl-run", "summary.json"), ("train-run", "result.json")):
+for run, result in (("search-run", "summary.json"), ("search-log10-run", "summary.json"),
+                    ("search-nccl-run", "summary.json"), ("train-run", "result.json"),
+                    ("train-decode-run", "result.json")):
     path = logs / run / result
     out[run] = json.loads(path.read_text()) if path.exists() else None
+    metrics = logs / run / "metrics.jsonl"
+    if metrics.exists():  # steps after the first (warm-up): search.log_every=1 vs 10
+        times = [r["step_time"] for r in map(json.loads, metrics.read_text().splitlines())
+                 if r.get("kind") == "step"][1:]
+        out[f"{run} mean step_time"] = sum(times) / len(times) if times else None
 print(json.dumps(out, indent=1))
 PY
