@@ -25,13 +25,12 @@ run() {  # run NAME COMMAND...: its log, exit code and wall time
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3
 run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
-if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64 RES=224; else WORKERS=2 BATCH=8 RES=64; fi
+if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64; else WORKERS=2 BATCH=8; fi
 rm -rf "$LOGS/photos"
 run folder_pipeline python bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
 run train_decode_device python -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
-    --set train.resolution=$RES \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
 run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
@@ -64,6 +63,7 @@ for run, result in (("search-run", "summary.json"), ("search-log10-run", "summar
     if metrics.exists():  # steps after the first (warm-up): search.log_every=1 vs 10
         times = [r["step_time"] for r in map(json.loads, metrics.read_text().splitlines())
                  if r.get("kind") == "step"][1:]
-        out[f"{run} mean step_time"] = sum(times) / len(times) if times else None
+        if times:
+            out[f"{run} mean step_time"] = sum(times) / len(times)
 print(json.dumps(out, indent=1))
 PY
