@@ -5,7 +5,8 @@ the table gives the time per step (median of ``--repeats`` after a warm-up) of e
 this run's first variant's DARTS-2nd step, and on CUDA the peak memory. Variants: "eager" runs every pass
 alone (``engine.batched_sets=1``), the others batch the independent passes of one task's stages (the
 default); NCHW or NHWC activations (``Supernet(channels_last=...)``; NHWC is the CPU default); bf16 autocast
-(``search.amp``).
+(``search.amp``). ``--ops`` adds the operators one step dispatches, a device-independent measure of
+what a launch-bound GPU step costs.
 Run by hand:
     python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
     python bench/search_step.py --device cuda --paper   # the paper's: batch 64, C=16, 8 cells, 32x32 RGB
@@ -21,6 +22,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
 from ilnas.threads import set_threads
@@ -66,7 +68,30 @@ def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float
         if i:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
-    return statistics.median(times), peak
+    ops = None
+    if args.ops:
+        train, val = batches(), batches()
+        with OpCount() as count:
+            search.step(train, val)
+        ops = count.ops
+    return statistics.median(times), peak, ops
+
+
+class OpCount(TorchDispatchMode):
+    """Operators dispatched that do work (views and allocations left out): what a GPU launches, one or
+    more kernels each, and so what a launch-bound step's time follows."""
+
+    NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+               "lift_fresh", "set_", "resize_", "_local_scalar_dense"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in self.NO_WORK:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -75,6 +100,7 @@ def main() -> None:
     p.add_argument("--paper", action="store_true", help="the paper's search configuration (for a GPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ops", action="store_true", help="also count the operators one step dispatches (thousands)")
     p.add_argument("--only", nargs="*", choices=list(FRAMEWORKS), help="a subset of the frameworks")
     p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
                    help="a subset of the variants (the first is the ratios' base)")
@@ -84,11 +110,13 @@ def main() -> None:
           f"median of {a.repeats} steps; 'x D2' = seconds / this run's {a.variants[0]} DARTS-2nd step")
     rows = {name: [step_time(name, a, VARIANTS[v]) for v in a.variants] for name in (a.only or FRAMEWORKS)}
     base = rows["DARTS-2nd"][0][0] if "DARTS-2nd" in rows else None
-    print(f"{'framework':<15} " + " ".join(f"{v + ' s':>12} {'x D2':>6}" for v in a.variants) + f" {'peak GiB':>16}")
+    print(f"{'framework':<15} " + " ".join(f"{v + ' s':>12} {'x D2':>6}" for v in a.variants) + f" {'peak GiB':>16}"
+          + (f" {'kops':>16}" if a.ops else ""))
     for name, cells in rows.items():
-        times = " ".join(f"{t:>12.3f} {t / base if base else float('nan'):>6.2f}" for t, _ in cells)
-        memory = "/".join(f"{peak:.2f}" for _, peak in cells) if cells[0][1] is not None else "-"
-        print(f"{name:<15} {times} {memory:>16}")
+        times = " ".join(f"{t:>12.3f} {t / base if base else float('nan'):>6.2f}" for t, _, _ in cells)
+        memory = "/".join(f"{peak:.2f}" for _, peak, _ in cells) if cells[0][1] is not None else "-"
+        ops = " " + f"{'/'.join(f'{n / 1000:.1f}' for _, _, n in cells):>16}" if a.ops else ""
+        print(f"{name:<15} {times} {memory:>16}{ops}")
 
 
 if __name__ == "__main__":

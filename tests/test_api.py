@@ -5,18 +5,21 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch, resolve
 from ilnas.errors import IlnasError
-from ilnas.search.engine import Learner, create_state, search_step
+from ilnas.search.engine import Learner, create_state, search_step, to_host
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.supernet import Supernet, init_arch
@@ -78,6 +81,36 @@ def test_a_criterion_receives_the_heads_logits_and_the_targets():
     search.step({"r": (x, torch.randn(4))}, {"r": (x, torch.randn(4))}, update_arch=False)
     assert all(torch.equal(a, b) for a, b in zip(search.state.arch, frozen))
     assert search.logits("r", x).shape == (4, 1) and search.genotype().to_string().startswith("Genotype(")
+
+
+@pytest.mark.parametrize("engine", [EngineConfig(), EngineConfig(hvp="exact", update_order="darts"),
+                                    EngineConfig(coupling="copy", batched_sets=1)])
+def test_a_step_without_sync_never_reads_from_the_device(engine):
+    """sync=False: no value of the step comes back to the host (the calls that would wait for a GPU), so the
+    host runs ahead; to_host brings the metrics back afterwards. Adam's own step counter lives on the host.
+    Under the copy coupling each later stage reads one number."""
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_local_scalar_dense", "equal", "is_nonzero", "nonzero"):
+                frames = [f.filename for f in traceback.extract_stack()]
+                if not any(os.sep + os.path.join("torch", "optim") in f for f in frames):
+                    reads.append((func.overloadpacket.__name__, frames[-3:]))
+            return func(*args, **(kwargs or {}))
+
+    search = SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 3)}, 3, space=SPACE, engine=engine,
+                            sgd=SGD(grad_clip=5.0))
+    batches = {"a": tensors(4, 2, 0), "b": tensors(4, 3, 1)}
+    learners, train = search.learners, [batches["a"], batches["b"]]
+    with Reads():
+        metrics = search_step(search.state, learners, train, train, engine, search.sgd, 0.025, sync=False)
+    # copy: one read per stage after the first, to tell whether the commit moved its gradient's point
+    assert len(reads) == (3 if engine.coupling == "copy" else 0), reads
+    assert all(isinstance(v, torch.Tensor) for v in [*metrics["train_loss"], *metrics["val_loss"]])
+    (host,) = to_host([metrics])
+    assert [float(v) for v in metrics["train_loss"]] == host["train_loss"]
+    assert isinstance(host["hypergrad_norm"], float) and math.isfinite(host["hypergrad_norm"])
 
 
 @pytest.mark.parametrize("batched_sets", [1, 8])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ilnas.errors import IlnasError
-from ilnas.search.tensors import Tensors, axpy, scale
+from ilnas.search.tensors import Tensors, axpy, scale, sub
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class GradientCoupling(Coupling):
 
     def combine(self, stepped: Tensors, own: Tensors, prev: Tensors) -> Tensors:
         c = 2.0 * self.lr * self.lam
-        return axpy(-c, [o - p for o, p in zip(own, prev)], stepped)
+        return axpy(-c, sub(own, prev), stepped)
 
     def adjoint(self, u: Tensors, hvp_w: Tensors | None) -> Tensors:
         return scale(2.0 * self.lr * self.lam, u)

@@ -27,7 +27,7 @@ from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.coupling import Coupling, create_coupling
 from ilnas.search.hvp import SetsLoss, StageLoss, create_hvp, fd_batched
-from ilnas.search.tensors import Tensors, axpy, detached, grads, norm, zeros_like
+from ilnas.search.tensors import Tensors, add, axpy, detached, grads, max_abs, norm, scale, sub, zeros_like
 
 Batch = Any
 LossFn = Callable[[Tensors, Tensors, Tensors, Batch], torch.Tensor]  # (arch, w, h, batch) -> scalar
@@ -169,9 +169,10 @@ def search_step(state: SearchState, learners: Sequence[Learner], train: Sequence
 
     def stage_grads(s: int, w: Tensors, h: Tensors) -> tuple[Tensors, Tensors]:
         """alg1: the unrolled step's gradient, or a fresh one where the commit moved its point (under
-        ``copy`` the point is the previous stage's committed weights, which clipping moves off W_bar)."""
+        ``copy`` the point is the previous stage's committed weights, which clipping moves off W_bar:
+        telling which takes the step's one read from the device per stage)."""
         point = unrolled[s].w
-        if w is point or all(torch.equal(a, b) for a, b in zip(w, point)):
+        if w is point or bool(max_abs(sub(w, point)) == 0):
             return unrolled[s].grad_w, unrolled[s].grad_h
         return _gradient(losses.single[s], arch0, w, h, rule.reduce)[1:]
 
@@ -320,7 +321,7 @@ def unroll(state: SearchState, losses: StageLosses, rule: StepRule) -> list[Unro
 
 def _sgd_direction(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> Tensors:
     """The official DARTS virtual step: p - lr * (momentum * buf + g + wd * p)."""
-    d = [gi + rule.virtual_wd * pi for gi, pi in zip(g, p)]
+    d = axpy(rule.virtual_wd, p, g)
     if buf is not None and rule.virtual_momentum:
         d = axpy(rule.virtual_momentum, buf, d)
     return axpy(-rule.lr, d, p)
@@ -359,7 +360,7 @@ def _hypergradient(state: SearchState, learners: Sequence[Learner], val: Sequenc
             g_val[s] = _split(rule.reduce(g_wh), len(wp))
         else:
             (d_arch,) = grads(weight * value, arch)
-        hyper = [a + b for a, b in zip(hyper, d_arch)]
+        hyper = add(hyper, d_arch)
         val_loss.append(value.detach())
     if second:
         hyper = _chain_terms(hyper, arch, losses, unrolled, g_val, rule)
@@ -379,14 +380,14 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: StageLosses, unrolled: S
     for s in reversed(range(len(unrolled))):
         g, h_adj = g_val.get(s, (None, None))
         if g is not None:
-            u = g if u is None else [a + b for a, b in zip(u, g)]
+            u = g if u is None else add(u, g)
         if u is None:
             continue  # nothing downstream depends on this stage
         w, h = unrolled[s].w, unrolled[s].h
         w_eta = lr * (coupling.w_scale() if s > 0 else 1.0)
-        v_h = [lr * x for x in h_adj] if h_adj is not None else zeros_like(h)
+        v_h = scale(lr, h_adj) if h_adj is not None else zeros_like(h)
         want_w = coupling.needs_w_hvp and s > 0
-        v_w = [w_eta * x for x in u]
+        v_w = scale(w_eta, u)
         if batch_fd:
             pending.append((s, v_w, v_h))
             u = coupling.adjoint(u, None) if s > 0 else None
@@ -401,7 +402,7 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: StageLosses, unrolled: S
             d_arch = hvp(losses.single[group[0]], arch, *points[0], *vs[group[0]], False, rule.cfg.fd_eps)[0]
         else:
             d_arch = fd_batched(losses.batched[group[0]], arch, points, [vs[s] for s in group], rule.cfg.fd_eps)
-        hyper = [a - b for a, b in zip(hyper, d_arch)]
+        hyper = sub(hyper, d_arch)
     return hyper
 
 
@@ -433,13 +434,13 @@ def _clip(gw: Tensors, gh: Tensors, max_norm: float | None) -> tuple[Tensors, Te
     (factor max_norm / (norm + 1e-6), at most 1), on the device: no host synchronisation."""
     if max_norm is not None:
         factor = (max_norm / (norm(gw + gh) + 1e-6)).clamp(max=1.0)
-        return [x * factor for x in gw], [x * factor for x in gh]
+        return scale(factor, gw), scale(factor, gh)
     return gw, gh
 
 
 def _sgd(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> tuple[Tensors, Tensors]:
     """torch.optim.SGD semantics: buf = momentum * buf + (g + wd * p); p = p - lr * buf."""
-    d = [gi + rule.sgd.weight_decay * pi for gi, pi in zip(g, p)]
+    d = axpy(rule.sgd.weight_decay, p, g)
     buf = d if buf is None else axpy(rule.sgd.momentum, buf, d)
     return detached(axpy(-rule.lr, buf, p)), detached(buf)
 
