@@ -23,7 +23,7 @@ run() {  # run NAME COMMAND...: its log, exit code and wall time
 }
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
-run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3
+run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 --ops
 run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
 if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64; else WORKERS=2 BATCH=8; fi
 rm -rf "$LOGS/photos"
