@@ -78,19 +78,23 @@ class MixedOp(nn.Module):
         if x_relu is None and any(self.from_relu):
             x_relu = self.relu(x)
         active_relu = x_relu if self.k == 1 or x_relu is None else slice_channels(x_relu, 0, part, self.sets)
-        out = 0
+        out = None  # not 0: 0 + tensor is one more operator (and GPU launch) per edge
         for i in self.live:
             op = self.ops[i]
             y = op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
             if self.identity[i] and skip_dropout > 0:
                 y = F.dropout(y, skip_dropout, training=self.training)
-            out = out + weights[i] * y
+            out = _accumulate(out, weights[i] * y)
         if self.k == 1:
             return out
         bypass = slice_channels(x, part, self.channels, self.sets)
         if self.stride == 2:
             bypass = F.max_pool2d(bypass, 2, 2)
         return shuffle_channels(cat_channels([out, bypass], self.sets), self.k, self.sets)
+
+
+def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
 
 
 class SearchCell(nn.Module):
@@ -114,10 +118,10 @@ class SearchCell(nn.Module):
         relus = [self.relu(h) for h in states]  # once per node, for every op on its out-edges that begins with it
         offset = 0
         for i in range(self.nodes):
-            node = 0
+            node = None
             for j, h in enumerate(states):
                 y = self.edges[offset + j](h, weights[offset + j], skip_dropout, relus[j])
-                node = node + (y if edge_weights is None else edge_weights[offset + j] * y)
+                node = _accumulate(node, y if edge_weights is None else edge_weights[offset + j] * y)
             offset += len(states)
             states.append(node)
             if i < self.nodes - 1:
