@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.search.tensors import Tensors, add, detached, grads, norm, scale, sub
+from ilnas.search.tensors import Tensors, axpy, detached, grads, norm, scale, sub
 
 StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) -> scalar
 SetsLoss = Callable[[Tensors, Sequence[Tensors], Sequence[Tensors]], torch.Tensor]  # (arch, ws, hs) -> (S,)
@@ -41,8 +41,8 @@ def fd(loss: StageLoss, arch: Tensors, w: Tensors, h: Tensors, v_w: Tensors, v_h
     r = _radius(v_w + v_h, eps)
 
     def grads_at(sign: float) -> list[Tensors]:
-        wp = detached(add(w, scale(sign * r, v_w)), requires_grad=want_w)
-        hp = add(h, scale(sign * r, v_h))
+        wp = detached(axpy(sign * r, v_w, w), requires_grad=want_w)
+        hp = axpy(sign * r, v_h, h)
         with torch.autocast(w[0].device.type, enabled=False):
             return grads(loss(arch, wp, hp), arch, wp if want_w else [])
 
@@ -64,8 +64,8 @@ def fd_batched(losses: SetsLoss, arch: Tensors, points: Sequence[tuple[Tensors, 
     for (w, h), (v_w, v_h) in zip(points, vs):
         r = _radius(v_w + v_h, eps)
         for sign in (1.0, -1.0):
-            ws.append(add(w, scale(sign * r, v_w)))
-            hs.append(add(h, scale(sign * r, v_h)))
+            ws.append(axpy(sign * r, v_w, w))
+            hs.append(axpy(sign * r, v_h, h))
             scales.append(sign / (2.0 * r))
     with torch.autocast(arch[0].device.type, enabled=False):
         values = losses(arch, ws, hs)

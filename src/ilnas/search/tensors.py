@@ -9,9 +9,13 @@ import torch
 Tensors = list[torch.Tensor]
 
 
-def axpy(a: float, x: Tensors, y: Tensors) -> Tensors:
-    """a * x + y."""
-    return list(torch._foreach_add(y, x, alpha=a)) if y else []
+def axpy(a: float | torch.Tensor, x: Tensors, y: Tensors) -> Tensors:
+    """a * x + y; ``a`` a number or a 0-dim tensor (read on the device: no host synchronisation)."""
+    if not y:
+        return []
+    if isinstance(a, torch.Tensor):
+        return list(torch._foreach_add(y, torch._foreach_mul(x, a)))
+    return list(torch._foreach_add(y, x, alpha=a))
 
 
 def add(x: Tensors, y: Tensors) -> Tensors:
