@@ -4,6 +4,8 @@
 # its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
 # step and every 10 steps), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
 # and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+# Each piece has its own time limit (at most 470 s in all), so one slow piece cannot starve the others, and
+# the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
 set -uo pipefail
@@ -14,36 +16,37 @@ LOGS=${OUT:-gpu_check}
 mkdir -p "$LOGS"
 declare -A RC WALL
 
-run() {  # run NAME COMMAND...: its log, exit code and wall time
-  local name=$1; shift
+run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limit) and wall time
+  local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  "$@" > "$LOGS/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   RC[$name]=$?
   WALL[$name]=$((SECONDS - t0))
 }
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
-run search_step python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 --ops
-run train_step python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
+# Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
+run search_step 150 python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
+    --variants "NCHW eager" NCHW NHWC "NHWC bf16"
+run train_step 40 python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
+run search 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+    --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
+run search_log10 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+    --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
+run search_nccl_bf16 60 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
+    --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
+    --out "$LOGS/search-nccl-run" --force
+run train_nccl 35 torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
+    --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
+    --out "$LOGS/train-run" --force
 if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64; else WORKERS=2 BATCH=8; fi
 rm -rf "$LOGS/photos"
-run folder_pipeline python bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
-run train_decode_device python -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
+run folder_pipeline 45 python bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
+run train_decode_device 35 python -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
-run search python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
-    --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
-run search_log10 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
-    --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
-run search_nccl_bf16 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
-    --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
-    --out "$LOGS/search-nccl-run" --force
-run train_nccl torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
-    --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
-    --out "$LOGS/train-run" --force
-
-for name in search_step train_step folder_pipeline train_decode_device search search_log10 search_nccl_bf16 train_nccl; do
+for name in search_step train_step search search_log10 search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 python - "$LOGS" "$DEVICE" <<'PY'
@@ -53,7 +56,7 @@ out = {"device": device, "gpu": (logs / "gpu.log").read_text().strip() if (logs 
 for line in (logs / "summary.tsv").read_text().splitlines():
     name, rc, wall = line.rstrip("\n").split("\t")
     text = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
-    out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-10:]}
+    out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-24:]}
 for run, result in (("search-run", "summary.json"), ("search-log10-run", "summary.json"),
                     ("search-nccl-run", "summary.json"), ("train-run", "result.json"),
                     ("train-decode-run", "result.json")):

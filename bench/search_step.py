@@ -108,7 +108,13 @@ def main() -> None:
     threads = set_threads(a.threads)
     print(f"device {a.device}, {threads} CPU thread(s), {'paper' if a.paper else 'CPU'} configuration, "
           f"median of {a.repeats} steps; 'x D2' = seconds / this run's {a.variants[0]} DARTS-2nd step")
-    rows = {name: [step_time(name, a, VARIANTS[v]) for v in a.variants] for name in (a.only or FRAMEWORKS)}
+    rows: dict[str, list] = {}
+    for name in a.only or FRAMEWORKS:
+        for v in a.variants:  # each figure as it comes: a run cut short by a time limit keeps what it measured
+            rows.setdefault(name, []).append(step_time(name, a, VARIANTS[v]))
+            seconds, peak, ops = rows[name][-1]
+            print(f"  {name}, {v}: {seconds:.3f} s/step" + (f", peak {peak:.2f} GiB" if peak is not None else "")
+                  + (f", {ops / 1000:.1f}k operators" if ops is not None else ""), flush=True)
     base = rows["DARTS-2nd"][0][0] if "DARTS-2nd" in rows else None
     print(f"{'framework':<15} " + " ".join(f"{v + ' s':>12} {'x D2':>6}" for v in a.variants) + f" {'peak GiB':>16}"
           + (f" {'kops':>16}" if a.ops else ""))

@@ -64,6 +64,21 @@ def test_a_supernet_search_is_the_engine_on_the_state_one_would_build_by_hand():
     assert metrics["val_loss"] == dict(zip("ab", by_hand["val_loss"]))
 
 
+def test_heads_from_builders_follow_the_seed_not_the_global_rng():
+    def heads_of(seed: int, draws: int) -> list[torch.Tensor]:
+        torch.randn(draws)  # the caller's RNG in another state
+        before = torch.get_rng_state()
+        search = SupernetSearch({"a": lambda w: nn.Linear(w, 3), "b": lambda w: nn.Linear(w, 2)}, 3, space=SPACE,
+                                seed=seed)
+        assert torch.equal(torch.get_rng_state(), before)  # and left as it was
+        return [p for st in search.state.stages for p in st.h]
+
+    same, moved, other = heads_of(1, 0), heads_of(1, 7), heads_of(2, 0)
+    assert all(torch.equal(p, q) for p, q in zip(same, moved))
+    assert not torch.equal(same[0], other[0])
+    assert not torch.equal(same[0][:2], same[2][:2])  # each task's head its own draw
+
+
 def test_a_criterion_receives_the_heads_logits_and_the_targets():
     seen = []
 

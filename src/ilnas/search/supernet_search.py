@@ -38,7 +38,8 @@ class SupernetSearch:
 
     Args:
         heads: task name -> its head: a module mapping (N, feature width) to logits, or a builder called
-            with the feature width. Every stage of a task starts from the head's initial weights.
+            with the feature width (under a seed derived from ``seed``, so that its initial weights are too).
+            Every stage of a task starts from the head's initial weights.
         in_channels: channels of the images every task feeds the shared supernet.
         space: the supernet (channels, cells, PC-DARTS's partial channels and edge normalisation).
         rounds: M (1 with ``engine.coupling="none"``: the multi-task baseline; one task, one round: DARTS).
@@ -46,7 +47,8 @@ class SupernetSearch:
             weight decay, clipping); Adam on the architecture.
         criteria: task name -> loss of (logits, targets), default cross-entropy. A loss receives the head's
             logits and the batch's targets and returns a scalar.
-        seed: the stages' initial encoder weights and the architecture's initialisation.
+        seed: the stages' initial encoder weights, the heads that builders make, and the architecture's
+            initialisation. Building the search neither reads nor moves torch's global RNG.
         channels_last: NHWC activations (None: on CPUs, where they are faster; see Supernet).
         amp: bf16 autocast for the step's passes (float32 only; see SearchConfig.amp).
         reduce: the mean over data-parallel ranks, for a search under torchrun where each rank steps on
@@ -77,9 +79,17 @@ class SupernetSearch:
                             stem_multiplier=space.stem_multiplier,
                             channels_last=use_channels_last(channels_last, device)).to(device, dtype)
 
-        self.encoder = build_encoder()
+        with torch.random.fork_rng(devices=[]):  # its own weights are never used: each pass gets a stage's
+            self.encoder = build_encoder()
         width = self.encoder.out_features
-        modules = [h if isinstance(h, nn.Module) else h(width) for h in heads.values()]
+
+        def build_head(k: int, spec: HeadSpec) -> nn.Module:
+            if isinstance(spec, nn.Module):
+                return spec
+            with torch.random.fork_rng(devices=[]):  # the caller's global RNG is neither read nor moved
+                torch.manual_seed(derive_seed(seed, 0, k, 1))
+                return spec(width)
+        modules = [build_head(k, h) for k, h in enumerate(heads.values())]
         self.nets = [FunctionalTaskNet(self.encoder, m.to(device, dtype), None, (criteria or {}).get(name, F.cross_entropy))
                      for name, m in zip(self.tasks, modules)]
         self.learners = [Learner(name, net.loss, net.losses) for name, net in zip(self.tasks, self.nets)]

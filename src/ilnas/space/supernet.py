@@ -79,12 +79,13 @@ class MixedOp(nn.Module):
             x_relu = self.relu(x)
         active_relu = x_relu if self.k == 1 or x_relu is None else slice_channels(x_relu, 0, part, self.sets)
         out = None  # not 0: 0 + tensor is one more operator (and GPU launch) per edge
+        scales = weights.unbind(0)  # backward: one stack, not a select_backward and an add per op
         for i in self.live:
             op = self.ops[i]
             y = op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
             if self.identity[i] and skip_dropout > 0:
                 y = F.dropout(y, skip_dropout, training=self.training)
-            out = _accumulate(out, weights[i] * y)
+            out = _accumulate(out, scales[i] * y)
         if self.k == 1:
             return out
         bypass = slice_channels(x, part, self.channels, self.sets)
@@ -116,12 +117,16 @@ class SearchCell(nn.Module):
         # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first); edge_weights: (E,)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         relus = [self.relu(h) for h in states]  # once per node, for every op on its out-edges that begins with it
+        # rows by unbind: backward stacks their gradients in one operator (a select each would cost a
+        # select_backward and an add per edge)
+        rows = weights.unbind(0)
+        edge_scales = None if edge_weights is None else edge_weights.unbind(0)
         offset = 0
         for i in range(self.nodes):
             node = None
             for j, h in enumerate(states):
-                y = self.edges[offset + j](h, weights[offset + j], skip_dropout, relus[j])
-                node = _accumulate(node, y if edge_weights is None else edge_weights[offset + j] * y)
+                y = self.edges[offset + j](h, rows[offset + j], skip_dropout, relus[j])
+                node = _accumulate(node, y if edge_scales is None else edge_scales[offset + j] * y)
             offset += len(states)
             states.append(node)
             if i < self.nodes - 1:
