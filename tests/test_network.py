@@ -1,4 +1,5 @@
-"""Evaluation networks: published parameter counts, shapes, drop-path; the search supernet's shapes."""
+"""Evaluation networks: published parameter counts, shapes, drop-path; the search supernet's shapes and its
+mixing sum's gradients."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ from ilnas.recipes.describe import describe
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
 from ilnas.space.ops import OPS, PRIMITIVES, create_op
-from ilnas.space.supernet import Supernet, arch_weights, init_arch
+from ilnas.space.supernet import Supernet, arch_weights, init_arch, weighted_sum
 
 PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published
     ("DARTS_V2", 3.3, 4.7), ("PDARTS", 3.4, 4.9), ("PC_DARTS_cifar", 3.6, 5.3),
@@ -108,3 +109,36 @@ def test_every_registered_op_keeps_channels_and_has_its_published_weights(name, 
     else:
         y.square().sum().backward()
         assert x.grad.abs().sum() > 0 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in op.parameters())
+
+
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("nhwc", "nhwc"), ("nhwc", "nchw")])
+@pytest.mark.parametrize("weights_need_grad", [True, False])
+def test_the_mixing_sum_has_autograds_first_and_second_derivatives(layouts, weights_need_grad):
+    """weighted_sum's own backward (one broadcast multiply, one dot product per term) against autograd's
+    through sum_i w_i y_i, in float64: the value, the gradients and a double backward (what hvp=exact
+    takes through it) to 1e-12; terms laid out as NCHW or NHWC, the incoming gradient alike or not."""
+    fmt = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, layout="nchw"):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt[layout])
+
+    terms = [rand(3, 4, 5, 5, layout=layouts[0]).requires_grad_() for _ in range(4)]
+    w = rand(4).requires_grad_(weights_need_grad)
+    upstream = rand(3, 4, 5, 5, layout=layouts[1])
+    vs = [rand(*t.shape) for t in [w, *terms]]
+    inputs = [w, *terms] if weights_need_grad else terms
+
+    def derivatives(total):
+        first = torch.autograd.grad(total, inputs, upstream, create_graph=True)
+        if not weights_need_grad:  # then the terms' gradients, upstream * w_i, are constants
+            return total, first, []
+        second = torch.autograd.grad(sum((g * v).sum() for g, v in zip(first, vs)), inputs, allow_unused=True)
+        return total, first, second
+
+    ours = derivatives(weighted_sum(w, terms))
+    plain = derivatives(sum(wi * y for wi, y in zip(w.unbind(0), terms)))
+    for a, b in zip([ours[0], *ours[1], *ours[2]], [plain[0], *plain[1], *plain[2]]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert float((a - b).detach().abs().max()) <= 1e-12 * max(1.0, float(b.detach().abs().max()))

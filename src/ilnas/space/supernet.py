@@ -68,6 +68,9 @@ class MixedOp(nn.Module):
         # 'none' adds w * 0: exactly nothing to the sum, and nothing to any gradient (an edge of nothing
         # but 'none' keeps it, for the shape of its zeros)
         self.live = [i for i, op in enumerate(self.ops) if not isinstance(op, Zero)] or list(range(len(self.ops)))
+        # their weights: a slice (a view) where they are consecutive, as they are in DARTS's op order
+        consecutive = self.live == list(range(self.live[0], self.live[-1] + 1))
+        self.live_index = slice(self.live[0], self.live[-1] + 1) if consecutive else self.live
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, skip_dropout: float = 0.0,
                 x_relu: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,14 +81,14 @@ class MixedOp(nn.Module):
         if x_relu is None and any(self.from_relu):
             x_relu = self.relu(x)
         active_relu = x_relu if self.k == 1 or x_relu is None else slice_channels(x_relu, 0, part, self.sets)
-        out = None  # not 0: 0 + tensor is one more operator (and GPU launch) per edge
-        scales = weights.unbind(0)  # backward: one stack, not a select_backward and an add per op
+        terms = []
         for i in self.live:
             op = self.ops[i]
             y = op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
             if self.identity[i] and skip_dropout > 0:
                 y = F.dropout(y, skip_dropout, training=self.training)
-            out = _accumulate(out, scales[i] * y)
+            terms.append(y)
+        out = weighted_sum(weights[self.live_index], terms)
         if self.k == 1:
             return out
         bypass = slice_channels(x, part, self.channels, self.sets)
@@ -96,6 +99,55 @@ class MixedOp(nn.Module):
 
 def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if total is None else total + term
+
+
+class _WeightedSum(torch.autograd.Function):
+    """sum_i w_i * y_i in few operators: one a term forward; backward, where autograd's own would spend a
+    multiply on each y_i's gradient and a multiply and a sum on each w_i's, the y_i's gradients come from one
+    broadcast multiply, and each w_i's is one dot product, skipped when w needs none (the weight-gradient
+    passes). The backward is made of differentiable operators, so double backward (hvp=exact) works."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weights: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
+        # addcmul: one operator a term (autograd never sees these, so its heavier backward costs nothing).
+        # Under bf16 autocast the products are rounded before the sum, as everywhere else: fused, the
+        # roundings move and the bf16 hypergradient's measured closeness to the float64 one with them.
+        scales = weights.unbind(0)
+        out = scales[0] * terms[0]
+        fused = out.dtype in (torch.float32, torch.float64)
+        for w, y in zip(scales[1:], terms[1:]):
+            out = torch.addcmul(out, w, y) if fused else out + w * y
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weights, *terms = ctx.saved_tensors
+        grad_terms = (grad.unsqueeze(0) * weights.view(-1, *([1] * grad.dim()))).unbind(0)
+        grad_weights = torch.stack([_dot(grad, y) for y in terms]) if ctx.needs_input_grad[0] else None
+        return (grad_weights, *grad_terms)
+
+
+def weighted_sum(weights: torch.Tensor, terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_i weights[i] * terms[i] (``weights``: (T,)), the mixed op's and PC-DARTS's node sums."""
+    return _WeightedSum.apply(weights, *terms)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b).sum() in one operator where a and b lie alike in memory (both NCHW or both NHWC): a dot
+    product of their memory-order flattenings, which are views. Not in bf16/fp16 (autocast), where a dot
+    may accumulate in the low precision and sum() accumulates in float32."""
+    if a.shape == b.shape and a.stride() == b.stride() and a.dim() == 4 and a.dtype in (torch.float32, torch.float64):
+        if a.is_contiguous():
+            return torch.dot(a.view(-1), b.view(-1))
+        if a.is_contiguous(memory_format=torch.channels_last):
+            return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    return (a * b).sum()
 
 
 class SearchCell(nn.Module):
@@ -120,13 +172,15 @@ class SearchCell(nn.Module):
         # rows by unbind: backward stacks their gradients in one operator (a select each would cost a
         # select_backward and an add per edge)
         rows = weights.unbind(0)
-        edge_scales = None if edge_weights is None else edge_weights.unbind(0)
         offset = 0
         for i in range(self.nodes):
-            node = None
-            for j, h in enumerate(states):
-                y = self.edges[offset + j](h, rows[offset + j], skip_dropout, relus[j])
-                node = _accumulate(node, y if edge_scales is None else edge_scales[offset + j] * y)
+            inputs = [self.edges[offset + j](h, rows[offset + j], skip_dropout, relus[j]) for j, h in enumerate(states)]
+            if edge_weights is None:
+                node = None
+                for y in inputs:
+                    node = _accumulate(node, y)
+            else:
+                node = weighted_sum(edge_weights[offset:offset + len(states)], inputs)
             offset += len(states)
             states.append(node)
             if i < self.nodes - 1:
