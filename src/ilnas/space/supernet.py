@@ -97,8 +97,7 @@ class MixedOp(nn.Module):
         return shuffle_channels(cat_channels([out, bypass], self.sets), self.k, self.sets)
 
 
-def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term if total is None else total + term
+_FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class _WeightedSum(torch.autograd.Function):
@@ -116,14 +115,15 @@ class _WeightedSum(torch.autograd.Function):
         # roundings move and the bf16 hypergradient's measured closeness to the float64 one with them.
         scales = weights.unbind(0)
         out = scales[0] * terms[0]
-        fused = out.dtype in (torch.float32, torch.float64)
+        fused = out.dtype in _FULL_PRECISION
         for w, y in zip(scales[1:], terms[1:]):
             out = torch.addcmul(out, w, y) if fused else out + w * y
         return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        # the terms only for the weights' gradient: a pass with A detached keeps no activation alive here
+        ctx.save_for_backward(*(inputs if ctx.needs_input_grad[0] else inputs[:1]))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -142,7 +142,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(a * b).sum() in one operator where a and b lie alike in memory (both NCHW or both NHWC): a dot
     product of their memory-order flattenings, which are views. Not in bf16/fp16 (autocast), where a dot
     may accumulate in the low precision and sum() accumulates in float32."""
-    if a.shape == b.shape and a.stride() == b.stride() and a.dim() == 4 and a.dtype in (torch.float32, torch.float64):
+    if a.shape == b.shape and a.stride() == b.stride() and a.dim() == 4 and a.dtype in _FULL_PRECISION:
         if a.is_contiguous():
             return torch.dot(a.view(-1), b.view(-1))
         if a.is_contiguous(memory_format=torch.channels_last):
@@ -175,12 +175,8 @@ class SearchCell(nn.Module):
         offset = 0
         for i in range(self.nodes):
             inputs = [self.edges[offset + j](h, rows[offset + j], skip_dropout, relus[j]) for j, h in enumerate(states)]
-            if edge_weights is None:
-                node = None
-                for y in inputs:
-                    node = _accumulate(node, y)
-            else:
-                node = weighted_sum(edge_weights[offset:offset + len(states)], inputs)
+            node = (sum(inputs[1:], inputs[0]) if edge_weights is None  # not 0 + ...: one operator less
+                    else weighted_sum(edge_weights[offset:offset + len(states)], inputs))
             offset += len(states)
             states.append(node)
             if i < self.nodes - 1:
