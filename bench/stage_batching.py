@@ -52,7 +52,9 @@ def main() -> None:
     head = nn.Linear(enc.out_features, 10).to(dev)
     net = FunctionalTaskNet(enc, head, 10)
     arch = [t.to(dev) for t in init_arch(8, generator=torch.Generator().manual_seed(0))]
-    x, y = torch.randn(batch, in_ch, size, size, device=dev), torch.randint(0, 10, (batch,), device=dev)
+    gen = torch.Generator().manual_seed(0)  # the same batch every run: its rel diffs depend on it
+    x = torch.randn(batch, in_ch, size, size, generator=gen).to(dev)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
     ws = [fresh_parameters(build, i) for i in range(a.stages)]
     hs = [fresh_parameters(lambda: nn.Linear(enc.out_features, 10).to(dev), 100 + i) for i in range(a.stages)]
 
