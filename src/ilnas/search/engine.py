@@ -393,7 +393,7 @@ def _chain_terms(hyper: Tensors, arch: Tensors, losses: StageLosses, unrolled: S
             u = coupling.adjoint(u, None) if s > 0 else None
             continue
         d_arch, d_w = hvp(losses.single[s], arch, w, h, v_w, v_h, want_w, rule.cfg.fd_eps)
-        hyper = [a - b for a, b in zip(hyper, d_arch)]  # averaged over ranks once, by the caller
+        hyper = sub(hyper, d_arch)  # averaged over ranks once, by the caller
         u = coupling.adjoint(u, rule.reduce(d_w) if want_w else d_w) if s > 0 else None
     vs = {s: (v_w, v_h) for s, v_w, v_h in pending}
     for group in losses.groups(sorted(vs), passes=2):
