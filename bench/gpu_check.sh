@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script (a few minutes on one H200): the two step benchmarks at the paper's
-# configuration, the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
+# configuration (re-training also through torch.compile with CUDA graphs), the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
 # its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
 # step and every 10 steps), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
 # and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
-# Each piece has its own time limit (at most 470 s in all), so one slow piece cannot starve the others, and
+# Each piece has its own time limit (at most 545 s in all), so one slow piece cannot starve the others, and
 # the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
@@ -26,9 +26,9 @@ run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limi
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 # Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
-run search_step 150 python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
+run search_step 130 python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
     --variants "NCHW eager" NCHW NHWC "NHWC bf16"
-run train_step 40 python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5
+run train_step 140 python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
 run search 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
 run search_log10 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \

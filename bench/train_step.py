@@ -4,7 +4,9 @@ NCHW and NHWC activations side by side in one run, and on CUDA also with bf16 au
 Run by hand:
     python bench/train_step.py                        # CPU: DARTS_V2, 8 cells, C=16, batch 32, 32x32
     python bench/train_step.py --device cuda --paper  # DARTS_V2, 20 cells, C=36, batch 96 (the CIFAR recipe)
-Prints seconds per step and images per second for each variant, and the speed-up over NCHW fp32.
+    python bench/train_step.py --compile inductor inductor:reduce-overhead   # plus torch.compile (train.compile)
+Prints seconds per step and images per second for each variant as it is measured, and the speed-up over NCHW
+fp32. A compiled variant (NHWC, bf16 on CUDA) also prints its first step, the compilation.
 """
 from __future__ import annotations
 
@@ -20,18 +22,25 @@ from ilnas import create_model
 from ilnas.threads import set_threads
 
 
-def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool) -> float:
+def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool, compile_spec: str | None = None
+              ) -> tuple[float, float]:
+    """(median seconds per step, seconds of the first step). ``compile_spec``: backend[:mode] (train.compile)."""
     dev = torch.device(args.device)
     layers, channels, batch = (20, 36, 96) if args.paper else (8, 16, 32)
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(args.genotype, 10, layers=layers, channels=channels, auxiliary=True).to(dev, memory_format=fmt)
+    warmups = 1
+    if compile_spec is not None:
+        backend, _, mode = compile_spec.partition(":")
+        model.compile(backend=backend, mode=mode or None)
+        warmups = 3  # compilation, then CUDA graphs' recording under reduce-overhead
     opt = torch.optim.SGD(model.parameters(), lr=0.025, momentum=0.9, weight_decay=3e-4)
     x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
-    for i in range(args.repeats + 1):  # the first is a warm-up
+    for i in range(args.repeats + warmups):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
@@ -43,9 +52,8 @@ def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool) -> floa
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[warmups:]), times[0]
 
 
 def main() -> None:
@@ -55,17 +63,26 @@ def main() -> None:
     p.add_argument("--genotype", default="DARTS_V2")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", nargs="*", default=[], metavar="BACKEND[:MODE]",
+                   help="compiled variants to add, e.g. inductor inductor:reduce-overhead")
     a = p.parse_args()
     threads = set_threads(a.threads)
     batch = 96 if a.paper else 32
-    variants = {"NCHW fp32": (False, False), "NHWC fp32": (True, False)}
-    if a.device.startswith("cuda"):
-        variants["NHWC bf16"] = (True, True)
-    print(f"device {a.device}, {threads} CPU thread(s), {a.genotype}, batch {batch}, median of {a.repeats} steps")
-    times = {name: step_time(a, *flags) for name, flags in variants.items()}
-    base = times["NCHW fp32"]
-    for name, seconds in times.items():
-        print(f"{name:<10} {seconds:8.3f} s/step  {batch / seconds:8.0f} images/s  speed-up {base / seconds:.2f}x")
+    cuda = a.device.startswith("cuda")
+    variants = {"NCHW fp32": (False, False, None), "NHWC fp32": (True, False, None)}
+    if cuda:
+        variants["NHWC bf16"] = (True, True, None)
+    for spec in a.compile:
+        variants[f"NHWC {'bf16' if cuda else 'fp32'} {spec}"] = (True, cuda, spec)
+    print(f"device {a.device}, {threads} CPU thread(s), {a.genotype}, batch {batch}, median of {a.repeats} steps",
+          flush=True)
+    base = None
+    for name, flags in variants.items():
+        seconds, first = step_time(a, *flags)
+        base = base or seconds
+        compiled = f"  (first step {first:.1f} s)" if flags[2] else ""
+        print(f"{name:<10} {seconds:8.3f} s/step  {batch / seconds:8.0f} images/s  speed-up {base / seconds:.2f}x"
+              f"{compiled}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,33 @@ def test_network_outputs_and_drop_path():
     assert logits.shape == (2, 11) and aux.shape == (2, 11)
 
 
+def test_compiled_network_is_not_recompiled_as_drop_path_ramps_up():
+    """The re-training's drop-path rate changes every epoch; a compiled network must take it as an input, not
+    compile itself again each epoch (torch.compile gives up after a few recompilations and runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = NetworkCIFAR(zoo()["DARTS_V2"], 10, layers=3, channels=4).train()
+    net.compile(backend="aot_eager")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    graphs = []
+    for rate in (0.0, 0.1, 0.2, 0.3):  # as the recipe passes it: a 0-dim tensor
+        logits, aux = net(x, drop_path_rate=torch.tensor(rate))
+        torch.nn.functional.cross_entropy(logits + aux, y).backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs == [graphs[0]] * 4  # every rate, 0 included, runs the first graph
+    torch._dynamo.reset()
+    # eagerly, a tensor rate drops what the float rate drops, from the same draws; rate 0 drops nothing
+    z = torch.ones(64, 2, 1, 1)
+    torch.manual_seed(3)
+    as_float = drop_path(z, 0.25, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(as_float, drop_path(z, torch.tensor(0.25), training=True)) and not torch.equal(as_float, z)
+    assert torch.equal(drop_path(z, torch.tensor(0.0), training=True), z)
+
+
 def test_supernet_is_a_pure_function_of_weights_alphas_and_input():
     net = Supernet(3, 4, 5)
     a = arch_weights(init_arch(8, generator=torch.Generator().manual_seed(0)))

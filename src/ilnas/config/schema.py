@@ -13,6 +13,7 @@ from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,10 @@ class TrainConfig:
         deterministic: torch.use_deterministic_algorithms (slower kernels).
         threads: CPU threads of torch's operations (None: OMP_NUM_THREADS when set, else every core
             this process may use).
+        compile: a ``torch.compile`` backend for the network's forward and backward (None: eager;
+            ``inductor`` the usual one, ``aot_eager`` traces without generating code); a backend that
+            fails falls back to eager with torch's warning. compile_mode: inductor's mode
+            (``reduce-overhead``: CUDA graphs; ``max-autotune``; None: its default).
     """
 
     epochs: int = 600
@@ -163,6 +168,8 @@ class TrainConfig:
     channels_last: bool = True
     deterministic: bool = False
     threads: int | None = None
+    compile: str | None = None
+    compile_mode: str | None = None
 
 
 @dataclass(frozen=True)
@@ -311,3 +318,8 @@ def _validate_train(t: TrainConfig) -> None:
         raise IlnasError("train.cutout and train.workers must be >= 0")
     if t.decode not in ("workers", "device"):
         raise IlnasError(f"train.decode must be workers or device, got {t.decode!r}")
+    if t.compile_mode is not None:
+        if t.compile != "inductor":
+            raise IlnasError(f"train.compile_mode is inductor's; it needs train.compile=inductor, got {t.compile}")
+        if t.compile_mode not in COMPILE_MODES:
+            raise IlnasError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")

@@ -43,6 +43,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     t = cfg.train
     if t.batch_size % distributed.world_size():
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
+    check_compile_backend(t.compile)
     process = distributed.start(t.device)
     set_threads(t.threads)
     try:
@@ -76,6 +77,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     cuda = process.device.type == "cuda"
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(process.device, memory_format=memory_format)
+    if t.compile is not None:
+        model.compile(backend=t.compile, mode=t.compile_mode)  # in place: the state_dict keeps its keys
     sgd = cfg.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
     start_epoch, best, elapsed = 0, 0.0, 0.0
@@ -98,12 +101,35 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
                if process.world > 1 else model)
         loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume)
-        with run.out_of_memory("train.batch_size") if run is not None else contextlib.nullcontext():
+        with (run.out_of_memory("train.batch_size") if run is not None else contextlib.nullcontext(),
+              _eager_fallback(t.compile)):
             record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
         return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
     finally:
         if run is not None:
             run.close()
+
+
+def check_compile_backend(backend: str | None) -> None:
+    """Refuse a ``train.compile`` that names no ``torch.compile`` backend, before anything is written."""
+    if backend is None:
+        return
+    import torch._dynamo
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise IlnasError(f"train.compile={backend!r} is not a torch.compile backend; choose from "
+                         f"{', '.join(b for b in backends if 'TESTING' not in b)}")
+
+
+def _eager_fallback(backend: str | None) -> contextlib.AbstractContextManager:
+    """While the epochs run with a compiled network: a graph its backend fails to compile runs eagerly
+    (torch warns once), so a compiler missing or failing on the machine never stops a long run."""
+    if backend is None:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(suppress_errors=True)
 
 
 @dataclass
@@ -216,12 +242,14 @@ def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.O
     ddp.train()
     # the loss sum and correct count stay on the device, so no step waits for the GPU to finish it
     totals, seen, step = torch.zeros(2, dtype=torch.float64, device=process.device), 0, 0
+    # a tensor: a compiled network keeps one graph for every epoch's rate (space/network.py:drop_path)
+    rate = torch.tensor(drop_path_rate, device=process.device)
     bar = tqdm(data.epoch(epoch), total=data.steps, desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
                leave=False, disable=None if (progress and process.main) else True)
     for step, (x, y) in enumerate(bar, 1):
         x = x.contiguous(memory_format=memory_format)
         with autocast():
-            logits, aux = ddp(x, drop_path_rate=drop_path_rate)
+            logits, aux = ddp(x, drop_path_rate=rate)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
             if aux is not None and aux_weight > 0:
                 loss = loss + aux_weight * F.cross_entropy(aux.float(), y, label_smoothing=t.label_smoothing)

@@ -17,12 +17,17 @@ from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 from ilnas.space.supernet import reduction_layers
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Zero whole samples with probability drop_prob and rescale the rest (Zoph et al., 2018)."""
-    if not training or drop_prob <= 0.0:
+def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool) -> torch.Tensor:
+    """Zero whole samples with probability drop_prob and rescale the rest (Zoph et al., 2018).
+
+    ``drop_prob`` may be a 0-dim tensor on x's device, as the re-training passes it: then the masks are drawn
+    even at rate 0, and a compiled network takes the rate as an input of one graph instead of compiling
+    itself again as the rate ramps up. The mask is a uniform draw compared with the keep probability, not
+    ``bernoulli_(keep)``, which torch.compile specialises on its probability."""
+    if not training or (not isinstance(drop_prob, torch.Tensor) and drop_prob <= 0.0):
         return x
     keep = 1.0 - drop_prob
-    mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(keep)
+    mask = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < keep
     return x * mask / keep
 
 
@@ -40,7 +45,7 @@ class EvalCell(nn.Module):
         self.concat = list(concat)
         self.out_channels = len(concat) * channels
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float | torch.Tensor) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(0, len(self.ops), 2):
             node = 0
@@ -93,11 +98,11 @@ class _Network(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.out_features = c_prev
 
-    def forward(self, x: torch.Tensor, drop_path_rate: float = 0.0
+    def forward(self, x: torch.Tensor, drop_path_rate: float | torch.Tensor = 0.0
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Training mode: (logits, auxiliary logits or None); evaluation mode: logits.
         ``drop_path_rate``: the rate of dropping each cell's non-identity paths (training mode only; DARTS
-        ramps it up linearly over the epochs)."""
+        ramps it up linearly over the epochs); a float, or a 0-dim tensor on x's device (``drop_path``)."""
         s0, s1 = self._stem(x)
         aux = None
         for i, cell in enumerate(self.cells):
