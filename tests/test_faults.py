@@ -8,6 +8,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -499,6 +500,22 @@ def test_run_files_honour_the_umask_and_record_provenance(finished_training, tmp
     session = prov["sessions"][0]
     assert session["ilnas"] and session["torch"] == torch.__version__ and session["end"] >= session["start"]
     assert session["command"] == sys.argv and session["host"]  # the program that ran it
+
+
+def test_a_resume_on_another_number_of_ranks_is_recorded_and_warned_about(tmp_path, monkeypatch, caplog):
+    from ilnas.runs import RunDir
+
+    config = {"kind": "eval", "note": "a run's configuration"}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    RunDir.open(tmp_path / "run", "eval", config, resume=False, force=False).close()
+    with caplog.at_level(logging.WARNING, logger="ilnas"):
+        RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()  # same count: silent
+        assert not caplog.records
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()
+    assert [r.getMessage()[:55] for r in caplog.records] == ["resuming on 4 rank(s) a run whose last session ran on 1"]
+    sessions = json.loads((tmp_path / "run" / "provenance.json").read_text())["sessions"]
+    assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 1), (True, 1), (True, 4)]
 
 
 def test_describe_into_a_closed_pipe_exits_quietly():

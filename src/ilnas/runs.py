@@ -17,6 +17,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -36,6 +37,8 @@ from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, umask
+
+log = logging.getLogger(__name__)
 
 CONFIG, METRICS, CHECKPOINT, PREVIOUS = "config.yaml", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"
 LOCK, PROVENANCE = ".lock", "provenance.json"
@@ -319,7 +322,13 @@ class RunDir:
             except (OSError, ValueError):
                 pass  # a damaged record is replaced, not trusted
         record.update(extra)
-        record.setdefault("sessions", []).append(provenance_session(resumed))
+        session, sessions = provenance_session(resumed), record.setdefault("sessions", [])
+        before = sessions[-1].get("world_size", 1) if resumed and sessions else session["world_size"]
+        if before != session["world_size"]:
+            log.warning(f"resuming on {session['world_size']} rank(s) a run whose last session ran on {before}: "
+                        f"BatchNorm normalises each rank's slice of the batch, so from here on the run will not "
+                        f"repeat an uninterrupted one exactly")
+        sessions.append(session)
         atomic_write_text(p, json.dumps(record, indent=1) + "\n")
 
     # --- metrics -----------------------------------------------------------------------------
