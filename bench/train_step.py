@@ -5,8 +5,8 @@ Run by hand:
     python bench/train_step.py                        # CPU: DARTS_V2, 8 cells, C=16, batch 32, 32x32
     python bench/train_step.py --device cuda --paper  # DARTS_V2, 20 cells, C=36, batch 96 (the CIFAR recipe)
     python bench/train_step.py --compile inductor inductor:reduce-overhead   # plus torch.compile (train.compile)
-Prints seconds per step and images per second for each variant as it is measured, and the speed-up over NCHW
-fp32. A compiled variant (NHWC, bf16 on CUDA) also prints its first step, the compilation.
+Prints seconds per step and images per second for each variant as it is measured, the speed-up over NCHW
+fp32 and on CUDA the peak memory. A compiled variant (NHWC, bf16 on CUDA) also prints its first step, the compilation.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from ilnas.threads import set_threads
 
 
 def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool, compile_spec: str | None = None
-              ) -> tuple[float, float]:
-    """(median seconds per step, seconds of the first step). ``compile_spec``: backend[:mode] (train.compile)."""
+              ) -> tuple[float, float, float | None]:
+    """(median seconds per step, seconds of the first step, peak GiB on CUDA). ``compile_spec``: backend[:mode]
+    (train.compile)."""
     dev = torch.device(args.device)
     layers, channels, batch = (20, 36, 96) if args.paper else (8, 16, 32)
     torch.manual_seed(0)
@@ -39,13 +40,16 @@ def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool, compile
     x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (batch,), device=dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    rate = torch.tensor(0.1, device=dev)  # a tensor, as the recipe passes it
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     times = []
     for i in range(args.repeats + warmups):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         with autocast:
-            logits, aux = model(x, drop_path_rate=0.1)
+            logits, aux = model(x, drop_path_rate=rate)
             loss = F.cross_entropy(logits.float(), y) + 0.4 * F.cross_entropy(aux.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -53,7 +57,8 @@ def step_time(args: argparse.Namespace, channels_last: bool, bf16: bool, compile
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[warmups:]), times[0]
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return statistics.median(times[warmups:]), times[0], peak
 
 
 def main() -> None:
@@ -78,11 +83,12 @@ def main() -> None:
           flush=True)
     base = None
     for name, flags in variants.items():
-        seconds, first = step_time(a, *flags)
+        seconds, first, peak = step_time(a, *flags)
         base = base or seconds
+        memory = f"  peak {peak:.2f} GiB" if peak is not None else ""
         compiled = f"  (first step {first:.1f} s)" if flags[2] else ""
         print(f"{name:<10} {seconds:8.3f} s/step  {batch / seconds:8.0f} images/s  speed-up {base / seconds:.2f}x"
-              f"{compiled}", flush=True)
+              f"{memory}{compiled}", flush=True)
 
 
 if __name__ == "__main__":
