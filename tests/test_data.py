@@ -44,6 +44,17 @@ def test_embedded_digit_tasks():
         assert t.train.x.dtype == torch.uint8 and t.train.x.max() > 200
 
 
+def test_digits_are_read_as_scikit_learn_loads_them():
+    from sklearn.datasets import load_digits
+
+    from ilnas.data.tasks import digits_table
+
+    images, labels = digits_table()
+    reference = load_digits()
+    assert np.array_equal(images, reference.data) and np.array_equal(labels, reference.target)
+    assert images.shape == (1797, 64) and labels.dtype == np.int64
+
+
 def test_batches_are_normalised_augmented_and_reproducible():
     task = create_task("digits", DataConfig())
     maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True)

@@ -11,6 +11,7 @@ with ``folder_pipeline=stream`` are read by torchvision's ImageFolder during re-
 """
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import re
 from dataclasses import dataclass
@@ -245,10 +246,23 @@ def _mnist5k(source: DataConfig) -> Task:
 
 @register_task("digits", 1, 10, lambda source: source.image_size)
 def _digits(source: DataConfig) -> Task:
-    from sklearn.datasets import load_digits
+    images, labels = digits_table()
+    return _digit_task("digits", images, labels, 255.0 / 16.0, (700, 700, 397), source)
 
-    d = load_digits()  # (1797, 64) in [0, 16]
-    return _digit_task("digits", d.data, d.target, 255.0 / 16.0, (700, 700, 397), source)
+
+def digits_table() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 UCI digits: (1797, 64) pixels in [0, 16] and their labels. Read from the file its
+    ``load_digits`` reads, found without importing scikit-learn: importing ``sklearn.datasets`` costs 1-2 s of
+    every run; a scikit-learn that keeps the file elsewhere is asked through ``load_digits``."""
+    package = importlib.util.find_spec("sklearn")
+    path = Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if package else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.data, d.target
+    table = np.loadtxt(path, delimiter=",")  # 64 pixels and the label per row
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 # --- image folders decoded into memory ----------------------------------------------------------
