@@ -32,7 +32,6 @@ from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
@@ -257,6 +256,8 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
             with run.out_of_memory("search.batch_size"):
                 genotype = _search(dataclasses.replace(ctx, run=run, writer=writer), prog, ckpt)
             if report:
+                from ilnas.recipes.report import report_at_end  # matplotlib: only for runs that draw
+
                 report_at_end(run.path, writer)
         finally:
             writer.close()

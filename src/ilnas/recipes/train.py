@@ -23,7 +23,6 @@ from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
-from ilnas.recipes.report import report_at_end
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.threads import set_threads
@@ -52,6 +51,8 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     finally:
         distributed.stop()
     if report and process.main:
+        from ilnas.recipes.report import report_at_end  # matplotlib: only for runs that draw
+
         report_at_end(Path(out))
     return result
 
