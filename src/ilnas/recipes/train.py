@@ -125,7 +125,7 @@ def check_compile_backend(backend: str | None) -> None:
 
 def _eager_fallback(backend: str | None) -> contextlib.AbstractContextManager:
     """While the epochs run with a compiled network: a graph its backend fails to compile runs eagerly
-    (torch warns once), so a compiler missing or failing on the machine never stops a long run."""
+    (torch logs a warning for it), so a compiler missing or failing on the machine never stops a long run."""
     if backend is None:
         return contextlib.nullcontext()
     import torch._dynamo
