@@ -67,6 +67,18 @@ def test_batches_are_normalised_augmented_and_reproducible():
     assert sum(len(b[1]) for b in plain.ordered(100)) == 700
 
 
+def test_a_ranks_stream_is_its_slice_of_the_global_stream():
+    task = create_task("digits", DataConfig())
+    maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True, cutout=4)
+    whole = maker.stream(24, seed=7)
+    ranks = [maker.stream(24, seed=7, rank=r, world=3) for r in range(3)]
+    for _ in range(30):  # past the end of a pass (700 // 24 = 29 batches), into the reshuffled next one
+        x, y = next(whole)
+        parts = [next(r) for r in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert all(len(p[1]) == 8 for p in parts)
+
+
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     gen = torch.Generator().manual_seed(0)

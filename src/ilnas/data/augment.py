@@ -22,7 +22,7 @@ class AugmentParams:
     cy: torch.Tensor | None = None  # cutout centres in [0, H), [0, W)
     cx: torch.Tensor | None = None
 
-    def take(self, idx: torch.Tensor) -> "AugmentParams":
+    def take(self, idx: torch.Tensor | slice) -> "AugmentParams":
         return AugmentParams(*(None if t is None else t[idx] for t in (self.oy, self.ox, self.flip, self.cy, self.cx)))
 
 

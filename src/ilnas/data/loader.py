@@ -49,16 +49,21 @@ class BatchMaker:
         x = augment.apply_cutout((x - self.mean) / self.std, params, self.cutout)
         return x, self.y[idx]
 
-    def stream(self, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Endless shuffled batches (reshuffled at every pass), determined by ``seed``."""
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+        """Endless shuffled batches of ``batch_size`` (reshuffled at every pass), determined by ``seed``. With
+        ``world`` ranks, this rank's contiguous slice of each of those batches (``distributed.shard``'s), and
+        only that slice is augmented: every rank draws the whole batch's indices and augmentation (cheap) from
+        the same stream, so the slices are exactly those of one process's batches."""
         if len(self) < batch_size:
             raise IlnasError(f"task {self.task.name} has {len(self)} images in a split, fewer than "
                              f"the batch size {batch_size}")
+        share = batch_size // world
+        mine = slice(rank * share, (rank + 1) * share)
         gen = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(len(self), generator=gen)
             for i in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.batch(perm[i:i + batch_size], self.draw(batch_size, gen))
+                yield self.batch(perm[i:i + batch_size][mine], self.draw(batch_size, gen).take(mine))
 
     def ordered(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """Every image once (this rank's share: indices rank, rank + world, ...), unaugmented."""

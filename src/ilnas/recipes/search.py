@@ -357,17 +357,17 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
                             functools.partial(net.losses, skip_dropout=dropout)) for t, net in zip(ctx.tasks, nets)]
         torch.manual_seed(_rank_seed(derive_seed(s.seed, prog.phase, epoch), ctx.process))  # dropout masks
         update_arch = epoch >= s.warmup_epochs
-        streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0)),
-                    v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1)))
+        # every rank draws the whole global batches (same seeds) and augments only its own slice of them
+        rank, world = ctx.process.rank, ctx.process.world
+        streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0), rank, world),
+                    v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1), rank, world))
                    for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
         bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
                    disable=None if ctx.progress else True)
         pending: list[dict] = []  # steps whose metrics are still on the device
         since = time.perf_counter()
         for _ in bar:
-            # every rank draws the whole global batch (same seeds) and keeps its own slice
-            batches = [(distributed.shard(next(tr), ctx.process), distributed.shard(next(va), ctx.process))
-                       for tr, va in streams]
+            batches = [(next(tr), next(va)) for tr, va in streams]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=s.amp):
                 metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
                                       ctx.cfg.engine, ctx.cfg.optimizer, lr, update_arch, reduce, sync=False)
