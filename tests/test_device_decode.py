@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,26 @@ def test_batched_decode_reads_jpeg_png_and_greyscale_like_pil_and_names_a_damage
     with pytest.raises(OSError, match="broken.jpg"):
         device_decode.decode([*paths, str(broken)], [*(d for _, d in encoded), device_decode.read_encoded(broken)[1]],
                              CPU)
+
+
+def test_torchcodec_and_torchvision_decode_the_same_pixels(tmp_path, monkeypatch):
+    """The batched decode prefers TorchCodec's decoder and falls back to torchvision's where TorchCodec is missing
+    or does not load; both give the same images."""
+    pytest.importorskip("torchcodec")
+    write_jpeg_folder(tmp_path, classes=("a",), per_class=4, val=0)
+    datas = [device_decode.read_encoded(str(p))[1] for p in sorted((tmp_path / "train" / "a").iterdir())]
+    datas = [d for d in datas if device_decode.is_jpeg(d)]  # the folder holds a PNG too
+    device_decode.jpeg_batch_decoder.cache_clear()
+    try:
+        codec = device_decode.jpeg_batch_decoder()
+        monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # its import now fails
+        device_decode.jpeg_batch_decoder.cache_clear()
+        fallback = device_decode.jpeg_batch_decoder()
+    finally:
+        device_decode.jpeg_batch_decoder.cache_clear()
+    assert codec is not device_decode._torchvision_decode and fallback is device_decode._torchvision_decode
+    pairs = list(zip(codec(datas, CPU), fallback(datas, CPU)))
+    assert len(pairs) >= 2 and all(a.shape[0] == 3 and torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Image-folder batches decoded and augmented on the training device (``train.decode=device``).
 
 DataLoader workers only read each file's bytes. The main process decodes the whole batch in one call
-(``torchvision.io.decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on CPUs) and crops, resizes, flips,
+(TorchCodec's ``decode_jpeg`` where it is installed, ``pip install ilnas[decode]``, else torchvision's, which
+torchvision 0.29 deprecates in its favour; both nvJPEG on CUDA, libjpeg-turbo on CPUs) and crops, resizes, flips,
 jitters and normalises it on the device. A worker's work per image drops to one file read, so a few
 workers feed a GPU that PIL decoding in workers would starve. Files that are not JPEG (PNG, BMP, ...)
 and JPEGs the device decoder refuses (CMYK) are decoded by PIL on the CPU.
@@ -14,10 +15,11 @@ centre ``resolution`` square, as in the worker pipeline.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -50,21 +52,38 @@ def decode(paths: Sequence[str], datas: Sequence[torch.Tensor], device: torch.de
     """Encoded images -> (3, H, W) uint8 tensors on ``device``. The JPEGs go through one batched decode;
     the rest, and every JPEG of a batch the batched decode refuses, through PIL one by one.
     Raises OSError naming the file that no decoder can read."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     images: list[torch.Tensor | None] = [None] * len(datas)
     jpeg = [i for i, data in enumerate(datas) if is_jpeg(data)]
     if jpeg:
         try:
-            with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as moving to TorchCodec
-                warnings.simplefilter("ignore", DeprecationWarning)
-                decoded = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            decoded = jpeg_batch_decoder()([datas[i] for i in jpeg], device)
             for i, image in zip(jpeg, decoded):
                 images[i] = image
         except RuntimeError:  # one damaged or CMYK file fails the whole call: PIL sorts them out below
             pass
     return [image if image is not None else _decode_with_pil(path, data).to(device, non_blocking=True)
             for path, data, image in zip(paths, datas, images)]
+
+
+@functools.cache
+def jpeg_batch_decoder() -> Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]:
+    """(JPEG bytes, device) -> (3, H, W) uint8 RGB images on the device, in one call: TorchCodec's
+    ``decode_jpeg`` where it is installed and loads, else torchvision's (the same libjpeg-turbo / nvJPEG
+    decoders and the same pixels; torchvision 0.29 deprecates its own in favour of TorchCodec's)."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
+        return _torchvision_decode
+
+    return lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
+
+
+def _torchvision_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as moving to TorchCodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
 
 
 def _decode_with_pil(path: str, data: torch.Tensor) -> torch.Tensor:
