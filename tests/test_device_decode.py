@@ -114,14 +114,14 @@ def test_torchcodec_and_torchvision_decode_the_same_pixels(tmp_path, monkeypatch
     datas = [d for d in datas if device_decode.is_jpeg(d)]  # the folder holds a PNG too
     device_decode.jpeg_batch_decoder.cache_clear()
     try:
-        codec = device_decode.jpeg_batch_decoder()
+        codec = device_decode.jpeg_batch_decoder(CPU)
         monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # its import now fails
         device_decode.jpeg_batch_decoder.cache_clear()
-        fallback = device_decode.jpeg_batch_decoder()
+        fallback = device_decode.jpeg_batch_decoder(CPU)
     finally:
         device_decode.jpeg_batch_decoder.cache_clear()
-    assert codec is not device_decode._torchvision_decode and fallback is device_decode._torchvision_decode
-    pairs = list(zip(codec(datas, CPU), fallback(datas, CPU)))
+    assert codec.func is not device_decode._torchvision_decode and fallback.func is device_decode._torchvision_decode
+    pairs = list(zip(codec(datas), fallback(datas)))
     assert len(pairs) >= 2 and all(a.shape[0] == 3 and torch.equal(a, b) for a, b in pairs)
 
 

@@ -56,7 +56,7 @@ def decode(paths: Sequence[str], datas: Sequence[torch.Tensor], device: torch.de
     jpeg = [i for i, data in enumerate(datas) if is_jpeg(data)]
     if jpeg:
         try:
-            decoded = jpeg_batch_decoder()([datas[i] for i in jpeg], device)
+            decoded = jpeg_batch_decoder(device)([datas[i] for i in jpeg])
             for i, image in zip(jpeg, decoded):
                 images[i] = image
         except RuntimeError:  # one damaged or CMYK file fails the whole call: PIL sorts them out below
@@ -66,16 +66,18 @@ def decode(paths: Sequence[str], datas: Sequence[torch.Tensor], device: torch.de
 
 
 @functools.cache
-def jpeg_batch_decoder() -> Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]:
-    """(JPEG bytes, device) -> (3, H, W) uint8 RGB images on the device, in one call: TorchCodec's
-    ``decode_jpeg`` where it is installed and loads, else torchvision's (the same libjpeg-turbo / nvJPEG
-    decoders and the same pixels; torchvision 0.29 deprecates its own in favour of TorchCodec's)."""
+def jpeg_batch_decoder(device: torch.device) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """JPEG bytes -> (3, H, W) uint8 RGB images on ``device``, in one call: TorchCodec's ``decode_jpeg`` where
+    it is installed and decodes on this device, else torchvision's (the same libjpeg-turbo / nvJPEG decoders
+    and the same pixels; torchvision 0.29 deprecates its own in favour of TorchCodec's). One tiny JPEG is
+    decoded to find out: a TorchCodec built without CUDA would otherwise fail every batch over to PIL."""
     try:
         from torchcodec.decoders import decode_jpeg
-    except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch
-        return _torchvision_decode
 
-    return lambda datas, device: decode_jpeg(datas, mode="RGB", device=device)
+        decode_jpeg([_tiny_jpeg()], mode="RGB", device=device)
+    except (ImportError, OSError, RuntimeError):  # not installed, built for another torch, or not for this device
+        return functools.partial(_torchvision_decode, device=device)
+    return functools.partial(decode_jpeg, mode="RGB", device=device)
 
 
 def _torchvision_decode(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -84,6 +86,14 @@ def _torchvision_decode(datas: list[torch.Tensor], device: torch.device) -> list
     with warnings.catch_warnings():  # torchvision >= 0.29 flags its decoders as moving to TorchCodec
         warnings.simplefilter("ignore", DeprecationWarning)
         return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+def _tiny_jpeg() -> torch.Tensor:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
 
 
 def _decode_with_pil(path: str, data: torch.Tensor) -> torch.Tensor:
