@@ -7,6 +7,7 @@ import torch
 
 from ilnas.config import resolve
 from ilnas.recipes.describe import describe
+from ilnas.space.depthwise import DepthwiseConv2d
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
 from ilnas.space.ops import OPS, PRIMITIVES, create_op
@@ -169,3 +170,35 @@ def test_the_mixing_sum_has_autograds_first_and_second_derivatives(layouts, weig
         assert (a is None) == (b is None)
         if a is not None:
             assert float((a - b).detach().abs().max()) <= 1e-12 * max(1.0, float(b.detach().abs().max()))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 2), (5, 1, 2), (3, 2, 2), (5, 2, 2), (5, 2, 1)])
+def test_depthwise_conv_routes_have_torchs_values_and_derivatives(kernel, stride, dilation, layout):
+    """The dilated convs' CPU routes (a strided view for stride = dilation, a flipped-kernel input gradient
+    for stride 1) against torch's own dilated convolution in float64: value, gradients, double backward
+    (gradgradcheck) and per-weight-set gradients under vmap; an odd input size checks the borders."""
+    padding = dilation * (kernel - 1) // 2
+    conv = DepthwiseConv2d(3, kernel, stride, padding, dilation).double()
+    assert conv._route == {(1, 2): "flipped", (2, 2): "subsample", (2, 1): None}[stride, dilation]
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    w = torch.randn(3, 1, kernel, kernel, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def ours(x, w):
+        return conv._conv_forward(x, w, None)
+
+    def torchs(x, w):
+        return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3)
+
+    upstream = torch.randn(ours(x, w).shape, generator=gen, dtype=torch.float64)
+    for a, b in zip([ours(x, w), *torch.autograd.grad(ours(x, w), (x, w), upstream)],
+                    [torchs(x, w), *torch.autograd.grad(torchs(x, w), (x, w), upstream)]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(ours, (x, w))
+    sets = torch.randn(4, *w.shape, generator=gen, dtype=torch.float64)
+
+    def weight_grads(fn):
+        return torch.func.vmap(torch.func.grad(lambda w: fn(x.detach(), w).square().sum()))(sets)
+    torch.testing.assert_close(weight_grads(ours), weight_grads(torchs), rtol=1e-12, atol=1e-12)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ilnas.errors import IlnasError
+from ilnas.space.depthwise import DepthwiseConv2d
 from ilnas.space.sets import cat_channels
 
 OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
@@ -68,8 +69,7 @@ class DilConv(nn.Sequential):
                  affine: bool, sets: int = 1):
         super().__init__(
             nn.ReLU(inplace=False),
-            nn.Conv2d(sets * c_in, sets * c_in, kernel, stride, padding, dilation=dilation, groups=sets * c_in,
-                      bias=False),
+            DepthwiseConv2d(sets * c_in, kernel, stride, padding, dilation),
             nn.Conv2d(sets * c_in, sets * c_out, 1, groups=sets, bias=False),
             batch_norm(sets * c_out, affine),
         )
