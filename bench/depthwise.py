@@ -3,9 +3,10 @@
 For each shape (a supernet's dil_conv_3x3 / dil_conv_5x5 at the CPU and the paper's configurations, with
 one and with two weight sets side by side), the time of a forward, of the input gradient and of a whole
 forward + backward (input and weight gradients) through ``F.conv2d`` and through
-``ilnas.space.depthwise.DepthwiseConv2d``, the best of ``--rounds`` rounds of ``--iters`` calls each, and
-the ratio. Run by hand (CPU: the routes apply there only):
-    OMP_NUM_THREADS=2 python bench/depthwise.py [--layout nchw|nhwc] [--threads N]
+ilnas's route (``ilnas.space.depthwise.routed_conv``), the best of ``--rounds`` rounds of ``--iters`` calls
+each, and the ratio. The network takes the routes on CPUs only; ``--device cuda`` measures whether they would
+pay there. Run by hand:
+    OMP_NUM_THREADS=2 python bench/depthwise.py [--layout nchw|nhwc] [--threads N] [--device cuda]
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ilnas.space.depthwise import DepthwiseConv2d
+from ilnas.space.depthwise import route_for, routed_conv
 from ilnas.threads import set_threads
 
 SHAPES = [  # (batch, channels, side, kernel, stride): dilation 2, "same" padding
@@ -26,13 +27,17 @@ SHAPES = [  # (batch, channels, side, kernel, stride): dilation 2, "same" paddin
 ]
 
 
-def best_ms(fn: Callable[[], object], iters: int, rounds: int) -> float:
+def best_ms(fn: Callable[[], object], iters: int, rounds: int, dev: torch.device) -> float:
     fn()
     best = float("inf")
     for _ in range(rounds):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         best = min(best, (time.perf_counter() - t0) / iters * 1e3)
     return best
 
@@ -43,23 +48,26 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     set_threads(args.threads)
+    dev = torch.device(args.device)
     fmt = torch.channels_last if args.layout == "nhwc" else torch.contiguous_format
-    print(f"{args.layout}, {torch.get_num_threads()} threads; ms (torch's / ilnas's = ratio)")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{args.layout}, {where}; ms (torch's / ilnas's = ratio)")
     print(f"{'N,C,HxW,k,stride':<20}{'forward':>22}{'input grad':>22}{'fwd+bwd':>22}")
     for n, c, side, k, stride in SHAPES:
-        conv = DepthwiseConv2d(c, k, stride, k - 1, 2)
-        x = torch.randn(n, c, side, side).contiguous(memory_format=fmt).requires_grad_()
-        w = conv.weight
+        route = route_for(k, stride, k - 1, 2)
+        x = torch.randn(n, c, side, side, device=dev).contiguous(memory_format=fmt).requires_grad_()
+        w = torch.randn(c, 1, k, k, device=dev, requires_grad=True)
         routes = {"torch": lambda x, w: F.conv2d(x, w, None, stride, k - 1, 2, c),
-                  "ilnas": lambda x, w: conv._conv_forward(x, w, None)}
+                  "ilnas": lambda x, w: routed_conv(x, w, route, k - 1, 2)}
         upstream = torch.randn_like(routes["torch"](x, w))
         cells = []
         for measure in (lambda f: (lambda: f(x.detach(), w.detach())),
                         lambda f: (lambda: torch.autograd.grad(f(x, w.detach()), x, upstream)),
                         lambda f: (lambda: torch.autograd.grad(f(x, w), (x, w), upstream))):
-            old, new = (best_ms(measure(routes[r]), args.iters, args.rounds) for r in ("torch", "ilnas"))
+            old, new = (best_ms(measure(routes[r]), args.iters, args.rounds, dev) for r in ("torch", "ilnas"))
             cells.append(f"{old:.3f}/{new:.3f}={old / new:.1f}x")
         print(f"{f'{n},{c},{side}x{side},{k},{stride}':<20}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
 

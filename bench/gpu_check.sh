@@ -3,8 +3,9 @@
 # configuration (re-training also through torch.compile with CUDA graphs), the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
 # its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
 # step and every 10 steps), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
-# and a one-rank NCCL re-training, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
-# Each piece has its own time limit (at most 545 s in all), so one slow piece cannot starve the others, and
+# and a one-rank NCCL re-training, and whether the dilated convolutions' CPU routes (space/depthwise.py) would
+# pay on the GPU too, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
+# Each piece has its own time limit (at most 560 s in all), so one slow piece cannot starve the others, and
 # the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
@@ -28,6 +29,7 @@ if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_ve
 # Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
 run search_step 130 python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
     --variants "NCHW eager" NCHW NHWC "NHWC bf16"
+run depthwise 15 python bench/depthwise.py --device "$DEVICE" --rounds 3
 run train_step 140 python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
 run search 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
@@ -46,7 +48,7 @@ run train_decode_device 35 python -m ilnas train --quiet --no-report --genotype 
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
-for name in search_step train_step search search_log10 search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
+for name in search_step depthwise train_step search search_log10 search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 python - "$LOGS" "$DEVICE" <<'PY'

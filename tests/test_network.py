@@ -180,7 +180,7 @@ def test_depthwise_conv_routes_have_torchs_values_and_derivatives(kernel, stride
     (gradgradcheck) and per-weight-set gradients under vmap; an odd input size checks the borders."""
     padding = dilation * (kernel - 1) // 2
     conv = DepthwiseConv2d(3, kernel, stride, padding, dilation).double()
-    assert conv._route == {(1, 2): "flipped", (2, 2): "subsample", (2, 1): None}[stride, dilation]
+    assert conv.route == {(1, 2): "flipped", (2, 2): "subsample", (2, 1): None}[stride, dilation]
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()

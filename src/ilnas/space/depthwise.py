@@ -29,19 +29,29 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def __init__(self, channels: int, kernel: int, stride: int, padding: int, dilation: int):
         super().__init__(channels, channels, kernel, stride, padding, dilation=dilation, groups=channels, bias=False)
-        d, p = dilation, padding
-        self._route = None
-        if d > 1 and 2 * p == d * (kernel - 1):
-            self._route = "subsample" if stride == d and p % d == 0 else "flipped" if stride == 1 else None
+        self.route = route_for(kernel, stride, padding, dilation)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._route is None or not self.training or x.device.type != "cpu" or not (
+        if self.route is None or not self.training or x.device.type != "cpu" or not (
                 torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return super()._conv_forward(x, weight, bias)
-        d, p = self.dilation[0], self.padding[0]
-        if self._route == "subsample":
-            return F.conv2d(x[:, :, ::d, ::d], weight, None, 1, p // d, 1, self.groups)
-        return _FlippedInputGrad.apply(x, weight, p, d)
+        return routed_conv(x, weight, self.route, self.padding[0], self.dilation[0])
+
+
+def route_for(kernel: int, stride: int, padding: int, dilation: int) -> str | None:
+    """"subsample", "flipped" or None (torch's convolution) for a square depthwise convolution."""
+    if dilation == 1 or 2 * padding != dilation * (kernel - 1):
+        return None
+    if stride == dilation and padding % dilation == 0:
+        return "subsample"
+    return "flipped" if stride == 1 else None
+
+
+def routed_conv(x: torch.Tensor, weight: torch.Tensor, route: str, padding: int, dilation: int) -> torch.Tensor:
+    """The depthwise convolution of ``x`` by ``weight`` (C, 1, k, k) through ``route`` (on any device)."""
+    if route == "subsample":
+        return F.conv2d(x[:, :, ::dilation, ::dilation], weight, None, 1, padding // dilation, 1, weight.shape[0])
+    return _FlippedInputGrad.apply(x, weight, padding, dilation)
 
 
 class _FlippedInputGrad(torch.autograd.Function):
