@@ -7,7 +7,7 @@ import torch
 
 from ilnas.config import resolve
 from ilnas.recipes.describe import describe
-from ilnas.space.depthwise import DepthwiseConv2d
+from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
 from ilnas.space.ops import OPS, PRIMITIVES, create_op
@@ -173,24 +173,24 @@ def test_the_mixing_sum_has_autograds_first_and_second_derivatives(layouts, weig
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("kernel, stride, dilation", [(3, 1, 2), (5, 1, 2), (3, 2, 2), (5, 2, 2), (5, 2, 1)])
-def test_depthwise_conv_routes_have_torchs_values_and_derivatives(kernel, stride, dilation, layout):
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (5, 1), (3, 2), (5, 2)])
+def test_dilated_conv_routes_have_torchs_values_and_derivatives(kernel, stride, layout):
     """The dilated convs' CPU routes (a strided view for stride = dilation, a flipped-kernel input gradient
     for stride 1) against torch's own dilated convolution in float64: value, gradients, double backward
     (gradgradcheck) and per-weight-set gradients under vmap; an odd input size checks the borders."""
-    padding = dilation * (kernel - 1) // 2
-    conv = DepthwiseConv2d(3, kernel, stride, padding, dilation).double()
-    assert conv.route == {(1, 2): "flipped", (2, 2): "subsample", (2, 1): None}[stride, dilation]
+    padding = kernel - 1  # dilation 2, "same"
+    route = route_for(kernel, stride, padding, 2)
+    assert route == {1: "flipped", 2: "subsample"}[stride]
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 9, 9, generator=gen, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     w = torch.randn(3, 1, kernel, kernel, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def ours(x, w):
-        return conv._conv_forward(x, w, None)
+        return routed_conv(x, w, route, padding, 2)
 
     def torchs(x, w):
-        return torch.nn.functional.conv2d(x, w, None, stride, padding, dilation, 3)
+        return torch.nn.functional.conv2d(x, w, None, stride, padding, 2, 3)
 
     upstream = torch.randn(ours(x, w).shape, generator=gen, dtype=torch.float64)
     for a, b in zip([ours(x, w), *torch.autograd.grad(ours(x, w), (x, w), upstream)],
@@ -202,3 +202,26 @@ def test_depthwise_conv_routes_have_torchs_values_and_derivatives(kernel, stride
     def weight_grads(fn):
         return torch.func.vmap(torch.func.grad(lambda w: fn(x.detach(), w).square().sum()))(sets)
     torch.testing.assert_close(weight_grads(ours), weight_grads(torchs), rtol=1e-12, atol=1e-12)
+
+
+def test_only_training_passes_that_need_a_gradient_take_the_dilated_routes(monkeypatch):
+    """The dilated ops' depthwise convolution goes through ``routed_conv`` in a training pass with a gradient
+    (search and re-training on a CPU), through torch's own in eval mode (export, tracing) and without a
+    gradient; non-dilated and non-"same" ones never."""
+    import ilnas.space.depthwise as depthwise
+
+    taken = []
+    monkeypatch.setattr(depthwise, "routed_conv", lambda *a: taken.append(a[2]) or torch.zeros(()))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    for stride, route in [(1, "flipped"), (2, "subsample")]:
+        for name in ("dil_conv_3x3", "dil_conv_5x5"):
+            conv = create_op(name, 4, stride)[1]
+            assert isinstance(conv, DepthwiseConv2d) and conv.route == route
+            taken.clear()
+            conv(x)
+            assert taken == [route]
+            with torch.no_grad():
+                assert conv(x).shape == (2, 4, 8 // stride, 8 // stride)
+            assert conv.eval()(x).shape == (2, 4, 8 // stride, 8 // stride) and taken == [route]
+    assert create_op("sep_conv_3x3", 4, 1)[0][1].route is None
+    assert DepthwiseConv2d(4, 3, 1, 1, 2).route is None and DepthwiseConv2d(4, 3, 3, 2, 2).route is None
