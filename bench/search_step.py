@@ -5,7 +5,8 @@ the table gives the time per step (median of ``--repeats`` after a warm-up) of e
 this run's first variant's DARTS-2nd step, and on CUDA the peak memory. Variants: "eager" runs every pass
 alone (``engine.batched_sets=1``), the others batch the independent passes of one task's stages (the
 default); NCHW or NHWC activations (``Supernet(channels_last=...)``; NHWC is the CPU default); bf16 autocast
-(``search.amp``). ``--ops`` adds the operators one step dispatches, a device-independent measure of
+(``search.amp``); the dilated convolutions through torch's convolution or through their routes
+(``ilnas.space.depthwise``: the CPU default, off on GPUs) on every device. ``--ops`` adds the operators one step dispatches, a device-independent measure of
 what a launch-bound GPU step costs.
 Run by hand:
     python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
@@ -25,7 +26,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
+from ilnas.space import depthwise
 from ilnas.threads import set_threads
+
+DEFAULT_ROUTE_DEVICES = depthwise.ROUTE_DEVICES
 
 FRAMEWORKS = {  # name: (tasks, rounds, engine)
     "DARTS-1st": (1, 1, EngineConfig(order=1, coupling="none")),
@@ -36,13 +40,18 @@ FRAMEWORKS = {  # name: (tasks, rounds, engine)
 VARIANTS = {"NCHW eager": {"channels_last": False, "batched_sets": 1},
             "NHWC eager": {"channels_last": True, "batched_sets": 1},
             "NCHW": {"channels_last": False}, "NHWC": {"channels_last": True},
-            "NHWC bf16": {"channels_last": True, "amp": True}}
+            "NHWC bf16": {"channels_last": True, "amp": True},
+            # the dilated convolutions through torch's own convolution everywhere, or through their routes
+            # (ilnas.space.depthwise, the CPU default) on every device
+            "NHWC torch-dilated": {"channels_last": True, "route_devices": ()},
+            "NHWC routed-dilated": {"channels_last": True, "route_devices": ("cpu", "cuda")}}
 
 
 def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float, float | None]:
     tasks, rounds, engine = FRAMEWORKS[name]
     variant = dict(variant)
     engine = dataclasses.replace(engine, batched_sets=variant.pop("batched_sets", engine.batched_sets))
+    depthwise.ROUTE_DEVICES = variant.pop("route_devices", DEFAULT_ROUTE_DEVICES)
     dev = torch.device(args.device)
     in_ch, c, layers, side, batch = (3, 16, 8, 32, 64) if args.paper else (1, 8, 5, 16, 16)
     gen = torch.Generator().manual_seed(0)

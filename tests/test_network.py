@@ -223,5 +223,8 @@ def test_only_training_passes_that_need_a_gradient_take_the_dilated_routes(monke
             with torch.no_grad():
                 assert conv(x).shape == (2, 4, 8 // stride, 8 // stride)
             assert conv.eval()(x).shape == (2, 4, 8 // stride, 8 // stride) and taken == [route]
+            monkeypatch.setattr(depthwise, "ROUTE_DEVICES", ())  # what bench/search_step.py's variants switch
+            assert conv.train()(x).shape == (2, 4, 8 // stride, 8 // stride) and taken == [route]
+            monkeypatch.setattr(depthwise, "ROUTE_DEVICES", ("cpu",))
     assert create_op("sep_conv_3x3", 4, 1)[0][1].route is None
     assert DepthwiseConv2d(4, 3, 1, 1, 2).route is None and DepthwiseConv2d(4, 3, 3, 2, 2).route is None

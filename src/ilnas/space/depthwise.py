@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Device types whose training passes take the routes. Benchmarks set it to measure a step without them (())
+# or with them on a GPU (("cpu", "cuda")).
+ROUTE_DEVICES: tuple[str, ...] = ("cpu",)
+
 
 class DepthwiseConv2d(nn.Conv2d):
     """``nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups=channels, bias=False)``
@@ -32,7 +36,7 @@ class DepthwiseConv2d(nn.Conv2d):
         self.route = route_for(kernel, stride, padding, dilation)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.route is None or not self.training or x.device.type != "cpu" or not (
+        if self.route is None or not self.training or x.device.type not in ROUTE_DEVICES or not (
                 torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return super()._conv_forward(x, weight, bias)
         return routed_conv(x, weight, self.route, self.padding[0], self.dilation[0])
