@@ -6,8 +6,8 @@ this run's first variant's DARTS-2nd step, and on CUDA the peak memory. Variants
 alone (``engine.batched_sets=1``), the others batch the independent passes of one task's stages (the
 default); NCHW or NHWC activations (``Supernet(channels_last=...)``; NHWC is the CPU default); bf16 autocast
 (``search.amp``); the dilated convolutions through torch's convolution or through their routes
-(``ilnas.space.depthwise``: the CPU default, off on GPUs) on every device. ``--ops`` adds the operators one step dispatches, a device-independent measure of
-what a launch-bound GPU step costs.
+(``ilnas.space.depthwise``: the CPU default, off on GPUs) on every device. ``--ops`` adds the operators one
+step dispatches, a device-independent measure of what a launch-bound GPU step costs.
 Run by hand:
     python bench/search_step.py                     # the CPU configuration: batch 16, C=8, 5 cells, 16x16, 1 channel
     python bench/search_step.py --device cuda --paper   # the paper's: batch 64, C=16, 8 cells, 32x32 RGB

@@ -12,9 +12,10 @@ forward's time (NHWC, 24x32x16x16, 5x5, stride 2). The DARTS dilated convolution
 
 Both are built of differentiable operators (double backward for ``hvp=exact``, vmap, torch.compile).
 Measured with bench/depthwise.py (2 threads), forward + backward, NHWC: stride 2 3.6-7.1x faster, stride 1
-1.2-1.6x on the larger shapes and 0.8-1.0x on the smallest (8 channels, 4x4 maps), where the custom function's
-overhead shows; NCHW: stride 1 1.0-1.9x. Only training passes that need a gradient take the routes: a module in eval mode (inference,
-export, tracing), a pass without gradient and other devices (unmeasured there) use torch's convolution.
+1.2-1.6x on the larger shapes and 0.8-1.0x on the smallest (8 channels at 16x16, 32-64 at 4x4), where the
+custom function's overhead shows; NCHW: stride 1 1.0-1.9x. Only training passes that need a gradient take
+the routes: a module in eval mode (inference, export, tracing), a pass without gradient and devices not in
+``ROUTE_DEVICES`` (CUDA: unmeasured) use torch's convolution.
 """
 from __future__ import annotations
 
