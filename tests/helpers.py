@@ -33,6 +33,14 @@ TINY_TRAIN = ["--no-report", "--set", "network.layers=3", "--set", "network.chan
 TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
 
 
+def ranks_stderr(stderr: str) -> str:
+    """The end of what a failed torchrun's ranks printed: the launcher's own report of the failure follows it
+    and would fill a plain tail."""
+    marks = [i for i in (stderr.find("closing signal SIG"), stderr.find("failed (exitcode")) if i >= 0]
+    head = stderr[:stderr.rfind("\n", 0, min(marks)) + 1] if marks else stderr
+    return head[-3000:]
+
+
 def ilnas(*args: str, cwd: Path | None = None, wait: bool = True, env: dict | None = None):
     """``python -m ilnas ARGS`` in a subprocess: a CompletedProcess, or the Popen with ``wait=False``."""
     cmd = [sys.executable, "-m", "ilnas", *args]

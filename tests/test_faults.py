@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import stat
@@ -579,6 +580,21 @@ def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training,
                            lines=len(read_lines(finished_training / "metrics.jsonl")))
     assert hits >= 1
     assert_same_training(finished_training, out)
+
+
+def test_a_crash_below_python_prints_where_the_run_was(tmp_path):
+    """A C++ abort (say, one rank's collective library calling std::terminate) kills the process without a
+    Python exception; the run still says which line of which thread it was on."""
+    out = tmp_path / "run"
+    proc = ilnas(*MICRO, "--set", "search.epochs=50", "--out", str(out), wait=False)
+    wait_for_sessions(out, 1, proc)
+    proc.send_signal(signal.SIGABRT)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and "Current thread" in err, err[-2000:]
+    current = err[err.index("Current thread"):]
+    assert re.search(r'File ".*ilnas/(space|search|recipes)/\w+\.py", line \d+ in \w+', current), current[:2000]
 
 
 def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, rel_error
+from helpers import (SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, ranks_stderr,
+                     rel_error)
 from ilnas.search.engine import Learner, search_step
 from parallel_cases import CASES, STEPS
 
@@ -40,7 +41,7 @@ def sliced(learner: Learner) -> Learner:
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ranks")
     r = torchrun(str(TESTS / "parallel_worker.py"), str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, ranks_stderr(r.stderr)
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
 
 
@@ -85,7 +86,7 @@ def two_ranks(tmp_path_factory) -> Path:
     """An uninterrupted two-rank search."""
     out = tmp_path_factory.mktemp("runs") / "two"
     r = torchrun("-m", "ilnas", *MICRO, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, ranks_stderr(r.stderr)
     assert r.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
     return out
 
@@ -127,14 +128,14 @@ def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists():  # the end of epoch 1
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None and time.time() < deadline, ranks_stderr(proc.stderr.read().decode())
         time.sleep(0.01)
     for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks (in sessions of their own)
         os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
     r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, ranks_stderr(r.stderr)
     assert_same_search(two_ranks, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 2), (True, 2)]

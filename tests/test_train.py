@@ -16,7 +16,7 @@ from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
 from ilnas.optim import SGD
 from helpers import TINY_TRAIN as TINY, ilnas, snapshot, write_image_folder
-from helpers import write_cifar
+from helpers import ranks_stderr, write_cifar
 
 def test_schedules_follow_their_formulas():
     assert SGD(lr=0.025).lr_at(0, 600) == 0.025
@@ -55,7 +55,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "ilnas", *common, "--out", str(tmp_path / "ddp")],
                        capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, ranks_stderr(r.stderr)
     one, one_epochs = run_json(tmp_path / "single")
     two, two_epochs = run_json(tmp_path / "ddp")
     assert two["world_size"] == 2 and two["replica_divergence"] == 0.0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -312,9 +313,21 @@ def _log_to_stdout() -> None:
     logger.propagate = False
 
 
+def _trace_fatal_signals() -> None:
+    """A crash below Python (SIGSEGV, SIGABRT from a C++ terminate, ...) prints every thread's Python stack
+    to stderr, so a days-long run, or one rank of several, that dies says where."""
+    if faulthandler.is_enabled():  # e.g. under pytest, which routes it already
+        return
+    try:
+        faulthandler.enable(sys.stderr)
+    except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a file descriptor
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _log_to_stdout()
+    _trace_fatal_signals()
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()
