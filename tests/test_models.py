@@ -11,6 +11,7 @@ import torch
 
 from helpers import ilnas, snapshot, write_image_folder
 from ilnas.errors import IlnasError
+from ilnas.recipes.export import export_model, require_onnx_export
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SEARCH = ["--quiet", "--no-report", "--set", "space.layers=3", "--set", "space.channels=4",
@@ -112,6 +113,11 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
 def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
     from ilnas import load_model
 
+    if fmt == "onnx":
+        try:
+            require_onnx_export()
+        except IlnasError as e:  # an older torch: its refusal is tested below
+            pytest.skip(str(e))
     out = tmp_path / {"onnx": "m.onnx", "torchscript": "m.pt", "exported-program": "m.pt2"}[fmt]
     r = ilnas("export", str(folder_runs["train"]), "--format", fmt, "--out", str(out))
     assert r.returncode == 0, r.stderr
@@ -130,6 +136,18 @@ def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
     else:
         got = torch.export.load(str(out)).module()(x)
     assert got.shape == (5, 3) and torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_export_on_a_torch_without_the_new_exporter_is_refused_before_writing(folder_runs, tmp_path,
+                                                                                   monkeypatch):
+    def torch_2_4_export(model, args, f, export_params=True, verbose=False, dynamo=False, dynamic_axes=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(torch.onnx, "export", torch_2_4_export)
+    out = tmp_path / "deploy" / "m.onnx"
+    with pytest.raises(IlnasError, match=r"ONNX export needs torch >= 2\.6 .*torchscript and exported-program"):
+        export_model(folder_runs["train"], "onnx", out)
+    assert not (tmp_path / "deploy").exists()
 
 
 def test_torch_hub_builds_the_zoo_with_published_sizes_and_refuses_pretrained():

@@ -7,6 +7,7 @@ the card (class names, input size, mean/std, resize) is written beside it as ``<
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import tempfile
 import warnings
@@ -31,6 +32,8 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
     runtime and compare its logits with PyTorch's. Returns where it went and the largest difference."""
     if fmt not in FORMATS:
         raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx":
+        require_onnx_export()
     model = load_model(run, which, "cpu")
     target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
     example = torch.randn(2, *model.card.input_size, generator=torch.Generator().manual_seed(0))
@@ -80,11 +83,23 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=65536)
 
 
-def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
+def require_onnx_export() -> None:
+    """Refuse, before anything is written, an ONNX export this installation cannot make: the onnx extra
+    missing, or a torch whose ``torch.onnx.export`` has no torch.export-based path with ``dynamic_shapes``
+    (it came with torch 2.5 and became the supported exporter in 2.6)."""
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
     except ImportError:
         raise IlnasError("ONNX export needs the onnx extra: pip install 'ilnas[onnx]'") from None
+    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
+        raise IlnasError(f"ONNX export needs torch >= 2.6 (torch {torch.__version__} has no torch.export-based "
+                         f"ONNX exporter); the torchscript and exported-program formats work with it")
+
+
+def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
+    import onnxruntime
+
     with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
