@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 from helpers import ilnas, snapshot, write_image_folder
 from ilnas.errors import IlnasError
@@ -138,16 +139,30 @@ def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
     assert got.shape == (5, 3) and torch.allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_onnx_export_on_a_torch_without_the_new_exporter_is_refused_before_writing(folder_runs, tmp_path,
-                                                                                   monkeypatch):
-    def torch_2_4_export(model, args, f, export_params=True, verbose=False, dynamo=False, dynamic_axes=None):
-        raise AssertionError("never called")
-
-    monkeypatch.setattr(torch.onnx, "export", torch_2_4_export)
+def test_onnx_export_on_an_older_torch_is_refused_before_writing(folder_runs, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.5.1"))
     out = tmp_path / "deploy" / "m.onnx"
-    with pytest.raises(IlnasError, match=r"ONNX export needs torch >= 2\.6 .*torchscript and exported-program"):
+    with pytest.raises(IlnasError, match=r"ONNX export needs torch >= 2\.\d+ \(this is torch 2\.5\.1\); the "
+                                         r"torchscript and exported-program formats work"):
         export_model(folder_runs["train"], "onnx", out)
     assert not (tmp_path / "deploy").exists()
+
+
+def test_an_onnx_exporter_failure_is_one_line_and_leaves_no_file(folder_runs, tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("Failed to convert the exported program to an ONNX model.\n\n## Exception summary\n...")
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion("2.14.1"))
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(IlnasError) as e:
+        export_model(folder_runs["train"], "onnx", out)
+    assert "\n" not in str(e.value) and str(e.value).startswith("torch.onnx cannot export this network with torch "
+                                                                 "2.14.1 and onnxscript ")
+    assert "(Failed to convert the exported program to an ONNX model.)" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torch_hub_builds_the_zoo_with_published_sizes_and_refuses_pretrained():

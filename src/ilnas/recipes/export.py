@@ -7,7 +7,6 @@ the card (class names, input size, mean/std, resize) is written beside it as ``<
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import tempfile
 import warnings
@@ -22,6 +21,7 @@ from ilnas.models import load_model
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
 TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, relative to max(1, |logits|)
+ONNX_TORCH = (2, 9)  # the oldest torch whose ONNX export of these networks was seen to work
 CHECK_BATCHES = (1, 3)  # checked at more than one batch size: the batch dimension is dynamic
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
@@ -85,25 +85,34 @@ def _batch_dim():
 
 def require_onnx_export() -> None:
     """Refuse, before anything is written, an ONNX export this installation cannot make: the onnx extra
-    missing, or a torch whose ``torch.onnx.export`` has no torch.export-based path with ``dynamic_shapes``
-    (it came with torch 2.5 and became the supported exporter in 2.6)."""
+    missing, or a torch older than ``ONNX_TORCH``, whose ``torch.onnx.export`` has no torch.export-based path
+    (2.4) or one that fails on BatchNorm with current onnxscript releases (2.5.1, 2.6)."""
     try:
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise IlnasError("ONNX export needs the onnx extra: pip install 'ilnas[onnx]'") from None
-    if "dynamic_shapes" not in inspect.signature(torch.onnx.export).parameters:
-        raise IlnasError(f"ONNX export needs torch >= 2.6 (torch {torch.__version__} has no torch.export-based "
-                         f"ONNX exporter); the torchscript and exported-program formats work with it")
+    if torch.__version__ < ONNX_TORCH:
+        raise IlnasError(f"ONNX export needs torch >= {'.'.join(map(str, ONNX_TORCH))} (this is torch "
+                         f"{torch.__version__}); the torchscript and exported-program formats work with it")
 
 
 def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Runner, str]:
     import onnxruntime
+    import onnxscript
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes=({0: _batch_dim()},))
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: _batch_dim()},))
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the exporter's error types differ from one torch release to the next
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise IlnasError(f"torch.onnx cannot export this network with torch {torch.__version__} and onnxscript "
+                             f"{onnxscript.__version__} ({reason[:200]}); the torchscript and exported-program "
+                             f"formats do not need it") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return (lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]),
             f"onnxruntime {onnxruntime.__version__}")
