@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -85,6 +87,44 @@ def test_the_submitit_path_runs_through_its_local_executor(tmp_path):
     assert (tmp_path / "sweep" / "seed-3" / "search" / "summary.json").is_file()
 
 
+def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:
+    """What SLURM does before a time limit or a preemption: USR2 to the job's process (the parent of the
+    ilnas process that holds the search's lock), here as soon as the search has a checkpoint."""
+    deadline = time.time() + 300
+    while not (search / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    holder = int(re.match(r"pid (\d+)", (search / ".lock").read_text()).group(1))
+    job = int(Path(f"/proc/{holder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
+    os.kill(job, signal.SIGUSR2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads parent pids from /proc")
+@pytest.mark.parametrize("requeues", [None, 0])
+def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_path, requeues):
+    pytest.importorskip("submitit")
+    settings = {"cluster": "local", "timeout_min": 10, **({} if requeues is None else {"max_num_timeout": requeues})}
+    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=8"]
+    spec = _spec(tmp_path, executor="submitit", submitit=settings, grid={"search.seed": [3]}, train=None,
+                 search={"preset": "demo", "set": search_set})
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _signal_the_job_once_its_search_has_a_checkpoint(proc, out / "seed-3" / "search")
+    stdout, stderr = proc.communicate(timeout=300)
+    status = json.loads((out / "sweep.json").read_text())["cells"][0]["runs"]["search"]
+    if requeues == 0:  # no requeue allowed: the cell fails, in one line, and the sweep says so
+        assert proc.returncode == 3 and len(stderr.splitlines()) == 1 and "1 of 1 sweep cells failed (first: seed-3, its search failed (job " in stderr
+        assert status.startswith("failed (job ") and "timed-out too many times" in status and "_log.err" in status
+        assert not (out / "seed-3" / "search" / "summary.json").exists()
+        return
+    assert proc.returncode == 0, stderr
+    assert status == "finished"
+    sessions = _sessions(out / "seed-3" / "search")
+    assert [s["resumed"] for s in sessions] == [False, True]  # continued from its checkpoint, not restarted
+    assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 8
+
+
 @pytest.mark.parametrize("change, message", [
     ({"grid": {}}, "grid must map axes to values"),
     ({"grid": {"framework": [1, 2]}}, "is not a setting (section.key)"),
@@ -92,6 +132,8 @@ def test_the_submitit_path_runs_through_its_local_executor(tmp_path):
     ({"parallel": 0}, "parallel must be a positive integer"),
     ({"executor": "kubernetes"}, "executor must be local or submitit"),
     ({"colour": 1}, "unknown key 'colour'"),
+    ({"executor": "submitit", "submitit": ["slurm"]}, "submitit must be a mapping"),
+    ({"executor": "submitit", "submitit": {"max_num_timeout": -1}}, "max_num_timeout must be a non-negative integer"),
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
@@ -99,6 +141,13 @@ def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
         load_spec(_spec(tmp_path, **change))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_submitit_parameter_it_does_not_know_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("submitit")
+    r = ilnas("sweep", _spec(tmp_path, executor="submitit", submitit={"cluster": "local", "colour": "red"}))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "submitit settings not accepted (Parameter 'colour'" in r.stderr
 
 
 def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):

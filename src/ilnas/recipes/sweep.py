@@ -57,7 +57,7 @@ class Sweep:
     cells: tuple[Cell, ...]
     parallel: int
     executor: str
-    submitit: dict  # AutoExecutor parameters (slurm_partition, timeout_min, ...; cluster: local|slurm)
+    submitit: dict  # AutoExecutor parameters (slurm_partition, timeout_min, ...; cluster: local|slurm; max_num_timeout)
 
 
 def _list(value: Any, where: str) -> list[str]:
@@ -128,7 +128,17 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
         cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
     if len({c.name for c in cells}) != len(cells):
         raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
-    return Sweep(root, tuple(cells), parallel, executor, dict(spec.get("submitit") or {}))
+    return Sweep(root, tuple(cells), parallel, executor, _submitit_settings(spec.get("submitit")))
+
+
+def _submitit_settings(value: Any) -> dict:
+    settings = value or {}
+    if not isinstance(settings, dict):
+        raise IlnasError("sweep spec: submitit must be a mapping of AutoExecutor parameters")
+    requeues = settings.get("max_num_timeout", 0)
+    if not isinstance(requeues, int) or isinstance(requeues, bool) or requeues < 0:
+        raise IlnasError(f"sweep spec: submitit.max_num_timeout must be a non-negative integer, got {requeues!r}")
+    return dict(settings)
 
 
 def _resolved(preset: str, overrides: list[str], kind: str, where: str):
@@ -266,24 +276,72 @@ def run_sweep(sweep: Sweep) -> dict:
                "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
     atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=1) + "\n")
     if summary["failed"]:
-        raise RunFailed(f"{len(summary['failed'])} of {len(statuses)} sweep cells failed (first: "
-                        f"{summary['failed'][0]}; see its .log); run the sweep again to continue")
+        cell = next(s for s in statuses if s["cell"] == summary["failed"][0])
+        run, why = next((run, v) for run, v in cell["runs"].items() if v.startswith("failed"))
+        raise RunFailed(f"{len(summary['failed'])} of {len(statuses)} sweep cells failed (first: {cell['cell']}, "
+                        f"its {run} {why}); run the sweep again to continue")
     return summary
+
+
+class CellJob:
+    """A cell as a submitit job that survives its time limit and preemption: submitit calls ``checkpoint``
+    on the signal SLURM sends before it stops the job (USR2), and requeues what it returns, the same cell;
+    run_cell then skips the finished runs and resumes the interrupted one from its last checkpoint."""
+
+    def __init__(self, cell: Cell):
+        self.cell = cell
+
+    def __call__(self) -> dict:
+        return run_cell(self.cell)
+
+    def checkpoint(self):
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
 
 
 def _submitit(sweep: Sweep) -> list[dict]:
     """One job per cell through submitit: SLURM where it is available, else (or with submitit: {cluster:
-    local}) its local executor."""
+    local}) its local executor. A job stopped at its time limit or preempted is requeued, at most
+    ``max_num_timeout`` times for time limits (submitit's default 3); one that fails or is not requeued
+    again becomes its cell's failed status."""
     try:
         import submitit
     except ImportError:
         raise IlnasError("executor submitit needs the submitit package: pip install 'ilnas[sweep]'") from None
     params = dict(sweep.submitit)
     cluster = params.pop("cluster", None)
-    executor = submitit.AutoExecutor(folder=str(sweep.out / "submitit"), cluster=cluster)
+    most = params.pop("max_num_timeout", None)
+    requeues = {} if most is None else {"slurm_max_num_timeout": most, "local_max_num_timeout": most}
     try:
+        executor = submitit.AutoExecutor(folder=str(sweep.out / "submitit"), cluster=cluster, **requeues)
         executor.update_parameters(**params)
-    except (TypeError, ValueError) as e:
-        raise IlnasError(f"sweep spec: submitit settings not accepted ({e})") from None
-    jobs = [executor.submit(run_cell, cell) for cell in sweep.cells]
-    return [job.result() for job in jobs]
+    except (TypeError, ValueError, NameError) as e:  # NameError: a parameter submitit does not know
+        raise IlnasError(f"sweep spec: submitit settings not accepted ({str(e).splitlines()[0]})") from None
+    jobs = [executor.submit(CellJob(cell)) for cell in sweep.cells]
+    return [_job_status(job, cell) for job, cell in zip(jobs, sweep.cells)]
+
+
+def _job_status(job, cell: Cell) -> dict:
+    """The cell's status from its job: what run_cell returned, or, where the job failed or was stopped for
+    good, its finished runs and the first unfinished one marked failed with the job's reason."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        return job.result()
+    except (FailedJobError, UncompletedJobError) as e:
+        reason = f"failed (job {job.job_id}: {_job_failure(str(e))}; see {job.paths.stderr})"
+    runs: dict[str, str] = {}
+    for run in cell.runs:
+        runs[run.out.name] = "finished" if is_finished(run.out) else reason
+        if not is_finished(run.out):
+            break
+    return {"cell": cell.name, "labels": cell.labels, "runs": runs}
+
+
+def _job_failure(message: str) -> str:
+    """One line of a submitit error: the job's own last exception line where it carries a traceback
+    (header, trace, where the logs are), else its first line."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    return (raised[-1] if raised else lines[0] if lines else "no reason given")[:300].rstrip(".")
