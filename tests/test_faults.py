@@ -194,6 +194,12 @@ COMMAND_LINES = [
     (["search", "--out", "a\x00b"], "--out cannot hold a NUL byte"),
     (["search", "--config", "a\x00b"], "--config cannot hold a NUL byte"),
     (["describe", "a\x00b"], "cannot hold a NUL byte"),
+    (["search", "--auto-resume"], "--auto-resume needs --out DIR"),
+    (["search", "--auto-resume", "--resume", "--out", "__RUN__"], "--auto-resume excludes --resume and --force"),
+    (["search", "--auto-resume", "--force", "--out", "__RUN__"], "--auto-resume excludes --resume and --force"),
+    ([*SEARCH3, "--set", "search.seed=9", "--out", "__RUN__", "--auto-resume"],
+     "holds a run of another configuration (first difference at search.seed)"),
+    ([*TRAIN_ARGS, "--out", "__RUN__", "--auto-resume"], "holds a search run, not a training run"),
 ]
 
 
@@ -201,6 +207,21 @@ COMMAND_LINES = [
 def test_a_bad_command_line_is_refused_in_one_line(finished_run, argv, message):
     argv = [a.replace("__RUN__", str(finished_run)) for a in argv]
     assert_refused(argv, message, [finished_run])
+
+
+def test_auto_resume_leaves_a_finished_run_as_it_is(finished_run, finished_training):
+    for argv, run, says in ((SEARCH3, finished_run, "genotype = Genotype("), (TRAIN_ARGS, finished_training, "test error: ")):
+        before = snapshot(run)
+        r = ilnas(*argv, "--out", str(run), "--auto-resume")
+        assert r.returncode == 0, r.stderr
+        assert "finished: nothing to do" in r.stdout and says in r.stdout
+        assert snapshot(run) == before
+
+
+def test_auto_resume_refuses_a_training_run_of_another_genotype(finished_training):
+    argv = [a if a != "DARTS_V2" else "PDARTS" for a in TRAIN_ARGS]
+    assert_refused([*argv, "--out", str(finished_training), "--auto-resume"],
+                   "holds a run of another configuration (first difference at genotype)", [finished_training])
 
 
 def test_a_training_run_cannot_be_resumed_as_a_search(finished_training):
@@ -540,11 +561,14 @@ def test_skip_connect_dropout_is_off_in_evaluation_mode():
 
 # --- SIGKILL at random points ----------------------------------------------------------------------------
 
-def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, lines: int) -> int:
+def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills: int, lines: int,
+                    auto: bool = False) -> int:
     """Start ``argv``; SIGKILL it at a random point (once its metrics log has reached a random line below
     ``lines``, the length of the uninterrupted run's log, plus a random instant), resume; ``kills`` times.
-    Then let the last resume finish. Returns how many kills hit an unfinished run."""
+    Then let the last resume finish. Returns how many kills hit an unfinished run. ``auto``: start and resume
+    with the same command line plus --auto-resume, as a restarted or requeued job does."""
     rng, hits = random.Random(seed), 0
+    argv = [*argv, "--auto-resume"] if auto else argv
     proc = ilnas(*argv, "--out", str(out), wait=False)
     for i in range(kills):
         wait_for_sessions(out, i + 1, proc)
@@ -557,7 +581,8 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
         if (out / finished).exists():
             return hits
         hits += 1
-        proc = ilnas(argv[0], "--resume", "--quiet", "--out", str(out), wait=False)
+        restart = argv if auto else [argv[0], "--resume", "--quiet"]
+        proc = ilnas(*restart, "--out", str(out), wait=False)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.decode()
     return hits
@@ -575,9 +600,10 @@ def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_
 
 
 def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training, tmp_path):
+    """Restarted with its own command line and --auto-resume each time, as a requeued job is."""
     out = tmp_path / "run"
     hits = kill_and_resume(TRAIN_ARGS, out, "result.json", seed=3, kills=2,
-                           lines=len(read_lines(finished_training / "metrics.jsonl")))
+                           lines=len(read_lines(finished_training / "metrics.jsonl")), auto=True)
     assert hits >= 1
     assert_same_training(finished_training, out)
 

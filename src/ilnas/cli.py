@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     s.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    s.add_argument("--auto-resume", action="store_true",
+                   help="start the run, or continue it where --out holds it unfinished; a finished one is left as "
+                        "it is (one command line for a job that may be restarted or requeued)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
 
@@ -45,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default: runs/train-<preset>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    t.add_argument("--auto-resume", action="store_true",
+                   help="start the run, or continue it where --out holds it unfinished; a finished one is left as "
+                        "it is (one command line for a job that may be restarted or requeued)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
 
@@ -116,6 +122,10 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
         raise IlnasError("--out is empty; name a run directory")
     if args.resume and args.force:
         raise IlnasError("--resume and --force exclude each other")
+    if args.auto_resume and (args.resume or args.force):
+        raise IlnasError("--auto-resume excludes --resume and --force")
+    if args.auto_resume and not args.out:
+        raise IlnasError("--auto-resume needs --out DIR, the run to start or continue")
     for flag, value in (("--out", args.out), ("--config", args.config)):
         if value is not None and "\x00" in value:
             raise IlnasError(f"{flag} cannot hold a NUL byte")
@@ -136,22 +146,41 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
 
 def _search(args: argparse.Namespace) -> None:
     from ilnas.recipes.search import run_search
+    from ilnas.runs import config_dict, read_json
 
     cfg, out = _config_and_out(args, "search", "demo", "")
     from ilnas.distributed import is_main_rank
 
     speaks = is_main_rank()
+    resume = _resume(args, out, "search", config_dict(cfg))
+    if resume is None:
+        if speaks:
+            print(f"{out} holds this search, finished: nothing to do")
+            print(f"genotype = {read_json(out, 'summary.json')['genotype']}")
+        return
     if speaks:
         print(f"run directory: {out}", flush=True)
-    genotype = run_search(cfg, out, resume=args.resume, force=args.force, progress=not args.quiet,
+    genotype = run_search(cfg, out, resume=resume, force=args.force, progress=not args.quiet,
                           report=not args.no_report)
     if speaks:
         print(f"genotype = {genotype.to_string()}")
 
 
+def _resume(args: argparse.Namespace, out: Path, kind: str, config: dict) -> bool | None:
+    """Whether the run continues (--resume, or --auto-resume finding it unfinished); None: --auto-resume
+    found it finished."""
+    if not args.auto_resume:
+        return args.resume
+    from ilnas.runs import auto_resume
+
+    state = auto_resume(out, kind, config)
+    return None if state == "finished" else state == "resume"
+
+
 def _train(args: argparse.Namespace) -> None:
     from ilnas.distributed import is_main_rank
     from ilnas.recipes.train import run_train
+    from ilnas.runs import config_dict, read_json
     from ilnas.space.genotype import load_genotype, zoo
 
     cfg, out = _config_and_out(args, "eval", "eval-cifar10", "train-")
@@ -165,10 +194,17 @@ def _train(args: argparse.Namespace) -> None:
         genotype = load_genotype(args.genotype)
         found = Path(args.genotype)  # a search run or a file: recorded as an absolute path
         source = str(found.resolve()) if args.genotype not in zoo() and found.exists() else args.genotype
-    result = run_train(cfg, genotype, out, resume=args.resume, force=args.force, progress=not args.quiet,
-                       genotype_source=source, report=not args.no_report)
+    resume = _resume(args, out, "eval", config_dict(cfg, genotype=genotype.to_string()))
+    if resume is None:
+        result = read_json(out, "result.json")
+        if is_main_rank():
+            print(f"{out} holds this training run, finished: nothing to do")
+    else:
+        result = run_train(cfg, genotype, out, resume=resume, force=args.force, progress=not args.quiet,
+                           genotype_source=source, report=not args.no_report)
+        if is_main_rank():
+            print(f"run directory: {out}")
     if is_main_rank():
-        print(f"run directory: {out}")
         print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
               f"{result['params'] / 1e6:.2f}M parameters")
 

@@ -132,6 +132,23 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
         _RunLock(path).probe()
 
 
+def auto_resume(path: Path, kind: str, config: dict) -> str:
+    """What ``--auto-resume`` does with ``path``: "start" where it holds no run yet (``check`` still refuses a
+    directory that is not empty), "resume" where it holds this configuration's run unfinished, "finished"
+    where it holds it finished. A run of another kind or configuration there is refused."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        return "start"
+    stored = read_config(path)
+    if stored["kind"] != kind:
+        raise IlnasError(f"{path} holds a {KIND_NAMES[stored['kind']]} run, not a {KIND_NAMES[kind]} run")
+    if stored != config:
+        raise IlnasError(f"{path} holds a run of another configuration (first difference at "
+                         f"{_first_difference(stored, config)}); --auto-resume continues only the run its command "
+                         f"line describes: choose another --out, or replace the run with --force")
+    return "finished" if is_finished(path) else "resume"
+
+
 def resume_config(path: Path, kind: str) -> Any:
     """The run's validated configuration, for --resume (a training run's genotype is in genotype.json)."""
     check(path, resume=True, force=False, kind=kind)

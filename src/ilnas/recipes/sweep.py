@@ -193,15 +193,14 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
 
 
 def command(run: RunSpec) -> list[str]:
-    """The ilnas command that starts ``run``, or continues it where its directory holds it already."""
-    base = [sys.executable, "-m", "ilnas", run.command, "--quiet", "--out", str(run.out)]
+    """The ilnas command that starts ``run``, or continues it where its directory holds it already
+    (--auto-resume); a directory holding another configuration is refused here, before the cell runs."""
     if (run.out / CONFIG).is_file():
         found = {k: v for k, v in read_config(run.out).items() if k != "genotype"}
         if found != run.config:
             raise IlnasError(f"{run.out} holds a run of another configuration than the sweep's; move it away or "
                              f"choose another out")
-        return base + ["--resume", *(a for a in run.args if a == "--no-report")]
-    return base + list(run.args)
+    return [sys.executable, "-m", "ilnas", run.command, "--quiet", "--out", str(run.out), *run.args, "--auto-resume"]
 
 
 def describe_sweep(sweep: Sweep) -> str:
