@@ -121,21 +121,31 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path):
+@pytest.mark.parametrize("restart", ["relaunched", "elastic"])
+def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path, restart):
+    """relaunched: the launcher and both ranks killed, then `torchrun ... --resume`. elastic: one rank killed;
+    torchrun (--max-restarts 1) restarts both with the same command line, which --auto-resume continues."""
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*TORCHRUN, "-m", "ilnas", *MICRO, "--out", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elastic = restart == "elastic"
+    launcher = [*TORCHRUN, "--max-restarts", "1"] if elastic else TORCHRUN
+    proc = subprocess.Popen([*launcher, "-m", "ilnas", *MICRO, "--out", str(out), *(["--auto-resume"] if elastic else [])],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not (out / "checkpoint.pt").exists():  # the end of epoch 1
         assert proc.poll() is None and time.time() < deadline, ranks_stderr(proc.stderr.read().decode())
         time.sleep(0.01)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # the launcher and both ranks (in sessions of their own)
+    ranks = descendants(proc.pid)  # in sessions of their own
+    for pid in ranks[-1:] if elastic else [proc.pid, *ranks]:
         os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()
-    r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, ranks_stderr(r.stderr)
+    if elastic:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, ranks_stderr(err.decode())
+    else:
+        proc.wait()
+        assert not (out / "summary.json").exists()
+        r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
+        assert r.returncode == 0, ranks_stderr(r.stderr)
     assert_same_search(two_ranks, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 2), (True, 2)]

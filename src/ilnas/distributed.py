@@ -60,7 +60,12 @@ def start(device: str) -> Process:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+        # Keys of their own per attempt: torchrun's restarts (--max-restarts) may keep its store, where the
+        # previous attempt's addresses would send a new rank to a dead peer ("Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
+                                rank=rank, world_size=world)
     return Process(rank, world, local, dev)
 
 
