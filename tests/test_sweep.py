@@ -102,7 +102,9 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
                             stderr=subprocess.PIPE, text=True)
     _signal_the_job_once_its_search_has_a_checkpoint(proc, out / "seed-3" / "search")
     stdout, stderr = proc.communicate(timeout=300)
-    status = json.loads((out / "sweep.json").read_text())["cells"][0]["runs"]["search"]
+    cell = json.loads((out / "sweep.json").read_text())["cells"][0]
+    status = cell["runs"]["search"]
+    assert Path(cell["job_log"]).is_file() and cell["job"] in cell["job_log"]
     if requeues == 0:  # no requeue allowed: the cell fails, in one line, and the sweep says so
         assert proc.returncode == 3 and len(stderr.splitlines()) == 1 and "1 of 1 sweep cells failed (first: seed-3, its search failed (job " in stderr
         assert status.startswith("failed (job ") and "timed-out too many times" in status and "_log.err" in status

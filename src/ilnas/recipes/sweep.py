@@ -326,8 +326,9 @@ def _job_status(job, cell: Cell) -> dict:
     good, its finished runs and the first unfinished one marked failed with the job's reason."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
+    where = {"job": job.job_id, "job_log": str(job.paths.stderr)}
     try:
-        return job.result()
+        return {**job.result(), **where}
     except (FailedJobError, UncompletedJobError) as e:
         reason = f"failed (job {job.job_id}: {_job_failure(str(e))}; see {job.paths.stderr})"
     runs: dict[str, str] = {}
@@ -335,7 +336,7 @@ def _job_status(job, cell: Cell) -> dict:
         runs[run.out.name] = "finished" if is_finished(run.out) else reason
         if not is_finished(run.out):
             break
-    return {"cell": cell.name, "labels": cell.labels, "runs": runs}
+    return {"cell": cell.name, "labels": cell.labels, "runs": runs, **where}
 
 
 def _job_failure(message: str) -> str:
