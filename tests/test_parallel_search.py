@@ -149,6 +149,7 @@ def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path, restart
     assert_same_search(two_ranks, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 2), (True, 2)]
+    assert [s["job"]["TORCHELASTIC_RESTART_COUNT"] for s in sessions] == (["0", "1"] if elastic else ["0", "0"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -114,6 +114,7 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     assert status == "finished" and json.loads((out / "sweep.json").read_text())["executor"] == "submitit"
     sessions = _sessions(out / "seed-3" / "search")
     assert [s["resumed"] for s in sessions] == [False, True]  # continued from its checkpoint, not restarted
+    assert [s["job"]["SUBMITIT_LOCAL_JOB_ID"] for s in sessions] == [cell["job"]] * 2  # the job, requeued
     assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 5
 
 

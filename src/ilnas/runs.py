@@ -230,10 +230,17 @@ def _git_commit() -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+# Which scheduler job, array task and torchrun restart a session ran as, where set: the trail of a run that
+# was requeued or restarted.
+JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                 "TORCHELASTIC_RESTART_COUNT", "SUBMITIT_LOCAL_JOB_ID")
+
+
 def provenance_session(resumed: bool) -> dict:
     """Who worked on the run and how; ``world_size``: the torchrun ranks (a resume may use another count)."""
     return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "job": {k: os.environ[k] for k in JOB_VARIABLES if k in os.environ},
             "host": socket.gethostname(), "ilnas": __version__, "git_commit": _git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
