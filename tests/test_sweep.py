@@ -143,6 +143,15 @@ def test_a_submitit_parameter_it_does_not_know_is_refused_in_one_line(tmp_path):
     assert "submitit settings not accepted (Parameter 'colour'" in r.stderr
 
 
+def test_submitit_locally_has_no_two_minute_limit_unless_one_is_given(tmp_path):
+    pytest.importorskip("submitit")
+    from ilnas.recipes.sweep import LOCAL_TIMEOUT_MIN, submitit_executor
+
+    for settings, minutes in (({"cluster": "local"}, LOCAL_TIMEOUT_MIN), ({"cluster": "local", "timeout_min": 7}, 7)):
+        sweep = load_spec(_spec(tmp_path, executor="submitit", submitit=settings))
+        assert submitit_executor(sweep).parameters["timeout_min"] == minutes
+
+
 def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):
     r = ilnas("sweep", _spec(tmp_path, parallel=-3))
     assert r.returncode == 2 and "parallel must be a positive integer" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -299,11 +299,14 @@ class CellJob:
         return DelayedSubmission(self)
 
 
-def _submitit(sweep: Sweep) -> list[dict]:
-    """One job per cell through submitit: SLURM where it is available, else (or with submitit: {cluster:
-    local}) its local executor. A job stopped at its time limit or preempted is requeued, at most
-    ``max_num_timeout`` times for time limits (submitit's default 3); one that fails or is not requeued
-    again becomes its cell's failed status."""
+# submitit's local executor stops a job after timeout_min=2 unless told otherwise: far too short for a search.
+LOCAL_TIMEOUT_MIN = 30 * 24 * 60
+
+
+def submitit_executor(sweep: Sweep):
+    """The AutoExecutor of the sweep's ``submitit`` settings: SLURM where it is available, else (or with
+    ``cluster: local``) submitit's local executor, there without a time limit unless ``timeout_min`` is given.
+    ``max_num_timeout``: how often a job stopped by its time limit is requeued (submitit's default 3)."""
     try:
         import submitit
     except ImportError:
@@ -314,9 +317,18 @@ def _submitit(sweep: Sweep) -> list[dict]:
     requeues = {} if most is None else {"slurm_max_num_timeout": most, "local_max_num_timeout": most}
     try:
         executor = submitit.AutoExecutor(folder=str(sweep.out / "submitit"), cluster=cluster, **requeues)
+        if executor.cluster == "local":
+            params.setdefault("timeout_min", LOCAL_TIMEOUT_MIN)
         executor.update_parameters(**params)
     except (TypeError, ValueError, NameError) as e:  # NameError: a parameter submitit does not know
         raise IlnasError(f"sweep spec: submitit settings not accepted ({str(e).splitlines()[0]})") from None
+    return executor
+
+
+def _submitit(sweep: Sweep) -> list[dict]:
+    """One job per cell. A job stopped at its time limit or preempted is requeued (CellJob); one that fails or
+    is not requeued again becomes its cell's failed status."""
+    executor = submitit_executor(sweep)
     jobs = [executor.submit(CellJob(cell)) for cell in sweep.cells]
     return [_job_status(job, cell) for job, cell in zip(jobs, sweep.cells)]
 
