@@ -627,3 +627,39 @@ def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():
     assert issubclass(RunFailed, IlnasError) and RunFailed.exit_code == 3 and IlnasError.exit_code == 2
     with pytest.raises(IlnasError, match="optimizer.lr must be a finite number"):
         resolve(overrides=["optimizer.lr=.nan"])
+
+
+# --- ilnas status -----------------------------------------------------------------------------------------
+
+def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, finished_training, tmp_path):
+    out = tmp_path / "run"
+    proc = ilnas(*MICRO, "--set", "search.epochs=50", "--out", str(out), wait=False)
+    deadline = time.time() + 300
+    while not any('"kind": "epoch"' in line for line in read_lines(out / "metrics.jsonl")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+    running = json.loads(ilnas("status", str(out), "--json").stdout)[0]
+    assert running["state"] == "running" and running["holder"].startswith(f"pid {proc.pid} on ")
+    assert running["epochs"] == 50 and running["epochs_done"] >= 1 and running["remaining_seconds"] > 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "epo')  # a line the kill cut short
+    before = snapshot(out)
+    r = ilnas("status", str(finished_run), str(finished_training), str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {Path(row["run"]).name: row for row in json.loads(r.stdout)}
+    search, training, stopped = rows[finished_run.name], rows[finished_training.name], rows["run"]
+    assert (search["state"], search["epochs_done"], search["epochs"], search["sessions"]) == ("finished", 3, 3, 1)
+    assert search["last"].startswith("val acc mnist5k ") and search["remaining_seconds"] is None
+    assert (training["kind"], training["state"], training["epochs_done"]) == ("training", "finished", 3)
+    assert training["last"].startswith("test top-1 ")
+    assert stopped["state"] == "interrupted" and stopped["holder"] is None and stopped["remaining_seconds"] is None
+    table = ilnas("status", str(tmp_path)).stdout
+    assert "| interrupted |" in table and table.count("\n") == 3
+    assert snapshot(out) == before  # status only reads
+
+
+def test_status_of_a_directory_without_runs_is_one_line(tmp_path):
+    r = ilnas("status", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == f"ilnas: error: no ilnas runs in {tmp_path}"

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON (unrounded numbers)")
 
+    st = sub.add_parser("status", help="where runs stand: finished, running (by whom) or interrupted, epochs, pace")
+    st.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
     sw = sub.add_parser("sweep", help="run a grid of searches and re-train every found cell (resumable)")
     sw.add_argument("spec", help="a sweep spec (YAML; see the README)")
     sw.add_argument("--out", help="the sweep's directory (default: the spec's out)")
@@ -242,6 +246,13 @@ def _compare(args: argparse.Namespace) -> None:
           end="")
 
 
+def _status(args: argparse.Namespace) -> None:
+    from ilnas.recipes.status import status, table
+
+    rows = status(args.runs)
+    print(json.dumps(rows, indent=1) if args.json else table(rows), end="\n" if args.json else "")
+
+
 def _sweep(args: argparse.Namespace) -> None:
     from ilnas.recipes.sweep import describe_sweep, load_spec, run_sweep
 
@@ -314,7 +325,7 @@ def _device(name: str) -> str:
 
 
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,
-            "plot": _plot, "compare": _compare, "sweep": _sweep, "evaluate": _evaluate, "predict": _predict,
+            "plot": _plot, "compare": _compare, "status": _status, "sweep": _sweep, "evaluate": _evaluate, "predict": _predict,
             "export": _export}
 
 

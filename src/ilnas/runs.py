@@ -27,7 +27,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -181,22 +181,30 @@ class _RunLock:
             os.close(fd)
             return None
 
-    def _refuse(self) -> None:
+    def _holder_line(self) -> str:
         try:
-            holder = self.file.read_text(errors="replace").strip() or "unknown process"
+            return self.file.read_text(errors="replace").strip() or "unknown process"
         except OSError:
-            holder = "unknown process"
-        raise IlnasError(f"{self.file.parent} is in use by another ilnas process ({holder}); wait for it to end "
-                         f"or choose another --out")
+            return "unknown process"
+
+    def _refuse(self) -> None:
+        raise IlnasError(f"{self.file.parent} is in use by another ilnas process ({self._holder_line()}); wait for "
+                         f"it to end or choose another --out")
 
     def probe(self) -> None:
         """Refuse now if another process holds the run; hold nothing afterwards."""
+        if self.holder() is not None:
+            self._refuse()
+
+    def holder(self) -> str | None:
+        """Who holds the run now (the lock file's line), or None where no process does."""
         if not self.file.exists():
-            return
+            return None
         fd = self._try()
         if fd is None:
-            self._refuse()
+            return self._holder_line()
         os.close(fd)
+        return None
 
     def acquire(self) -> None:
         fd = self._try()
@@ -212,6 +220,11 @@ class _RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
+
+
+def lock_holder(path: Path) -> str | None:
+    """The process working on the run at ``path`` ("pid N on HOST, since T: COMMAND"), or None."""
+    return _RunLock(Path(path)).holder()
 
 
 def _now() -> str:
@@ -440,6 +453,21 @@ def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
         raise IlnasError(f"{path / CONFIG} differs from the configuration its checkpoint was written with "
                          f"(first at {key}); restore it, or start a new run with --force")
     return payload
+
+
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """The run directories named, and those found below any other directory named (e.g. a sweep's)."""
+    runs: list[Path] = []
+    for p in map(Path, paths):
+        if (p / CONFIG).is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(c.parent for c in p.rglob(CONFIG))
+        else:
+            raise IlnasError(f"{p} is neither a run directory nor a directory of runs")
+    if not runs:
+        raise IlnasError(f"no ilnas runs in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(r.resolve() for r in runs))
 
 
 def read_json(path: Path, name: str) -> dict | None:

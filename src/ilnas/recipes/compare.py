@@ -12,29 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ilnas.errors import IlnasError
-from ilnas.runs import is_finished, read_config, read_json
+from ilnas.runs import find_runs, is_finished, read_config, read_json
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "search.device", "train.device",
            "train.workers", "train.decode", "train.amp", "train.channels_last", "train.deterministic", "search.threads",
            "train.threads", "search.channels_last"}
 SEEDS = {"search.seed", "train.seed"}
-
-
-def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """The run directories named, and those found below any other directory named (e.g. a sweep's)."""
-    runs: list[Path] = []
-    for p in map(Path, paths):
-        if (p / "config.yaml").is_file():
-            runs.append(p)
-        elif p.is_dir():
-            runs += sorted(c.parent for c in p.rglob("config.yaml"))
-        else:
-            raise IlnasError(f"{p} is neither a run directory nor a directory of runs")
-    if not runs:
-        raise IlnasError(f"no ilnas runs in {', '.join(map(str, paths))}")
-    return list(dict.fromkeys(r.resolve() for r in runs))
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:

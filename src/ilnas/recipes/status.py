@@ -1,0 +1,91 @@
+"""Where runs stand: finished, running (and who runs it), or interrupted (to be resumed); how many epochs
+are done, the last epoch's accuracies, how many sessions worked on the run, and for a running one the time
+its remaining epochs should take. Reads run directories only; writes nothing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ilnas.runs import METRICS, PROVENANCE, find_runs, is_finished, lock_holder, read_config, read_json
+
+RECENT = 5  # epochs whose mean time predicts the remaining ones
+
+
+def run_status(path: Path) -> dict:
+    """One run's state (``finished``, ``running``, ``interrupted`` or ``not started``), progress and pace."""
+    path = Path(path)
+    config = read_config(path)
+    kind = config["kind"]
+    epochs = [m for m in _records(path) if m.get("kind") == "epoch"]
+    total = _total_epochs(config)
+    sessions = (read_json(path, PROVENANCE) or {}).get("sessions", [])
+    try:
+        holder = lock_holder(path)
+    except OSError as e:  # a lock this user may not open
+        holder = f"unknown: its lock cannot be opened ({e.strerror or e})"
+    state = ("finished" if is_finished(path) else "running" if holder is not None
+             else "interrupted" if sessions else "not started")
+    times = [m["epoch_time"] for m in epochs if isinstance(m.get("epoch_time"), (int, float))][-RECENT:]
+    epoch_time = sum(times) / len(times) if times else None
+    remaining = max(total - len(epochs), 0)
+    return {"run": str(path), "kind": "search" if kind == "search" else "training", "state": state,
+            "holder": holder if state == "running" else None, "epochs_done": len(epochs), "epochs": total,
+            "last": _last(epochs[-1]) if epochs else None, "sessions": len(sessions),
+            "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
+            "remaining_seconds": epoch_time * remaining if epoch_time is not None and state == "running" else None}
+
+
+def status(paths: Sequence[str | Path]) -> list[dict]:
+    """The state of every run named or found below the directories named (a sweep's, say)."""
+    return [run_status(run) for run in find_runs(paths)]
+
+
+def _records(path: Path) -> list[dict]:
+    """The metrics log's records; a line cut short by a kill (the last one) is skipped."""
+    f = path / METRICS
+    records = []
+    for line in (f.read_text(errors="replace").splitlines() if f.is_file() else []):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def _total_epochs(config: dict) -> int:
+    if config["kind"] != "search":
+        return int(config["train"]["epochs"])
+    phases = len(config["pdarts"]["layers"]) if config["search"]["method"] == "pdarts" else 1
+    return int(config["search"]["epochs"]) * phases
+
+
+def _last(epoch: dict) -> str:
+    """The last epoch's accuracies: a search's validation accuracy per task, a training's test top-1."""
+    if isinstance(epoch.get("val_acc"), dict):
+        return "val acc " + " ".join(f"{task} {acc:.3f}" for task, acc in epoch["val_acc"].items()
+                                     if isinstance(acc, (int, float)))
+    top1 = epoch.get("test_top1")
+    return f"test top-1 {top1:.3f}" if isinstance(top1, (int, float)) else "-"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 \
+        else f"{seconds / 3600:.1f} h"
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table, one row per run; the process of each running one below it."""
+    lines = ["| run | kind | state | epochs | last epoch | sessions | epoch time | remaining |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
+        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{r['epochs']} | "
+                     f"{r['last'] or '-'} | {sessions} | {_duration(r['epoch_seconds'])} | "
+                     f"{_duration(r['remaining_seconds'])} |")
+    running = [r for r in rows if r["holder"]]
+    return "\n".join(lines + ([""] + [f"{r['run']}: {r['holder']}" for r in running] if running else [])) + "\n"
