@@ -660,6 +660,13 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     assert snapshot(out) == before  # status only reads
 
 
-def test_status_of_a_directory_without_runs_is_one_line(tmp_path):
+def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_without_runs(tmp_path):
     r = ilnas("status", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip() == f"ilnas: error: no ilnas runs in {tmp_path}"
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "config.yaml").write_text("kind: search\n")  # hand-edited: no settings
+    (tmp_path / "damaged" / "provenance.json").write_text("{not json")
+    r = ilnas("status", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    [row] = json.loads(r.stdout)
+    assert row["state"].startswith("unreadable: ") and "provenance.json cannot be read as JSON" in row["state"]

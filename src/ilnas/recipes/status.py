@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ilnas.errors import IlnasError
 from ilnas.runs import METRICS, PROVENANCE, find_runs, is_finished, lock_holder, read_config, read_json
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
@@ -19,7 +20,8 @@ def run_status(path: Path) -> dict:
     kind = config["kind"]
     epochs = [m for m in _records(path) if m.get("kind") == "epoch"]
     total = _total_epochs(config)
-    sessions = (read_json(path, PROVENANCE) or {}).get("sessions", [])
+    record = read_json(path, PROVENANCE)
+    sessions = [s for s in (record.get("sessions") if isinstance(record, dict) else None) or [] if isinstance(s, dict)]
     try:
         holder = lock_holder(path)
     except OSError as e:  # a lock this user may not open
@@ -28,17 +30,27 @@ def run_status(path: Path) -> dict:
              else "interrupted" if sessions else "not started")
     times = [m["epoch_time"] for m in epochs if isinstance(m.get("epoch_time"), (int, float))][-RECENT:]
     epoch_time = sum(times) / len(times) if times else None
-    remaining = max(total - len(epochs), 0)
+    remaining = max(total - len(epochs), 0) if total is not None else None
     return {"run": str(path), "kind": "search" if kind == "search" else "training", "state": state,
             "holder": holder if state == "running" else None, "epochs_done": len(epochs), "epochs": total,
             "last": _last(epochs[-1]) if epochs else None, "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
-            "remaining_seconds": epoch_time * remaining if epoch_time is not None and state == "running" else None}
+            "remaining_seconds": epoch_time * remaining if None not in (epoch_time, remaining) and state == "running"
+            else None}
 
 
 def status(paths: Sequence[str | Path]) -> list[dict]:
-    """The state of every run named or found below the directories named (a sweep's, say)."""
-    return [run_status(run) for run in find_runs(paths)]
+    """The state of every run named or found below the directories named (a sweep's, say); a run whose
+    files cannot be read is listed as such, and the others still are."""
+    rows = []
+    for run in find_runs(paths):
+        try:
+            rows.append(run_status(run))
+        except IlnasError as e:
+            rows.append({"run": str(run), "kind": "-", "state": f"unreadable: {e}", "holder": None, "epochs_done": 0,
+                         "epochs": None, "last": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
+                         "remaining_seconds": None})
+    return rows
 
 
 def _records(path: Path) -> list[dict]:
@@ -53,11 +65,15 @@ def _records(path: Path) -> list[dict]:
     return [r for r in records if isinstance(r, dict)]
 
 
-def _total_epochs(config: dict) -> int:
-    if config["kind"] != "search":
-        return int(config["train"]["epochs"])
-    phases = len(config["pdarts"]["layers"]) if config["search"]["method"] == "pdarts" else 1
-    return int(config["search"]["epochs"]) * phases
+def _total_epochs(config: dict) -> int | None:
+    """All the epochs the run's configuration asks for; None where config.yaml does not say (hand-edited)."""
+    try:
+        if config["kind"] != "search":
+            return int(config["train"]["epochs"])
+        phases = len(config["pdarts"]["layers"]) if config["search"]["method"] == "pdarts" else 1
+        return int(config["search"]["epochs"]) * phases
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _last(epoch: dict) -> str:
@@ -84,7 +100,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
-        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{r['epochs']} | "
+        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'} | "
                      f"{r['last'] or '-'} | {sessions} | {_duration(r['epoch_seconds'])} | "
                      f"{_duration(r['remaining_seconds'])} |")
     running = [r for r in rows if r["holder"]]
