@@ -95,8 +95,9 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     pytest.importorskip("submitit")
     settings = {"cluster": "local", "timeout_min": 10, **({} if requeues is None else {"max_num_timeout": requeues})}
     search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=5"]
-    spec = _spec(tmp_path, executor="submitit", submitit=settings, grid={"search.seed": [3]}, train=None,
-                 search={"preset": "demo", "set": search_set})
+    seeds = [3] if requeues == 0 else [3, 4]  # locally one job at a time (parallel 1), as a local sweep runs
+    spec = _spec(tmp_path, executor="submitit", submitit=settings, grid={"search.seed": seeds}, train=None,
+                 search={"preset": "demo", "set": search_set}, parallel=1)
     out = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -116,6 +117,9 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     assert [s["resumed"] for s in sessions] == [False, True]  # continued from its checkpoint, not restarted
     assert [s["job"]["SUBMITIT_LOCAL_JOB_ID"] for s in sessions] == [cell["job"]] * 2  # the job, requeued
     assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 5
+    after = _sessions(out / "seed-4" / "search")
+    assert json.loads((out / "sweep.json").read_text())["cells"][1]["runs"] == {"search": "finished"}
+    assert after[0]["start"] >= sessions[-1]["end"] and after[0]["job"]["SUBMITIT_LOCAL_JOB_ID"] != cell["job"]
 
 
 @pytest.mark.parametrize("change, message", [

@@ -18,11 +18,12 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
-from typing import Any
+from typing import Any, Callable
 
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed
@@ -212,9 +213,11 @@ def describe_sweep(sweep: Sweep) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_cell(cell: Cell, env: dict[str, str] | None = None) -> dict:
-    """The cell's runs in order (the search, then each re-training), each started, resumed or skipped.
-    Returns the cell's status; a failed run stops the cell (its log names why)."""
+def run_cell(cell: Cell, slot_env: dict[str, str] | None = None) -> dict:
+    """The cell's runs in order (the search, then each re-training), each started, resumed or skipped, in
+    this process's environment plus ``slot_env``. Returns the cell's status; a failed run stops the cell (its
+    log names why)."""
+    env = {**os.environ, **(slot_env or {})}
     status = {"cell": cell.name, "labels": cell.labels, "runs": {}}
     for run in cell.runs:
         key = run.out.name
@@ -240,36 +243,39 @@ def _gpus() -> int:
         return 0
 
 
-def worker_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
-    """Slot ``slot`` of ``parallel``: its share of the CPU cores (oversubscribed OpenMP threads make a search
-    step many times slower), and its own GPU where there are GPUs."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, available_cores() // parallel))}
+def slot_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
+    """The environment variables of slot ``slot`` of ``parallel``: its share of the CPU cores (oversubscribed
+    OpenMP threads make a search step many times slower), and its own GPU where there are GPUs."""
+    env = {"OMP_NUM_THREADS": str(max(1, available_cores() // parallel))}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env
+
+
+def _in_slots(sweep: Sweep, run: Callable[[Cell, dict[str, str]], dict]) -> list[dict]:
+    """``run(cell, env)`` for every cell, ``parallel`` at a time on this machine, each in the environment of
+    its slot (its share of the cores, its GPU)."""
+    gpus = _gpus()
+    slots: Queue = Queue()
+    for i in range(sweep.parallel):
+        slots.put(i)
+
+    def one(cell: Cell) -> dict:
+        slot = slots.get()
+        try:
+            return run(cell, slot_env(slot, sweep.parallel, gpus))
+        finally:
+            slots.put(slot)
+
+    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
+        return list(pool.map(one, sweep.cells))
 
 
 def run_sweep(sweep: Sweep) -> dict:
     """Run every cell (N at a time, or through submitit); write ``<out>/sweep.json``; return it."""
     sweep.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if sweep.executor == "submitit":
-        statuses = _submitit(sweep)
-    else:
-        gpus = _gpus()
-        slots: Queue = Queue()
-        for i in range(sweep.parallel):
-            slots.put(i)
-
-        def one(cell: Cell) -> dict:
-            slot = slots.get()
-            try:
-                return run_cell(cell, worker_env(slot, sweep.parallel, gpus))
-            finally:
-                slots.put(slot)
-
-        with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
-            statuses = list(pool.map(one, sweep.cells))
+    statuses = _submitit(sweep) if sweep.executor == "submitit" else _in_slots(sweep, run_cell)
     summary = {"out": str(sweep.out), "cells": statuses, "parallel": sweep.parallel, "executor": sweep.executor,
                "wall_seconds": time.time() - t0,
                "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
@@ -287,11 +293,11 @@ class CellJob:
     on the signal SLURM sends before it stops the job (USR2), and requeues what it returns, the same cell;
     run_cell then skips the finished runs and resumes the interrupted one from its last checkpoint."""
 
-    def __init__(self, cell: Cell):
-        self.cell = cell
+    def __init__(self, cell: Cell, slot_env: dict[str, str] | None = None):
+        self.cell, self.slot_env = cell, slot_env
 
     def __call__(self) -> dict:
-        return run_cell(self.cell)
+        return run_cell(self.cell, self.slot_env)
 
     def checkpoint(self):
         from submitit.helpers import DelayedSubmission
@@ -327,8 +333,17 @@ def submitit_executor(sweep: Sweep):
 
 def _submitit(sweep: Sweep) -> list[dict]:
     """One job per cell. A job stopped at its time limit or preempted is requeued (CellJob); one that fails or
-    is not requeued again becomes its cell's failed status."""
+    is not requeued again becomes its cell's failed status. submitit's local executor would start every job at
+    once: there, ``parallel`` jobs run at a time, each with its share of the cores, as the local sweep's."""
     executor = submitit_executor(sweep)
+    if executor.cluster == "local":
+        submitting = threading.Lock()
+
+        def one(cell: Cell, env: dict[str, str]) -> dict:
+            with submitting:
+                job = executor.submit(CellJob(cell, env))
+            return _job_status(job, cell)
+        return _in_slots(sweep, one)
     jobs = [executor.submit(CellJob(cell)) for cell in sweep.cells]
     return [_job_status(job, cell) for job, cell in zip(jobs, sweep.cells)]
 
