@@ -325,8 +325,8 @@ def _device(name: str) -> str:
 
 
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,
-            "plot": _plot, "compare": _compare, "status": _status, "sweep": _sweep, "evaluate": _evaluate, "predict": _predict,
-            "export": _export}
+            "plot": _plot, "compare": _compare, "status": _status, "sweep": _sweep, "evaluate": _evaluate,
+            "predict": _predict, "export": _export}
 
 
 def _one_line(text: str) -> str:

@@ -63,9 +63,8 @@ def start(device: str) -> Process:
         store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
         # Keys of their own per attempt: torchrun's restarts (--max-restarts) may keep its store, where the
         # previous attempt's addresses would send a new rank to a dead peer ("Connection refused").
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=dist.PrefixStore(f"attempt-{attempt}", store),
-                                rank=rank, world_size=world)
+        attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=attempt, rank=rank, world_size=world)
     return Process(rank, world, local, dev)
 
 

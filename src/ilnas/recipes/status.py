@@ -21,7 +21,8 @@ def run_status(path: Path) -> dict:
     epochs = [m for m in _records(path) if m.get("kind") == "epoch"]
     total = _total_epochs(config)
     record = read_json(path, PROVENANCE)
-    sessions = [s for s in (record.get("sessions") if isinstance(record, dict) else None) or [] if isinstance(s, dict)]
+    listed = record.get("sessions") if isinstance(record, dict) else None
+    sessions = [s for s in listed or [] if isinstance(s, dict)]
     try:
         holder = lock_holder(path)
     except OSError as e:  # a lock this user may not open
@@ -100,8 +101,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
-        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'} | "
-                     f"{r['last'] or '-'} | {sessions} | {_duration(r['epoch_seconds'])} | "
-                     f"{_duration(r['remaining_seconds'])} |")
+        total = r["epochs"] if r["epochs"] is not None else "?"
+        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{total} | {r['last'] or '-'} | "
+                     f"{sessions} | {_duration(r['epoch_seconds'])} | {_duration(r['remaining_seconds'])} |")
     running = [r for r in rows if r["holder"]]
     return "\n".join(lines + ([""] + [f"{r['run']}: {r['holder']}" for r in running] if running else [])) + "\n"
