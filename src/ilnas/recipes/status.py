@@ -18,7 +18,7 @@ def run_status(path: Path) -> dict:
     path = Path(path)
     config = read_config(path)
     kind = config["kind"]
-    epochs = [m for m in _records(path) if m.get("kind") == "epoch"]
+    epochs = [m for m in _epoch_records(path) if m.get("kind") == "epoch"]
     total = _total_epochs(config)
     record = read_json(path, PROVENANCE)
     listed = record.get("sessions") if isinstance(record, dict) else None
@@ -54,11 +54,14 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
     return rows
 
 
-def _records(path: Path) -> list[dict]:
-    """The metrics log's records; a line cut short by a kill (the last one) is skipped."""
+def _epoch_records(path: Path) -> list[dict]:
+    """The metrics log's epoch records (only their lines are parsed: a long search logs hundreds of steps an
+    epoch); a line cut short by a kill is skipped."""
     f = path / METRICS
     records = []
     for line in (f.read_text(errors="replace").splitlines() if f.is_file() else []):
+        if '"kind": "epoch"' not in line:  # RunDir.log's json.dumps spacing
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
