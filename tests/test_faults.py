@@ -658,6 +658,8 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     table = ilnas("status", str(tmp_path)).stdout
     assert "| interrupted |" in table and table.count("\n") == 3
     assert snapshot(out) == before  # status only reads
+    r = ilnas("plot", str(out))  # the report leaves the torn line out too
+    assert r.returncode == 0 and (out / "report.html").is_file(), r.stderr
 
 
 def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_without_runs(tmp_path):

@@ -481,9 +481,23 @@ def read_json(path: Path, name: str) -> dict | None:
         raise IlnasError(f"{f} cannot be read as JSON ({_first_line(e)})") from None
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
+    """The run's metrics records (``kind``: only those of that kind, e.g. "epoch": the other lines are not
+    parsed). A last line cut short by a kill is left out; any other damage is refused in one line."""
     p = Path(path) / METRICS
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+    lines = p.read_text(errors="replace").splitlines() if p.is_file() else []
+    wanted = f'"kind": "{kind}"' if kind else ""  # as RunDir.log's json.dumps spaces it
+    records = []
+    for i, line in enumerate(lines):
+        if wanted not in line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise IlnasError(f"{p} line {i + 1} is not JSON ({e.msg})") from None
+    return records
 
 
 def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:

@@ -3,12 +3,11 @@ are done, the last epoch's accuracies, how many sessions worked on the run, and 
 its remaining epochs should take. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.runs import METRICS, PROVENANCE, find_runs, is_finished, lock_holder, read_config, read_json
+from ilnas.runs import PROVENANCE, find_runs, is_finished, lock_holder, read_config, read_json, read_metrics
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
 
@@ -18,7 +17,7 @@ def run_status(path: Path) -> dict:
     path = Path(path)
     config = read_config(path)
     kind = config["kind"]
-    epochs = [m for m in _epoch_records(path) if m.get("kind") == "epoch"]
+    epochs = [m for m in read_metrics(path, "epoch") if isinstance(m, dict) and m.get("kind") == "epoch"]
     total = _total_epochs(config)
     record = read_json(path, PROVENANCE)
     listed = record.get("sessions") if isinstance(record, dict) else None
@@ -52,21 +51,6 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
                          "epochs": None, "last": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
                          "remaining_seconds": None})
     return rows
-
-
-def _epoch_records(path: Path) -> list[dict]:
-    """The metrics log's epoch records (only their lines are parsed: a long search logs hundreds of steps an
-    epoch); a line cut short by a kill is skipped."""
-    f = path / METRICS
-    records = []
-    for line in (f.read_text(errors="replace").splitlines() if f.is_file() else []):
-        if '"kind": "epoch"' not in line:  # RunDir.log's json.dumps spacing
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in records if isinstance(r, dict)]
 
 
 def _total_epochs(config: dict) -> int | None:
