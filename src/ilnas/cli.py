@@ -31,28 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="a YAML file overriding the preset")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. engine.lam=10 (repeatable)")
-    s.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
-    s.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    s.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
-    s.add_argument("--auto-resume", action="store_true",
-                   help="start the run, or continue it where --out holds it unfinished; a finished one is left as "
-                        "it is (one command line for a job that may be restarted or requeued)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
+    _run_options(s, "runs/<preset>-<time>")
 
     t = sub.add_parser("train", help="re-train a genotype from scratch (torchrun for several GPUs)")
     t.add_argument("--genotype", help="zoo name, genotype.json, search run directory, or Genotype(...) literal")
     t.add_argument("--preset", help="an eval-* preset; default: eval-cifar10")
     t.add_argument("--config", help="a YAML file overriding the preset")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    t.add_argument("--out", help="run directory (default: runs/train-<preset>-<time>)")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    t.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
-    t.add_argument("--auto-resume", action="store_true",
-                   help="start the run, or continue it where --out holds it unfinished; a finished one is left as "
-                        "it is (one command line for a job that may be restarted or requeued)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
+    _run_options(t, "runs/train-<preset>-<time>")
 
     sub.add_parser("presets", help="list the presets")
 
@@ -108,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="print JSON")
     return p
+
+
+def _run_options(p: argparse.ArgumentParser, default_out: str) -> None:
+    """Where a search or training run goes, and what happens to one already there."""
+    p.add_argument("--out", help=f"run directory (default: {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run in --out")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="start the run, or continue it where --out holds it unfinished; a finished one is left as "
+                        "it is (one command line for a job that may be restarted or requeued)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
