@@ -36,6 +36,10 @@ from ilnas.space.supernet import MixedOp
 # A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
 MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tasks=[digits]", *SHORT_SEARCH,
          "--set", "search.steps_per_epoch=2", "--set", "search.eval_batches=1", "--set", "search.epochs=3"]
+# P-DARTS in two phases of three steps, skip-connect dropout in the second; a checkpoint after every step.
+TINY_PDARTS = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=3",
+               "search.eval_batches=1", "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[3, 4]",
+               "pdarts.ops_per_edge=[8, 4]", "pdarts.skip_dropout=[0.0, 0.4]", "search.checkpoint_minutes=1e-9"]
 GENOTYPE_OK = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat={c}, "
                "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])")
 
@@ -597,6 +601,53 @@ def test_a_search_killed_at_random_points_resumes_bit_exact(finished_run, micro_
     assert_same_search(reference, out)
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert len(sessions) >= 2 and sessions[-1]["resumed"] and sessions[-1]["end"]
+
+
+@pytest.mark.parametrize("argv, signum", [(SEARCH3, signal.SIGTERM), (MICRO, signal.SIGUSR1)], ids=["il", "single"])
+def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exact(finished_run, micro_run, tmp_path,
+                                                                                 argv, signum):
+    """A cluster's notice (SIGTERM, or the --signal a job asked for) before the run's first step has ended: the
+    run finishes that step, checkpoints it part-way through epoch 1 and exits 128 + the signal."""
+    reference, out = (finished_run if argv is SEARCH3 else micro_run), tmp_path / "run"
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    wait_for_sessions(out, 1, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err.decode()
+    name = signal.Signals(signum).name
+    assert err.decode().splitlines() == [f"ilnas: stopped by {name} after step 1 of 2 of epoch 1 (global step 1), "
+                                         "with a checkpoint there; continue with --resume (or the same command with "
+                                         "--auto-resume)"]
+    progress = read_checkpoint(out / "checkpoint.pt")["progress"]
+    assert (progress["epoch"], progress["epoch_steps"], progress["global_step"]) == (0, 1, 1)
+    assert not (out / "summary.json").exists() and len(read_lines(out / "metrics.jsonl")) == 1
+    r = ilnas("search", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_same_search(reference, out)
+
+
+def test_a_search_checkpointed_part_way_through_its_epochs_resumes_bit_exact_after_a_kill(tmp_path):
+    """checkpoint_minutes so short that every step writes one; P-DARTS, whose skip-connect dropout draws from
+    the global generator the checkpoint keeps. SIGKILL once one exists part-way through an epoch."""
+    argv = ["search", "--quiet", "--no-report", "--preset", "pdarts-cifar10", "--set", "data.tasks=[digits]",
+            *(a for kv in TINY_PDARTS for a in ("--set", kv))]
+    rc, _, err = call(*argv, "--out", str(tmp_path / "reference"))
+    assert rc == 0, err
+    out = tmp_path / "run"
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
+            progress = read_checkpoint(out / "checkpoint.pt")["progress"]
+            if progress["phase"] == 1 and progress["epoch"] == 1 and progress["epoch_steps"] == 1:
+                break  # phase 2 (dropout 0.4), part-way through its second epoch
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    r = ilnas("search", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_same_search(tmp_path / "reference", out)
 
 
 def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training, tmp_path):

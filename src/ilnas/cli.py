@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas import __version__
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -378,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
     except IlnasError as e:
         print(f"ilnas: error: {_one_line(str(e))}", file=sys.stderr)
+        return e.exit_code
+    except Stopped as e:
+        from ilnas.distributed import is_main_rank
+
+        if is_main_rank():  # every rank stopped at the same step; one says so
+            print(f"ilnas: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # `ilnas describe ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -18,6 +18,7 @@ class Process:
     world: int
     local_rank: int
     device: torch.device
+    control: object = None  # the group for small CPU messages (gloo; None: the default group, gloo on CPUs)
 
     @property
     def main(self) -> bool:
@@ -65,7 +66,10 @@ def start(device: str) -> Process:
         # previous attempt's addresses would send a new rank to a dead peer ("Connection refused").
         attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=attempt, rank=rank, world_size=world)
-    return Process(rank, world, local, dev)
+    # NCCL moves only device tensors: the ranks' agreement on when to stop goes through gloo, without a
+    # device synchronisation.
+    control = dist.new_group(backend="gloo") if world > 1 and dev.type == "cuda" else None
+    return Process(rank, world, local, dev, control)
 
 
 def stop() -> None:
@@ -79,6 +83,24 @@ def all_sum(values: list[float], process: Process) -> list[float]:
     if process.world > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def max_over_ranks(values: list[int], process: Process) -> list[int]:
+    """Each integer's maximum over the ranks, through the CPU (no device synchronisation)."""
+    if process.world == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process.control)
+    return t.tolist()
+
+
+def gather_to_main(obj: object, process: Process) -> list | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank 0; None on the others."""
+    if process.world == 1:
+        return [obj]
+    out = [None] * process.world if process.main else None
+    dist.gather_object(obj, out, dst=0, group=process.control)
+    return out
 
 
 def barrier(process: Process) -> None:

@@ -94,6 +94,9 @@ class SearchConfig:
         log_every: steps whose metrics come back to the host together (1: every step waits for the
             device before the next one starts). Every step is still logged, with the group's mean step time;
             a non-finite loss is found at the end of its group, before anything of the group is saved.
+        checkpoint_minutes: between epoch checkpoints, a checkpoint part-way through an epoch at the first step
+            this long after the last one (0: at epoch ends only). A stop signal writes one at once
+            (ilnas/stopping.py).
     """
 
     framework: str = "il"
@@ -111,6 +114,7 @@ class SearchConfig:
     channels_last: bool | None = None
     amp: bool = False
     log_every: int = 1
+    checkpoint_minutes: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ class TrainConfig:
             ``inductor`` the usual one, ``aot_eager`` traces without generating code); a backend that
             fails falls back to eager with torch's warning. compile_mode: inductor's mode
             (``reduce-overhead``: CUDA graphs; ``max-autotune``; None: its default).
+        checkpoint_minutes: as the search's: a checkpoint part-way through an epoch at the first step this long
+            after the last one (0: at epoch ends only); a stop signal writes one at once.
     """
 
     epochs: int = 600
@@ -170,6 +176,7 @@ class TrainConfig:
     threads: int | None = None
     compile: str | None = None
     compile_mode: str | None = None
+    checkpoint_minutes: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -254,6 +261,7 @@ def _validate_sgd(o: SGD, epochs: int) -> None:
 def _validate_search(cfg: SearchRunConfig) -> None:
     s, e, k = cfg.search, cfg.engine, len(cfg.data.tasks)
     _positive("search", s, ("rounds", "eval_batches", "log_every"))
+    _non_negative("search", s, ("checkpoint_minutes",))
     _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
     _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
     _non_negative("arch_optimizer", cfg.arch_optimizer, ("weight_decay",))
@@ -312,6 +320,7 @@ def _validate_network(net: NetworkConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     _positive("train", t, ("resolution",))
+    _non_negative("train", t, ("checkpoint_minutes",))
     if not 0.0 <= t.label_smoothing < 1.0:
         raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if t.cutout < 0 or t.workers < 0:

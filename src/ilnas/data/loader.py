@@ -49,11 +49,12 @@ class BatchMaker:
         x = augment.apply_cutout((x - self.mean) / self.std, params, self.cutout)
         return x, self.y[idx]
 
-    def stream(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    def stream(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0) -> Iterator[Batch]:
         """Endless shuffled batches of ``batch_size`` (reshuffled at every pass), determined by ``seed``. With
         ``world`` ranks, this rank's contiguous slice of each of those batches (``distributed.shard``'s), and
         only that slice is augmented: every rank draws the whole batch's indices and augmentation (cheap) from
-        the same stream, so the slices are exactly those of one process's batches."""
+        the same stream, so the slices are exactly those of one process's batches. ``skip``: the stream from
+        its batch ``skip`` on (the first ones' draws made, their images left alone)."""
         if len(self) < batch_size:
             raise IlnasError(f"task {self.task.name} has {len(self)} images in a split, fewer than "
                              f"the batch size {batch_size}")
@@ -63,7 +64,11 @@ class BatchMaker:
         while True:
             perm = torch.randperm(len(self), generator=gen)
             for i in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.batch(perm[i:i + batch_size][mine], self.draw(batch_size, gen).take(mine))
+                params = self.draw(batch_size, gen)
+                if skip:
+                    skip -= 1
+                    continue
+                yield self.batch(perm[i:i + batch_size][mine], params.take(mine))
 
     def ordered(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[Batch]:
         """Every image once (this rank's share: indices rank, rank + world, ...), unaugmented."""
@@ -85,11 +90,12 @@ class ShardedEpochs:
         if max_steps is not None:
             self.steps = min(self.steps, max_steps)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from step ``start`` on."""
         gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
         perm = torch.randperm(len(self.maker), generator=gen)
         params = self.maker.draw(len(self.maker), gen)  # every sample's draw, whichever rank takes it
         mine = perm[:self.steps * self.batch_size * self.world][self.rank::self.world]
-        for i in range(self.steps):
+        for i in range(start, self.steps):
             idx = mine[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.maker.batch(idx, params.take(idx))

@@ -2,8 +2,10 @@
 engine steps). The base method (search/methods.py) decides the phases, the skip-connect dropout of
 each epoch, the ops of the next phase and the final genotype; this recipe is the same for all.
 
-Everything needed to continue bit-exactly is in the per-epoch checkpoint; every batch stream and
-every dropout mask is seeded by (seed, phase, epoch, ...), so a resumed run repeats an uninterrupted one.
+Everything needed to continue bit-exactly is in the checkpoint, written at every epoch's end and part-way
+through one (every ``search.checkpoint_minutes``, and at once on a stop signal: ilnas/stopping.py); every batch
+stream and every dropout mask is seeded by (seed, phase, epoch, ...), and a checkpoint part-way keeps where the
+streams stand and the ranks' generators, so a resumed run repeats an uninterrupted one.
 
 Under ``torchrun`` the search is data-parallel: every rank draws the same global batches and steps on its
 own slice of each; the engine averages every gradient over the ranks (distributed.mean_over_ranks), so
@@ -31,13 +33,14 @@ from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
-from ilnas.errors import IlnasError, RunFailed
+from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
+from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, signal_name
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.supernet import (Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights,
@@ -49,11 +52,13 @@ ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 
 @dataclass
 class Progress:
-    """Where the search stands between epochs: all of it goes into the checkpoint."""
+    """Where the search stands: all of it goes into the checkpoint."""
 
     phase: int = 0
     epoch: int = 0  # completed epochs of the phase
     global_step: int = 0
+    epoch_steps: int = 0  # completed steps of the running epoch (a checkpoint part-way through it)
+    epoch_seconds: float = 0.0  # the time those steps took
     normal_ops: list = field(default_factory=full_edge_ops)
     reduce_ops: list = field(default_factory=full_edge_ops)
     history: dict = field(default_factory=dict)  # "p{phase}/{name}" -> list of per-epoch arrays
@@ -77,6 +82,7 @@ class SearchContext:
     process: distributed.Process
     dtype: torch.dtype
     progress: bool  # progress bars and epoch lines
+    guard: StepGuard  # checkpoints part-way through an epoch, and stop signals
 
     @property
     def device(self) -> torch.device:
@@ -218,7 +224,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     ckpt = load_checkpoint(out, "search", config) if resume else None
     process = distributed.start(s.device)
     try:
-        genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process)
+        with StepGuard(s.checkpoint_minutes, process) as guard:
+            genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
         distributed.stop()
@@ -226,7 +233,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
 
 
 def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, resume: bool, force: bool,
-             progress: bool, report: bool, process: distributed.Process) -> Genotype:
+             progress: bool, report: bool, process: distributed.Process, guard: StepGuard) -> Genotype:
     """Data, method and shapes checked on every rank; then rank 0 opens the run directory and all search."""
     s, device, dtype = cfg.search, process.device, getattr(torch, cfg.search.dtype)
     set_threads(s.threads)
@@ -241,7 +248,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     prog = Progress(**ckpt["progress"]) if ckpt else Progress()
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
-    ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main)
+    ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
     if not process.main:
         return _search(ctx, prog, ckpt)
 
@@ -287,7 +294,7 @@ def _search(ctx: SearchContext, prog: Progress, ckpt: dict | None) -> Genotype:
     cfg, run, method = ctx.cfg, ctx.run, ctx.method
     phases = method.phases
     for p in range(prog.phase, len(phases)):
-        state = _run_phase(ctx, prog, ckpt["state"] if ckpt and prog.epoch else None)
+        state = _run_phase(ctx, prog, ckpt if ckpt and (prog.epoch or prog.epoch_steps) else None)
         ckpt = None
         normal, reduce = ranking_weights(state.arch)
         if p + 1 < len(phases):  # the next phase: its candidate ops; fresh weights and architecture
@@ -330,43 +337,64 @@ def _require_same_replicas(process: distributed.Process, state: SearchState, pro
                         f"{prog.global_step}; the run is not finished and its last good checkpoint is kept")
 
 
-def _checkpoint(run: RunDir | None, prog: Progress, state: SearchState) -> None:
+def _checkpoint(run: RunDir | None, prog: Progress, state: SearchState, rng: list | None = None) -> None:
+    """``rng``: part-way through an epoch, every rank's global generators (``gather_to_main``)."""
     _require_finite(state, prog)
     if run is not None:
         run.save_checkpoint({"progress": dataclasses.asdict(prog), "state": state_dict(state),
-                             "metrics_lines": run.metrics_lines()})
+                             "metrics_lines": run.metrics_lines(), **({"rng": rng} if rng else {})})
 
 
-def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> SearchState:
-    """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture."""
+def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchState, steps_done: int,
+                             seconds: float) -> None:
+    """A checkpoint after step ``steps_done`` of the running epoch (on every rank: the generators are gathered)."""
+    prog.epoch_steps, prog.epoch_seconds = steps_done, seconds
+    _checkpoint(ctx.run, prog, state, distributed.gather_to_main(global_rng_state(ctx.device), ctx.process))
+    prog.epoch_steps, prog.epoch_seconds = 0, 0.0
+    ctx.guard.saved()
+
+
+def _stopped(signum: int, prog: Progress, epoch: int, steps_done: int, steps: int) -> Stopped:
+    where = f"step {steps_done} of {steps} of epoch {epoch + 1}" if steps_done < steps else f"epoch {epoch + 1}"
+    return Stopped(f"stopped by {signal_name(signum)} after {where} (global step {prog.global_step}), with a "
+                   f"checkpoint there; continue with --resume (or the same command with --auto-resume)", signum)
+
+
+def _run_phase(ctx: SearchContext, prog: Progress, saved: dict | None) -> SearchState:
+    """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture;
+    ``saved``: the checkpoint it continues from (part-way through an epoch when ``prog.epoch_steps``)."""
     s, phases = ctx.cfg.search, ctx.method.phases
     nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, phases[prog.phase].layers, prog, ctx.device,
                                                     ctx.dtype)
     state = init_state(ctx.cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
-    if saved_state is not None:
-        load_state_dict(state, saved_state, ctx.device)
+    if saved is not None:
+        load_state_dict(state, saved["state"], ctx.device)
     steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in ctx.train)
     reduce = distributed.mean_over_ranks(ctx.process)
     tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
     for epoch in range(prog.epoch, s.epochs):
-        t_epoch = time.perf_counter()
+        start = prog.epoch_steps  # steps done before the checkpoint this epoch continues from (else 0)
+        t_epoch = time.perf_counter() - prog.epoch_seconds
+        prog.epoch_steps, prog.epoch_seconds = 0, 0.0
         lr = ctx.cfg.optimizer.lr_at(epoch, s.epochs)
         dropout = ctx.method.skip_dropout(prog.phase, epoch, s.epochs, s.warmup_epochs)
         learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout),
                             functools.partial(net.losses, skip_dropout=dropout)) for t, net in zip(ctx.tasks, nets)]
         torch.manual_seed(_rank_seed(derive_seed(s.seed, prog.phase, epoch), ctx.process))  # dropout masks
+        if start and len(saved.get("rng", [])) == ctx.process.world:
+            set_global_rng_state(saved["rng"][ctx.process.rank], ctx.device)
         update_arch = epoch >= s.warmup_epochs
         # every rank draws the whole global batches (same seeds) and augments only its own slice of them
         rank, world = ctx.process.rank, ctx.process.world
-        streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0), rank, world),
-                    v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1), rank, world))
+        streams = [(m.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 0), rank, world, start),
+                    v.stream(s.batch_size, derive_seed(s.seed, prog.phase, epoch, k, 1), rank, world, start))
                    for k, (m, v) in enumerate(zip(ctx.train, ctx.val))]
-        bar = tqdm(range(steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
-                   disable=None if ctx.progress else True)
+        bar = tqdm(range(start, steps), desc=f"{tag}epoch {epoch + 1}/{s.epochs}", file=sys.stderr, leave=False,
+                   initial=start, total=steps, disable=None if ctx.progress else True)
         pending: list[dict] = []  # steps whose metrics are still on the device
         since = time.perf_counter()
-        for _ in bar:
+        for i in bar:
             batches = [(next(tr), next(va)) for tr, va in streams]
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=s.amp):
                 metrics = search_step(state, learners, [b[0] for b in batches], [b[1] for b in batches],
@@ -374,14 +402,24 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved_state: dict | None) -> 
             prog.global_step += 1
             pending.append({**label_metrics(metrics, state, [t.name for t in ctx.tasks]), "kind": "step",
                             "phase": prog.phase, "epoch": epoch, "step": prog.global_step})
-            if len(pending) == s.log_every:
+            decision = ctx.guard.poll()
+            within = decision.checkpoint and i + 1 < steps  # at the epoch's last step its own checkpoint follows
+            if len(pending) == s.log_every or within:
                 since = _log_steps(ctx, pending, since, bar)
+            if within:
+                _checkpoint_within_epoch(ctx, prog, state, i + 1, time.perf_counter() - t_epoch)
+            if decision.stop:
+                break
         if pending:
             _log_steps(ctx, pending, since, bar)
         bar.close()
+        if decision.stop and i + 1 < steps:
+            raise _stopped(decision.signum, prog, epoch, i + 1, steps)
         record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
                   "skip_dropout": dropout, "arch_updated": update_arch}
         _end_epoch(ctx, nets, state, prog, record, time.perf_counter() - t_epoch, tag)
+        if decision.stop:
+            raise _stopped(decision.signum, prog, epoch, steps, steps)
     return state
 
 
@@ -444,6 +482,7 @@ def _end_epoch(ctx: SearchContext, nets: list[FunctionalTaskNet], state: SearchS
     if ctx.run is not None:
         _write_epoch(ctx, record, prog, genotype)
     _checkpoint(ctx.run, prog, state)
+    ctx.guard.saved()
     if ctx.progress:
         log.info(f"{tag}epoch {epoch + 1}/{s.epochs}  lr {record['lr']:.4f}  val acc "
                  + "  ".join(f"{k} {v:.3f}" for k, v in val_acc.items()) + f"  ({seconds:.1f}s)")

@@ -1,0 +1,95 @@
+"""Stopping a long run between two steps, with a checkpoint it continues from bit-exactly.
+
+A cluster announces the end of a job with a signal: SLURM sends SIGTERM before a preemption or at the time
+limit (or the signal ``--signal`` names, e.g. SIGUSR1), submitit's jobs get SIGUSR2, and torchrun passes
+SIGTERM on to its ranks. A run that gets SIGTERM, SIGUSR1 or SIGUSR2 finishes the step it is in, writes a
+checkpoint there and stops (``Stopped``). A run also writes such a checkpoint every ``checkpoint_minutes``
+between its epoch checkpoints, so a kill without warning (SIGKILL, a lost node) loses at most that much.
+
+Under torchrun the ranks agree at every step (one small all-reduce of CPU integers): they checkpoint and stop
+at the same step, whichever of them got the signal first.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ilnas import distributed
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class Decision:
+    checkpoint: bool  # write a checkpoint after this step
+    signum: int  # the stop signal (0: keep going)
+
+    @property
+    def stop(self) -> bool:
+        return self.signum != 0
+
+
+class StepGuard:
+    """Installed around a run's steps (a context manager); ``poll()`` after each step says what to do.
+
+    Handlers are installed only in the main thread (where Python delivers signals); a handler that was there
+    before (a Python callable, say submitit's) is still called after ours notes the signal.
+    """
+
+    def __init__(self, checkpoint_minutes: float, process: distributed.Process):
+        self.interval = checkpoint_minutes * 60.0 if checkpoint_minutes > 0 else None
+        self.process = process
+        self.signum = 0
+        self.last = time.monotonic()
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StepGuard":
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def _note(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    def poll(self) -> Decision:
+        """After a step: whether to checkpoint now (time is up, or a stop was asked for) and whether to stop.
+        Rank 0's clock decides the time; any rank's signal stops all."""
+        due = int(self.interval is not None and self.process.main and time.monotonic() - self.last >= self.interval)
+        signum, due = distributed.max_over_ranks([self.signum, due], self.process)
+        return Decision(checkpoint=bool(due or signum), signum=signum)
+
+    def saved(self) -> None:
+        """A checkpoint was written (at a step or an epoch's end): the next one is due an interval later."""
+        self.last = time.monotonic()
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def global_rng_state(device: torch.device) -> dict:
+    """The global generators a run draws from between its reseeds (the CPU's, and ``device``'s on CUDA):
+    what a checkpoint taken part-way through an epoch keeps of each rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_global_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
