@@ -659,6 +659,51 @@ def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training,
     assert_same_training(finished_training, out)
 
 
+def test_a_training_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exact(finished_training, tmp_path):
+    out = tmp_path / "run"
+    proc = ilnas(*TRAIN_ARGS, "--out", str(out), wait=False)
+    wait_for_sessions(out, 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
+    assert err.decode().splitlines() == ["ilnas: stopped by SIGTERM after step 1 of 3 of epoch 1, with a checkpoint "
+                                         "there; continue with --resume (or the same command with --auto-resume)"]
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and ckpt["within_epoch"]["steps"] == 1 and ckpt["within_epoch"]["ranks"][0]["seen"] == 16
+    r = ilnas("train", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_same_training(finished_training, out)
+
+
+def test_an_image_folder_training_checkpointed_part_way_through_an_epoch_resumes_bit_exact(tmp_path):
+    """A checkpoint after every step; SIGKILL part-way through epoch 2, where drop-path draws from the global
+    generator; the DataLoader worker augments each image from its own seed, so the resumed epoch, which starts
+    at its second batch, augments every image as the uninterrupted one does. The resume follows the kill at
+    once: the killed process's worker, which outlives it by seconds, must not keep the run locked."""
+    write_image_folder(tmp_path / "imgs")
+    argv = ["train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder", "--quiet", "--no-report",
+            *(a for kv in [f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "train.resolution=32", "train.workers=1",
+                           "network.auxiliary=false", "train.epochs=2", "optimizer.warmup_epochs=0",
+                           "network.layers=3", "network.channels=4", "train.batch_size=6", "network.drop_path=0.5",
+                           "train.checkpoint_minutes=1e-9"] for a in ("--set", kv))]
+    rc, _, err = call(*argv, "--out", str(tmp_path / "reference"))
+    assert rc == 0, err
+    out = tmp_path / "run"
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
+            ckpt = read_checkpoint(out / "checkpoint.pt")
+            if ckpt["epoch"] == 1 and ckpt.get("within_epoch", {}).get("steps") == 1:
+                break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    r = ilnas("train", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert_same_training(tmp_path / "reference", out)
+
+
 def test_a_crash_below_python_prints_where_the_run_was(tmp_path):
     """A C++ abort (say, one rank's collective library calling std::terminate) kills the process without a
     Python exception; the run still says which line of which thread it was on."""

@@ -163,6 +163,22 @@ def resume_config(path: Path, kind: str) -> Any:
 
 # --- the lock ------------------------------------------------------------------------------------
 
+_HELD_LOCKS: set[int] = set()  # the descriptors of the run locks this process holds
+
+
+def _unlock_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's flock; it lets go of its copy, so that the run
+    is free as soon as the parent ends, not when the last worker notices and exits."""
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent keeps the lock
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 class _RunLock:
     """An exclusive ``flock`` on <run>/.lock; the file names the holder for whoever is refused."""
 
@@ -215,9 +231,11 @@ class _RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, holder.encode() + b"\n")
         self.fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD_LOCKS.discard(self.fd)
             os.close(self.fd)  # closing the descriptor drops the flock
             self.fd = None
 

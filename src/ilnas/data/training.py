@@ -39,7 +39,9 @@ class TrainData(Protocol):
     std: tuple[float, ...]
     resize: int
 
-    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from step ``start`` on: exactly those an epoch begun at step 0 gives from there
+        (what continues a checkpoint taken part-way through it)."""
 
     def test(self) -> Iterator[Batch]: ...
 
@@ -69,8 +71,8 @@ class InMemoryData:
         self.classes, self.mean, self.std, self.resize = task.classes, task.mean, task.std, self.resolution
         self.steps = self._epochs.steps
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        return self._epochs.epoch(epoch)
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        return self._epochs.epoch(epoch, start)
 
     def test(self) -> Iterator[Batch]:
         return self._test.ordered(self.shard.batch_size, self.shard.rank, self.shard.world)
@@ -99,13 +101,14 @@ class FolderData:
         train_tf, test_tf = self._transforms() if decode == "workers" else (None, None)
         loader = {} if decode == "workers" else {"loader": device_decode.read_encoded}
         try:
-            self.train_set = datasets.ImageFolder(str(root / "train"), train_tf, **loader)
+            self.train_set = SeededSamples(datasets.ImageFolder(str(root / "train"), train_tf, **loader), shard.seed)
             self.test_set = datasets.ImageFolder(str(root / "val"), test_tf, **loader)
         except (FileNotFoundError, RuntimeError) as e:
             raise IlnasError(f"cannot read image folder {root}: {e}") from None
-        if self.train_set.classes != self.test_set.classes:
+        classes = self.train_set.dataset.classes
+        if classes != self.test_set.classes:
             raise IlnasError(f"{root}/train and {root}/val hold different class folders")
-        self.num_classes, self.classes = len(self.train_set.classes), tuple(self.train_set.classes)
+        self.num_classes, self.classes = len(classes), tuple(classes)
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=shard.world, rank=shard.rank,
                                                            shuffle=True, seed=shard.seed, drop_last=True)
         self.steps = len(self.sampler) // shard.batch_size
@@ -126,25 +129,30 @@ class FolderData:
         test_tf = [T.Resize(self.resize), T.CenterCrop(self.resolution)]
         return T.Compose([*train_tf, T.ToTensor(), normalize]), T.Compose([*test_tf, T.ToTensor(), normalize])
 
-    def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+    def _loader(self, dataset, indices: list[int], generator: torch.Generator | None = None
+                ) -> torch.utils.data.DataLoader:
+        """Batches of ``indices`` in that order (a last short batch only for the test split); ``generator``
+        seeds the workers without drawing from the global one."""
         collate = device_decode.collate_encoded if self.decode == "device" else None
-        return torch.utils.data.DataLoader(dataset, batch_size=self.shard.batch_size, sampler=sampler,
+        return torch.utils.data.DataLoader(dataset, batch_size=self.shard.batch_size, sampler=indices,
                                            num_workers=self.workers, pin_memory=self.shard.device.type == "cuda",
-                                           drop_last=sampler is self.sampler, collate_fn=collate)
+                                           drop_last=dataset is self.train_set, collate_fn=collate,
+                                           generator=generator)
 
-    def _batches(self, loader, finish, steps: int | None = None) -> Iterator[Batch]:
-        """The loader's batches through ``finish`` onto the device; an unreadable image stops the run."""
+    def _batches(self, loader, finish, first: int = 0) -> Iterator[Batch]:
+        """The loader's batches through ``finish(batch, i)`` (``i``: the batch's step, from ``first``) onto the
+        device; an unreadable image stops the run."""
         batches = iter(loader)
-        for i in range(len(loader) if steps is None else steps):
+        for i in range(first, first + len(loader)):
             try:
-                yield finish(next(batches))
+                yield finish(next(batches), i)
             except StopIteration:
                 return
             except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
                 raise RunFailed(f"cannot read an image of {self.name} ({str(e).splitlines()[0][:160]}); the last "
                                 f"checkpoint is kept: repair or remove the file and continue with --resume") from None
 
-    def _to_device(self, batch) -> Batch:
+    def _to_device(self, batch, step: int = 0) -> Batch:
         x, y = batch
         return x.to(self.shard.device, non_blocking=True), y.to(self.shard.device, non_blocking=True)
 
@@ -157,18 +165,40 @@ class FolderData:
         mean, std = self._norm
         return (x - mean) / std, y.to(self.shard.device, non_blocking=True)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        # Every random draw is keyed by (seed, epoch, image) in the workers, or (seed, epoch, rank, step) on the
+        # device: the same whichever worker loads an image and wherever the epoch starts.
         self.sampler.set_epoch(epoch)
-        loader = self._loader(self.train_set, self.sampler)
+        self.train_set.epoch = epoch
+        bs = self.shard.batch_size
+        order = list(self.sampler)[start * bs:self.steps * bs]
+        loader = self._loader(self.train_set, order, torch.Generator().manual_seed(derive_seed(self.shard.seed, epoch)))
         if self.decode == "workers":
-            return self._batches(loader, self._to_device, self.steps)
-        gen = torch.Generator().manual_seed(derive_seed(self.shard.seed, epoch, self.shard.rank))
-        return self._batches(loader, lambda batch: self._decoded(batch, gen), self.steps)
+            return self._batches(loader, self._to_device, start)
+        seed, rank = self.shard.seed, self.shard.rank
+        return self._batches(loader, lambda batch, step: self._decoded(
+            batch, torch.Generator().manual_seed(derive_seed(seed, epoch, rank, step))), start)
 
     def test(self) -> Iterator[Batch]:
         mine = list(range(self.shard.rank, len(self.test_set), self.shard.world))
-        finish = self._to_device if self.decode == "workers" else lambda batch: self._decoded(batch, None)
+        finish = self._to_device if self.decode == "workers" else lambda batch, step: self._decoded(batch, None)
         return self._batches(self._loader(self.test_set, mine), finish)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """A dataset whose random transforms draw from the global generator seeded by (seed, epoch, index) for
+    each sample, then put back: an image gets the same augmentation in whichever worker loads it."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
 
 
 def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout: int = 0, resolution: int = 224,

@@ -2,7 +2,9 @@
 
 Runs as one process or under ``torchrun`` (DistributedDataParallel; NCCL on GPUs, gloo on CPUs): the
 global batch is split over ranks, metrics are summed across ranks, only rank 0 writes. Every epoch
-reseeds its randomness from (seed, epoch, rank), so a resumed run repeats an uninterrupted one.
+reseeds its randomness from (seed, epoch, rank), and a checkpoint part-way through an epoch (every
+``train.checkpoint_minutes``, and on a stop signal: ilnas/stopping.py) keeps the ranks' generators and
+running sums, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from tqdm import tqdm
 from ilnas import distributed
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
-from ilnas.errors import IlnasError, RunFailed
+from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
+from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, signal_name
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
@@ -46,7 +49,8 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     process = distributed.start(t.device)
     set_threads(t.threads)
     try:
-        result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source)
+        with StepGuard(t.checkpoint_minutes, process) as guard:
+            result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
         distributed.stop()
@@ -58,7 +62,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
 
 
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
-         process: distributed.Process, genotype_source: str | None) -> dict:
+         process: distributed.Process, genotype_source: str | None, guard: StepGuard) -> dict:
     t = cfg.train
     check(out, resume, force, "eval")
     config = config_dict(cfg, genotype=genotype.to_string())
@@ -82,11 +86,12 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         model.compile(backend=t.compile, mode=t.compile_mode)  # in place: the state_dict keeps its keys
     sgd = cfg.optimizer
     optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
-    start_epoch, best, elapsed = 0, 0.0, 0.0
+    start_epoch, best, elapsed, within = 0, 0.0, 0.0, None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best, elapsed = ckpt["epoch"], ckpt["best_top1"], ckpt["elapsed"]
+        within = ckpt.get("within_epoch")  # a checkpoint part-way through epoch start_epoch
 
     run = None
     if process.main:
@@ -101,10 +106,10 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         distributed.barrier(process)
         ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
                if process.world > 1 else model)
-        loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume)
+        loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume, guard)
         with (run.out_of_memory("train.batch_size") if run is not None else contextlib.nullcontext(),
               _eager_fallback(t.compile)):
-            record, best, elapsed = loop.epochs(start_epoch, best, elapsed)
+            record, best, elapsed = loop.epochs(start_epoch, best, elapsed, within)
         return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
     finally:
         if run is not None:
@@ -147,13 +152,15 @@ class TrainLoop:
     progress: bool
     run: RunDir | None  # rank 0 only
     resumed: bool
+    guard: StepGuard
 
     def autocast(self):
         if self.process.device.type == "cuda" and self.cfg.train.amp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def epochs(self, start_epoch: int, best: float, elapsed: float) -> tuple[dict, float, float]:
+    def epochs(self, start_epoch: int, best: float, elapsed: float, within: dict | None) -> tuple[dict, float, float]:
+        """``within``: the part of epoch ``start_epoch`` a checkpoint taken part-way through it has done."""
         t, run = self.cfg.train, self.run
         writer = None
         if run is not None:
@@ -164,7 +171,8 @@ class TrainLoop:
         record: dict = {}
         try:
             for epoch in range(start_epoch, t.epochs):
-                record, best, elapsed = self.epoch(epoch, best, elapsed, writer)
+                record, best, elapsed = self.epoch(epoch, best, elapsed, writer, within)
+                within = None
         finally:
             if writer is not None:
                 writer.close()
@@ -172,16 +180,21 @@ class TrainLoop:
             record = read_metrics(self.run.path)[-1] if self.run is not None else {}
         return record, best, elapsed
 
-    def epoch(self, epoch: int, best: float, elapsed: float, writer) -> tuple[dict, float, float]:
+    def epoch(self, epoch: int, best: float, elapsed: float, writer, within: dict | None
+              ) -> tuple[dict, float, float]:
         t, model, run, process = self.cfg.train, self.model, self.run, self.process
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - (within["seconds"] if within else 0.0)
         lr = self.cfg.optimizer.lr_at(epoch, t.epochs)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         drop_path_rate = self.cfg.network.drop_path * epoch / t.epochs  # ramped linearly, as in DARTS
-        torch.manual_seed(derive_seed(t.seed, epoch, process.rank))  # drop-path masks, loader workers
-        train = _train_epoch(self.ddp, self.data, self.optimizer, epoch, drop_path_rate, self.cfg, self.autocast,
-                             self.memory_format, process, self.progress)
+        torch.manual_seed(derive_seed(t.seed, epoch, process.rank))  # drop-path masks
+        part = EpochPart(0, [0.0, 0.0], 0)
+        if within and len(within["ranks"]) == process.world:  # another world size cannot repeat the run anyway
+            mine = within["ranks"][process.rank]
+            set_global_rng_state(mine["rng"], process.device)
+            part = EpochPart(within["steps"], mine["totals"], mine["seen"])
+        train, signum = self.train_epoch(epoch, drop_path_rate, part, t0, best, elapsed)
         train_time = time.perf_counter() - t0
         test = evaluate(model, self.data, self.autocast, self.memory_format, process)
         elapsed += time.perf_counter() - t0
@@ -190,9 +203,7 @@ class TrainLoop:
                   **{f"test_{k}": v for k, v in test.items()}, "images_per_s": train["images"] / train_time,
                   "epoch_time": time.perf_counter() - t0}
         if run is not None:
-            if not all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point()):
-                raise RunFailed(f"training diverged in epoch {epoch + 1}: the weights are not finite; the run is not "
-                                f"finished and its last good checkpoint is kept; lower optimizer.lr and start again")
+            _require_finite_weights(model, epoch)
             run.log(record)
             if test["top1"] > previous_best or epoch == 0:  # the best epoch's weights, before the checkpoint
                 run.write_bytes(WEIGHT_FILES["best"], state_dict_bytes(model))
@@ -207,8 +218,89 @@ class TrainLoop:
                 log.info(f"epoch {epoch + 1}/{t.epochs}  lr {lr:.4f}  train loss {train['train_loss']:.3f} "
                          f"acc {train['train_acc']:.3f}  test top-1 {test['top1']:.4f}  "
                          f"({record['images_per_s']:.0f} img/s)")
+        self.guard.saved()
         distributed.barrier(process)
+        if signum:
+            raise _stopped(signum, f"epoch {epoch + 1}")
         return record, best, elapsed
+
+    def train_epoch(self, epoch: int, drop_path_rate: float, part: EpochPart, t0: float, best: float,
+                    elapsed: float) -> tuple[dict, int]:
+        """The epoch's steps from ``part`` on: its training metrics, and the stop signal that came (else 0)."""
+        t, aux_weight, process, cfg = self.cfg.train, self.cfg.network.auxiliary_weight, self.process, self.cfg
+        self.ddp.train()
+        # the loss sum and correct count stay on the device, so no step waits for the GPU to finish it
+        totals = torch.tensor(part.totals, dtype=torch.float64, device=process.device)
+        seen, step, steps = part.seen, part.steps, self.data.steps
+        # a tensor: a compiled network keeps one graph for every epoch's rate (space/network.py:drop_path)
+        rate = torch.tensor(drop_path_rate, device=process.device)
+        bar = tqdm(self.data.epoch(epoch, part.steps), initial=part.steps, total=steps,
+                   desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr, leave=False,
+                   disable=None if (self.progress and process.main) else True)
+        signum = 0
+        for step, (x, y) in enumerate(bar, part.steps + 1):
+            x = x.contiguous(memory_format=self.memory_format)
+            with self.autocast():
+                logits, aux = self.ddp(x, drop_path_rate=rate)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
+                if aux is not None and aux_weight > 0:
+                    loss = loss + aux_weight * F.cross_entropy(aux.float(), y, label_smoothing=t.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optimizer.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.ddp.parameters(), cfg.optimizer.grad_clip)
+            self.optimizer.step()
+            totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
+            seen += len(y)
+            if step % LOSS_CHECK_STEPS == 0:
+                _require_finite_loss(float(totals[0]), epoch, step)
+            decision = self.guard.poll()
+            if decision.checkpoint and step < steps:  # at the epoch's last step its own checkpoint follows
+                self.checkpoint_within(epoch, EpochPart(step, totals.tolist(), seen), time.perf_counter() - t0,
+                                       best, elapsed)
+            if decision.stop:
+                signum = decision.signum
+                break
+        bar.close()
+        if signum and step < steps:
+            raise _stopped(signum, f"step {step} of {steps} of epoch {epoch + 1}")
+        _require_finite_loss(float(totals[0]), epoch, step)
+        loss_sum, correct, seen = distributed.all_sum([*totals.tolist(), seen], process)
+        return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}, signum
+
+    def checkpoint_within(self, epoch: int, part: EpochPart, seconds: float, best: float, elapsed: float) -> None:
+        """A checkpoint after step ``part.steps`` of ``epoch``: every rank's generators and running sums
+        (gathered on rank 0, which writes it)."""
+        _require_finite_loss(part.totals[0], epoch, part.steps)
+        ranks = distributed.gather_to_main({"rng": global_rng_state(self.process.device), "totals": part.totals,
+                                            "seen": part.seen}, self.process)
+        if self.run is not None:
+            _require_finite_weights(self.model, epoch)
+            self.run.save_checkpoint({"epoch": epoch, "model": self.model.state_dict(),
+                                      "optimizer": self.optimizer.state_dict(), "best_top1": best,
+                                      "elapsed": elapsed, "metrics_lines": self.run.metrics_lines(),
+                                      "within_epoch": {"steps": part.steps, "seconds": seconds, "ranks": ranks}})
+        self.guard.saved()
+
+
+@dataclass
+class EpochPart:
+    """The steps of an epoch done so far, and their sums on this rank (loss x images, correct) and images."""
+
+    steps: int
+    totals: list[float]
+    seen: int
+
+
+def _stopped(signum: int, where: str) -> Stopped:
+    return Stopped(f"stopped by {signal_name(signum)} after {where}, with a checkpoint there; continue with "
+                   f"--resume (or the same command with --auto-resume)", signum)
+
+
+def _require_finite_weights(model: torch.nn.Module, epoch: int) -> None:
+    if not all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point()):
+        raise RunFailed(f"training diverged in epoch {epoch + 1}: the weights are not finite; the run is not "
+                        f"finished and its last good checkpoint is kept; lower optimizer.lr and start again")
 
 
 def _finish(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, model: torch.nn.Module,
@@ -234,38 +326,6 @@ def model_card(cfg: EvalRunConfig, genotype: Genotype, data: TrainData) -> Model
     return ModelCard(genotype.to_string(), cfg.network.build_args(), tuple(data.classes),
                      (data.in_channels, data.resolution, data.resolution), tuple(data.mean), tuple(data.std),
                      data.resize, data.name)
-
-
-def _train_epoch(ddp: torch.nn.Module, data: TrainData, optimizer: torch.optim.Optimizer, epoch: int,
-                 drop_path_rate: float, cfg: EvalRunConfig, autocast, memory_format, process: distributed.Process,
-                 progress: bool) -> dict:
-    t, aux_weight = cfg.train, cfg.network.auxiliary_weight
-    ddp.train()
-    # the loss sum and correct count stay on the device, so no step waits for the GPU to finish it
-    totals, seen, step = torch.zeros(2, dtype=torch.float64, device=process.device), 0, 0
-    # a tensor: a compiled network keeps one graph for every epoch's rate (space/network.py:drop_path)
-    rate = torch.tensor(drop_path_rate, device=process.device)
-    bar = tqdm(data.epoch(epoch), total=data.steps, desc=f"epoch {epoch + 1}/{t.epochs}", file=sys.stderr,
-               leave=False, disable=None if (progress and process.main) else True)
-    for step, (x, y) in enumerate(bar, 1):
-        x = x.contiguous(memory_format=memory_format)
-        with autocast():
-            logits, aux = ddp(x, drop_path_rate=rate)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=t.label_smoothing)
-            if aux is not None and aux_weight > 0:
-                loss = loss + aux_weight * F.cross_entropy(aux.float(), y, label_smoothing=t.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optimizer.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(ddp.parameters(), cfg.optimizer.grad_clip)
-        optimizer.step()
-        totals += torch.stack([loss.detach().double() * len(y), (logits.argmax(-1) == y).sum().double()])
-        seen += len(y)
-        if step % LOSS_CHECK_STEPS == 0:
-            _require_finite_loss(float(totals[0]), epoch, step)
-    _require_finite_loss(float(totals[0]), epoch, step)
-    loss_sum, correct, seen = distributed.all_sum([*totals.tolist(), seen], process)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}
 
 
 def _require_finite_loss(loss_sum: float, epoch: int, step: int) -> None:
