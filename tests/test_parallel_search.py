@@ -16,6 +16,7 @@ import torch
 
 from helpers import (SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, ranks_stderr,
                      rel_error)
+from ilnas.runs import read_checkpoint
 from ilnas.search.engine import Learner, search_step
 from parallel_cases import CASES, STEPS
 
@@ -150,6 +151,30 @@ def test_a_killed_two_rank_search_resumes_bit_exact(two_ranks, tmp_path, restart
     sessions = json.loads((out / "provenance.json").read_text())["sessions"]
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 2), (True, 2)]
     assert [s["job"]["TORCHELASTIC_RESTART_COUNT"] for s in sessions] == (["0", "1"] if elastic else ["0", "0"])
+
+
+def test_a_terminated_two_rank_search_stops_both_ranks_at_one_step_and_resumes_bit_exact(two_ranks, tmp_path):
+    """SIGTERM to torchrun (a cluster's notice), which passes it on to its ranks: they agree to stop after
+    the same step, rank 0 checkpoints it with both ranks' generators, and `torchrun ... --resume` repeats the
+    uninterrupted run."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*TORCHRUN, "-m", "ilnas", *MICRO, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "provenance.json").exists():
+        assert proc.poll() is None and time.time() < deadline, ranks_stderr(proc.stderr.read().decode())
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.decode().count("ilnas: stopped by SIGTERM after step 1 of 2 of epoch 1") == 1, ranks_stderr(err.decode())
+    ckpt = read_checkpoint(out / "checkpoint.pt")
+    assert ckpt["progress"]["epoch_steps"] == 1 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # each rank's own dropout stream
+    r = torchrun("-m", "ilnas", "search", "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, ranks_stderr(r.stderr)
+    assert_same_search(two_ranks, out)
 
 
 @pytest.mark.parametrize("args, message", [
