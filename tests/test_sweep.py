@@ -117,6 +117,8 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     assert [s["resumed"] for s in sessions] == [False, True]  # continued from its checkpoint, not restarted
     assert [s["job"]["SUBMITIT_LOCAL_JOB_ID"] for s in sessions] == [cell["job"]] * 2  # the job, requeued
     assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 5
+    # the job's checkpoint stopped its search with SIGTERM, which checkpointed the step it was on
+    assert "ilnas: stopped by SIGTERM after " in (out / "seed-3" / "search.log").read_text()
     after = _sessions(out / "seed-4" / "search")
     assert json.loads((out / "sweep.json").read_text())["cells"][1]["runs"] == {"search": "finished"}
     assert after[0]["start"] >= sessions[-1]["end"] and after[0]["job"]["SUBMITIT_LOCAL_JOB_ID"] != cell["job"]

@@ -10,12 +10,14 @@ through submitit.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +30,7 @@ from typing import Any, Callable
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text
-from ilnas.runs import CONFIG, is_finished, read_config
+from ilnas.runs import CONFIG, is_finished, lock_holder, read_config
 from ilnas.threads import available_cores
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
@@ -213,10 +215,11 @@ def describe_sweep(sweep: Sweep) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_cell(cell: Cell, slot_env: dict[str, str] | None = None) -> dict:
+def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
+             started: Callable[[subprocess.Popen, Path], None] | None = None) -> dict:
     """The cell's runs in order (the search, then each re-training), each started, resumed or skipped, in
     this process's environment plus ``slot_env``. Returns the cell's status; a failed run stops the cell (its
-    log names why)."""
+    log names why). ``started(process, run directory)`` hears of each run's process as it starts."""
     env = {**os.environ, **(slot_env or {})}
     status = {"cell": cell.name, "labels": cell.labels, "runs": {}}
     for run in cell.runs:
@@ -227,7 +230,10 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None) -> dict:
         run.out.parent.mkdir(parents=True, exist_ok=True)
         log = run.out.parent / f"{key}.log"
         with open(log, "ab") as f:
-            rc = subprocess.run(command(run), stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            proc = subprocess.Popen(command(run), stdout=f, stderr=subprocess.STDOUT, env=env)
+            if started is not None:
+                started(proc, run.out)
+            rc = proc.wait()
         status["runs"][key] = "finished" if rc == 0 else f"failed (exit {rc}; see {log})"
         if rc != 0:
             break
@@ -290,19 +296,50 @@ def run_sweep(sweep: Sweep) -> dict:
 
 class CellJob:
     """A cell as a submitit job that survives its time limit and preemption: submitit calls ``checkpoint``
-    on the signal SLURM sends before it stops the job (USR2), and requeues what it returns, the same cell;
-    run_cell then skips the finished runs and resumes the interrupted one from its last checkpoint."""
+    on the signal SLURM sends before it stops the job (USR2), and requeues what it returns, the same cell.
+    ``checkpoint`` first stops the running ilnas command with SIGTERM, which checkpoints the step it is on
+    (ilnas/stopping.py), and waits for it; the requeued job's run_cell skips the finished runs and resumes
+    the interrupted one from there."""
 
     def __init__(self, cell: Cell, slot_env: dict[str, str] | None = None):
         self.cell, self.slot_env = cell, slot_env
+        self._running: tuple[subprocess.Popen, Path] | None = None  # this job's, never pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_running": None}
 
     def __call__(self) -> dict:
-        return run_cell(self.cell, self.slot_env)
+        return run_cell(self.cell, self.slot_env, lambda proc, out: setattr(self, "_running", (proc, out)))
 
     def checkpoint(self):
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(self)
+        if self._running is not None:
+            stop_and_wait(*self._running)
+        return DelayedSubmission(CellJob(self.cell, self.slot_env))
+
+
+STOP_WAIT_S = 60.0  # how long a job's checkpoint waits for its ilnas command to stop (SLURM warns 90 s ahead)
+
+
+def stop_and_wait(proc: subprocess.Popen, out: Path, timeout: float = STOP_WAIT_S) -> None:
+    """SIGTERM to an ilnas command, then wait until it has checkpointed and exited. It is not reaped here
+    (this runs in a signal handler while run_cell waits for it), so "exited" is read from /proc (a zombie),
+    or where there is none, from its run's lock."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not _exited(proc.pid, out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _exited(pid: int, out: Path) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:  # gone, or a system without /proc
+        return Path("/proc/self").exists() or lock_holder(out) is None
+    except (OSError, IndexError):
+        return lock_holder(out) is None
 
 
 # submitit's local executor stops a job after timeout_min=2 unless told otherwise: far too short for a search.
