@@ -719,6 +719,16 @@ def test_a_crash_below_python_prints_where_the_run_was(tmp_path):
     assert re.search(r'File ".*/ilnas/[\w/]+\.py", line \d+ in \w+', current), current[:2000]
 
 
+@pytest.mark.parametrize("preset, override, message", [
+    (None, "search.checkpoint_minutes=-1", "search.checkpoint_minutes must be >= 0, got -1.0"),
+    (None, "search.checkpoint_minutes=inf", "search.checkpoint_minutes must be a number, got 'inf'"),
+    ("eval-digits", "train.checkpoint_minutes=-0.5", "train.checkpoint_minutes must be >= 0, got -0.5"),
+])
+def test_a_bad_checkpoint_interval_is_refused(preset, override, message):
+    with pytest.raises(IlnasError, match=re.escape(message)):
+        resolve(preset, overrides=[override], kind=None)
+
+
 def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():
     assert issubclass(RunFailed, IlnasError) and RunFailed.exit_code == 3 and IlnasError.exit_code == 2
     with pytest.raises(IlnasError, match="optimizer.lr must be a finite number"):
