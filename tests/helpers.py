@@ -2,6 +2,8 @@
 files in their real formats, and a tiny float64 search problem with its brute-force hypergradient."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -48,6 +50,19 @@ def ilnas(*args: str, cwd: Path | None = None, wait: bool = True, env: dict | No
     if not wait:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def call(*argv: str) -> tuple[int, str, str]:
+    """``ilnas ARGV`` in this process (what a refusal needs: no process start): (exit code, stdout, stderr)."""
+    from ilnas import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def wait_for_sessions(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:

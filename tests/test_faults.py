@@ -24,9 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, ilnas, read_lines,
-                     snapshot, wait_for_sessions, write_cifar, write_image_folder)
-from ilnas import cli
+from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call, ilnas,
+                     read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes import search as search_recipe
@@ -42,17 +41,6 @@ TINY_PDARTS = ["space.layers=3", "space.channels=4", "search.batch_size=8", "sea
                "pdarts.ops_per_edge=[8, 4]", "pdarts.skip_dropout=[0.0, 0.4]", "search.checkpoint_minutes=1e-9"]
 GENOTYPE_OK = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat={c}, "
                "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])")
-
-
-def call(*argv: str) -> tuple[int, str, str]:
-    """``ilnas ARGV`` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:  # argparse
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_refused(argv: list[str], message: str, untouched: list[Path], code: int = 2) -> str:

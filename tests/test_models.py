@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from helpers import ilnas, snapshot, write_image_folder
+from helpers import call, ilnas, snapshot, write_image_folder
 from ilnas.errors import IlnasError
 from ilnas.recipes.export import export_model, require_onnx_export
 
@@ -203,9 +203,9 @@ def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, mes
     before = {p: snapshot(p) for p in (run, search)}
     args = [a.replace("__RUN__", str(run)).replace("__SEARCH__", str(search))
             .replace("__OTHER__", str(folder_runs["root"] / "fruit")) for a in args]
-    r = ilnas(*args)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    rc, _, err = call(*args)
+    assert rc == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert {p: snapshot(p) for p in (run, search)} == before
 
 

@@ -15,7 +15,7 @@ from ilnas.data.loader import BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
 from ilnas.optim import SGD
-from helpers import TINY_TRAIN as TINY, ilnas, snapshot, write_image_folder
+from helpers import TINY_TRAIN as TINY, call, ilnas, snapshot, write_image_folder
 from helpers import ranks_stderr, write_cifar
 
 def test_schedules_follow_their_formulas():
@@ -110,16 +110,17 @@ def test_cifar100_training_reports_top5(tmp_path):
     (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.compile=aot_eager",
       "--set", "train.compile_mode=reduce-overhead"], {}, "it needs train.compile=inductor"),
 ])
-def test_bad_training_input_is_one_line_and_exit_2(tmp_path, args, env, message):
+def test_bad_training_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, env, message):
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "config.yaml").write_text("kind: eval\nkept: true\n")
     before = snapshot(existing)
     args = [a.replace("__TMP__", str(tmp_path / "nothing")) for a in args]
-    r = subprocess.run([sys.executable, "-m", "ilnas", "train", *args, "--out", str(existing), "--force"],
-                       capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, _, err = call("train", *args, "--out", str(existing), "--force")
+    assert rc == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(existing) == before
 
 
