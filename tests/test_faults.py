@@ -612,6 +612,27 @@ def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exac
     assert_same_search(finished_run, out)
 
 
+def test_ctrl_c_checkpoints_the_step_it_is_on_and_a_second_ctrl_c_stops_at_once(tmp_path):
+    proc = ilnas(*MICRO, "--out", str(tmp_path / "once"), wait=False)
+    wait_for_sessions(tmp_path / "once", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.decode().splitlines() == [
+        "ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
+        "ilnas: stopped by SIGINT after step 1 of 2 of epoch 1 (global step 1), with a checkpoint there; continue "
+        "with --resume (or the same command with --auto-resume)"]
+    assert read_checkpoint(tmp_path / "once" / "checkpoint.pt")["progress"]["epoch_steps"] == 1
+
+    proc = ilnas(*MICRO, "--out", str(tmp_path / "twice"), wait=False)
+    wait_for_sessions(tmp_path / "twice", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr.readline().decode().startswith("ilnas: Ctrl-C: stopping after this step")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.decode().splitlines() == ["ilnas: interrupted"]
+    assert not (tmp_path / "twice" / "checkpoint.pt").exists()  # stopped before its first step had ended
+
+
 def test_a_search_checkpointed_part_way_through_its_epochs_resumes_bit_exact_after_a_kill(tmp_path):
     """checkpoint_minutes so short that every step writes one; P-DARTS, whose skip-connect dropout draws from
     the global generator the checkpoint keeps. SIGKILL once one exists part-way through an epoch."""

@@ -3,7 +3,8 @@
 A cluster announces the end of a job with a signal: SLURM sends SIGTERM before a preemption or at the time
 limit (or the signal ``--signal`` names, e.g. SIGUSR1), submitit's jobs get SIGUSR2, and torchrun passes
 SIGTERM on to its ranks. A run that gets SIGTERM, SIGUSR1 or SIGUSR2 finishes the step it is in, writes a
-checkpoint there and stops (``Stopped``). A run also writes such a checkpoint every ``checkpoint_minutes``
+checkpoint there and stops (``Stopped``). Ctrl-C (SIGINT) does the same, and a second Ctrl-C interrupts at
+once (KeyboardInterrupt), without that checkpoint. A run also writes such a checkpoint every ``checkpoint_minutes``
 between its epoch checkpoints, so a kill without warning (SIGKILL, a lost node) loses at most that much.
 
 Under torchrun the ranks agree at every step (one small all-reduce of CPU integers): they checkpoint and stop
@@ -12,6 +13,7 @@ at the same step, whichever of them got the signal first.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ import torch
 
 from ilnas import distributed
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,8 @@ class StepGuard:
     """Installed around a run's steps (a context manager); ``poll()`` after each step says what to do.
 
     Handlers are installed only in the main thread (where Python delivers signals); a handler that was there
-    before (a Python callable, say submitit's) is still called after ours notes the signal.
+    before (a Python callable, say submitit's) is still called after ours notes the signal, except Python's
+    own Ctrl-C handler, which only a second Ctrl-C reaches.
     """
 
     def __init__(self, checkpoint_minutes: float, process: distributed.Process):
@@ -59,8 +62,15 @@ class StepGuard:
         self._previous.clear()
 
     def _note(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum
         previous = self._previous.get(signum)
+        if signum == signal.SIGINT and previous is signal.default_int_handler:
+            if self.signum == signal.SIGINT:
+                previous(signum, frame)  # the second Ctrl-C: KeyboardInterrupt, now
+            if self.process.main:
+                print("ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
+                      file=sys.stderr, flush=True)
+            previous = None
+        self.signum = self.signum or signum
         if callable(previous):
             previous(signum, frame)
 
