@@ -80,6 +80,24 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert [(row["framework"], row["seeds"], row["error_digits"]["n"]) for row in table["rows"]] == [("il", 2, 2)]
 
 
+def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_checkpoints_its_step(tmp_path):
+    """Ctrl-C to the sweep process alone (say, `kill -INT`): it stops its running command with SIGTERM, which
+    checkpoints the step it is on, and starts no other cell."""
+    spec = _spec(tmp_path, grid={"search.seed": [0, 1]}, train=None, parallel=1)
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "seed-0" / "search" / "provenance.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and stderr.splitlines()[-1] == "ilnas: interrupted", stderr
+    assert "ilnas: stopped by SIGTERM after " in (out / "seed-0" / "search.log").read_text()
+    assert (out / "seed-0" / "search" / "checkpoint.pt").exists() and not (out / "seed-1").exists()
+
+
 def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:
     """What SLURM does before a time limit or a preemption: USR2 to the job's process (the parent of the
     ilnas process that holds the search's lock), here as soon as the search has a checkpoint."""

@@ -258,23 +258,34 @@ def slot_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
     return env
 
 
-def _in_slots(sweep: Sweep, run: Callable[[Cell, dict[str, str]], dict]) -> list[dict]:
-    """``run(cell, env)`` for every cell, ``parallel`` at a time on this machine, each in the environment of
-    its slot (its share of the cores, its GPU)."""
+def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
+    """``run(cell, env, started)`` for every cell, ``parallel`` at a time on this machine, each in the
+    environment of its slot (its share of the cores, its GPU). Interrupted (Ctrl-C), no further cell starts
+    and the running commands are stopped with SIGTERM, each after the step it is on, with a checkpoint."""
     gpus = _gpus()
     slots: Queue = Queue()
     for i in range(sweep.parallel):
         slots.put(i)
+    running: dict[int, subprocess.Popen] = {}
 
     def one(cell: Cell) -> dict:
         slot = slots.get()
         try:
-            return run(cell, slot_env(slot, sweep.parallel, gpus))
+            return run(cell, slot_env(slot, sweep.parallel, gpus), lambda proc, out: running.update({slot: proc}))
         finally:
             slots.put(slot)
 
-    with ThreadPoolExecutor(max_workers=sweep.parallel) as pool:
+    pool = ThreadPoolExecutor(max_workers=sweep.parallel)
+    try:
         return list(pool.map(one, sweep.cells))
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # one that had Ctrl-C too just notes it: the same stop
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def run_sweep(sweep: Sweep) -> dict:
@@ -376,7 +387,7 @@ def _submitit(sweep: Sweep) -> list[dict]:
     if executor.cluster == "local":
         submitting = threading.Lock()
 
-        def one(cell: Cell, env: dict[str, str]) -> dict:
+        def one(cell: Cell, env: dict[str, str], started) -> dict:  # the jobs outlive this process by design
             with submitting:
                 job = executor.submit(CellJob(cell, env))
             return _job_status(job, cell)
