@@ -612,8 +612,15 @@ def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exac
     assert_same_search(finished_run, out)
 
 
+def with_ctrl_c(*args: str) -> subprocess.Popen:
+    """``ilnas ARGS`` with Ctrl-C as in a terminal (a test runner's workers may ignore SIGINT, and their
+    children inherit that)."""
+    return subprocess.Popen([sys.executable, "-m", "ilnas", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def test_ctrl_c_checkpoints_the_step_it_is_on_and_a_second_ctrl_c_stops_at_once(tmp_path):
-    proc = ilnas(*MICRO, "--out", str(tmp_path / "once"), wait=False)
+    proc = with_ctrl_c(*MICRO, "--out", str(tmp_path / "once"))
     wait_for_sessions(tmp_path / "once", 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
@@ -623,7 +630,7 @@ def test_ctrl_c_checkpoints_the_step_it_is_on_and_a_second_ctrl_c_stops_at_once(
         "with --resume (or the same command with --auto-resume)"]
     assert read_checkpoint(tmp_path / "once" / "checkpoint.pt")["progress"]["epoch_steps"] == 1
 
-    proc = ilnas(*MICRO, "--out", str(tmp_path / "twice"), wait=False)
+    proc = with_ctrl_c(*MICRO, "--out", str(tmp_path / "twice"))
     wait_for_sessions(tmp_path / "twice", 1, proc)
     proc.send_signal(signal.SIGINT)
     assert proc.stderr.readline().decode().startswith("ilnas: Ctrl-C: stopping after this step")
@@ -631,6 +638,32 @@ def test_ctrl_c_checkpoints_the_step_it_is_on_and_a_second_ctrl_c_stops_at_once(
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and err.decode().splitlines() == ["ilnas: interrupted"]
     assert not (tmp_path / "twice" / "checkpoint.pt").exists()  # stopped before its first step had ended
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="runs a bash script")
+def test_the_slurm_job_script_requeues_before_its_time_limit_and_the_next_job_continues_bit_exact(micro_run, tmp_path):
+    """examples/slurm-requeue.sbatch run by bash as SLURM runs it (scontrol: a stub that notes its arguments):
+    USR1 to the script, which --signal=B:USR1@180 sends, stops the search after its step and requeues the job;
+    the script run again, as the requeued job, ends the run exactly as an uninterrupted one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("scontrol", f'echo "$@" >> {tmp_path / "scontrol.txt"}'),
+                       ("ilnas", f'exec "{sys.executable}" -m ilnas "$@"')):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "SLURM_JOB_ID": "4242"}
+    job = ["bash", str(Path(__file__).parent.parent / "examples" / "slurm-requeue.sbatch"), *MICRO, "--out",
+           str(tmp_path / "run")]
+    proc = subprocess.Popen(job, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_sessions(tmp_path / "run", 1, proc)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr.decode()
+    assert "requeueing job 4242" in stdout.decode() and (tmp_path / "scontrol.txt").read_text() == "requeue 4242\n"
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["progress"]["epoch_steps"] == 1
+    r = subprocess.run(job, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "requeue" not in r.stdout, r.stderr
+    assert_same_search(micro_run, tmp_path / "run")
 
 
 def test_a_search_checkpointed_part_way_through_its_epochs_resumes_bit_exact_after_a_kill(tmp_path):

@@ -86,7 +86,8 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     spec = _spec(tmp_path, grid={"search.seed": [0, 1]}, train=None, parallel=1)
     out = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # Ctrl-C as in a terminal (not ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (out / "seed-0" / "search" / "provenance.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

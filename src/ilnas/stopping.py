@@ -40,7 +40,8 @@ class StepGuard:
 
     Handlers are installed only in the main thread (where Python delivers signals); a handler that was there
     before (a Python callable, say submitit's) is still called after ours notes the signal, except Python's
-    own Ctrl-C handler, which only a second Ctrl-C reaches.
+    own Ctrl-C handler, which only a second Ctrl-C reaches. Ctrl-C is left alone where it was not Python's
+    (ignored, say, in a background job).
     """
 
     def __init__(self, checkpoint_minutes: float, process: distributed.Process):
@@ -53,7 +54,9 @@ class StepGuard:
     def __enter__(self) -> "StepGuard":
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
-                self._previous[s] = signal.signal(s, self._note)
+                # Ctrl-C only where Python's own handler has it (not where it is ignored, as in a background job)
+                if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler:
+                    self._previous[s] = signal.signal(s, self._note)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,7 +66,7 @@ class StepGuard:
 
     def _note(self, signum: int, frame) -> None:
         previous = self._previous.get(signum)
-        if signum == signal.SIGINT and previous is signal.default_int_handler:
+        if signum == signal.SIGINT:
             if self.signum == signal.SIGINT:
                 previous(signum, frame)  # the second Ctrl-C: KeyboardInterrupt, now
             if self.process.main:
