@@ -237,7 +237,7 @@ def test_bf16_autocast_hypergradient_stays_near_the_float64_one(cfg, bound):
     of the float64 hypergradient. Measured cosines on seeds 0-4: first order 0.98-0.99, exact 0.93-0.97,
     fd 0.71-0.92 (0.29-0.67 if the FD passes also ran in bf16, which is why they do not); float32 alone
     is within 5e-6 relative."""
-    for seed in range(3):
+    for seed in range(2):
         p = make_problem(seed=seed)
         want = engine_hypergradient(in_dtype(p, torch.float64), cfg, 0.05)
         fp32 = engine_hypergradient(in_dtype(p, torch.float32), cfg, 0.05)
