@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -580,6 +581,35 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
     return hits
 
 
+def stopped_by(signum: int, argv: list[str], out: Path) -> list[str]:
+    """``ilnas ARGV --out OUT`` sent ``signum`` once its session is open (before its first step has ended);
+    it must exit with 128 + signum. Its stderr lines."""
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    wait_for_sessions(out, 1, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, err.decode()
+    return err.decode().splitlines()
+
+
+def killed_once_checkpointed(argv: list[str], out: Path, reached: Callable[[dict], bool]) -> None:
+    """``ilnas ARGV --out OUT``, SIGKILLed as soon as its checkpoint is one that ``reached`` accepts."""
+    proc = ilnas(*argv, "--out", str(out), wait=False)
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
+            if reached(read_checkpoint(out / "checkpoint.pt")):
+                break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+
+
+def resume(command: str, out: Path) -> None:
+    r = ilnas(command, "--resume", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_search_killed_at_random_points_resumes_bit_exact(micro_run, tmp_path):
     """The IL search's own stages resume bit-exactly in the signal test below."""
     out = tmp_path / "run"
@@ -595,19 +625,13 @@ def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exac
     tests) before the IL search's first step has ended: the run finishes that step, checkpoints it part-way
     through epoch 1, with both tasks' batch streams part-way too, and exits 128 + the signal."""
     out = tmp_path / "run"
-    proc = ilnas(*SEARCH3, "--out", str(out), wait=False)
-    wait_for_sessions(out, 1, proc)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, err.decode()
-    assert err.decode().splitlines() == ["ilnas: stopped by SIGUSR1 after step 1 of 2 of epoch 1 (global step 1), "
-                                         "with a checkpoint there; continue with --resume (or the same command with "
-                                         "--auto-resume)"]
+    assert stopped_by(signal.SIGUSR1, SEARCH3, out) == [
+        "ilnas: stopped by SIGUSR1 after step 1 of 2 of epoch 1 (global step 1), with a checkpoint there; continue "
+        "with --resume (or the same command with --auto-resume)"]
     progress = read_checkpoint(out / "checkpoint.pt")["progress"]
     assert (progress["epoch"], progress["epoch_steps"], progress["global_step"]) == (0, 1, 1)
     assert not (out / "summary.json").exists() and len(read_lines(out / "metrics.jsonl")) == 1
-    r = ilnas("search", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    resume("search", out)
     assert_same_search(finished_run, out)
 
 
@@ -673,19 +697,11 @@ def test_a_search_checkpointed_part_way_through_its_epochs_resumes_bit_exact_aft
     rc, _, err = call(*argv, "--out", str(tmp_path / "reference"))
     assert rc == 0, err
     out = tmp_path / "run"
-    proc = ilnas(*argv, "--out", str(out), wait=False)
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
-            progress = read_checkpoint(out / "checkpoint.pt")["progress"]
-            if progress["phase"] == 1 and progress["epoch"] == 1 and progress["epoch_steps"] == 1:
-                break  # phase 2 (dropout 0.4), part-way through its second epoch
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    # phase 2 (dropout 0.4), part-way through its second epoch
+    killed_once_checkpointed(argv, out, lambda c: (c["progress"]["phase"], c["progress"]["epoch"],
+                                                   c["progress"]["epoch_steps"]) == (1, 1, 1))
     assert not (out / "summary.json").exists()
-    r = ilnas("search", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    resume("search", out)
     assert_same_search(tmp_path / "reference", out)
 
 
@@ -700,17 +716,12 @@ def test_a_training_killed_at_random_points_resumes_bit_exact(finished_training,
 
 def test_a_training_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exact(finished_training, tmp_path):
     out = tmp_path / "run"
-    proc = ilnas(*TRAIN_ARGS, "--out", str(out), wait=False)
-    wait_for_sessions(out, 1, proc)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err.decode()
-    assert err.decode().splitlines() == ["ilnas: stopped by SIGTERM after step 1 of 3 of epoch 1, with a checkpoint "
-                                         "there; continue with --resume (or the same command with --auto-resume)"]
+    assert stopped_by(signal.SIGTERM, TRAIN_ARGS, out) == [
+        "ilnas: stopped by SIGTERM after step 1 of 3 of epoch 1, with a checkpoint there; continue with --resume (or "
+        "the same command with --auto-resume)"]
     ckpt = read_checkpoint(out / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and ckpt["within_epoch"]["steps"] == 1 and ckpt["within_epoch"]["ranks"][0]["seen"] == 16
-    r = ilnas("train", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    resume("train", out)
     assert_same_training(finished_training, out)
 
 
@@ -728,18 +739,8 @@ def test_an_image_folder_training_checkpointed_part_way_through_an_epoch_resumes
     rc, _, err = call(*argv, "--out", str(tmp_path / "reference"))
     assert rc == 0, err
     out = tmp_path / "run"
-    proc = ilnas(*argv, "--out", str(out), wait=False)
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
-            ckpt = read_checkpoint(out / "checkpoint.pt")
-            if ckpt["epoch"] == 1 and ckpt.get("within_epoch", {}).get("steps") == 1:
-                break
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    r = ilnas("train", "--resume", "--quiet", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    killed_once_checkpointed(argv, out, lambda c: c["epoch"] == 1 and c.get("within_epoch", {}).get("steps") == 1)
+    resume("train", out)
     assert_same_training(tmp_path / "reference", out)
 
 

@@ -49,6 +49,8 @@ class StepGuard:
         self.interval = checkpoint_minutes * 60.0 if checkpoint_minutes > 0 else None
         self.process = process
         self.signum = 0
+        self.ctrl_c = 0
+        self.interrupted = False  # by a second Ctrl-C
         self.last = time.monotonic()
         self._previous: dict[int, object] = {}
 
@@ -66,21 +68,25 @@ class StepGuard:
         self._previous.clear()
 
     def _note(self, signum: int, frame) -> None:
-        previous = self._previous.get(signum)
-        if signum == signal.SIGINT:
-            if self.signum == signal.SIGINT:
-                previous(signum, frame)  # the second Ctrl-C: KeyboardInterrupt, now
-            if self.process.main:
-                print("ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
-                      file=sys.stderr, flush=True)
-            previous = None
         self.signum = self.signum or signum
-        if callable(previous):
-            previous(signum, frame)
+        previous = self._previous.get(signum)
+        if signum != signal.SIGINT:
+            if callable(previous):
+                previous(signum, frame)
+            return
+        self.ctrl_c += 1
+        if self.ctrl_c > 1:
+            self.interrupted = True  # poll() raises it again, should the code it lands in swallow it
+            previous(signum, frame)  # the second Ctrl-C: KeyboardInterrupt, now
+        elif self.process.main:
+            print("ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
+                  file=sys.stderr, flush=True)
 
     def poll(self) -> Decision:
         """After a step: whether to checkpoint now (time is up, or a stop was asked for) and whether to stop.
         Rank 0's clock decides the time; any rank's signal stops all."""
+        if self.interrupted:
+            raise KeyboardInterrupt
         due = int(self.interval is not None and self.process.main and time.monotonic() - self.last >= self.interval)
         signum, due = distributed.max_over_ranks([self.signum, due], self.process)
         return Decision(checkpoint=bool(due or signum), signum=signum)
