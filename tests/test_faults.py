@@ -24,6 +24,7 @@ from typing import Callable
 
 import pytest
 import torch
+import yaml
 
 from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call, ilnas,
                      read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
@@ -369,14 +370,38 @@ def test_resume_refuses_a_foreign_checkpoint(finished_run, finished_training, tm
     assert_refused(["search", "--resume", "--out", str(run)], "differs from the configuration its checkpoint", [run])
 
 
+def write_checkpoint(path: Path, payload: dict) -> None:
+    """A checkpoint file of ``payload`` with a valid checksum."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    path.write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+
+
 def test_a_checkpoint_that_unpickles_a_class_is_refused(finished_run, tmp_path):
     run = unfinished_copy(finished_run, tmp_path / "run")
-    buf = io.BytesIO()
-    torch.save({"kind": "search", "payload": Path("/")}, buf)  # a pickled class instance, valid checksum
-    data = buf.getvalue()
-    (run / "checkpoint.pt").write_bytes(MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
+    write_checkpoint(run / "checkpoint.pt", {"kind": "search", "payload": Path("/")})  # a pickled class instance
     (run / "checkpoint.prev.pt").unlink()
     assert_refused(["search", "--resume", "--out", str(run)], "holds pickled objects other than tensors", [run])
+
+
+def test_a_run_written_before_a_setting_existed_continues_with_that_setting_at_its_default(micro_run, tmp_path):
+    """config.yaml and checkpoints without search.checkpoint_minutes, as an earlier ilnas wrote them: the same
+    command line with --auto-resume continues the run (a new setting's default keeps the old behaviour), and
+    another value of that setting is still another configuration."""
+    run = unfinished_copy(micro_run, tmp_path / "run")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["search"]["checkpoint_minutes"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        payload = read_checkpoint(run / name)
+        del payload["config"]["search"]["checkpoint_minutes"]
+        write_checkpoint(run / name, payload)
+    assert_refused([*MICRO, "--out", str(run), "--auto-resume", "--set", "search.checkpoint_minutes=5"],
+                   "first difference at search.checkpoint_minutes", [run])
+    rc, _, err = call(*MICRO, "--out", str(run), "--auto-resume")
+    assert rc == 0, err
+    assert_same_search(micro_run, run)
 
 
 # --- concurrency --------------------------------------------------------------------------------------

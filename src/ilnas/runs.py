@@ -63,6 +63,19 @@ def read_config(path: Path) -> dict:
     return data
 
 
+def with_defaults(config: Any) -> Any:
+    """A stored configuration (config.yaml, or a checkpoint's) with each setting it lacks at its default: a run
+    written before a setting existed compares equal to the same run as today's schema describes it (a new
+    setting's default keeps the old behaviour). Anything the schema refuses is returned as it is."""
+    if not isinstance(config, dict) or config.get("kind") not in KINDS:
+        return config
+    try:
+        cfg = from_dict(KINDS[config["kind"]], {k: v for k, v in config.items() if k != "genotype"})
+    except IlnasError:
+        return config
+    return {**to_dict(cfg), **{k: v for k, v in config.items() if k == "genotype"}}
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
@@ -139,7 +152,7 @@ def auto_resume(path: Path, kind: str, config: dict) -> str:
     path = Path(path)
     if not (path / CONFIG).is_file():
         return "start"
-    stored = read_config(path)
+    stored = with_defaults(read_config(path))
     if stored["kind"] != kind:
         raise IlnasError(f"{path} holds a {KIND_NAMES[stored['kind']]} run, not a {KIND_NAMES[kind]} run")
     if stored != config:
@@ -466,8 +479,8 @@ def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
         found = KIND_NAMES.get(payload.get("kind"), repr(payload.get("kind")))
         raise IlnasError(f"the checkpoint in {path} belongs to a {found} run, not to this {KIND_NAMES[kind]} run; "
                          f"it cannot be resumed")
-    if payload.get("config") != config:
-        key = _first_difference(payload.get("config"), config)
+    if with_defaults(payload.get("config")) != config:
+        key = _first_difference(with_defaults(payload.get("config")), config)
         raise IlnasError(f"{path / CONFIG} differs from the configuration its checkpoint was written with "
                          f"(first at {key}); restore it, or start a new run with --force")
     return payload

@@ -30,7 +30,7 @@ from typing import Any, Callable
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text
-from ilnas.runs import CONFIG, is_finished, lock_holder, read_config
+from ilnas.runs import CONFIG, is_finished, lock_holder, read_config, with_defaults
 from ilnas.threads import available_cores
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
@@ -199,7 +199,7 @@ def command(run: RunSpec) -> list[str]:
     """The ilnas command that starts ``run``, or continues it where its directory holds it already
     (--auto-resume); a directory holding another configuration is refused here, before the cell runs."""
     if (run.out / CONFIG).is_file():
-        found = {k: v for k, v in read_config(run.out).items() if k != "genotype"}
+        found = {k: v for k, v in with_defaults(read_config(run.out)).items() if k != "genotype"}
         if found != run.config:
             raise IlnasError(f"{run.out} holds a run of another configuration than the sweep's; move it away or "
                              f"choose another out")
