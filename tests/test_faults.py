@@ -606,10 +606,17 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
     return hits
 
 
+def with_ctrl_c(*args: str) -> subprocess.Popen:
+    """``ilnas ARGS`` with Ctrl-C as in a terminal (a test runner's workers may ignore SIGINT, and their
+    children inherit that)."""
+    return subprocess.Popen([sys.executable, "-m", "ilnas", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 def stopped_by(signum: int, argv: list[str], out: Path) -> list[str]:
-    """``ilnas ARGV --out OUT`` sent ``signum`` once its session is open (before its first step has ended);
-    it must exit with 128 + signum. Its stderr lines."""
-    proc = ilnas(*argv, "--out", str(out), wait=False)
+    """``ilnas ARGV --out OUT`` (Ctrl-C as in a terminal) sent ``signum`` once its session is open, before its
+    first step has ended; it must exit with 128 + signum. Its stderr lines."""
+    proc = with_ctrl_c(*argv, "--out", str(out))
     wait_for_sessions(out, 1, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
@@ -645,13 +652,14 @@ def test_a_search_killed_at_random_points_resumes_bit_exact(micro_run, tmp_path)
     assert len(sessions) >= 2 and sessions[-1]["resumed"] and sessions[-1]["end"]
 
 
-def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exact(finished_run, tmp_path):
-    """A cluster's notice (here SIGUSR1, as `sbatch --signal=USR1@90` asks; SIGTERM: the torchrun and training
+def test_a_search_stopped_by_ctrl_c_checkpoints_that_step_and_resumes_bit_exact(finished_run, tmp_path):
+    """Ctrl-C (SIGINT; SIGTERM, a cluster's notice, takes the same path: the torchrun, training and SLURM script
     tests) before the IL search's first step has ended: the run finishes that step, checkpoints it part-way
-    through epoch 1, with both tasks' batch streams part-way too, and exits 128 + the signal."""
+    through epoch 1, with both tasks' batch streams part-way too, and exits 130."""
     out = tmp_path / "run"
-    assert stopped_by(signal.SIGUSR1, SEARCH3, out) == [
-        "ilnas: stopped by SIGUSR1 after step 1 of 2 of epoch 1 (global step 1), with a checkpoint there; continue "
+    assert stopped_by(signal.SIGINT, SEARCH3, out) == [
+        "ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
+        "ilnas: stopped by SIGINT after step 1 of 2 of epoch 1 (global step 1), with a checkpoint there; continue "
         "with --resume (or the same command with --auto-resume)"]
     progress = read_checkpoint(out / "checkpoint.pt")["progress"]
     assert (progress["epoch"], progress["epoch_steps"], progress["global_step"]) == (0, 1, 1)
@@ -660,24 +668,7 @@ def test_a_search_stopped_by_a_signal_checkpoints_that_step_and_resumes_bit_exac
     assert_same_search(finished_run, out)
 
 
-def with_ctrl_c(*args: str) -> subprocess.Popen:
-    """``ilnas ARGS`` with Ctrl-C as in a terminal (a test runner's workers may ignore SIGINT, and their
-    children inherit that)."""
-    return subprocess.Popen([sys.executable, "-m", "ilnas", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def test_ctrl_c_checkpoints_the_step_it_is_on_and_a_second_ctrl_c_stops_at_once(tmp_path):
-    proc = with_ctrl_c(*MICRO, "--out", str(tmp_path / "once"))
-    wait_for_sessions(tmp_path / "once", 1, proc)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and err.decode().splitlines() == [
-        "ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
-        "ilnas: stopped by SIGINT after step 1 of 2 of epoch 1 (global step 1), with a checkpoint there; continue "
-        "with --resume (or the same command with --auto-resume)"]
-    assert read_checkpoint(tmp_path / "once" / "checkpoint.pt")["progress"]["epoch_steps"] == 1
-
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):
     proc = with_ctrl_c(*MICRO, "--out", str(tmp_path / "twice"))
     wait_for_sessions(tmp_path / "twice", 1, proc)
     proc.send_signal(signal.SIGINT)

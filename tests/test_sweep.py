@@ -116,7 +116,7 @@ def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:
 def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_path, requeues):
     pytest.importorskip("submitit")
     settings = {"cluster": "local", "timeout_min": 10, **({} if requeues is None else {"max_num_timeout": requeues})}
-    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=5"]
+    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=3"]
     seeds = [3] if requeues == 0 else [3, 4]  # locally one job at a time (parallel 1), as a local sweep runs
     spec = _spec(tmp_path, executor="submitit", submitit=settings, grid={"search.seed": seeds}, train=None,
                  search={"preset": "demo", "set": search_set}, parallel=1)
@@ -138,7 +138,7 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     sessions = _sessions(out / "seed-3" / "search")
     assert [s["resumed"] for s in sessions] == [False, True]  # continued from its checkpoint, not restarted
     assert [s["job"]["SUBMITIT_LOCAL_JOB_ID"] for s in sessions] == [cell["job"]] * 2  # the job, requeued
-    assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 5
+    assert json.loads((out / "seed-3" / "search" / "summary.json").read_text())["steps"] == 3
     # the job's checkpoint stopped its search with SIGTERM, which checkpointed the step it was on
     assert "ilnas: stopped by SIGTERM after " in (out / "seed-3" / "search.log").read_text()
     after = _sessions(out / "seed-4" / "search")
