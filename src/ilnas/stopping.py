@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ilnas import distributed
+from ilnas.errors import Stopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -96,8 +97,12 @@ class StepGuard:
         self.last = time.monotonic()
 
 
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+def stopped(signum: int, epoch: int, steps_done: int, steps: int, note: str = "") -> Stopped:
+    """What a run raises after signal ``signum``, once it has checkpointed step ``steps_done`` of ``steps`` of
+    ``epoch`` (0-based; all of them: the epoch's own checkpoint)."""
+    where = f"step {steps_done} of {steps} of epoch {epoch + 1}" if steps_done < steps else f"epoch {epoch + 1}"
+    return Stopped(f"stopped by {signal.Signals(signum).name} after {where}{note}, with a checkpoint there; continue "
+                   f"with --resume (or the same command with --auto-resume)", signum)
 
 
 def global_rng_state(device: torch.device) -> dict:

@@ -33,14 +33,14 @@ from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
-from ilnas.errors import IlnasError, RunFailed, Stopped
+from ilnas.errors import IlnasError, RunFailed
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
-from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, signal_name
+from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.supernet import (Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights,
@@ -354,12 +354,6 @@ def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchSt
     ctx.guard.saved()
 
 
-def _stopped(signum: int, prog: Progress, epoch: int, steps_done: int, steps: int) -> Stopped:
-    where = f"step {steps_done} of {steps} of epoch {epoch + 1}" if steps_done < steps else f"epoch {epoch + 1}"
-    return Stopped(f"stopped by {signal_name(signum)} after {where} (global step {prog.global_step}), with a "
-                   f"checkpoint there; continue with --resume (or the same command with --auto-resume)", signum)
-
-
 def _run_phase(ctx: SearchContext, prog: Progress, saved: dict | None) -> SearchState:
     """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture;
     ``saved``: the checkpoint it continues from (part-way through an epoch when ``prog.epoch_steps``)."""
@@ -414,12 +408,12 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved: dict | None) -> Search
             _log_steps(ctx, pending, since, bar)
         bar.close()
         if decision.stop and i + 1 < steps:
-            raise _stopped(decision.signum, prog, epoch, i + 1, steps)
+            raise stopped(decision.signum, epoch, i + 1, steps, f" (global step {prog.global_step})")
         record = {"kind": "epoch", "phase": prog.phase, "epoch": epoch, "step": prog.global_step, "lr": lr,
                   "skip_dropout": dropout, "arch_updated": update_arch}
         _end_epoch(ctx, nets, state, prog, record, time.perf_counter() - t_epoch, tag)
         if decision.stop:
-            raise _stopped(decision.signum, prog, epoch, steps, steps)
+            raise stopped(decision.signum, epoch, steps, steps, f" (global step {prog.global_step})")
     return state
 
 

@@ -23,11 +23,11 @@ from tqdm import tqdm
 from ilnas import distributed
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
-from ilnas.errors import IlnasError, RunFailed, Stopped
+from ilnas.errors import IlnasError, RunFailed
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
 from ilnas.seeds import derive_seed
-from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, signal_name
+from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
@@ -221,7 +221,7 @@ class TrainLoop:
         self.guard.saved()
         distributed.barrier(process)
         if signum:
-            raise _stopped(signum, f"epoch {epoch + 1}")
+            raise stopped(signum, epoch, self.data.steps, self.data.steps)
         return record, best, elapsed
 
     def train_epoch(self, epoch: int, drop_path_rate: float, part: EpochPart, t0: float, best: float,
@@ -263,7 +263,7 @@ class TrainLoop:
                 break
         bar.close()
         if signum and step < steps:
-            raise _stopped(signum, f"step {step} of {steps} of epoch {epoch + 1}")
+            raise stopped(signum, epoch, step, steps)
         _require_finite_loss(float(totals[0]), epoch, step)
         loss_sum, correct, seen = distributed.all_sum([*totals.tolist(), seen], process)
         return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}, signum
@@ -290,11 +290,6 @@ class EpochPart:
     steps: int
     totals: list[float]
     seen: int
-
-
-def _stopped(signum: int, where: str) -> Stopped:
-    return Stopped(f"stopped by {signal_name(signum)} after {where}, with a checkpoint there; continue with "
-                   f"--resume (or the same command with --auto-resume)", signum)
 
 
 def _require_finite_weights(model: torch.nn.Module, epoch: int) -> None:
