@@ -73,7 +73,7 @@ def with_defaults(config: Any) -> Any:
         cfg = from_dict(KINDS[config["kind"]], {k: v for k, v in config.items() if k != "genotype"})
     except IlnasError:
         return config
-    return {**to_dict(cfg), **{k: v for k, v in config.items() if k == "genotype"}}
+    return config_dict(cfg, **{k: v for k, v in config.items() if k == "genotype"})
 
 
 def _first_line(e: BaseException) -> str:

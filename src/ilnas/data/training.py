@@ -172,7 +172,8 @@ class FolderData:
         self.train_set.epoch = epoch
         bs = self.shard.batch_size
         order = list(self.sampler)[start * bs:self.steps * bs]
-        loader = self._loader(self.train_set, order, torch.Generator().manual_seed(derive_seed(self.shard.seed, epoch)))
+        loader = self._loader(self.train_set, order,
+                              torch.Generator().manual_seed(derive_seed(self.shard.seed, epoch)))
         if self.decode == "workers":
             return self._batches(loader, self._to_device, start)
         seed, rank = self.shard.seed, self.shard.rank
