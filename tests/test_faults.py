@@ -664,6 +664,8 @@ def test_a_search_stopped_by_ctrl_c_checkpoints_that_step_and_resumes_bit_exact(
     progress = read_checkpoint(out / "checkpoint.pt")["progress"]
     assert (progress["epoch"], progress["epoch_steps"], progress["global_step"]) == (0, 1, 1)
     assert not (out / "summary.json").exists() and len(read_lines(out / "metrics.jsonl")) == 1
+    code, table, _ = call("status", str(out))
+    assert code == 0 and "| interrupted | 0/3 | - | 0 ep + 1 steps, " in table  # where --resume continues
     resume("search", out)
     assert_same_search(finished_run, out)
 
@@ -797,7 +799,7 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     out = tmp_path / "run"
     proc = ilnas(*MICRO, "--set", "search.epochs=50", "--out", str(out), wait=False)
     deadline = time.time() + 300
-    while not any('"kind": "epoch"' in line for line in read_lines(out / "metrics.jsonl")):
+    while not (out / PREVIOUS).exists():  # two epochs checkpointed
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
     running = json.loads(ilnas("status", str(out), "--json").stdout)[0]
@@ -817,11 +819,18 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     assert (training["kind"], training["state"], training["epochs_done"]) == ("training", "finished", 3)
     assert training["last"].startswith("test top-1 ")
     assert stopped["state"] == "interrupted" and stopped["holder"] is None and stopped["remaining_seconds"] is None
+    assert stopped["checkpoint"]["file"] == "checkpoint.pt" and stopped["checkpoint"]["steps"] == 0
+    assert stopped["checkpoint"]["epochs"] in (stopped["epochs_done"], stopped["epochs_done"] - 1)  # killed between
+    assert search["checkpoint"] is None and 0 <= running["checkpoint"]["age_seconds"] < 300
+    assert running["checkpoint"]["epochs"] >= 2 and running["checkpoint"]["damaged_latest"] is None
     table = ilnas("status", str(tmp_path)).stdout
     assert "| interrupted |" in table and table.count("\n") == 3
     assert snapshot(out) == before  # status only reads
     r = ilnas("plot", str(out))  # the report leaves the torn line out too
     assert r.returncode == 0 and (out / "report.html").is_file(), r.stderr
+    (out / "checkpoint.pt").write_bytes(b"torn")  # --resume would continue from the previous one: so says status
+    code, table, _ = call("status", str(out))
+    assert code == 0 and f"| {stopped['checkpoint']['epochs'] - 1} ep, " in table and " (previous file) |" in table
 
 
 def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_without_runs(tmp_path):

@@ -460,20 +460,29 @@ class RunDir:
         self.write_text(name, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
 
 
+def latest_checkpoint(path: Path) -> tuple[dict | None, Path | None, str | None]:
+    """The run's latest intact checkpoint (None before the first), its file, and where that is the previous
+    one, why the latest is not (a kill while it was written leaves the previous one whole)."""
+    latest, previous = Path(path) / CHECKPOINT, Path(path) / PREVIOUS
+    if not latest.exists():  # none yet, or caught between a save's two renames: then the previous is the latest
+        return (read_checkpoint(previous), previous, None) if previous.exists() else (None, None, None)
+    try:
+        return read_checkpoint(latest), latest, None
+    except IlnasError as e:
+        if not previous.exists():
+            raise
+        return read_checkpoint(previous), previous, str(e)
+
+
 def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
     """The run's latest intact checkpoint (None before the first), refused unless it was written by a
     ``kind`` run under ``config``. Reads only: call it before anything is written."""
     path = Path(path)
-    latest, previous = path / CHECKPOINT, path / PREVIOUS
-    if not latest.exists() and not previous.exists():
+    payload, _, damage = latest_checkpoint(path)
+    if payload is None:
         return None
-    try:
-        payload = read_checkpoint(latest)
-    except IlnasError as e:
-        if not previous.exists():
-            raise
-        payload = read_checkpoint(previous)
-        print(f"ilnas: warning: {e}; continuing from the previous checkpoint {previous.name}", file=sys.stderr,
+    if damage:
+        print(f"ilnas: warning: {damage}; continuing from the previous checkpoint {PREVIOUS}", file=sys.stderr,
               flush=True)
     if payload.get("kind") != kind:
         found = KIND_NAMES.get(payload.get("kind"), repr(payload.get("kind")))

@@ -1,13 +1,16 @@
 """Where runs stand: finished, running (and who runs it), or interrupted (to be resumed); how many epochs
-are done, the last epoch's accuracies, how many sessions worked on the run, and for a running one the time
-its remaining epochs should take. Reads run directories only; writes nothing."""
+are done, the last epoch's accuracies, where its latest checkpoint lies (what a resume continues from, and
+what a kill now would lose), how many sessions worked on the run, and for a running one the time its
+remaining epochs should take. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.runs import PROVENANCE, find_runs, is_finished, lock_holder, read_config, read_json, read_metrics
+from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, lock_holder, read_config, read_json,
+                        read_metrics)
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
 
@@ -33,7 +36,8 @@ def run_status(path: Path) -> dict:
     remaining = max(total - len(epochs), 0) if total is not None else None
     return {"run": str(path), "kind": "search" if kind == "search" else "training", "state": state,
             "holder": holder if state == "running" else None, "epochs_done": len(epochs), "epochs": total,
-            "last": _last(epochs[-1]) if epochs else None, "sessions": len(sessions),
+            "last": _last(epochs[-1]) if epochs else None,
+            "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
             "remaining_seconds": epoch_time * remaining if None not in (epoch_time, remaining) and state == "running"
             else None}
@@ -48,8 +52,8 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
             rows.append(run_status(run))
         except IlnasError as e:
             rows.append({"run": str(run), "kind": "-", "state": f"unreadable: {e}", "holder": None, "epochs_done": 0,
-                         "epochs": None, "last": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
-                         "remaining_seconds": None})
+                         "epochs": None, "last": None, "checkpoint": None, "sessions": 0, "resumed": 0,
+                         "epoch_seconds": None, "remaining_seconds": None})
     return rows
 
 
@@ -62,6 +66,35 @@ def _total_epochs(config: dict) -> int | None:
         return int(config["search"]["epochs"]) * phases
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _checkpoint(path: Path, config: dict) -> dict | None:
+    """Where the run's latest intact checkpoint lies: epochs completed (over all P-DARTS phases) and steps of the
+    next one, which file holds it (the previous one where the latest is damaged) and how old it is."""
+    try:
+        payload, file, damage = latest_checkpoint(path)
+        if payload is None or file is None:
+            return None
+        if payload.get("kind") == "search":
+            prog = payload["progress"]
+            epochs = prog["phase"] * int(config["search"]["epochs"]) + prog["epoch"]
+            steps = prog["epoch_steps"]
+        else:
+            epochs, steps = payload["epoch"], (payload.get("within_epoch") or {}).get("steps", 0)
+        age = max(time.time() - file.stat().st_mtime, 0.0)
+    except (IlnasError, OSError, KeyError, TypeError, ValueError) as e:
+        return {"unreadable": str(e) if isinstance(e, IlnasError) else f"{type(e).__name__}: {e}"}
+    return {"epochs": int(epochs), "steps": int(steps), "file": file.name, "damaged_latest": damage,
+            "age_seconds": age}
+
+
+def _checkpoint_cell(ckpt: dict | None) -> str:
+    if ckpt is None:
+        return "-"
+    if "unreadable" in ckpt:
+        return "unreadable"
+    where = f"{ckpt['epochs']} ep" + (f" + {ckpt['steps']} steps" if ckpt["steps"] else "")
+    return f"{where}, {_duration(ckpt['age_seconds'])} ago" + (" (previous file)" if ckpt["damaged_latest"] else "")
 
 
 def _last(epoch: dict) -> str:
@@ -84,12 +117,13 @@ def _duration(seconds: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table, one row per run; the process of each running one below it."""
-    lines = ["| run | kind | state | epochs | last epoch | sessions | epoch time | remaining |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | kind | state | epochs | last epoch | checkpoint | sessions | epoch time | remaining |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
         total = r["epochs"] if r["epochs"] is not None else "?"
         lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{total} | {r['last'] or '-'} | "
-                     f"{sessions} | {_duration(r['epoch_seconds'])} | {_duration(r['remaining_seconds'])} |")
+                     f"{_checkpoint_cell(r['checkpoint'])} | {sessions} | {_duration(r['epoch_seconds'])} | "
+                     f"{_duration(r['remaining_seconds'])} |")
     running = [r for r in rows if r["holder"]]
     return "\n".join(lines + ([""] + [f"{r['run']}: {r['holder']}" for r in running] if running else [])) + "\n"
