@@ -166,6 +166,40 @@ def test_a_terminated_two_rank_search_stops_both_ranks_at_one_step_and_resumes_b
     assert_same_search(two_ranks, out)
 
 
+def test_a_rank_that_fails_alone_leaves_one_line_from_each_rank_and_the_run_resumable(tmp_path):
+    """Rank 1 fails in the second epoch (its own error, say a lost device); rank 0, which holds the run, meets
+    only a broken collective: each says so in one line, no traceback, and the run keeps its epoch checkpoint."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAIL_RANK": "1", "FAIL_STEP": "3"}
+    r = subprocess.run([*TORCHRUN, str(TESTS / "failing_rank.py"), *MICRO, "--out", str(out)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    lines = [line for line in r.stderr.splitlines() if line.startswith(("ilnas:", "[rank"))]
+    assert r.returncode != 0 and sorted(lines) == [
+        "ilnas: error: rank 0 of 2 stopped: another rank of this job is gone (it failed or was stopped: its own "
+        "message says why)",
+        "ilnas: error: rank 1 cannot go on (a fault made for this test)"], ranks_stderr(r.stderr)
+    [row] = json.loads(ilnas("status", str(out), "--json").stdout)
+    assert row["state"] == "interrupted" and row["checkpoint"]["epochs"] == 1  # unlocked, ready for --resume
+
+
+def test_only_a_broken_collective_counts_as_a_gone_peer(monkeypatch):
+    """Any other error of a rank keeps its traceback (a bug must not read as a neighbour's failure)."""
+    from ilnas.distributed import lost_peer
+
+    def raised(e: Exception) -> Exception:
+        try:
+            raise e
+        except Exception as caught:
+            return caught
+
+    transport = raised(RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1"))
+    assert not lost_peer(transport)  # one process: no peers
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_peer(transport) and lost_peer(raised(torch.distributed.DistBackendError("NCCL watchdog")))
+    assert not lost_peer(raised(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
+    assert not lost_peer(raised(ValueError("Connection closed by peer")))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--set", "search.batch_size=9", "--out", "__OUT__"], "search.batch_size=9 is not divisible by the 2 ranks"),
     ([], "under torchrun every rank must name the same run directory: pass --out DIR"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas import __version__
-from ilnas.errors import IlnasError, Stopped
+from ilnas.errors import IlnasError, RunFailed, Stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -385,6 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_main_rank():  # every rank stopped at the same step; one says so
             print(f"ilnas: {e}", file=sys.stderr)
         return e.exit_code
+    except RuntimeError as e:
+        from ilnas.distributed import lost_peer
+
+        if not lost_peer(e):
+            raise
+        print(f"ilnas: error: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} stopped: another rank "
+              f"of this job is gone (it failed or was stopped: its own message says why)", file=sys.stderr)
+        return RunFailed.exit_code
     except BrokenPipeError:  # `ilnas describe ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -33,6 +34,17 @@ def world_size() -> int:
 def is_main_rank() -> bool:
     """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a collective of a several-rank job failing because another rank is gone (it failed or
+    was stopped): what every surviving rank meets then, in a transport's words that say nothing of the cause."""
+    if world_size() < 2 or not isinstance(e, RuntimeError):
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())) or "by peer" in str(e):  # the latter: gloo inside backward
+        return True
+    inside = f"{os.sep}torch{os.sep}distributed{os.sep}"
+    return any(inside in frame.filename for frame in traceback.extract_tb(e.__traceback__))
 
 
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
