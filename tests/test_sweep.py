@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ilnas
+from helpers import call, ilnas
 from ilnas.errors import IlnasError
 from ilnas.recipes.sweep import load_spec
+from ilnas.runs import is_finished
 
 SEARCH_SET = ["space.layers=2", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
               "search.epochs=2", "search.eval_batches=1"]
@@ -144,6 +145,51 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     after = _sessions(out / "seed-4" / "search")
     assert json.loads((out / "sweep.json").read_text())["cells"][1]["runs"] == {"search": "finished"}
     assert after[0]["start"] >= sessions[-1]["end"] and after[0]["job"]["SUBMITIT_LOCAL_JOB_ID"] != cell["job"]
+
+
+def test_a_cell_directory_holding_another_configuration_is_refused_before_any_cell_runs(tmp_path):
+    spec = _spec(tmp_path, grid={"search.seed": [0, 1]}, train=None)
+    run = load_spec(spec).cells[1].runs[0]
+    run.out.mkdir(parents=True)
+    (run.out / "config.yaml").write_text(yaml.safe_dump({**run.config, "search": {**run.config["search"], "seed": 7}}))
+    code, _, err = call("sweep", spec)
+    assert code == 2 and err == (f"ilnas: error: {run.out} holds a run of another configuration than the sweep's; "
+                                 f"move it away or choose another out\n")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["seed-1"]  # seed-0 did not start
+
+
+def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_running_job(tmp_path, monkeypatch):
+    """SLURM (tests/fake_slurm.py: sbatch, sacct, srun as submitit calls them): the driver dies while its cell's
+    job runs (a closed login session); the sweep run again finds that job (submitit/jobs.json) and waits for it
+    rather than submitting a second one, and a third run submits nothing for the finished cell."""
+    pytest.importorskip("submitit")
+    import fake_slurm
+
+    env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
+    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=20"]
+    spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "slurm"}, grid={"search.seed": [5]},
+                 train=None, search={"preset": "demo", "set": search_set})
+    out, sweep = tmp_path / "sweep" / "seed-5" / "search", [sys.executable, "-m", "ilnas", "sweep", spec]
+    driver = subprocess.Popen(sweep, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "provenance.json").exists():  # the job runs the search
+        assert driver.poll() is None and time.time() < deadline, driver.communicate()
+        time.sleep(0.05)
+    driver.kill()
+    driver.wait()
+    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])  # fake_slurm.submitted() reads it
+    assert fake_slurm.submitted() == ["1000"] and not is_finished(out)
+
+    r = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    [cell] = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"]
+    assert fake_slurm.submitted() == ["1000"] and (cell["job"], cell["runs"]) == ("1000", {"search": "finished"})
+    assert [(s["resumed"], s["job"]["SLURM_JOB_ID"]) for s in _sessions(out)] == [(False, "1000")]  # one session
+
+    r = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and fake_slurm.submitted() == ["1000"], r.stderr
+    [cell] = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"]
+    assert cell["runs"] == {"search": "finished (skipped)"}
 
 
 @pytest.mark.parametrize("change, message", [

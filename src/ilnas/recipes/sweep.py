@@ -289,7 +289,11 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
 
 
 def run_sweep(sweep: Sweep) -> dict:
-    """Run every cell (N at a time, or through submitit); write ``<out>/sweep.json``; return it."""
+    """Run every cell (N at a time, or through submitit); write ``<out>/sweep.json``; return it. A run directory
+    that holds another configuration is refused first, before any cell runs or any job is submitted."""
+    for cell in sweep.cells:
+        for run in cell.runs:
+            command(run)
     sweep.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     statuses = _submitit(sweep) if sweep.executor == "submitit" else _in_slots(sweep, run_cell)
@@ -380,20 +384,64 @@ def submitit_executor(sweep: Sweep):
 
 
 def _submitit(sweep: Sweep) -> list[dict]:
-    """One job per cell. A job stopped at its time limit or preempted is requeued (CellJob); one that fails or
-    is not requeued again becomes its cell's failed status. submitit's local executor would start every job at
-    once: there, ``parallel`` jobs run at a time, each with its share of the cores, as the local sweep's."""
+    """One job per unfinished cell. A job stopped at its time limit or preempted is requeued (CellJob); one that
+    fails or is not requeued again becomes its cell's failed status. submitit's local executor would start every
+    job at once: there, ``parallel`` jobs run at a time, each with its share of the cores, as the local sweep's.
+    On SLURM the cells' jobs are recorded (``submitit/jobs.json``), and a sweep run again, its driver gone (a
+    closed login session), waits for a cell's job still queued or running instead of submitting another."""
     executor = submitit_executor(sweep)
     if executor.cluster == "local":
         submitting = threading.Lock()
 
         def one(cell: Cell, env: dict[str, str], started) -> dict:  # the jobs outlive this process by design
+            if _finished(cell):
+                return _skipped(cell)
             with submitting:
                 job = executor.submit(CellJob(cell, env))
             return _job_status(job, cell)
         return _in_slots(sweep, one)
-    jobs = [executor.submit(CellJob(cell)) for cell in sweep.cells]
-    return [_job_status(job, cell) for job, cell in zip(jobs, sweep.cells)]
+    recorded = _recorded_jobs(sweep.out)
+    jobs = {}
+    for cell in sweep.cells:
+        if not _finished(cell):
+            jobs[cell.name] = _live_job(executor, recorded.get(cell.name)) or executor.submit(CellJob(cell))
+            recorded[cell.name] = jobs[cell.name].job_id
+            atomic_write_text(sweep.out / "submitit" / JOBS, json.dumps(recorded, indent=1) + "\n")
+    return [_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell) for cell in sweep.cells]
+
+
+JOBS = "jobs.json"  # in <out>/submitit: each cell's latest SLURM job
+# sacct states of a job that will still run its cell (a requeued job keeps its id)
+LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+               "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+
+
+def _finished(cell: Cell) -> bool:
+    return all(is_finished(run.out) for run in cell.runs)
+
+
+def _skipped(cell: Cell) -> dict:
+    return {"cell": cell.name, "labels": cell.labels, "runs": {run.out.name: "finished (skipped)" for run in cell.runs}}
+
+
+def _recorded_jobs(out: Path) -> dict[str, str]:
+    """The job of each cell an earlier run of the sweep submitted (none where the record is missing or torn)."""
+    try:
+        recorded = json.loads((out / "submitit" / JOBS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, str)} if isinstance(recorded, dict) else {}
+
+
+def _live_job(executor, job_id: str | None):
+    """The SLURM job ``job_id`` where it is still queued or running, else None."""
+    if job_id is None or executor.cluster != "slurm":
+        return None
+    from submitit import SlurmJob
+
+    job = SlurmJob(folder=executor.folder, job_id=job_id)
+    state = job.watcher.get_state(job_id, mode="force").split()  # e.g. "CANCELLED by 1234"
+    return job if state and state[0].upper() in LIVE_STATES else None
 
 
 def _job_status(job, cell: Cell) -> dict:
