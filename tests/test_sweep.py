@@ -192,6 +192,32 @@ def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_runni
     assert cell["runs"] == {"search": "finished (skipped)"}
 
 
+def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(tmp_path, monkeypatch):
+    """A recorded job is waited for only where it runs the cell the spec makes now: one of an edited spec
+    would write the same directories with other settings. A recorded job that has ended is not waited for."""
+    pytest.importorskip("submitit")
+    import fake_slurm
+    from ilnas.recipes.sweep import _earlier_job, _fingerprint, submitit_executor
+
+    env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
+    for name in ("PATH", "FAKE_SLURM_DIR"):
+        monkeypatch.setenv(name, env[name])
+    spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "slurm"}, grid={"search.seed": [5]}, train=None)
+    (tmp_path / "slurm" / "1000.pid").write_text(str(os.getpid()))  # sacct: running
+    (tmp_path / "slurm" / "1001.pid").write_text(str(os.getpid()))
+    (tmp_path / "slurm" / "1001.rc").write_text("0\n")  # sacct: completed
+    (tmp_path / "sweep" / "submitit").mkdir(parents=True)
+    (tmp_path / "sweep" / "submitit" / "jobs.json").write_text(json.dumps({"seed-5": {"job": "1000", "cell": "x"}}))
+    code, _, err = call("sweep", spec)
+    assert code == 2 and err == ("ilnas: error: sweep cell seed-5: its job 1000, submitted by an earlier run of this "
+                                 "sweep with other settings, is still running; wait for it or scancel 1000\n")
+    assert fake_slurm.submitted() == [] and not (tmp_path / "sweep" / "seed-5").exists()
+    sweep = load_spec(spec)
+    executor, cell = submitit_executor(sweep), sweep.cells[0]
+    assert _earlier_job(executor, {"job": "1000", "cell": _fingerprint(cell)}, cell).job_id == "1000"
+    assert _earlier_job(executor, {"job": "1001", "cell": _fingerprint(cell)}, cell) is None
+
+
 @pytest.mark.parametrize("change, message", [
     ({"grid": {}}, "grid must map axes to values"),
     ({"grid": {"framework": [1, 2]}}, "is not a setting (section.key)"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -401,12 +402,12 @@ def _submitit(sweep: Sweep) -> list[dict]:
             return _job_status(job, cell)
         return _in_slots(sweep, one)
     recorded = _recorded_jobs(sweep.out)
-    jobs = {}
-    for cell in sweep.cells:
-        if not _finished(cell):
-            jobs[cell.name] = _live_job(executor, recorded.get(cell.name)) or executor.submit(CellJob(cell))
-            recorded[cell.name] = jobs[cell.name].job_id
-            atomic_write_text(sweep.out / "submitit" / JOBS, json.dumps(recorded, indent=1) + "\n")
+    unfinished = [cell for cell in sweep.cells if not _finished(cell)]
+    jobs = {cell.name: _earlier_job(executor, recorded.get(cell.name), cell) for cell in unfinished}
+    for cell in unfinished:
+        jobs[cell.name] = jobs[cell.name] or executor.submit(CellJob(cell))
+        recorded[cell.name] = {"job": jobs[cell.name].job_id, "cell": _fingerprint(cell)}
+        atomic_write_text(sweep.out / "submitit" / JOBS, json.dumps(recorded, indent=1) + "\n")
     return [_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell) for cell in sweep.cells]
 
 
@@ -424,24 +425,38 @@ def _skipped(cell: Cell) -> dict:
     return {"cell": cell.name, "labels": cell.labels, "runs": {run.out.name: "finished (skipped)" for run in cell.runs}}
 
 
-def _recorded_jobs(out: Path) -> dict[str, str]:
+def _recorded_jobs(out: Path) -> dict[str, dict]:
     """The job of each cell an earlier run of the sweep submitted (none where the record is missing or torn)."""
     try:
         recorded = json.loads((out / "submitit" / JOBS).read_text())
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in recorded.items() if isinstance(v, str)} if isinstance(recorded, dict) else {}
+    if not isinstance(recorded, dict):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, dict) and isinstance(v.get("job"), str)}
 
 
-def _live_job(executor, job_id: str | None):
-    """The SLURM job ``job_id`` where it is still queued or running, else None."""
-    if job_id is None or executor.cluster != "slurm":
+def _fingerprint(cell: Cell) -> str:
+    """What a cell's job runs: its runs' commands, directories and configurations."""
+    runs = [[run.command, list(run.args), str(run.out), run.config] for run in cell.runs]
+    return hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_job(executor, entry: dict | None, cell: Cell):
+    """The cell's SLURM job from an earlier run of the sweep where it is still queued or running, else None;
+    refused where that job runs the cell as other settings made it (it would write the cell's directories)."""
+    if entry is None or executor.cluster != "slurm":
         return None
     from submitit import SlurmJob
 
-    job = SlurmJob(folder=executor.folder, job_id=job_id)
-    state = job.watcher.get_state(job_id, mode="force").split()  # e.g. "CANCELLED by 1234"
-    return job if state and state[0].upper() in LIVE_STATES else None
+    job = SlurmJob(folder=executor.folder, job_id=entry["job"])
+    state = job.watcher.get_state(job.job_id, mode="force").split()  # e.g. "CANCELLED by 1234"
+    if not state or state[0].upper() not in LIVE_STATES:
+        return None
+    if entry.get("cell") != _fingerprint(cell):
+        raise IlnasError(f"sweep cell {cell.name}: its job {job.job_id}, submitted by an earlier run of this sweep "
+                         f"with other settings, is still {state[0].lower()}; wait for it or scancel {job.job_id}")
+    return job
 
 
 def _job_status(job, cell: Cell) -> dict:
