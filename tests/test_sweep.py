@@ -161,27 +161,36 @@ def test_a_cell_directory_holding_another_configuration_is_refused_before_any_ce
 def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_running_job(tmp_path, monkeypatch):
     """SLURM (tests/fake_slurm.py: sbatch, sacct, srun as submitit calls them): the driver dies while its cell's
     job runs (a closed login session); the sweep run again finds that job (submitit/jobs.json) and waits for it
-    rather than submitting a second one, and a third run submits nothing for the finished cell."""
+    rather than submitting a second one, and a third run submits nothing for the finished cell. (The job's
+    search is held with SIGSTOP until the second driver has decided, so the job surely runs then.)"""
     pytest.importorskip("submitit")
     import fake_slurm
 
     env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
-    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=20"]
+    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])  # fake_slurm.submitted() reads it
     spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "slurm"}, grid={"search.seed": [5]},
-                 train=None, search={"preset": "demo", "set": search_set})
-    out, sweep = tmp_path / "sweep" / "seed-5" / "search", [sys.executable, "-m", "ilnas", "sweep", spec]
+                 train=None)
+    out, record = tmp_path / "sweep" / "seed-5" / "search", tmp_path / "sweep" / "submitit" / "jobs.json"
+    sweep = [sys.executable, "-m", "ilnas", "sweep", spec]
     driver = subprocess.Popen(sweep, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "provenance.json").exists():  # the job runs the search
         assert driver.poll() is None and time.time() < deadline, driver.communicate()
         time.sleep(0.05)
-    driver.kill()
-    driver.wait()
-    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])  # fake_slurm.submitted() reads it
-    assert fake_slurm.submitted() == ["1000"] and not is_finished(out)
-
-    r = subprocess.run(sweep, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    search = int(re.match(r"pid (\d+)", (out / ".lock").read_text()).group(1))
+    os.kill(search, signal.SIGSTOP)
+    try:
+        driver.kill()
+        driver.wait()
+        assert fake_slurm.submitted() == ["1000"] and not is_finished(out)
+        written = record.stat().st_ino
+        driver = subprocess.Popen(sweep, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while record.stat().st_ino == written:  # rewritten (atomically) once the driver has its job
+            assert driver.poll() is None and time.time() < deadline, driver.communicate()
+            time.sleep(0.05)
+    finally:
+        os.kill(search, signal.SIGCONT)
+    assert driver.wait(timeout=300) == 0, driver.communicate()
     [cell] = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"]
     assert fake_slurm.submitted() == ["1000"] and (cell["job"], cell["runs"]) == ("1000", {"search": "finished"})
     assert [(s["resumed"], s["job"]["SLURM_JOB_ID"]) for s in _sessions(out)] == [(False, "1000")]  # one session
