@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pty
 import random
 import re
 import shutil
@@ -668,6 +669,25 @@ def test_a_search_stopped_by_ctrl_c_checkpoints_that_step_and_resumes_bit_exact(
     assert code == 0 and "| interrupted | 0/3 | - | 0 ep + 1 steps, " in table  # where --resume continues
     resume("search", out)
     assert_same_search(finished_run, out)
+
+
+def test_a_closed_terminal_checkpoints_the_step_and_stops_though_writing_to_it_fails(micro_run, tmp_path):
+    """SIGHUP, as a closed terminal or a dropped ssh session sends, with stdout and stderr on that terminal:
+    once it has hung up every write to it fails (EIO), yet the run checkpoints its step, exits 129, and
+    --resume ends it exactly as an uninterrupted run."""
+    out = tmp_path / "run"
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", *MICRO, "--out", str(out)], stdout=terminal,
+                            stderr=terminal, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    os.close(terminal)
+    wait_for_sessions(out, 1, proc)
+    os.close(controller)  # the terminal hangs up
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=300) == 128 + signal.SIGHUP
+    progress = read_checkpoint(out / "checkpoint.pt")["progress"]
+    assert (progress["epoch"], progress["epoch_steps"]) == (0, 1)
+    resume("search", out)
+    assert_same_search(micro_run, out)
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tmp_path):

@@ -4,7 +4,8 @@ A cluster announces the end of a job with a signal: SLURM sends SIGTERM before a
 limit (or the signal ``--signal`` names, e.g. SIGUSR1), submitit's jobs get SIGUSR2, and torchrun passes
 SIGTERM on to its ranks. A run that gets SIGTERM, SIGUSR1 or SIGUSR2 finishes the step it is in, writes a
 checkpoint there and stops (``Stopped``). Ctrl-C (SIGINT) does the same, and a second Ctrl-C interrupts
-at once (KeyboardInterrupt), without that checkpoint. A run also writes such a checkpoint every
+at once (KeyboardInterrupt), without that checkpoint. So does SIGHUP, a closed terminal or a dropped ssh
+session (unless ``nohup`` ignores it): what the terminal would have shown goes to /dev/null from then on. A run also writes such a checkpoint every
 ``checkpoint_minutes`` between its epoch checkpoints, so a kill without warning (SIGKILL, a lost node) loses
 at most that much. A signal that comes in before the first step is acted on after it.
 
@@ -13,6 +14,7 @@ at the same step, whichever of them got the signal first.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -24,7 +26,10 @@ import torch
 from ilnas import distributed
 from ilnas.errors import Stopped
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP)
+# Ctrl-C is taken only from Python's own handler (not where it is ignored, as in a background job), a hangup
+# only from the default (not where nohup ignores it).
+TAKEN_ONLY_FROM = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL}
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class StepGuard:
     Handlers are installed only in the main thread (where Python delivers signals); a handler that was there
     before (a Python callable, say submitit's) is still called after ours notes the signal, except Python's
     own Ctrl-C handler, which only a second Ctrl-C reaches. Ctrl-C is left alone where it was not Python's
-    (ignored, say, in a background job).
+    (ignored, say, in a background job), and a hangup where it was not the default (``nohup``).
     """
 
     def __init__(self, checkpoint_minutes: float, process: distributed.Process):
@@ -54,12 +59,13 @@ class StepGuard:
         self.interrupted = False  # by a second Ctrl-C
         self.last = time.monotonic()
         self._previous: dict[int, object] = {}
+        self._terminal: list[int] = []  # stdout / stderr where they are a terminal, which a hangup takes away
 
     def __enter__(self) -> "StepGuard":
         if threading.current_thread() is threading.main_thread():
+            self._terminal = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: a hung-up terminal says no
             for s in STOP_SIGNALS:
-                # Ctrl-C only where Python's own handler has it (not where it is ignored, as in a background job)
-                if s != signal.SIGINT or signal.getsignal(s) is signal.default_int_handler:
+                if s not in TAKEN_ONLY_FROM or signal.getsignal(s) is TAKEN_ONLY_FROM[s]:
                     self._previous[s] = signal.signal(s, self._note)
         return self
 
@@ -71,6 +77,8 @@ class StepGuard:
     def _note(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
         previous = self._previous.get(signum)
+        if signum == signal.SIGHUP:
+            self._leave_terminal()
         if signum != signal.SIGINT:
             if callable(previous):
                 previous(signum, frame)
@@ -82,6 +90,14 @@ class StepGuard:
         elif self.process.main:
             print("ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
                   file=sys.stderr, flush=True)
+
+    def _leave_terminal(self) -> None:
+        """Writing to a hung-up terminal fails (EIO), which would stop the run before its checkpoint: its output
+        goes to /dev/null instead (a stdout or stderr redirected to a file keeps its file)."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in self._terminal:
+            os.dup2(devnull, fd)
+        os.close(devnull)
 
     def poll(self) -> Decision:
         """After a step: whether to checkpoint now (time is up, or a stop was asked for) and whether to stop.
