@@ -4,10 +4,11 @@ A cluster announces the end of a job with a signal: SLURM sends SIGTERM before a
 limit (or the signal ``--signal`` names, e.g. SIGUSR1), submitit's jobs get SIGUSR2, and torchrun passes
 SIGTERM on to its ranks. A run that gets SIGTERM, SIGUSR1 or SIGUSR2 finishes the step it is in, writes a
 checkpoint there and stops (``Stopped``). Ctrl-C (SIGINT) does the same, and a second Ctrl-C interrupts
-at once (KeyboardInterrupt), without that checkpoint. So does SIGHUP, a closed terminal or a dropped ssh
-session (unless ``nohup`` ignores it): what the terminal would have shown goes to /dev/null from then on. A run also writes such a checkpoint every
-``checkpoint_minutes`` between its epoch checkpoints, so a kill without warning (SIGKILL, a lost node) loses
-at most that much. A signal that comes in before the first step is acted on after it.
+at once (KeyboardInterrupt), without that checkpoint. SIGHUP, a closed terminal or a dropped ssh session,
+stops a run as SIGTERM does (unless ``nohup`` ignores it), and what the terminal would have shown goes to
+/dev/null from then on. A run also writes such a checkpoint every ``checkpoint_minutes`` between its epoch
+checkpoints, so a kill without warning (SIGKILL, a lost node) loses at most that much. A signal that comes
+in before the first step is acted on after it.
 
 Under torchrun the ranks agree at every step (one small all-reduce of CPU integers): they checkpoint and stop
 at the same step, whichever of them got the signal first.
