@@ -4,7 +4,8 @@ that keep it safe (the format is described in docs/run-directory.md).
 - Nothing on disk changes before the caller has validated everything: ``check`` only reads.
 - A finished run (``summary.json`` or ``result.json``) is never overwritten without ``force``, and
   ``force`` deletes only a directory that holds an ilnas run.
-- One process at a time: ``RunDir.open`` takes an exclusive lock (``.lock``) for the life of the run.
+- One process at a time: ``RunDir.open`` takes an exclusive lock (``.lock``, ilnas/runlock.py) for the life of
+  the run.
 - Checkpoints hold plain tensors and containers only (loaded with ``weights_only=True``), carry a
   SHA-256 of their bytes and the configuration they were written under; the previous one is kept, and
   a damaged latest checkpoint falls back to it with a one-line warning.
@@ -36,12 +37,13 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, umask
+from ilnas.fileio import atomic_write_bytes, atomic_write_text
+from ilnas.runlock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
 
 CONFIG, METRICS, CHECKPOINT, PREVIOUS = "config.yaml", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"
-LOCK, PROVENANCE = ".lock", "provenance.json"
+PROVENANCE = "provenance.json"
 FINISHED = ("summary.json", "result.json")  # a search ends with the first, a training run with the second
 KIND_NAMES = {"search": "search", "eval": "training"}
 MAGIC = b"ilnas-checkpoint-v1\n"  # then the SHA-256 of the payload in hex, a newline, the torch.save bytes
@@ -142,7 +144,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
             state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
             raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
     if path.is_dir() and probe_lock:
-        _RunLock(path).probe()
+        RunLock(path).probe()
 
 
 def auto_resume(path: Path, kind: str, config: dict) -> str:
@@ -172,90 +174,6 @@ def resume_config(path: Path, kind: str) -> Any:
     except IlnasError as e:
         raise IlnasError(f"{Path(path) / CONFIG} is not a valid configuration: {e}") from None
     return cfg
-
-
-# --- the lock ------------------------------------------------------------------------------------
-
-_HELD_LOCKS: set[int] = set()  # the descriptors of the run locks this process holds
-
-
-def _unlock_in_child() -> None:
-    """A forked child (a DataLoader worker) shares its parent's flock; it lets go of its copy, so that the run
-    is free as soon as the parent ends, not when the last worker notices and exits."""
-    for fd in _HELD_LOCKS:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # the child's copy only: the parent keeps the lock
-    _HELD_LOCKS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_unlock_in_child)
-
-
-class _RunLock:
-    """An exclusive ``flock`` on <run>/.lock; the file names the holder for whoever is refused."""
-
-    def __init__(self, path: Path):
-        self.file = Path(path) / LOCK
-        self.fd: int | None = None
-
-    def _try(self) -> int | None:
-        import fcntl
-
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except OSError:
-            os.close(fd)
-            return None
-
-    def _holder_line(self) -> str:
-        try:
-            return self.file.read_text(errors="replace").strip() or "unknown process"
-        except OSError:
-            return "unknown process"
-
-    def _refuse(self) -> None:
-        raise IlnasError(f"{self.file.parent} is in use by another ilnas process ({self._holder_line()}); wait for "
-                         f"it to end or choose another --out")
-
-    def probe(self) -> None:
-        """Refuse now if another process holds the run; hold nothing afterwards."""
-        if self.holder() is not None:
-            self._refuse()
-
-    def holder(self) -> str | None:
-        """Who holds the run now (the lock file's line), or None where no process does."""
-        if not self.file.exists():
-            return None
-        fd = self._try()
-        if fd is None:
-            return self._holder_line()
-        os.close(fd)
-        return None
-
-    def acquire(self) -> None:
-        fd = self._try()
-        if fd is None:
-            self._refuse()
-        holder = (f"pid {os.getpid()} on {socket.gethostname()}, since {_now()}: "
-                  f"{' '.join(sys.argv)}").replace("\n", " ")
-        os.ftruncate(fd, 0)
-        os.write(fd, holder.encode() + b"\n")
-        self.fd = fd
-        _HELD_LOCKS.add(fd)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            _HELD_LOCKS.discard(self.fd)
-            os.close(self.fd)  # closing the descriptor drops the flock
-            self.fd = None
-
-
-def lock_holder(path: Path) -> str | None:
-    """The process working on the run at ``path`` ("pid N on HOST, since T: COMMAND"), or None."""
-    return _RunLock(Path(path)).holder()
 
 
 def _now() -> str:
@@ -309,7 +227,7 @@ class RunDir:
 
     def __init__(self, path: Path, kind: str, config: dict):
         self.path, self.kind, self.config = Path(path), kind, config
-        self._lock = _RunLock(self.path)
+        self._lock = RunLock(self.path)
 
     @classmethod
     def open(cls, path: Path, kind: str, config: dict, resume: bool, force: bool,

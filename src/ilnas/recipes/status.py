@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, lock_holder, read_config, read_json,
+from ilnas.runlock import lock_holder
+from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
                         read_metrics)
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones

@@ -31,7 +31,8 @@ from typing import Any, Callable
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text
-from ilnas.runs import CONFIG, is_finished, lock_holder, read_config, with_defaults
+from ilnas.runlock import lock_holder
+from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import available_cores
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}

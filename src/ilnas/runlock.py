@@ -1,0 +1,161 @@
+"""One process at a time per run directory: an exclusive lock on ``<run>/.lock``, whose line names the holder
+("pid N on HOST, since T: COMMAND") for whoever is refused.
+
+The lock is an ``flock``, which the kernel drops when its process ends, however it ends. Some cluster
+filesystems have no file locks (Lustre mounted without ``flock``, some NFS set-ups: ``flock`` fails with
+ENOSYS, ENOLCK or EOPNOTSUPP). There the line itself is the lock, kept alive as a lease: its process renews
+the file's time every ``RENEW_S``, and a line stands for a live holder while it is younger than ``LEASE_S``
+and, where it names this host, its process exists (a process killed on this host frees the run at once, one
+on a lost node after the lease). Two processes that start within the same instant on a free run could both
+take such a lease, which an ``flock`` rules out; ilnas warns once per run that it is on one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ilnas.errors import IlnasError
+from ilnas.fileio import umask
+
+LOCK = ".lock"
+LEASE_S, RENEW_S = 120.0, 30.0  # without file locks: a line older than the lease is a dead holder's
+BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock: held by another process
+
+_HELD: set[int] = set()  # the descriptors of the run locks this process holds
+
+
+def _unlock_in_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's flock; it lets go of its copy, so that the run
+    is free as soon as the parent ends, not when the last worker notices and exits."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent keeps the lock
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_in_child)
+
+
+class RunLock:
+    """The lock of the run directory ``path``: ``acquire`` (or refuse in one line), ``release``, ``holder``."""
+
+    def __init__(self, path: Path):
+        self.file = Path(path) / LOCK
+        self.fd: int | None = None
+        self._renewing: threading.Event | None = None  # set to stop the lease's renewal (no file locks)
+
+    def _try(self) -> tuple[int | None, OSError | None]:
+        """(the descriptor, now holding the flock; or None where another process holds it) and, where the
+        filesystem has no file locks, the error that says so (the descriptor is then open, unlocked)."""
+        import fcntl
+
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd, None
+        except OSError as e:
+            if e.errno in BUSY:
+                os.close(fd)
+                return None, None
+            return fd, e
+
+    def _line(self) -> str:
+        try:
+            return self.file.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def _refuse(self, line: str) -> None:
+        raise IlnasError(f"{self.file.parent} is in use by another ilnas process ({line or 'unknown process'}); "
+                         f"wait for it to end or choose another --out")
+
+    def _lease_holder(self) -> str | None:
+        """Without file locks: the line where it stands for a live holder (see the module's text)."""
+        line = self._line()
+        found = re.match(r"pid (\d+) on (\S+), since ", line)
+        if not found:
+            return None
+        pid, host = int(found.group(1)), found.group(2)
+        if host == socket.gethostname():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:  # another user's process: alive
+                pass
+        try:
+            age = time.time() - self.file.stat().st_mtime
+        except OSError:
+            return None
+        return line if age < LEASE_S else None
+
+    def holder(self) -> str | None:
+        """Who holds the run now (the lock file's line), or None where no process does."""
+        if not self.file.exists():
+            return None
+        fd, no_locks = self._try()
+        if fd is None:
+            return self._line() or "unknown process"
+        os.close(fd)
+        return self._lease_holder() if no_locks else None
+
+    def probe(self) -> None:
+        """Refuse now if another process holds the run; hold nothing afterwards."""
+        line = self.holder()
+        if line is not None:
+            self._refuse(line)
+
+    def acquire(self) -> None:
+        fd, no_locks = self._try()
+        if fd is None:
+            self._refuse(self._line())
+        if no_locks:
+            line = self._lease_holder()
+            if line is not None:
+                os.close(fd)
+                self._refuse(line)
+            print(f"ilnas: warning: {self.file.parent} lies on a filesystem without file locks "
+                  f"({no_locks.strerror or no_locks}); the run is guarded by a lease in {LOCK} instead, renewed "
+                  f"every {RENEW_S:.0f} s", file=sys.stderr, flush=True)
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {' '.join(sys.argv)}".replace("\n", " ")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode() + b"\n", 0)
+        self.fd = fd
+        _HELD.add(fd)
+        if no_locks:
+            self._renewing = threading.Event()
+            threading.Thread(target=_renew, args=(self.file, self._renewing), daemon=True,
+                             name="ilnas-lease").start()
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self._renewing is not None:  # the lease: stop renewing it and leave a line that names nobody
+            self._renewing.set()
+            self._renewing = None
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+        _HELD.discard(self.fd)
+        os.close(self.fd)  # closing the descriptor drops the flock
+        self.fd = None
+
+
+def _renew(file: Path, stop: threading.Event) -> None:
+    while not stop.wait(RENEW_S):
+        with contextlib.suppress(OSError):  # a passing failure: the next renewal may work
+            os.utime(file)
+
+
+def lock_holder(path: Path) -> str | None:
+    """The process working on the run at ``path`` ("pid N on HOST, since T: COMMAND"), or None."""
+    return RunLock(Path(path)).holder()
