@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from helpers import call, ilnas
+from ilnas import runlock
 from ilnas.errors import IlnasError
 from ilnas.recipes.sweep import load_spec
 from ilnas.runs import is_finished
@@ -81,9 +82,15 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert [(row["framework"], row["seeds"], row["error_digits"]["n"]) for row in table["rows"]] == [("il", 2, 2)]
 
 
-def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_checkpoints_its_step(tmp_path):
-    """Ctrl-C to the sweep process alone (say, `kill -INT`): it stops its running command with SIGTERM, which
-    checkpoints the step it is on, and starts no other cell."""
+@pytest.mark.parametrize("signum, code, last", [
+    (signal.SIGINT, 130, "ilnas: interrupted"),
+    (signal.SIGTERM, 143, "ilnas: stopped by SIGTERM: no further cell starts, and the running ones checkpointed "
+                          "their step; run the sweep again to continue")])
+def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_checkpoints_its_step(
+        tmp_path, signum, code, last):
+    """Ctrl-C or SIGTERM (the sweep itself a cluster job) to the sweep process alone (say, `kill -INT`): it
+    stops its running command with SIGTERM, which checkpoints the step it is on, waits for it, and starts no
+    other cell."""
     spec = _spec(tmp_path, grid={"search.seed": [0, 1]}, train=None, parallel=1)
     out = tmp_path / "sweep"
     proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
@@ -93,11 +100,12 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     while not (out / "seed-0" / "search" / "provenance.json").exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130 and stderr.splitlines()[-1] == "ilnas: interrupted", stderr
+    assert proc.returncode == code and stderr.splitlines()[-1] == last, stderr
     assert "ilnas: stopped by SIGTERM after " in (out / "seed-0" / "search.log").read_text()
     assert (out / "seed-0" / "search" / "checkpoint.pt").exists() and not (out / "seed-1").exists()
+    assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
 def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:

@@ -26,10 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from queue import Queue
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ilnas.config import load_yaml, resolve, to_dict
-from ilnas.errors import IlnasError, RunFailed
+from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text
 from ilnas.runlock import lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
@@ -262,8 +262,9 @@ def slot_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
 
 def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
     """``run(cell, env, started)`` for every cell, ``parallel`` at a time on this machine, each in the
-    environment of its slot (its share of the cores, its GPU). Interrupted (Ctrl-C), no further cell starts
-    and the running commands are stopped with SIGTERM, each after the step it is on, with a checkpoint."""
+    environment of its slot (its share of the cores, its GPU). Interrupted (Ctrl-C) or terminated (SIGTERM:
+    the sweep itself a cluster job at its time limit), no further cell starts and the running commands are
+    stopped with SIGTERM, each after the step it is on, with a checkpoint; the sweep waits for them."""
     gpus = _gpus()
     slots: Queue = Queue()
     for i in range(sweep.parallel):
@@ -279,8 +280,9 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
 
     pool = ThreadPoolExecutor(max_workers=sweep.parallel)
     try:
-        return list(pool.map(one, sweep.cells))
-    except KeyboardInterrupt:
+        with _terminated_as_stopped():
+            return list(pool.map(one, sweep.cells))
+    except (KeyboardInterrupt, Stopped):
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in running.values():
             if proc.poll() is None:
@@ -288,6 +290,24 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _terminated_as_stopped() -> Iterator[None]:
+    """SIGTERM to this process raises ``Stopped`` in it (the main thread's wait), as Ctrl-C raises
+    KeyboardInterrupt; elsewhere than in the main thread, nothing changes."""
+    def stop(signum: int, frame) -> None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name}: no further cell starts, and the running ones "
+                      f"checkpointed their step; run the sweep again to continue", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_sweep(sweep: Sweep) -> dict:
