@@ -138,7 +138,8 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     status = cell["runs"]["search"]
     assert Path(cell["job_log"]).is_file() and cell["job"] in cell["job_log"]
     if requeues == 0:  # no requeue allowed: the cell fails, in one line, and the sweep says so
-        assert proc.returncode == 3 and len(stderr.splitlines()) == 1 and "1 of 1 sweep cells failed (first: seed-3, its search failed (job " in stderr
+        assert proc.returncode == 3 and len(stderr.splitlines()) == 1
+        assert "1 of 1 sweep cells failed (first: seed-3, its search failed (job " in stderr
         assert status.startswith("failed (job ") and "timed-out too many times" in status and "_log.err" in status
         assert not (out / "seed-3" / "search" / "summary.json").exists()
         return
