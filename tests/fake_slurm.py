@@ -1,7 +1,8 @@
 """A stand-in for SLURM's commands on one machine, enough for submitit: ``sbatch`` starts the job script in a
 session of its own (it outlives whoever submitted it, as a cluster's job does), ``sacct`` reports the jobs'
-states, ``srun`` runs its command with SLURM's output files, ``scancel`` stops a job. ``install`` puts a stub of each
-command on the PATH, which calls ``main`` here; the jobs' records live in $FAKE_SLURM_DIR."""
+states, ``srun`` runs its command with SLURM's output files, ``scontrol requeue`` runs a job's script again
+once it has ended, ``scancel`` stops a job. ``install`` puts a stub of each command on the PATH, which calls
+``main`` here; the jobs' records live in $FAKE_SLURM_DIR."""
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ def install(bin_dir: Path, state_dir: Path) -> dict[str, str]:
     """The commands in ``bin_dir``; returns the environment that puts them first on the PATH."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("sbatch", "sacct", "srun", "scancel"):
+    for name in ("sbatch", "sacct", "srun", "scancel", "scontrol"):
         here = str(Path(__file__).parent)
         (bin_dir / name).write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {here!r})\n"
                                     f"import fake_slurm\nfake_slurm.main({name!r}, sys.argv[1:])\n")
@@ -31,7 +32,16 @@ def _state() -> Path:
 
 def submitted() -> list[str]:
     """The job ids sbatch has given out, in order."""
-    log = _state() / "submitted.txt"
+    return _listed("submitted.txt")
+
+
+def requeued() -> list[str]:
+    """The job ids ``scontrol requeue`` was asked for, in order."""
+    return _listed("requeued.txt")
+
+
+def _listed(name: str) -> list[str]:
+    log = _state() / name
     return log.read_text().split() if log.exists() else []
 
 
@@ -41,10 +51,12 @@ def sbatch(script: str) -> None:
         f.write(job + "\n")
     env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"}
-    rc = _state() / f"{job}.rc"
-    proc = subprocess.Popen(["bash", "-c", f'bash "$0"; echo $? > "{rc}.tmp" && mv "{rc}.tmp" "{rc}"', script],
-                            env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    rc, requeue = _state() / f"{job}.rc", _state() / f"{job}.requeue"
+    # The job script runs again, under the same id, each time it asked for a requeue before it ended.
+    loop = (f'while :; do bash "$0"; code=$?; if [ -e "{requeue}" ]; then rm "{requeue}"; else break; fi; done; '
+            f'echo $code > "{rc}.tmp" && mv "{rc}.tmp" "{rc}"')
+    proc = subprocess.Popen(["bash", "-c", loop, script], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (_state() / f"{job}.pid").write_text(str(proc.pid))
     print(f"Submitted batch job {job}")
 
@@ -81,10 +93,19 @@ def srun(args: list[str]) -> None:
     os.execvp(args[0], args)
 
 
+def scontrol(args: list[str]) -> None:
+    """``scontrol requeue ID`` (what a submitit job runs at its time limit, then exits): noted, so the job
+    script starts again once it has ended."""
+    if args[0] == "requeue":
+        (_state() / f"{args[1]}.requeue").touch()
+        with open(_state() / "requeued.txt", "a") as f:
+            f.write(args[1] + "\n")
+
+
 def scancel(args: list[str]) -> None:
     os.killpg(int((_state() / f"{args[0]}.pid").read_text()), 15)
 
 
 def main(command: str, argv: list[str]) -> None:
     {"sbatch": lambda: sbatch(argv[-1]), "sacct": lambda: sacct(argv), "srun": lambda: srun(argv),
-     "scancel": lambda: scancel(argv)}[command]()
+     "scancel": lambda: scancel(argv), "scontrol": lambda: scontrol(argv)}[command]()

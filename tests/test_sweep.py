@@ -210,6 +210,33 @@ def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_runni
     assert cell["runs"] == {"search": "finished (skipped)"}
 
 
+def test_a_slurm_job_signalled_before_its_end_checkpoints_requeues_itself_and_resumes(tmp_path, monkeypatch):
+    """The cluster path of the submitit test above, through submitit's SLURM job environment: USR2 (SLURM's
+    warning before a time limit or a preemption) to the job; CellJob.checkpoint stops the search with SIGTERM,
+    which checkpoints its step; submitit runs `scontrol requeue` and the job script starts again under the same
+    id, skips nothing and resumes the search, and the sweep's driver reports the cell finished."""
+    pytest.importorskip("submitit")
+    import fake_slurm
+
+    env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
+    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])
+    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=3"]
+    spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "slurm", "timeout_min": 60},
+                 grid={"search.seed": [3]}, train=None, search={"preset": "demo", "set": search_set})
+    out = tmp_path / "sweep" / "seed-3" / "search"
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _signal_the_job_once_its_search_has_a_checkpoint(proc, out)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    [cell] = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"]
+    assert (cell["job"], cell["runs"]) == ("1000", {"search": "finished"})
+    assert fake_slurm.submitted() == ["1000"] and fake_slurm.requeued() == ["1000"]
+    assert [(s["resumed"], s["job"]["SLURM_JOB_ID"]) for s in _sessions(out)] == [(False, "1000"), (True, "1000")]
+    assert "ilnas: stopped by SIGTERM after " in (out.parent / "search.log").read_text()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
 def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(tmp_path, monkeypatch):
     """A recorded job is waited for only where it runs the cell the spec makes now: one of an edited spec
     would write the same directories with other settings. A recorded job that has ended is not waited for."""
