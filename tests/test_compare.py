@@ -9,7 +9,7 @@ import math
 import pytest
 import yaml
 
-from helpers import ilnas
+from helpers import call, ilnas
 from ilnas.config import resolve, to_dict
 from ilnas.recipes.compare import compare, mean_std, rows
 from ilnas.space.genotype import zoo
@@ -92,3 +92,25 @@ def test_nothing_to_compare_is_one_line(tmp_path):
 def test_mean_std_of_one_and_of_none():
     assert mean_std([3.0]) == (3.0, 0.0, 1)
     assert mean_std([])[2] == 0
+
+
+def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
+    """IL and MTL share seeds 0 and 1 on digits (10 vs 20, 12 vs 30: differences -10, -18), IL and the random
+    cells seeds 1 and 2 (12 vs 40, 14 vs 50: -28, -36); MTL and random one run, a given cell none: not paired.
+    With two pairs, t = mean / (sd / sqrt 2) has one degree of freedom (a Cauchy law: p = 1 - 2 atan|t| / pi),
+    and the exact Wilcoxon p of two same-signed differences is 2 / 4."""
+    from ilnas.recipes.compare import paired
+
+    pairs = paired(compare([runs]))
+    assert [(p["a"].split(" [")[0], p["b"].split(" [")[0], p["pairs"]) for p in pairs] == [
+        ("DARTS-2nd il", "DARTS-2nd mtl", 2), ("DARTS-2nd il", "random cell", 2)]
+    for p, mean, t in zip(pairs, (-14.0, -32.0), (3.5, 8.0)):
+        assert p["mean_diff"] == pytest.approx(mean)
+        assert p["t_p"] == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-9)
+        assert p["wilcoxon_p"] == pytest.approx(0.5)
+    code, out, err = call("compare", str(runs), "--paired")
+    assert code == 0, err
+    assert "| 2 | -14.00 | 0.177 | 0.500 |" in out and "| random cell | 2 | -32.00 | 0.079 | 0.500 |" in out
+    assert json.loads(call("compare", str(runs), "--paired", "--json")[1])["paired"][0]["pairs"] == 2
+    assert call("compare", str(runs), "--paired", "--csv") == (2, "", "ilnas: error: --paired adds a second table, "
+                                                               "which CSV cannot hold: use the Markdown output or --json\n")

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt = cm.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON (unrounded numbers)")
+    cm.add_argument("--paired", action="store_true",
+                    help="also compare every two rows over the runs they share (same seeds and task): mean "
+                         "difference, paired t-test and Wilcoxon p-values (Markdown or JSON)")
 
     st = sub.add_parser("status", help="where runs stand: finished, running (by whom) or interrupted, epochs, pace")
     st.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs")
@@ -239,9 +242,11 @@ def _plot(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from ilnas.recipes import compare
 
+    if args.paired and args.csv:
+        raise IlnasError("--paired adds a second table, which CSV cannot hold: use the Markdown output or --json")
     table = compare.compare(args.runs)
-    print(compare.as_json(table) if args.json else compare.as_csv(table) if args.csv else compare.markdown(table),
-          end="")
+    print(compare.as_json(table, args.paired) if args.json else compare.as_csv(table) if args.csv
+          else compare.markdown(table, args.paired), end="")
 
 
 def _status(args: argparse.Namespace) -> None:

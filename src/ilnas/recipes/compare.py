@@ -1,10 +1,12 @@
 """Compare runs: search runs and the training runs of their cells, grouped by everything but the seed,
 in the layout of the paper's tables: method | framework | test error per task (mean ± std over seeds) |
-best | parameters | multiply-adds | search cost. Reads run directories only; writes nothing."""
+best | parameters | multiply-adds | search cost; and, asked for, every two rows paired over the runs they
+share (same seeds and task) with paired t and Wilcoxon p-values. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import re
@@ -50,6 +52,8 @@ class Group:
     settings: dict[str, object]
     searches: list[dict] = field(default_factory=list)  # summary.json of each finished search
     trainings: dict[str, list[dict]] = field(default_factory=dict)  # task -> result.json of each training
+    # (cell seed, training seed, task) -> test error in %: what pairs two groups' runs
+    errors: dict[tuple, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,16 +94,20 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             continue
         result = read_json(run, "result.json")
         search = _search_of(run)
+        cell_seed = None  # a given cell's runs differ only in their training seed
         if search is not None:
             scfg = read_config(search)
             group = group_of(scfg, method_name(scfg), scfg["search"]["framework"])  # named or not
+            cell_seed = scfg["search"]["seed"]
         else:
             source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
             if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
                 group = group_of({"cell": "random"}, "random cell", "-")
+                cell_seed = int(source.split(":")[1])
             else:
                 group = group_of({"cell": config.get("genotype")}, source, "-")
         group.trainings.setdefault(result["task"], []).append(result)
+        group.errors[(cell_seed, config["train"]["seed"], result["task"])] = 100 * result["final_test_error"]
     tasks = sorted({t for g in groups.values() for t in g.trainings})
     return Comparison(list(groups.values()), tasks, _varying(list(groups.values())), unfinished)
 
@@ -140,6 +148,45 @@ def rows(c: Comparison) -> list[dict]:
     return out
 
 
+def paired(c: Comparison) -> list[dict]:
+    """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task): the
+    mean difference of their test errors (points, first minus second) over those runs, and the p-values of
+    a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same)."""
+    from scipy import stats
+
+    labels = [_label(c, g) for g in c.groups]
+    out = []
+    for (i, a), (j, b) in itertools.combinations(enumerate(c.groups), 2):
+        common = sorted(set(a.errors) & set(b.errors), key=str)
+        if len(common) < 2:
+            continue
+        x, y = [a.errors[k] for k in common], [b.errors[k] for k in common]
+        diffs = [u - v for u, v in zip(x, y)]
+        varied = len(set(diffs)) > 1
+        out.append({"a": labels[i], "b": labels[j], "pairs": len(common), "mean_diff": sum(diffs) / len(diffs),
+                    "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
+                    "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied and any(diffs) else None})
+    return out
+
+
+def _label(c: Comparison, g: Group) -> str:
+    """A row's name: its method, framework and the settings that tell it from rows of the same framework."""
+    settings = ", ".join(f"{k}={_show(g.settings[k])}" for k in c.varying
+                         if k in g.settings and k != "search.framework")
+    return " ".join(part for part in (g.method, g.framework if g.framework != "-" else "",
+                                      f"[{settings}]" if settings else "") if part)
+
+
+def _paired_markdown(pairs: list[dict]) -> list[str]:
+    if not pairs:
+        return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
+    lines = ["", "Paired over runs with the same cell seed, training seed and task (test error, points):", "",
+             "| A | B | pairs | mean A − B | paired t p | Wilcoxon p |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p['a']} | {p['b']} | {p['pairs']} | {p['mean_diff']:+.2f} | {_num(p['t_p'], 3)} | "
+              f"{_num(p['wilcoxon_p'], 3)} |" for p in pairs]
+    return lines
+
+
 def _show(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
@@ -166,10 +213,12 @@ def _table(c: Comparison) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def markdown(c: Comparison) -> str:
+def markdown(c: Comparison, with_pairs: bool = False) -> str:
     header, body = _table(c)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]
+    if with_pairs:
+        lines += _paired_markdown(paired(c))
     if c.unfinished:
         lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out: " + ", ".join(map(str, c.unfinished)))
     return "\n".join(lines) + "\n"
@@ -184,12 +233,13 @@ def as_csv(c: Comparison) -> str:
     return buf.getvalue()
 
 
-def as_json(c: Comparison) -> str:
+def as_json(c: Comparison, with_pairs: bool = False) -> str:
     def clean(x):
         if isinstance(x, float) and math.isnan(x):
             return None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         return x
-    return json.dumps({"tasks": c.tasks, "varying": c.varying, "rows": [clean(r) for r in rows(c)],
+    extra = {"paired": [clean(p) for p in paired(c)]} if with_pairs else {}
+    return json.dumps({"tasks": c.tasks, "varying": c.varying, "rows": [clean(r) for r in rows(c)], **extra,
                        "unfinished": [str(p) for p in c.unfinished]}, indent=1) + "\n"
