@@ -156,6 +156,24 @@ def test_a_submitit_job_stopped_by_its_time_limit_is_requeued_and_resumes(tmp_pa
     assert after[0]["start"] >= sessions[-1]["end"] and after[0]["job"]["SUBMITIT_LOCAL_JOB_ID"] != cell["job"]
 
 
+def test_a_second_process_running_the_same_sweep_is_refused(tmp_path):
+    """Two drivers of one sweep would each start (or submit) every unfinished cell."""
+    spec, out = _spec(tmp_path, grid={"search.seed": [0]}, train=None), tmp_path / "sweep"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ilnas.runlock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        code, _, err = call("sweep", spec)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and err.startswith(f"ilnas: error: {out} is in use by another ilnas process (pid {holder.pid} on ")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no cell started
+    assert runlock.lock_holder(out) is None  # the holder gone, the sweep is free
+
+
 def test_a_cell_directory_holding_another_configuration_is_refused_before_any_cell_runs(tmp_path):
     spec = _spec(tmp_path, grid={"search.seed": [0, 1]}, train=None)
     run = load_spec(spec).cells[1].runs[0]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text
-from ilnas.runlock import lock_holder
+from ilnas.runlock import RunLock, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import available_cores
 
@@ -312,11 +312,24 @@ def _terminated_as_stopped() -> Iterator[None]:
 
 def run_sweep(sweep: Sweep) -> dict:
     """Run every cell (N at a time, or through submitit); write ``<out>/sweep.json``; return it. A run directory
-    that holds another configuration is refused first, before any cell runs or any job is submitted."""
+    that holds another configuration is refused first, before any cell runs or any job is submitted, and so
+    is a second process running the same sweep (it would start or submit every unfinished cell again)."""
     for cell in sweep.cells:
         for run in cell.runs:
             command(run)
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IlnasError(f"cannot create the sweep directory {sweep.out} ({e.strerror or e})") from None
+    lock = RunLock(sweep.out)
+    lock.acquire()
+    try:
+        return _run_cells(sweep)
+    finally:
+        lock.release()
+
+
+def _run_cells(sweep: Sweep) -> dict:
     t0 = time.time()
     statuses = _submitit(sweep) if sweep.executor == "submitit" else _in_slots(sweep, run_cell)
     summary = {"out": str(sweep.out), "cells": statuses, "parallel": sweep.parallel, "executor": sweep.executor,
