@@ -114,3 +114,33 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
     assert json.loads(call("compare", str(runs), "--paired", "--json")[1])["paired"][0]["pairs"] == 2
     assert call("compare", str(runs), "--paired", "--csv") == (2, "", "ilnas: error: --paired adds a second table, "
                                                                "which CSV cannot hold: use the Markdown output or --json\n")
+
+
+def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
+    from ilnas.recipes.compare import _label
+    from ilnas.report.figures import comparison_figure
+
+    c = compare([runs])
+    drawn = [(_label(c, g), {t: [100 * r["final_test_error"] for r in g.trainings.get(t, [])] for t in c.tasks})
+             for g in c.groups]
+    fig = comparison_figure(drawn, c.tasks)
+    from matplotlib.collections import PathCollection
+
+    def dots(ax) -> list[int]:
+        return [len(col.get_offsets()) for col in ax.collections if isinstance(col, PathCollection)]
+
+    def means(ax) -> list[float]:
+        return [float(line.get_ydata()[0]) for line in ax.lines if line.get_marker() == "o"]
+
+    digits, mnist = fig.axes
+    assert dots(digits) == [3, 2, 2, 1] and dots(mnist) == [3, 0, 0, 0]  # a dot per run
+    assert means(digits) == pytest.approx([12.0, 25.0, 45.0, 5.0]) and means(mnist) == pytest.approx([24.0])
+    assert [t.get_text() for t in digits.get_xticklabels()][-2:] == ["random cell", "DARTS_V2"]
+    assert digits.get_xticklabels()[0].get_text().startswith("DARTS-2nd il\n[engine.coupling=prox")
+    for name, magic in (("errors.png", b"\x89PNG"), ("errors.svg", b"<?xml"), ("errors.pdf", b"%PDF")):
+        code, out, err = call("compare", str(runs), "--figure", str(tmp_path / name))
+        assert code == 0 and "| DARTS-2nd | il |" in out and (tmp_path / name).read_bytes().startswith(magic), err
+    assert call("compare", str(runs), "--figure", str(tmp_path / "errors.jpg")) == (
+        2, "", f"ilnas: error: --figure {tmp_path / 'errors.jpg'}: the file must end in .png, .svg or .pdf\n")
+    code, _, err = call("compare", str(runs), "--figure", str(tmp_path / "missing" / "errors.png"))
+    assert code == 2 and err.startswith("ilnas: error: cannot write --figure ") and "No such file" in err

@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--paired", action="store_true",
                     help="also compare every two rows over the runs they share (same seeds and task): mean "
                          "difference, paired t-test and Wilcoxon p-values (Markdown or JSON)")
+    cm.add_argument("--figure", metavar="FILE", help="also draw every row's test errors per task into FILE "
+                                                     "(.png, .svg or .pdf)")
 
     st = sub.add_parser("status", help="where runs stand: finished, running (by whom) or interrupted, epochs, pace")
     st.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs")
@@ -244,7 +246,18 @@ def _compare(args: argparse.Namespace) -> None:
 
     if args.paired and args.csv:
         raise IlnasError("--paired adds a second table, which CSV cannot hold: use the Markdown output or --json")
+    suffix = Path(args.figure).suffix.lower().lstrip(".") if args.figure else None
+    if suffix not in (None, "png", "svg", "pdf"):
+        raise IlnasError(f"--figure {args.figure}: the file must end in .png, .svg or .pdf")
     table = compare.compare(args.runs)
+    if args.figure:
+        from ilnas.fileio import atomic_write_bytes
+
+        data = compare.figure_bytes(table, suffix)
+        try:
+            atomic_write_bytes(Path(args.figure), data)
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise IlnasError(f"cannot write --figure {args.figure!r} ({getattr(e, 'strerror', None) or e})") from None
     print(compare.as_json(table, args.paired) if args.json else compare.as_csv(table) if args.csv
           else compare.markdown(table, args.paired), end="")
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ilnas.errors import IlnasError
 from ilnas.runs import find_runs, is_finished, read_config, read_json
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
@@ -167,6 +168,20 @@ def paired(c: Comparison) -> list[dict]:
                     "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
                     "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied and any(diffs) else None})
     return out
+
+
+def figure_bytes(c: Comparison, suffix: str) -> bytes:
+    """The rows' test errors drawn side by side, one panel per task (report.figures), as PNG, SVG or PDF."""
+    from ilnas.report.figures import comparison_figure
+
+    if not c.tasks:
+        raise IlnasError("--figure draws test errors, and no finished training run was found")
+    drawn = [(_label(c, g), {task: [100 * r["final_test_error"] for r in g.trainings.get(task, [])]
+                             for task in c.tasks}) for g in c.groups if g.trainings]
+    buf = io.BytesIO()
+    comparison_figure(drawn, c.tasks).savefig(buf, format=suffix, dpi=120,
+                                              metadata={"Date": None} if suffix == "svg" else None)
+    return buf.getvalue()
 
 
 def _label(c: Comparison, g: Group) -> str:

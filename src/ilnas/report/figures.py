@@ -1,5 +1,6 @@
 """Figures of a run from its files: learning curves from ``metrics.jsonl`` and the evolution of the
-architecture weights from ``arch_history.npz``. Pure matplotlib (object API, no global state)."""
+architecture weights from ``arch_history.npz``; and of a comparison of runs, their test errors side by side.
+Pure matplotlib (object API, no global state)."""
 from __future__ import annotations
 
 import math
@@ -130,3 +131,25 @@ def alpha_figures(history: dict[str, np.ndarray]) -> dict[str, Figure]:
             if fig is not None:
                 out[f"alphas_p{phase}_{cell}"] = fig
     return out
+
+
+def comparison_figure(rows: list[tuple[str, dict[str, list[float]]]], tasks: list[str]) -> Figure:
+    """One panel per task: each row's test errors (%), one dot per run, beside their mean ± standard deviation
+    (``rows``: a label and, per task, the errors)."""
+    fig = Figure(figsize=(3 + 1.2 * len(rows), 3.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        for x, (_, errors) in enumerate(rows):
+            v = errors.get(task, [])
+            ax.scatter([x - 0.1] * len(v), v, s=16, alpha=0.7)
+            if v:
+                mean = sum(v) / len(v)
+                std = math.sqrt(sum((e - mean) ** 2 for e in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+                ax.errorbar(x + 0.1, mean, yerr=std, fmt="o", color="black", capsize=4)
+        ax.set_xticks(range(len(rows)), [label.replace(" [", "\n[") for label, _ in rows], rotation=15, ha="right",
+                      fontsize=8)
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.set_ylabel(f"{task} test error (%)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
