@@ -108,6 +108,29 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
+def test_an_interrupted_sweep_of_local_submitit_jobs_stops_the_running_search_and_ends(tmp_path):
+    """Ctrl-C to the driver alone, its cells local submitit jobs (what submitit falls back to without SLURM):
+    the running job's search checkpoints its step and stops, and the driver ends instead of waiting for the
+    job's whole run."""
+    pytest.importorskip("submitit")
+    search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=500"]
+    spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "local"}, grid={"search.seed": [0, 1]},
+                 train=None, search={"preset": "demo", "set": search_set}, parallel=1)
+    out = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while runlock.lock_holder(out / "seed-0" / "search") is None:  # its search runs
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.splitlines()[-1] == "ilnas: interrupted", stderr
+    assert "ilnas: stopped by SIGTERM after " in (out / "seed-0" / "search.log").read_text()
+    assert runlock.lock_holder(out / "seed-0" / "search") is None and not (out / "seed-1").exists()
+
+
 def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:
     """What SLURM does before a time limit or a preemption: USR2 to the job's process (the parent of the
     ilnas process that holds the search's lock), here as soon as the search has a checkpoint."""

@@ -81,10 +81,10 @@ class RunLock:
     def _lease_holder(self) -> str | None:
         """Without file locks: the line where it stands for a live holder (see the module's text)."""
         line = self._line()
-        found = re.match(r"pid (\d+) on (\S+), since ", line)
-        if not found:
+        found = _pid_and_host(line)
+        if found is None:
             return None
-        pid, host = int(found.group(1)), found.group(2)
+        pid, host = found
         if host == socket.gethostname():
             try:
                 os.kill(pid, 0)
@@ -159,3 +159,14 @@ def _renew(file: Path, stop: threading.Event) -> None:
 def lock_holder(path: Path) -> str | None:
     """The process working on the run at ``path`` ("pid N on HOST, since T: COMMAND"), or None."""
     return RunLock(Path(path)).holder()
+
+
+def holder_pid(path: Path) -> int | None:
+    """The pid of the process on this host working on the run at ``path``, or None."""
+    found = _pid_and_host(lock_holder(path) or "")
+    return found[0] if found is not None and found[1] == socket.gethostname() else None
+
+
+def _pid_and_host(line: str) -> tuple[int, str] | None:
+    found = re.match(r"pid (\d+) on (\S+), since ", line)
+    return (int(found.group(1)), found.group(2)) if found else None

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 from ilnas.config import load_yaml, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text
-from ilnas.runlock import RunLock, lock_holder
+from ilnas.runlock import RunLock, holder_pid, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import available_cores
 
@@ -269,7 +269,7 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
     slots: Queue = Queue()
     for i in range(sweep.parallel):
         slots.put(i)
-    running: dict[int, subprocess.Popen] = {}
+    running: dict[int, Any] = {}  # slot -> what runs there now (a Popen, or the commands of a local job)
 
     def one(cell: Cell) -> dict:
         slot = slots.get()
@@ -433,6 +433,7 @@ def _submitit(sweep: Sweep) -> list[dict]:
                 return _skipped(cell)
             with submitting:
                 job = executor.submit(CellJob(cell, env))
+            started(_CommandsOfJob(job, cell), None)
             return _job_status(job, cell)
         return _in_slots(sweep, one)
     recorded = _recorded_jobs(sweep.out)
@@ -443,6 +444,25 @@ def _submitit(sweep: Sweep) -> list[dict]:
         recorded[cell.name] = {"job": jobs[cell.name].job_id, "cell": _fingerprint(cell)}
         atomic_write_text(sweep.out / "submitit" / JOBS, json.dumps(recorded, indent=1) + "\n")
     return [_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell) for cell in sweep.cells]
+
+
+class _CommandsOfJob:
+    """What ``_in_slots`` stops on Ctrl-C or SIGTERM for a cell that runs as a local submitit job: the job's
+    ilnas command, found through the lock of the cell's run in progress (a submitit job's own process ignores
+    SIGTERM, and waiting for it to end could take the whole run)."""
+
+    def __init__(self, job, cell: Cell):
+        self.job, self.cell = job, cell
+
+    def poll(self) -> int | None:
+        return 0 if self.job.done() else None
+
+    def send_signal(self, signum: int) -> None:
+        for run in self.cell.runs:
+            pid = holder_pid(run.out)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
 
 JOBS = "jobs.json"  # in <out>/submitit: each cell's latest SLURM job
