@@ -166,7 +166,7 @@ def paired(c: Comparison) -> list[dict]:
         varied = len(set(diffs)) > 1
         out.append({"a": labels[i], "b": labels[j], "pairs": len(common), "mean_diff": sum(diffs) / len(diffs),
                     "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
-                    "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied and any(diffs) else None})
+                    "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied else None})
     return out
 
 

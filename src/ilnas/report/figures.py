@@ -143,9 +143,8 @@ def comparison_figure(rows: list[tuple[str, dict[str, list[float]]]], tasks: lis
             v = errors.get(task, [])
             ax.scatter([x - 0.1] * len(v), v, s=16, alpha=0.7)
             if v:
-                mean = sum(v) / len(v)
-                std = math.sqrt(sum((e - mean) ** 2 for e in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-                ax.errorbar(x + 0.1, mean, yerr=std, fmt="o", color="black", capsize=4)
+                ax.errorbar(x + 0.1, np.mean(v), yerr=np.std(v, ddof=1) if len(v) > 1 else 0.0, fmt="o",
+                            color="black", capsize=4)
         ax.set_xticks(range(len(rows)), [label.replace(" [", "\n[") for label, _ in rows], rotation=15, ha="right",
                       fontsize=8)
         ax.set_xlim(-0.5, len(rows) - 0.5)
