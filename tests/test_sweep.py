@@ -217,7 +217,8 @@ def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_runni
     import fake_slurm
 
     env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
-    monkeypatch.setenv("FAKE_SLURM_DIR", env["FAKE_SLURM_DIR"])  # fake_slurm.submitted() reads it
+    for name in ("PATH", "FAKE_SLURM_DIR"):  # for fake_slurm.submitted() and `ilnas status` here
+        monkeypatch.setenv(name, env[name])
     spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "slurm"}, grid={"search.seed": [5]},
                  train=None)
     out, record = tmp_path / "sweep" / "seed-5" / "search", tmp_path / "sweep" / "submitit" / "jobs.json"
@@ -233,6 +234,8 @@ def test_a_slurm_sweep_run_again_after_its_driver_died_waits_for_the_cells_runni
         driver.kill()
         driver.wait()
         assert fake_slurm.submitted() == ["1000"] and not is_finished(out)
+        [row] = json.loads(call("status", str(tmp_path / "sweep"), "--json")[1])
+        assert (row["state"], row["job"]) == ("running", "1000 RUNNING")
         written = record.stat().st_ino
         driver = subprocess.Popen(sweep, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         while record.stat().st_ino == written:  # rewritten (atomically) once the driver has its job
@@ -283,7 +286,7 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     would write the same directories with other settings. A recorded job that has ended is not waited for."""
     pytest.importorskip("submitit")
     import fake_slurm
-    from ilnas.recipes.sweep import _earlier_job, _fingerprint, submitit_executor
+    from ilnas.recipes.sweep import _earlier_job, _fingerprint, job_states, submitit_executor
 
     env = fake_slurm.install(tmp_path / "bin", tmp_path / "slurm")
     for name in ("PATH", "FAKE_SLURM_DIR"):
@@ -294,14 +297,21 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     (tmp_path / "slurm" / "1001.rc").write_text("0\n")  # sacct: completed
     (tmp_path / "sweep" / "submitit").mkdir(parents=True)
     (tmp_path / "sweep" / "submitit" / "jobs.json").write_text(json.dumps({"seed-5": {"job": "1000", "cell": "x"}}))
+    code, out, _ = call("status", str(tmp_path / "sweep"), "--json")  # a cell whose job has no run yet
+    assert code == 0 and [(Path(r["run"]).name, r["state"], r["job"]) for r in json.loads(out)] == [
+        ("seed-5", "queued", "1000 RUNNING")]
+    assert f"| {(tmp_path / 'sweep' / 'seed-5').resolve()} | - | queued (SLURM job 1000 RUNNING) | 0/? |" in call(
+        "status", str(tmp_path / "sweep"))[1]
     code, _, err = call("sweep", spec)
     assert code == 2 and err == ("ilnas: error: sweep cell seed-5: its job 1000, submitted by an earlier run of this "
                                  "sweep with other settings, is still running; wait for it or scancel 1000\n")
     assert fake_slurm.submitted() == [] and not (tmp_path / "sweep" / "seed-5").exists()
     sweep = load_spec(spec)
     executor, cell = submitit_executor(sweep), sweep.cells[0]
-    assert _earlier_job(executor, {"job": "1000", "cell": _fingerprint(cell)}, cell).job_id == "1000"
-    assert _earlier_job(executor, {"job": "1001", "cell": _fingerprint(cell)}, cell) is None
+    states = job_states(["1000", "1001", "1002"])  # 1002: never submitted
+    assert states == {"1000": "RUNNING", "1001": "COMPLETED", "1002": "UNKNOWN"}
+    assert _earlier_job(executor, {"job": "1000", "cell": _fingerprint(cell)}, states, cell).job_id == "1000"
+    assert _earlier_job(executor, {"job": "1001", "cell": _fingerprint(cell)}, states, cell) is None
 
 
 @pytest.mark.parametrize("change, message", [

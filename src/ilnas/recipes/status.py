@@ -41,21 +41,52 @@ def run_status(path: Path) -> dict:
             "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
             "remaining_seconds": epoch_time * remaining if None not in (epoch_time, remaining) and state == "running"
-            else None}
+            else None, "job": None}
 
 
 def status(paths: Sequence[str | Path]) -> list[dict]:
     """The state of every run named or found below the directories named (a sweep's, say); a run whose
-    files cannot be read is listed as such, and the others still are."""
+    files cannot be read is listed as such, and the others still are. In a SLURM sweep each unfinished run
+    also names its cell's job and the job's state, and a cell whose job has not started a run yet is a row
+    of its own (``queued``)."""
+    jobs = _sweep_jobs(paths)
+    try:
+        runs = find_runs(paths)
+    except IlnasError:
+        if not jobs or not all(Path(p).is_dir() for p in paths):
+            raise
+        runs = []  # every cell of the sweep still queued
     rows = []
-    for run in find_runs(paths):
+    for run in runs:
         try:
             rows.append(run_status(run))
         except IlnasError as e:
-            rows.append({"run": str(run), "kind": "-", "state": f"unreadable: {e}", "holder": None, "epochs_done": 0,
-                         "epochs": None, "last": None, "checkpoint": None, "sessions": 0, "resumed": 0,
-                         "epoch_seconds": None, "remaining_seconds": None})
+            rows.append(_row(str(run), f"unreadable: {e}"))
+    for cell, (job, state) in jobs.items():
+        mine = [r for r in rows if Path(r["run"]).parent == cell]
+        for r in mine:
+            r["job"] = None if r["state"] == "finished" else f"{job} {state}"
+        if not mine:
+            rows.append({**_row(str(cell), "queued"), "job": f"{job} {state}"})
     return rows
+
+
+def _row(run: str, state: str) -> dict:
+    return {"run": run, "kind": "-", "state": state, "holder": None, "epochs_done": 0, "epochs": None, "last": None,
+            "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None, "remaining_seconds": None,
+            "job": None}
+
+
+def _sweep_jobs(paths: Sequence[str | Path]) -> dict[Path, tuple[str, str]]:
+    """Each cell directory of the SLURM sweeps named (directories holding submitit/jobs.json): its recorded job
+    and the job's state as sacct gives it."""
+    from ilnas.recipes.sweep import JOBS, recorded_job_states
+
+    jobs: dict[Path, tuple[str, str]] = {}
+    for p in map(Path, paths):
+        if (p / "submitit" / JOBS).is_file():
+            jobs.update({(p / cell).resolve(): found for cell, found in recorded_job_states(p).items()})
+    return jobs
 
 
 def _total_epochs(config: dict) -> int | None:
@@ -123,7 +154,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
         total = r["epochs"] if r["epochs"] is not None else "?"
-        lines.append(f"| {r['run']} | {r['kind']} | {r['state']} | {r['epochs_done']}/{total} | {r['last'] or '-'} | "
+        state = r["state"] + (f" (SLURM job {r['job']})" if r.get("job") else "")
+        lines.append(f"| {r['run']} | {r['kind']} | {state} | {r['epochs_done']}/{total} | {r['last'] or '-'} | "
                      f"{_checkpoint_cell(r['checkpoint'])} | {sessions} | {_duration(r['epoch_seconds'])} | "
                      f"{_duration(r['remaining_seconds'])} |")
     running = [r for r in rows if r["holder"]]

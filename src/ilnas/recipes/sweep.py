@@ -438,7 +438,9 @@ def _submitit(sweep: Sweep) -> list[dict]:
         return _in_slots(sweep, one)
     recorded = _recorded_jobs(sweep.out)
     unfinished = [cell for cell in sweep.cells if not _finished(cell)]
-    jobs = {cell.name: _earlier_job(executor, recorded.get(cell.name), cell) for cell in unfinished}
+    states = job_states([recorded[c.name]["job"] for c in unfinished if c.name in recorded]) \
+        if executor.cluster == "slurm" else {}
+    jobs = {cell.name: _earlier_job(executor, recorded.get(cell.name), states, cell) for cell in unfinished}
     for cell in unfinished:
         jobs[cell.name] = jobs[cell.name] or executor.submit(CellJob(cell))
         recorded[cell.name] = {"job": jobs[cell.name].job_id, "cell": _fingerprint(cell)}
@@ -496,21 +498,45 @@ def _fingerprint(cell: Cell) -> str:
     return hashlib.sha256(json.dumps(runs, sort_keys=True).encode()).hexdigest()
 
 
-def _earlier_job(executor, entry: dict | None, cell: Cell):
-    """The cell's SLURM job from an earlier run of the sweep where it is still queued or running, else None;
-    refused where that job runs the cell as other settings made it (it would write the cell's directories)."""
-    if entry is None or executor.cluster != "slurm":
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """The state sacct gives each SLURM job, in one call ("UNKNOWN" where it cannot tell: no sacct, say)."""
+    if not job_ids:
+        return {}
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    watcher = SlurmInfoWatcher()
+    for job_id in job_ids:
+        watcher.register_job(job_id)
+    watcher.update()
+    return {job_id: (watcher.get_state(job_id, mode="cache").split() or ["UNKNOWN"])[0].upper()  # "CANCELLED by 9"
+            for job_id in job_ids}
+
+
+def recorded_job_states(out: Path) -> dict[str, tuple[str, str]]:
+    """Each cell of the sweep in ``out`` with a recorded SLURM job: (the job, its state); {} where it has none."""
+    recorded = _recorded_jobs(Path(out))
+    if not recorded:
+        return {}
+    try:
+        states = job_states([entry["job"] for entry in recorded.values()])
+    except ImportError:  # submitit gone since: the jobs' states cannot be asked
+        states = {}
+    return {cell: (entry["job"], states.get(entry["job"], "UNKNOWN")) for cell, entry in recorded.items()}
+
+
+def _earlier_job(executor, entry: dict | None, states: dict[str, str], cell: Cell):
+    """The cell's SLURM job from an earlier run of the sweep where it is still queued or running (``states``:
+    ``job_states`` of the recorded jobs), else None; refused where that job runs the cell as other settings
+    made it (it would write the cell's directories)."""
+    if entry is None or executor.cluster != "slurm" or states.get(entry["job"]) not in LIVE_STATES:
         return None
     from submitit import SlurmJob
 
-    job = SlurmJob(folder=executor.folder, job_id=entry["job"])
-    state = job.watcher.get_state(job.job_id, mode="force").split()  # e.g. "CANCELLED by 1234"
-    if not state or state[0].upper() not in LIVE_STATES:
-        return None
+    state = states[entry["job"]]
     if entry.get("cell") != _fingerprint(cell):
-        raise IlnasError(f"sweep cell {cell.name}: its job {job.job_id}, submitted by an earlier run of this sweep "
-                         f"with other settings, is still {state[0].lower()}; wait for it or scancel {job.job_id}")
-    return job
+        raise IlnasError(f"sweep cell {cell.name}: its job {entry['job']}, submitted by an earlier run of this sweep "
+                         f"with other settings, is still {state.lower()}; wait for it or scancel {entry['job']}")
+    return SlurmJob(folder=executor.folder, job_id=entry["job"])
 
 
 def _job_status(job, cell: Cell) -> dict:
