@@ -2,10 +2,10 @@
 # The GPU check, one prepared script (a few minutes on one H200): the two step benchmarks at the paper's
 # configuration (re-training also through torch.compile with CUDA graphs), the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
 # its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
-# step and every 10 steps), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
+# step and every 10 steps; twice more with search.deterministic, which must repeat bit for bit), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
 # and a one-rank NCCL re-training, and whether the dilated convolutions' CPU routes (space/depthwise.py) would
 # pay on the GPU too, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
-# Each piece has its own time limit (at most 560 s in all), so one slow piece cannot starve the others, and
+# Each piece has its own time limit (at most 565 s in all), so one slow piece cannot starve the others, and
 # the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
 #   bash bench/gpu_check.sh                      # on a CUDA machine
 #   DEVICE=cpu PAPER= bash bench/gpu_check.sh    # the same path on a CPU, small configuration (a dry run)
@@ -45,14 +45,17 @@ run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limi
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 # Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
-run search_step 130 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
+run search_step 120 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
     --variants "NCHW eager" NCHW NHWC "NHWC bf16"
 run depthwise 15 "$PY" bench/depthwise.py --device "$DEVICE" --rounds 3
-run train_step 140 "$PY" bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
+run train_step 130 "$PY" bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
 run search 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
 run search_log10 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
+run search_deterministic 25 bash -c 'for r in a b; do "$0" -m ilnas search --quiet --no-report --set search.device="$1" \
+    --set search.epochs=1 --set search.steps_per_epoch=3 --set search.eval_batches=1 --set search.deterministic=true \
+    --out "$2/search-det-$r" --force || exit; done' "$PY" "$DEVICE" "$LOGS"
 run search_nccl_bf16 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
     --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
     --out "$LOGS/search-nccl-run" --force
@@ -66,7 +69,7 @@ run train_decode_device 35 "$PY" -m ilnas train --quiet --no-report --genotype D
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
-for name in search_step depthwise train_step search search_log10 search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
+for name in search_step depthwise train_step search search_log10 search_deterministic search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 "$PY" - "$LOGS" "$DEVICE" <<'PY'
@@ -89,5 +92,13 @@ for run, result in (("search-run", "summary.json"), ("search-log10-run", "summar
                  if r.get("kind") == "step"][1:]
         if times:
             out[f"{run} mean step_time"] = sum(times) / len(times)
+runs = [logs / "search-det-a" / "checkpoint.pt", logs / "search-det-b" / "checkpoint.pt"]
+if all(p.exists() for p in runs):  # the deterministic search, twice: the same weights and architecture, bit for bit
+    import torch
+    from ilnas.runs import read_checkpoint
+    a, b = (read_checkpoint(p)["state"] for p in runs)
+    leaves = [(x, y) for x, y in zip(*(torch.utils._pytree.tree_leaves(s) for s in (a, b)))
+              if isinstance(x, torch.Tensor)]
+    out["search deterministic repeats bit for bit"] = bool(leaves) and all(torch.equal(x, y) for x, y in leaves)
 print(json.dumps(out, indent=1))
 PY

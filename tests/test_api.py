@@ -197,9 +197,14 @@ def test_resolve_takes_a_mapping_of_dotted_keys_or_sections():
         resolve("demo", overrides={"search.amp": True, "search.dtype": "float64"})
 
 
-def test_epoch_lines_go_through_logging_and_progress_false_is_silent(tmp_path, capsys, caplog):
+def test_epoch_lines_go_through_logging_and_progress_false_is_silent(tmp_path, capsys, caplog, monkeypatch):
     from ilnas import run_train
     from ilnas.space.genotype import zoo
+
+    # The logger as a library user finds it: an in-process CLI call of another test may have given it the CLI's
+    # stdout handler.
+    monkeypatch.setattr(logging.getLogger("ilnas"), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("ilnas"), "propagate", True)
 
     cfg = resolve("eval-digits", overrides={"network.layers": 3, "network.channels": 4, "train.batch_size": 16,
                                             "train.steps_per_epoch": 2, "train.epochs": 2}, kind="eval")

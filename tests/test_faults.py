@@ -407,6 +407,37 @@ def test_a_run_written_before_a_setting_existed_continues_with_that_setting_at_i
     assert_same_search(micro_run, run)
 
 
+
+def test_deterministic_kernels_hold_while_a_run_runs_and_leave_its_numbers_as_they_are(
+        micro_run, finished_training, tmp_path, monkeypatch):
+    """search.deterministic / train.deterministic: deterministic kernels, no cuDNN benchmarking and cuBLAS's
+    reproducible workspaces (which torch before 2.9 requires) while the run runs, the process's settings as
+    they were afterwards; on a CPU, whose kernels are deterministic anyway, the same run bit for bit."""
+    from ilnas.recipes import train as train_recipe
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    seen = []
+
+    def watched(original):
+        def run(*args, **kwargs):
+            seen.append((torch.are_deterministic_algorithms_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+                         torch.backends.cudnn.benchmark))
+            return original(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(search_recipe, "_search", watched(search_recipe._search))
+    monkeypatch.setattr(train_recipe, "_run", watched(train_recipe._run))
+    code, _, err = call(*MICRO, "--out", str(tmp_path / "search"), "--set", "search.deterministic=true")
+    assert code == 0, err
+    code, _, err = call(*TRAIN_ARGS, "--out", str(tmp_path / "train"), "--set", "train.deterministic=true")
+    assert code == 0, err
+    assert seen == [(True, ":4096:8", False)] * 2
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    assert_same_search(micro_run, tmp_path / "search")
+    assert_same_training(finished_training, tmp_path / "train")
+
 # --- concurrency --------------------------------------------------------------------------------------
 
 def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path):

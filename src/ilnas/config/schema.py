@@ -91,6 +91,8 @@ class SearchConfig:
             gradients and the hypergradient's sums stay float32, and finite-difference HVP passes run in
             float32 (their perturbation eps/||v|| lies below bf16's resolution). Off by default: the
             hypergradient moves (tests bound it) and the speed-up is unmeasured on GPUs.
+        deterministic: deterministic kernels only (ilnas/determinism.py): on CUDA a search then repeats bit for
+            bit, with slower kernels; on CPUs it does anyway.
         log_every: steps whose metrics come back to the host together (1: every step waits for the
             device before the next one starts). Every step is still logged, with the group's mean step time;
             a non-finite loss is found at the end of its group, before anything of the group is saved.
@@ -113,6 +115,7 @@ class SearchConfig:
     threads: int | None = None
     channels_last: bool | None = None
     amp: bool = False
+    deterministic: bool = False
     log_every: int = 1
     checkpoint_minutes: float = 30.0
 
@@ -148,7 +151,7 @@ class TrainConfig:
         steps_per_epoch: cap on steps per epoch (None: the whole training set).
         amp: bf16 autocast on CUDA; channels_last: NHWC activations (CUDA and CPU: 1.4-1.7x a step on CPUs,
             bench/train_step.py).
-        deterministic: torch.use_deterministic_algorithms (slower kernels).
+        deterministic: deterministic kernels only, as the search's (slower kernels on CUDA).
         threads: CPU threads of torch's operations (None: OMP_NUM_THREADS when set, else every core
             this process may use).
         compile: a ``torch.compile`` backend for the network's forward and backward (None: eager;

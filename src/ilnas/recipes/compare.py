@@ -20,7 +20,7 @@ from ilnas.runs import find_runs, is_finished, read_config, read_json
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "search.device", "train.device",
            "train.workers", "train.decode", "train.amp", "train.channels_last", "train.deterministic", "search.threads",
-           "train.threads", "search.channels_last"}
+           "train.threads", "search.channels_last", "search.deterministic"}
 SEEDS = {"search.seed", "train.seed"}
 
 

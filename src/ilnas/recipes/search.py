@@ -33,6 +33,7 @@ from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
+from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
@@ -224,7 +225,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     ckpt = load_checkpoint(out, "search", config) if resume else None
     process = distributed.start(s.device)
     try:
-        with StepGuard(s.checkpoint_minutes, process) as guard:
+        with StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic):
             genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:

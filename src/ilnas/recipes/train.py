@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ilnas import distributed
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
+from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
@@ -49,7 +50,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     process = distributed.start(t.device)
     set_threads(t.threads)
     try:
-        with StepGuard(t.checkpoint_minutes, process) as guard:
+        with StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic):
             result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
@@ -68,8 +69,6 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     config = config_dict(cfg, genotype=genotype.to_string())
     ckpt = load_checkpoint(out, "eval", config) if resume else None
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
     shard = Sharding(t.batch_size // process.world, process.rank, process.world, process.device, t.seed,
                      t.steps_per_epoch)
     data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
