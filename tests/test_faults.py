@@ -851,15 +851,84 @@ def test_run_failed_is_an_ilnas_error_with_its_own_exit_code():
 
 # --- a filesystem without file locks ------------------------------------------------------------------
 
+# Two processes that both found the run free: each writes its lease once START (a shared instant) has come.
+LEASE_RACE = """
+import errno, fcntl, sys, time
+from pathlib import Path
+from ilnas import runlock
+from ilnas.errors import IlnasError
+
+def flock(fd, operation):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+fcntl.flock = flock
+runlock.SETTLE_S = 1.0
+runlock.RunLock._lease_holder = lambda self: None  # the run looked free to both
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+lock = runlock.RunLock(Path(sys.argv[1]))
+try:
+    lock.acquire()
+except IlnasError as e:
+    print("refused:", e)
+else:
+    print("held")
+    time.sleep(1.5)
+    lock.release()
+"""
+
+
+def test_without_file_locks_of_two_processes_taking_a_free_run_in_the_same_instant_one_holds_it(tmp_path):
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", LEASE_RACE, str(tmp_path), str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=60) for p in procs]
+    outs = sorted(out.strip() for out, _ in results)
+    assert outs[0] == "held" and outs[1].startswith("refused:"), results
+    winner = procs[[out.strip() for out, _ in results].index("held")].pid
+    assert f"in use by another ilnas process (pid {winner} on {socket.gethostname()}, since " in outs[1], outs
+    assert (tmp_path / ".lock").read_text() == ""  # the holder released it; the loser left it alone
+
+
+def test_without_file_locks_a_lease_overwritten_before_it_settles_is_refused_and_a_lost_one_is_reported(
+        without_file_locks, tmp_path, monkeypatch, capfd):
+    """In one process, what the race above leaves to timing: another process's line lands while this one's
+    settles (refused, naming it, its line kept), and a held lease taken over later (the renewal says so and
+    stops renewing; release leaves the other's line)."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    other = f"pid {sleeper.pid} on {socket.gethostname()}, since 2026-11-29T12:00:00+00:00: ilnas search --out x"
+    try:
+        monkeypatch.setattr(runlock, "_settle", lambda: (tmp_path / ".lock").write_text(other + "\n"))
+        with pytest.raises(IlnasError, match=f"in use by another ilnas process \\(pid {sleeper.pid} on "):
+            runlock.RunLock(tmp_path).acquire()
+        assert (tmp_path / ".lock").read_text() == other + "\n"
+
+        (tmp_path / ".lock").write_text("")
+        monkeypatch.setattr(runlock, "_settle", lambda: None)
+        held = runlock.RunLock(tmp_path)
+        held.acquire()
+        (tmp_path / ".lock").write_text(other + "\n")
+        deadline = time.time() + 10
+        while "was taken over" not in (err := capfd.readouterr().err):
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert f"the lease on {tmp_path} was taken over (pid {sleeper.pid} on " in err
+        held.release()
+        assert (tmp_path / ".lock").read_text() == other + "\n"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
 @pytest.fixture
 def without_file_locks(monkeypatch):
-    """flock as on Lustre mounted without its flock option; the lease renewed every 50 ms."""
+    """flock as on Lustre mounted without its flock option; the lease renewed every 50 ms, and a new one
+    read back after 50 ms."""
     import fcntl
 
     def flock(fd, operation):
         raise OSError(errno.ENOSYS, "Function not implemented")
     monkeypatch.setattr(fcntl, "flock", flock)
     monkeypatch.setattr(runlock, "RENEW_S", 0.05)
+    monkeypatch.setattr(runlock, "SETTLE_S", 0.05)
 
 
 def test_without_file_locks_a_search_runs_under_a_lease_and_says_so(without_file_locks, micro_run, tmp_path):

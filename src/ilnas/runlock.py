@@ -6,8 +6,11 @@ filesystems have no file locks (Lustre mounted without ``flock``, some NFS set-u
 ENOSYS, ENOLCK or EOPNOTSUPP). There the line itself is the lock, kept alive as a lease: its process renews
 the file's time every ``RENEW_S``, and a line stands for a live holder while it is younger than ``LEASE_S``
 and, where it names this host, its process exists (a process killed on this host frees the run at once, one
-on a lost node after the lease). Two processes that start within the same instant on a free run could both
-take such a lease, which an ``flock`` rules out; ilnas warns once per run that it is on one.
+on a lost node after the lease). A process takes a lease by replacing the file with its line (a rename, so a
+reader never sees half a line), waits ``SETTLE_S`` and reads it back: of two processes that found the run free
+in the same instant, the one whose line was written last holds it and the other is refused. Only a write held
+up for longer than ``SETTLE_S`` (a stalled file server) could still let both through; the holder's renewal
+notices that it lost the lease and says so. ilnas warns once per run that it is on a lease.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import time
 from pathlib import Path
 
 from ilnas.errors import IlnasError
-from ilnas.fileio import umask
+from ilnas.fileio import atomic_write_text, umask
 
 LOCK = ".lock"
 LEASE_S, RENEW_S = 120.0, 30.0  # without file locks: a line older than the lease is a dead holder's
+SETTLE_S = 2.0  # without file locks: how long a new lease's line must stand before its process holds the run
 BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock: held by another process
 
 _HELD: set[int] = set()  # the descriptors of the run locks this process holds
@@ -50,8 +54,9 @@ class RunLock:
 
     def __init__(self, path: Path):
         self.file = Path(path) / LOCK
-        self.fd: int | None = None
-        self._renewing: threading.Event | None = None  # set to stop the lease's renewal (no file locks)
+        self.fd: int | None = None  # holding the flock
+        self._lease: str | None = None  # holding a lease (no file locks): its line
+        self._renewing = threading.Event()  # set to stop renewing the lease
 
     def _try(self) -> tuple[int | None, OSError | None]:
         """(the descriptor, now holding the flock; or None where another process holds it) and, where the
@@ -118,42 +123,69 @@ class RunLock:
         fd, no_locks = self._try()
         if fd is None:
             self._refuse(self._line())
+        holder = _holder_line()
         if no_locks:
-            line = self._lease_holder()
-            if line is not None:
-                os.close(fd)
-                self._refuse(line)
-            print(f"ilnas: warning: {self.file.parent} lies on a filesystem without file locks "
-                  f"({no_locks.strerror or no_locks}); the run is guarded by a lease in {LOCK} instead, renewed "
-                  f"every {RENEW_S:.0f} s", file=sys.stderr, flush=True)
-        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {' '.join(sys.argv)}".replace("\n", " ")
+            os.close(fd)
+            self._take_lease(holder, no_locks)
+            return
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode() + b"\n", 0)
         self.fd = fd
         _HELD.add(fd)
-        if no_locks:
-            self._renewing = threading.Event()
-            threading.Thread(target=_renew, args=(self.file, self._renewing), daemon=True,
-                             name="ilnas-lease").start()
+
+    def _take_lease(self, holder: str, no_locks: OSError) -> None:
+        line = self._lease_holder()
+        if line is not None:
+            self._refuse(line)
+        print(f"ilnas: warning: {self.file.parent} lies on a filesystem without file locks "
+              f"({no_locks.strerror or no_locks}); the run is guarded by a lease in {LOCK} instead, renewed "
+              f"every {RENEW_S:.0f} s", file=sys.stderr, flush=True)
+        atomic_write_text(self.file, holder + "\n")
+        _settle()
+        line = self._line()
+        if line != holder:  # another process found the run free in the same instant, and wrote after this one
+            self._refuse(line)
+        self._lease = holder
+        threading.Thread(target=_renew, args=(self.file, holder, self._renewing), daemon=True,
+                         name="ilnas-lease").start()
 
     def release(self) -> None:
+        if self._lease is not None:  # stop renewing the lease and, still this process's, leave a line naming nobody
+            self._renewing.set()
+            if self._line() == self._lease:
+                with contextlib.suppress(OSError):
+                    atomic_write_text(self.file, "")
+            self._lease, self._renewing = None, threading.Event()
         if self.fd is None:
             return
-        if self._renewing is not None:  # the lease: stop renewing it and leave a line that names nobody
-            self._renewing.set()
-            self._renewing = None
-            with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)
         _HELD.discard(self.fd)
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
 
 
-def _renew(file: Path, stop: threading.Event) -> None:
+def _holder_line() -> str:
+    """This process's line, as it reads back from the file: one line of single spaces, valid UTF-8."""
+    since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    line = " ".join(f"pid {os.getpid()} on {socket.gethostname()}, since {since}: {' '.join(sys.argv)}".split())
+    return line.encode("utf-8", "replace").decode("utf-8")
+
+
+def _settle() -> None:
+    time.sleep(SETTLE_S)
+
+
+def _renew(file: Path, holder: str, stop: threading.Event) -> None:
     while not stop.wait(RENEW_S):
-        with contextlib.suppress(OSError):  # a passing failure: the next renewal may work
+        try:
+            line = file.read_text(errors="replace").strip()
+            if line != holder:  # taken over: this process was held up for longer than the lease
+                print(f"ilnas: warning: the lease on {file.parent} was taken over ({line or 'by nobody'}) while this "
+                      f"process was held up; the run is no longer guarded against that process", file=sys.stderr,
+                      flush=True)
+                return
             os.utime(file)
+        except OSError:  # a passing failure: the next renewal may work
+            pass
 
 
 def lock_holder(path: Path) -> str | None:
