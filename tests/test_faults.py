@@ -411,7 +411,7 @@ def test_a_run_written_before_a_setting_existed_continues_with_that_setting_at_i
 def test_deterministic_kernels_hold_while_a_run_runs_and_leave_its_numbers_as_they_are(
         micro_run, finished_training, tmp_path, monkeypatch):
     """search.deterministic / train.deterministic: deterministic kernels, no cuDNN benchmarking and cuBLAS's
-    reproducible workspaces (which torch before 2.9 requires) while the run runs, the process's settings as
+    reproducible workspaces (which older torch releases require) while the run runs, the process's settings as
     they were afterwards; on a CPU, whose kernels are deterministic anyway, the same run bit for bit."""
     from ilnas.recipes import train as train_recipe
 

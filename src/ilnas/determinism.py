@@ -3,10 +3,10 @@
 On CPUs a run repeats bit for bit anyway. On CUDA some kernels accumulate with atomics, in whatever order
 the threads arrive, and cuDNN may pick another convolution algorithm each time; there
 ``torch.use_deterministic_algorithms`` restricts torch to kernels that give the same bits every time (slower
-ones), and refuses any operation that has none. Before torch 2.9 that includes every cuBLAS call unless
-``CUBLAS_WORKSPACE_CONFIG`` fixes cuBLAS's workspaces, so it is set here (where the user has not) before the
-run's first matrix product.
-Everything is put back as it was when the run ends, so that the Python API leaves the process as it found it.
+ones), and refuses any operation that has none. In older torch releases (2.4; no longer 2.14) that includes
+every cuBLAS call unless ``CUBLAS_WORKSPACE_CONFIG`` fixes cuBLAS's workspaces, so it is set here (where the
+user has not) before the run's first matrix product. Everything is put back as it was when the run ends, so
+that the Python API leaves the process as it found it.
 """
 from __future__ import annotations
 
