@@ -16,7 +16,8 @@ import statistics
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from scipy import stats
+
+from ilnas.recipes.compare import paired_difference
 
 Arm = dict  # (seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict
 
@@ -69,12 +70,13 @@ def paired(arms: dict[str, Arm]) -> list[str]:
         keys = sorted(k for k in arms[a] if k in arms[b] and isinstance(k[0], int) and isinstance(k[1], str))
         if len(keys) < 3:
             continue
-        x, y = [arms[a][k] for k in keys], [arms[b][k] for k in keys]
-        diff = [p - q for p, q in zip(x, y)]
-        t = stats.ttest_rel(x, y).pvalue if any(diff) else float("nan")
-        w = stats.wilcoxon(x, y).pvalue if any(diff) else float("nan")
-        lines.append(f"| {a} | {b} | {len(keys)} | {statistics.mean(diff):+.2f} | {t:.3f} | {w:.3f} |")
+        d = paired_difference([arms[a][k] for k in keys], [arms[b][k] for k in keys])
+        lines.append(f"| {a} | {b} | {len(keys)} | {d['mean_diff']:+.2f} | {_p(d['t_p'])} | {_p(d['wilcoxon_p'])} |")
     return lines
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _choices(genotype: dict) -> set:

@@ -116,6 +116,37 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
                                                                "which CSV cannot hold: use the Markdown output or --json\n")
 
 
+
+def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
+    """study/analyze.py on a sweep directory as `ilnas sweep` leaves it: two arms, three seeds, one task.
+    IL 10, 12, 15 and MTL 11, 14, 19 (differences -1, -2, -4): t^2 = 7 with two degrees of freedom, whose
+    two-sided p is 1 - |t| / sqrt(t^2 + 2); the exact Wilcoxon p of three same-signed differences is 2 / 8."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parents[1] / "study" / "analyze.py")
+    analyze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze)
+    cells = []
+    for framework, errors in (("il", (10, 12, 15)), ("mtl", (11, 14, 19))):
+        for seed, error in enumerate(errors):
+            name = f"{framework}-{seed}"
+            cells.append({"cell": name, "labels": {"search.seed": seed, "framework": framework}})
+            (tmp_path / name / "train-digits").mkdir(parents=True)
+            (tmp_path / name / "train-digits" / "result.json").write_text(
+                json.dumps({"task": "digits", "final_test_error": error / 100}))
+            (tmp_path / name / "search").mkdir()
+            (tmp_path / name / "search" / "summary.json").write_text(json.dumps({"search_hours": 0.1 * (seed + 1)}))
+            (tmp_path / name / "search" / "genotype.json").write_text(json.dumps(zoo()["DARTS_V2"].to_dict()))
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
+    arms = analyze.load(tmp_path)
+    assert analyze.table(arms)[2:] == ["| framework=il | 12.33 ± 2.52 | 12.0 | 3 |",
+                                       "| framework=mtl | 14.67 ± 4.04 | 12.0 | 3 |"]
+    t = math.sqrt(7)
+    assert analyze.paired(arms)[2:] == [f"| framework=il | framework=mtl | 3 | -2.33 | {1 - t / 3:.3f} | 0.250 |"]
+    assert analyze.overlap(arms["framework=il"], arms)[2:] == ["| framework=il | 3 | 1.00 |",
+                                                              "| framework=mtl | 3 | 1.00 |"]
+
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label
     from ilnas.report.figures import comparison_figure

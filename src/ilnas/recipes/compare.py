@@ -153,21 +153,27 @@ def paired(c: Comparison) -> list[dict]:
     """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task): the
     mean difference of their test errors (points, first minus second) over those runs, and the p-values of
     a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same)."""
-    from scipy import stats
-
     labels = [_label(c, g) for g in c.groups]
     out = []
     for (i, a), (j, b) in itertools.combinations(enumerate(c.groups), 2):
         common = sorted(set(a.errors) & set(b.errors), key=str)
-        if len(common) < 2:
-            continue
-        x, y = [a.errors[k] for k in common], [b.errors[k] for k in common]
-        diffs = [u - v for u, v in zip(x, y)]
-        varied = len(set(diffs)) > 1
-        out.append({"a": labels[i], "b": labels[j], "pairs": len(common), "mean_diff": sum(diffs) / len(diffs),
-                    "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
-                    "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied else None})
+        if len(common) >= 2:
+            out.append({"a": labels[i], "b": labels[j], "pairs": len(common),
+                        **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common])})
     return out
+
+
+def paired_difference(x: Sequence[float], y: Sequence[float]) -> dict:
+    """``mean_diff``, the mean of x - y, and the p-values of a paired t-test (``t_p``) and of a Wilcoxon
+    signed-rank test (``wilcoxon_p``) of x against y; the p-values are None where every difference is the same
+    (neither test is defined there)."""
+    from scipy import stats
+
+    diffs = [u - v for u, v in zip(x, y, strict=True)]
+    varied = len(set(diffs)) > 1
+    return {"mean_diff": sum(diffs) / len(diffs),
+            "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
+            "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied else None}
 
 
 def figure_bytes(c: Comparison, suffix: str) -> bytes:
