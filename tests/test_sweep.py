@@ -108,10 +108,11 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
-def test_an_interrupted_sweep_of_local_submitit_jobs_stops_the_running_search_and_ends(tmp_path):
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_an_interrupted_sweep_of_local_submitit_jobs_stops_the_running_search_and_ends(tmp_path, when):
     """Ctrl-C to the driver alone, its cells local submitit jobs (what submitit falls back to without SLURM):
-    the running job's search checkpoints its step and stops, and the driver ends instead of waiting for the
-    job's whole run."""
+    the job's search checkpoints its step and stops, and the driver ends instead of waiting for the job's
+    whole run; also where the search is still starting (its process started, its lock not yet taken)."""
     pytest.importorskip("submitit")
     search_set = [s for s in SEARCH_SET if not s.startswith("search.epochs")] + ["search.epochs=500"]
     spec = _spec(tmp_path, executor="submitit", submitit={"cluster": "local"}, grid={"search.seed": [0, 1]},
@@ -121,10 +122,13 @@ def test_an_interrupted_sweep_of_local_submitit_jobs_stops_the_running_search_an
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while runlock.lock_holder(out / "seed-0" / "search") is None:  # its search runs
+    while (runlock.lock_holder(out / "seed-0" / "search") is None if when == "running" else  # its search runs
+           not (out / "seed-0" / "search.log").exists()):  # the job has started its search's process
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
+    if when == "starting":  # the process is still importing torch: the run's lock is not taken for seconds
+        assert runlock.lock_holder(out / "seed-0" / "search") is None
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and stderr.splitlines()[-1] == "ilnas: interrupted", stderr
     assert "ilnas: stopped by SIGTERM after " in (out / "seed-0" / "search.log").read_text()

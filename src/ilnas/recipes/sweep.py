@@ -450,21 +450,33 @@ def _submitit(sweep: Sweep) -> list[dict]:
 
 class _CommandsOfJob:
     """What ``_in_slots`` stops on Ctrl-C or SIGTERM for a cell that runs as a local submitit job: the job's
-    ilnas command, found through the lock of the cell's run in progress (a submitit job's own process ignores
-    SIGTERM, and waiting for it to end could take the whole run)."""
+    ilnas commands, found through the lock of the cell's run in progress (a submitit job's own process ignores
+    SIGTERM, and waiting for it to end could take the whole run). A command still starting, which holds no lock
+    yet, and any the job starts after it, get the signal as soon as they take theirs, until the job ends."""
 
     def __init__(self, job, cell: Cell):
         self.job, self.cell = job, cell
+        self._stopping: threading.Thread | None = None
 
     def poll(self) -> int | None:
         return 0 if self.job.done() else None
 
     def send_signal(self, signum: int) -> None:
-        for run in self.cell.runs:
-            pid = holder_pid(run.out)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signum)
+        if self._stopping is None:
+            self._stopping = threading.Thread(target=self._signal_until_done, args=(signum,), daemon=True,
+                                              name="ilnas-sweep-stop")
+            self._stopping.start()
+
+    def _signal_until_done(self, signum: int) -> None:
+        signalled: set[int] = set()
+        while not self.job.done():
+            for run in self.cell.runs:
+                pid = holder_pid(run.out)
+                if pid is not None and pid not in signalled:
+                    signalled.add(pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signum)
+            time.sleep(0.1)
 
 
 JOBS = "jobs.json"  # in <out>/submitit: each cell's latest SLURM job
