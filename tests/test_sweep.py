@@ -108,6 +108,56 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
+def _pending(pid: int, signum: int) -> bool:
+    """Whether ``signum`` waits to be delivered to the (stopped) process ``pid``."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("ShdPnd:"))
+    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads pending signals from /proc")
+@pytest.mark.parametrize("then", ["it ends", "Ctrl-C"])
+def test_a_sweep_run_again_while_its_killed_drivers_command_runs_on_waits_for_that_command(tmp_path, then):
+    """The driver alone SIGKILLed, its running search goes on (held with SIGSTOP here, so that the new driver
+    surely finds it running). The sweep run again waits for it instead of failing the cell on its lock: once
+    it has ended, its finished search is skipped. Ctrl-C while waiting passes SIGTERM on to it, which
+    checkpoints its step, and the sweep ends without starting it again."""
+    spec = _spec(tmp_path, grid={"search.seed": [0]}, train=None, parallel=1)
+    search = tmp_path / "sweep" / "seed-0" / "search"
+    first = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while (orphan := runlock.holder_pid(search)) is None:
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    os.kill(orphan, signal.SIGSTOP)
+    first.kill()
+    first.wait()
+    err = tmp_path / "driver.err"
+    with open(err, "w") as f:
+        second = subprocess.Popen([sys.executable, "-m", "ilnas", "sweep", spec], stdout=subprocess.DEVNULL,
+                                  stderr=f, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while "is being worked on by another process (pid " not in err.read_text():
+            assert second.poll() is None and time.time() < deadline, err.read_text()
+            time.sleep(0.05)
+        if then == "Ctrl-C":
+            second.send_signal(signal.SIGINT)
+            while not _pending(orphan, signal.SIGTERM):  # the driver passes SIGTERM on to the held search
+                assert time.time() < deadline, err.read_text()
+                time.sleep(0.01)
+    finally:
+        os.kill(orphan, signal.SIGCONT)
+    assert second.wait(timeout=120) == (0 if then == "it ends" else 130), err.read_text()
+    assert runlock.lock_holder(search) is None
+    assert len(_sessions(search)) == 1  # the one search, neither restarted nor resumed
+    if then == "it ends":
+        assert is_finished(search)
+        assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["cells"][0]["runs"] == {
+            "search": "finished (skipped)"}
+    else:
+        assert "ilnas: stopped by SIGTERM after " in (search.parent / "search.log").read_text()
+        assert not is_finished(search) and err.read_text().splitlines()[-1] == "ilnas: interrupted"
+
 @pytest.mark.parametrize("when", ["running", "starting"])
 def test_an_interrupted_sweep_of_local_submitit_jobs_stops_the_running_search_and_ends(tmp_path, when):
     """Ctrl-C to the driver alone, its cells local submitit jobs (what submitit falls back to without SLURM):

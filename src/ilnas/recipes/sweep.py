@@ -221,11 +221,20 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
              started: Callable[[subprocess.Popen, Path], None] | None = None) -> dict:
     """The cell's runs in order (the search, then each re-training), each started, resumed or skipped, in
     this process's environment plus ``slot_env``. Returns the cell's status; a failed run stops the cell (its
-    log names why). ``started(process, run directory)`` hears of each run's process as it starts."""
+    log names why). ``started(process, run directory)`` hears of each run's process as it starts, and of a
+    run held by another process (``HeldElsewhere``), which is waited for first."""
     env = {**os.environ, **(slot_env or {})}
     status = {"cell": cell.name, "labels": cell.labels, "runs": {}}
     for run in cell.runs:
         key = run.out.name
+        holder = lock_holder(run.out)
+        if holder is not None:
+            held = HeldElsewhere(run.out, holder, f"sweep cell {cell.name}: {key}")
+            if started is not None:
+                started(held, run.out)
+            if not held.wait():
+                status["runs"][key] = "stopped (the sweep was stopped while another process held the run)"
+                break
         if is_finished(run.out):
             status["runs"][key] = "finished (skipped)"
             continue
@@ -240,6 +249,36 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
         if rc != 0:
             break
     return status
+
+
+class HeldElsewhere:
+    """A run of the sweep that another process is working on: say, the command of an earlier run of the sweep
+    whose driver was killed, still running on. ``wait`` waits for it to end, after which the run is skipped
+    (finished) or resumed (interrupted) as any other. A stop of the sweep is passed on to that process where
+    it runs on this host (it checkpoints its step and ends), and the run is then not started again."""
+
+    POLL_S = 1.0
+
+    def __init__(self, out: Path, holder: str, what: str):
+        self.out, self.stopped = out, False
+        self.pid = holder_pid(out) or 0  # 0: on another host (no such process here)
+        print(f"ilnas: {what} is being worked on by another process ({holder}); waiting for it to end",
+              file=sys.stderr, flush=True)
+
+    def poll(self) -> int | None:
+        return None if lock_holder(self.out) is not None else 0
+
+    def send_signal(self, signum: int) -> None:
+        self.stopped = True
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
+
+    def wait(self) -> bool:
+        """Until the run is free (True), or, stopped, until the process on this host has ended (False)."""
+        while lock_holder(self.out) is not None and not (self.stopped and not self.pid):
+            time.sleep(self.POLL_S)
+        return not self.stopped
 
 
 def _gpus() -> int:
@@ -269,7 +308,7 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
     slots: Queue = Queue()
     for i in range(sweep.parallel):
         slots.put(i)
-    running: dict[int, Any] = {}  # slot -> what runs there now (a Popen, or the commands of a local job)
+    running: dict[int, Any] = {}  # slot -> what runs there now (a Popen, a HeldElsewhere, a local job's commands)
 
     def one(cell: Cell) -> dict:
         slot = slots.get()
