@@ -543,6 +543,39 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(micro_run, tmp_p
     assert_same_search(micro_run, out)
 
 
+
+def test_a_full_disk_under_tensorboard_stops_the_run_in_one_line_and_it_resumes(micro_run, tmp_path, monkeypatch):
+    """TensorBoard's writer writes in a thread of its own, and its failure surfaces at its next call: once the
+    first checkpoint is written, every event write fails. The run stops in one line (exit 3), and resumed, ends
+    as an uninterrupted run, its events included. A failure that surfaces only as the writer closes (the
+    run's last events) is a warning, and the finished run exits 0."""
+    import tensorboard.summary.writer.record_writer as record_writer
+
+    out, real = tmp_path / "run", record_writer.RecordWriter.write
+
+    def full_disk(self, data):
+        if (out / "checkpoint.pt").exists():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert rc == 3 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"ilnas: error: cannot write TensorBoard events (tb/) in {out} (No space left on device); "
+                          f"the last checkpoint is intact;"), err
+    monkeypatch.undo()
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    assert_same_search(micro_run, out)
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    def failing_close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(SummaryWriter, "close", failing_close)
+    rc, _, err = call(*MICRO, "--out", str(tmp_path / "closed"))
+    assert rc == 0 and err == (f"ilnas: warning: the TensorBoard events in {tmp_path / 'closed' / 'tb'} may lack "
+                               f"the run's last values (No space left on device)\n"), err
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(micro_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _fail_at_step(monkeypatch, 5, lambda m: m["train_loss"].__setitem__(0, math.inf))  # after two checkpoints

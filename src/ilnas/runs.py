@@ -27,6 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -222,6 +223,47 @@ def strict_json(value: Any) -> Any:
 
 # --- the run directory -------------------------------------------------------------------------------
 
+EVENTS = "TensorBoard events (tb/)"
+
+
+class Events:
+    """A SummaryWriter whose failed writes are one line (``RunFailed``), as every other write of a run. They
+    happen in its thread and surface at its next call: a full disk would otherwise end the run in a traceback
+    (two: the thread's own as well). One that surfaces only as the writer closes, when the run has written
+    everything else, is a warning."""
+
+    def __init__(self, writer, run: "RunDir"):
+        self._writer, self._run, self._failed = writer, run, False
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
+
+    def _quiet_writer_thread(self, args) -> None:
+        if not type(args.thread).__module__.startswith("tensorboard."):  # TensorBoard's is raised again here
+            self._excepthook(args)
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError as e:
+            if not self._failed:
+                print(f"ilnas: warning: the TensorBoard events in {self._run.path / 'tb'} may lack the run's last "
+                      f"values ({e.strerror or e})", file=sys.stderr)
+        finally:
+            threading.excepthook = self._excepthook
+
+    def __getattr__(self, name: str):
+        method = getattr(self._writer, name)
+
+        def call(*args, **kwargs):
+            try:
+                with self._run._writing(EVENTS):
+                    return method(*args, **kwargs)
+            except RunFailed:
+                self._failed = True
+                raise
+        return call
+
+
 class RunDir:
     """An open run: holds the lock until ``close``; every write failure becomes one line (``RunFailed``)."""
 
@@ -316,6 +358,14 @@ class RunDir:
                         f"repeat an uninterrupted one exactly")
         sessions.append(session)
         atomic_write_text(p, json.dumps(record, indent=1) + "\n")
+
+    def tensorboard(self, purge_step: int | None) -> "Events":
+        """The run's TensorBoard writer (``tb/``), dropping events after ``purge_step`` (those a resumed run
+        logged after its checkpoint)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        with self._writing(EVENTS):
+            return Events(SummaryWriter(str(self.path / "tb"), purge_step=purge_step), self)
 
     # --- metrics -----------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:

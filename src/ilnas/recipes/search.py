@@ -79,7 +79,7 @@ class SearchContext:
     train: list[BatchMaker]
     val: list[BatchMaker]
     run: RunDir | None  # rank 0 only
-    writer: object  # torch.utils.tensorboard.SummaryWriter, rank 0 only
+    writer: object  # runs.Events (a SummaryWriter), rank 0 only
     process: distributed.Process
     dtype: torch.dtype
     progress: bool  # progress bars and epoch lines
@@ -256,10 +256,8 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     with RunDir.open(out, "search", config, resume, force) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
         run.write_text("tasks.json", json.dumps([task_record(t) for t in tasks], indent=1) + "\n")
-        from torch.utils.tensorboard import SummaryWriter
-
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).
-        writer = SummaryWriter(str(run.path / "tb"), purge_step=prog.global_step + 1 if resume else None)
+        writer = run.tensorboard(purge_step=prog.global_step + 1 if resume else None)
         try:
             with run.out_of_memory("search.batch_size"):
                 genotype = _search(dataclasses.replace(ctx, run=run, writer=writer), prog, ckpt)

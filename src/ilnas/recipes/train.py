@@ -163,10 +163,8 @@ class TrainLoop:
         t, run = self.cfg.train, self.run
         writer = None
         if run is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             # Resumed: drop the events an interrupted run logged after its checkpoint (epochs >= start).
-            writer = SummaryWriter(str(run.path / "tb"), purge_step=start_epoch if self.resumed else None)
+            writer = run.tensorboard(purge_step=start_epoch if self.resumed else None)
         record: dict = {}
         try:
             for epoch in range(start_epoch, t.epochs):
