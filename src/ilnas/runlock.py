@@ -140,7 +140,10 @@ class RunLock:
         print(f"ilnas: warning: {self.file.parent} lies on a filesystem without file locks "
               f"({no_locks.strerror or no_locks}); the run is guarded by a lease in {LOCK} instead, renewed "
               f"every {RENEW_S:.0f} s", file=sys.stderr, flush=True)
-        atomic_write_text(self.file, holder + "\n")
+        try:
+            atomic_write_text(self.file, holder + "\n")
+        except OSError as e:
+            raise IlnasError(f"cannot write the lease {self.file} ({e.strerror or e})") from None
         _settle()
         line = self._line()
         if line != holder:  # another process found the run free in the same instant, and wrote after this one
