@@ -108,6 +108,35 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
+def test_a_sweep_that_cannot_write_its_records_says_so_in_one_line_and_keeps_its_runs(tmp_path, monkeypatch):
+    """A full disk: a cell whose log cannot be opened fails with that reason, and a sweep.json that cannot be
+    written stops the sweep in one line (exit 3); run again with space, the finished cell is skipped."""
+    import errno
+
+    from ilnas.recipes import sweep as sweep_recipe
+
+    spec, out = _spec(tmp_path, grid={"search.seed": [0]}, train=None, parallel=1), tmp_path / "sweep"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(sweep_recipe, "open", full_disk, raising=False)
+    status = sweep_recipe.run_cell(load_spec(spec).cells[0])
+    assert status["runs"] == {"search": f"failed (cannot write its log {out / 'seed-0' / 'search.log'}: "
+                                        f"No space left on device)"}
+    monkeypatch.undo()
+
+    real = sweep_recipe.atomic_write_text
+    monkeypatch.setattr(sweep_recipe, "atomic_write_text",
+                        lambda path, text: full_disk() if path.name == "sweep.json" else real(path, text))
+    code, _, err = call("sweep", spec)
+    assert code == 3 and err == (f"ilnas: error: cannot write {out / 'sweep.json'} (No space left on device); the "
+                                 f"cells' runs are kept; run the sweep again to write it\n"), err
+    assert is_finished(out / "seed-0" / "search") and not (out / "sweep.json").exists()
+    monkeypatch.undo()
+    code, _, err = call("sweep", spec)
+    assert code == 0, err
+    assert json.loads((out / "sweep.json").read_text())["cells"][0]["runs"] == {"search": "finished (skipped)"}
+
 def _pending(pid: int, signum: int) -> bool:
     """Whether ``signum`` waits to be delivered to the (stopped) process ``pid``."""
     line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("ShdPnd:"))

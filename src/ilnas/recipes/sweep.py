@@ -238,9 +238,14 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
         if is_finished(run.out):
             status["runs"][key] = "finished (skipped)"
             continue
-        run.out.parent.mkdir(parents=True, exist_ok=True)
         log = run.out.parent / f"{key}.log"
-        with open(log, "ab") as f:
+        try:
+            run.out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(log, "ab")
+        except OSError as e:
+            status["runs"][key] = f"failed (cannot write its log {log}: {e.strerror or e})"
+            break
+        with f:
             proc = subprocess.Popen(command(run), stdout=f, stderr=subprocess.STDOUT, env=env)
             if started is not None:
                 started(proc, run.out)
@@ -368,13 +373,21 @@ def run_sweep(sweep: Sweep) -> dict:
         lock.release()
 
 
+def _record(path: Path, content: dict, consequence: str) -> None:
+    """Write one of the sweep's records, or stop the sweep in one line that says what its loss means."""
+    try:
+        atomic_write_text(path, json.dumps(content, indent=1) + "\n")
+    except OSError as e:
+        raise RunFailed(f"cannot write {path} ({e.strerror or e}); {consequence}") from None
+
+
 def _run_cells(sweep: Sweep) -> dict:
     t0 = time.time()
     statuses = _submitit(sweep) if sweep.executor == "submitit" else _in_slots(sweep, run_cell)
     summary = {"out": str(sweep.out), "cells": statuses, "parallel": sweep.parallel, "executor": sweep.executor,
                "wall_seconds": time.time() - t0,
                "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
-    atomic_write_text(sweep.out / "sweep.json", json.dumps(summary, indent=1) + "\n")
+    _record(sweep.out / "sweep.json", summary, "the cells' runs are kept; run the sweep again to write it")
     if summary["failed"]:
         cell = next(s for s in statuses if s["cell"] == summary["failed"][0])
         run, why = next((run, v) for run, v in cell["runs"].items() if v.startswith("failed"))
@@ -483,7 +496,8 @@ def _submitit(sweep: Sweep) -> list[dict]:
     for cell in unfinished:
         jobs[cell.name] = jobs[cell.name] or executor.submit(CellJob(cell))
         recorded[cell.name] = {"job": jobs[cell.name].job_id, "cell": _fingerprint(cell)}
-        atomic_write_text(sweep.out / "submitit" / JOBS, json.dumps(recorded, indent=1) + "\n")
+        _record(sweep.out / "submitit" / JOBS, recorded, "the jobs submitted so far run on, but a sweep run again "
+                "will not know them")
     return [_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell) for cell in sweep.cells]
 
 
