@@ -438,6 +438,35 @@ def test_deterministic_kernels_hold_while_a_run_runs_and_leave_its_numbers_as_th
     assert_same_search(micro_run, tmp_path / "search")
     assert_same_training(finished_training, tmp_path / "train")
 
+
+DAMAGED_RECORDS = [  # (run, file, content, command, message): valid JSON or arrays of the wrong shape or type
+    ("search", "summary.json", "[1, 2]", "compare", "summary.json is damaged: it holds a JSON list, not an object"),
+    ("search", "summary.json", "{}", "compare", "summary.json is damaged: its 'search_hours' is null, where a finite"),
+    ("search", "summary.json", '{"search_hours": "x", "steps": 3}', "plot", "its 'search_hours' is \"x\", where a"),
+    ("search", "summary.json", '{"search_hours": 1, "steps": 3, "phase_genotypes": 5}', "plot",
+     "its 'phase_genotypes' is not a list of genotypes"),
+    ("search", "provenance.json", '{"sessions": 5}', "status", None),
+    ("search", "metrics.jsonl", "[1]\n{}\n", "plot", "metrics.jsonl line 1 is damaged: a JSON list, not an object"),
+    ("search", "arch_history.npz", "junk", "plot", "arch_history.npz cannot be read ("),
+    ("train", "result.json", '{"task": "digits", "final_test_error": "x"}', "compare",
+     "result.json is damaged: its 'final_test_error' is \"x\", where a finite number belongs"),
+    ("train", "result.json", '{"task": 3}', "plot", "result.json is damaged: its 'task' is 3, where a string belongs"),
+]
+
+
+@pytest.mark.parametrize("kind, name, content, command, message", DAMAGED_RECORDS,
+                         ids=[f"{r[3]}-{r[1]}-{i}" for i, r in enumerate(DAMAGED_RECORDS)])
+def test_a_run_record_of_the_wrong_shape_is_refused_in_one_line_by_the_commands_that_read_it(
+        finished_run, finished_training, tmp_path, kind, name, content, command, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run if kind == "search" else finished_training, run)
+    (run / name).write_text(content)
+    if message is None:  # status lists the run, whose sessions it cannot count
+        code, out, err = call(command, str(run), "--json")
+        assert code == 0 and json.loads(out)[0]["sessions"] == 0, err
+    else:
+        assert_refused([command, str(run)], message, [run])
+
 # --- concurrency --------------------------------------------------------------------------------------
 
 def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path):

@@ -484,9 +484,28 @@ def read_json(path: Path, name: str) -> dict | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_bytes().decode("utf-8"))
+        record = json.loads(f.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IlnasError(f"{f} cannot be read as JSON ({_first_line(e)})") from None
+    if not isinstance(record, dict):
+        raise IlnasError(f"{f} is damaged: it holds a JSON {type(record).__name__}, not an object")
+    return record
+
+
+def read_record(path: Path, name: str, fields: dict[str, type]) -> dict | None:
+    """``read_json``, and refused in one line where one of ``fields`` is missing or of another type (float: a
+    finite number; int: an integer) - a damaged or hand-edited file."""
+    record = read_json(path, name)
+    for key, kind in fields.items() if record is not None else ():
+        value = record.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (number and math.isfinite(value) if kind is float else
+              number and float(value).is_integer() if kind is int else isinstance(value, kind))
+        if not ok:
+            wanted = {float: "a finite number", int: "an integer", str: "a string"}.get(kind, kind.__name__)
+            raise IlnasError(f"{Path(path) / name} is damaged: its {key!r} is {json.dumps(value)}, where {wanted} "
+                             f"belongs")
+    return record
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
@@ -500,11 +519,14 @@ def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
         if wanted not in line:
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break
             raise IlnasError(f"{p} line {i + 1} is not JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise IlnasError(f"{p} line {i + 1} is damaged: a JSON {type(record).__name__}, not an object")
+        records.append(record)
     return records
 
 

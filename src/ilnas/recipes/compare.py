@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.runs import find_runs, is_finished, read_config, read_json
+from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "search.device", "train.device",
            "train.workers", "train.decode", "train.amp", "train.channels_last", "train.deterministic", "search.threads",
            "train.threads", "search.channels_last", "search.deterministic"}
 SEEDS = {"search.seed", "train.seed"}
+# What the table reads of a finished run's final record, and its types.
+SUMMARY_FIELDS = {"search_hours": float}
+RESULT_FIELDS = {"task": str, "final_test_error": float, "params": float, "macs": float}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
@@ -91,9 +94,9 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         config = read_config(run)
         if config["kind"] == "search":
             group_of(config, method_name(config), config["search"]["framework"]).searches.append(
-                read_json(run, "summary.json"))
+                read_record(run, "summary.json", SUMMARY_FIELDS))
             continue
-        result = read_json(run, "result.json")
+        result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run)
         cell_seed = None  # a given cell's runs differ only in their training seed
         if search is not None:

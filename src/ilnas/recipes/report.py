@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,14 @@ from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, search_curves, training_curves
-from ilnas.runs import KIND_NAMES, read_config, read_json, read_metrics
+from ilnas.runs import KIND_NAMES, read_config, read_json, read_metrics, read_record
 from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
 
 PLOTS, REPORT = "plots", "report.html"
+# What the report reads of a finished run's final record, and its types.
+SUMMARY_FIELDS = {"search_hours": float, "steps": int}
+RESULT_FIELDS = {"task": str, "final_test_error": float, "best_test_error": float, "params": float, "macs": float,
+                 "hours": float}
 
 
 @dataclass
@@ -30,6 +35,11 @@ class Report:
     facts: list[tuple[str, str]] = field(default_factory=list)
     sections: list[tuple[str, list[str]]] = field(default_factory=list)
     config: str = ""
+    cells: list[tuple[Genotype, str, str]] = field(default_factory=list)  # to draw: (genotype, file stem, title)
+
+    def add_cells(self, genotype: Genotype, stem: str, title: str) -> None:
+        self.cells.append((genotype, stem, title))
+        self.sections.append((title.strip() or "cells", [f"{PLOTS}/{stem}_{cell}.svg" for cell in CELLS]))
 
 
 def make_report(path: Path, writer=None) -> Path:
@@ -39,20 +49,22 @@ def make_report(path: Path, writer=None) -> Path:
     if not (path / "config.yaml").is_file():
         raise IlnasError(f"{path} is not an ilnas run (no config.yaml)")
     config = read_config(path)
-    plots = path / PLOTS
-    try:
-        plots.mkdir(exist_ok=True)
-    except OSError as e:
-        raise IlnasError(f"cannot write the report in {path} ({e.strerror or e})") from None
     report = Report(f"ilnas {KIND_NAMES[config['kind']]} run {path.name}",
                     config=yaml.safe_dump(config, sort_keys=False))
+    # Every input is read (and a damaged one refused) before anything is written.
     figures = _search_report(path, config, report) if config["kind"] == "search" else _training_report(path, report)
-    for name, fig in figures.items():
-        save_figure(fig, plots / name)
-        if writer is not None:
-            writer.add_figure(f"report/{name}", fig)
-    out = path / REPORT
-    atomic_write_text(out, render_html(report))
+    plots, out = path / PLOTS, path / REPORT
+    try:
+        plots.mkdir(exist_ok=True)
+        for genotype, stem, title in report.cells:
+            save_cells(genotype, plots, stem, title)
+        for name, fig in figures.items():
+            save_figure(fig, plots / name)
+            if writer is not None:
+                writer.add_figure(f"report/{name}", fig)
+        atomic_write_text(out, render_html(report))
+    except OSError as e:
+        raise IlnasError(f"cannot write the report in {path} ({e.strerror or e})") from None
     return out
 
 
@@ -69,15 +81,13 @@ def _genotype(path: Path) -> Genotype | None:
     return load_genotype(str(path / "genotype.json")) if (path / "genotype.json").is_file() else None
 
 
-def _cell_sections(genotype: Genotype, plots: Path, stem: str, title: str) -> tuple[str, list[str]]:
-    save_cells(genotype, plots, stem, title)
-    return title.strip() or "cells", [f"{PLOTS}/{stem}_{cell}.svg" for cell in CELLS]
-
-
 def _search_report(path: Path, config: dict, report: Report) -> dict:
     search, engine, data = config.get("search", {}), config.get("engine", {}), config.get("data", {})
-    summary = read_json(path, "summary.json")
+    summary = read_record(path, "summary.json", SUMMARY_FIELDS)
     genotype = _genotype(path)
+    phase_genotypes = _phase_genotypes(path, summary)
+    metrics = read_metrics(path)
+    history = _arch_history(path / "arch_history.npz") if (path / "arch_history.npz").is_file() else None
     report.facts += [("status", "finished" if summary else "running or interrupted"),
                      ("tasks (learner order)", " -> ".join(data.get("tasks", []))),
                      ("framework, method", f"{search.get('framework')}, {search.get('method')}"),
@@ -90,18 +100,31 @@ def _search_report(path: Path, config: dict, report: Report) -> dict:
     if genotype is not None:
         report.facts.append(("genotype" if summary else "current genotype", genotype.to_string()))
         report.facts += _network_size(genotype, data)
-        report.sections.append(_cell_sections(genotype, path / PLOTS, "cell", "final " if summary else "current "))
-    phase_genotypes = (summary or {}).get("phase_genotypes", [])
-    for p, text in enumerate(phase_genotypes if len(phase_genotypes) > 1 else []):
-        report.sections.append(_cell_sections(parse_genotype(text), path / PLOTS, f"cell_phase{p + 1}",
-                                              f"phase {p + 1} "))
-    figures = {"curves": search_curves(read_metrics(path))}
-    if (path / "arch_history.npz").is_file():
-        with np.load(path / "arch_history.npz") as npz:
-            figures.update(alpha_figures({k: npz[k] for k in npz.files}))
+        report.add_cells(genotype, "cell", "final " if summary else "current ")
+    for p, phase_genotype in enumerate(phase_genotypes if len(phase_genotypes) > 1 else []):
+        report.add_cells(phase_genotype, f"cell_phase{p + 1}", f"phase {p + 1} ")
+    figures = {"curves": search_curves(metrics)}
+    if history is not None:
+        figures.update(alpha_figures(history))
     report.sections.insert(0, ("learning curves", [f"{PLOTS}/curves.svg"]))
     report.sections.append(("architecture weights", [f"{PLOTS}/{name}.svg" for name in figures if name != "curves"]))
     return figures
+
+
+def _phase_genotypes(path: Path, summary: dict | None) -> list[Genotype]:
+    """The cell each P-DARTS phase ended with (none before the search has finished)."""
+    texts = (summary or {}).get("phase_genotypes", [])
+    if not (isinstance(texts, list) and all(isinstance(text, str) for text in texts)):
+        raise IlnasError(f"{path / 'summary.json'} is damaged: its 'phase_genotypes' is not a list of genotypes")
+    return [parse_genotype(text) for text in texts]
+
+
+def _arch_history(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as npz:  # plain arrays only: pickled objects are refused
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise IlnasError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _network_size(genotype: Genotype, data: dict) -> list[tuple[str, str]]:
@@ -120,9 +143,10 @@ def _network_size(genotype: Genotype, data: dict) -> list[tuple[str, str]]:
 
 
 def _training_report(path: Path, report: Report) -> dict:
-    result = read_json(path, "result.json")
+    result = read_record(path, "result.json", RESULT_FIELDS)
     provenance = read_json(path, "provenance.json") or {}
     genotype = _genotype(path)
+    metrics = read_metrics(path)
     report.facts.append(("status", "finished" if result else "running or interrupted"))
     report.facts.append(("cell from", str(provenance.get("genotype_source", "unknown"))))
     if result:
@@ -132,9 +156,9 @@ def _training_report(path: Path, report: Report) -> dict:
                          ("multiply-adds", f"{result['macs'] / 1e6:.1f} M"), ("hours", f"{result['hours']:.3f}")]
     if genotype is not None:
         report.facts.append(("genotype", genotype.to_string()))
-        report.sections.append(_cell_sections(genotype, path / PLOTS, "cell", ""))
+        report.add_cells(genotype, "cell", "")
     report.sections.insert(0, ("learning curves", [f"{PLOTS}/curves.svg"]))
-    return {"curves": training_curves(read_metrics(path))}
+    return {"curves": training_curves(metrics)}
 
 
 def render_html(report: Report) -> str:

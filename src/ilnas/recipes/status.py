@@ -24,8 +24,8 @@ def run_status(path: Path) -> dict:
     epochs = [m for m in read_metrics(path, "epoch") if isinstance(m, dict) and m.get("kind") == "epoch"]
     total = _total_epochs(config)
     record = read_json(path, PROVENANCE)
-    listed = record.get("sessions") if isinstance(record, dict) else None
-    sessions = [s for s in listed or [] if isinstance(s, dict)]
+    listed = (record or {}).get("sessions")
+    sessions = [s for s in listed if isinstance(s, dict)] if isinstance(listed, list) else []
     try:
         holder = lock_holder(path)
     except OSError as e:  # a lock this user may not open
