@@ -439,6 +439,47 @@ def test_deterministic_kernels_hold_while_a_run_runs_and_leave_its_numbers_as_th
     assert_same_training(finished_training, tmp_path / "train")
 
 
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="address-space limit: Linux")
+@pytest.mark.parametrize("argv, settings", [
+    (["search", "--set", "space.channels=100000"], "lower space.channels, space.layers or search.batch_size"),
+    (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=200000"],
+     "lower network.channels, network.layers or train.batch_size")], ids=["search", "train"])
+def test_a_network_too_large_for_the_machine_is_one_line_and_writes_nothing(tmp_path, argv, settings):
+    """A typo's worth of channels: the weights alone would take hundreds of GB. The allocation fails (here
+    under a 16 GB address-space limit, so that it fails at once on any machine) and says what to lower."""
+    import resource
+
+    limit = 16 * 2**30
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "ilnas", *argv, "--no-report", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert r.returncode == 2 and r.stderr.startswith("ilnas: error: out of memory (") and settings in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_device_memory_running_out_part_way_stops_in_one_line_and_the_run_resumes(micro_run, tmp_path, monkeypatch):
+    """torch.OutOfMemoryError from the fourth step (after the first epoch's checkpoint): exit 3, one line with
+    the size the allocator asked for and the setting to lower; resumed, the run ends as an uninterrupted one."""
+    real, steps = search_recipe.search_step, [0]
+
+    def step(*args, **kwargs):
+        steps[0] += 1
+        if steps[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                         "capacity of 139.8 GiB of which 1.2 GiB is free.")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(search_recipe, "search_step", step)
+    out = tmp_path / "run"
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert (rc, err) == (3, "ilnas: error: out of device memory (20.00 GiB at once); lower search.batch_size and "
+                            "continue with --resume (the last checkpoint is intact)\n")
+    monkeypatch.undo()
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    assert rc == 0, err
+    assert_same_search(micro_run, out)
+
 DAMAGED_RECORDS = [  # (run, file, content, command, message): valid JSON or arrays of the wrong shape or type
     ("search", "summary.json", "[1, 2]", "compare", "summary.json is damaged: it holds a JSON list, not an object"),
     ("search", "summary.json", "{}", "compare", "summary.json is damaged: its 'search_hours' is null, where a finite"),

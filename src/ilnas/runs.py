@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -223,6 +224,27 @@ def strict_json(value: Any) -> Any:
 
 # --- the run directory -------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def out_of_memory(settings: str, error: type[IlnasError] = IlnasError, then: str = "") -> Iterator[None]:
+    """A failed allocation, of device memory or of the host's (a supernet or batch far too large for the
+    machine), as one line that names the ``settings`` to lower."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
+        if not isinstance(e, torch.OutOfMemoryError) and "DefaultCPUAllocator: can't allocate memory" not in str(e):
+            raise
+        where = "device memory" if isinstance(e, torch.OutOfMemoryError) else "memory"
+        raise error(f"out of {where}{_allocation(str(e))}; lower {settings}{then}") from None
+
+
+def _allocation(message: str) -> str:
+    """" (N GB at once)" from an allocator's message, where it says."""
+    found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", message, re.IGNORECASE)
+    if found is None:
+        return ""
+    return f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else f" ({found.group(2)} at once)"
+
+
 EVENTS = "TensorBoard events (tb/)"
 
 
@@ -313,14 +335,9 @@ class RunDir:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def out_of_memory(self, batch_setting: str) -> Iterator[None]:
-        """Out of device memory part-way: one line that names the setting to lower."""
-        try:
-            yield
-        except torch.OutOfMemoryError:
-            raise RunFailed(f"out of device memory; lower {batch_setting} and continue with --resume (the last "
-                            f"checkpoint is intact)") from None
+    def out_of_memory(self, batch_setting: str) -> contextlib.AbstractContextManager:
+        """Out of memory part-way: one line that names the setting to lower."""
+        return out_of_memory(batch_setting, RunFailed, " and continue with --resume (the last checkpoint is intact)")
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:

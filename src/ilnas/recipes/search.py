@@ -35,7 +35,7 @@ from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.runs import RunDir, check, config_dict, load_checkpoint
+from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
 from ilnas.search.methods import Darts, Phase, create_method
@@ -225,7 +225,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     ckpt = load_checkpoint(out, "search", config) if resume else None
     process = distributed.start(s.device)
     try:
-        with StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic):
+        with (StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic),
+              out_of_memory("space.channels, space.layers or search.batch_size")):
             genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:

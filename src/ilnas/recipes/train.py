@@ -26,7 +26,7 @@ from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
-from ilnas.runs import RunDir, check, config_dict, load_checkpoint, read_metrics
+from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
@@ -50,7 +50,8 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     process = distributed.start(t.device)
     set_threads(t.threads)
     try:
-        with StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic):
+        with (StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic),
+              out_of_memory("network.channels, network.layers or train.batch_size")):
             result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
