@@ -442,17 +442,21 @@ def test_deterministic_kernels_hold_while_a_run_runs_and_leave_its_numbers_as_th
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="address-space limit: Linux")
 @pytest.mark.parametrize("argv, settings", [
-    (["search", "--set", "space.channels=100000"], "lower space.channels, space.layers or search.batch_size"),
-    (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=200000"],
-     "lower network.channels, network.layers or train.batch_size")], ids=["search", "train"])
+    (["search", "--set", "space.channels=100000", "--no-report"],
+     "lower space.channels, space.layers or search.batch_size"),
+    (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=200000", "--no-report"],
+     "lower network.channels, network.layers or train.batch_size"),
+    (["describe", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=200000"],
+     "lower the network's size or the batch size")], ids=["search", "train", "describe"])
 def test_a_network_too_large_for_the_machine_is_one_line_and_writes_nothing(tmp_path, argv, settings):
     """A typo's worth of channels: the weights alone would take hundreds of GB. The allocation fails (here
-    under a 16 GB address-space limit, so that it fails at once on any machine) and says what to lower."""
+    under a 16 GB address-space limit, so that it fails at once on any machine) and says what to lower; a
+    command that names no setting of its own (describe) says so in general."""
     import resource
 
     limit = 16 * 2**30
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "ilnas", *argv, "--no-report", "--quiet", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "ilnas", *argv, *(["--out", str(out)] if argv[0] != "describe" else [])],
                        capture_output=True, text=True, timeout=300,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert r.returncode == 2 and r.stderr.startswith("ilnas: error: out of memory (") and settings in r.stderr, r.stderr

@@ -405,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except RuntimeError as e:
         from ilnas.distributed import lost_peer
+        from ilnas.runs import allocation_failure
 
+        if (failure := allocation_failure(e)) is not None:  # where the command names no setting of its own
+            print(f"ilnas: error: {failure}; lower the network's size or the batch size", file=sys.stderr)
+            return IlnasError.exit_code
         if not lost_peer(e):
             raise
         print(f"ilnas: error: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} stopped: another rank "

@@ -230,19 +230,23 @@ def out_of_memory(settings: str, error: type[IlnasError] = IlnasError, then: str
     machine), as one line that names the ``settings`` to lower."""
     try:
         yield
-    except RuntimeError as e:  # torch.OutOfMemoryError is one; the CPU allocator raises a plain one
-        if not isinstance(e, torch.OutOfMemoryError) and "DefaultCPUAllocator: can't allocate memory" not in str(e):
+    except RuntimeError as e:
+        failure = allocation_failure(e)
+        if failure is None:
             raise
-        where = "device memory" if isinstance(e, torch.OutOfMemoryError) else "memory"
-        raise error(f"out of {where}{_allocation(str(e))}; lower {settings}{then}") from None
+        raise error(f"{failure}; lower {settings}{then}") from None
 
 
-def _allocation(message: str) -> str:
-    """" (N GB at once)" from an allocator's message, where it says."""
-    found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", message, re.IGNORECASE)
-    if found is None:
-        return ""
-    return f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else f" ({found.group(2)} at once)"
+def allocation_failure(e: BaseException) -> str | None:
+    """"out of [device] memory (N GB at once)" where ``e`` is a failed allocation (torch.OutOfMemoryError, or
+    the CPU allocator's plain RuntimeError), else None."""
+    device = isinstance(e, torch.OutOfMemoryError)
+    if not device and "DefaultCPUAllocator: can't allocate memory" not in str(e):
+        return None
+    found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", str(e), re.IGNORECASE)
+    size = "" if found is None else (f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else
+                                     f" ({found.group(2)} at once)")
+    return f"out of {'device memory' if device else 'memory'}{size}"
 
 
 EVENTS = "TensorBoard events (tb/)"
