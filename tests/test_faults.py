@@ -312,17 +312,40 @@ def test_an_image_folder_too_small_for_the_network_is_refused_before_a_run_exist
     assert not out.exists()  # nothing half-written blocks the rerun
 
 
-def test_an_unreadable_image_stops_training_in_one_line(tmp_path):
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds one row: PIL refuses it above its decompression-bomb
+    limit (about 179 M pixels) as soon as it opens it, with an error that is no OSError."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("content, workers, reason", [
+    (b"not a png", 0, "cannot identify image file"),
+    (_png_header(20000, 20000), 2, "exceeds limit of"),  # read in a DataLoader worker, whose error arrives as text
+], ids=["not-an-image", "decompression-bomb-in-a-worker"])
+def test_an_unreadable_image_stops_training_in_one_line_that_names_it(tmp_path, content, workers, reason):
     write_image_folder(tmp_path / "imgs")
-    (tmp_path / "imgs" / "train" / "dog" / "3.png").write_bytes(b"not a png")  # found only when read
+    bad = tmp_path / "imgs" / "train" / "dog" / "3.png"
+    bad.write_bytes(content)  # found only when read
     out = tmp_path / "run"
     rc, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--out", str(out), "--quiet",
                       "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
-                      "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1",
+                      "--set", "network.auxiliary=false", "--set", f"train.workers={workers}", "--set", "train.epochs=1",
                       "--set", "optimizer.warmup_epochs=0", "--set", "network.layers=3", "--set", "network.channels=8",
                       "--set", "train.batch_size=6")
-    assert rc == 3 and "cannot read an image of imagefolder:" in err, err
+    assert rc == 3 and f"cannot read an image of imagefolder:{tmp_path / 'imgs'} ({bad}: " in err and reason in err, err
     assert len(err.strip().splitlines()) == 1 and not (out / "result.json").exists()
+
+
+def test_predict_refuses_a_decompression_bomb_in_one_line(finished_training, tmp_path):
+    (tmp_path / "huge.png").write_bytes(_png_header(20000, 20000))
+    code, _, err = call("predict", str(finished_training), str(tmp_path / "huge.png"))
+    assert code == 2 and err.startswith(f"ilnas: error: cannot read image {tmp_path / 'huge.png'}: Image size "), err
 
 
 # --- resuming -----------------------------------------------------------------------------------------

@@ -292,16 +292,24 @@ def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def image_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for a file it cannot decode: not an image or a damaged one (OSError, ValueError), or
+    one whose pixel count passes its decompression-bomb limit (an error of its own, no OSError)."""
+    from PIL import Image
+
+    return OSError, ValueError, Image.DecompressionBombError
+
+
 def decode_image(path: Path, side: int, channels: int = 3) -> torch.Tensor:
     """One image file -> (channels, side, side) uint8: the shorter side scaled to ``side`` (bicubic),
     then the centre square; how every folder image is stored and how ``ilnas predict`` reads one."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as img:
             img = ImageOps.fit(img.convert("RGB" if channels == 3 else "L"), (side, side),
                                method=Image.Resampling.BICUBIC)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except image_errors() as e:
         raise IlnasError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None
     pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
     return pixels.permute(2, 0, 1) if pixels.ndim == 3 else pixels[None]

@@ -17,7 +17,7 @@ import torch
 from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
-from ilnas.data.tasks import Split, create_task, task_info
+from ilnas.data.tasks import Split, create_task, image_errors, task_info
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.seeds import derive_seed
 
@@ -99,7 +99,7 @@ class FolderData:
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.shard, self.workers, self.decode, self.color_jitter = shard, workers, decode, color_jitter
         train_tf, test_tf = self._transforms() if decode == "workers" else (None, None)
-        loader = {} if decode == "workers" else {"loader": device_decode.read_encoded}
+        loader = {"loader": read_rgb if decode == "workers" else device_decode.read_encoded}
         try:
             self.train_set = SeededSamples(datasets.ImageFolder(str(root / "train"), train_tf, **loader), shard.seed)
             self.test_set = datasets.ImageFolder(str(root / "val"), test_tf, **loader)
@@ -148,9 +148,9 @@ class FolderData:
                 yield finish(next(batches), i)
             except StopIteration:
                 return
-            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-                raise RunFailed(f"cannot read an image of {self.name} ({str(e).splitlines()[0][:160]}); the last "
-                                f"checkpoint is kept: repair or remove the file and continue with --resume") from None
+            except image_errors() as e:
+                raise RunFailed(f"cannot read an image of {self.name} ({_reason(e)[:240]}); the last checkpoint is "
+                                f"kept: repair or remove the file and continue with --resume") from None
 
     def _to_device(self, batch, step: int = 0) -> Batch:
         x, y = batch
@@ -210,3 +210,21 @@ def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout:
     if info.in_memory:
         return InMemoryData(name, source, shard, cutout, dtype)
     return FolderData(name, info.root, shard, resolution, color_jitter, workers, decode)
+
+
+def read_rgb(path: str):
+    """torchvision's PIL loader, its error naming the file: from a DataLoader worker, only the text arrives."""
+    from torchvision.datasets.folder import pil_loader
+
+    try:
+        return pil_loader(path)
+    except image_errors() as e:
+        raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's message; for one raised again from a DataLoader worker, the original's (the last line
+    of the worker's traceback that its text carries)."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] \
+        else lines[0]
