@@ -407,12 +407,24 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"executor": "submitit", "submitit": ["slurm"]}, "submitit must be a mapping"),
     ({"executor": "submitit", "submitit": {"max_num_timeout": -1}}, "max_num_timeout must be a non-negative integer"),
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
+    ({"train": {"tasks": "digits", "set": TRAIN_SET}}, "train needs tasks: [task, ...]"),  # not one per letter
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
     with pytest.raises(IlnasError) as e:
         load_spec(_spec(tmp_path, **change))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_more_parallel_slots_than_cells_are_as_many_as_the_cells(tmp_path):
+    """parallel: 10**9 once queued a billion slots (the process ran out of memory); each slot's share of
+    the cores is that of the cells that run at once."""
+    from ilnas.recipes.sweep import slot_env
+    from ilnas.threads import available_cores
+
+    sweep = load_spec(_spec(tmp_path, parallel=10**9))
+    assert sweep.parallel == len(sweep.cells) == 4
+    assert slot_env(0, sweep.parallel, 0)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 4))
 
 
 def test_a_submitit_parameter_it_does_not_know_is_refused_in_one_line(tmp_path):

@@ -60,7 +60,7 @@ class Cell:
 class Sweep:
     out: Path
     cells: tuple[Cell, ...]
-    parallel: int
+    parallel: int  # cells run at a time on this machine (at most the cells)
     executor: str
     submitit: dict  # AutoExecutor parameters (slurm_partition, timeout_min, ...; cluster: local|slurm; max_num_timeout)
 
@@ -133,7 +133,8 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
         cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
     if len({c.name for c in cells}) != len(cells):
         raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
-    return Sweep(root, tuple(cells), parallel, executor, _submitit_settings(spec.get("submitit")))
+    # More slots than cells would only divide the cores into shares nobody uses.
+    return Sweep(root, tuple(cells), min(parallel, len(cells)), executor, _submitit_settings(spec.get("submitit")))
 
 
 def _submitit_settings(value: Any) -> dict:
@@ -185,7 +186,8 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
     if train is not None:
         from ilnas.data.tasks import task_slug
 
-        if not isinstance(train, dict) or not train.get("tasks"):
+        tasks = train.get("tasks") if isinstance(train, dict) else None
+        if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
             raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set)")
         for task in train["tasks"]:
             sets = [f"data.tasks=[{task}]", *_list(train.get("set"), "train.set")]
