@@ -416,6 +416,20 @@ def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize("content, message", [
+    ("out: x\ngrid: [\n", "is not valid YAML: while parsing a flow node"),
+    ("a: &a [1, 2]\nb: [*a, *a]\n", "is not valid YAML: YAML aliases (*name) are not accepted"),  # no alias bombs
+    ("- 1\n- 2\n", "must hold a mapping (out, search, grid, train, ...)"),
+    ("x" * (2**20 + 1), "is larger than 1048576 bytes"),
+    (None, "does not exist or is not a file"),
+], ids=["syntax", "alias", "list", "too-large", "missing"])
+def test_a_spec_file_that_is_no_spec_is_refused_in_one_line(tmp_path, content, message):
+    spec = tmp_path / "spec.yaml"
+    if content is not None:
+        spec.write_text(content)
+    code, _, err = call("sweep", str(spec))
+    assert code == 2 and err.startswith(f"ilnas: error: sweep spec {spec} {message}") and err.count("\n") == 1, err
+
 def test_more_parallel_slots_than_cells_are_as_many_as_the_cells(tmp_path):
     """parallel: 10**9 once queued a billion slots (the process ran out of memory); each slot's share of
     the cores is that of the cells that run at once."""

@@ -1,10 +1,10 @@
 """Typed, frozen configuration: the schema (``schema.py``) and where its values come from (``loading.py``).
 Dataclasses hold every default; presets, ``--config`` files and ``--set key=value`` only override them."""
-from ilnas.config.loading import (from_dict, list_presets, load_preset, load_yaml, parse_override, resolve,
-                                  to_dict)
+from ilnas.config.loading import (from_dict, list_presets, load_preset, load_yaml, load_yaml_file, parse_override,
+                                  resolve, to_dict)
 from ilnas.config.schema import (KINDS, DataConfig, EvalRunConfig, NetworkConfig, PDartsConfig, RunConfig,
                                  SearchConfig, SearchRunConfig, SpaceConfig, TrainConfig, validate)
 
 __all__ = ["KINDS", "DataConfig", "EvalRunConfig", "NetworkConfig", "PDartsConfig", "RunConfig", "SearchConfig",
            "SearchRunConfig", "SpaceConfig", "TrainConfig", "from_dict", "list_presets", "load_preset", "load_yaml",
-           "parse_override", "resolve", "to_dict", "validate"]
+           "load_yaml_file", "parse_override", "resolve", "to_dict", "validate"]

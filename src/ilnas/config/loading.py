@@ -77,24 +77,26 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_NoAliasLoader)
 
 
-def _load_file(path: str) -> dict:
+def load_yaml_file(path: str | Path, what: str = "config file", holds: str = "a mapping of sections") -> dict:
+    """A YAML file that must hold a mapping (a --config file, a sweep spec), every way it can fail one line
+    that names it as ``what``; an empty file is an empty mapping."""
     p = Path(path)
     try:
         if not p.is_file():
-            raise IlnasError(f"config file {path} does not exist or is not a file")
+            raise IlnasError(f"{what} {path} does not exist or is not a file")
         if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise IlnasError(f"config file {path} is larger than {MAX_CONFIG_BYTES} bytes")
+            raise IlnasError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes")
         data = load_yaml(p.read_bytes().decode("utf-8"))
     except OSError as e:
-        raise IlnasError(f"config file {path} cannot be read ({e.strerror or e})") from None
+        raise IlnasError(f"{what} {path} cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError:
-        raise IlnasError(f"config file {path} is not UTF-8 text") from None
+        raise IlnasError(f"{what} {path} is not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise IlnasError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise IlnasError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise IlnasError(f"config file {path} must hold a mapping of sections")
+        raise IlnasError(f"{what} {path} must hold {holds}")
     return data
 
 
@@ -241,7 +243,7 @@ def resolve(preset: str | None = None, config_file: str | None = None,
             raise IlnasError(f"{preset} is a base preset: name it as `base: {preset}` in a preset or config file")
         layers += _with_bases(load_preset(preset), f"preset {preset}", (preset,))
     if config_file is not None:
-        data = _load_file(config_file)
+        data = load_yaml_file(config_file)
         if "base" in data and preset is not None:
             raise IlnasError(f"config file {config_file} names a base preset; drop --preset")
         layers += _with_bases(data, f"config file {config_file}")

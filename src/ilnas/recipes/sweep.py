@@ -28,7 +28,7 @@ from pathlib import Path
 from queue import Queue
 from typing import Any, Callable, Iterator
 
-from ilnas.config import load_yaml, resolve, to_dict
+from ilnas.config import load_yaml_file, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text
 from ilnas.runlock import RunLock, holder_pid, lock_holder
@@ -103,14 +103,7 @@ def _dir_name(labels: dict[str, str]) -> str:
 def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     """Read and check a spec, and resolve every run of every cell: a bad spec is refused before any run."""
     p = Path(path)
-    try:
-        spec = load_yaml(p.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise IlnasError(f"sweep spec {path} cannot be read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise IlnasError(f"sweep spec {path} is not valid YAML text ({str(e).splitlines()[0]})") from None
-    if not isinstance(spec, dict):
-        raise IlnasError(f"sweep spec {path} must be a mapping")
+    spec = load_yaml_file(p, "sweep spec", "a mapping (out, search, grid, train, ...)")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise IlnasError(f"sweep spec: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(SPEC_KEYS))}")
