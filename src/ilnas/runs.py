@@ -279,6 +279,8 @@ class Events:
 
     def __getattr__(self, name: str):
         method = getattr(self._writer, name)
+        if not callable(method):
+            return method
 
         def call(*args, **kwargs):
             try:

@@ -224,7 +224,9 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
         key = run.out.name
         holder = lock_holder(run.out)
         if holder is not None:
-            held = HeldElsewhere(run.out, holder, f"sweep cell {cell.name}: {key}")
+            print(f"ilnas: sweep cell {cell.name}: {key} is being worked on by another process ({holder}); waiting "
+                  f"for it to end", file=sys.stderr, flush=True)
+            held = HeldElsewhere(run.out)
             if started is not None:
                 started(held, run.out)
             if not held.wait():
@@ -259,11 +261,9 @@ class HeldElsewhere:
 
     POLL_S = 1.0
 
-    def __init__(self, out: Path, holder: str, what: str):
+    def __init__(self, out: Path):
         self.out, self.stopped = out, False
         self.pid = holder_pid(out) or 0  # 0: on another host (no such process here)
-        print(f"ilnas: {what} is being worked on by another process ({holder}); waiting for it to end",
-              file=sys.stderr, flush=True)
 
     def poll(self) -> int | None:
         return None if lock_holder(self.out) is not None else 0
