@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -1041,12 +1042,61 @@ def test_without_file_locks_a_lease_overwritten_before_it_settles_is_refused_and
         while "was taken over" not in (err := capfd.readouterr().err):
             assert time.time() < deadline
             time.sleep(0.02)
-        assert f"the lease on {tmp_path} was taken over (pid {sleeper.pid} on " in err
+        assert f"{tmp_path} was taken over (pid {sleeper.pid} on " in err
         held.release()
         assert (tmp_path / ".lock").read_text() == other + "\n"
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_flock_that_holds_only_on_this_node_does_not_let_a_run_live_on_another_host_be_taken(tmp_path, monkeypatch):
+    """BeeGFS, Lustre with localflock, NFS with nolock grant the flock here although a process on another node
+    holds the run. Its line, renewed, refuses the run; one that stops being renewed (its process died without
+    releasing) is taken after two renewal periods; one older than the lease at once. The holder renews its
+    own line, and empties it when it releases."""
+    monkeypatch.setattr(runlock, "RENEW_S", 0.05)
+    lock = tmp_path / ".lock"
+    other = "pid 4242 on node-elsewhere, since 2026-11-29T12:00:00+00:00: ilnas search --out x"
+    lock.write_text(other + "\n")
+    stop = threading.Event()
+
+    def renew():  # the process on the other node
+        while not stop.wait(0.02):
+            os.utime(lock)
+    renewing = threading.Thread(target=renew, daemon=True)
+    renewing.start()
+    try:
+        assert runlock.lock_holder(tmp_path) == other  # ilnas status: running there
+        with pytest.raises(IlnasError, match="in use by another ilnas process \\(pid 4242 on node-elsewhere, "):
+            runlock.RunLock(tmp_path).acquire()
+        assert_refused([*MICRO, "--out", str(tmp_path)], "in use by another ilnas process (pid 4242 on node-elsewhere",
+                       [tmp_path / "config.yaml"])  # refused by the search's first check
+    finally:
+        stop.set()
+        renewing.join()
+    assert lock.read_text() == other + "\n"
+
+    t0 = time.monotonic()
+    held = runlock.RunLock(tmp_path)
+    held.acquire()  # no longer renewed: its process is gone
+    assert time.monotonic() - t0 >= 2 * runlock.RENEW_S
+    assert lock.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()}, since ")
+    os.utime(lock, (time.time() - 1000, time.time() - 1000))
+    deadline = time.time() + 10
+    while time.time() - lock.stat().st_mtime > 10:  # this holder renews its line too
+        assert time.time() < deadline
+        time.sleep(0.01)
+    held.release()
+    assert lock.read_text() == "" and runlock.lock_holder(tmp_path) is None
+
+    lock.write_text(other + "\n")
+    os.utime(lock, (time.time() - runlock.LEASE_S - 10,) * 2)
+    assert runlock.lock_holder(tmp_path) is None
+    t0, last = time.monotonic(), runlock.RunLock(tmp_path)
+    last.acquire()  # older than the lease: taken without watching
+    assert time.monotonic() - t0 < 2 * runlock.RENEW_S
+    last.release()
 
 @pytest.fixture
 def without_file_locks(monkeypatch):

@@ -11,6 +11,13 @@ reader never sees half a line), waits ``SETTLE_S`` and reads it back: of two pro
 in the same instant, the one whose line was written last holds it and the other is refused. Only a write held
 up for longer than ``SETTLE_S`` (a stalled file server) could still let both through; the holder's renewal
 notices that it lost the lease and says so. ilnas warns once per run that it is on a lease.
+
+Some filesystems grant an ``flock`` that holds only on the node that took it (BeeGFS by default, Lustre mounted
+with ``localflock``, NFS with ``local_lock`` or ``nolock``): a process on another node would get it too. So every
+holder renews its line's time as a lease holder does, and a process granted the ``flock`` while the line names
+another host and is younger than the lease watches it for two renewals: renewed, that holder is alive and the
+run is refused; not renewed, it is gone (it died without releasing) and the run is taken. Released, the line is
+emptied, so a run ended cleanly is taken at once from any node.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ SETTLE_S = 2.0  # without file locks: how long a new lease's line must stand bef
 BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock: held by another process
 
 _HELD: set[int] = set()  # the descriptors of the run locks this process holds
+_GONE: dict[Path, str] = {}  # lock file -> another host's line whose process this one found dead
 
 
 def _unlock_in_child() -> None:
@@ -55,8 +63,8 @@ class RunLock:
     def __init__(self, path: Path):
         self.file = Path(path) / LOCK
         self.fd: int | None = None  # holding the flock
-        self._lease: str | None = None  # holding a lease (no file locks): its line
-        self._renewing = threading.Event()  # set to stop renewing the lease
+        self._lease: str | None = None  # holding the run (flock or lease): its line, renewed
+        self._renewing = threading.Event()  # set to stop renewing it
 
     def _try(self) -> tuple[int | None, OSError | None]:
         """(the descriptor, now holding the flock; or None where another process holds it) and, where the
@@ -104,18 +112,61 @@ class RunLock:
         return line if age < LEASE_S else None
 
     def holder(self) -> str | None:
-        """Who holds the run now (the lock file's line), or None where no process does."""
+        """Who holds the run now (the lock file's line), or None where no process does. A line of another
+        host younger than the lease counts as a holder even where this node's ``flock`` is free."""
         if not self.file.exists():
             return None
         fd, no_locks = self._try()
         if fd is None:
             return self._line() or "unknown process"
         os.close(fd)
-        return self._lease_holder() if no_locks else None
+        return self._lease_holder() if no_locks else self._other_host()
+
+    def _other_host(self) -> str | None:
+        """The line, where it names another host and is younger than the lease."""
+        line, here = self._line(), socket.gethostname()
+        found = _pid_and_host(line)
+        if found is None or found[1] == here:
+            return None
+        try:
+            return line if time.time() - self.file.stat().st_mtime < LEASE_S else None
+        except OSError:
+            return None
+
+    def _live_other_host(self) -> str | None:
+        """``_other_host``'s line where its process is alive: its time moves within two renewals. A line found
+        dead once is not watched again (the run's early check, then its lock)."""
+        other = self._other_host()
+        if other is None or _GONE.get(self.file) == other:
+            return None
+        if self._renewed():
+            return other
+        _GONE[self.file] = other
+        print(f"ilnas: warning: {self.file.parent} was last held on another host by a process that no longer renews "
+              f"its lock ({other}): it ended without releasing it; the run is free", file=sys.stderr, flush=True)
+        return None
+
+    def _renewed(self) -> bool:
+        """Whether the file's time moves within two renewals (its holder is alive)."""
+        try:
+            start, deadline = self.file.stat().st_mtime, time.monotonic() + 2 * RENEW_S + min(RENEW_S, 5.0)
+            while time.monotonic() < deadline:
+                time.sleep(min(RENEW_S / 4, 1.0))
+                if self.file.stat().st_mtime != start:
+                    return True
+        except OSError:
+            return False
+        return False
 
     def probe(self) -> None:
         """Refuse now if another process holds the run; hold nothing afterwards."""
-        line = self.holder()
+        if not self.file.exists():
+            return
+        fd, no_locks = self._try()
+        if fd is None:
+            self._refuse(self._line())
+        os.close(fd)
+        line = self._lease_holder() if no_locks else self._live_other_host()
         if line is not None:
             self._refuse(line)
 
@@ -128,10 +179,17 @@ class RunLock:
             os.close(fd)
             self._take_lease(holder, no_locks)
             return
+        other = self._live_other_host()
+        if other is not None:  # an flock that holds only on this node: the run is in use there
+            os.close(fd)
+            self._refuse(other)
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode() + b"\n", 0)
         self.fd = fd
         _HELD.add(fd)
+        self._lease = holder
+        threading.Thread(target=_renew, args=(self.file, holder, self._renewing), daemon=True,
+                         name="ilnas-lock").start()
 
     def _take_lease(self, holder: str, no_locks: OSError) -> None:
         line = self._lease_holder()
@@ -153,11 +211,14 @@ class RunLock:
                          name="ilnas-lease").start()
 
     def release(self) -> None:
-        if self._lease is not None:  # stop renewing the lease and, still this process's, leave a line naming nobody
+        if self._lease is not None:  # stop renewing and, still this process's, leave a line naming nobody
             self._renewing.set()
             if self._line() == self._lease:
                 with contextlib.suppress(OSError):
-                    atomic_write_text(self.file, "")
+                    if self.fd is not None:
+                        os.ftruncate(self.fd, 0)
+                    else:
+                        atomic_write_text(self.file, "")
             self._lease, self._renewing = None, threading.Event()
         if self.fd is None:
             return
@@ -182,7 +243,7 @@ def _renew(file: Path, holder: str, stop: threading.Event) -> None:
         try:
             line = file.read_text(errors="replace").strip()
             if line != holder:  # taken over: this process was held up for longer than the lease
-                print(f"ilnas: warning: the lease on {file.parent} was taken over ({line or 'by nobody'}) while this "
+                print(f"ilnas: warning: {file.parent} was taken over ({line or 'its line emptied'}) while this "
                       f"process was held up; the run is no longer guarded against that process", file=sys.stderr,
                       flush=True)
                 return
