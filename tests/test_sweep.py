@@ -430,15 +430,19 @@ def test_a_spec_file_that_is_no_spec_is_refused_in_one_line(tmp_path, content, m
     code, _, err = call("sweep", str(spec))
     assert code == 2 and err.startswith(f"ilnas: error: sweep spec {spec} {message}") and err.count("\n") == 1, err
 
-def test_more_parallel_slots_than_cells_are_as_many_as_the_cells(tmp_path):
-    """parallel: 10**9 once queued a billion slots (the process ran out of memory); each slot's share of
-    the cores is that of the cells that run at once."""
+def test_more_parallel_slots_than_cells_are_as_many_as_the_cells(tmp_path, monkeypatch):
+    """parallel: 10**9 once queued a billion slots (the process ran out of memory). The slots are the cells
+    that run at once, and each gets its share of the threads the sweep was given (OMP_NUM_THREADS where set:
+    a job script's, a test runner's)."""
     from ilnas.recipes.sweep import slot_env
-    from ilnas.threads import available_cores
 
     sweep = load_spec(_spec(tmp_path, parallel=10**9))
     assert sweep.parallel == len(sweep.cells) == 4
-    assert slot_env(0, sweep.parallel, 0)["OMP_NUM_THREADS"] == str(max(1, available_cores() // 4))
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert [slot_env(i, sweep.parallel, 2) for i in range(4)] == [
+        {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": str(i % 2)} for i in range(4)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert slot_env(0, 2, 0) == {"OMP_NUM_THREADS": "1"}
 
 
 def test_a_submitit_parameter_it_does_not_know_is_refused_in_one_line(tmp_path):

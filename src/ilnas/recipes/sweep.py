@@ -33,7 +33,7 @@ from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text
 from ilnas.runlock import RunLock, holder_pid, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
-from ilnas.threads import available_cores
+from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
 EXECUTORS = ("local", "submitit")
@@ -291,9 +291,10 @@ def _gpus() -> int:
 
 
 def slot_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
-    """The environment variables of slot ``slot`` of ``parallel``: its share of the CPU cores (oversubscribed
+    """The environment variables of slot ``slot`` of ``parallel``: its share of the CPU threads this process
+    may use (``OMP_NUM_THREADS`` where set, say by a job script or a test runner, else its cores; oversubscribed
     OpenMP threads make a search step many times slower), and its own GPU where there are GPUs."""
-    env = {"OMP_NUM_THREADS": str(max(1, available_cores() // parallel))}
+    env = {"OMP_NUM_THREADS": str(max(1, default_threads() // parallel))}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env
