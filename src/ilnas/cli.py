@@ -392,6 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log_to_stdout()
     _trace_fatal_signals()
     try:
+        return _run(args)
+    except KeyboardInterrupt:  # also a second Ctrl-C that lands while the first one's stop is being reported
+        print("ilnas: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, every way it can end as an exit code and at most one line."""
+    try:
         COMMANDS[args.command](args)
         sys.stdout.flush()
     except IlnasError as e:
@@ -418,7 +427,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ilnas describe ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("ilnas: interrupted", file=sys.stderr)
-        return 130
     return 0
