@@ -412,6 +412,98 @@ def test_a_checkpoint_that_unpickles_a_class_is_refused(finished_run, tmp_path):
     assert_refused(["search", "--resume", "--out", str(run)], "holds pickled objects other than tensors", [run])
 
 
+def _part_way_search(payload: dict) -> None:
+    """The final checkpoint of MICRO as one taken after step 1 of its third epoch."""
+    payload["progress"].update(phase=0, epoch=2, epoch_steps=1, final_genotype=None)
+    payload["rng"] = [{"cpu": torch.get_rng_state()}]
+
+
+def _stage(i: int, name: str) -> Callable[[dict], list]:
+    return lambda payload: payload["state"]["stages"][i][name]
+
+
+# (what changes in the payload, part of the refusal): layouts another version could write, or a hand
+SEARCH_LAYOUTS = [
+    (lambda p: p.pop("state"), "it has no 'state'"),
+    (lambda p: p["progress"].update(bogus=1), "unexpected keyword argument 'bogus'"),
+    (lambda p: p["progress"].update(epoch="3"), "its epoch count is '3', where an integer from 0 to 3 belongs"),
+    (lambda p: p["progress"].update(epoch_steps=2), "its step within its epoch is 2, where an integer from 0 to 1"),
+    (lambda p: p.update(metrics_lines=-1), "its metrics line count is -1, where an integer from 0 belongs"),
+    (lambda p: p["state"]["arch"].__setitem__(1, torch.zeros(3, 3)),
+     "its architecture [1] is a torch.float32 tensor of shape (3, 3), where a torch.float32 tensor of shape (14, 8)"),
+    (lambda p: p["state"]["arch"].__setitem__(0, p["state"]["arch"][0].double()), "torch.float64 tensor"),
+    (lambda p: _stage(0, "w")(p).pop(), "its stage 1's w is a list of"),
+    (lambda p: _stage(0, "buf_h")(p).__setitem__(0, torch.zeros(2)), "its stage 1's buf_h [0] is a torch.float32 "
+                                                                      "tensor of shape (2,)"),
+    (lambda p: p["state"]["stages"][0].update(learner=1), "its stage 1 belongs to learner 1, where 0 belongs"),
+    (lambda p: p["state"]["arch_optimizer"]["state"][0].update(exp_avg=torch.zeros(2)),
+     "its architecture optimizer's exp_avg is a torch.float32 tensor of shape (2,)"),
+    (lambda p: p["state"]["arch"][0].fill_(math.nan), "its weights or architecture are not finite"),
+    (lambda p: p.update(rng=[{"cpu": torch.zeros(2)}]), "its generator list [0] 'cpu' is a torch.float32 tensor"),
+    (lambda p: p["progress"]["history"].update({"p0/alphas_normal": [1]}), "expected Tensor"),
+]
+
+
+@pytest.mark.parametrize("change, message", SEARCH_LAYOUTS)
+def test_a_search_checkpoint_of_another_layout_is_refused_before_anything_is_written(micro_run, tmp_path, change,
+                                                                                     message):
+    """A valid checksum but a payload this version cannot continue from: each entry is read back against what
+    a fresh search of the configuration holds, before the run is opened."""
+    run = unfinished_copy(micro_run, tmp_path / "run")
+    payload = read_checkpoint(run / "checkpoint.pt")
+    _part_way_search(payload)
+    change(payload)
+    write_checkpoint(run / "checkpoint.pt", payload)
+    err = assert_refused(["search", "--resume", "--out", str(run)], message, [run])
+    assert f"the checkpoint in {run} cannot be continued from (" in err and "another ilnas version" in err, err
+
+
+def test_the_same_checkpoint_rewritten_unchanged_is_continued(micro_run, tmp_path):
+    """The check's control: the payload the refusals above change, as it is, resumes and finishes."""
+    run = unfinished_copy(micro_run, tmp_path / "run")
+    payload = read_checkpoint(run / "checkpoint.pt")
+    _part_way_search(payload)
+    write_checkpoint(run / "checkpoint.pt", payload)
+    rc, _, err = call("search", "--quiet", "--no-report", "--resume", "--out", str(run))
+    assert rc == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == payload["progress"]["global_step"] + 1
+
+
+def _within(payload: dict) -> dict:
+    payload["within_epoch"] = {"steps": 1, "seconds": 0.5, "ranks": [
+        {"rng": {"cpu": torch.get_rng_state()}, "totals": [1.0, 2.0], "seen": 16}]}
+    payload["epoch"] = 2
+    return payload["within_epoch"]
+
+
+TRAIN_LAYOUTS = [
+    (lambda p: p["model"].pop("stem.0.weight"), "its network state is missing the network's 'stem.0.weight'"),
+    (lambda p: p["model"].update(extra=torch.zeros(1)), "its network state includes 'extra', which the network has"),
+    (lambda p: p["model"].update({"stem.0.weight": torch.zeros(4, 1, 3, 3)}),
+     "its network state 'stem.0.weight' is a torch.float32 tensor of shape (4, 1, 3, 3), where a torch.float32 "
+     "tensor of shape (12, 1, 3, 3) belongs"),
+    (lambda p: p["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(2)),
+     "its optimizer's momentum_buffer is a torch.float32 tensor of shape (2,)"),
+    (lambda p: p["optimizer"]["param_groups"][0]["params"].pop(), "doesn't match the size of optimizer's group"),
+    (lambda p: p.update(epoch=4), "its epoch count is 4, where an integer from 0 to 3 belongs"),
+    (lambda p: p.update(best_top1=math.inf), "its best top-1 accuracy is inf, where a finite number from 0 to 1"),
+    (lambda p: _within(p).update(steps=3), "its step within its epoch is 3, where an integer from 1 to 2 belongs"),
+    (lambda p: _within(p)["ranks"][0].update(totals=[1.0]), "its epoch's sums are a list of 1 entry"),
+    (lambda p: _within(p)["ranks"][0].update(rng={"cpu": torch.zeros(5)}), "its generator list [0] 'cpu' is"),
+]
+
+
+@pytest.mark.parametrize("change, message", TRAIN_LAYOUTS)
+def test_a_training_checkpoint_of_another_layout_is_refused_before_anything_is_written(
+        finished_training, tmp_path, change, message):
+    run = unfinished_copy(finished_training, tmp_path / "run")
+    payload = read_checkpoint(run / "checkpoint.pt")
+    change(payload)
+    write_checkpoint(run / "checkpoint.pt", payload)
+    err = assert_refused(["train", "--resume", "--out", str(run)], message, [run])
+    assert f"the checkpoint in {run} cannot be continued from (" in err, err
+
+
 def test_a_run_written_before_a_setting_existed_continues_with_that_setting_at_its_default(micro_run, tmp_path):
     """config.yaml and checkpoints without search.checkpoint_minutes, as an earlier ilnas wrote them: the same
     command line with --auto-resume continues the run (a new setting's default keeps the old behaviour), and

@@ -35,6 +35,8 @@ from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.resuming import (describe, load_optimizer_state, require_number, require_rng_states, require_tensors_like,
+                            restoring)
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
@@ -145,14 +147,32 @@ def state_dict(state: SearchState) -> dict:
 
 
 def load_state_dict(state: SearchState, d: dict, device: torch.device) -> None:
+    """``d`` (``state_dict``'s) into ``state``, a fresh state of the same phase and configuration; every entry
+    must have the layout of the one it replaces (else ValueError, ilnas/resuming.py)."""
+    arch = require_tensors_like(d["arch"], [a.detach() for a in state.arch], "architecture")
+    if not isinstance(d["stages"], list) or len(d["stages"]) != len(state.stages):
+        raise ValueError(f"its stages are {describe(d['stages'])}, where a list of {len(state.stages)} belongs")
+    stages = [_saved_stage(saved, fresh, f"stage {i + 1}", device)
+              for i, (saved, fresh) in enumerate(zip(d["stages"], state.stages))]
+    step = require_number(d["step"], int, "architecture step count")
+    load_optimizer_state(state.arch_optimizer, d["arch_optimizer"], "architecture optimizer")
     with torch.no_grad():
-        for a, saved in zip(state.arch, d["arch"]):
+        for a, saved in zip(state.arch, arch):
             a.copy_(saved)
-    state.arch_optimizer.load_state_dict(d["arch_optimizer"])
-    state.step = d["step"]
-    move = lambda ts: None if ts is None else [t.to(device) for t in ts]  # noqa: E731
-    state.stages = [Stage(s["learner"], move(s["w"]), move(s["h"]), move(s["buf_w"]), move(s["buf_h"]))
-                    for s in d["stages"]]
+    state.step, state.stages = step, stages
+
+
+def _saved_stage(saved: dict, fresh: Stage, where: str, device: torch.device) -> Stage:
+    if saved["learner"] != fresh.learner:
+        raise ValueError(f"its {where} belongs to learner {describe(saved['learner'])}, where {fresh.learner} "
+                         f"belongs")
+
+    def tensors(name: str, like: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if name.startswith("buf") and saved[name] is None:  # momentum buffers: None before the first step
+            return None
+        return [t.to(device) for t in require_tensors_like(saved[name], like, f"{where}'s {name}")]
+    return Stage(fresh.learner, tensors("w", fresh.w), tensors("h", fresh.h), tensors("buf_w", fresh.w),
+                 tensors("buf_h", fresh.h))
 
 
 def state_is_finite(state: SearchState) -> bool:
@@ -247,12 +267,12 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
             raise IlnasError(f"task {m.task.name} has a split of {len(m)} images, fewer than "
                              f"search.batch_size={s.batch_size}")
     method = create_method(cfg)
-    prog = Progress(**ckpt["progress"]) if ckpt else Progress()
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
-    distributed.barrier(process)  # every rank has checked before rank 0 creates anything
     ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
+    prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress(), None)
+    distributed.barrier(process)  # every rank has checked before rank 0 creates anything
     if not process.main:
-        return _search(ctx, prog, ckpt)
+        return _search(ctx, prog, continued)
 
     with RunDir.open(out, "search", config, resume, force) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
@@ -261,7 +281,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
         writer = run.tensorboard(purge_step=prog.global_step + 1 if resume else None)
         try:
             with run.out_of_memory("search.batch_size"):
-                genotype = _search(dataclasses.replace(ctx, run=run, writer=writer), prog, ckpt)
+                genotype = _search(dataclasses.replace(ctx, run=run, writer=writer), prog, continued)
             if report:
                 from ilnas.recipes.report import report_at_end  # matplotlib: only for runs that draw
 
@@ -290,12 +310,56 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
                                  f"({str(e).splitlines()[0][:120]})") from None
 
 
-def _search(ctx: SearchContext, prog: Progress, ckpt: dict | None) -> Genotype:
+@dataclass
+class Continued:
+    """The phase a checkpoint continues, read back: its supernets (one per task) and state, and where the
+    checkpoint was taken part-way through an epoch, every rank's global generators."""
+
+    nets: list[FunctionalTaskNet]
+    state: SearchState
+    rng: list[dict] | None
+
+
+def _read_back(ctx: SearchContext, ckpt: dict, out: Path) -> tuple[Progress, Continued | None]:
+    """The checkpoint's progress, and the phase it continues unless it was taken at a phase's start; every
+    entry checked against what a search of this configuration holds, and read by the code that will use
+    it, before anything is written."""
+    with restoring(out):
+        prog = _saved_progress(ctx, ckpt)
+        if prog.phase == len(ctx.method.phases) or not (prog.epoch or prog.epoch_steps):
+            return prog, None  # finished, or a phase's start: the phase begins with fresh weights
+        nets, state = _phase_state(ctx, prog)
+        load_state_dict(state, ckpt["state"], ctx.device)
+        if not state_is_finite(state):  # never saved so (every checkpoint is checked first)
+            raise ValueError("its weights or architecture are not finite")
+        rng = ckpt.get("rng")
+        if rng is not None:
+            rng = require_rng_states(rng, global_rng_state(ctx.device), "generator list")
+    return prog, Continued(nets, state, rng)
+
+
+def _saved_progress(ctx: SearchContext, ckpt: dict) -> Progress:
+    s, phases = ctx.cfg.search, len(ctx.method.phases)
+    prog = Progress(**ckpt["progress"])
+    require_number(prog.phase, int, "phase", 0, phases)
+    require_number(prog.epoch, int, "epoch count", 0, s.epochs)
+    require_number(prog.epoch_steps, int, "step within its epoch", 0, _steps_per_epoch(ctx) - 1)
+    require_number(prog.global_step, int, "step count")
+    require_number(prog.epoch_seconds, float, "epoch time")
+    require_number(prog.elapsed, float, "search time")
+    require_number(ckpt["metrics_lines"], int, "metrics line count")
+    arch_history_arrays(prog)  # what every epoch's end writes of the history
+    for genotype in prog.phase_genotypes + ([prog.final_genotype] if prog.phase == phases else []):
+        parse_genotype(genotype)
+    return prog
+
+
+def _search(ctx: SearchContext, prog: Progress, continued: Continued | None) -> Genotype:
     cfg, run, method = ctx.cfg, ctx.run, ctx.method
     phases = method.phases
     for p in range(prog.phase, len(phases)):
-        state = _run_phase(ctx, prog, ckpt if ckpt and (prog.epoch or prog.epoch_steps) else None)
-        ckpt = None
+        state = _run_phase(ctx, prog, continued)
+        continued = None
         normal, reduce = ranking_weights(state.arch)
         if p + 1 < len(phases):  # the next phase: its candidate ops; fresh weights and architecture
             prog.normal_ops = method.next_ops(normal, prog.normal_ops, p + 1)
@@ -354,17 +418,26 @@ def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchSt
     ctx.guard.saved()
 
 
-def _run_phase(ctx: SearchContext, prog: Progress, saved: dict | None) -> SearchState:
-    """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture;
-    ``saved``: the checkpoint it continues from (part-way through an epoch when ``prog.epoch_steps``)."""
-    s, phases = ctx.cfg.search, ctx.method.phases
-    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, phases[prog.phase].layers, prog, ctx.device,
-                                                    ctx.dtype)
+def _phase_state(ctx: SearchContext, prog: Progress) -> tuple[list[FunctionalTaskNet], SearchState]:
+    """The phase's fresh supernets (one per task), stages and architecture."""
+    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog,
+                                                    ctx.device, ctx.dtype)
     state = init_state(ctx.cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
-    if saved is not None:
-        load_state_dict(state, saved["state"], ctx.device)
-    steps = s.steps_per_epoch or max(len(m) // s.batch_size for m in ctx.train)
+    return nets, state
+
+
+def _steps_per_epoch(ctx: SearchContext) -> int:
+    return ctx.cfg.search.steps_per_epoch or max(len(m) // ctx.cfg.search.batch_size for m in ctx.train)
+
+
+def _run_phase(ctx: SearchContext, prog: Progress, continued: Continued | None) -> SearchState:
+    """One phase (the whole search for DARTS and PC-DARTS): fresh supernet, stages and architecture, or
+    those ``continued`` from a checkpoint (part-way through an epoch when ``prog.epoch_steps``)."""
+    s, phases = ctx.cfg.search, ctx.method.phases
+    nets, state = (continued.nets, continued.state) if continued else _phase_state(ctx, prog)
+    rng = continued.rng if continued else None
+    steps = _steps_per_epoch(ctx)
     reduce = distributed.mean_over_ranks(ctx.process)
     tag = f"phase {prog.phase + 1}/{len(phases)} " if len(phases) > 1 else ""
     for epoch in range(prog.epoch, s.epochs):
@@ -376,8 +449,8 @@ def _run_phase(ctx: SearchContext, prog: Progress, saved: dict | None) -> Search
         learners = [Learner(t.name, functools.partial(net.loss, skip_dropout=dropout),
                             functools.partial(net.losses, skip_dropout=dropout)) for t, net in zip(ctx.tasks, nets)]
         torch.manual_seed(_rank_seed(derive_seed(s.seed, prog.phase, epoch), ctx.process))  # dropout masks
-        if start and len(saved.get("rng", [])) == ctx.process.world:
-            set_global_rng_state(saved["rng"][ctx.process.rank], ctx.device)
+        if start and rng is not None and len(rng) == ctx.process.world:
+            set_global_rng_state(rng[ctx.process.rank], ctx.device)
         update_arch = epoch >= s.warmup_epochs
         # every rank draws the whole global batches (same seeds) and augments only its own slice of them
         rank, world = ctx.process.rank, ctx.process.world

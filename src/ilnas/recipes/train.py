@@ -26,6 +26,8 @@ from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
+from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
+                            restoring)
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory, read_metrics
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
@@ -88,10 +90,9 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
     start_epoch, best, elapsed, within = 0, 0.0, 0.0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best, elapsed = ckpt["epoch"], ckpt["best_top1"], ckpt["elapsed"]
-        within = ckpt.get("within_epoch")  # a checkpoint part-way through epoch start_epoch
+        with restoring(out):
+            start_epoch, best, elapsed, within = _read_back(ckpt, model, optimizer, t.epochs, data.steps,
+                                                            process.device)
 
     run = None
     if process.main:
@@ -114,6 +115,33 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     finally:
         if run is not None:
             run.close()
+
+
+def _read_back(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int, steps: int,
+               device: torch.device) -> tuple[int, float, float, dict | None]:
+    """The checkpoint's weights and optimizer state loaded, and where it stands (epochs done, best top-1,
+    seconds, and the part of the next epoch done where it was taken part-way through one), every entry
+    checked against what a run of this configuration holds, before anything is written (ilnas/resuming.py)."""
+    load_module_state(model, ckpt["model"], "network state")
+    load_optimizer_state(optimizer, ckpt["optimizer"], "optimizer")
+    start = require_number(ckpt["epoch"], int, "epoch count", 0, epochs)
+    best = require_number(ckpt["best_top1"], float, "best top-1 accuracy", 0, 1)
+    elapsed = require_number(ckpt["elapsed"], float, "training time")
+    require_number(ckpt["metrics_lines"], int, "metrics line count")
+    within = ckpt.get("within_epoch")
+    if within is not None:
+        require_number(within["steps"], int, "step within its epoch", 1, steps - 1)
+        require_number(within["seconds"], float, "time within its epoch")
+        if not isinstance(within["ranks"], list):
+            raise ValueError(f"its ranks' part of the epoch is {describe(within['ranks'])}, where a list belongs")
+        require_rng_states([r["rng"] for r in within["ranks"]], global_rng_state(device), "generator list")
+        for r in within["ranks"]:
+            if not (isinstance(r["totals"], list) and len(r["totals"]) == 2):
+                raise ValueError(f"its epoch's sums are {describe(r['totals'])}, where a list of two numbers belongs")
+            for total in r["totals"]:
+                require_number(total, float, "epoch's loss or hit sum")
+            require_number(r["seen"], int, "epoch's image count")
+    return start, best, elapsed, within
 
 
 def check_compile_backend(backend: str | None) -> None:
