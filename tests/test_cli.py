@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,40 @@ def test_bad_input_gives_one_line_and_exit_2_and_leaves_the_run_untouched(finish
     assert message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert snapshot(finished_run) == before
+
+
+def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_command(finished_training, tmp_path):
+    """pathlib raises where the system cannot look a name up (ENAMETOOLONG; EACCES on a parent), where an absent
+    path is merely False: every path a user gives is looked up first."""
+    name = "y" * 300  # past NAME_MAX (255) on every common filesystem
+    run = str(finished_training)
+    commands = [
+        ["train", "--genotype", name, "--preset", "eval-digits", "--out", str(tmp_path / "t")],
+        ["search", "--preset", "demo", "--out", name],
+        ["search", "--preset", "demo", "--set", f"data.tasks=[imagefolder:{name}]", "--out", str(tmp_path / "s")],
+        ["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set", f"data.tasks=[imagefolder:{name}]",
+         "--out", str(tmp_path / "t")],
+        ["status", name], ["compare", name], ["plot", name], ["describe", name], ["evaluate", name, "--data", "digits"],
+        ["evaluate", run, "--data", name], ["predict", name, "x.png"], ["predict", run, name],
+        ["export", name, "--format", "onnx"], ["config", name]]
+    for argv in commands:
+        rc, _, err = call(*argv)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert ("cannot be looked up" if argv[0] != "config" else "unknown preset") in err, (argv, err)
+        assert name not in err and " characters)" in err, err  # the name shortened
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may search any directory")
+def test_a_path_below_a_directory_that_may_not_be_searched_is_refused_in_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0)
+    try:
+        rc, _, err = call("status", str(locked / "run"))
+    finally:
+        locked.chmod(0o755)
+    assert rc == 2 and err == f"ilnas: error: run path {locked / 'run'} cannot be looked up (Permission denied)\n"
 
 
 def test_a_finished_run_is_not_overwritten_without_force(finished_run):

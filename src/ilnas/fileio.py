@@ -1,4 +1,5 @@
-"""Atomic writes: a file is either its old self or its new self, never half of each.
+"""Atomic writes (a file is either its old self or its new self, never half of each), and paths a user
+gave looked up with one-line errors.
 
 Files are created with the permissions the umask allows (like ``open``), not ``mkstemp``'s 0600.
 """
@@ -8,6 +9,28 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable, BinaryIO
+
+from ilnas.errors import IlnasError
+
+
+def reachable(path: str | Path, what: str) -> Path:
+    """``path`` as a Path, once the filesystem can say whether something is there: a name too long, or a
+    parent directory that may not be searched, is refused in one line naming ``what`` the path is for
+    (pathlib's ``exists`` and ``is_dir`` raise for those, where an absent path is simply False)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as e:
+        raise IlnasError(f"{what} {shortened(str(path))} cannot be looked up ({e.strerror or e})") from None
+    except ValueError:  # a NUL byte
+        raise IlnasError(f"{what} {shortened(str(path))!r} holds a NUL byte") from None
+    return Path(path)
+
+
+def shortened(text: str, limit: int = 160) -> str:
+    """``text`` as an error line shows it: its start and end around an ellipsis where it is longer than ``limit``."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 4:]} ({len(text)} characters)"
 
 
 def umask() -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ilnas.errors import IlnasError
+from ilnas.fileio import reachable
 
 CARD_FILE = "model.json"
 WEIGHT_FILES = {"last": "model.safetensors", "best": "model-best.safetensors"}
@@ -95,7 +96,7 @@ class ModelCard:
 
 def read_card(run: str | Path) -> ModelCard:
     """The card of a training run (or of a folder holding model.json and the weights)."""
-    path = Path(run) / CARD_FILE
+    path = reachable(run, "run directory") / CARD_FILE
     if not Path(run).is_dir():
         raise IlnasError(f"no run directory {run}")
     if not path.is_file():

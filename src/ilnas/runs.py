@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_bytes, atomic_write_text
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
 from ilnas.runlock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _check_writable(path: Path) -> None:
 def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = True) -> None:
     """Refuse, before anything is written, what would damage an existing run or cannot work
     (``probe_lock=False``: the caller holds the lock itself)."""
-    path = Path(path)
+    path = reachable(path, "run directory")
     if resume and force:
         raise IlnasError("--resume and --force exclude each other")
     if path.exists() and not path.is_dir():
@@ -489,7 +489,7 @@ def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
     """The run directories named, and those found below any other directory named (e.g. a sweep's)."""
     runs: list[Path] = []
-    for p in map(Path, paths):
+    for p in (reachable(p, "run path") for p in paths):
         if (p / CONFIG).is_file():
             runs.append(p)
         elif p.is_dir():

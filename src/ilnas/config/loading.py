@@ -16,6 +16,7 @@ import yaml
 
 from ilnas.config.schema import KINDS, RunConfig, validate
 from ilnas.errors import IlnasError
+from ilnas.fileio import shortened
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -46,8 +47,8 @@ def list_presets() -> dict[str, str]:
 def load_preset(name: str) -> dict:
     """A preset's own mapping (its ``base``, if any, not yet applied)."""
     f = _preset_dir().joinpath(f"{name}.yaml")
-    if not isinstance(name, str) or not re.fullmatch(r"_?[a-z0-9][a-z0-9-]*", name) or not f.is_file():
-        raise IlnasError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    if not isinstance(name, str) or not re.fullmatch(r"_?[a-z0-9][a-z0-9-]{0,99}", name) or not f.is_file():
+        raise IlnasError(f"unknown preset {shortened(repr(name))}; known: {', '.join(list_presets())}")
     return load_yaml(f.read_text()) or {}
 
 

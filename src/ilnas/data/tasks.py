@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ilnas.config import DataConfig
 from ilnas.errors import IlnasError
+from ilnas.fileio import reachable
 
 SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
 
@@ -273,7 +274,7 @@ FOLDER_TEST_SHARE = 0.2  # of train/ held out as the test split when there is no
 
 def folder_classes(root: Path, name: str) -> list[str]:
     """The class folders of <root>/train, sorted like torchvision's ImageFolder (their label order)."""
-    train = root / "train"
+    train = reachable(root, "image folder") / "train"
     if not train.is_dir():
         raise IlnasError(f"no image folder {train} for task {name} (expected train/ and optionally val/, with one "
                          f"folder per class)")

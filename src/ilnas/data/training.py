@@ -19,6 +19,7 @@ from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
 from ilnas.data.tasks import Split, create_task, image_errors, task_info
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.fileio import reachable
 from ilnas.seeds import derive_seed
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -91,7 +92,7 @@ class FolderData:
         from torchvision import datasets
 
         for sub in ("train", "val"):
-            if not (root / sub).is_dir():
+            if not (reachable(root, "image folder") / sub).is_dir():
                 raise IlnasError(f"no image folder {root / sub} for task {name} (expected train/ and val/ "
                                  f"with one folder per class)")
         self.resize = round(resolution * 256 / 224)

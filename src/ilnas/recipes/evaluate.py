@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.fileio import atomic_write_bytes, atomic_write_text
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
 from ilnas.models import ModelCard, load_model
 
 Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices
@@ -88,7 +88,7 @@ def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int) -> Ev
     """A task name (its test split) or a folder of class folders (or a folder holding val/)."""
     from ilnas.data.tasks import TASKS, known_tasks
 
-    path = Path(data)
+    path = reachable(data, "--data") if ":" not in data else Path(data)
     if ":" not in data and path.is_dir():
         return _folder_set(path / "val" if (path / "val").is_dir() else path, card, batch_size)
     if ":" not in data and data not in TASKS and data != "imagenet":
@@ -185,7 +185,7 @@ def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which
         raise IlnasError(f"top-k must be positive, got {top_k}")
     model = load_model(run, which, device)
     card: ModelCard = model.card
-    missing = [str(p) for p in images if not Path(p).is_file()]
+    missing = [str(p) for p in images if not reachable(p, "image").is_file()]
     if missing:
         raise IlnasError(f"no image file {missing[0]}")
     probs = _logits(model, card.read_images([Path(p) for p in images])).softmax(-1)

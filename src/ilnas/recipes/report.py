@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from ilnas.errors import IlnasError
-from ilnas.fileio import atomic_write_text
+from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, search_curves, training_curves
 from ilnas.runs import KIND_NAMES, read_config, read_json, read_metrics, read_record
@@ -45,7 +45,7 @@ class Report:
 def make_report(path: Path, writer=None) -> Path:
     """Write ``plots/`` and ``report.html`` for the run in ``path``; also to TensorBoard as images when
     ``writer`` (a SummaryWriter) is given. Returns the report's path."""
-    path = Path(path)
+    path = reachable(path, "run directory")
     if not (path / "config.yaml").is_file():
         raise IlnasError(f"{path} is not an ilnas run (no config.yaml)")
     config = read_config(path)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
+from ilnas.fileio import reachable
 from ilnas.runlock import lock_holder
 from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
                         read_metrics)
@@ -49,6 +50,7 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
     files cannot be read is listed as such, and the others still are. In a SLURM sweep each unfinished run
     also names its cell's job and the job's state, and a cell whose job has not started a run yet is a row
     of its own (``queued``)."""
+    paths = [reachable(p, "run path") for p in paths]
     jobs = _sweep_jobs(paths)
     try:
         runs = find_runs(paths)

@@ -12,12 +12,12 @@ import random
 import re
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ilnas.errors import IlnasError
+from ilnas.fileio import reachable, shortened
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import NODES, EdgeOps, full_edge_ops
 
@@ -209,7 +209,7 @@ def load_genotype(spec: str) -> Genotype:
         return parse_genotype(spec)
     if "\x00" in spec:
         raise IlnasError("a genotype name or path cannot hold a NUL byte")
-    path = Path(spec)
+    path = reachable(spec, "genotype")
     if path.is_dir():
         path = path / "genotype.json"
         if not path.is_file():
@@ -227,5 +227,5 @@ def load_genotype(spec: str) -> Genotype:
             except (json.JSONDecodeError, RecursionError) as e:
                 raise IlnasError(f"{path} is not valid JSON: {e}") from None
         return parse_genotype(text)
-    raise IlnasError(f"unknown genotype {spec!r}: not a zoo name ({', '.join(sorted(known))}), "
+    raise IlnasError(f"unknown genotype {shortened(repr(spec))}: not a zoo name ({', '.join(sorted(known))}), "
                      f"random:SEED, a file, a run directory or a Genotype(...) literal")
