@@ -90,6 +90,17 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
     assert not any(tmp_path.iterdir())
 
 
+def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    """A name in another encoding (a Latin-1 byte, as Python passes it: a surrogate escape): TensorBoard's
+    writer cannot open a file there, after the run directory was made."""
+    out = str(tmp_path / "caf\udce9")
+    for argv in (["search", "--preset", "demo"], ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits"]):
+        rc, _, err = call(*argv, "--out", out)
+        assert rc == 2 and err == f"ilnas: error: the run directory's path {out!r} is not valid UTF-8; choose " \
+                                  f"another --out\n", err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may search any directory")
 def test_a_path_below_a_directory_that_may_not_be_searched_is_refused_in_one_line(tmp_path):
     locked = tmp_path / "locked"

@@ -126,6 +126,11 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
     path = reachable(path, "run directory")
     if resume and force:
         raise IlnasError("--resume and --force exclude each other")
+    try:
+        os.path.abspath(path).encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding in a name: TensorBoard's writer cannot open it
+        raise IlnasError(f"the run directory's path {os.path.abspath(path)!r} is not valid UTF-8; choose another "
+                         f"--out") from None
     if path.exists() and not path.is_dir():
         raise IlnasError(f"{path} exists and is not a directory")
     _check_writable(path)
