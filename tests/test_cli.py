@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +90,25 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
         assert ("cannot be looked up" if argv[0] != "config" else "unknown preset") in err, (argv, err)
         assert name not in err and " characters)" in err, err  # the name shortened
     assert not any(tmp_path.iterdir())
+
+
+def _closing(*fds: int):
+    return lambda: [os.close(fd) for fd in fds]
+
+
+def test_a_process_started_with_its_standard_streams_closed_runs_and_speaks_where_it_can(tmp_path):
+    """As some daemons and schedulers start processes: with stdin, stdout and stderr closed a search runs
+    to its end (nothing it opens takes descriptor 1 or 2), and with stdout closed a refusal still reaches
+    stderr in one line."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ilnas", "search", "--preset", "demo", *SHORT_SEARCH, "--set", "search.epochs=1",
+            "--set", "search.steps_per_epoch=1", "--out", str(out)]
+    r = subprocess.run(argv, preexec_fn=_closing(0, 1, 2), timeout=600)
+    assert r.returncode == 0 and (out / "summary.json").is_file()
+    r = subprocess.run([sys.executable, "-m", "ilnas", "describe", "NO_SUCH_CELL"], stderr=subprocess.PIPE,
+                       text=True, preexec_fn=_closing(0, 1), timeout=600)
+    assert r.returncode == 2 and r.stderr.startswith("ilnas: error: unknown genotype 'NO_SUCH_CELL'")
+    assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):

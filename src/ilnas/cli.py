@@ -387,7 +387,24 @@ def _trace_fatal_signals() -> None:
         pass
 
 
+def _open_standard_streams() -> None:
+    """A process started with stdin, stdout or stderr closed (as some daemons and schedulers start theirs)
+    gets /dev/null there: otherwise the first file a run opens takes descriptor 1 or 2 and receives what
+    torch and faulthandler write to it, and every print raises."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:  # Python found the descriptor closed at start-up
+            setattr(sys, name, open(fd, mode, closefd=False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _open_standard_streams()
     args = _parser().parse_args(argv)
     _log_to_stdout()
     _trace_fatal_signals()
