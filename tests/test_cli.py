@@ -111,6 +111,16 @@ def test_a_process_started_with_its_standard_streams_closed_runs_and_speaks_wher
     assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
+def test_output_the_terminal_cannot_encode_is_escaped(tmp_path):
+    """A run's path (or a class name) outside the terminal's encoding: escaped, as stderr does, where printing
+    the status table raised a UnicodeEncodeError."""
+    (tmp_path / "café").mkdir()
+    (tmp_path / "café" / "config.yaml").write_text("kind: search\n")
+    r = subprocess.run([sys.executable, "-m", "ilnas", "status", str(tmp_path)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=600)
+    assert r.returncode == 0 and f"{tmp_path}/caf\\xe9" in r.stdout, r.stderr
+
+
 def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
     """A name in another encoding (a Latin-1 byte, as Python passes it: a surrogate escape): TensorBoard's
     writer cannot open a file there, after the run directory was made."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import json
 import logging
 import os
@@ -390,7 +391,7 @@ def _trace_fatal_signals() -> None:
 def _open_standard_streams() -> None:
     """A process started with stdin, stdout or stderr closed (as some daemons and schedulers start theirs)
     gets /dev/null there: otherwise the first file a run opens takes descriptor 1 or 2 and receives what
-    torch and faulthandler write to it, and every print raises."""
+    torch and faulthandler write to it, and every print raises. Output the terminal cannot encode is escaped."""
     for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
@@ -401,6 +402,8 @@ def _open_standard_streams() -> None:
                 os.close(null)
         if getattr(sys, name) is None:  # Python found the descriptor closed at start-up
             setattr(sys, name, open(fd, mode, closefd=False))
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a path or class name the terminal's encoding lacks: escaped
+        sys.stdout.reconfigure(errors="backslashreplace")  # (stderr's default), not a UnicodeEncodeError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
