@@ -25,6 +25,8 @@ from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
 
 # Short runs skip the end-of-run report (seconds of plotting each); the session fixtures keep it (with_report).
+# What torchrun sets beside RANK and WORLD_SIZE: a rank's environment without it is refused.
+RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 SHORT_SEARCH = ["--no-report", "--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
                 "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
 # The finished_run fixture: IL on mnist5k + digits (K=2, M=2), 3 epochs of 2 steps.

@@ -121,6 +121,22 @@ def test_output_the_terminal_cannot_encode_is_escaped(tmp_path):
     assert r.returncode == 0 and f"{tmp_path}/caf\\xe9" in r.stdout, r.stderr
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR is not set: start the ranks with torchrun"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a rank index or count"),
+    ({"WORLD_SIZE": "1", "RANK": "5"}, "RANK=5 with WORLD_SIZE=1 is no rank of the job"),
+    ({"RANK": "-1"}, "RANK='-1' is not a rank index or count")])
+def test_torchrun_variables_that_describe_no_job_are_refused_before_anything_is_written(tmp_path, monkeypatch, env,
+                                                                                        message):
+    """Left over in a shell or set by hand: a traceback each, or (RANK past WORLD_SIZE) an empty batch slice."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for argv in (["search", "--preset", "demo"], ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits"]):
+        rc, _, err = call(*argv, "--out", str(tmp_path / "run"))
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
     """A name in another encoding (a Latin-1 byte, as Python passes it: a surrogate escape): TensorBoard's
     writer cannot open a file there, after the run directory was made."""

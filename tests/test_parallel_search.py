@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, ranks_stderr,
+from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, ranks_stderr,
                      rel_error)
 from ilnas.runs import read_checkpoint
 from ilnas.search.engine import Learner, search_step
@@ -206,7 +206,7 @@ def test_only_a_broken_collective_counts_as_a_gone_peer(monkeypatch):
 ])
 def test_bad_parallel_input_is_one_line_and_exit_2(tmp_path, args, message):
     args = [a.replace("__OUT__", str(tmp_path / "run")) for a in args]
-    r = ilnas(*MICRO, *args, cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0"})
+    r = ilnas(*MICRO, *args, cwd=tmp_path, env={"WORLD_SIZE": "2", "RANK": "0", **RENDEZVOUS})
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

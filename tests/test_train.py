@@ -16,7 +16,7 @@ from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
 from ilnas.optim import SGD
 from helpers import TINY_TRAIN as TINY, call, ilnas, snapshot, write_image_folder
-from helpers import ranks_stderr, write_cifar
+from helpers import RENDEZVOUS, ranks_stderr, write_cifar
 
 def test_schedules_follow_their_formulas():
     assert SGD(lr=0.025).lr_at(0, 600) == 0.025
@@ -100,7 +100,7 @@ def test_cifar100_training_reports_top5(tmp_path):
     (["--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set", "data.tasks=[imagefolder:__TMP__]"], {},
      "no image folder"),
     (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.batch_size=15"],
-     {"WORLD_SIZE": "2", "RANK": "0"}, "train.batch_size=15 is not divisible by the 2 ranks"),
+     {"WORLD_SIZE": "2", "RANK": "0", **RENDEZVOUS}, "train.batch_size=15 is not divisible by the 2 ranks"),
     (["--preset", "eval-digits"], {}, "train needs --genotype"),
     (["--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.decode=gpu"], {},
      "train.decode must be workers or device"),

@@ -26,20 +26,45 @@ class Process:
         return self.rank == 0
 
 
+def launch() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun describes them in the environment ((0, 1, 0) for a plain
+    process), refused in one line where they describe no rank of a job that can start: values left over
+    in a shell or set by hand, which gave tracebacks or an empty batch slice."""
+    found = {}
+    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        text = os.environ.get(name, default)
+        if not re.fullmatch(r"\d{1,6}", text):
+            raise IlnasError(f"{name}={text[:40]!r} is not a rank index or count; torchrun sets it (unset it to run "
+                             f"one process)")
+        found[name] = int(text)
+    rank, world, local = found["RANK"], found["WORLD_SIZE"], found["LOCAL_RANK"]
+    if not 0 <= rank < world:
+        raise IlnasError(f"RANK={rank} with WORLD_SIZE={world} is no rank of the job; torchrun sets both (unset "
+                         f"them to run one process)")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(name)]
+    if missing:
+        raise IlnasError(f"WORLD_SIZE={world} but {missing[0]} is not set: start the ranks with torchrun, which "
+                         f"sets both, or unset WORLD_SIZE to run one process")
+    return rank, world, local
+
+
 def world_size() -> int:
     """The number of ranks torchrun started (1 for a plain process), known before any group exists."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return launch()[1]
 
 
 def is_main_rank() -> bool:
-    """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes."""
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes. Never raises
+    (it decides who reports an error): a RANK that is no number counts as rank 0."""
+    rank = os.environ.get("RANK", "0")
+    return not rank.isdigit() or int(rank) == 0
 
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective of a several-rank job failing because another rank is gone (it failed or
     was stopped): what every surviving rank meets then, in a transport's words that say nothing of the cause."""
-    if world_size() < 2 or not isinstance(e, RuntimeError):
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 2 or not isinstance(e, RuntimeError):
         return False
     if isinstance(e, getattr(dist, "DistError", ())) or "by peer" in str(e):  # the latter: gloo inside backward
         return True
@@ -67,8 +92,7 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
 def start(device: str) -> Process:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs);
     a plain process is rank 0 of 1."""
-    world = world_size()
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local = launch()
     dev = pick_device(device, local, world)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
