@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ilnas.errors import IlnasError
@@ -95,6 +96,23 @@ class Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride].mul(0.0)
 
 
+class HalvingConv1x1(nn.Conv2d):
+    """``nn.Conv2d(c_in, c_out, 1, stride=2, groups=groups, bias=False)`` (the same parameters and state-dict
+    keys). On CPUs a pass that needs its gradient computes it as the stride-1 convolution of every other
+    pixel, the same numbers: oneDNN's backward of a strided 1x1 convolution of an NHWC input with fewer
+    input channels than its block (16 with AVX-512, 8 with AVX2) writes past its workspace (oneDNN issue
+    6035, torch 2.4 to 2.14 at least): heap corruption, a crash from 56x56 inputs on, wrong weight gradients
+    on some CPUs. Passes without a gradient (inference, export) keep the strided convolution."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int = 1):
+        super().__init__(c_in, c_out, 1, stride=2, groups=groups, bias=False)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.device.type != "cpu" or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return super()._conv_forward(x, weight, bias)
+        return F.conv2d(x[:, :, ::2, ::2], weight, bias, 1, 0, 1, self.groups)
+
+
 class FactorizedReduce(nn.Module):
     """Halves the resolution with two offset stride-2 1x1 convs, concatenated."""
 
@@ -106,8 +124,8 @@ class FactorizedReduce(nn.Module):
             raise IlnasError(f"FactorizedReduce needs an even channel count, got {c_out}")
         self.sets = sets
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(sets * c_in, sets * c_out // 2, 1, stride=2, groups=sets, bias=False)
-        self.conv_2 = nn.Conv2d(sets * c_in, sets * c_out // 2, 1, stride=2, groups=sets, bias=False)
+        self.conv_1 = HalvingConv1x1(sets * c_in, sets * c_out // 2, groups=sets)
+        self.conv_2 = HalvingConv1x1(sets * c_in, sets * c_out // 2, groups=sets)
         self.bn = batch_norm(sets * c_out, affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
