@@ -130,18 +130,24 @@ def _read_back(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimi
     require_number(ckpt["metrics_lines"], int, "metrics line count")
     within = ckpt.get("within_epoch")
     if within is not None:
-        require_number(within["steps"], int, "step within its epoch", 1, steps - 1)
-        require_number(within["seconds"], float, "time within its epoch")
-        if not isinstance(within["ranks"], list):
-            raise ValueError(f"its ranks' part of the epoch is {describe(within['ranks'])}, where a list belongs")
-        require_rng_states([r["rng"] for r in within["ranks"]], global_rng_state(device), "generator list")
-        for r in within["ranks"]:
-            if not (isinstance(r["totals"], list) and len(r["totals"]) == 2):
-                raise ValueError(f"its epoch's sums are {describe(r['totals'])}, where a list of two numbers belongs")
-            for total in r["totals"]:
-                require_number(total, float, "epoch's loss or hit sum")
-            require_number(r["seen"], int, "epoch's image count")
+        _check_epoch_part(within, steps, device)
     return start, best, elapsed, within
+
+
+def _check_epoch_part(within: dict, steps: int, device: torch.device) -> None:
+    """A checkpoint's record of an epoch it was taken part-way through: steps, seconds, and each rank's
+    generators and running sums (``TrainLoop.checkpoint_within``)."""
+    require_number(within["steps"], int, "step within its epoch", 1, steps - 1)
+    require_number(within["seconds"], float, "time within its epoch")
+    if not isinstance(within["ranks"], list):
+        raise ValueError(f"its ranks' part of the epoch is {describe(within['ranks'])}, where a list belongs")
+    require_rng_states([r["rng"] for r in within["ranks"]], global_rng_state(device), "generator list")
+    for r in within["ranks"]:
+        if not (isinstance(r["totals"], list) and len(r["totals"]) == 2):
+            raise ValueError(f"its epoch's sums are {describe(r['totals'])}, where a list of two numbers belongs")
+        for total in r["totals"]:
+            require_number(total, float, "epoch's loss or hit sum")
+        require_number(r["seen"], int, "epoch's image count")
 
 
 def check_compile_backend(backend: str | None) -> None:

@@ -102,13 +102,15 @@ class HalvingConv1x1(nn.Conv2d):
     pixel, the same numbers: oneDNN's backward of a strided 1x1 convolution of an NHWC input with fewer
     input channels than its block (16 with AVX-512, 8 with AVX2) writes past its workspace (oneDNN issue
     6035, torch 2.4 to 2.14 at least): heap corruption, a crash from 56x56 inputs on, wrong weight gradients
-    on some CPUs. Passes without a gradient (inference, export) keep the strided convolution."""
+    on some CPUs. As for the depthwise routes, only training passes that need a gradient take it: eval mode
+    (inference, export, tracing) and passes without a gradient keep the strided convolution."""
 
     def __init__(self, c_in: int, c_out: int, groups: int = 1):
         super().__init__(c_in, c_out, 1, stride=2, groups=groups, bias=False)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if x.device.type != "cpu" or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if x.device.type != "cpu" or not self.training or not (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return super()._conv_forward(x, weight, bias)
         return F.conv2d(x[:, :, ::2, ::2], weight, bias, 1, 0, 1, self.groups)
 
