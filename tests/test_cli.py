@@ -77,7 +77,7 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
     run = str(finished_training)
     commands = [
         ["train", "--genotype", name, "--preset", "eval-digits", "--out", str(tmp_path / "t")],
-        ["search", "--preset", "demo", "--out", name],
+        ["search", "--preset", "demo", "--out", name], ["search", "--preset", "demo", "--out", f"{tmp_path}/new/{name}"],
         ["search", "--preset", "demo", "--set", f"data.tasks=[imagefolder:{name}]", "--out", str(tmp_path / "s")],
         ["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set", f"data.tasks=[imagefolder:{name}]",
          "--out", str(tmp_path / "t")],
@@ -87,7 +87,7 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
     for argv in commands:
         rc, _, err = call(*argv)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
-        assert ("cannot be looked up" if argv[0] != "config" else "unknown preset") in err, (argv, err)
+        assert ("cannot be" if argv[0] != "config" else "unknown preset") in err, (argv, err)
         assert name not in err and " characters)" in err, err  # the name shortened
     assert not any(tmp_path.iterdir())
 

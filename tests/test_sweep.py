@@ -408,11 +408,20 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"executor": "submitit", "submitit": {"max_num_timeout": -1}}, "max_num_timeout must be a non-negative integer"),
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
     ({"train": {"tasks": "digits", "set": TRAIN_SET}}, "train needs tasks: [task, ...]"),  # not one per letter
+    ({"out": 5}, "out must be a directory's path, got 5"),
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
     with pytest.raises(IlnasError) as e:
         load_spec(_spec(tmp_path, **change))
     assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_cell_whose_directory_name_the_filesystem_cannot_take_is_refused_before_anything_runs(tmp_path):
+    """A variant named past NAME_MAX: the sweep made its directory, then met an OSError traceback."""
+    spec = _spec(tmp_path, grid={"variant": {"v" * 300: []}}, train=None)
+    code, _, err = call("sweep", spec)
+    assert code == 2 and "cannot be made (File name too long)" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "sweep").exists()
 
 

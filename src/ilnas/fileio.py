@@ -19,13 +19,25 @@ def reachable(path: str | Path, what: str) -> Path:
     (pathlib's ``exists`` and ``is_dir`` raise for those, where an absent path is simply False)."""
     try:
         os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    except (FileNotFoundError, NotADirectoryError):  # absent; its names must still fit where it will be made
+        if max(map(len, map(os.fsencode, Path(path).parts)), default=0) > _name_max(Path(path)):
+            raise IlnasError(f"{what} {shortened(str(path))} cannot be made (File name too long)") from None
     except OSError as e:
         raise IlnasError(f"{what} {shortened(str(path))} cannot be looked up ({e.strerror or e})") from None
     except ValueError:  # a NUL byte
         raise IlnasError(f"{what} {shortened(str(path))!r} holds a NUL byte") from None
     return Path(path)
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the filesystem of ``path``'s nearest existing ancestor takes."""
+    existing = path.absolute()
+    while not os.path.isdir(existing) and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or the filesystem will not say
+        return 255
 
 
 def shortened(text: str, limit: int = 160) -> str:

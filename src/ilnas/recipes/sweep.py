@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from ilnas.config import load_yaml_file, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
-from ilnas.fileio import atomic_write_text
+from ilnas.fileio import atomic_write_text, reachable
 from ilnas.runlock import RunLock, holder_pid, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import default_threads
@@ -107,7 +107,10 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise IlnasError(f"sweep spec: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(SPEC_KEYS))}")
-    root = Path(out or spec.get("out") or f"runs/sweep-{p.stem}")
+    out = out or spec.get("out") or f"runs/sweep-{p.stem}"
+    if not isinstance(out, str):
+        raise IlnasError(f"sweep spec: out must be a directory's path, got {out!r}")
+    root = reachable(out, "sweep directory")
     search, train = spec.get("search") or {}, spec.get("train")
     if not isinstance(search, dict):
         raise IlnasError("sweep spec: search must be a mapping (preset, set)")
@@ -195,7 +198,7 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
 def command(run: RunSpec) -> list[str]:
     """The ilnas command that starts ``run``, or continues it where its directory holds it already
     (--auto-resume); a directory holding another configuration is refused here, before the cell runs."""
-    if (run.out / CONFIG).is_file():
+    if (reachable(run.out, "run directory") / CONFIG).is_file():
         found = {k: v for k, v in with_defaults(read_config(run.out)).items() if k != "genotype"}
         if found != run.config:
             raise IlnasError(f"{run.out} holds a run of another configuration than the sweep's; move it away or "
