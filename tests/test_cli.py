@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -90,6 +91,31 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
         assert ("cannot be" if argv[0] != "config" else "unknown preset") in err, (argv, err)
         assert name not in err and " characters)" in err, err  # the name shortened
     assert not any(tmp_path.iterdir())
+
+
+def test_input_nested_too_deeply_for_the_parsers_is_refused_in_one_line(finished_run, finished_training, tmp_path):
+    """YAML and JSON nested deeper than Python's recursion limit: the parsers raise a RecursionError, no
+    parse error, which gave a traceback wherever a configuration, sweep spec or run record is read."""
+    deep = "[" * 100_000
+    (tmp_path / "deep.yaml").write_text(f"search: {deep}")
+    (tmp_path / "spec.yaml").write_text(f"grid: {deep}")
+    runs = {}
+    for name, source, damaged, text in [("config", finished_run, "config.yaml", f"kind: search\nsearch: {deep}"),
+                                        ("summary", finished_run, "summary.json", deep),
+                                        ("card", finished_training, "model.json", deep)]:
+        runs[name] = tmp_path / name
+        shutil.copytree(source, runs[name])
+        (runs[name] / damaged).write_text(text)
+    cases = [(["search", "--preset", "demo", "--set", f"search.seed={deep}", "--out", str(tmp_path / "r")],
+              "the value is not valid YAML"),
+             (["search", "--config", str(tmp_path / "deep.yaml"), "--out", str(tmp_path / "r")], "nested too deeply"),
+             (["sweep", str(tmp_path / "spec.yaml")], "nested too deeply"),
+             (["search", "--resume", "--out", str(runs["config"])], "config.yaml cannot be read as YAML"),
+             (["compare", str(runs["summary"])], "summary.json cannot be read as JSON (nested too deeply"),
+             (["predict", str(runs["card"]), "x.png"], "model.json")]
+    for argv, message in cases:
+        rc, _, err = call(*argv)
+        assert rc == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
 
 
 def _closing(*fds: int):

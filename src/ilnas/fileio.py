@@ -5,10 +5,11 @@ Files are created with the permissions the umask allows (like ``open``), not ``m
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from ilnas.errors import IlnasError
 
@@ -38,6 +39,15 @@ def _name_max(path: Path) -> int:
         return os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or the filesystem will not say
         return 255
+
+
+def load_json(text: str | bytes) -> Any:
+    """``json.loads``, with nesting too deep for the parser (a RecursionError, not a ValueError) reported as
+    the JSONDecodeError any other damage gives."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
 
 
 def shortened(text: str, limit: int = 160) -> str:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ilnas.errors import IlnasError
-from ilnas.fileio import reachable
+from ilnas.fileio import load_json, reachable
 
 CARD_FILE = "model.json"
 WEIGHT_FILES = {"last": "model.safetensors", "best": "model-best.safetensors"}
@@ -84,7 +84,7 @@ class ModelCard:
     @classmethod
     def from_json(cls, text: str, where: Path) -> ModelCard:
         try:
-            raw = json.loads(text)
+            raw = load_json(text)
             if raw.get("format") != CARD_FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {CARD_FORMAT!r}")
             card = cls(**{**raw, "classes": tuple(raw["classes"]), "input_size": tuple(raw["input_size"]),

@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable
 from ilnas.runlock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def read_config(path: Path) -> dict:
     f = Path(path) / CONFIG
     try:
         data = yaml.safe_load(f.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
         raise IlnasError(f"{f} cannot be read as YAML ({_first_line(e)})") from None
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         raise IlnasError(f"{f} is not an ilnas configuration (empty, or no 'kind: search|eval')")
@@ -374,7 +374,7 @@ class RunDir:
         record = {"sessions": []}
         if resumed and p.is_file():
             try:
-                record = json.loads(p.read_text())
+                record = load_json(p.read_text())
             except (OSError, ValueError):
                 pass  # a damaged record is replaced, not trusted
         record.update(extra)
@@ -512,7 +512,7 @@ def read_json(path: Path, name: str) -> dict | None:
     if not f.is_file():
         return None
     try:
-        record = json.loads(f.read_bytes().decode("utf-8"))
+        record = load_json(f.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IlnasError(f"{f} cannot be read as JSON ({_first_line(e)})") from None
     if not isinstance(record, dict):
@@ -547,7 +547,7 @@ def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
         if wanted not in line:
             continue
         try:
-            record = json.loads(line)
+            record = load_json(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 break

@@ -74,8 +74,11 @@ class _NoAliasLoader(yaml.SafeLoader):
 
 
 def load_yaml(text: str) -> Any:
-    """Parse configuration YAML: safe types only, no aliases."""
-    return yaml.load(text, Loader=_NoAliasLoader)
+    """Parse configuration YAML: safe types only, no aliases; nesting too deep for the parser is a YAMLError."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def load_yaml_file(path: str | Path, what: str = "config file", holds: str = "a mapping of sections") -> dict:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from ilnas.config import load_yaml_file, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
-from ilnas.fileio import atomic_write_text, reachable
+from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import default_threads
@@ -548,7 +548,7 @@ def _skipped(cell: Cell) -> dict:
 def _recorded_jobs(out: Path) -> dict[str, dict]:
     """The job of each cell an earlier run of the sweep submitted (none where the record is missing or torn)."""
     try:
-        recorded = json.loads((out / "submitit" / JOBS).read_text())
+        recorded = load_json((out / "submitit" / JOBS).read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(recorded, dict):
