@@ -45,9 +45,13 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
     ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance;
     ``report``: plots/ and report.html at the end (recipes/report.py)."""
-    t = cfg.train
-    if t.batch_size % distributed.world_size():
-        raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {distributed.world_size()} ranks")
+    t, world = cfg.train, distributed.world_size()
+    if t.batch_size % world:
+        raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {world} ranks")
+    if cfg.network.auxiliary and t.batch_size // world < 2:  # its BatchNorm sees one value per channel
+        who = f"each of the {world} ranks" if world > 1 else "the network"
+        raise IlnasError(f"train.batch_size={t.batch_size} gives {who} one image a step; the auxiliary head's "
+                         f"BatchNorm needs two: raise it or set network.auxiliary=false")
     check_compile_backend(t.compile)
     process = distributed.start(t.device)
     set_threads(t.threads)
