@@ -504,6 +504,19 @@ def test_a_training_checkpoint_of_another_layout_is_refused_before_anything_is_w
     assert f"the checkpoint in {run} cannot be continued from (" in err, err
 
 
+@pytest.mark.parametrize("damage", ["[]", '{"sessions": 5}', '{"sessions": [1, {"world_size": 1}]}', "{not json"])
+def test_a_resumed_run_replaces_a_damaged_provenance_record_instead_of_failing(micro_run, tmp_path, damage):
+    """provenance.json is the run's history, not its state: valid JSON of another shape gave tracebacks at
+    --resume; now, as with unreadable JSON, what cannot be trusted is dropped and the run continues."""
+    run = unfinished_copy(micro_run, tmp_path / "run")
+    (run / "provenance.json").write_text(damage)
+    rc, _, err = call("search", "--quiet", "--no-report", "--resume", "--out", str(run))
+    assert rc == 0, err
+    sessions = json.loads((run / "provenance.json").read_text())["sessions"]
+    assert len(sessions) == (2 if "world_size" in damage else 1)  # the mapping kept, the number dropped
+    assert sessions[-1]["resumed"] is True and sessions[-1]["end"]
+
+
 def test_a_run_written_before_a_setting_existed_continues_with_that_setting_at_its_default(micro_run, tmp_path):
     """config.yaml and checkpoints without search.checkpoint_minutes, as an earlier ilnas wrote them: the same
     command line with --auto-resume continues the run (a new setting's default keeps the old behaviour), and

@@ -371,14 +371,9 @@ class RunDir:
 
     def _add_session(self, resumed: bool, extra: dict) -> None:
         p = self.path / PROVENANCE
-        record = {"sessions": []}
-        if resumed and p.is_file():
-            try:
-                record = load_json(p.read_text())
-            except (OSError, ValueError):
-                pass  # a damaged record is replaced, not trusted
+        record = _read_provenance(p) if resumed else {"sessions": []}
         record.update(extra)
-        session, sessions = provenance_session(resumed), record.setdefault("sessions", [])
+        session, sessions = provenance_session(resumed), record["sessions"]
         before = sessions[-1].get("world_size", 1) if resumed and sessions else session["world_size"]
         if before != session["world_size"]:
             log.warning(f"resuming on {session['world_size']} rank(s) a run whose last session ran on {before}: "
@@ -449,11 +444,26 @@ class RunDir:
         """Write the run's final record; from then on the run counts as finished."""
         p = self.path / PROVENANCE
         with self._writing(PROVENANCE):
-            record = json.loads(p.read_text()) if p.is_file() else {"sessions": []}
-            if record.get("sessions"):
+            record = _read_provenance(p)
+            if record["sessions"]:
                 record["sessions"][-1]["end"] = _now()
             atomic_write_text(p, json.dumps(record, indent=1) + "\n")
         self.write_text(name, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
+
+
+def _read_provenance(p: Path) -> dict:
+    """provenance.json as a mapping whose "sessions" is a list of mappings. Damage (an unreadable file, JSON
+    of another shape, sessions that are no mappings) is dropped, not trusted: the record is the run's
+    history, and a run does not stop over it."""
+    try:
+        record = load_json(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    sessions = record.get("sessions")
+    record["sessions"] = [s for s in sessions if isinstance(s, dict)] if isinstance(sessions, list) else []
+    return record
 
 
 def latest_checkpoint(path: Path) -> tuple[dict | None, Path | None, str | None]:
