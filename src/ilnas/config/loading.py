@@ -203,7 +203,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data`` over its defaults; unknown keys are errors."""
     if not isinstance(data, dict):
-        raise IlnasError(f"{where or 'config'} must be a mapping, got {data!r}")
+        raise IlnasError(f"{where[:-1] or 'config'} must be a mapping, got {data!r}"[:200])  # where: "search."
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
