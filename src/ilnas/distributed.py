@@ -31,12 +31,11 @@ def launch() -> tuple[int, int, int]:
     process), refused in one line where they describe no rank of a job that can start: values left over
     in a shell or set by hand, which gave tracebacks or an empty batch slice."""
     found = {}
-    for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
-        text = os.environ.get(name, default)
-        if not re.fullmatch(r"\d{1,6}", text):
-            raise IlnasError(f"{name}={text[:40]!r} is not a rank index or count; torchrun sets it (unset it to run "
-                             f"one process)")
-        found[name] = int(text)
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        found[name] = _env_count(name, default)
+        if found[name] is None:
+            raise IlnasError(f"{name}={os.environ[name][:40]!r} is not a rank index or count; torchrun sets it "
+                             f"(unset it to run one process)")
     rank, world, local = found["RANK"], found["WORLD_SIZE"], found["LOCAL_RANK"]
     if not 0 <= rank < world:
         raise IlnasError(f"RANK={rank} with WORLD_SIZE={world} is no rank of the job; torchrun sets both (unset "
@@ -48,6 +47,12 @@ def launch() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def _env_count(name: str, default: int) -> int | None:
+    """The environment's ``name`` as a non-negative integer (``default`` where unset); None where it is none."""
+    text = os.environ.get(name)
+    return default if text is None else int(text) if re.fullmatch(r"\d{1,6}", text) else None
+
+
 def world_size() -> int:
     """The number of ranks torchrun started (1 for a plain process), known before any group exists."""
     return launch()[1]
@@ -56,15 +61,13 @@ def world_size() -> int:
 def is_main_rank() -> bool:
     """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes. Never raises
     (it decides who reports an error): a RANK that is no number counts as rank 0."""
-    rank = os.environ.get("RANK", "0")
-    return not rank.isdigit() or int(rank) == 0
+    return _env_count("RANK", 0) in (0, None)
 
 
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective of a several-rank job failing because another rank is gone (it failed or
     was stopped): what every surviving rank meets then, in a transport's words that say nothing of the cause."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not world.isdigit() or int(world) < 2 or not isinstance(e, RuntimeError):
+    if (_env_count("WORLD_SIZE", 1) or 0) < 2 or not isinstance(e, RuntimeError):
         return False
     if isinstance(e, getattr(dist, "DistError", ())) or "by peer" in str(e):  # the latter: gloo inside backward
         return True

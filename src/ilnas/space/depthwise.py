@@ -37,10 +37,15 @@ class DepthwiseConv2d(nn.Conv2d):
         self.route = route_for(kernel, stride, padding, dilation)
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.route is None or not self.training or x.device.type not in ROUTE_DEVICES or not (
-                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if self.route is None or x.device.type not in ROUTE_DEVICES or not differentiated(self, x, weight):
             return super()._conv_forward(x, weight, bias)
         return routed_conv(x, weight, self.route, self.padding[0], self.dilation[0])
+
+
+def differentiated(conv: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``conv`` runs in a training pass that needs its gradient: the only passes that take a route
+    around torch's convolution (eval mode, so inference, export and tracing, keeps torch's)."""
+    return conv.training and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def route_for(kernel: int, stride: int, padding: int, dilation: int) -> str | None:
