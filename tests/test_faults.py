@@ -103,6 +103,16 @@ BAD_SETTINGS = [
     ("search.batch_size=100000", "fewer than search.batch_size=100000"),
     ("space.partial_channels=3", "space.partial_channels must be >= 1 and divide"),
     ("search.lam=10", "config key 'search.lam' is now 'engine.lam'"),
+    ("kind=[]", "kind must be one of search, eval, got []"),
+    # past float32's range a step scalar raised an overflow traceback; 2*lr*lam = 2e32 (lam = 100) likewise
+    ("optimizer.weight_decay=1e308", "optimizer.weight_decay must be a finite number of at most 1e+30 in size"),
+    ("optimizer.lr=1e30", "2*lr*lambda = 2e+32 overflows float32 arithmetic; for the lambda -> infinity limit use "
+                          "coupling=copy"),
+    # a typo's worth: the supernet or the stage chain filled the host's memory until the kernel killed it
+    ("space.layers=99999999999", "space.layers must be at most 1000, got 99999999999"),
+    ("search.rounds=20000", "search.rounds must be at most 100, got 20000"),
+    ("pdarts.layers=[5,11,1700]", "pdarts.layers must be at most 1000, got 1700"),
+    ("search.threads=99999999999", "search.threads must be at most 4096"),  # torch.set_num_threads overflowed
 ]
 
 
@@ -129,6 +139,9 @@ BAD_TRAIN_SETTINGS = [
     ("optimizer.weight_decay=-1", "optimizer.weight_decay must be >= 0"),
     ("train.seed=1099511627776", "train.seed must lie in [0, 2**32)"),
     ("optimizer.gamma=0", "optimizer.gamma must be positive"),
+    ("network.layers=200000", "network.layers must be at most 1000, got 200000"),
+    ("train.workers=100000", "train.workers must be at most 256, got 100000"),
+    ("train.threads=99999999999", "train.threads must be at most 4096"),
 ]
 
 

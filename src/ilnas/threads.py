@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+MAX_THREADS = 4096  # torch takes a C int; no machine has more cores than this
+
 
 def available_cores() -> int:
     """The cores this process may run on (its CPU affinity), not the machine's count."""
@@ -16,7 +18,7 @@ def available_cores() -> int:
 
 def default_threads() -> int:
     value = os.environ.get("OMP_NUM_THREADS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
+    return int(value) if value.isdigit() and 0 < int(value) <= MAX_THREADS else available_cores()
 
 
 def set_threads(threads: int | None) -> int:

@@ -19,6 +19,9 @@ from ilnas.errors import IlnasError
 from ilnas.fileio import shortened
 
 MAX_CONFIG_BYTES = 1 << 20
+# The largest number a float setting may hold: the step hands settings (and their products) to float32
+# kernels, which raise an overflow traceback past ~3.4e38; no learning rate or decay comes near this.
+MAX_FLOAT = 1e30
 
 # Settings that have moved to their own section: a config file written for the flat layout gets a pointer.
 MOVED = {**{f"search.{k}": f"engine.{k}" for k in ("order", "hvp", "fd_eps", "coupling", "lam", "allow_unstable",
@@ -190,8 +193,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             value = float(value)
         except OverflowError:
             value = math.inf
-        if not math.isfinite(value):
-            raise IlnasError(f"{where} must be a finite number, got {value}")
+        if not abs(value) <= MAX_FLOAT:
+            raise IlnasError(f"{where} must be a finite number of at most {MAX_FLOAT:g} in size, got {value}")
         return value
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -264,10 +267,10 @@ def resolve(preset: str | None = None, config_file: str | None = None,
         _merge(merged, layer, where)
     from_preset = preset is not None or len(layers) > 1
     found_kind = merged.get("kind", "search" if from_preset or kind is None else kind)  # presets say "kind: eval"
+    if not isinstance(found_kind, str) or found_kind not in KINDS:  # a list or mapping is no key of KINDS
+        raise IlnasError(f"kind must be one of {', '.join(KINDS)}, got {found_kind!r}")
     if kind is not None and found_kind != kind:
         raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
-    if found_kind not in KINDS:
-        raise IlnasError(f"kind must be one of {', '.join(KINDS)}, got {found_kind!r}")
     cfg = from_dict(KINDS[found_kind], merged)
     validate(cfg)
     return cfg

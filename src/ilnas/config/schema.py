@@ -11,8 +11,12 @@ from ilnas.errors import IlnasError
 from ilnas.optim import SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
+from ilnas.threads import MAX_THREADS
 
 DEVICES = "auto, cpu, cuda or cuda:N"
+# Bounds far past any published run (DARTS: 8 cells searched, 20 re-trained; P-DARTS: 17; the paper: M = 2;
+# ImageNet loaders: tens of workers a GPU) that stop a typo before it fills the machine's memory or process table.
+MAX_CELLS, MAX_ROUNDS, MAX_WORKERS = 1000, 100, 256
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
@@ -222,6 +226,7 @@ def validate(cfg: RunConfig) -> None:
     run = cfg.search if isinstance(cfg, SearchRunConfig) else cfg.train
     section = "search" if isinstance(cfg, SearchRunConfig) else "train"
     _positive(section, run, ("epochs", "batch_size", "steps_per_epoch", "threads"))
+    _at_most(section, run, ("threads",), MAX_THREADS)
     if not 0 <= run.seed < MAX_SEED:
         raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
     if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
@@ -239,6 +244,16 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
         value = getattr(obj, name)
         if value is not None and value <= 0:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
+
+
+def _at_most(section: str, obj: Any, names: Sequence[str], limit: int) -> None:
+    """A typo's worth of cells, rounds, threads or workers: it would fill the host's memory object by object
+    (no one allocation fails, so nothing else stops it), start as many processes, or overflow torch's int."""
+    for name in names:
+        value = getattr(obj, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and v > limit:
+                raise IlnasError(f"{section}.{name} must be at most {limit}, got {v}"[:120])
 
 
 def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
@@ -266,6 +281,9 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     _positive("search", s, ("rounds", "eval_batches", "log_every"))
     _non_negative("search", s, ("checkpoint_minutes",))
     _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
+    _at_most("space", cfg.space, ("layers",), MAX_CELLS)
+    _at_most("pdarts", cfg.pdarts, ("layers",), MAX_CELLS)
+    _at_most("search", s, ("rounds",), MAX_ROUNDS)
     _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
     _non_negative("arch_optimizer", cfg.arch_optimizer, ("weight_decay",))
     if not all(0.0 <= b < 1.0 for b in cfg.arch_optimizer.betas):
@@ -313,6 +331,7 @@ def _validate_pdarts(p: PDartsConfig) -> None:
 
 def _validate_network(net: NetworkConfig) -> None:
     _positive("network", net, ("layers", "channels"))
+    _at_most("network", net, ("layers",), MAX_CELLS)
     if net.style not in ("cifar", "imagenet"):
         raise IlnasError(f"network.style must be cifar or imagenet, got {net.style!r}")
     if net.auxiliary_weight < 0:
@@ -328,6 +347,7 @@ def _validate_train(t: TrainConfig) -> None:
         raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")
     if t.cutout < 0 or t.workers < 0:
         raise IlnasError("train.cutout and train.workers must be >= 0")
+    _at_most("train", t, ("workers",), MAX_WORKERS)
     if t.decode not in ("workers", "device"):
         raise IlnasError(f"train.decode must be workers or device, got {t.decode!r}")
     if t.compile_mode is not None:

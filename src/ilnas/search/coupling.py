@@ -12,6 +12,8 @@ from typing import ClassVar
 from ilnas.errors import IlnasError
 from ilnas.search.tensors import Tensors, axpy, scale, sub
 
+MAX_COUPLING = 1e30
+
 
 @dataclass(frozen=True)
 class Coupling:
@@ -90,6 +92,9 @@ def create_coupling(name: str, lr: float, lam: float, virtual_wd: float = 0.0,
                     allow_unstable: bool = False) -> Coupling:
     if name not in COUPLINGS:
         raise IlnasError(f"unknown coupling {name!r}; choose from {', '.join(COUPLINGS)}")
+    if name in ("prox", "gd") and 2.0 * lr * lam > MAX_COUPLING:  # a float32 scalar of the step past ~3e38
+        raise IlnasError(f"coupling {name!r} with 2*lr*lambda = {2 * lr * lam:g} overflows float32 arithmetic; "
+                         f"for the lambda -> infinity limit use coupling=copy")
     if name == "gd" and 2.0 * lr * lam >= 1.0 and not allow_unstable:
         raise IlnasError(f"coupling 'gd' with 2*lr*lambda = {2 * lr * lam:g} >= 1 overshoots and diverges; "
                          f"use coupling=prox, a smaller lambda, or allow_unstable=true")
