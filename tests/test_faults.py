@@ -326,6 +326,23 @@ def test_an_image_folder_too_small_for_the_network_is_refused_before_a_run_exist
     assert not out.exists()  # nothing half-written blocks the rerun
 
 
+@pytest.mark.parametrize("name, problem", [(os.fsdecode(b"caf\xe9"), "b'caf\\xe9' in {} is not UTF-8"),
+                                           ("d\nog", "b'd\\nog' in {} holds a control character")],
+                         ids=["latin-1", "newline"])
+@pytest.mark.parametrize("command", ["search", "train"])
+def test_an_image_folder_class_whose_name_is_no_label_text_is_refused_before_a_run_exists(tmp_path, name, problem,
+                                                                                         command):
+    """A class folder's name is its label in tasks.json, model.json and what predict prints: undecodable bytes
+    ended evaluate in a UnicodeEncodeError traceback, a line break split predict's output lines."""
+    write_image_folder(tmp_path / "imgs", classes=("cat", name))
+    out = tmp_path / "run"
+    task = ["--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]"]
+    argv = (["search", "--preset", "darts2nd-folder", *task] if command == "search" else
+            ["train", "--genotype", "DARTS_V2", "--preset", "eval-folder", *task])
+    assert_refused([*argv, "--out", str(out)], problem.format(tmp_path / "imgs" / "train"), [])
+    assert not out.exists()
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds one row: PIL refuses it above its decompression-bomb
     limit (about 179 M pixels) as soon as it opens it, with an error that is no OSError."""

@@ -12,8 +12,10 @@ with ``folder_pipeline=stream`` are read by torchvision's ImageFolder during re-
 from __future__ import annotations
 
 import importlib.util
+import os
 import pickle
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -281,7 +283,19 @@ def folder_classes(root: Path, name: str) -> list[str]:
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise IlnasError(f"{train} holds {len(classes)} class folder(s); a task needs at least two")
+    for c in classes:
+        _require_label_text(c, train)
     return classes
+
+
+def _require_label_text(name: str, folder: Path) -> None:
+    """A class folder's name becomes the class's label in tasks.json, model.json, exports and predictions:
+    it must be UTF-8 text that keeps to one line."""
+    bad = {unicodedata.category(ch) for ch in name} & {"Cs", "Cc"}  # undecodable bytes, control characters
+    if bad:
+        what = "is not UTF-8" if "Cs" in bad else "holds a control character (a tab or line break, say)"
+        raise IlnasError(f"the class folder {os.fsencode(name)!r} in {folder} {what}; its name is the class's "
+                         f"label in the model's files and output: rename it")
 
 
 def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
