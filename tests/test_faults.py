@@ -707,7 +707,7 @@ def test_a_diverging_search_stops_unfinished_with_strict_json(tmp_path, log_ever
     """Metrics brought back in groups (log_every=5, longer than an epoch) stop at the same step, with the
     same records, as metrics brought back every step."""
     out = tmp_path / "run"
-    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "optimizer.lr=1e30", "--set", f"search.log_every={log_every}")
+    rc, _, err = call(*SEARCH3, "--out", str(out), "--set", "optimizer.lr=1e27", "--set", f"search.log_every={log_every}")
     assert rc == 3 and "the search diverged at step 1 (epoch 1)" in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "summary.json").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
