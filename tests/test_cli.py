@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -161,6 +163,35 @@ def test_torchrun_variables_that_describe_no_job_are_refused_before_anything_is_
         rc, _, err = call(*argv, "--out", str(tmp_path / "run"))
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+WAITER = "from ilnas import distributed; distributed.WAIT_NOTE_S = 0.2; distributed.start('cpu')"
+
+
+@pytest.mark.parametrize("rank", ["0", "1"], ids=["the store's host", "a rank that connects"])
+def test_a_rank_whose_peers_never_come_says_so_while_it_waits(rank):
+    """torchrun's variables left in a shell: the rank waited out torch's half-hour timeout without a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-c", WAITER], env=env, stderr=subprocess.PIPE, text=True)
+    notes: list[str] = []
+
+    def read() -> None:
+        for line in proc.stderr:  # torch may warn first (a refused connection, say)
+            if line.startswith("ilnas:"):
+                notes.append(line)
+                return
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(120)
+    waiting = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert waiting and notes == [f"ilnas: rank {rank} of 2 is still waiting for the other ranks at 127.0.0.1:{port} "
+                                 f"(RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from the environment: unset "
+                                 f"them to run one process)\n"], notes
 
 
 def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):

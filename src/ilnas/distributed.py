@@ -1,16 +1,21 @@
 """torchrun / DistributedDataParallel plumbing: who am I, reduce metrics, keep replicas honest."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
+import threading
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from ilnas.errors import IlnasError
+
+WAIT_NOTE_S = 60.0  # joining takes well under this where every rank is up
 
 
 @dataclass(frozen=True)
@@ -100,15 +105,35 @@ def start(device: str) -> Process:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
-        # Keys of their own per attempt: torchrun's restarts (--max-restarts) may keep its store, where the
-        # previous attempt's addresses would send a new rank to a dead peer ("Connection refused").
-        attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=attempt, rank=rank, world_size=world)
+        with _waiting_note(rank, world):
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world))
+            # Keys of their own per attempt: torchrun's restarts (--max-restarts) may keep its store, where the
+            # previous attempt's addresses would send a new rank to a dead peer ("Connection refused").
+            attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", store=attempt, rank=rank,
+                                    world_size=world)
     # NCCL moves only device tensors: the ranks' agreement on when to stop goes through gloo, without a
     # device synchronisation.
     control = dist.new_group(backend="gloo") if world > 1 and dev.type == "cuda" else None
     return Process(rank, world, local, dev, control)
+
+
+@contextlib.contextmanager
+def _waiting_note(rank: int, world: int) -> Iterator[None]:
+    """One line on stderr where joining the group takes longer than WAIT_NOTE_S: a rank whose peers never
+    come (torchrun's variables left in a shell) otherwise waits out torch's timeout, half an hour, in silence.
+    The wait itself goes on: on a cluster the other ranks may start minutes later."""
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    note = threading.Timer(WAIT_NOTE_S, lambda: print(
+        f"ilnas: rank {rank} of {world} is still waiting for the other ranks at {where} (RANK, WORLD_SIZE, "
+        f"MASTER_ADDR and MASTER_PORT come from the environment: unset them to run one process)",
+        file=sys.stderr, flush=True))
+    note.daemon = True
+    note.start()
+    try:
+        yield
+    finally:
+        note.cancel()
 
 
 def stop() -> None:
