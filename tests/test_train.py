@@ -79,6 +79,35 @@ def test_image_folder_training(tmp_path):
     assert 0.0 <= result["final_test_error"] <= 1.0
 
 
+START_METHOD = """import multiprocessing, sys
+from ilnas import cli
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1], force=True)
+    sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork: Linux")
+def test_loader_workers_started_by_forkserver_train_as_forked_ones_do(tmp_path):
+    """Python 3.14 starts DataLoader workers by forkserver on Linux (macOS and Windows spawn them): they get the
+    image folder, its loader and its transforms by pickling, where a forked worker inherits them. The same
+    weights come out, bit for bit."""
+    write_image_folder(tmp_path / "imgs")
+    (tmp_path / "start.py").write_text(START_METHOD)
+    weights = []
+    for method in ("fork", "forkserver"):
+        out = tmp_path / method
+        r = subprocess.run([sys.executable, str(tmp_path / "start.py"), method, "train", "--genotype", "DARTS_V2",
+                            "--preset", "eval-imagefolder", "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]",
+                            "--set", "network.style=cifar", "--set", "train.resolution=32", "--set", "train.workers=1",
+                            "--set", "train.batch_size=6", *TINY[1:5], "--set", "train.epochs=1", "--set",
+                            "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        weights.append((out / "model.safetensors").read_bytes())
+    assert weights[0] == weights[1]
+
+
 def test_cifar100_training_reports_top5(tmp_path):
     write_cifar(tmp_path / "data", "cifar100")
     r = ilnas("train", "--genotype", "PDARTS", "--preset", "eval-cifar100", *TINY, "--set", "train.epochs=1",
