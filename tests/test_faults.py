@@ -754,6 +754,25 @@ def test_divergence_after_a_checkpoint_keeps_it_and_the_run_resumes_exactly(micr
     assert_same_search(micro_run, out)
 
 
+def test_a_run_directory_removed_while_the_run_runs_stops_it_in_one_line_that_says_so(tmp_path, monkeypatch):
+    """Deleted by hand (cleaning up old runs, say) between two epochs: the next write fails. The line said to
+    fix this and continue with --resume, where nothing is left to resume."""
+    import ilnas.runs as runs
+
+    out, real, saves = tmp_path / "run", runs.atomic_write_bytes, [0]
+
+    def removed(path, data, keep_previous=None):
+        if Path(path).name == "checkpoint.pt":
+            saves[0] += 1
+            if saves[0] == 2:
+                shutil.rmtree(out)
+        return real(path, data, keep_previous)
+    monkeypatch.setattr(runs, "atomic_write_bytes", removed)
+    rc, _, err = call(*MICRO, "--out", str(out))
+    assert rc == 3 and err.startswith(f"ilnas: error: the run directory {out} was removed while the run ran, so "), err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(micro_run, tmp_path, monkeypatch):
     import ilnas.runs as runs
 
