@@ -29,8 +29,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call, ilnas,
-                     read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
+from helpers import (SEARCH3, SHORT_SEARCH, TINY_TRAIN, TRAIN_ARGS, assert_same_search, assert_same_training, call,
+                     ilnas, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
 from ilnas import runlock
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
@@ -341,6 +341,31 @@ def test_an_image_folder_class_whose_name_is_no_label_text_is_refused_before_a_r
             ["train", "--genotype", "DARTS_V2", "--preset", "eval-folder", *task])
     assert_refused([*argv, "--out", str(out)], problem.format(tmp_path / "imgs" / "train"), [])
     assert not out.exists()
+
+
+def _private_mounts() -> bool:
+    """Whether this process may mount in a mount namespace of its own (root, util-linux's unshare)."""
+    return (hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("unshare") is not None
+            and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0)
+
+
+@pytest.mark.skipif(not _private_mounts(), reason="mounts a small /dev/shm in a private mount namespace: root")
+def test_loader_workers_out_of_shared_memory_stop_the_training_in_one_line_and_it_resumes(tmp_path):
+    """A container's /dev/shm (Docker's default: 64 MB) smaller than the batches the workers hand over: a
+    73-line traceback from inside a worker. Here /dev/shm is 64 KiB, in a mount namespace of the run's own."""
+    write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "ilnas", "train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder",
+            "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "network.style=cifar", "--set",
+            "train.resolution=32", "--set", "train.workers=1", "--set", "train.batch_size=6", *TINY_TRAIN[1:5],
+            "--set", "train.epochs=1", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
+    small = "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec \"$@\""
+    r = subprocess.run(["unshare", "-m", "sh", "-c", small, "sh", *argv], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3 and r.stderr.startswith("ilnas: error: the DataLoader workers ran out of shared memory ("), \
+        r.stderr
+    assert "/dev/shm: " in r.stderr and "docker run --shm-size=" in r.stderr and len(r.stderr.splitlines()) == 1
+    rc, _, err = call("train", "--resume", "--quiet", "--out", str(out))
+    assert rc == 0 and (out / "result.json").exists(), err
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -8,6 +8,7 @@ DistributedSampler.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -152,6 +153,13 @@ class FolderData:
             except image_errors() as e:
                 raise RunFailed(f"cannot read an image of {self.name} ({_reason(e)[:240]}); the last checkpoint is "
                                 f"kept: repair or remove the file and continue with --resume") from None
+            except RuntimeError as e:
+                if "shared memory" not in str(e):
+                    raise
+                raise RunFailed(f"the DataLoader workers ran out of shared memory ({_reason(e)[:160]}; {_shm()}), "
+                                f"through which their batches reach the main process: give /dev/shm more room (a "
+                                f"container: docker run --shm-size=16g) or lower train.workers or train.batch_size, "
+                                f"and continue with --resume (the last checkpoint is kept)") from None
 
     def _to_device(self, batch, step: int = 0) -> Batch:
         x, y = batch
@@ -221,6 +229,16 @@ def read_rgb(path: str):
         return pil_loader(path)
     except image_errors() as e:
         raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+
+
+def _shm() -> str:
+    """How large /dev/shm is and how much of it is free, where the system says."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return "no /dev/shm"
+    free, size = (n * st.f_frsize / 2**20 for n in (st.f_bavail, st.f_blocks))
+    return f"/dev/shm: {free:.1f} MiB free of {size:.1f} MiB"
 
 
 def _reason(e: BaseException) -> str:
