@@ -368,6 +368,33 @@ def test_loader_workers_out_of_shared_memory_stop_the_training_in_one_line_and_i
     assert rc == 0 and (out / "result.json").exists(), err
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers in /proc")
+def test_a_loader_worker_killed_part_way_stops_the_training_in_one_line(tmp_path):
+    """SIGKILL to a DataLoader worker, what the kernel's out-of-memory killer sends: a traceback, exit 1."""
+    write_image_folder(tmp_path / "imgs", per_class=12)
+    proc = ilnas("train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set",
+                 f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "network.style=cifar", "--set",
+                 "train.resolution=32", "--set", "train.workers=1", "--set", "train.batch_size=2", *TINY_TRAIN[1:5],
+                 "--set", "train.epochs=100", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet",
+                 "--out", str(tmp_path / "run"), wait=False)
+    deadline, killed = time.time() + 300, set()
+    while proc.poll() is None and time.time() < deadline:  # a worker lives while a loader is being read
+        for children in Path(f"/proc/{proc.pid}/task").glob("*/children"):
+            for pid in map(int, children.read_text().split()):
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 3 and killed and len(err.splitlines()) == 1, err
+    # torch words it one way or the other, as it notices the death
+    died = r"DataLoader worker \(pid\(?s?\)? \d+\) (is killed by signal: Killed|exited unexpectedly)"
+    assert re.fullmatch(rf"ilnas: error: a DataLoader worker died \({died}; the kernel's out-of-memory killer stops "
+                        r"workers so, most often\): lower train.workers or train.batch_size; the last checkpoint is "
+                        r"kept: continue with --resume\n", err), err
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds one row: PIL refuses it above its decompression-bomb
     limit (about 179 M pixels) as soon as it opens it, with an error that is no OSError."""

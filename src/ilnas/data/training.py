@@ -9,6 +9,7 @@ DistributedSampler.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -154,12 +155,10 @@ class FolderData:
                 raise RunFailed(f"cannot read an image of {self.name} ({_reason(e)[:240]}); the last checkpoint is "
                                 f"kept: repair or remove the file and continue with --resume") from None
             except RuntimeError as e:
-                if "shared memory" not in str(e):
+                failure = _worker_failure(e)
+                if failure is None:
                     raise
-                raise RunFailed(f"the DataLoader workers ran out of shared memory ({_reason(e)[:160]}; {_shm()}), "
-                                f"through which their batches reach the main process: give /dev/shm more room (a "
-                                f"container: docker run --shm-size=16g) or lower train.workers or train.batch_size, "
-                                f"and continue with --resume (the last checkpoint is kept)") from None
+                raise RunFailed(f"{failure}; the last checkpoint is kept: continue with --resume") from None
 
     def _to_device(self, batch, step: int = 0) -> Batch:
         x, y = batch
@@ -229,6 +228,24 @@ def read_rgb(path: str):
         return pil_loader(path)
     except image_errors() as e:
         raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+
+
+def _worker_failure(e: RuntimeError) -> str | None:
+    """What the DataLoader's error says of its workers, with what to change; None for any other error."""
+    text = str(e)
+    if "DataLoader worker" not in text:  # the main process's own error (decoding on the device, say)
+        return None
+    if "shared memory" in text:  # the allocation failed, or a worker died of SIGBUS writing a batch there
+        return (f"the DataLoader workers ran out of shared memory ({_reason(e)[:160]}; {_shm()}), through which "
+                f"their batches reach the main process: give /dev/shm more room (a container: docker run "
+                f"--shm-size=16g) or lower train.workers or train.batch_size")
+    if not re.match(r"DataLoader worker \(pid", text):
+        return None
+    died = text.strip().splitlines()[0].rstrip(". ")[:160]
+    if "signal: Killed" in died or "exited unexpectedly" in died:  # SIGKILL, as torch sees it first or later
+        return (f"a DataLoader worker died ({died}; the kernel's out-of-memory killer stops workers so, most "
+                f"often): lower train.workers or train.batch_size")
+    return f"a DataLoader worker died ({died})"
 
 
 def _shm() -> str:
