@@ -355,7 +355,7 @@ class RunDir:
         try:
             yield
         except OSError as e:
-            if not self.path.is_dir():  # deleted or moved by hand while the run ran: nothing to resume here
+            if not os.path.isdir(self.path):  # deleted or moved by hand while the run ran: nothing to resume here
                 raise RunFailed(f"the run directory {self.path} was removed while the run ran, so {what} cannot "
                                 f"be written; start the run again") from None
             kept = " the last checkpoint is intact;" if (self.path / CHECKPOINT).exists() else ""
