@@ -92,10 +92,11 @@ def create_coupling(name: str, lr: float, lam: float, virtual_wd: float = 0.0,
                     allow_unstable: bool = False) -> Coupling:
     if name not in COUPLINGS:
         raise IlnasError(f"unknown coupling {name!r}; choose from {', '.join(COUPLINGS)}")
-    if name in ("prox", "gd") and 2.0 * lr * lam > MAX_COUPLING:  # a float32 scalar of the step past ~3e38
-        raise IlnasError(f"coupling {name!r} with 2*lr*lambda = {2 * lr * lam:g} overflows float32 arithmetic; "
+    c = 2.0 * lr * lam
+    if name in ("prox", "gd") and c > MAX_COUPLING:  # a float32 scalar of the step past ~3e38
+        raise IlnasError(f"coupling {name!r} with 2*lr*lambda = {c:g} overflows float32 arithmetic; "
                          f"for the lambda -> infinity limit use coupling=copy")
-    if name == "gd" and 2.0 * lr * lam >= 1.0 and not allow_unstable:
-        raise IlnasError(f"coupling 'gd' with 2*lr*lambda = {2 * lr * lam:g} >= 1 overshoots and diverges; "
+    if name == "gd" and c >= 1.0 and not allow_unstable:
+        raise IlnasError(f"coupling 'gd' with 2*lr*lambda = {c:g} >= 1 overshoots and diverges; "
                          f"use coupling=prox, a smaller lambda, or allow_unstable=true")
     return COUPLINGS[name](lr=lr, lam=lam, virtual_wd=virtual_wd)
