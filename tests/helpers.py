@@ -37,6 +37,15 @@ TINY_TRAIN = ["--no-report", "--set", "network.layers=3", "--set", "network.chan
 TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
 
 
+def folder_training(images: Path, out: Path, batch: int, epochs: int = 1) -> list[str]:
+    """``ilnas train`` arguments: DARTS_V2 (3 cells, C=4, CIFAR-style) on the image folder ``images``, streamed
+    through one DataLoader worker."""
+    return ["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set",
+            f"data.tasks=[imagefolder:{images}]", "--set", "network.style=cifar", "--set", "train.resolution=32",
+            "--set", "train.workers=1", "--set", f"train.batch_size={batch}", *TINY_TRAIN[1:5], "--set",
+            f"train.epochs={epochs}", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
+
+
 def ranks_stderr(stderr: str) -> str:
     """The end of what a failed torchrun's ranks printed: the launcher's own report of the failure follows it
     and would fill a plain tail."""

@@ -29,8 +29,8 @@ import pytest
 import torch
 import yaml
 
-from helpers import (SEARCH3, SHORT_SEARCH, TINY_TRAIN, TRAIN_ARGS, assert_same_search, assert_same_training, call,
-                     ilnas, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
+from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
+                     folder_training, ilnas, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
 from ilnas import runlock
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
@@ -355,10 +355,7 @@ def test_loader_workers_out_of_shared_memory_stop_the_training_in_one_line_and_i
     73-line traceback from inside a worker. Here /dev/shm is 64 KiB, in a mount namespace of the run's own."""
     write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "ilnas", "train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder",
-            "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "network.style=cifar", "--set",
-            "train.resolution=32", "--set", "train.workers=1", "--set", "train.batch_size=6", *TINY_TRAIN[1:5],
-            "--set", "train.epochs=1", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
+    argv = [sys.executable, "-m", "ilnas", *folder_training(tmp_path / "imgs", out, batch=6)]
     small = "mount -t tmpfs -o size=64k tmpfs /dev/shm && exec \"$@\""
     r = subprocess.run(["unshare", "-m", "sh", "-c", small, "sh", *argv], capture_output=True, text=True, timeout=600)
     assert r.returncode == 3 and r.stderr.startswith("ilnas: error: the DataLoader workers ran out of shared memory ("), \
@@ -372,11 +369,7 @@ def test_loader_workers_out_of_shared_memory_stop_the_training_in_one_line_and_i
 def test_a_loader_worker_killed_part_way_stops_the_training_in_one_line(tmp_path):
     """SIGKILL to a DataLoader worker, what the kernel's out-of-memory killer sends: a traceback, exit 1."""
     write_image_folder(tmp_path / "imgs", per_class=12)
-    proc = ilnas("train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set",
-                 f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "network.style=cifar", "--set",
-                 "train.resolution=32", "--set", "train.workers=1", "--set", "train.batch_size=2", *TINY_TRAIN[1:5],
-                 "--set", "train.epochs=100", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet",
-                 "--out", str(tmp_path / "run"), wait=False)
+    proc = ilnas(*folder_training(tmp_path / "imgs", tmp_path / "run", batch=2, epochs=100), wait=False)
     deadline, killed = time.time() + 300, set()
     while proc.poll() is None and time.time() < deadline:  # a worker lives while a loader is being read
         for children in Path(f"/proc/{proc.pid}/task").glob("*/children"):

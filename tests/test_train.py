@@ -15,7 +15,7 @@ from ilnas.data.loader import BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
 from ilnas.optim import SGD
-from helpers import TINY_TRAIN as TINY, call, ilnas, snapshot, write_image_folder
+from helpers import TINY_TRAIN as TINY, call, folder_training, ilnas, snapshot, write_image_folder
 from helpers import RENDEZVOUS, ranks_stderr, write_cifar
 
 def test_schedules_follow_their_formulas():
@@ -97,12 +97,9 @@ def test_loader_workers_started_by_forkserver_train_as_forked_ones_do(tmp_path):
     weights = []
     for method in ("fork", "forkserver"):
         out = tmp_path / method
-        r = subprocess.run([sys.executable, str(tmp_path / "start.py"), method, "train", "--genotype", "DARTS_V2",
-                            "--preset", "eval-imagefolder", "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]",
-                            "--set", "network.style=cifar", "--set", "train.resolution=32", "--set", "train.workers=1",
-                            "--set", "train.batch_size=6", *TINY[1:5], "--set", "train.epochs=1", "--set",
-                            "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)],
-                           capture_output=True, text=True, timeout=600)
+        r = subprocess.run([sys.executable, str(tmp_path / "start.py"), method,
+                            *folder_training(tmp_path / "imgs", out, batch=6)], capture_output=True, text=True,
+                           timeout=600)
         assert r.returncode == 0, r.stderr
         weights.append((out / "model.safetensors").read_bytes())
     assert weights[0] == weights[1]
