@@ -3,6 +3,10 @@ model artifact (safetensors + model.json), load_model, evaluate, predict, export
 from __future__ import annotations
 
 import json
+import resource
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +211,59 @@ def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, mes
     assert rc == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert {p: snapshot(p) for p in (run, search)} == before
+
+
+def _edited_copy(run: Path, where: Path, keys: tuple[str, ...], value) -> Path:
+    """A copy of a training run whose model.json has ``value`` at ``keys``."""
+    shutil.copytree(run, where)
+    card = json.loads((where / "model.json").read_text())
+    inner = card
+    for k in keys[:-1]:
+        inner = inner[k]
+    inner[keys[-1]] = value
+    (where / "model.json").write_text(json.dumps(card))
+    return where
+
+
+@pytest.mark.parametrize("keys, value, message", [
+    (("network", "layers"), "x", "network.layers must be an integer, got 'x'"),
+    (("network", "layers"), 10 ** 9, "network.layers must be at most 1000"),
+    (("network", "channels"), -4, "network.channels must be positive"),
+    (("network", "style"), "mobile", "network.style must be cifar or imagenet"),
+    (("network", "auxiliary_weight"), 0.4, "network must hold style, layers, channels, auxiliary"),
+    (("network",), 5, "network must be a mapping"),
+    (("input_size",), [3, 10 ** 6, 10 ** 6], "input_size must be (1 or 3, side, side)"),
+    (("resize",), 10 ** 9, "resize must lie in"),
+    (("std",), [0.2, 0.0, 0.2], "std positive"),
+    (("classes",), ["cat", "cat", "eel"], "classes must be distinct"),
+    (("genotype",), "Genotype(normal=[], normal_concat=[], reduce=[], reduce_concat=[])", "malformed genotype"),
+    (("classes",), ["cat", "dog", "eel", "fox"], "4 tensor(s) differ, the first 'auxiliary.classifier.bias' "
+                                                 "(3 in the file, 4 in the network)"),
+    (("network", "auxiliary"), False, "absent in the network"),
+])
+def test_a_model_card_edited_out_of_step_with_its_weights_is_refused_in_one_line(folder_runs, tmp_path, keys,
+                                                                                   value, message):
+    """model.json by hand: every value is checked, and the network it describes must hold the weights file's
+    tensors, shape for shape, before a network is built (on the meta device first)."""
+    run = _edited_copy(folder_runs["train"], tmp_path / "run", keys, value)
+    before = snapshot(run)
+    rc, _, err = call("predict", str(run), str(next((folder_runs["pets"] / "val" / "cat").iterdir())))
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert snapshot(run) == before
+
+
+def test_a_model_card_far_wider_than_its_weights_builds_nothing_of_its_size(folder_runs, tmp_path):
+    """C=3000 in the card of a C=4 network: 10 GB of weights, refused under a 4 GB address-space limit."""
+    run = _edited_copy(folder_runs["train"], tmp_path / "run", ("network", "channels"), 3000)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2 ** 30, 4 * 2 ** 30))
+    r = subprocess.run([sys.executable, "-m", "ilnas", "evaluate", str(run), "--data", str(folder_runs["pets"])],
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().endswith("does not hold the weights of the network model.json describes: "
+                                     "170 tensor(s) differ, the first 'auxiliary.features.2.weight' (128x64x1x1 in "
+                                     "the file, 128x48000x1x1 in the network)"), r.stderr
 
 
 def test_image_shapes_are_checked_before_anything_is_written(tmp_path):

@@ -83,15 +83,42 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> ModelCard:
+        """The card in ``text`` (read from ``where``), every value checked: a card edited by hand, or damaged,
+        is refused in one line before it builds anything."""
+        from ilnas.config import from_dict
+
         try:
             raw = load_json(text)
-            if raw.get("format") != CARD_FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {CARD_FORMAT!r}")
-            card = cls(**{**raw, "classes": tuple(raw["classes"]), "input_size": tuple(raw["input_size"]),
-                          "mean": tuple(raw["mean"]), "std": tuple(raw["std"])})
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise IlnasError(f"{where} is not an ilnas model card ({str(e)[:100]})") from None
+            if not isinstance(raw, dict) or raw.get("format") != CARD_FORMAT:
+                raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else None!r}, expected "
+                                 f"{CARD_FORMAT!r}")
+            card = from_dict(cls, raw)
+            card.check()
+        except (ValueError, IlnasError) as e:
+            raise IlnasError(f"{where} is not an ilnas model card ({str(e)[:160]})") from None
         return card
+
+    def check(self) -> None:
+        """The values a network and its input can be built from (ValueError or IlnasError otherwise)."""
+        from ilnas.config import MAX_IMAGE_SIDE, NetworkConfig, from_dict, validate_network
+        from ilnas.space.genotype import parse_genotype
+
+        network = from_dict(NetworkConfig, self.network, "network.")
+        if self.network.keys() != network.build_args().keys():
+            raise ValueError(f"network must hold {', '.join(network.build_args())}, got {', '.join(self.network)}")
+        validate_network(network)
+        parse_genotype(self.genotype)
+        channels, height, width = self.input_size
+        if channels not in (1, 3) or not 1 <= height == width <= MAX_IMAGE_SIDE:
+            raise ValueError(f"input_size must be (1 or 3, side, side) with a side of at most {MAX_IMAGE_SIDE}, "
+                             f"got {list(self.input_size)}")
+        if not height <= self.resize <= 2 * MAX_IMAGE_SIDE:
+            raise ValueError(f"resize must lie in [{height}, {2 * MAX_IMAGE_SIDE}], got {self.resize}")
+        if len(self.mean) != channels or len(self.std) != channels or not all(s > 0 for s in self.std):
+            raise ValueError(f"mean and std need {channels} value(s) each, std positive")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be distinct names, at least one, got {len(self.classes)} "
+                             f"({len(set(self.classes))} distinct)")
 
 
 def read_card(run: str | Path) -> ModelCard:
@@ -135,6 +162,7 @@ def load_model(run: str | Path, which: str = "last", device: str | torch.device 
 
     card = read_card(run)
     path = weights_file(run, which)
+    _require_weights_of(card, path)
     model = card.build()
     try:
         model.load_state_dict(load_file(str(path)))
@@ -142,6 +170,31 @@ def load_model(run: str | Path, which: str = "last", device: str | torch.device 
         raise IlnasError(f"cannot load {path} into the network of {CARD_FILE} ({str(e).splitlines()[0][:120]})") from None
     model.card = card
     return model.to(device).eval()
+
+
+def _require_weights_of(card: ModelCard, path: Path) -> None:
+    """The weights file holds the tensors of the card's network, name for name and shape for shape: compared
+    with the network built on the meta device (no memory), before the real one is built, so a card that does
+    not belong to its weights never builds a network of its own size."""
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in card.build().state_dict().items()}
+    try:
+        with safe_open(str(path), "pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise IlnasError(f"cannot read {path} ({str(e).splitlines()[0][:120]})") from None
+    differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if differ:
+        k = differ[0]
+        raise IlnasError(f"{path} does not hold the weights of the network {CARD_FILE} describes: {len(differ)} "
+                         f"tensor(s) differ, the first {k!r} ({_shape(found.get(k))} in the file, "
+                         f"{_shape(expected.get(k))} in the network)")
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    return "absent" if shape is None else "x".join(map(str, shape)) or "a scalar"
 
 
 def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar", layers: int | None = None,

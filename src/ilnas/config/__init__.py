@@ -2,9 +2,10 @@
 Dataclasses hold every default; presets, ``--config`` files and ``--set key=value`` only override them."""
 from ilnas.config.loading import (from_dict, list_presets, load_preset, load_yaml, load_yaml_file, parse_override,
                                   resolve, to_dict)
-from ilnas.config.schema import (KINDS, DataConfig, EvalRunConfig, NetworkConfig, PDartsConfig, RunConfig,
-                                 SearchConfig, SearchRunConfig, SpaceConfig, TrainConfig, validate)
+from ilnas.config.schema import (KINDS, MAX_IMAGE_SIDE, DataConfig, EvalRunConfig, NetworkConfig, PDartsConfig,
+                                 RunConfig, SearchConfig, SearchRunConfig, SpaceConfig, TrainConfig, validate,
+                                 validate_network)
 
-__all__ = ["KINDS", "DataConfig", "EvalRunConfig", "NetworkConfig", "PDartsConfig", "RunConfig", "SearchConfig",
-           "SearchRunConfig", "SpaceConfig", "TrainConfig", "from_dict", "list_presets", "load_preset", "load_yaml",
-           "load_yaml_file", "parse_override", "resolve", "to_dict", "validate"]
+__all__ = ["KINDS", "MAX_IMAGE_SIDE", "DataConfig", "EvalRunConfig", "NetworkConfig", "PDartsConfig", "RunConfig",
+           "SearchConfig", "SearchRunConfig", "SpaceConfig", "TrainConfig", "from_dict", "list_presets", "load_preset",
+           "load_yaml", "load_yaml_file", "parse_override", "resolve", "to_dict", "validate", "validate_network"]

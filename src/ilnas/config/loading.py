@@ -196,6 +196,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not abs(value) <= MAX_FLOAT:
             raise IlnasError(f"{where} must be a finite number of at most {MAX_FLOAT:g} in size, got {value}")
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise IlnasError(f"{where} must be a mapping, got {value!r}"[:200])
+        return dict(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise IlnasError(f"{where} must be a string, got {value!r}")

@@ -17,6 +17,7 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 # Bounds far past any published run (DARTS: 8 cells searched, 20 re-trained; P-DARTS: 17; the paper: M = 2;
 # ImageNet loaders: tens of workers a GPU) that stop a typo before it fills the machine's memory or process table.
 MAX_CELLS, MAX_ROUNDS, MAX_WORKERS = 1000, 100, 256
+MAX_IMAGE_SIDE = 1024  # pixels: data.image_size, train.resolution and a model card's input
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
@@ -217,8 +218,8 @@ RunConfig = SearchRunConfig | EvalRunConfig
 def validate(cfg: RunConfig) -> None:
     if not cfg.data.tasks:
         raise IlnasError("data.tasks is empty: name at least one task")
-    if not 8 <= cfg.data.image_size <= 1024:
-        raise IlnasError(f"data.image_size must lie in [8, 1024], got {cfg.data.image_size}")
+    if not 8 <= cfg.data.image_size <= MAX_IMAGE_SIDE:
+        raise IlnasError(f"data.image_size must lie in [8, {MAX_IMAGE_SIDE}], got {cfg.data.image_size}")
     if cfg.data.folder_pipeline not in ("memory", "stream"):
         raise IlnasError(f"data.folder_pipeline must be memory or stream, got {cfg.data.folder_pipeline!r}")
     if not cfg.data.memory_limit_gb > 0:
@@ -235,7 +236,7 @@ def validate(cfg: RunConfig) -> None:
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
-        _validate_network(cfg.network)
+        validate_network(cfg.network)
         _validate_train(cfg.train)
 
 
@@ -329,7 +330,8 @@ def _validate_pdarts(p: PDartsConfig) -> None:
         raise IlnasError("pdarts.skip_dropout rates must lie in [0, 1) and pdarts.max_skips be >= 0")
 
 
-def _validate_network(net: NetworkConfig) -> None:
+def validate_network(net: NetworkConfig) -> None:
+    """The network section's values (also those a model card holds)."""
     _positive("network", net, ("layers", "channels"))
     _at_most("network", net, ("layers",), MAX_CELLS)
     if net.style not in ("cifar", "imagenet"):
@@ -342,6 +344,7 @@ def _validate_network(net: NetworkConfig) -> None:
 
 def _validate_train(t: TrainConfig) -> None:
     _positive("train", t, ("resolution",))
+    _at_most("train", t, ("resolution",), MAX_IMAGE_SIDE)
     _non_negative("train", t, ("checkpoint_minutes",))
     if not 0.0 <= t.label_smoothing < 1.0:
         raise IlnasError(f"train.label_smoothing must lie in [0, 1), got {t.label_smoothing}")

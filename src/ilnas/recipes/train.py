@@ -25,6 +25,7 @@ from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
+from ilnas.memory import parameter_count, require_memory
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
@@ -80,6 +81,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
                      t.steps_per_epoch)
     data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers, decode=t.decode)
+    require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
@@ -119,6 +121,18 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     finally:
         if run is not None:
             run.close()
+
+
+def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, device: torch.device) -> None:
+    """Refuse a network whose weights, their gradients and SGD's momentum (all there from the first step on)
+    cannot fit on ``device``, before any of them is made."""
+    one = parameter_count(lambda: build_network(genotype, data.num_classes, data.in_channels, data.resolution,
+                                                **cfg.network.build_args()))
+    one *= torch.get_default_dtype().itemsize
+    momentum = cfg.optimizer.momentum > 0
+    require_memory((3 if momentum else 2) * one, device, f"the network's weights ({one / 1e9:.2f} GB a copy; the "
+                   f"weights, their gradients{' and momentum' if momentum else ''} at once)",
+                   "network.channels or network.layers")
 
 
 def _read_back(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int, steps: int,

@@ -1,0 +1,106 @@
+"""A run's weights against the memory it may use, before any of them exist.
+
+A supernet or network far too wide for the machine does not fail in one allocation: it is built one layer
+at a time, each allocation succeeds, and the process grows until the kernel's out-of-memory killer ends it
+(or the machine stalls in swap). So the recipes count the weights first, on the meta device, and refuse a
+run whose weights alone, in the copies it certainly holds at once, exceed the memory of its device: on a CPU
+the host's RAM and swap, capped by the limits of the process's cgroups (a container's ``--memory``); on CUDA
+the device's total memory. Activations come on top of that, so passing the check promises nothing; failing it
+means the run cannot work.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ilnas.errors import IlnasError
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# cgroup v2 files, and cgroup v1's (under memory/), that hold a limit; "max" or a huge number: none
+CGROUP_LIMITS = (("memory.max", "memory.swap.max"), ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
+
+
+def parameter_count(build: Callable[[], nn.Module]) -> int:
+    """The parameters of the module ``build()`` returns, built on the meta device: no memory, no random draws."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def _meminfo() -> dict[str, int]:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = (line.split() for line in lines)
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields if len(f) >= 2 and f[1].isdigit()}
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return int(value) if value.isdigit() and int(value) < 2 ** 60 else None
+
+
+def cgroup_limit(swap: int, root: Path = CGROUP_ROOT, membership: str | None = None) -> int | None:
+    """The smallest memory limit of this process's cgroup and its ancestors (v2 or v1), swap included: the
+    cgroup's own swap limit where it sets one, else ``swap`` (the host's); None without a limit.
+    ``membership``: the text of /proc/self/cgroup."""
+    if membership is None:
+        try:
+            membership = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            return None
+    limits = []
+    for line in membership.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        base = root if v2 else root / "memory"
+        ram_file, swap_file = CGROUP_LIMITS[0 if v2 else 1]
+        own = base / path.strip().lstrip("/")
+        for folder in [own, *(p for p in own.parents if p == base or base in p.parents)]:
+            ram, more = _read_limit(folder / ram_file), _read_limit(folder / swap_file)
+            if ram is None:
+                continue
+            if v2:  # memory.swap.max is swap beside RAM
+                limits.append(ram + (swap if more is None else more))
+            else:  # memory.memsw.limit_in_bytes is RAM and swap together
+                limits.append(ram + swap if more is None else more)
+    return min(limits) if limits else None
+
+
+def memory_total(device: torch.device) -> int | None:
+    """The bytes a process may hold on ``device``, or None where that is not known (MPS, say)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type != "cpu":
+        return None
+    info = _meminfo()
+    swap = info.get("SwapTotal", 0)
+    host = info["MemTotal"] + swap if "MemTotal" in info else _physical_memory()
+    return min((b for b in (host, cgroup_limit(swap)) if b is not None), default=None)
+
+
+def _physical_memory() -> int | None:
+    """RAM where there is no /proc/meminfo (macOS, say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def require_memory(need: int, device: torch.device, what: str, settings: str) -> None:
+    """Refuse a run whose ``what`` (the copies of its weights it must hold at once) take ``need`` bytes, more
+    than ``device`` has."""
+    total = memory_total(device)
+    if total is not None and need > total:
+        where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
+        raise IlnasError(f"{what} take {need / 1e9:.1f} GB, more than the {total / 1e9:.1f} GB of {where}, before "
+                         f"any activation; lower {settings}")

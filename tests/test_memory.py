@@ -1,0 +1,110 @@
+"""Weights against memory: counted on the meta device before anything is built, a run too wide for its
+device refused in one line, the cgroup limits a container sets read, and a width described without its memory."""
+from __future__ import annotations
+
+import re
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import call
+from ilnas import memory
+from ilnas.space.genotype import load_genotype
+from ilnas.space.network import build_network
+from ilnas.space.supernet import Supernet
+
+
+def _built_count(build) -> int:
+    return sum(p.numel() for p in build().parameters())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: Supernet(1, 8, 5),
+    lambda: Supernet(3, 8, 4, partial_channels=4, stem_multiplier=2),
+    lambda: build_network(load_genotype("DARTS_V2"), 10, 3, 32, "cifar", 8, 16, True),
+    lambda: build_network(load_genotype("PC_DARTS_cifar"), 100, 3, 224, "imagenet", 6, 12, True),
+], ids=["supernet", "pc-darts", "cifar", "imagenet"])
+def test_the_meta_count_is_the_built_modules_and_draws_nothing(build):
+    rng = torch.get_rng_state()
+    counted = memory.parameter_count(build)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert counted == _built_count(build) > 0
+
+
+def _limits(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("membership, files, swap, expected", [
+    # v2: the smallest limit on the path up from the process's cgroup; its swap limit beside RAM's
+    ("0::/job/step\n", {"job/memory.max": "4000000000", "job/memory.swap.max": "0", "job/step/memory.max": "max",
+                        "memory.max": "max"}, 10 ** 9, 4 * 10 ** 9),
+    ("0::/job/step\n", {"job/memory.max": "8000000000", "job/step/memory.max": "6000000000",
+                        "job/step/memory.swap.max": "1000000000"}, 10 ** 9, 7 * 10 ** 9),
+    ("0::/job\n", {"job/memory.max": "4000000000", "job/memory.swap.max": "max"}, 10 ** 9, 5 * 10 ** 9),
+    # v1: memory.memsw.limit_in_bytes counts RAM and swap together; an unset one reads as a huge number
+    ("12:cpu,cpuacct:/x\n4:memory:/docker/abc\n", {"memory/docker/abc/memory.limit_in_bytes": "2000000000",
+                                                   "memory/docker/abc/memory.memsw.limit_in_bytes": "3000000000"},
+     10 ** 9, 3 * 10 ** 9),
+    ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                      "memory/memory.memsw.limit_in_bytes": "9223372036854771712"}, 10 ** 9, None),
+    ("4:memory:/a\n", {"memory/a/memory.limit_in_bytes": "2000000000"}, 10 ** 9, 3 * 10 ** 9),
+    ("0::/\n", {}, 0, None),
+], ids=["v2-parent", "v2-own-swap", "v2-swap-max", "v1-memsw", "v1-unlimited", "v1-no-memsw", "none"])
+def test_the_cgroup_limit_is_the_smallest_on_the_path_up(tmp_path, membership, files, swap, expected):
+    assert memory.cgroup_limit(swap, _limits(tmp_path, files), membership) == expected
+
+
+def test_this_machines_memory_is_known():
+    assert memory.memory_total(torch.device("cpu")) >= 10 ** 9
+    assert memory.memory_total(torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("argv, copies, settings", [
+    (["search", "--set", "space.channels=1000"], 1 + 3 * 4, "space.channels or space.layers"),  # IL: K=2, M=2
+    (["search", "--set", "space.channels=1000", "--set", "search.framework=single", "--set", "data.tasks=[digits]",
+      "--set", "search.rounds=1"],
+     1 + 3, "space.channels or space.layers"),
+    (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=1000"], 3,
+     "network.channels or network.layers"),
+    (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=1000", "--set",
+      "optimizer.momentum=0"], 2, "network.channels or network.layers"),
+], ids=["il", "darts", "train", "train-no-momentum"])
+def test_weights_too_large_for_the_memory_are_refused_before_a_run_exists(tmp_path, monkeypatch, argv, copies,
+                                                                          settings):
+    """The limit is set here (2 GB), so the refusal does not depend on the machine; the copies counted are the
+    module's and, per stage, the weights, gradient and virtual step of a search step, or the weights, gradients
+    and momentum of a training step."""
+    monkeypatch.setattr(memory, "memory_total", lambda device: 2 * 10 ** 9)
+    out = tmp_path / "run"
+    code, _, err = call(*argv, "--no-report", "--quiet", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    found = re.search(r"\(([\d.]+) GB a copy; .*\) take ([\d.]+) GB, more than the 2\.0 GB of this machine's "
+                      r"memory, before any activation; lower (.*)$", err.strip())
+    assert found, err
+    one, total = float(found.group(1)), float(found.group(2))
+    assert total == pytest.approx(copies * one, rel=0.01) and found.group(3) == settings
+    assert not out.exists()
+
+
+def _under_address_space_limit(gigabytes: int):
+    def limit():
+        size = gigabytes * 2 ** 30
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    return limit
+
+
+def test_describe_gives_the_size_of_a_network_that_would_not_fit_in_memory():
+    """C=3000: 21.9 G parameters, 88 GB of weights; described under a 4 GB address-space limit (the
+    network is built on the meta device, shapes only)."""
+    r = subprocess.run([sys.executable, "-m", "ilnas", "describe", "DARTS_V2", "--set", "network.channels=3000"],
+                       capture_output=True, text=True, timeout=300, preexec_fn=_under_address_space_limit(4))
+    assert r.returncode == 0, r.stderr
+    assert "parameters: 21895.56M (auxiliary head excluded), 21902.11M in all" in r.stdout
+    assert "multiply-adds: 3385715M at 32x32" in r.stdout
