@@ -113,6 +113,8 @@ BAD_SETTINGS = [
     ("search.rounds=20000", "search.rounds must be at most 100, got 20000"),
     ("pdarts.layers=[5,11,1700]", "pdarts.layers must be at most 1000, got 1700"),
     ("search.threads=99999999999", "search.threads must be at most 4096"),  # torch.set_num_threads overflowed
+    # so did a supernet too wide for the memory (each allocation succeeded), here refused before it is built
+    ("space.channels=100000", "of this machine's memory, before any activation; lower space.channels or space.layers"),
 ]
 
 
@@ -142,6 +144,9 @@ BAD_TRAIN_SETTINGS = [
     ("network.layers=200000", "network.layers must be at most 1000, got 200000"),
     ("train.workers=100000", "train.workers must be at most 256, got 100000"),
     ("train.threads=99999999999", "train.threads must be at most 4096"),
+    ("train.resolution=100000", "train.resolution must be at most 1024, got 100000"),
+    ("network.channels=100000", "of this machine's memory, before any activation; lower network.channels or "
+                                "network.layers"),
 ]
 
 
