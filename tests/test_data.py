@@ -162,3 +162,60 @@ def test_a_bad_image_folder_is_refused_in_one_line(tmp_path, damage, message):
     limit = 1e-6 if "memory" in message else 8.0
     with pytest.raises(IlnasError, match=message):
         create_task(f"imagefolder:{tmp_path / 'imgs'}", DataConfig(memory_limit_gb=limit))
+
+
+def _listings(root):
+    """The in-memory pipeline's listing of train/, and the streamed pipeline's samples (paths, labels)."""
+    from ilnas.data.folders import StreamedImageFolder
+    from ilnas.data.tasks import folder_classes, folder_images
+
+    memory = [(str(p), label) for p, label in folder_images(root / "train", folder_classes(root, "x"))]
+    streamed = StreamedImageFolder(root / "train", None, loader=str)
+    return memory, [streamed.samples[i] for i in range(len(streamed))]
+
+
+def test_both_pipelines_list_a_folder_alike_and_as_torchvision_does_a_plain_one(tmp_path):
+    """The streamed samples are torchvision's ImageFolder's for a plain folder (a streamed run of an earlier
+    version draws the same images), held in numpy arrays."""
+    from torchvision import datasets
+
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "imgs", per_class=4)
+    memory, streamed = _listings(tmp_path / "imgs")
+    assert streamed == memory == datasets.ImageFolder(str(tmp_path / "imgs" / "train")).samples
+    assert len(memory) == 12
+
+
+def test_links_to_folders_are_followed_once_and_a_link_back_up_is_refused(tmp_path):
+    import shutil
+
+    from helpers import write_image_folder
+
+    root = tmp_path / "imgs"
+    write_image_folder(root, per_class=2)
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    shutil.copy(root / "train" / "cat" / "0.png", extra / "more.png")
+    (root / "train" / "cat" / "b").symlink_to(extra)  # a folder on another disk, linked in twice
+    (root / "train" / "cat" / "a").symlink_to(extra)
+    memory, streamed = _listings(root)
+    assert streamed == memory and len(memory) == 7
+    assert [p for p, _ in memory if "more" in p] == [str(root / "train" / "cat" / "a" / "more.png")]
+
+    (root / "train" / "dog" / "up").symlink_to(root / "train")  # os.walk would take in cat/ and eel/ as dogs
+    for listing in (lambda: _listings(root)[0], lambda: _listings(root)[1]):
+        with pytest.raises(IlnasError, match=r"dog/up links back to .*/train, a folder that holds the class folder"):
+            listing()
+
+
+def test_a_streamed_class_folder_without_images_is_refused(tmp_path):
+    from ilnas.data.folders import StreamedImageFolder
+
+    from helpers import write_image_folder
+
+    write_image_folder(tmp_path / "imgs", per_class=2)
+    for image in (tmp_path / "imgs" / "train" / "eel").iterdir():
+        image.unlink()
+    with pytest.raises(FileNotFoundError, match="no image file in the class folder"):
+        StreamedImageFolder(tmp_path / "imgs" / "train", None, loader=str)

@@ -299,12 +299,33 @@ def _require_label_text(name: str, folder: Path) -> None:
 
 
 def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
-    """(file, label) of every image under <split>/<class>/, in a fixed order; refuses other class folders."""
+    """(file, label) of every image under <split>/<class>/, in a fixed order (by path within a class); refuses
+    other class folders. Both pipelines, in memory and streamed, list a folder by this."""
     found = sorted(p.name for p in split.iterdir() if p.is_dir())
     if found != list(classes):
         raise IlnasError(f"{split} holds the class folders {found[:6]}, not those of train/ ({list(classes)[:6]})")
-    return [(p, label) for label, c in enumerate(classes) for p in sorted((split / c).rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return [(p, label) for label, c in enumerate(classes) for p in _image_files(split / c)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, through symbolic links to folders as well (a data set pieced
+    together from several disks), each real folder read once. A link to a folder above (or at) ``folder`` is
+    refused: it would give the class its sibling classes' images, and repeat them under ever longer paths
+    (without end, where two such links loop)."""
+    top, seen, files = os.path.realpath(folder), set(), []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if root != str(folder) and (top == real or top.startswith(real.rstrip(os.sep) + os.sep)):
+            raise IlnasError(f"{root} links back to {real}, a folder that holds the class folder {folder}: remove "
+                             f"the link")
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs.clear()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # which of two links to one folder reads it: the same in every run
+        files += [Path(root, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in files if p.is_file())
 
 
 def image_errors() -> tuple[type[BaseException], ...]:

@@ -91,7 +91,7 @@ class FolderData:
 
     def __init__(self, name: str, root: Path, shard: Sharding, resolution: int, color_jitter: bool,
                  workers: int, decode: str = "workers"):
-        from torchvision import datasets
+        from ilnas.data.folders import StreamedImageFolder
 
         for sub in ("train", "val"):
             if not (reachable(root, "image folder") / sub).is_dir():
@@ -104,8 +104,8 @@ class FolderData:
         train_tf, test_tf = self._transforms() if decode == "workers" else (None, None)
         loader = {"loader": read_rgb if decode == "workers" else device_decode.read_encoded}
         try:
-            self.train_set = SeededSamples(datasets.ImageFolder(str(root / "train"), train_tf, **loader), shard.seed)
-            self.test_set = datasets.ImageFolder(str(root / "val"), test_tf, **loader)
+            self.train_set = SeededSamples(StreamedImageFolder(root / "train", train_tf, **loader), shard.seed)
+            self.test_set = StreamedImageFolder(root / "val", test_tf, **loader)
         except (FileNotFoundError, RuntimeError) as e:
             raise IlnasError(f"cannot read image folder {root}: {e}") from None
         classes = self.train_set.dataset.classes
