@@ -93,6 +93,19 @@ def test_weights_too_large_for_the_memory_are_refused_before_a_run_exists(tmp_pa
     assert not out.exists()
 
 
+def test_a_supernet_search_too_wide_for_the_memory_is_refused_before_it_is_built(monkeypatch):
+    from torch import nn
+
+    from ilnas import SpaceConfig, SupernetSearch
+    from ilnas.errors import IlnasError
+
+    monkeypatch.setattr(memory, "memory_total", lambda device: 2 * 10 ** 9)
+    heads = {"a": lambda width: nn.Linear(width, 10), "b": lambda width: nn.Linear(width, 3)}
+    with pytest.raises(IlnasError, match=r"for each of 4 stage\(s\).* more than the 2\.0 GB .* lower space.channels"):
+        SupernetSearch(heads, 3, space=SpaceConfig(channels=1000, layers=5), rounds=2)
+    assert SupernetSearch(heads, 3, space=SpaceConfig(channels=4, layers=3), rounds=2).state.stages
+
+
 def _under_address_space_limit(gigabytes: int):
     def limit():
         size = gigabytes * 2 ** 30

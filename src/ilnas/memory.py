@@ -104,3 +104,13 @@ def require_memory(need: int, device: torch.device, what: str, settings: str) ->
         where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
         raise IlnasError(f"{what} take {need / 1e9:.1f} GB, more than the {total / 1e9:.1f} GB of {where}, before "
                          f"any activation; lower {settings}")
+
+
+def require_search_memory(module: Callable[[], nn.Module], stages: int, dtype: torch.dtype, device: torch.device,
+                          settings: str) -> None:
+    """Refuse a search whose supernet cannot fit: every step holds the module's weights and, for each stage,
+    its weights, their gradient and their virtual step (the engine's unroll), 1 + 3 * stages copies at once."""
+    one = parameter_count(module) * dtype.itemsize
+    require_memory((1 + 3 * stages) * one, device, f"the supernet's weights ({one / 1e9:.2f} GB a copy; the "
+                   f"module's and, for each of {stages} stage(s), its weights, gradient and virtual step at once)",
+                   settings)

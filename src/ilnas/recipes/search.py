@@ -35,7 +35,7 @@ from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.memory import parameter_count, require_memory
+from ilnas.memory import require_search_memory
 from ilnas.resuming import (describe, load_optimizer_state, require_number, require_rng_states, require_tensors_like,
                             restoring)
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory
@@ -122,12 +122,7 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progres
                         sp.partial_channels, sp.stem_multiplier,
                         channels_last=use_channels_last(cfg.search.channels_last, device))
 
-    # Every step holds the module's weights and, per stage, its weights, gradient and virtual step (unroll).
-    stages = len(tasks) * cfg.search.rounds
-    one = parameter_count(module) * dtype.itemsize
-    require_memory((1 + 3 * stages) * one, device, f"the supernet's weights ({one / 1e9:.2f} GB a copy; the module's "
-                   f"and, for each of {stages} stage(s), its weights, gradient and virtual step at once)",
-                   "space.channels or space.layers")
+    require_search_memory(module, len(tasks) * cfg.search.rounds, dtype, device, "space.channels or space.layers")
 
     def build_encoder() -> Supernet:
         return module().to(device, dtype)

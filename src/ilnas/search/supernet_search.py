@@ -20,6 +20,7 @@ from torch import nn
 
 from ilnas.config.schema import SpaceConfig
 from ilnas.errors import IlnasError
+from ilnas.memory import require_search_memory
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
@@ -74,10 +75,14 @@ class SupernetSearch:
         self.autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=amp)
 
-        def build_encoder() -> Supernet:
+        def module() -> Supernet:
             return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
-                            stem_multiplier=space.stem_multiplier,
-                            channels_last=use_channels_last(channels_last, device)).to(device, dtype)
+                            stem_multiplier=space.stem_multiplier, channels_last=use_channels_last(channels_last, device))
+
+        def build_encoder() -> Supernet:
+            return module().to(device, dtype)
+
+        require_search_memory(module, len(heads) * rounds, dtype, torch.device(device), "space.channels or space.layers")
 
         with torch.random.fork_rng(devices=[]):  # its own weights are never used: each pass gets a stage's
             self.encoder = build_encoder()
