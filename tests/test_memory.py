@@ -106,6 +106,19 @@ def test_a_supernet_search_too_wide_for_the_memory_is_refused_before_it_is_built
     assert SupernetSearch(heads, 3, space=SpaceConfig(channels=4, layers=3), rounds=2).state.stages
 
 
+def test_ranks_on_one_machine_share_its_memory(monkeypatch):
+    """torchrun's LOCAL_WORLD_SIZE ranks each hold their copies in the host's memory; on a GPU each has its own."""
+    from ilnas.errors import IlnasError
+
+    monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
+    memory.require_memory(6 * 10 ** 8, torch.device("cpu"), "weights", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(IlnasError, match=r"^weights take 0\.6 GB in each of 2 ranks on this machine, more than the "
+                                         r"1\.0 GB of this machine's memory, before any activation; lower x$"):
+        memory.require_memory(6 * 10 ** 8, torch.device("cpu"), "weights", "x")
+    memory.require_memory(6 * 10 ** 8, torch.device("cuda", 1), "weights", "x")
+
+
 def _under_address_space_limit(gigabytes: int):
     def limit():
         size = gigabytes * 2 ** 30

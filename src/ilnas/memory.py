@@ -97,13 +97,20 @@ def _physical_memory() -> int | None:
 
 
 def require_memory(need: int, device: torch.device, what: str, settings: str) -> None:
-    """Refuse a run whose ``what`` (the copies of its weights it must hold at once) take ``need`` bytes, more
-    than ``device`` has."""
+    """Refuse a run whose ``what`` (the copies of its weights it must hold at once) take ``need`` bytes in each
+    process, more than ``device`` has. On a CPU the ranks torchrun started on this machine share its memory."""
     total = memory_total(device)
-    if total is not None and need > total:
+    ranks = _local_ranks() if device.type == "cpu" else 1
+    if total is not None and need * ranks > total:
         where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
-        raise IlnasError(f"{what} take {need / 1e9:.1f} GB, more than the {total / 1e9:.1f} GB of {where}, before "
-                         f"any activation; lower {settings}")
+        each = f" in each of {ranks} ranks on this machine" if ranks > 1 else ""
+        raise IlnasError(f"{what} take {need / 1e9:.1f} GB{each}, more than the {total / 1e9:.1f} GB of {where}, "
+                         f"before any activation; lower {settings}")
+
+
+def _local_ranks() -> int:
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def require_search_memory(module: Callable[[], nn.Module], stages: int, dtype: torch.dtype, device: torch.device,
