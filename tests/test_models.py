@@ -114,6 +114,16 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
     assert r.returncode == 0 and r.stdout.startswith(f"{images[0]}: ") and r.stdout.count(",") == 2
 
 
+def test_predict_prints_one_line_per_image_whatever_its_name(folder_runs, tmp_path):
+    """A file name may hold a line break; the text output keeps one image a line (it is escaped)."""
+    odd = tmp_path / "two\nlines.png"
+    shutil.copy(sorted((folder_runs["pets"] / "val").rglob("*.png"))[0], odd)
+    rc, out, err = call("predict", str(folder_runs["train"]), str(odd), str(odd), "--top-k", "1")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{tmp_path}/two\\nlines.png: ") for line in lines), out
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported-program"])
 def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
     from ilnas import load_model

@@ -308,7 +308,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(json.dumps(r, indent=1))
         return
     top_k = next(k for k in r if k.startswith("top") and k != "top1")
-    print(f"{r['data']}: {r['images']} images, top-1 {100 * r['top1']:.2f}%, {top_k} {100 * r[top_k]:.2f}% "
+    print(f"{_one_line(r['data'])}: {r['images']} images, top-1 {100 * r['top1']:.2f}%, {top_k} {100 * r[top_k]:.2f}% "
           f"({args.weights} weights)")
     worst = sorted(r["per_class"].items(), key=lambda kv: kv[1])[:5]
     print("weakest classes: " + ", ".join(f"{c} {100 * a:.1f}%" for c, a in worst))
@@ -323,7 +323,7 @@ def _predict(args: argparse.Namespace) -> None:
         print(json.dumps(found, indent=1))
         return
     for item in found:
-        print(f"{item['image']}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"]))
+        print(f"{_one_line(item['image'])}: " + ", ".join(f"{t['class']} {t['probability']:.3f}" for t in item["top"]))
 
 
 def _export(args: argparse.Namespace) -> None:
