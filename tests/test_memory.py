@@ -3,7 +3,6 @@ device refused in one line, the cgroup limits a container sets read, and a width
 from __future__ import annotations
 
 import re
-import resource
 import subprocess
 import sys
 
@@ -120,6 +119,8 @@ def test_ranks_on_one_machine_share_its_memory(monkeypatch):
 
 
 def _under_address_space_limit(gigabytes: int):
+    import resource
+
     def limit():
         size = gigabytes * 2 ** 30
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
