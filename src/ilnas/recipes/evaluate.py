@@ -39,14 +39,13 @@ def _class_map(names: Sequence[str], card: ModelCard, where: str) -> list[int]:
 
 
 def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
-    from ilnas.data.tasks import IMAGE_SUFFIXES
+    from ilnas.data.tasks import folder_images
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
         raise IlnasError(f"{folder} holds no class folders (expected <folder>/<class>/<image>, or <folder>/val/...)")
     index = _class_map(classes, card, str(folder))
-    items = [(p, index[i]) for i, c in enumerate(classes) for p in sorted((folder / c).rglob("*"))
-             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    items = [(p, index[label]) for p, label in folder_images(folder, classes)]
     if not items:
         raise IlnasError(f"{folder} holds no images")
 
