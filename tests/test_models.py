@@ -114,6 +114,23 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
     assert r.returncode == 0 and r.stdout.startswith(f"{images[0]}: ") and r.stdout.count(",") == 2
 
 
+def test_predict_reads_and_classifies_a_batch_at_a_time_with_the_same_result(folder_runs, monkeypatch):
+    from ilnas.models import ModelCard
+    from ilnas.recipes.evaluate import predict
+
+    images = sorted((folder_runs["pets"] / "val").rglob("*.png"))
+    whole = predict(folder_runs["train"], images, top_k=3)
+    read = []
+    reader = ModelCard.read_images
+    monkeypatch.setattr(ModelCard, "read_images", lambda card, paths: read.append(len(paths)) or reader(card, paths))
+    batched = predict(folder_runs["train"], images, top_k=3, batch_size=4)
+    assert read == [4, 2] and len(images) == 6
+    assert [r["image"] for r in batched] == [r["image"] for r in whole]
+    for a, b in zip(batched, whole):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert [t["probability"] for t in a["top"]] == pytest.approx([t["probability"] for t in b["top"]], abs=1e-6)
+
+
 def test_predict_prints_one_line_per_image_whatever_its_name(folder_runs, tmp_path):
     """A file name may hold a line break; the text output keeps one image a line (it is escaped)."""
     odd = tmp_path / "two\nlines.png"

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("run", help="a training run directory")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--batch-size", type=int, default=256, help="images read and classified at a time")
     _model_options(pr)
     pr.add_argument("--json", action="store_true", help="print JSON")
 
@@ -318,7 +319,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from ilnas.recipes.evaluate import predict
 
-    found = predict(args.run, args.images, args.top_k, args.weights, _device(args.device))
+    found = predict(args.run, args.images, args.top_k, args.weights, _device(args.device), args.batch_size)
     if args.json:
         print(json.dumps(found, indent=1))
         return

@@ -178,17 +178,23 @@ def _confusion_png(confusion: torch.Tensor, classes: Sequence[str]) -> bytes:
 
 
 def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which: str = "last",
-            device: str = "cpu") -> list[dict]:
-    """For each image file: the ``top_k`` classes, by name, with their softmax probabilities."""
-    if top_k < 1:
-        raise IlnasError(f"top-k must be positive, got {top_k}")
+            device: str = "cpu", batch_size: int = 256) -> list[dict]:
+    """For each image file: the ``top_k`` classes, by name, with their softmax probabilities. The images are
+    read and classified ``batch_size`` at a time, so a long list (a shell glob over a photo folder) takes the
+    memory of one batch, not of all its images at once."""
+    if top_k < 1 or batch_size < 1:
+        raise IlnasError(f"top-k and the batch size must be positive, got {top_k} and {batch_size}")
     model = load_model(run, which, device)
     card: ModelCard = model.card
     missing = [str(p) for p in images if not reachable(p, "image").is_file()]
     if missing:
         raise IlnasError(f"no image file {missing[0]}")
-    probs = _logits(model, card.read_images([Path(p) for p in images])).softmax(-1)
-    top = probs.topk(min(top_k, card.num_classes), dim=-1)
-    return [{"image": str(p), "top": [{"class": card.classes[int(i)], "probability": float(v)}
-                                      for v, i in zip(values, indices)]}
-            for p, values, indices in zip(images, top.values, top.indices)]
+    found = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        probs = _logits(model, card.read_images([Path(p) for p in chunk])).softmax(-1)
+        top = probs.topk(min(top_k, card.num_classes), dim=-1)
+        found += [{"image": str(p), "top": [{"class": card.classes[int(i)], "probability": float(v)}
+                                            for v, i in zip(values, indices)]}
+                  for p, values, indices in zip(chunk, top.values, top.indices)]
+    return found
