@@ -114,7 +114,7 @@ BAD_SETTINGS = [
     ("pdarts.layers=[5,11,1700]", "pdarts.layers must be at most 1000, got 1700"),
     ("search.threads=99999999999", "search.threads must be at most 4096"),  # torch.set_num_threads overflowed
     # so did a supernet too wide for the memory (each allocation succeeded), here refused before it is built
-    ("space.channels=100000", "of this machine's memory, before any activation; lower space.channels or space.layers"),
+    ("space.channels=100000", "of this machine's memory; lower space.channels or space.layers"),
 ]
 
 
@@ -145,7 +145,7 @@ BAD_TRAIN_SETTINGS = [
     ("train.workers=100000", "train.workers must be at most 256, got 100000"),
     ("train.threads=99999999999", "train.threads must be at most 4096"),
     ("train.resolution=100000", "train.resolution must be at most 1024, got 100000"),
-    ("network.channels=100000", "of this machine's memory, before any activation; lower network.channels or "
+    ("network.channels=100000", "of this machine's memory; lower network.channels or "
                                 "network.layers"),
 ]
 
@@ -665,8 +665,8 @@ def test_a_network_too_large_for_the_machine_is_one_line_and_writes_nothing(tmp_
     r = subprocess.run([sys.executable, "-m", "ilnas", *argv, "--out", str(out)], capture_output=True, text=True,
                        timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert r.returncode == 2 and re.fullmatch(r"ilnas: error: the (supernet|network)'s weights \([\d.]+ GB a copy; "
-                                              r".*\) take [\d.]+ GB, more than the [\d.]+ GB of this machine's memory, "
-                                              r"before any activation; " + settings + "\n", r.stderr), r.stderr
+                                              r".*\) alone take [\d.]+ GB, more than the [\d.]+ GB of this machine's "
+                                              r"memory; " + settings + "\n", r.stderr), r.stderr
     assert not out.exists()
 
 

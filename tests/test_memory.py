@@ -84,8 +84,8 @@ def test_weights_too_large_for_the_memory_are_refused_before_a_run_exists(tmp_pa
     out = tmp_path / "run"
     code, _, err = call(*argv, "--no-report", "--quiet", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    found = re.search(r"\(([\d.]+) GB a copy; .*\) take ([\d.]+) GB, more than the 2\.0 GB of this machine's "
-                      r"memory, before any activation; lower (.*)$", err.strip())
+    found = re.search(r"\(([\d.]+) GB a copy; .*\) alone take ([\d.]+) GB, more than the 2\.0 GB of this machine's "
+                      r"memory; lower (.*)$", err.strip())
     assert found, err
     one, total = float(found.group(1)), float(found.group(2))
     assert total == pytest.approx(copies * one, rel=0.01) and found.group(3) == settings
@@ -113,9 +113,75 @@ def test_ranks_on_one_machine_share_its_memory(monkeypatch):
     memory.require_memory(6 * 10 ** 8, torch.device("cpu"), "weights", "x")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(IlnasError, match=r"^weights take 0\.6 GB in each of 2 ranks on this machine, more than the "
-                                         r"1\.0 GB of this machine's memory, before any activation; lower x$"):
+                                         r"1\.0 GB of this machine's memory; lower x$"):
         memory.require_memory(6 * 10 ** 8, torch.device("cpu"), "weights", "x")
     memory.require_memory(6 * 10 ** 8, torch.device("cuda", 1), "weights", "x")
+
+
+def test_saved_activations_are_counted_per_image_without_the_weights():
+    """Conv -> BatchNorm -> ReLU keeps, per image, the convolution's input (3 channels), BatchNorm's input and
+    ReLU's output (8 each); the weights it keeps do not grow with the batch."""
+    from torch import nn
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    kept = memory.saved_activation_bytes(lambda n: net(torch.randn(n, 3, 16, 16)), 64)
+    assert kept == 64 * (3 + 8 + 8) * 16 * 16 * 4
+
+
+def test_what_a_supernet_pass_keeps_grows_linearly_with_its_batch():
+    """The search extrapolates from passes of one and two images: on a real supernet pass (with architecture and
+    weights as leaves needing gradients, as in a validation pass) eight images keep exactly what that predicts."""
+    from ilnas.space.supernet import init_arch
+
+    net = Supernet(1, 4, 3, channels_last=True)
+    arch = [a.requires_grad_() for a in init_arch(net.num_ops, False, torch.Generator().manual_seed(0), torch.float32)]
+    weights = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
+    x = torch.randn(8, 1, 16, 16)
+
+    def forward(n: int):
+        return torch.func.functional_call(net, weights, (x[:n], *arch))
+
+    one, eight = memory._saved_bytes(lambda: forward(1)), memory._saved_bytes(lambda: forward(8))
+    assert eight - one == memory.saved_activation_bytes(forward, 7) > 0
+
+
+def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp_path, monkeypatch):
+    """The demo's tiny supernet passes the weights' check; 600 images a pass keep 3.7 GB for the backward."""
+    monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
+    out = tmp_path / "run"
+    code, _, err = call("search", "--set", "search.batch_size=600", "--no-report", "--quiet", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"at once\) and what one pass of 600 images keeps for its backward \(3\.\d\d GB\) take 3\.\d GB, "
+                     r"more than the 1\.0 GB of this machine's memory; lower space.channels, space.layers or "
+                     r"search.batch_size$", err.strip()), err
+    assert not out.exists()
+
+
+def test_a_training_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
+    out = tmp_path / "run"
+    code, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "train.batch_size=1000",
+                        "--no-report", "--quiet", "--out", str(out))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"momentum at once\) and what one pass of 1000 images keeps for its backward \(\d\.\d\d GB\) take "
+                     r"\d\.\d GB, more than the 1\.0 GB of this machine's memory; lower network.channels, network.layers "
+                     r"or train.batch_size$", err.strip()), err
+    assert not out.exists()
+
+
+def test_the_training_pass_that_measures_activations_leaves_the_model_and_the_generators_alone():
+    from ilnas.config import resolve
+    from ilnas.recipes.train import _training_pass
+    from ilnas.space.genotype import load_genotype
+
+    cfg = resolve("eval-digits", overrides=["network.layers=3", "network.channels=4"], kind="eval")
+    model = build_network(load_genotype("DARTS_V2"), 10, 1, 16, **cfg.network.build_args()).eval()
+    data = type("Data", (), {"in_channels": 1, "resolution": 16})
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
+    logits, aux = _training_pass(model, cfg, data, torch.device("cpu"), 4)
+    assert logits.shape == (4, 10) and aux is not None and logits.requires_grad
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def _under_address_space_limit(gigabytes: int):

@@ -5,8 +5,9 @@ at a time, each allocation succeeds, and the process grows until the kernel's ou
 (or the machine stalls in swap). So the recipes count the weights first, on the meta device, and refuse a
 run whose weights alone, in the copies it certainly holds at once, exceed the memory of its device: on a CPU
 the host's RAM and swap, capped by the limits of the process's cgroups (a container's ``--memory``); on CUDA
-the device's total memory. Activations come on top of that, so passing the check promises nothing; failing it
-means the run cannot work.
+the device's total memory. Once the module is built, what one pass of the batch keeps for its backward is
+added (measured on passes of two and four images). Only what certainly coexists is counted, so passing the
+check promises nothing; failing it means the run cannot work.
 """
 from __future__ import annotations
 
@@ -104,8 +105,8 @@ def require_memory(need: int, device: torch.device, what: str, settings: str) ->
     if total is not None and need * ranks > total:
         where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
         each = f" in each of {ranks} ranks on this machine" if ranks > 1 else ""
-        raise IlnasError(f"{what} take {need / 1e9:.1f} GB{each}, more than the {total / 1e9:.1f} GB of {where}, "
-                         f"before any activation; lower {settings}")
+        raise IlnasError(f"{what} take {need / 1e9:.1f} GB{each}, more than the {total / 1e9:.1f} GB of {where}; "
+                         f"lower {settings}")
 
 
 def _local_ranks() -> int:
@@ -113,11 +114,41 @@ def _local_ranks() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
-def require_search_memory(module: Callable[[], nn.Module], stages: int, dtype: torch.dtype, device: torch.device,
-                          settings: str) -> None:
-    """Refuse a search whose supernet cannot fit: every step holds the module's weights and, for each stage,
-    its weights, their gradient and their virtual step (the engine's unroll), 1 + 3 * stages copies at once."""
-    one = parameter_count(module) * dtype.itemsize
-    require_memory((1 + 3 * stages) * one, device, f"the supernet's weights ({one / 1e9:.2f} GB a copy; the "
-                   f"module's and, for each of {stages} stage(s), its weights, gradient and virtual step at once)",
-                   settings)
+def require_fit(weights: str, weight_bytes: int, device: torch.device, settings: str, activations: int = 0,
+                batch: int = 0) -> None:
+    """Refuse a run whose ``weights`` (their copies held at once, ``weight_bytes`` in all) and ``activations``
+    (what one pass of ``batch`` images keeps for its backward, ``saved_activation_bytes``; 0: not yet known)
+    cannot fit on ``device``."""
+    what = weights + (f" and what one pass of {batch} images keeps for its backward ({activations / 1e9:.2f} GB)"
+                      if activations else " alone")
+    require_memory(weight_bytes + activations, device, what, settings)
+
+
+def require_search_memory(one: int, stages: int, device: torch.device, settings: str, activations: int = 0,
+                          batch: int = 0) -> None:
+    """``require_fit`` for a search, ``one`` the bytes of one copy of its supernet's weights: every step holds the
+    module's weights and, for each stage, its weights, their gradient and their virtual step (the engine's
+    unroll), 1 + 3 * stages copies, while it takes the validation passes."""
+    require_fit(f"the supernet's weights ({one / 1e9:.2f} GB a copy; the module's and, for each of {stages} "
+                f"stage(s), its weights, gradient and virtual step at once)", (1 + 3 * stages) * one, device,
+                settings, activations, batch)
+
+
+def saved_activation_bytes(forward: Callable[[int], object], batch: int) -> int:
+    """The bytes autograd keeps for the backward of one forward pass of ``batch`` images, from passes of two and
+    of four images (``forward(n)``; BatchNorm in training mode needs two): half their difference is what each
+    image adds (the weights a pass keeps are the same at any batch, and not counted)."""
+    return max(_saved_bytes(lambda: forward(4)) - _saved_bytes(lambda: forward(2)), 0) // 2 * batch
+
+
+def _saved_bytes(forward: Callable[[], object]) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()  # views of one tensor share it: counted once
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())

@@ -35,7 +35,7 @@ from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.memory import require_search_memory
+from ilnas.memory import parameter_count, require_search_memory, saved_activation_bytes
 from ilnas.resuming import (describe, load_optimizer_state, require_number, require_rng_states, require_tensors_like,
                             restoring)
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory
@@ -122,7 +122,8 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progres
                         sp.partial_channels, sp.stem_multiplier,
                         channels_last=use_channels_last(cfg.search.channels_last, device))
 
-    require_search_memory(module, len(tasks) * cfg.search.rounds, dtype, device, "space.channels or space.layers")
+    require_search_memory(parameter_count(module) * dtype.itemsize, len(tasks) * cfg.search.rounds, device,
+                          "space.channels or space.layers")
 
     def build_encoder() -> Supernet:
         return module().to(device, dtype)
@@ -300,14 +301,15 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
 
 def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, val: Sequence[BatchMaker],
                    device: torch.device, dtype: torch.dtype) -> None:
-    """One forward pass of the first phase's supernet on two images of each task, with the random state
-    untouched: a shape that cannot work is refused here, before the run directory changes."""
+    """One forward pass of the first phase's supernet on four images of each task, with the random state
+    untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
+    whose validation pass, with the weights a step holds, cannot fit on the device."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         nets, _, _ = build_nets(cfg, tasks, phase.layers, Progress(), device, dtype)
         arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
                                                        torch.Generator().manual_seed(0), dtype)]
         for net, maker in zip(nets, val):
-            x, _ = next(maker.ordered(2))
+            x, _ = next(maker.ordered(4))
             w = [p.detach() for p in net.encoder.parameters()]
             h = [p.detach() for p in net.head.parameters()]
             try:
@@ -315,6 +317,14 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
             except RuntimeError as e:
                 raise IlnasError(f"the supernet cannot take {maker.task.name}'s {tuple(x.shape[1:])} images "
                                  f"({str(e).splitlines()[0][:120]})") from None
+        # With the weights, a validation pass of one rank's batch and what it keeps for its backward
+        net, batch = nets[0], cfg.search.batch_size // distributed.world_size()
+        leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
+                                                                        net.head.parameters())]
+        kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
+        one = sum(p.numel() for p in net.encoder.parameters()) * dtype.itemsize
+        require_search_memory(one, len(tasks) * cfg.search.rounds, device,
+                              "space.channels, space.layers or search.batch_size", kept, batch)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.memory import parameter_count, require_memory
+from ilnas.memory import parameter_count, require_fit, saved_activation_bytes
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
@@ -90,6 +90,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     cuda = process.device.type == "cuda"
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = model.to(process.device, memory_format=memory_format)
+    require_network_memory(cfg, genotype, data, process.device, model)
     if t.compile is not None:
         model.compile(backend=t.compile, mode=t.compile_mode)  # in place: the state_dict keeps its keys
     sgd = cfg.optimizer
@@ -123,16 +124,41 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
             run.close()
 
 
-def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, device: torch.device) -> None:
+def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, device: torch.device,
+                           model: torch.nn.Module | None = None) -> None:
     """Refuse a network whose weights, their gradients and SGD's momentum (all there from the first step on)
-    cannot fit on ``device``, before any of them is made."""
-    one = parameter_count(lambda: build_network(genotype, data.num_classes, data.in_channels, data.resolution,
-                                                **cfg.network.build_args()))
-    one *= torch.get_default_dtype().itemsize
+    cannot fit on ``device``: counted on the meta device before it is built, and once ``model`` is built with
+    what a training pass of one rank's batch keeps for its backward."""
+    build_args = cfg.network.build_args()
+    one = torch.get_default_dtype().itemsize * (
+        sum(p.numel() for p in model.parameters()) if model is not None else
+        parameter_count(lambda: build_network(genotype, data.num_classes, data.in_channels, data.resolution,
+                                              **build_args)))
     momentum = cfg.optimizer.momentum > 0
-    require_memory((3 if momentum else 2) * one, device, f"the network's weights ({one / 1e9:.2f} GB a copy; the "
-                   f"weights, their gradients{' and momentum' if momentum else ''} at once)",
-                   "network.channels or network.layers")
+    copies = 3 if momentum else 2
+    weights = (f"the network's weights ({one / 1e9:.2f} GB a copy; the weights, their gradients"
+               f"{' and momentum' if momentum else ''} at once)")
+    if model is None:
+        require_fit(weights, copies * one, device, "network.channels or network.layers")
+        return
+    batch = cfg.train.batch_size // distributed.world_size()
+    kept = saved_activation_bytes(lambda n: _training_pass(model, cfg, data, device, n), batch)
+    require_fit(weights, copies * one, device, "network.channels, network.layers or train.batch_size", kept, batch)
+
+
+def _training_pass(model: torch.nn.Module, cfg: EvalRunConfig, data: TrainData, device: torch.device, n: int):
+    """A training-mode forward pass of ``n`` blank images, leaving the model's mode, its buffers (BatchNorm's
+    running statistics) and every random generator as they were."""
+    state = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
+    state.update({k: b.clone() for k, b in model.named_buffers()})
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    x = torch.zeros(n, data.in_channels, data.resolution, data.resolution, device=device).to(memory_format=fmt)
+    mode = model.training
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return torch.func.functional_call(model.train(), state, (x, cfg.network.drop_path))
+    finally:
+        model.train(mode)
 
 
 def _read_back(ckpt: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epochs: int, steps: int,

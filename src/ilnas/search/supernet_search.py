@@ -20,7 +20,7 @@ from torch import nn
 
 from ilnas.config.schema import SpaceConfig
 from ilnas.errors import IlnasError
-from ilnas.memory import require_search_memory
+from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
@@ -82,7 +82,8 @@ class SupernetSearch:
         def build_encoder() -> Supernet:
             return module().to(device, dtype)
 
-        require_search_memory(module, len(heads) * rounds, dtype, torch.device(device), "space.channels or space.layers")
+        require_search_memory(parameter_count(module) * dtype.itemsize, len(heads) * rounds, torch.device(device),
+                              "space.channels or space.layers")
 
         with torch.random.fork_rng(devices=[]):  # its own weights are never used: each pass gets a stage's
             self.encoder = build_encoder()
