@@ -321,7 +321,8 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
         net, batch = nets[0], cfg.search.batch_size // distributed.world_size()
         leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
                                                                         net.head.parameters())]
-        kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
+            kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
         one = sum(p.numel() for p in net.encoder.parameters()) * dtype.itemsize
         require_search_memory(one, len(tasks) * cfg.search.rounds, device,
                               "space.channels, space.layers or search.batch_size", kept, batch)

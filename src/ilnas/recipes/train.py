@@ -153,9 +153,10 @@ def _training_pass(model: torch.nn.Module, cfg: EvalRunConfig, data: TrainData, 
     state.update({k: b.clone() for k, b in model.named_buffers()})
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     x = torch.zeros(n, data.in_channels, data.resolution, data.resolution, device=device).to(memory_format=fmt)
-    mode = model.training
+    mode, cuda = model.training, device.type == "cuda"
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with (torch.random.fork_rng(devices=[device] if cuda else []),
+              torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.train.amp)):  # as the steps run
             return torch.func.functional_call(model.train(), state, (x, cfg.network.drop_path))
     finally:
         model.train(mode)
