@@ -319,6 +319,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
                                  f"({str(e).splitlines()[0][:120]})") from None
         # With the weights, a validation pass of one rank's batch and what it keeps for its backward
         net, batch = nets[0], cfg.search.batch_size // distributed.world_size()
+        x, _ = next(val[0].ordered(4))
         leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
                                                                         net.head.parameters())]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
