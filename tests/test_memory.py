@@ -164,8 +164,8 @@ def test_a_training_batch_whose_activations_cannot_fit_is_refused_before_a_run_e
                         "--no-report", "--quiet", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"momentum at once\) and what one pass of 1000 images keeps for its backward \(\d\.\d\d GB\) take "
-                     r"\d\.\d GB, more than the 1\.0 GB of this machine's memory; lower network.channels, network.layers "
-                     r"or train.batch_size$", err.strip()), err
+                     r"\d\.\d GB, more than the 1\.0 GB of this machine's memory; lower network.channels, "
+                     r"network.layers or train.batch_size$", err.strip()), err
     assert not out.exists()
 
 

@@ -77,7 +77,8 @@ class SupernetSearch:
 
         def module() -> Supernet:
             return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
-                            stem_multiplier=space.stem_multiplier, channels_last=use_channels_last(channels_last, device))
+                            stem_multiplier=space.stem_multiplier,
+                            channels_last=use_channels_last(channels_last, device))
 
         def build_encoder() -> Supernet:
             return module().to(device, dtype)
