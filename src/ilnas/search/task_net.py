@@ -42,13 +42,19 @@ class FunctionalTaskNet:
             raise IlnasError(f"task head gives {width} outputs but the task has {num_classes} classes")
         self.encoder_names = [n for n, _ in encoder.named_parameters()]
         self.head_names = [n for n, _ in head.named_parameters()]
+        # functional_call looks for a parameter registered under two names in every call (a walk over every
+        # submodule, a tenth of a small supernet's step); a module without such names is spared the walk.
+        self.encoder_tied, self.head_tied = has_tied_parameters(encoder), has_tied_parameters(head)
         self._batched: dict[int, Supernet] = {}
 
     def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor,
                skip_dropout: float = 0.0) -> torch.Tensor:
         feats = functional_call(self.encoder, dict(zip(self.encoder_names, w)), (x, *arch_weights(arch)),
-                                {"skip_dropout": skip_dropout})
-        return functional_call(self.head, dict(zip(self.head_names, h)), (feats,))
+                                {"skip_dropout": skip_dropout}, tie_weights=self.encoder_tied)
+        return self._head(h, feats)
+
+    def _head(self, h: Tensors, feats: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.head, dict(zip(self.head_names, h)), (feats,), tie_weights=self.head_tied)
 
     def loss(self, arch: Tensors, w: Tensors, h: Tensors, batch: tuple[torch.Tensor, torch.Tensor],
              skip_dropout: float = 0.0) -> torch.Tensor:
@@ -64,11 +70,18 @@ class FunctionalTaskNet:
         sets = len(ws)
         if sets not in self._batched:
             self._batched[sets] = self.encoder.batched(sets)
-        encoder = self._batched[sets].train(self.encoder.training)
+        encoder = self._batched[sets]
+        if encoder.training != self.encoder.training:  # the mode follows the encoder's (a walk: only on a change)
+            encoder.train(self.encoder.training)
         feats = functional_call(encoder, dict(zip(self.encoder_names, stack_sets(ws))),
-                                (x.repeat(1, sets, 1, 1), *arch_weights(arch)), {"skip_dropout": skip_dropout})
-        return torch.stack([self.criterion(functional_call(self.head, dict(zip(self.head_names, h)), (feats[:, s],)), y)
-                            for s, h in enumerate(hs)])
+                                (x.repeat(1, sets, 1, 1), *arch_weights(arch)), {"skip_dropout": skip_dropout},
+                                tie_weights=self.encoder_tied)
+        return torch.stack([self.criterion(self._head(h, feats[:, s]), y) for s, h in enumerate(hs)])
+
+
+def has_tied_parameters(module: nn.Module) -> bool:
+    """Whether one parameter of ``module`` is registered under more than one name."""
+    return sum(1 for _ in module.named_parameters(remove_duplicate=False)) != sum(1 for _ in module.parameters())
 
 
 def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:
