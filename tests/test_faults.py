@@ -925,6 +925,33 @@ def test_a_resume_on_another_number_of_ranks_is_recorded_and_warned_about(tmp_pa
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 1), (True, 1), (True, 4)]
 
 
+def test_a_resume_under_another_torch_or_ilnas_is_warned_about(tmp_path, monkeypatch, caplog):
+    """An upgrade between two sessions of a long run: it continues, and says its numbers may now differ from
+    an uninterrupted run's. A record without versions (or a damaged one) is no reason for a warning."""
+    from ilnas import runs
+
+    config = {"kind": "eval", "note": "a run's configuration"}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    runs.RunDir.open(tmp_path / "run", "eval", config, resume=False, force=False).close()
+    p = tmp_path / "run" / "provenance.json"
+    record = json.loads(p.read_text())
+    record["sessions"][0].update(torch="1.0.0", ilnas=7)  # ilnas damaged: not compared
+    p.write_text(json.dumps(record))
+    version = runs.__version__
+    with caplog.at_level(logging.WARNING, logger="ilnas"):
+        runs.RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()
+        monkeypatch.setattr(runs, "__version__", "99.0")
+        runs.RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()
+        runs.RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()  # as the last one: silent
+    assert [r.getMessage() for r in caplog.records] == [
+        f"resuming a run under other software than its last session (torch 1.0.0 -> {torch.__version__}): kernels "
+        f"and random streams may differ between versions, so from here on the run may not repeat an uninterrupted "
+        f"one exactly",
+        f"resuming a run under other software than its last session (ilnas {version} -> 99.0): kernels "
+        f"and random streams may differ between versions, so from here on the run may not repeat an uninterrupted "
+        f"one exactly"]
+
+
 def test_describe_into_a_closed_pipe_exits_quietly():
     proc = subprocess.Popen([sys.executable, "-m", "ilnas", "describe", "DARTS_V2", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -377,11 +377,8 @@ class RunDir:
         record = _read_provenance(p) if resumed else {"sessions": []}
         record.update(extra)
         session, sessions = provenance_session(resumed), record["sessions"]
-        before = sessions[-1].get("world_size", 1) if resumed and sessions else session["world_size"]
-        if before != session["world_size"]:
-            log.warning(f"resuming on {session['world_size']} rank(s) a run whose last session ran on {before}: "
-                        f"BatchNorm normalises each rank's slice of the batch, so from here on the run will not "
-                        f"repeat an uninterrupted one exactly")
+        if resumed and sessions:
+            _warn_of_changes(sessions[-1], session)
         sessions.append(session)
         atomic_write_text(p, json.dumps(record, indent=1) + "\n")
 
@@ -452,6 +449,27 @@ class RunDir:
                 record["sessions"][-1]["end"] = _now()
             atomic_write_text(p, json.dumps(record, indent=1) + "\n")
         self.write_text(name, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
+
+
+# What a resumed session may run under otherwise than the run's last one, and still continue it: the software
+# whose kernels and random streams the run's numbers come from.
+SOFTWARE = ("torch", "cuda", "ilnas")
+
+
+def _warn_of_changes(last: dict, now: dict) -> None:
+    """A resume on another rank count or other software continues the run, but not as an uninterrupted run
+    would have gone on: say so, once, naming what changed."""
+    before = last.get("world_size", 1)
+    if before != now["world_size"]:
+        log.warning(f"resuming on {now['world_size']} rank(s) a run whose last session ran on {before}: "
+                    f"BatchNorm normalises each rank's slice of the batch, so from here on the run will not "
+                    f"repeat an uninterrupted one exactly")
+    changed = [f"{key} {last[key]} -> {now[key]}" for key in SOFTWARE
+               if isinstance(last.get(key), str) and isinstance(now[key], str) and last[key] != now[key]]
+    if changed:
+        log.warning(f"resuming a run under other software than its last session ({', '.join(changed)}): kernels "
+                    f"and random streams may differ between versions, so from here on the run may not repeat an "
+                    f"uninterrupted one exactly")
 
 
 def _read_provenance(p: Path) -> dict:
