@@ -76,6 +76,13 @@ def call(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def ilnas_here(*args: str) -> subprocess.CompletedProcess:
+    """``ilnas ARGS`` in this process, given back as ``ilnas`` gives it: for commands that only read runs, which
+    need no process of their own (and so no second torch start-up)."""
+    code, out, err = call(*args)
+    return subprocess.CompletedProcess(["ilnas", *args], code, out, err)
+
+
 def wait_for_sessions(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until ``count`` processes have opened the run (each adds a session to provenance.json)."""
     deadline = time.time() + timeout

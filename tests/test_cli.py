@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import SHORT_SEARCH, call, ilnas, snapshot
+from helpers import SHORT_SEARCH, call, ilnas, ilnas_here, snapshot
 from ilnas.config import list_presets, load_preset, resolve, to_dict
 from ilnas.errors import IlnasError
 
@@ -38,7 +38,7 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     assert summary["genotype"] == (finished_run / "genotype.txt").read_text().strip()
     assert any((finished_run / "tb").iterdir())
     # the found genotype feeds straight into describe
-    r = ilnas("describe", str(finished_run), "--json")
+    r = ilnas_here("describe", str(finished_run), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params"] > 1e6
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import yaml
 
-from helpers import call, ilnas
+from helpers import call, ilnas_here
 from ilnas.config import resolve, to_dict
 from ilnas.recipes.compare import compare, mean_std, rows
 from ilnas.space.genotype import zoo
@@ -73,19 +73,19 @@ def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
 
 
 def test_the_command_prints_markdown_csv_and_json(runs):
-    r = ilnas("compare", str(runs))
+    r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr
     assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
     assert "1 unfinished run(s) left out" in r.stdout
-    table = list(csv.reader(io.StringIO(ilnas("compare", str(runs), "--csv").stdout)))
+    table = list(csv.reader(io.StringIO(ilnas_here("compare", str(runs), "--csv").stdout)))
     assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 5
-    data = json.loads(ilnas("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
+    data = json.loads(ilnas_here("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
     (row,) = data["rows"]
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
 
 
 def test_nothing_to_compare_is_one_line(tmp_path):
-    r = ilnas("compare", str(tmp_path))
+    r = ilnas_here("compare", str(tmp_path))
     assert r.returncode == 2 and "no ilnas runs in" in r.stderr and len(r.stderr.splitlines()) == 1
 
 

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
-                     folder_training, ilnas, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
+                     folder_training, ilnas, ilnas_here, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
 from ilnas import runlock
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
@@ -1414,7 +1414,7 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     while not (out / PREVIOUS).exists():  # two epochs checkpointed
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
         time.sleep(0.02)
-    running = json.loads(ilnas("status", str(out), "--json").stdout)[0]
+    running = json.loads(ilnas_here("status", str(out), "--json").stdout)[0]
     assert running["state"] == "running" and running["holder"].startswith(f"pid {proc.pid} on ")
     assert running["epochs"] == 50 and running["epochs_done"] >= 1 and running["remaining_seconds"] > 0
     proc.send_signal(signal.SIGKILL)
@@ -1422,7 +1422,7 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "epo')  # a line the kill cut short
     before = snapshot(out)
-    r = ilnas("status", str(finished_run), str(finished_training), str(out), "--json")
+    r = ilnas_here("status", str(finished_run), str(finished_training), str(out), "--json")
     assert r.returncode == 0, r.stderr
     rows = {Path(row["run"]).name: row for row in json.loads(r.stdout)}
     search, training, stopped = rows[finished_run.name], rows[finished_training.name], rows["run"]
@@ -1435,10 +1435,10 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     assert stopped["checkpoint"]["epochs"] in (stopped["epochs_done"], stopped["epochs_done"] - 1)  # killed between
     assert search["checkpoint"] is None and 0 <= running["checkpoint"]["age_seconds"] < 300
     assert running["checkpoint"]["epochs"] >= 2 and running["checkpoint"]["damaged_latest"] is None
-    table = ilnas("status", str(tmp_path)).stdout
+    table = ilnas_here("status", str(tmp_path)).stdout
     assert "| interrupted |" in table and table.count("\n") == 3
     assert snapshot(out) == before  # status only reads
-    r = ilnas("plot", str(out))  # the report leaves the torn line out too
+    r = ilnas_here("plot", str(out))  # the report leaves the torn line out too
     assert r.returncode == 0 and (out / "report.html").is_file(), r.stderr
     (out / "checkpoint.pt").write_bytes(b"torn")  # --resume would continue from the previous one: so says status
     code, table, _ = call("status", str(out))
@@ -1446,12 +1446,12 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
 
 
 def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_without_runs(tmp_path):
-    r = ilnas("status", str(tmp_path))
+    r = ilnas_here("status", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip() == f"ilnas: error: no ilnas runs in {tmp_path}"
     (tmp_path / "damaged").mkdir()
     (tmp_path / "damaged" / "config.yaml").write_text("kind: search\n")  # hand-edited: no settings
     (tmp_path / "damaged" / "provenance.json").write_text("{not json")
-    r = ilnas("status", str(tmp_path), "--json")
+    r = ilnas_here("status", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     [row] = json.loads(r.stdout)
     assert row["state"].startswith("unreadable: ") and "provenance.json cannot be read as JSON" in row["state"]

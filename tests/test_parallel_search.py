@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, make_problem, metric_records, ranks_stderr,
-                     rel_error)
+from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, ilnas_here, make_problem, metric_records,
+                     ranks_stderr, rel_error)
 from ilnas.runs import read_checkpoint
 from ilnas.search.engine import Learner, search_step
 from parallel_cases import CASES, STEPS
@@ -178,7 +178,7 @@ def test_a_rank_that_fails_alone_leaves_one_line_from_each_rank_and_the_run_resu
         "ilnas: error: rank 0 of 2 stopped: another rank of this job is gone (it failed or was stopped: its own "
         "message says why)",
         "ilnas: error: rank 1 cannot go on (a fault made for this test)"], ranks_stderr(r.stderr)
-    [row] = json.loads(ilnas("status", str(out), "--json").stdout)
+    [row] = json.loads(ilnas_here("status", str(out), "--json").stdout)
     assert row["state"] == "interrupted" and row["checkpoint"]["epochs"] == 1  # unlocked, ready for --resume
 
 

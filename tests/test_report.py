@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import matplotlib.image
 import numpy as np
 
-from helpers import ilnas, snapshot
+from helpers import ilnas_here, snapshot
 from ilnas.report.cells import cell_dot
 from ilnas.report.figures import alpha_figures
 from ilnas.space.genotype import load_genotype, zoo
@@ -72,7 +72,7 @@ def test_the_search_sends_its_figures_to_tensorboard(finished_run):
 
 def test_plot_redraws_a_training_run_without_touching_anything_else(finished_training):
     before = {k: v for k, v in snapshot(finished_training).items() if not k.startswith(("plots", "report.html"))}
-    r = ilnas("plot", str(finished_training))
+    r = ilnas_here("plot", str(finished_training))
     assert r.returncode == 0, r.stderr
     assert {k: v for k, v in snapshot(finished_training).items()
             if not k.startswith(("plots", "report.html"))} == before
@@ -82,7 +82,7 @@ def test_plot_redraws_a_training_run_without_touching_anything_else(finished_tra
 
 
 def test_plot_refuses_what_is_not_a_run(tmp_path):
-    r = ilnas("plot", str(tmp_path))
+    r = ilnas_here("plot", str(tmp_path))
     assert r.returncode == 2 and "is not an ilnas run (no config.yaml)" in r.stderr and len(r.stderr.splitlines()) == 1
     assert not any(tmp_path.iterdir())
 

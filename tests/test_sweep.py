@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import call, ilnas
+from helpers import call, ilnas, ilnas_here
 from ilnas import runlock
 from ilnas.errors import IlnasError
 from ilnas.recipes.sweep import load_spec
@@ -78,7 +78,7 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     again = json.loads((out / "sweep.json").read_text())
     assert all(v == "finished (skipped)" for c in again["cells"] for v in c["runs"].values())
 
-    table = json.loads(ilnas("compare", str(out), "--json").stdout)
+    table = json.loads(ilnas_here("compare", str(out), "--json").stdout)
     assert [(row["framework"], row["seeds"], row["error_digits"]["n"]) for row in table["rows"]] == [("il", 2, 2)]
 
 
