@@ -26,7 +26,7 @@ from ilnas.seeds import derive_seed
 from ilnas.space.supernet import Supernet, init_arch
 
 REPO = Path(__file__).resolve().parents[1]
-SPACE = SpaceConfig(channels=4, layers=2)
+SPACE = SpaceConfig(channels=4, layers=3)
 
 
 def tensors(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ def test_a_supernet_search_is_the_engine_on_the_state_one_would_build_by_hand():
     assert all(torch.equal(p, q) for st in search.state.stages for p, q in zip(st.h, head_init["ab"[st.learner]]))
     assert not torch.equal(search.state.stages[0].w[0], search.state.stages[2].w[0])  # own encoder per stage
 
-    build = lambda: Supernet(3, 4, 2, channels_last=True)  # noqa: E731  (the CPU default of SupernetSearch)
+    build = lambda: Supernet(3, 4, 3, channels_last=True)  # noqa: E731  (the CPU default of SupernetSearch)
     encoder = build()
     nets = [FunctionalTaskNet(encoder, heads["a"], 3), FunctionalTaskNet(encoder, heads["b"], 2, smooth)]
     arch = init_arch(8, generator=torch.Generator().manual_seed(derive_seed(5, 0)))
@@ -177,6 +177,8 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
      "engine.order must be 1 or 2"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, dtype=torch.float64, amp=True),
      "amp \\(bf16 autocast\\) needs dtype=torch.float32"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SpaceConfig(channels=4, layers=2)),
+     "space.layers must be at least 3, got 2: with fewer cells the supernet has no normal cell"),
     (lambda: SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 2)}, 3, space=SPACE).step(
         {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0), "b": tensors(2, 2, 0)}), "train has no batch for b"),
 ])

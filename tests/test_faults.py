@@ -110,6 +110,8 @@ BAD_SETTINGS = [
                           "coupling=copy"),
     # a typo's worth: the supernet or the stage chain filled the host's memory until the kernel killed it
     ("space.layers=99999999999", "space.layers must be at most 1000, got 99999999999"),
+    # a supernet of two cells (both reduction cells) searched a normal cell nothing trained
+    ("space.layers=2", "space.layers must be at least 3, got 2: with fewer cells the supernet has no normal cell"),
     ("search.rounds=20000", "search.rounds must be at most 100, got 20000"),
     ("pdarts.layers=[5,11,1700]", "pdarts.layers must be at most 1000, got 1700"),
     ("search.threads=99999999999", "search.threads must be at most 4096"),  # torch.set_num_threads overflowed

@@ -14,6 +14,7 @@ from ilnas.recipes.search import run_search
 from ilnas.recipes.train import run_train
 from ilnas.runs import read_metrics
 from ilnas.config import PDartsConfig
+from ilnas.errors import IlnasError
 from ilnas.search.engine import EngineConfig
 from ilnas.search.methods import Darts, PDarts, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
@@ -82,6 +83,22 @@ def test_genotype_ranks_edges_by_edge_weight_times_alpha():
     assert g.normal[2] == ("sep_conv_3x3", 2)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_a_supernet_without_a_normal_cell_is_refused(layers):
+    """Below three cells every cell is a reduction cell: the normal cell's architecture gets no gradient, and
+    its genotype (or, in P-DARTS, the ops kept for the next phase) would come from its initialisation."""
+    from ilnas.space.supernet import Supernet, arch_weights, init_arch
+
+    net = Supernet(1, 4, layers)
+    arch = [a.requires_grad_() for a in init_arch(net.num_ops, generator=torch.Generator().manual_seed(0))]
+    net(torch.randn(2, 1, 16, 16), *arch_weights(arch)).sum().backward()
+    assert arch[0].grad is None and arch[1].grad.abs().sum() > 0  # what the refusal is for
+    for preset, setting, name in (("darts2nd-cifar10", f"space.layers={layers}", "space.layers"),
+                                  ("pdarts-cifar10", f"pdarts.layers=[5, {layers}, 17]", "every entry of pdarts.layers")):
+        with pytest.raises(IlnasError, match=f"^{name} must be at least 3, got {layers}: with fewer cells"):
+            resolve(preset, overrides=[setting])
+
+
 def test_pruning_keeps_the_strongest_ops_of_each_edge():
     torch.manual_seed(0)
     ops = full_edge_ops()
@@ -135,7 +152,7 @@ def test_skip_dropout_is_an_argument_of_the_forward_pass():
 
 
 TINY = ["space.channels=8", "search.batch_size=8", "search.steps_per_epoch=2", "search.eval_batches=1",
-        "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[2, 3, 4]", "space.layers=3"]
+        "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[3, 3, 4]", "space.layers=3"]
 FRAMEWORKS = {"single": ["data.tasks=[digits]"], "mtl": ["data.tasks=[mnist5k, digits]"],
               "il": ["data.tasks=[mnist5k, digits]"]}
 PRESETS = {("single", "darts"): "darts2nd-cifar10", ("single", "pdarts"): "pdarts-cifar10",

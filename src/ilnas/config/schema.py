@@ -48,7 +48,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """The supernet: C channels in the first cell, ``layers`` cells, stem of stem_multiplier * C.
+    """The supernet: C channels in the first cell, ``layers`` cells (at least 3: the reduction cells sit at
+    layers//3 and 2*layers//3, and a normal cell must be left to search), stem of stem_multiplier * C.
 
     Args:
         partial_channels: K of PC-DARTS, 1/K of the channels through the mixed op (1: off).
@@ -64,7 +65,7 @@ class SpaceConfig:
 
 @dataclass(frozen=True)
 class PDartsConfig:
-    """P-DARTS phases (search.method=pdarts): cells and candidate ops per edge of each phase, the
+    """P-DARTS phases (search.method=pdarts): cells (at least 3) and candidate ops per edge of each phase, the
     skip-connect dropout base rate of each phase (CIFAR-10 0.0/0.4/0.7, CIFAR-100 0.1/0.2/0.3),
     its decay after the warm-up, and the cap on skip-connects in the final normal cell."""
 
@@ -247,6 +248,20 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
 
 
+# The fewest cells a searched supernet may have: the reduction cells sit at layers//3 and 2*layers//3, so below
+# three there is no normal cell, nothing trains the normal cell's architecture, and the genotype's normal cell
+# would be what the optimiser makes of its random initialisation.
+MIN_SEARCH_CELLS = 3
+
+
+def require_search_cells(name: str, layers: int) -> None:
+    """A supernet of ``layers`` cells (setting ``name``) must hold normal and reduction cells alike."""
+    if layers < MIN_SEARCH_CELLS:
+        raise IlnasError(f"{name} must be at least {MIN_SEARCH_CELLS}, got {layers}: with fewer cells the supernet "
+                         f"has no normal cell (reduction cells sit at layers//3 and 2*layers//3), so nothing would "
+                         f"search the normal cell")
+
+
 def _at_most(section: str, obj: Any, names: Sequence[str], limit: int) -> None:
     """A typo's worth of cells, rounds, threads or workers: it would fill the host's memory object by object
     (no one allocation fails, so nothing else stops it), start as many processes, or overflow torch's int."""
@@ -304,6 +319,8 @@ def _validate_search(cfg: SearchRunConfig) -> None:
                          f"got {cfg.space.partial_channels}")
     if s.method == "pdarts":
         _validate_pdarts(cfg.pdarts)
+    else:
+        require_search_cells("space.layers", cfg.space.layers)
     if s.framework not in ("single", "mtl", "il"):
         raise IlnasError(f"search.framework must be single, mtl or il, got {s.framework!r}")
     if s.framework == "single" and (k != 1 or s.rounds != 1):
@@ -322,6 +339,8 @@ def _validate_pdarts(p: PDartsConfig) -> None:
 
     if not len(p.layers) == len(p.ops_per_edge) == len(p.skip_dropout) >= 1:
         raise IlnasError("pdarts.layers, pdarts.ops_per_edge and pdarts.skip_dropout need one entry per phase")
+    for layers in p.layers:
+        require_search_cells("every entry of pdarts.layers", layers)
     ops = list(p.ops_per_edge)
     if ops[0] != len(PRIMITIVES) or ops != sorted(ops, reverse=True) or ops[-1] < 2:
         raise IlnasError(f"pdarts.ops_per_edge must start at {len(PRIMITIVES)}, never grow, and end at >= 2; "
