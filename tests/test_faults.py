@@ -144,6 +144,7 @@ BAD_TRAIN_SETTINGS = [
     ("train.seed=1099511627776", "train.seed must lie in [0, 2**32)"),
     ("optimizer.gamma=0", "optimizer.gamma must be positive"),
     ("network.layers=200000", "network.layers must be at most 1000, got 200000"),
+    ("network.layers=2", "network.layers must be at least 3, got 2: with fewer cells the network has no normal cell"),
     ("train.workers=100000", "train.workers must be at most 256, got 100000"),
     ("train.threads=99999999999", "train.threads must be at most 4096"),
     ("train.resolution=100000", "train.resolution must be at most 1024, got 100000"),

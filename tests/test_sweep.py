@@ -23,7 +23,7 @@ from ilnas.runs import is_finished
 
 SEARCH_SET = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
               "search.epochs=2", "search.eval_batches=1"]
-TRAIN_SET = ["network.layers=2", "network.channels=4", "train.batch_size=8", "train.steps_per_epoch=1",
+TRAIN_SET = ["network.layers=3", "network.channels=4", "train.batch_size=8", "train.steps_per_epoch=1",
              "train.epochs=1"]
 MTL = ["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
 

@@ -48,8 +48,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SpaceConfig:
-    """The supernet: C channels in the first cell, ``layers`` cells (at least 3: the reduction cells sit at
-    layers//3 and 2*layers//3, and a normal cell must be left to search), stem of stem_multiplier * C.
+    """The supernet: C channels in the first cell, ``layers`` cells (at least 3, MIN_CELLS), stem of
+    stem_multiplier * C.
 
     Args:
         partial_channels: K of PC-DARTS, 1/K of the channels through the mixed op (1: off).
@@ -238,6 +238,7 @@ def validate(cfg: RunConfig) -> None:
         _validate_search(cfg)
     else:
         validate_network(cfg.network)
+        require_normal_cell("network.layers", cfg.network.layers, "network")  # not a card's: old models still load
         _validate_train(cfg.train)
 
 
@@ -248,18 +249,21 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
 
 
-# The fewest cells a searched supernet may have: the reduction cells sit at layers//3 and 2*layers//3, so below
-# three there is no normal cell, nothing trains the normal cell's architecture, and the genotype's normal cell
-# would be what the optimiser makes of its random initialisation.
-MIN_SEARCH_CELLS = 3
+# The fewest cells a supernet or network may have: the reduction cells sit at layers//3 and 2*layers//3, so
+# below three every cell reduces. A search would then train nothing of the normal cell's architecture (the
+# normal cell it printed would be what the optimiser made of its initialisation); a re-training would leave
+# the genotype's normal cell out of the network.
+MIN_CELLS = 3
+WITHOUT_NORMAL_CELL = {"supernet": "nothing would search the normal cell",
+                       "network": "the genotype's normal cell would be in none of its cells"}
 
 
-def require_search_cells(name: str, layers: int) -> None:
-    """A supernet of ``layers`` cells (setting ``name``) must hold normal and reduction cells alike."""
-    if layers < MIN_SEARCH_CELLS:
-        raise IlnasError(f"{name} must be at least {MIN_SEARCH_CELLS}, got {layers}: with fewer cells the supernet "
-                         f"has no normal cell (reduction cells sit at layers//3 and 2*layers//3), so nothing would "
-                         f"search the normal cell")
+def require_normal_cell(name: str, layers: int, kind: str = "supernet") -> None:
+    """A ``kind`` (supernet or network) of ``layers`` cells, setting ``name``, must hold a normal cell."""
+    if layers < MIN_CELLS:
+        raise IlnasError(f"{name} must be at least {MIN_CELLS}, got {layers}: with fewer cells the {kind} has no "
+                         f"normal cell (reduction cells sit at layers//3 and 2*layers//3), so "
+                         f"{WITHOUT_NORMAL_CELL[kind]}")
 
 
 def _at_most(section: str, obj: Any, names: Sequence[str], limit: int) -> None:
@@ -320,7 +324,7 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     if s.method == "pdarts":
         _validate_pdarts(cfg.pdarts)
     else:
-        require_search_cells("space.layers", cfg.space.layers)
+        require_normal_cell("space.layers", cfg.space.layers)
     if s.framework not in ("single", "mtl", "il"):
         raise IlnasError(f"search.framework must be single, mtl or il, got {s.framework!r}")
     if s.framework == "single" and (k != 1 or s.rounds != 1):
@@ -340,7 +344,7 @@ def _validate_pdarts(p: PDartsConfig) -> None:
     if not len(p.layers) == len(p.ops_per_edge) == len(p.skip_dropout) >= 1:
         raise IlnasError("pdarts.layers, pdarts.ops_per_edge and pdarts.skip_dropout need one entry per phase")
     for layers in p.layers:
-        require_search_cells("every entry of pdarts.layers", layers)
+        require_normal_cell("every entry of pdarts.layers", layers)
     ops = list(p.ops_per_edge)
     if ops[0] != len(PRIMITIVES) or ops != sorted(ops, reverse=True) or ops[-1] < 2:
         raise IlnasError(f"pdarts.ops_per_edge must start at {len(PRIMITIVES)}, never grow, and end at >= 2; "

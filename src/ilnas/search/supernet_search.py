@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.config.schema import SpaceConfig, require_search_cells
+from ilnas.config.schema import SpaceConfig, require_normal_cell
 from ilnas.errors import IlnasError
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
@@ -65,7 +65,7 @@ class SupernetSearch:
 
         if not heads:
             raise IlnasError("heads is empty: give at least one task")
-        require_search_cells("space.layers", space.layers)
+        require_normal_cell("space.layers", space.layers)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
             raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")
