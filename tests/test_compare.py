@@ -17,18 +17,19 @@ from ilnas.space.genotype import zoo
 CELL = zoo()["DARTS_V2"].to_string()
 
 
-def _search_run(path, framework: str, seed: int, hours: float) -> None:
-    overrides = [f"search.seed={seed}"] + (["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
-                                           if framework == "mtl" else [])
+def _search_run(path, framework: str, seed: int, hours: float, extra: tuple[str, ...] = ()) -> None:
+    overrides = [f"search.seed={seed}", *extra] + (["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
+                                                   if framework == "mtl" else [])
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo", overrides=overrides))))
     (path / "summary.json").write_text(json.dumps({"genotype": CELL, "search_hours": hours, "steps": 60}))
 
 
-def _training_run(path, source: str, task: str, error: float, seed: int = 0, params: float = 1.5e6) -> None:
+def _training_run(path, source: str, task: str, error: float, seed: int = 0, params: float = 1.5e6,
+                  extra: tuple[str, ...] = ()) -> None:
     path.mkdir(parents=True)
-    config = {**to_dict(resolve("eval-digits", kind="eval", overrides=[f"train.seed={seed}",
-                                                                      f"data.tasks=[{task}]"])), "genotype": CELL}
+    config = {**to_dict(resolve("eval-digits", kind="eval", overrides=[f"train.seed={seed}", f"data.tasks=[{task}]",
+                                                                      *extra])), "genotype": CELL}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     (path / "provenance.json").write_text(json.dumps({"genotype_source": source, "sessions": []}))
     (path / "result.json").write_text(json.dumps({"task": task, "final_test_error": error, "best_test_error": error,
@@ -70,6 +71,30 @@ def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
     (random_row,) = [r for r in rows(c) if r["method"] == "random cell"]
     assert random_row["seeds"] == 2 and random_row["error_digits"]["mean"] == pytest.approx(45.0)
     assert "search.framework" in c.varying and "search.seed" not in c.varying
+
+
+def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_tells_none_apart(runs):
+    """Seeds 0 and 1 of the IL search re-trained a second time, longer: a row of their own (before, the two
+    recipes were pooled as more seeds, and the pairing kept one error of each). A fourth IL search and the long
+    trainings also differ in settings that say only how they ran: those split nothing."""
+    for seed, err in ((0, 0.02), (1, 0.04)):
+        _training_run(runs / f"il-{seed}" / "long", str(runs / f"il-{seed}" / "search"), "digits", err,
+                      extra=("train.epochs=900", "train.checkpoint_minutes=5", "train.compile=inductor"))
+    _search_run(runs / "il-3" / "search", "il", 3, hours=1.0, extra=(
+        "search.log_every=10", "search.checkpoint_minutes=1", "engine.batched_sets=1", "search.amp=true"))
+    c = compare([runs])
+    assert "eval:train.epochs" in c.varying and not {"eval:train.checkpoint_minutes", "eval:train.compile",
+                                                     "search.log_every", "engine.batched_sets"} & set(c.varying)
+    (default, long) = [r for r in rows(c) if r["framework"] == "il"]
+    assert "eval:train.epochs=900" in long["settings"] and "eval:train.epochs=" in default["settings"]
+    assert default["error_digits"]["n"] == 3 and default["error_digits"]["mean"] == pytest.approx(12.0)
+    assert long["error_digits"]["n"] == 2 and long["error_digits"]["mean"] == pytest.approx(3.0)
+    assert default["error_mnist5k"]["n"] == 3 and long["error_mnist5k"]["n"] == 0
+    assert default["search_hours"] == long["search_hours"] == pytest.approx((0.5 + 1.5 + 2.5 + 1.0) / 4)
+    from ilnas.recipes.compare import paired
+
+    (pair,) = [p for p in paired(c) if p["a"].startswith("DARTS-2nd il") and p["b"].startswith("DARTS-2nd il")]
+    assert pair["pairs"] == 2 and abs(pair["mean_diff"]) == pytest.approx(8.0)
 
 
 def test_the_command_prints_markdown_csv_and_json(runs):

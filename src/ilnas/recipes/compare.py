@@ -18,10 +18,16 @@ from ilnas.errors import IlnasError
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
-IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "search.device", "train.device",
-           "train.workers", "train.decode", "train.amp", "train.channels_last", "train.deterministic", "search.threads",
-           "train.threads", "search.channels_last", "search.deterministic"}
+IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "data.memory_limit_gb", "search.device",
+           "train.device", "train.workers", "train.decode", "train.amp", "train.channels_last", "train.deterministic",
+           "train.compile", "train.compile_mode", "train.checkpoint_minutes", "search.threads", "train.threads",
+           "search.channels_last", "search.deterministic", "search.amp", "search.log_every",
+           "search.checkpoint_minutes", "engine.batched_sets"}
 SEEDS = {"search.seed", "train.seed"}
+# A training's own settings (its recipe) stand beside its cell's under this prefix, since a search's sections
+# and a training's share names (data, optimizer). Its task is a column of the table and its cell is named by
+# the search or the given genotype, so neither tells recipes apart.
+RECIPE, NOT_RECIPE = "eval:", {"kind", "genotype", "data.tasks"}
 # What the table reads of a finished run's final record, and its types.
 SUMMARY_FIELDS = {"search_hours": float}
 RESULT_FIELDS = {"task": str, "final_test_error": float, "params": float, "macs": float}
@@ -49,7 +55,7 @@ def method_name(config: dict) -> str:
 @dataclass
 class Group:
     """Runs that differ only in their seeds: one search configuration (or one given cell) and the
-    training runs of its cells."""
+    training runs of its cells under one training recipe (a search's runs stand in each of its rows)."""
 
     method: str
     framework: str
@@ -78,42 +84,62 @@ def _search_of(training: Path) -> Path | None:
     return p.resolve() if (p / "config.yaml").is_file() and read_config(p)["kind"] == "search" else None
 
 
-def compare(paths: Sequence[str | Path]) -> Comparison:
-    runs = find_runs(paths)
-    groups: dict[str, Group] = {}
-    unfinished = [r for r in runs if not is_finished(r)]
+def _settings(config: dict, prefix: str = "", leave_out: frozenset[str] = frozenset()) -> dict[str, object]:
+    return {prefix + k: v for k, v in _flat(config).items() if k not in IGNORED | SEEDS | leave_out}
 
-    def group_of(config: dict, method: str, framework: str) -> Group:
-        settings = {k: v for k, v in _flat(config).items() if k not in IGNORED | SEEDS}
-        key = json.dumps(settings, sort_keys=True, default=str)
-        return groups.setdefault(key, Group(method, framework, settings))
+
+def _key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def compare(paths: Sequence[str | Path]) -> Comparison:
+    """A row per cell (a search configuration, or a given cell) and training recipe: trainings of one cell
+    under two recipes (other epochs, network sizes, learning rates) are two rows, never pooled as seeds."""
+    runs = find_runs(paths)
+    unfinished = [r for r in runs if not is_finished(r)]
+    cells: dict[str, tuple[str, str, dict]] = {}  # cell key -> method, framework, settings (first seen first)
+    searches: dict[str, list[dict]] = {}  # search configuration key -> summary.json of each finished search
+    recipes: dict[str, dict[str, Group]] = {}  # cell key -> training recipe key -> its group
+
+    def cell_of(settings: dict, method: str, framework: str) -> str:
+        key = _key(settings)
+        cells.setdefault(key, (method, framework, settings))
+        return key
 
     for run in runs:
         if not is_finished(run):
             continue
         config = read_config(run)
         if config["kind"] == "search":
-            group_of(config, method_name(config), config["search"]["framework"]).searches.append(
-                read_record(run, "summary.json", SUMMARY_FIELDS))
+            key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
+            searches.setdefault(key, []).append(read_record(run, "summary.json", SUMMARY_FIELDS))
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run)
         cell_seed = None  # a given cell's runs differ only in their training seed
         if search is not None:
             scfg = read_config(search)
-            group = group_of(scfg, method_name(scfg), scfg["search"]["framework"])  # named or not
+            key = cell_of(_settings(scfg), method_name(scfg), scfg["search"]["framework"])  # named or not
             cell_seed = scfg["search"]["seed"]
         else:
             source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
             if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
-                group = group_of({"cell": "random"}, "random cell", "-")
+                key = cell_of({"cell": "random"}, "random cell", "-")
                 cell_seed = int(source.split(":")[1])
             else:
-                group = group_of({"cell": config.get("genotype")}, source, "-")
+                key = cell_of({"cell": config.get("genotype")}, source, "-")
+        method, framework, settings = cells[key]
+        recipe = _settings(config, RECIPE, frozenset(NOT_RECIPE))
+        group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe}))
         group.trainings.setdefault(result["task"], []).append(result)
         group.errors[(cell_seed, config["train"]["seed"], result["task"])] = 100 * result["final_test_error"]
-    tasks = sorted({t for g in groups.values() for t in g.trainings})
-    return Comparison(list(groups.values()), tasks, _varying(list(groups.values())), unfinished)
+    groups = []
+    for key, (method, framework, settings) in cells.items():
+        for group in recipes.get(key, {}).values() or [Group(method, framework, settings)]:
+            group.searches = searches.get(key, [])
+            groups.append(group)
+    tasks = sorted({t for g in groups for t in g.trainings})
+    return Comparison(groups, tasks, _varying(groups), unfinished)
 
 
 def _varying(groups: list[Group]) -> list[str]:
