@@ -96,6 +96,10 @@ BAD_SETTINGS = [
     ("search.device=tpu", "search.device must be auto, cpu, cuda or cuda:N"),
     ("search.dtype=float16", "search.dtype must be float32 or float64"),
     ("engine.val_weights=[-1,1]", "engine.val_weights must be >= 0"),
+    # a zero objective ran a whole search and printed a cell nothing had searched
+    ("engine.val_weights=[0,0]", "engine.val_weights are all 0: the architecture's objective would be 0, so nothing "
+                                 "would search it"),
+    ("engine.train_weights=[0,0]", "engine.train_weights are all 0: the stages' training losses would be 0"),
     ("engine.train_weights=[1]", "train_weights has 1 entries for 2 learners"),
     ("engine.train_weights=[&a 1, *a]", "not valid YAML"),
     ("data.image_size=100000", "data.image_size must lie in [8, 1024]"),

@@ -445,6 +445,10 @@ def _sgd(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> tuple[T
     return detached(axpy(-rule.lr, buf, p)), detached(buf)
 
 
+ALL_ZERO = {"train_weights": "the stages' training losses would be 0, so no weights would train",
+            "val_weights": "the architecture's objective would be 0, so nothing would search it"}
+
+
 def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None:
     """Refuse settings the engine cannot run, before any run directory is touched."""
     if cfg.order not in (1, 2):
@@ -465,3 +469,6 @@ def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None
             raise IlnasError(f"engine.{name} has {len(weights)} entries for {num_learners} learners")
         if any(x < 0 for x in weights or ()):
             raise IlnasError(f"engine.{name} must be >= 0, got {list(weights)}")
+        if weights is not None and not any(weights):  # a zero objective: nothing would train (or search) at all
+            raise IlnasError(f"engine.{name} are all 0: {ALL_ZERO[name]}; give at least one learner a positive "
+                             f"weight")
