@@ -149,6 +149,8 @@ BAD_TRAIN_SETTINGS = [
     ("optimizer.gamma=0", "optimizer.gamma must be positive"),
     ("network.layers=200000", "network.layers must be at most 1000, got 200000"),
     ("network.layers=2", "network.layers must be at least 3, got 2: with fewer cells the network has no normal cell"),
+    # the default cutout (16) on the 16x16 digits: a square centred mid-image erased it whole
+    ("train.cutout=16", "train.cutout=16 is not smaller than the 16x16 images of mnist5k: its square would erase"),
     ("train.workers=100000", "train.workers must be at most 256, got 100000"),
     ("train.threads=99999999999", "train.threads must be at most 4096"),
     ("train.resolution=100000", "train.resolution must be at most 1024, got 100000"),

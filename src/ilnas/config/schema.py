@@ -149,7 +149,7 @@ class TrainConfig:
 
     Args:
         batch_size: the global batch, split evenly over torchrun ranks.
-        cutout: side of the cutout square on in-memory tasks (0: off).
+        cutout: side of the cutout square on in-memory tasks (0: off; smaller than the image side).
         resolution, color_jitter, workers: image-folder tasks (ImageNet recipe).
         decode: how image-folder tasks are decoded: ``workers`` (PIL in the DataLoader workers) or ``device``
             (the workers read the files; JPEGs are decoded in one batched call on the training device,

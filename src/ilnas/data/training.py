@@ -216,6 +216,10 @@ def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout:
     """Any task of ``task_info``: in-memory tasks (train + validation joined) or image-folder trees."""
     info = task_info(name, source)
     if info.in_memory:
+        if cutout >= info.resolution:  # a square centred mid-image would cover all of it: blank images, labelled
+            raise IlnasError(f"train.cutout={cutout} is not smaller than the {info.resolution}x{info.resolution} "
+                             f"images of {name}: its square would erase whole images; keep it below the side (the "
+                             f"CIFAR recipe: 16 on 32x32)")
         return InMemoryData(name, source, shard, cutout, dtype)
     return FolderData(name, info.root, shard, resolution, color_jitter, workers, decode)
 
