@@ -2,6 +2,7 @@
 nine {single, MTL, IL} x {DARTS, P-DARTS, PC-DARTS} searches end to end on the embedded tasks."""
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ from ilnas.runs import read_metrics
 from ilnas.config import PDartsConfig
 from ilnas.errors import IlnasError
 from ilnas.search.engine import EngineConfig
-from ilnas.search.methods import Darts, PDarts, limit_skips, prune_ops
+from ilnas.search.methods import Darts, PDarts, _edge_index, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.sets import shuffle_channels
@@ -125,6 +126,34 @@ def test_skip_limit_strikes_the_weakest_skips_first():
     assert ("skip_connect", 0) in g.normal[4:6] and ("skip_connect", 0) in g.normal[6:8]
     assert [op for op, _ in g.reduce].count("skip_connect") == 8  # the rule is for the normal cell only
     assert [op for op, _ in limit_skips(w, w, ops, ops, max_skips=8).normal].count("skip_connect") == 8
+
+
+def test_skip_limit_on_edges_left_with_none_and_skip_connect_alone(caplog):
+    """pdarts.ops_per_edge ending at 2 can leave an edge [none, skip_connect]: striking that skip-connect made
+    the cell take 'none', and the search ended, after all its phases, in "malformed genotype". Now its node
+    takes another edge (as the official code's zeroed skip probability does), and where none is left (every
+    edge of a node [none, skip_connect]), the cell keeps the skip-connect with a warning."""
+    torch.manual_seed(0)
+    reduce, reduce_ops = torch.rand(14, 2), [["none", "sep_conv_3x3"]] * 14
+    with caplog.at_level(logging.WARNING, logger="ilnas"):
+        kept = limit_skips(torch.rand(14, 2), reduce, [["none", "skip_connect"]] * 14, reduce_ops, max_skips=2)
+    assert [op for op, _ in kept.normal] == ["skip_connect"] * 8
+    assert caplog.messages == ["the final normal cell keeps 8 skip-connects, more than pdarts.max_skips=2: nothing "
+                               "but none was left to take their place"]
+    caplog.clear()
+    # nodes 0 and 1 (edges 0-4) have only skip-connects; node 2 takes its two conv edges (7, 8) in place of
+    # skip-connects on 5 and 6, however strong, and likewise nodes 3 (11, 12, 13 of 9-13)
+    ops = [["none", "skip_connect"]] * 7 + [["none", "sep_conv_3x3"]] * 2 + [["none", "skip_connect"]] * 2 + \
+        [["none", "sep_conv_3x3"]] * 3
+    w = torch.rand(14, 2)
+    w[[5, 6, 9, 10], 1] += 10  # strong skip-connects where another edge of the node can stand in
+    with caplog.at_level(logging.WARNING, logger="ilnas"):
+        cell = limit_skips(w, reduce, ops, reduce_ops, max_skips=2)
+    chosen = [(op, _edge_index(k, j)) for k, (op, j) in enumerate(cell.normal)]
+    assert [op for op, _ in chosen] == ["skip_connect"] * 4 + ["sep_conv_3x3"] * 4
+    assert {e for _, e in chosen[4:6]} == {7, 8} and {e for _, e in chosen[6:]} <= {11, 12, 13}
+    assert caplog.messages == ["the final normal cell keeps 4 skip-connects, more than pdarts.max_skips=2: nothing "
+                               "but none was left to take their place"]
 
 
 def test_skip_dropout_follows_the_official_schedule():

@@ -9,6 +9,7 @@ ops per edge; between phases every edge keeps its strongest ops; the final norma
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -19,6 +20,8 @@ from ilnas.config import PDartsConfig, SearchRunConfig
 from ilnas.space.genotype import Genotype, derive_genotype
 from ilnas.space.ops import PRIMITIVES
 from ilnas.space.supernet import NODES, EdgeOps
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,15 +95,38 @@ def _edge_index(position: int, input_index: int) -> int:
     return sum(2 + i for i in range(node)) + input_index
 
 
+def _replaceable(w: torch.Tensor, edge_ops: EdgeOps, edge: int, nodes: int) -> bool:
+    """Whether striking ``edge``'s skip-connect leaves its node two edges with an op other than ``none``: its
+    own next op, or two other edges (derive_cell then never picks the struck one, whose strength is -inf)."""
+    if set(edge_ops[edge]) - {"none", "skip_connect"}:
+        return True
+    start = 0
+    for node in range(nodes):
+        if edge < start + 2 + node:
+            break
+        start += 2 + node
+    others = [k for k in range(start, start + 2 + node) if k != edge and any(
+        op != "none" and w[k, o] > float("-inf") for o, op in enumerate(edge_ops[k]))]
+    return len(others) >= 2
+
+
 def limit_skips(normal: torch.Tensor, reduce: torch.Tensor, normal_ops: EdgeOps, reduce_ops: EdgeOps,
                 max_skips: int = 2, nodes: int = NODES) -> Genotype:
     """The DARTS rule, then: while the normal cell holds more than ``max_skips`` skip-connects, the
-    chosen skip-connect with the smallest weight is struck from its edge and the cell derived again."""
+    chosen skip-connect with the smallest weight is struck from its edge and the cell derived again: its
+    edge takes its next op, or, where it has none but ``none`` left (``pdarts.ops_per_edge`` ending at 2),
+    its node takes another edge. Where neither can be (a node whose edges hold nothing else), the cell keeps
+    the skip-connect, with a warning."""
     w = normal.detach().double().cpu().clone()
     while True:
         genotype = derive_genotype(w, reduce, normal_ops, reduce_ops, nodes)
         skips = [(_edge_index(k, j)) for k, (op, j) in enumerate(genotype.normal) if op == "skip_connect"]
         if len(skips) <= max_skips:
             return genotype
-        weakest = min(skips, key=lambda e: float(w[e, list(normal_ops[e]).index("skip_connect")]))
+        replaceable = [e for e in skips if _replaceable(w, normal_ops, e, nodes)]
+        if not replaceable:
+            log.warning(f"the final normal cell keeps {len(skips)} skip-connects, more than pdarts.max_skips="
+                        f"{max_skips}: nothing but none was left to take their place")
+            return genotype
+        weakest = min(replaceable, key=lambda e: float(w[e, list(normal_ops[e]).index("skip_connect")]))
         w[weakest, list(normal_ops[weakest]).index("skip_connect")] = float("-inf")
