@@ -153,6 +153,9 @@ def test_an_image_folder_without_val_holds_out_a_fifth_as_its_test_split(tmp_pat
     (lambda root: (root / "train" / "dog" / "0.png").write_bytes(b"not a png"), "cannot read image"),
     (lambda root: (root / "val" / "fox").mkdir(), "not those of train/"),
     (lambda root: None, "over data.memory_limit_gb"),
+    # a class the network would have had an output for, and never a training image of
+    (lambda root: [p.rename(p.with_suffix(".txt")) for p in (root / "train" / "eel").iterdir()],
+     r"the class folder\(s\) eel in .*train hold no images \(\.bmp, "),
 ])
 def test_a_bad_image_folder_is_refused_in_one_line(tmp_path, damage, message):
     from helpers import write_image_folder

@@ -363,6 +363,10 @@ def _image_folder(name: str, root: Path, source: DataConfig) -> Task:
     val/ is the test split (without val/, a fixed fifth of train/). Mean and std of the training split."""
     side, classes = source.image_size, folder_classes(root, name)
     train_items = folder_images(root / "train", classes)
+    empty = sorted(set(classes) - {classes[label] for _, label in train_items})
+    if empty:  # a class the network would have an output for and never see (streamed, ImageFolder refuses it)
+        raise IlnasError(f"the class folder(s) {', '.join(empty[:5])} in {root / 'train'} hold no images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some, or remove the folder(s)")
     test_items = folder_images(root / "val", classes) if (root / "val").is_dir() else []
     gigabytes = (len(train_items) + len(test_items)) * 3 * side * side / 1e9
     if gigabytes > source.memory_limit_gb:
