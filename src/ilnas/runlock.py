@@ -259,7 +259,12 @@ def lock_holder(path: Path) -> str | None:
 
 def holder_pid(path: Path) -> int | None:
     """The pid of the process on this host working on the run at ``path``, or None."""
-    found = _pid_and_host(lock_holder(path) or "")
+    return local_pid(lock_holder(path) or "")
+
+
+def local_pid(holder: str) -> int | None:
+    """The pid a lock's line names, where that process runs on this host; else None."""
+    found = _pid_and_host(holder)
     return found[0] if found is not None and found[1] == socket.gethostname() else None
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 from ilnas.config import load_yaml_file, resolve, to_dict
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
-from ilnas.runlock import RunLock, holder_pid, lock_holder
+from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
 from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
 from ilnas.threads import default_threads
 
@@ -227,11 +227,11 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
         key = run.out.name
         holder = lock_holder(run.out)
         if holder is not None:
+            held = HeldElsewhere(run.out, holder)
+            if started is not None:  # before the line below: a stop that follows it finds the process to pass on to
+                started(held, run.out)
             print(f"ilnas: sweep cell {cell.name}: {key} is being worked on by another process ({holder}); waiting "
                   f"for it to end", file=sys.stderr, flush=True)
-            held = HeldElsewhere(run.out)
-            if started is not None:
-                started(held, run.out)
             if not held.wait():
                 status["runs"][key] = "stopped (the sweep was stopped while another process held the run)"
                 break
@@ -264,9 +264,10 @@ class HeldElsewhere:
 
     POLL_S = 1.0
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, holder: str):
+        """``holder``: the lock's line as read (the process named there is the one a stop is passed on to)."""
         self.out, self.stopped = out, False
-        self.pid = holder_pid(out) or 0  # 0: on another host (no such process here)
+        self.pid = local_pid(holder) or 0  # 0: on another host (no such process here)
 
     def poll(self) -> int | None:
         return None if lock_holder(self.out) is not None else 0
