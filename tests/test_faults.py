@@ -934,6 +934,19 @@ def test_a_resume_on_another_number_of_ranks_is_recorded_and_warned_about(tmp_pa
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 1), (True, 1), (True, 4)]
 
 
+def test_training_the_cell_of_an_unfinished_search_says_it_is_not_the_final_one(micro_run, tmp_path):
+    """A search still running (or interrupted) already has a genotype.json, its latest epoch's: re-training it
+    is allowed, and says so, on stderr as the CLI's other warnings; a finished search's cell says nothing."""
+    running = unfinished_copy(micro_run, tmp_path / "search")
+    tiny = ["train", *TRAIN_ARGS[3:], "--set", "train.epochs=1", "--set", "train.steps_per_epoch=1"]
+    for source, warned in ((running, True), (running / "genotype.json", True), (micro_run, False)):
+        rc, out, err = call(*tiny, "--genotype", str(source), "--out", str(tmp_path / f"train-{warned}"), "--force")
+        assert rc == 0, err
+        assert (err == f"ilnas: warning: the search in {running} has not finished: its genotype.json holds the cell "
+                       f"of its latest epoch, not the one it will end with\n") == warned, err
+        assert "warning" not in out
+
+
 def test_a_resume_under_another_torch_or_ilnas_is_warned_about(tmp_path, monkeypatch, caplog):
     """An upgrade between two sessions of a long run: it continues, and says its numbers may now differ from
     an uninterrupted run's. A record without versions (or a damaged one) is no reason for a warning."""

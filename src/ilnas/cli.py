@@ -352,28 +352,25 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-class _Stdout(logging.StreamHandler):
-    """Log lines to whatever sys.stdout is at the time (tests and callers redirect it)."""
+class _Console(logging.Handler):
+    """The recipes' log lines as the CLI's own: epoch lines to whatever sys.stdout is at the time, warnings to
+    sys.stderr as "ilnas: warning: ..." like the CLI's other warnings (tests and callers redirect both)."""
 
-    def __init__(self):
-        super().__init__(sys.stdout)
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.levelno >= logging.WARNING:
+                print(f"ilnas: warning: {_one_line(record.getMessage())}", file=sys.stderr, flush=True)
+            else:
+                print(record.getMessage(), file=sys.stdout, flush=True)
+        except Exception:  # a closed or broken stream: logging's own report, as a StreamHandler gives it
+            self.handleError(record)
 
 
 def _log_to_stdout() -> None:
-    """The recipes' epoch lines (logger ``ilnas``) go to stdout, as plain lines."""
+    """The recipes' epoch lines (logger ``ilnas``) go to stdout, as plain lines; their warnings to stderr."""
     logger = logging.getLogger("ilnas")
-    if not any(isinstance(h, _Stdout) for h in logger.handlers):
-        handler = _Stdout()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        logger.addHandler(_Console())
     logger.setLevel(logging.INFO)
     logger.propagate = False
 

@@ -29,7 +29,8 @@ from ilnas.memory import parameter_count, require_fit, saved_activation_bytes
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
-from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory, read_metrics
+from ilnas.runs import (RunDir, check, config_dict, is_finished, load_checkpoint, out_of_memory, read_config,
+                        read_metrics)
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
@@ -39,6 +40,19 @@ from ilnas.space.network import build_network, check_input_size, count_parameter
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 
 LOSS_CHECK_STEPS = 50  # steps between the host's looks at the running loss (each look waits for the device)
+
+
+def unfinished_search(source: str | None) -> Path | None:
+    """The search run ``source`` names (its directory or its genotype.json), where that search has not finished."""
+    if not source:
+        return None
+    path = Path(source)
+    run = path.parent if path.name == "genotype.json" else path
+    try:
+        searched = (run / "config.yaml").is_file() and read_config(run)["kind"] == "search"
+    except (IlnasError, OSError):
+        return None
+    return run if searched and not is_finished(run) else None
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
@@ -56,6 +70,10 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     check_compile_backend(t.compile)
     process = distributed.start(t.device)
     set_threads(t.threads)
+    unfinished = unfinished_search(genotype_source)
+    if unfinished is not None and process.main:
+        log.warning(f"the search in {unfinished} has not finished: its genotype.json holds the cell of its latest "
+                    f"epoch, not the one it will end with")
     try:
         with (StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic),
               out_of_memory("network.channels, network.layers or train.batch_size")):
