@@ -89,6 +89,7 @@ def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_te
     assert "eval:train.epochs=900" in long["settings"] and "eval:train.epochs=" in default["settings"]
     assert default["error_digits"]["n"] == 3 and default["error_digits"]["mean"] == pytest.approx(12.0)
     assert long["error_digits"]["n"] == 2 and long["error_digits"]["mean"] == pytest.approx(3.0)
+    assert (default["seeds"], long["seeds"]) == (3, 2)  # the searches are 4: the rows count what they average
     assert default["error_mnist5k"]["n"] == 3 and long["error_mnist5k"]["n"] == 0
     assert default["search_hours"] == long["search_hours"] == pytest.approx((0.5 + 1.5 + 2.5 + 1.0) / 4)
     from ilnas.recipes.compare import paired

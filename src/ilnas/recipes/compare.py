@@ -173,7 +173,8 @@ def rows(c: Comparison) -> list[dict]:
         row["params_m"] = mean_std(r["params"] / 1e6 for r in trained)[0]
         row["macs_m"] = mean_std(r["macs"] / 1e6 for r in trained)[0]
         row["search_hours"] = mean_std(s["search_hours"] for s in g.searches)[0]
-        row["seeds"] = max([len(g.searches)] + [len(r) for r in g.trainings.values()])
+        # what the errors are over where the row has trainings (a recipe may have re-trained some seeds only)
+        row["seeds"] = max(len(r) for r in g.trainings.values()) if g.trainings else len(g.searches)
         out.append(row)
     return out
 
