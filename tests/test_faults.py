@@ -30,7 +30,8 @@ import torch
 import yaml
 
 from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
-                     folder_training, ilnas, ilnas_here, read_lines, snapshot, wait_for_sessions, write_cifar, write_image_folder)
+                     folder_training, ilnas, ilnas_here, read_lines, snapshot, wait_for_sessions, write_cifar,
+                     write_image_folder)
 from ilnas import runlock
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed

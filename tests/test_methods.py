@@ -94,8 +94,9 @@ def test_a_supernet_without_a_normal_cell_is_refused(layers):
     arch = [a.requires_grad_() for a in init_arch(net.num_ops, generator=torch.Generator().manual_seed(0))]
     net(torch.randn(2, 1, 16, 16), *arch_weights(arch)).sum().backward()
     assert arch[0].grad is None and arch[1].grad.abs().sum() > 0  # what the refusal is for
-    for preset, setting, name in (("darts2nd-cifar10", f"space.layers={layers}", "space.layers"),
-                                  ("pdarts-cifar10", f"pdarts.layers=[5, {layers}, 17]", "every entry of pdarts.layers")):
+    for preset, setting, name in (
+            ("darts2nd-cifar10", f"space.layers={layers}", "space.layers"),
+            ("pdarts-cifar10", f"pdarts.layers=[5, {layers}, 17]", "every entry of pdarts.layers")):
         with pytest.raises(IlnasError, match=f"^{name} must be at least 3, got {layers}: with fewer cells"):
             resolve(preset, overrides=[setting])
 
