@@ -1042,13 +1042,24 @@ def stopped_by(signum: int, argv: list[str], out: Path) -> list[str]:
 
 
 def killed_once_checkpointed(argv: list[str], out: Path, reached: Callable[[dict], bool]) -> None:
-    """``ilnas ARGV --out OUT``, SIGKILLed as soon as its checkpoint is one that ``reached`` accepts."""
-    proc = ilnas(*argv, "--out", str(out), wait=False)
+    """``ilnas ARGV --out OUT``, SIGKILLed at the first checkpoint that ``reached`` accepts. Each new checkpoint
+    is read with the run held (SIGSTOP), so that however slowly it is read, the run has not gone on past it,
+    or to its end, in the meantime."""
+    proc, ckpt, seen = ilnas(*argv, "--out", str(out), wait=False), out / "checkpoint.pt", None
     while True:
         assert proc.poll() is None, proc.communicate()
-        with contextlib.suppress(IlnasError):  # not written yet, or being replaced
-            if reached(read_checkpoint(out / "checkpoint.pt")):
-                break
+        with contextlib.suppress(FileNotFoundError):
+            st = ckpt.stat()
+            if (st.st_ino, st.st_mtime_ns) != seen:
+                proc.send_signal(signal.SIGSTOP)
+                seen = (st.st_ino, st.st_mtime_ns)
+                try:
+                    hit = reached(read_checkpoint(ckpt))
+                except (IlnasError, OSError):  # caught between a save's renames: the next one
+                    hit = False
+                if hit:
+                    break
+                proc.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     proc.kill()
     proc.wait()
@@ -1175,9 +1186,7 @@ def test_a_search_checkpointed_part_way_through_its_epochs_resumes_bit_exact_aft
     rc, _, err = call(*argv, "--out", str(tmp_path / "reference"))
     assert rc == 0, err
     out = tmp_path / "run"
-    # phase 2 (dropout 0.2 in its warm-up epoch), part-way through its first epoch (after its step 1 or 2 of
-    # 3): a whole epoch still to go, so that the kill lands before the end on a loaded machine too (part-way
-    # through the last epoch, the run sometimes finished first)
+    # phase 2 (dropout 0.2 in its warm-up epoch), part-way through its first epoch (after its step 1 or 2 of 3)
     killed_once_checkpointed(argv, out, lambda c: (c["progress"]["phase"], c["progress"]["epoch"]) == (1, 0)
                              and c["progress"]["epoch_steps"] > 0)
     assert not (out / "summary.json").exists()
