@@ -275,6 +275,23 @@ def test_paper_preset_settings():
     assert (cfg.space.channels, cfg.space.layers) == (16, 8)
 
 
+@pytest.mark.parametrize("name", [n for n in list_presets() if not n.startswith("eval-")])
+def test_one_key_set_in_a_section_changes_that_key_only(name):
+    """--set optimizer.lr on a preset that leaves the optimizer section at the search's defaults used to rebuild
+    the section from the class's defaults: lr_min fell from the search's 0.001 to 0, silently."""
+    before = to_dict(resolve(name))
+    after = to_dict(resolve(name, overrides=["optimizer.lr=0.5", "arch_optimizer.lr=0.5", "data.data_dir=x"]))
+    for section, key in (("optimizer", "lr"), ("arch_optimizer", "lr"), ("data", "data_dir")):
+        before[section][key] = after[section][key]
+    assert after == before
+
+
+def test_a_section_of_an_eval_config_file_keeps_the_eval_defaults_it_does_not_name(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("kind: eval\ndata: {data_dir: /somewhere}\n")
+    assert resolve(None, str(f), kind="eval").data.tasks == ("cifar10",)  # not the search's embedded tasks
+    assert resolve("demo", overrides=["optimizer.momentum=0.5"]).optimizer.lr_min == 0.001
+
 def test_help_version_and_presets_start_without_torch():
     import subprocess
     import sys

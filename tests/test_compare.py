@@ -98,6 +98,25 @@ def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_te
     assert pair["pairs"] == 2 and abs(pair["mean_diff"]) == pytest.approx(8.0)
 
 
+def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(runs):
+    """A third MTL search with lambda 1 (MTL has no coupling to read it) and another step_size (its schedule is
+    cosine) is the MTL row's third seed; IL searches with lambda 1 are a row of their own. A config.yaml written
+    before a setting existed (here engine.update_order and search.deterministic) compares as its default."""
+    _search_run(runs / "mtl-2" / "search", "mtl", 2, hours=2.0, extra=("engine.lam=1", "optimizer.step_size=7"))
+    _training_run(runs / "mtl-2" / "digits", str(runs / "mtl-2" / "search"), "digits", 0.25)
+    _search_run(runs / "il-lam1" / "search", "il", 0, hours=1.0, extra=("engine.lam=1",))
+    _training_run(runs / "il-lam1" / "digits", str(runs / "il-lam1" / "search"), "digits", 0.5)
+    old = runs / "il-2" / "search" / "config.yaml"
+    config = yaml.safe_load(old.read_text())
+    del config["engine"]["update_order"], config["search"]["deterministic"]
+    old.write_text(yaml.safe_dump(config))
+    c = compare([runs])
+    assert "engine.lam" in c.varying and "optimizer.step_size" not in c.varying
+    (mtl,) = [r for r in rows(c) if r["framework"] == "mtl"]
+    assert mtl["seeds"] == 3 and mtl["error_digits"]["mean"] == pytest.approx(25.0) and "lam" not in mtl["settings"]
+    il = {g.settings["engine.lam"]: r for g, r in zip(c.groups, rows(c)) if r["framework"] == "il"}
+    assert sorted(il) == [1.0, 100.0] and il[100.0]["seeds"] == 3 and il[1.0]["seeds"] == 1
+
 def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr

@@ -247,3 +247,43 @@ def test_bf16_autocast_hypergradient_stays_near_the_float64_one(cfg, bound):
         assert rel_error(fp32, [g.float() for g in want]) < 1e-4
         assert rel_error(bf16, [g.float() for g in want]) > 1e-3  # bf16 really ran
         assert cosine(bf16, want) > bound
+
+
+
+# A changed value for each engine setting the test below varies.
+CHANGED = {"engine.hvp": lambda v: "exact" if v == "fd" else "fd", "engine.fd_eps": lambda v: 0.3,
+           "engine.lam": lambda v: 3.0, "engine.virtual_momentum": lambda v: not v,
+           "engine.allow_unstable": lambda v: not v, "engine.coupling": lambda v: "prox" if v != "prox" else "gd"}
+
+
+@pytest.mark.parametrize("cfg, K, M, read", [
+    (EngineConfig(order=1, coupling="prox", lam=1.0), 2, 1, "engine.lam"),
+    (EngineConfig(order=2, hvp="exact", coupling="prox", lam=1.0), 2, 1, "engine.virtual_momentum"),
+    (EngineConfig(order=2, coupling="none"), 2, 1, "engine.coupling"),
+    (EngineConfig(order=2, coupling="copy"), 2, 1, "engine.fd_eps"),
+    (EngineConfig(order=2, coupling="prox", lam=1.0), 1, 1, "engine.hvp"),
+], ids=["first-order", "exact", "mtl", "copy", "single-stage"])
+def test_the_engine_settings_a_run_never_reads_change_no_number_and_one_it_reads_does(cfg, K, M, read):
+    """What config.schema.unused_settings calls unused (compare pools runs over it, a sweep refuses cells that
+    differ only in it): a search step with it changed ends in the same architecture, weights and momentum
+    buffers, bit for bit; ``read``, a setting the run reads, changed moves them (the comparison can fail)."""
+    from dataclasses import asdict, replace
+
+    from ilnas.config.schema import unused_settings
+
+    problem = make_problem(K=K, M=M)  # with momentum buffers: as a step of a run past its first
+
+    def after_a_step(engine: EngineConfig) -> list[torch.Tensor]:
+        p = copy.deepcopy(problem)
+        search_step(p.state, p.learners, p.train, p.val, engine, SGD(), 0.1)
+        return [*p.state.arch, *(x for st in p.state.stages for x in (*st.w, *st.h, *st.buf_w, *st.buf_h))]
+
+    unused = unused_settings({"kind": "search", "engine": asdict(cfg), "search": {"rounds": M},
+                              "data": {"tasks": [f"t{k}" for k in range(K)]}})
+    assert read not in unused and {k for k in unused if k.startswith("engine.")} <= set(CHANGED)
+    base = after_a_step(cfg)
+    for key in sorted(k for k in unused if k.startswith("engine.")) + [read]:
+        name = key.split(".")[1]
+        changed = after_a_step(replace(cfg, **{name: CHANGED[key](getattr(cfg, name))}))
+        same = all(torch.equal(a, b) for a, b in zip(base, changed, strict=True))
+        assert same == (key != read), f"{key} changed: the same numbers {same}"

@@ -409,6 +409,13 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
     ({"train": {"tasks": "digits", "set": TRAIN_SET}}, "train needs tasks: [task, ...]"),  # not one per letter
     ({"out": 5}, "out must be a directory's path, got 5"),
+    ({"grid": {"engine.lam": [1, 10], "framework": {"il": [], "mtl": MTL}}},
+     "cells lam-1_framework-mtl and lam-10_framework-mtl make the same search run (search never reads engine.lam "
+     "there); name variants so that it is made once"),
+    ({"grid": {"v": {"a": ["engine.lam=1"], "b": ["engine.lam=1.0"]}}},
+     "cells v-a and v-b make the same search run (the same settings)"),
+    ({"grid": {"search.seed": [0, 1], "cell": {"v2": ["genotype=DARTS_V2"]}}},
+     "cells seed-0_cell-v2 and seed-1_cell-v2 make the same train run (the same settings)"),
 ])
 def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
     with pytest.raises(IlnasError) as e:

@@ -29,6 +29,23 @@ def test_schedules_follow_their_formulas():
     assert math.isclose(SGD(lr=0.1, schedule="step", step_size=1, gamma=0.97).lr_at(10, 250), 0.1 * 0.97 ** 10)
 
 
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
+def test_a_schedule_reads_its_own_settings_only(schedule):
+    """The other schedules' settings are what config.schema.unused_settings leaves out of compare's rows."""
+    from dataclasses import replace
+
+    from ilnas.config.schema import unused_settings
+    from ilnas.optim import SCHEDULE_SETTINGS
+
+    base = SGD(lr=0.1, lr_min=0.01, schedule=schedule, warmup_epochs=3, step_size=4, gamma=0.9)
+    changed = {"lr_min": 0.02, "warmup_epochs": 5, "step_size": 7, "gamma": 0.5}
+    unused = {k.split(".")[1] for k in unused_settings({"kind": "eval", "optimizer": {"schedule": schedule}})}
+    assert unused == set(changed) - SCHEDULE_SETTINGS[schedule]
+    for name, value in changed.items():
+        rates = [replace(base, **{name: value}).lr_at(e, 20) for e in range(20)]
+        assert (rates == [base.lr_at(e, 20) for e in range(20)]) == (name in unused), name
+
 def test_two_ranks_see_exactly_the_global_batches_of_one_process():
     task = create_task("digits", DataConfig())
     maker = BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True, cutout=4)

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 
 SCHEDULES = ("cosine", "linear", "step")
+# The settings of its own that each schedule reads (lr_at); the others are the other schedules'.
+SCHEDULE_SETTINGS = {"cosine": {"lr_min"}, "linear": {"warmup_epochs"}, "step": {"step_size", "gamma"}}
 
 
 @dataclass(frozen=True)

@@ -207,8 +207,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise IlnasError(f"{where}: unsupported type {tp}")
 
 
-def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data`` over its defaults; unknown keys are errors."""
+def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data`` over its defaults, or over ``base`` (an instance of it); unknown keys
+    are errors. A section keeps what its parent's default for it holds where ``data`` is silent (the search's
+    SGD decays to lr_min 0.001, the class's to 0): one key set in a section must not reset the others."""
     if not isinstance(data, dict):
         raise IlnasError(f"{where[:-1] or 'config'} must be a mapping, got {data!r}"[:200])  # where: "search."
     hints = typing.get_type_hints(cls)
@@ -219,14 +221,21 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     if unknown:
         raise IlnasError(f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
                          f"{', '.join(names)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = from_dict(tp, value, f"{where}{name}.")
+            kwargs[name] = from_dict(tp, value, f"{where}{name}.", _default(fields[name]))
         else:
             kwargs[name] = _coerce(value, tp, f"{where}{name}")
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def to_dict(cfg: Any) -> dict:

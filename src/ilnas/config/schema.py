@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.optim import SCHEDULES, SGD, Adam
+from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
 from ilnas.threads import MAX_THREADS
@@ -351,6 +351,48 @@ def _validate_pdarts(p: PDartsConfig) -> None:
                          f"got {ops}")
     if any(not 0.0 <= r < 1.0 for r in p.skip_dropout) or p.max_skips < 0:
         raise IlnasError("pdarts.skip_dropout rates must lie in [0, 1) and pdarts.max_skips be >= 0")
+
+
+def flat_settings(config: dict, prefix: str = "") -> dict[str, object]:
+    """A nested configuration as dotted keys and hashable values (lists as tuples)."""
+    out: dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_settings(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def unused_settings(config: dict) -> set[str]:
+    """The settings (dotted keys) of a configuration, nested as config.yaml holds it, that its run never reads:
+    the other schedules' settings, the P-DARTS phases of a DARTS search (or space.layers of a P-DARTS one), the
+    finite-difference radius of an exact or first-order hypergradient, lambda of a coupling that has none, the
+    coupling of a single stage, ... Runs that differ only in these compute the same numbers: one run, not two."""
+    def get(section: str, key: str, default: Any) -> Any:
+        value = (config.get(section) or {}).get(key, default)
+        return default if value is None else value
+
+    schedule = SCHEDULE_SETTINGS.get(get("optimizer", "schedule", SGD.schedule), set())
+    unused = {f"optimizer.{k}" for k in set().union(*SCHEDULE_SETTINGS.values()) - schedule}
+    if config.get("kind") == "eval":
+        return unused | ({"network.auxiliary_weight"} if not get("network", "auxiliary", True) else set())
+    if get("search", "method", SearchConfig.method) == "pdarts":
+        unused.add("space.layers")  # each phase has its own (pdarts.layers)
+    else:
+        unused |= {f"pdarts.{f}" for f in PDartsConfig.__dataclass_fields__}
+    order, coupling = get("engine", "order", EngineConfig.order), get("engine", "coupling", EngineConfig.coupling)
+    if order == 1:  # the hypergradient is taken at the current weights: no HVP, no virtual step in it
+        unused |= {"engine.hvp", "engine.fd_eps"}
+        if coupling != "copy":  # (copy takes each stage's gradient at the previous stage's virtual step)
+            unused.add("engine.virtual_momentum")
+    elif get("engine", "hvp", EngineConfig.hvp) == "exact":
+        unused.add("engine.fd_eps")
+    if len(get("data", "tasks", DataConfig.tasks)) * get("search", "rounds", SearchConfig.rounds) == 1:
+        unused |= {"engine.coupling", "engine.lam", "engine.allow_unstable"}  # no stage before the first
+    elif coupling != "gd":
+        unused |= {"engine.allow_unstable"} | ({"engine.lam"} if coupling in ("none", "copy") else set())
+    return unused
 
 
 def validate_network(net: NetworkConfig) -> None:

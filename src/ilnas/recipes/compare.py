@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError
-from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record
+from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "data.memory_limit_gb", "search.device",
@@ -31,16 +32,6 @@ RECIPE, NOT_RECIPE = "eval:", {"kind", "genotype", "data.tasks"}
 # What the table reads of a finished run's final record, and its types.
 SUMMARY_FIELDS = {"search_hours": float}
 RESULT_FIELDS = {"task": str, "final_test_error": float, "params": float, "macs": float}
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def method_name(config: dict) -> str:
@@ -85,7 +76,11 @@ def _search_of(training: Path) -> Path | None:
 
 
 def _settings(config: dict, prefix: str = "", leave_out: frozenset[str] = frozenset()) -> dict[str, object]:
-    return {prefix + k: v for k, v in _flat(config).items() if k not in IGNORED | SEEDS | leave_out}
+    """What tells a run apart: its settings at today's defaults where it predates one, less how it ran, its seed and
+    the settings it never read (two MTL searches that differ only in engine.lam are one configuration)."""
+    config = with_defaults(config)
+    left_out = IGNORED | SEEDS | leave_out | unused_settings(config)
+    return {prefix + k: v for k, v in flat_settings(config).items() if k not in left_out}
 
 
 def _key(settings: dict) -> str:

@@ -29,6 +29,7 @@ from queue import Queue
 from typing import Any, Callable, Iterator
 
 from ilnas.config import load_yaml_file, resolve, to_dict
+from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
@@ -129,8 +130,29 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
         cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
     if len({c.name for c in cells}) != len(cells):
         raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
+    _refuse_repeats(cells)
     # More slots than cells would only divide the cores into shares nobody uses.
     return Sweep(root, tuple(cells), min(parallel, len(cells)), executor, _submitit_settings(spec.get("submitit")))
+
+
+def _refuse_repeats(cells: list[Cell]) -> None:
+    """Two cells whose runs would compute the same numbers (they differ only in settings those runs never read,
+    e.g. engine.lam of an MTL search) are one run made twice, and would stand in compare as two results."""
+    seen: dict[str, tuple[Cell, dict]] = {}
+    for cell in cells:
+        for run in cell.runs:
+            settings = flat_settings(run.config)
+            genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
+            used = {k: v for k, v in settings.items() if k not in unused_settings(run.config)}
+            key = json.dumps([run.command, genotype, used], sort_keys=True, default=str)
+            if key in seen:
+                first, first_settings = seen[key]
+                differ = sorted(k for k in settings.keys() | first_settings.keys()
+                                if settings.get(k) != first_settings.get(k))
+                why = f"{run.command} never reads {', '.join(differ)} there" if differ else "the same settings"
+                raise IlnasError(f"sweep spec: cells {first.name} and {cell.name} make the same {run.command} run "
+                                 f"({why}); name variants so that it is made once")
+            seen[key] = cell, settings
 
 
 def _submitit_settings(value: Any) -> dict:
