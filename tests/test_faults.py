@@ -155,6 +155,8 @@ BAD_TRAIN_SETTINGS = [
     ("train.workers=100000", "train.workers must be at most 256, got 100000"),
     ("train.threads=99999999999", "train.threads must be at most 4096"),
     ("train.resolution=100000", "train.resolution must be at most 1024, got 100000"),
+    ("data.tasks=[digits,mnist5k]", "data.tasks of a training names one task (the network has one classifier), "
+                                    "got ['digits', 'mnist5k']: train once per task"),
     ("network.channels=100000", "of this machine's memory; lower network.channels or "
                                 "network.layers"),
 ]

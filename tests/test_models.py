@@ -228,6 +228,12 @@ def test_create_model_builds_any_genotype_by_name_or_run(folder_runs):
     (["predict", "__RUN__", "__RUN__/model.json"], "cannot read image"),
     (["export", "__RUN__", "--format", "tflite"], "invalid choice: 'tflite'"),
     (["predict", "__RUN__", "x.png", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),
+    # an export or evaluation written over the run's own files: its weights, or (the card beside an export) its result
+    (["export", "__RUN__", "--format", "torchscript", "--out", "__RUN__/model.safetensors"],
+     "model.safetensors lies in run directory"),
+    (["export", "__RUN__", "--format", "torchscript", "--out", "__RUN__/result.pt"], "result.pt lies in run directory"),
+    (["export", "__RUN__", "--format", "torchscript", "--out", "__SEARCH__/x.pt"], "x.pt lies in run directory"),
+    (["evaluate", "__RUN__", "--data", "__OTHER__", "--out", "__RUN__"], "evaluation.json lies in run directory"),
 ])
 def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, message):
     run, search = folder_runs["train"], folder_runs["search"]

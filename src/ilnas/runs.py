@@ -93,6 +93,16 @@ def is_ilnas_run(path: Path) -> bool:
         return False
 
 
+def refuse_among_run_files(paths: Sequence[Path], option: str) -> None:
+    """Files a command writes (an export and its card, an evaluation's files) may not land in a run directory's
+    top level, beside the run's own config, checkpoints, weights and records: a name there that matched one of
+    them (``--out RUN/model.safetensors``, or a card ``RUN/result.json``) would replace it."""
+    for p in paths:
+        if is_ilnas_run(p.parent):
+            raise IlnasError(f"{option} {p} lies in run directory {p.parent}, beside the run's own files; "
+                             f"write it in a folder of its own (by default one below the run)")
+
+
 def _entries(path: Path) -> list[Path]:
     """What a directory holds, the lock file aside."""
     return [p for p in Path(path).iterdir() if p.name != LOCK]

@@ -237,6 +237,9 @@ def validate(cfg: RunConfig) -> None:
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
+        if len(cfg.data.tasks) != 1:  # a training used to take the first task and leave the others out, silently
+            raise IlnasError(f"data.tasks of a training names one task (the network has one classifier), got "
+                             f"{list(cfg.data.tasks)}: train once per task (a sweep's train.tasks does)"[:200])
         validate_network(cfg.network)
         require_normal_cell("network.layers", cfg.network.layers, "network")  # not a card's: old models still load
         _validate_train(cfg.train)

@@ -19,6 +19,7 @@ import torch
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
 from ilnas.models import ModelCard, load_model
+from ilnas.runs import refuse_among_run_files
 
 Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices
 
@@ -107,6 +108,8 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     ``run``'s model on ``data``; written to ``out`` (default <run>/evaluations/<data>-<which>/) as
     evaluation.json, per_class.csv, confusion.csv and confusion.png. Returns evaluation.json's content."""
     run = Path(run)
+    if out is not None:
+        refuse_among_run_files([Path(out) / "evaluation.json"], "--out")
     model = load_model(run, which, device)
     card: ModelCard = model.card
     dataset = evaluation_set(data, run, card, batch_size)

@@ -18,6 +18,7 @@ import torch
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text
 from ilnas.models import load_model
+from ilnas.runs import refuse_among_run_files
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
 TOLERANCE = 1e-4  # the largest |exported - PyTorch| logit difference accepted, relative to max(1, |logits|)
@@ -34,8 +35,9 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
         raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "onnx":
         require_onnx_export()
-    model = load_model(run, which, "cpu")
     target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
+    refuse_among_run_files([target, target.with_suffix(".json")], "--out")
+    model = load_model(run, which, "cpu")
     example = torch.randn(2, *model.card.input_size, generator=torch.Generator().manual_seed(0))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
