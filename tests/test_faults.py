@@ -237,6 +237,20 @@ def test_a_bad_command_line_is_refused_in_one_line(finished_run, argv, message):
     assert_refused(argv, message, [finished_run])
 
 
+def test_a_run_or_a_sweep_in_another_runs_directory_is_refused(finished_run, finished_training, tmp_path):
+    """A sweep given a training run's directory as its out used to write its cells and sweep.json among that run's
+    files (a cell named tb would have gone into its TensorBoard folder); a --force of that run would delete them."""
+    assert_refused([*SEARCH3, "--out", str(finished_training / "inner")],
+                   f"the run directory {finished_training / 'inner'} lies inside the run directory {finished_training}",
+                   [finished_training])
+    assert_refused([*TRAIN_ARGS, "--out", str(finished_run / "a" / "b")], "lies inside the run directory",
+                   [finished_run])
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"search": {"preset": "demo"}, "grid": {"search.seed": [0]}}))
+    assert_refused(["sweep", str(spec), "--out", str(finished_run)],
+                   f"the sweep directory {finished_run} is the run directory {finished_run}", [finished_run])
+
+
 def test_auto_resume_leaves_a_finished_run_as_it_is(finished_run, finished_training):
     for argv, run, says in ((SEARCH3, finished_run, "genotype = Genotype("), (TRAIN_ARGS, finished_training, "test error: ")):
         before = snapshot(run)

@@ -93,6 +93,17 @@ def is_ilnas_run(path: Path) -> bool:
         return False
 
 
+def refuse_inside_a_run(path: Path, what: str) -> None:
+    """A run or sweep directory may not be, or lie inside, another run's directory: that run's --force would
+    delete it with its own files, compare and status would take it for part of that run, and a name in it
+    (a sweep cell's, say) could be one of that run's own."""
+    p = Path(path).absolute()
+    for d in (p, *p.parents) if what == "sweep" else p.parents:
+        if (d / CONFIG).is_file() and is_ilnas_run(d):
+            where = "is" if d == p else "lies inside"
+            raise IlnasError(f"the {what} directory {path} {where} the run directory {d}; choose another --out")
+
+
 def refuse_among_run_files(paths: Sequence[Path], option: str) -> None:
     """Files a command writes (an export and its card, an evaluation's files) may not land in a run directory's
     top level, beside the run's own config, checkpoints, weights and records: a name there that matched one of
@@ -143,6 +154,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
                          f"--out") from None
     if path.exists() and not path.is_dir():
         raise IlnasError(f"{path} exists and is not a directory")
+    refuse_inside_a_run(path, "run")
     _check_writable(path)
     if resume:
         if not (path / CONFIG).is_file():

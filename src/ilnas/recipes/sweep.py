@@ -33,7 +33,7 @@ from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
-from ilnas.runs import CONFIG, is_finished, read_config, with_defaults
+from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, with_defaults
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
@@ -112,6 +112,7 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     if not isinstance(out, str):
         raise IlnasError(f"sweep spec: out must be a directory's path, got {out!r}")
     root = reachable(out, "sweep directory")
+    refuse_inside_a_run(root, "sweep")
     search, train = spec.get("search") or {}, spec.get("train")
     if not isinstance(search, dict):
         raise IlnasError("sweep spec: search must be a mapping (preset, set)")
