@@ -2,10 +2,11 @@
 
     python study/analyze.py runs/study/main runs/study/ablations --figures docs/results
 
-Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds,
-search minutes; for every pair of arms a paired comparison over (seed, task): mean difference, paired
-t-test and Wilcoxon signed-rank p-values (scipy). Across sweeps: how many of the (op, input) choices of
-each cell an arm shares with the main IL arm's cell of the same seed. Figures: error per arm and task.
+Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds (and
+training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
+mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy). Across sweeps: how many of the
+(op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Figures: error
+per arm and task.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from matplotlib.figure import Figure
 
 from ilnas.recipes.compare import paired_difference
 
-Arm = dict  # (seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict
+# (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict.
+# The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
+Arm = dict
 
 
 def load(sweep: Path) -> dict[str, Arm]:
@@ -29,8 +32,9 @@ def load(sweep: Path) -> dict[str, Arm]:
         seed = int(labels.pop("search.seed", 0))
         arm = arms.setdefault(", ".join(f"{k.split('.')[-1]}={v}" for k, v in labels.items()) or "all", {})
         for train in sorted((sweep / cell["cell"]).glob("train-*/result.json")):
-            result = json.loads(train.read_text())
-            arm[(seed, result["task"])] = 100 * result["final_test_error"]
+            result, name = json.loads(train.read_text()), train.parent.name
+            training_seed = name.rpartition("-seed-")[2] if "-seed-" in name else ""
+            arm[(seed, training_seed, result["task"])] = 100 * result["final_test_error"]
         search = sweep / cell["cell"] / "search"
         if (search / "summary.json").is_file():
             arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
@@ -38,12 +42,16 @@ def load(sweep: Path) -> dict[str, Arm]:
     return arms
 
 
+def _is_error(key: tuple) -> bool:
+    return len(key) == 3
+
+
 def _tasks(arms: dict[str, Arm]) -> list[str]:
-    return sorted({k[1] for arm in arms.values() for k in arm if isinstance(k[0], int) and isinstance(k[1], str)})
+    return sorted({k[2] for arm in arms.values() for k in arm if _is_error(k)})
 
 
 def _errors(arm: Arm, task: str) -> list[float]:
-    return [e for k, e in sorted(arm.items(), key=lambda kv: str(kv[0])) if isinstance(k[0], int) and k[1] == task]
+    return [e for k, e in sorted(arm.items(), key=lambda kv: str(kv[0])) if _is_error(k) and k[2] == task]
 
 
 def table(arms: dict[str, Arm]) -> list[str]:
@@ -58,16 +66,16 @@ def table(arms: dict[str, Arm]) -> list[str]:
                          (f"{v[0]:.2f}" if v else "-"))
         hours = arm.get(("hours", ""), [])
         minutes = f"{60 * statistics.mean(hours):.1f}" if hours else "-"
-        seeds = len({k[0] for k in arm if isinstance(k[0], int)})
+        seeds = len({k[0] for k in arm if _is_error(k)})
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {minutes} | {seeds} |")
     return lines
 
 
 def paired(arms: dict[str, Arm]) -> list[str]:
-    lines = ["| A | B | pairs (seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
+    lines = ["| A | B | pairs (seed, training seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
              "|---|---|---|---|---|---|"]
     for a, b in itertools.combinations(arms, 2):
-        keys = sorted(k for k in arms[a] if k in arms[b] and isinstance(k[0], int) and isinstance(k[1], str))
+        keys = sorted(k for k in arms[a] if k in arms[b] and _is_error(k))
         if len(keys) < 3:
             continue
         d = paired_difference([arms[a][k] for k in keys], [arms[b][k] for k in keys])

@@ -191,6 +191,13 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     assert analyze.paired(arms)[2:] == [f"| framework=il | framework=mtl | 3 | -2.33 | {1 - t / 3:.3f} | 0.250 |"]
     assert analyze.overlap(arms["framework=il"], arms)[2:] == ["| framework=il | 3 | 1.00 |",
                                                               "| framework=mtl | 3 | 1.00 |"]
+    # a second training seed of IL seed 0's cell (train.seeds): one more run, where it used to replace the first
+    (tmp_path / "il-0" / "train-digits-seed-1").mkdir()
+    (tmp_path / "il-0" / "train-digits-seed-1" / "result.json").write_text(
+        json.dumps({"task": "digits", "final_test_error": 0.17}))
+    arms = analyze.load(tmp_path)
+    assert analyze.table(arms)[2] == "| framework=il | 13.50 ± 3.11 | 12.0 | 3 |"
+    assert analyze.paired(arms)[2].startswith("| framework=il | framework=mtl | 3 | -2.33 |")
 
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label

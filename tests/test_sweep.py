@@ -47,6 +47,17 @@ def test_the_grid_is_every_combination_of_its_axes_in_order(tmp_path):
                                                                   "seed-1_framework-il", "seed-1_framework-mtl"]
 
 
+def test_training_seeds_re_train_every_found_cell_once_per_seed_and_task(tmp_path):
+    train = {"preset": "eval-digits", "tasks": ["digits", "mnist5k"], "set": TRAIN_SET, "seeds": [0, 7]}
+    (cell,) = load_spec(_spec(tmp_path, grid={"search.seed": [3]}, train=train)).cells
+    search, *trainings = cell.runs
+    assert [r.out.name for r in trainings] == ["train-digits-seed-0", "train-digits-seed-7", "train-mnist5k-seed-0",
+                                               "train-mnist5k-seed-7"]
+    assert [(r.config["data"]["tasks"], r.config["train"]["seed"]) for r in trainings] == [
+        (["digits"], 0), (["digits"], 7), (["mnist5k"], 0), (["mnist5k"], 7)]
+    assert all(r.args[r.args.index("--genotype") + 1] == str(search.out) for r in trainings)
+    assert "train.seed=7" in trainings[1].args and search.config["search"]["seed"] == 3
+
 def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     spec, out = _spec(tmp_path, grid={"search.seed": [0, 1]}), tmp_path / "sweep"
     cells = load_spec(spec).cells
@@ -414,6 +425,10 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
      "there); name variants so that it is made once"),
     ({"grid": {"v": {"a": ["engine.lam=1"], "b": ["engine.lam=1.0"]}}},
      "cells v-a and v-b make the same search run (the same settings)"),
+    ({"train": {"tasks": ["digits"], "seeds": [0, 0]}}, "train.seeds must be a list of distinct integers"),
+    ({"train": {"tasks": ["digits"], "seeds": 3}}, "train.seeds must be a list of distinct integers, got 3"),
+    ({"train": {"tasks": ["digits"], "seeds": [1], "set": ["train.seed=2"]}}, "exclude each other"),
+    ({"train": {"tasks": ["digits"], "sets": ["train.epochs=1"]}}, "unknown key train.sets; valid: preset, tasks"),
     ({"grid": {"search.seed": [0, 1], "cell": {"v2": ["genotype=DARTS_V2"]}}},
      "cells seed-0_cell-v2 and seed-1_cell-v2 make the same train run (the same settings)"),
 ])

@@ -2,11 +2,11 @@
 
 A spec (YAML) names a search preset and common overrides, the grid's axes (a setting with a list of
 values, or named variants, each a list of overrides), and optionally the re-training. Every cell of the
-grid is one directory ``<out>/<cell>/`` holding ``search/`` and ``train-<task>/``: ilnas runs made by
-the ordinary commands, so a sweep resumes the way a run does (finished runs are skipped, interrupted
-ones continued with --resume) and ``ilnas compare <out>`` reads it. Cells run N at a time on this
-machine (the CPU cores divided between them, one GPU each where there are GPUs) or as SLURM jobs
-through submitit.
+grid is one directory ``<out>/<cell>/`` holding ``search/`` and ``train-<task>/`` (``train-<task>-seed-<s>/``
+with training seeds): ilnas runs made by the ordinary commands, so a sweep resumes the way a run does
+(finished runs are skipped, interrupted ones continued with --resume) and ``ilnas compare <out>`` reads it.
+Cells run N at a time on this machine (the CPU cores divided between them, one GPU each where there are
+GPUs) or as SLURM jobs through submitit.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, wi
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
+TRAIN_KEYS = ("preset", "tasks", "set", "seeds")
 EXECUTORS = ("local", "submitit")
 
 
@@ -207,15 +208,34 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
 
         tasks = train.get("tasks") if isinstance(train, dict) else None
         if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
-            raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set)")
-        for task in train["tasks"]:
-            sets = [f"data.tasks=[{task}]", *_list(train.get("set"), "train.set")]
+            raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set, seeds)")
+        unknown = set(train) - set(TRAIN_KEYS)
+        if unknown:
+            raise IlnasError(f"sweep spec: unknown key train.{sorted(unknown)[0]}; valid: {', '.join(TRAIN_KEYS)}")
+        common = _list(train.get("set"), "train.set")
+        seeds = _train_seeds(train.get("seeds"), common)
+        for task, seed in itertools.product(train["tasks"], seeds):
+            sets = [f"data.tasks=[{task}]", *common, *([f"train.seed={seed}"] if seed is not None else [])]
             preset = train.get("preset", "eval-digits")
             tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}")
             runs.append(RunSpec("train", (*flags, "--genotype", genotype, "--preset", preset,
                                           *(a for o in sets for a in ("--set", o))),
-                                root / name / f"train-{task_slug(task)}", to_dict(tcfg)))
+                                root / name / f"train-{task_slug(task)}{'' if seed is None else f'-seed-{seed}'}",
+                                to_dict(tcfg)))
     return Cell(name, labels, tuple(runs))
+
+
+def _train_seeds(value: Any, common: list[str]) -> list[int | None]:
+    """The training seeds of every found cell (train.seeds: each cell re-trained once per seed and task, in
+    train-<task>-seed-<s>/), or [None]: once per task, at the training preset's seed, in train-<task>/."""
+    if value is None:
+        return [None]
+    if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and len(set(value)) == len(value)):
+        raise IlnasError(f"sweep spec: train.seeds must be a list of distinct integers, got {value!r}"[:200])
+    if any(o.partition("=")[0].strip() == "train.seed" for o in common):
+        raise IlnasError("sweep spec: train.seeds and a train.seed in train.set exclude each other")
+    return list(value)
 
 
 def command(run: RunSpec) -> list[str]:
