@@ -70,11 +70,14 @@ def test_this_machines_memory_is_known():
     (["search", "--set", "space.channels=1000", "--set", "search.framework=single", "--set", "data.tasks=[digits]",
       "--set", "search.rounds=1"],
      1 + 3, "space.channels or space.layers"),
+    # P-DARTS reads its cells from pdarts.layers (space.layers goes unread: naming it was no help)
+    (["search", "--preset", "il-pdarts-demo", "--set", "space.channels=1000"], 1 + 3 * 4,
+     "space.channels or pdarts.layers"),
     (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=1000"], 3,
      "network.channels or network.layers"),
     (["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--set", "network.channels=1000", "--set",
       "optimizer.momentum=0"], 2, "network.channels or network.layers"),
-], ids=["il", "darts", "train", "train-no-momentum"])
+], ids=["il", "darts", "pdarts", "train", "train-no-momentum"])
 def test_weights_too_large_for_the_memory_are_refused_before_a_run_exists(tmp_path, monkeypatch, argv, copies,
                                                                           settings):
     """The limit is set here (2 GB), so the refusal does not depend on the machine; the copies counted are the

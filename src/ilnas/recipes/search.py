@@ -111,6 +111,11 @@ def task_record(task: Task) -> dict:
             "splits": {"train": len(task.train), "val": len(task.val), "test": len(task.test)}}
 
 
+def cells_setting(cfg: SearchRunConfig) -> str:
+    """The setting that holds the supernet's cell count: one per phase for P-DARTS (space.layers goes unread)."""
+    return "pdarts.layers" if cfg.search.method == "pdarts" else "space.layers"
+
+
 def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,
                device: torch.device, dtype: torch.dtype):
     """One supernet module shared by all tasks, one linear head per task; builders for fresh weights. A supernet
@@ -123,7 +128,7 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progres
                         channels_last=use_channels_last(cfg.search.channels_last, device))
 
     require_search_memory(parameter_count(module) * dtype.itemsize, len(tasks) * cfg.search.rounds, device,
-                          "space.channels or space.layers")
+                          f"space.channels or {cells_setting(cfg)}")
 
     def build_encoder() -> Supernet:
         return module().to(device, dtype)
@@ -254,7 +259,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     process = distributed.start(s.device)
     try:
         with (StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic),
-              out_of_memory("space.channels, space.layers or search.batch_size")):
+              out_of_memory(f"space.channels, {cells_setting(cfg)} or search.batch_size")):
             genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
         distributed.barrier(process)  # no rank tears the process group down while another still uses it
     finally:
@@ -326,7 +331,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
             kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
         one = sum(p.numel() for p in net.encoder.parameters()) * dtype.itemsize
         require_search_memory(one, len(tasks) * cfg.search.rounds, device,
-                              "space.channels, space.layers or search.batch_size", kept, batch)
+                              f"space.channels, {cells_setting(cfg)} or search.batch_size", kept, batch)
 
 
 @dataclass
