@@ -292,6 +292,22 @@ def test_a_section_of_an_eval_config_file_keeps_the_eval_defaults_it_does_not_na
     assert resolve(None, str(f), kind="eval").data.tasks == ("cifar10",)  # not the search's embedded tasks
     assert resolve("demo", overrides=["optimizer.momentum=0.5"]).optimizer.lr_min == 0.001
 
+def test_a_set_setting_the_run_never_reads_is_warned_of(tmp_path):
+    """space.layers of a P-DARTS search used to be taken in silence: its phases read pdarts.layers."""
+    code, out, err = call("config", "pdarts-cifar10", "--set", "space.layers=20", "--set", "optimizer.gamma=0.5",
+                          "--set", "engine.lam=3", "--set", "pdarts.max_skips=1", "--set", "search.epochs=30")
+    assert code == 0 and yaml.safe_load(out)["space"]["layers"] == 20
+    assert err.splitlines() == [
+        "ilnas: warning: --set space.layers changes nothing: P-DARTS takes each phase's cells from pdarts.layers",
+        "ilnas: warning: --set optimizer.gamma changes nothing: the cosine schedule does not read it",
+        "ilnas: warning: --set engine.lam changes nothing: a single stage has none before it to couple to"]
+    taken = tmp_path / "file"
+    taken.write_text("mine")
+    code, _, err = call("search", "--set", "engine.order=1", "--set", "engine.fd_eps=0.1", "--out", str(taken))
+    assert code == 2 and err.splitlines()[0] == ("ilnas: warning: --set engine.fd_eps changes nothing: a first-order "
+                                                 "hypergradient takes no Hessian-vector product")
+    assert call("config", "--set", "engine.lam=3", "--set", "optimizer.lr_min=0.01")[2] == ""
+
 def test_help_version_and_presets_start_without_torch():
     import subprocess
     import sys

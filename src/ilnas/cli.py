@@ -123,7 +123,6 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, prefix: str) -> tuple[object, Path]:
     """The resolved configuration (from the run's config.yaml when resuming) and the run directory."""
-    from ilnas.config import resolve
     from ilnas.runs import resume_config
     from ilnas.distributed import world_size
 
@@ -140,7 +139,7 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
             raise IlnasError(f"{flag} cannot hold a NUL byte")
     if not args.resume:
         preset = args.preset if args.preset is not None else (default_preset if not args.config else None)
-        cfg = resolve(preset, args.config, args.overrides, kind)
+        cfg = _resolve(preset, args.config, args.overrides, kind)
         if not args.out and world_size() > 1:
             raise IlnasError("under torchrun every rank must name the same run directory: pass --out DIR")
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -227,13 +226,23 @@ def _presets(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {description}")
 
 
+def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):
+    """The configuration, with a warning for each --set that the run it describes would never read."""
+    from ilnas.config import resolve, to_dict, unread_overrides
+
+    cfg = resolve(preset, config, overrides, kind)
+    for key, why in unread_overrides(to_dict(cfg), overrides):
+        logging.getLogger("ilnas").warning(f"--set {key} changes nothing: {why}")
+    return cfg
+
+
 def _config(args: argparse.Namespace) -> None:
     import yaml
 
-    from ilnas.config import resolve, to_dict
+    from ilnas.config import to_dict
 
     preset = args.preset if args.preset is not None else (None if args.config else "demo")
-    print(yaml.safe_dump(to_dict(resolve(preset, args.config, args.overrides, kind=None)), sort_keys=False), end="")
+    print(yaml.safe_dump(to_dict(_resolve(preset, args.config, args.overrides, kind=None)), sort_keys=False), end="")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -283,12 +292,11 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from ilnas.config import resolve
     from ilnas.recipes.describe import describe
     from ilnas.space.genotype import load_genotype
 
     genotype = load_genotype(args.genotype)
-    info = describe(genotype, resolve(args.preset, None, args.overrides, kind="eval"))
+    info = describe(genotype, _resolve(args.preset, None, args.overrides, kind="eval"))
     if args.json:
         print(json.dumps(info, indent=1))
         return

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ilnas.config.schema import KINDS, RunConfig, validate
+from ilnas.config.schema import KINDS, RunConfig, flat_settings, unused_settings, validate
 from ilnas.errors import IlnasError
 from ilnas.fileio import shortened
 
@@ -144,6 +144,14 @@ def _nest(keys: list[str], value: Any) -> dict:
     for key in reversed(keys[1:]):
         value = {key: value}
     return {keys[0]: value}
+
+
+def unread_overrides(config: dict, overrides: Sequence[str]) -> list[tuple[str, str]]:
+    """(setting, reason) of each ``--set`` of ``overrides`` that ``config`` (as config.yaml holds it) never reads:
+    a value set for nothing (space.layers of a P-DARTS search, say) that its user believes changed the run."""
+    unused = unused_settings(config)
+    named = [k for o in overrides for k in flat_settings(_nest(*parse_override(o)))]
+    return [(k, unused[k]) for k in dict.fromkeys(named) if k in unused]
 
 
 def _set_nested(d: dict, keys: list[str], value: Any) -> None:

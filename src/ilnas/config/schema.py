@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
@@ -367,34 +367,45 @@ def flat_settings(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def unused_settings(config: dict) -> set[str]:
-    """The settings (dotted keys) of a configuration, nested as config.yaml holds it, that its run never reads:
-    the other schedules' settings, the P-DARTS phases of a DARTS search (or space.layers of a P-DARTS one), the
-    finite-difference radius of an exact or first-order hypergradient, lambda of a coupling that has none, the
-    coupling of a single stage, ... Runs that differ only in these compute the same numbers: one run, not two."""
+def unused_settings(config: dict) -> dict[str, str]:
+    """The settings (dotted keys) of a configuration, nested as config.yaml holds it, that its run never reads, each
+    with the reason: the other schedules' settings, the P-DARTS phases of a DARTS search (or space.layers of a P-DARTS
+    one), the finite-difference radius of an exact or first-order hypergradient, lambda of a coupling that has none,
+    the coupling of a single stage, ... Runs that differ only in these compute the same numbers: one run, not two."""
     def get(section: str, key: str, default: Any) -> Any:
         value = (config.get(section) or {}).get(key, default)
         return default if value is None else value
 
-    schedule = SCHEDULE_SETTINGS.get(get("optimizer", "schedule", SGD.schedule), set())
-    unused = {f"optimizer.{k}" for k in set().union(*SCHEDULE_SETTINGS.values()) - schedule}
+    def add(keys: Iterable[str], why: str) -> None:
+        unused.update(dict.fromkeys(keys, why))
+
+    unused: dict[str, str] = {}
+    schedule = get("optimizer", "schedule", SGD.schedule)
+    add((f"optimizer.{k}" for k in set().union(*SCHEDULE_SETTINGS.values()) - SCHEDULE_SETTINGS.get(schedule, set())),
+        f"the {schedule} schedule does not read it")
     if config.get("kind") == "eval":
-        return unused | ({"network.auxiliary_weight"} if not get("network", "auxiliary", True) else set())
+        if not get("network", "auxiliary", True):
+            add(["network.auxiliary_weight"], "network.auxiliary is false")
+        return unused
     if get("search", "method", SearchConfig.method) == "pdarts":
-        unused.add("space.layers")  # each phase has its own (pdarts.layers)
+        add(["space.layers"], "P-DARTS takes each phase's cells from pdarts.layers")
     else:
-        unused |= {f"pdarts.{f}" for f in PDartsConfig.__dataclass_fields__}
+        add((f"pdarts.{f}" for f in PDartsConfig.__dataclass_fields__), "search.method is not pdarts")
     order, coupling = get("engine", "order", EngineConfig.order), get("engine", "coupling", EngineConfig.coupling)
     if order == 1:  # the hypergradient is taken at the current weights: no HVP, no virtual step in it
-        unused |= {"engine.hvp", "engine.fd_eps"}
+        add(["engine.hvp", "engine.fd_eps"], "a first-order hypergradient takes no Hessian-vector product")
         if coupling != "copy":  # (copy takes each stage's gradient at the previous stage's virtual step)
-            unused.add("engine.virtual_momentum")
+            add(["engine.virtual_momentum"], "a first-order hypergradient takes no virtual step")
     elif get("engine", "hvp", EngineConfig.hvp) == "exact":
-        unused.add("engine.fd_eps")
+        add(["engine.fd_eps"], "engine.hvp=exact takes no finite differences")
     if len(get("data", "tasks", DataConfig.tasks)) * get("search", "rounds", SearchConfig.rounds) == 1:
-        unused |= {"engine.coupling", "engine.lam", "engine.allow_unstable"}  # no stage before the first
-    elif coupling != "gd":
-        unused |= {"engine.allow_unstable"} | ({"engine.lam"} if coupling in ("none", "copy") else set())
+        add(["engine.coupling", "engine.lam", "engine.allow_unstable"],
+            "a single stage has none before it to couple to")
+    else:
+        if coupling in ("none", "copy"):
+            add(["engine.lam"], f"engine.coupling={coupling} has no lambda")
+        if coupling != "gd":
+            add(["engine.allow_unstable"], "only engine.coupling=gd reads it")
     return unused
 
 

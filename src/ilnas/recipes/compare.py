@@ -79,7 +79,7 @@ def _settings(config: dict, prefix: str = "", leave_out: frozenset[str] = frozen
     """What tells a run apart: its settings at today's defaults where it predates one, less how it ran, its seed and
     the settings it never read (two MTL searches that differ only in engine.lam are one configuration)."""
     config = with_defaults(config)
-    left_out = IGNORED | SEEDS | leave_out | unused_settings(config)
+    left_out = IGNORED | SEEDS | leave_out | set(unused_settings(config))
     return {prefix + k: v for k, v in flat_settings(config).items() if k not in left_out}
 
 

@@ -143,9 +143,9 @@ def _refuse_repeats(cells: list[Cell]) -> None:
     seen: dict[str, tuple[Cell, dict]] = {}
     for cell in cells:
         for run in cell.runs:
-            settings = flat_settings(run.config)
+            settings, unused = flat_settings(run.config), unused_settings(run.config)
             genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
-            used = {k: v for k, v in settings.items() if k not in unused_settings(run.config)}
+            used = {k: v for k, v in settings.items() if k not in unused}
             key = json.dumps([run.command, genotype, used], sort_keys=True, default=str)
             if key in seen:
                 first, first_settings = seen[key]
