@@ -429,6 +429,7 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"train": {"tasks": ["digits"], "seeds": 3}}, "train.seeds must be a list of distinct integers, got 3"),
     ({"train": {"tasks": ["digits"], "seeds": [1], "set": ["train.seed=2"]}}, "exclude each other"),
     ({"train": {"tasks": ["digits"], "sets": ["train.epochs=1"]}}, "unknown key train.sets; valid: preset, tasks"),
+    ({"search": {"preset": "demo", "sets": SEARCH_SET}}, "unknown key search.sets; valid: preset, set"),
     ({"grid": {"search.seed": [0, 1], "cell": {"v2": ["genotype=DARTS_V2"]}}},
      "cells seed-0_cell-v2 and seed-1_cell-v2 make the same train run (the same settings)"),
 ])

@@ -37,7 +37,7 @@ from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, wi
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
-TRAIN_KEYS = ("preset", "tasks", "set", "seeds")
+SEARCH_KEYS, TRAIN_KEYS = ("preset", "set"), ("preset", "tasks", "set", "seeds")
 EXECUTORS = ("local", "submitit")
 
 
@@ -117,6 +117,9 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     search, train = spec.get("search") or {}, spec.get("train")
     if not isinstance(search, dict):
         raise IlnasError("sweep spec: search must be a mapping (preset, set)")
+    if set(search) - set(SEARCH_KEYS):  # a typo (sets:) would have run every cell without its overrides
+        raise IlnasError(f"sweep spec: unknown key search.{sorted(set(search) - set(SEARCH_KEYS))[0]}; valid: "
+                         f"{', '.join(SEARCH_KEYS)}")
     parallel, executor, report = spec.get("parallel", 1), spec.get("executor", "local"), spec.get("report", True)
     if not isinstance(report, bool):
         raise IlnasError(f"sweep spec: report must be true or false, got {report!r}")
