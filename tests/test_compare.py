@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -116,6 +117,27 @@ def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(
     assert mtl["seeds"] == 3 and mtl["error_digits"]["mean"] == pytest.approx(25.0) and "lam" not in mtl["settings"]
     il = {g.settings["engine.lam"]: r for g, r in zip(c.groups, rows(c)) if r["framework"] == "il"}
     assert sorted(il) == [1.0, 100.0] and il[100.0]["seeds"] == 3 and il[1.0]["seeds"] == 1
+
+def test_trainings_find_their_searches_after_the_runs_moved_together(runs, tmp_path):
+    """Runs copied off a cluster: the absolute paths trainings recorded lead nowhere. A training made now also
+    records the search's path from itself; one that recorded only the absolute path finds the search of the same
+    name beside it in its cell (a sweep's layout). Before, each became a row of its own, named by a dead path."""
+    from ilnas.recipes.train import source_record
+
+    _search_run(runs / "elsewhere" / "il-9", "il", 9, hours=1.0)
+    (runs / "trained" / "il-9").mkdir(parents=True)
+    _training_run(runs / "trained" / "il-9" / "digits", str(runs / "elsewhere" / "il-9"), "digits", 0.16)
+    record = source_record(str(runs / "elsewhere" / "il-9"), runs / "trained" / "il-9" / "digits")
+    assert record["genotype_source_relative"] == "../../../elsewhere/il-9"
+    provenance = runs / "trained" / "il-9" / "digits" / "provenance.json"
+    provenance.write_text(json.dumps({**json.loads(provenance.read_text()), **record}))
+    before = rows(compare([runs]))
+    moved = tmp_path / "copied" / "runs"
+    shutil.move(str(runs), str(moved))
+    after = rows(compare([moved]))
+    assert after == before
+    (il,) = [r for r in after if r["framework"] == "il"]
+    assert il["seeds"] == 4 and il["error_digits"]["mean"] == pytest.approx(13.0)
 
 def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))

@@ -83,6 +83,7 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert resumed  # the interrupted search was continued, not restarted
     trained = json.loads((out / cells[1].name / "train-digits" / "provenance.json").read_text())
     assert trained["genotype_source"] == str((out / cells[1].name / "search").resolve())
+    assert trained["genotype_source_relative"] == "../search"  # what still leads there once the sweep has moved
 
     r = ilnas("sweep", spec)  # everything finished: every run is skipped
     assert r.returncode == 0, r.stderr

@@ -66,13 +66,23 @@ class Comparison:
 
 
 def _search_of(training: Path) -> Path | None:
-    """The search run a training run's cell came from (provenance genotype_source), if it was one."""
-    source = (read_json(training, "provenance.json") or {}).get("genotype_source")
+    """The search run a training run's cell came from (provenance genotype_source), if it was one: found by
+    its path from the training run (runs moved together, e.g. a sweep copied off a cluster), by its absolute
+    path, or, for a run that recorded only that, as the sibling of the same name in a moved sweep's cell."""
+    provenance = read_json(training, "provenance.json") or {}
+    source, relative = provenance.get("genotype_source"), provenance.get("genotype_source_relative")
     if not isinstance(source, str):
         return None
-    p = Path(source) if Path(source).is_absolute() else training / source
-    p = p.parent if p.name == "genotype.json" else p
-    return p.resolve() if (p / "config.yaml").is_file() and read_config(p)["kind"] == "search" else None
+    candidates = [training / relative] if isinstance(relative, str) else []
+    candidates.append(Path(source) if Path(source).is_absolute() else training / source)
+    recorded = Path(source).parent if Path(source).name == "genotype.json" else Path(source)
+    if recorded.parent.name == training.resolve().parent.name:  # <cell>/search beside <cell>/train-<task>
+        candidates.append(training.resolve().parent / recorded.name)
+    for p in candidates:
+        p = p.parent if p.name == "genotype.json" else p
+        if (p / "config.yaml").is_file() and read_config(p)["kind"] == "search":
+            return p.resolve()
+    return None
 
 
 def _settings(config: dict, prefix: str = "", leave_out: frozenset[str] = frozenset()) -> dict[str, object]:

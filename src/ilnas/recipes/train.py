@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -88,6 +89,16 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     return result
 
 
+def source_record(source: str | None, out: Path) -> dict:
+    """Where the cell came from, for provenance.json: a zoo name or literal as given; a file or search run by its
+    absolute path and by its path from the training run, which still leads to it once both have moved together
+    (a sweep copied off a cluster)."""
+    record: dict = {"genotype_source": source}
+    if source is not None and Path(source).is_absolute():
+        record["genotype_source_relative"] = os.path.relpath(source, Path(out).absolute())
+    return record
+
+
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
          process: distributed.Process, genotype_source: str | None, guard: StepGuard) -> dict:
     t = cfg.train
@@ -121,8 +132,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
 
     run = None
     if process.main:
-        run = RunDir.open(out, "eval", config, resume, force, {"genotype_source": genotype_source} if not resume
-                          else None)
+        run = RunDir.open(out, "eval", config, resume, force, None if resume else source_record(genotype_source, out))
     try:
         if process.main:
             if not resume:
