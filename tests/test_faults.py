@@ -36,7 +36,7 @@ from ilnas import runlock
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes import search as search_recipe
-from ilnas.runs import MAGIC, PREVIOUS, read_checkpoint
+from ilnas.runs import MAGIC, PREVIOUS, read_checkpoint, refuse_inside_a_run
 from ilnas.space.supernet import MixedOp
 
 # A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
@@ -282,6 +282,21 @@ def test_force_refuses_a_directory_that_is_not_an_ilnas_run(tmp_path):
     (mine / "config.yaml").write_text("my: own config\n")  # a config.yaml that is not ours
     assert_refused(["search", "--out", str(mine), "--force"], "does not hold an ilnas run", [mine])
     assert (mine / "chapter1.tex").read_text() == "precious"
+
+
+def test_a_configuration_saved_by_hand_does_not_make_its_folder_a_run(tmp_path):
+    """`ilnas config demo > config.yaml` in a project folder used to make that folder an ilnas run: --force
+    emptied it (its code and notes deleted) and every run below it would have been refused as a run inside a run."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "model.py").write_text("precious")
+    code, out, _ = call("config", "demo")
+    assert code == 0
+    (project / "config.yaml").write_text(out)
+    for flags, message in ((["--force"], "does not hold an ilnas run"), (["--auto-resume"], "does not hold an ilnas"),
+                           (["--resume"], "nothing to resume: ")):
+        assert_refused(["search", "--out", str(project), *flags], message, [project])
+    refuse_inside_a_run(project / "runs" / "x", "run")  # a run below it is no run inside a run: not refused
 
 
 def test_out_below_a_file_or_on_an_unwritable_place_is_refused(tmp_path):

@@ -86,6 +86,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def is_ilnas_run(path: Path) -> bool:
+    """A directory an ilnas run made: a config.yaml of a known kind and the provenance.json the run writes right
+    after it. A config.yaml alone may be one saved by hand (``ilnas config demo > config.yaml``) in a folder of
+    other files, which --force must never empty and no run may take for its own."""
+    if not (Path(path) / PROVENANCE).is_file():
+        return False
     try:
         read_config(path)
         return True
@@ -159,6 +164,9 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
     if resume:
         if not (path / CONFIG).is_file():
             raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
+        if not is_ilnas_run(path):
+            raise IlnasError(f"nothing to resume: {path} holds a {CONFIG} but no {PROVENANCE}, so no run was made "
+                             f"there")
         found = read_config(path)["kind"]
         if found != kind:
             raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `ilnas "
@@ -167,8 +175,9 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
     elif path.is_dir() and _entries(path):
         if not is_ilnas_run(path):
-            raise IlnasError(f"{path} is not empty and does not hold an ilnas run (no valid {CONFIG}); ilnas writes "
-                             f"only into an empty directory or over its own runs: choose another --out")
+            raise IlnasError(f"{path} is not empty and does not hold an ilnas run (no valid {CONFIG} and "
+                             f"{PROVENANCE}); ilnas writes only into an empty directory or over its own runs: choose "
+                             f"another --out")
         if not force:
             state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
             raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
@@ -181,8 +190,8 @@ def auto_resume(path: Path, kind: str, config: dict) -> str:
     directory that is not empty), "resume" where it holds this configuration's run unfinished, "finished"
     where it holds it finished. A run of another kind or configuration there is refused."""
     path = Path(path)
-    if not (path / CONFIG).is_file():
-        return "start"
+    if not is_ilnas_run(path):
+        return "start"  # check() then refuses a directory that holds anything
     stored = with_defaults(read_config(path))
     if stored["kind"] != kind:
         raise IlnasError(f"{path} holds a {KIND_NAMES[stored['kind']]} run, not a {KIND_NAMES[kind]} run")
