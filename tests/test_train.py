@@ -161,6 +161,7 @@ def test_bad_training_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, 
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "config.yaml").write_text("kind: eval\nkept: true\n")
+    (existing / "provenance.json").write_text('{"sessions": []}\n')
     before = snapshot(existing)
     args = [a.replace("__TMP__", str(tmp_path / "nothing")) for a in args]
     for key, value in env.items():

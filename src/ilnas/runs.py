@@ -89,12 +89,10 @@ def is_ilnas_run(path: Path) -> bool:
     """A directory an ilnas run made: a config.yaml of a known kind and the provenance.json the run writes right
     after it. A config.yaml alone may be one saved by hand (``ilnas config demo > config.yaml``) in a folder of
     other files, which --force must never empty and no run may take for its own."""
-    if not (Path(path) / PROVENANCE).is_file():
-        return False
     try:
         read_config(path)
-        return True
-    except IlnasError:
+        return (Path(path) / PROVENANCE).is_file()
+    except (IlnasError, OSError):  # OSError: a path the filesystem cannot take (ENAMETOOLONG)
         return False
 
 
@@ -164,10 +162,10 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
     if resume:
         if not (path / CONFIG).is_file():
             raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")
+        found = read_config(path)["kind"]
         if not is_ilnas_run(path):
             raise IlnasError(f"nothing to resume: {path} holds a {CONFIG} but no {PROVENANCE}, so no run was made "
                              f"there")
-        found = read_config(path)["kind"]
         if found != kind:
             raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `ilnas "
                              f"{'search' if found == 'search' else 'train'} --resume`")
