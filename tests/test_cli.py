@@ -292,7 +292,7 @@ def test_a_section_of_an_eval_config_file_keeps_the_eval_defaults_it_does_not_na
     assert resolve(None, str(f), kind="eval").data.tasks == ("cifar10",)  # not the search's embedded tasks
     assert resolve("demo", overrides=["optimizer.momentum=0.5"]).optimizer.lr_min == 0.001
 
-def test_a_set_setting_the_run_never_reads_is_warned_of(tmp_path):
+def test_a_set_setting_the_run_never_reads_is_warned_of(tmp_path, monkeypatch):
     """space.layers of a P-DARTS search used to be taken in silence: its phases read pdarts.layers."""
     code, out, err = call("config", "pdarts-cifar10", "--set", "space.layers=20", "--set", "optimizer.gamma=0.5",
                           "--set", "engine.lam=3", "--set", "pdarts.max_skips=1", "--set", "search.epochs=30")
@@ -307,6 +307,8 @@ def test_a_set_setting_the_run_never_reads_is_warned_of(tmp_path):
     assert code == 2 and err.splitlines()[0] == ("ilnas: warning: --set engine.fd_eps changes nothing: a first-order "
                                                  "hypergradient takes no Hessian-vector product")
     assert call("config", "--set", "engine.lam=3", "--set", "optimizer.lr_min=0.01")[2] == ""
+    monkeypatch.setenv("RANK", "1")  # under torchrun, rank 0 alone says it
+    assert call("config", "--set", "pdarts.max_skips=1")[2] == ""
 
 def test_help_version_and_presets_start_without_torch():
     import subprocess

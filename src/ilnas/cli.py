@@ -227,11 +227,13 @@ def _presets(args: argparse.Namespace) -> None:
 
 
 def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):
-    """The configuration, with a warning for each --set that the run it describes would never read."""
+    """The configuration, with a warning (from rank 0 of torchrun's) for each --set that the run it describes would
+    never read."""
     from ilnas.config import resolve, to_dict, unread_overrides
+    from ilnas.distributed import is_main_rank
 
     cfg = resolve(preset, config, overrides, kind)
-    for key, why in unread_overrides(to_dict(cfg), overrides):
+    for key, why in unread_overrides(to_dict(cfg), overrides) if is_main_rank() else ():
         logging.getLogger("ilnas").warning(f"--set {key} changes nothing: {why}")
     return cfg
 
