@@ -89,9 +89,8 @@ def is_ilnas_run(path: Path) -> bool:
     """A directory an ilnas run made: a config.yaml of a known kind and the provenance.json the run writes right
     after it. A config.yaml alone may be one saved by hand (``ilnas config demo > config.yaml``) in a folder of
     other files, which --force must never empty and no run may take for its own."""
-    try:
-        read_config(path)
-        return (Path(path) / PROVENANCE).is_file()
+    try:  # the cheap test first: callers ask it of every ancestor of a run directory
+        return (Path(path) / PROVENANCE).is_file() and bool(read_config(path))
     except (IlnasError, OSError):  # OSError: a path the filesystem cannot take (ENAMETOOLONG)
         return False
 
@@ -102,7 +101,7 @@ def refuse_inside_a_run(path: Path, what: str) -> None:
     (a sweep cell's, say) could be one of that run's own."""
     p = Path(path).absolute()
     for d in (p, *p.parents) if what == "sweep" else p.parents:
-        if (d / CONFIG).is_file() and is_ilnas_run(d):
+        if is_ilnas_run(d):
             where = "is" if d == p else "lies inside"
             raise IlnasError(f"the {what} directory {path} {where} the run directory {d}; choose another --out")
 
