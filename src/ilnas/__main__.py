@@ -1,5 +1,5 @@
 import sys
 
-from ilnas.cli import main
+from ilnas.cli import program
 
-sys.exit(main())
+sys.exit(program())

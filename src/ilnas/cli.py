@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import functools
 import io
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -415,15 +418,61 @@ def _open_standard_streams() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``ilnas ARGV`` in this process: its exit code (130 after a Ctrl-C that stopped it at once)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _say_interrupted()
+        return 130
+
+
+def program() -> int:
+    """``ilnas`` as a program (the console script, ``python -m ilnas``). A Ctrl-C that stops it at once ends it
+    as Python ends an unhandled Ctrl-C, after the interpreter's clean-up: killed by SIGINT (a shell reports 130),
+    which tells a shell loop or a script running it to stop as well. (An exit code of 130 was not even
+    reliable: the interpreter has been seen to end so after a KeyboardInterrupt this function had caught.)"""
+    swallowed: list[BaseException] = []  # Ctrl-Cs that landed in a finaliser, which can only print them
+    sys.unraisablehook = functools.partial(_note_unraisable_ctrl_c, swallowed)
+    try:
+        code = _main(None)
+        if swallowed:  # in one run as the command ended (during a run, the step guard raises it again)
+            raise KeyboardInterrupt
+        return code
+    except KeyboardInterrupt:
+        _say_interrupted()
+        sys.excepthook = _quiet_keyboard_interrupt
+        raise
+    finally:  # the command has ended: a Ctrl-C in the interpreter's clean-up ends the process at once, as one
+        # there after a few milliseconds more does (not in a traceback from the finaliser it lands in)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _say_interrupted() -> None:
+    """Also where the second Ctrl-C lands once the command has ended, after it reported the first one's stop."""
+    with contextlib.suppress(OSError, ValueError):
+        print("ilnas: interrupted", file=sys.stderr, flush=True)
+
+
+def _note_unraisable_ctrl_c(swallowed: list[BaseException], unraisable) -> None:
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        swallowed.append(unraisable.exc_value)
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def _quiet_keyboard_interrupt(kind: type, value: BaseException, tb) -> None:
+    """``ilnas: interrupted`` was printed instead of the traceback."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _open_standard_streams()
     args = _parser().parse_args(argv)
     _log_to_stdout()
     _trace_fatal_signals()
-    try:
-        return _run(args)
-    except KeyboardInterrupt:  # also a second Ctrl-C that lands while the first one's stop is being reported
-        print("ilnas: interrupted", file=sys.stderr)
-        return 130
+    return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
