@@ -6,6 +6,7 @@ import io
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +24,7 @@ def _search_run(path, framework: str, seed: int, hours: float, extra: tuple[str,
                                                    if framework == "mtl" else [])
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo", overrides=overrides))))
+    (path / "provenance.json").write_text(json.dumps({"sessions": []}))
     (path / "summary.json").write_text(json.dumps({"genotype": CELL, "search_hours": hours, "steps": 60}))
 
 
@@ -53,6 +55,9 @@ def runs(tmp_path):
         _training_run(root / f"random-{seed}", f"random:{seed}", "digits", err)
     (root / "broken").mkdir()
     (root / "broken" / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo"))))  # never finished
+    (root / "broken" / "provenance.json").write_text(json.dumps({"sessions": []}))
+    (root / "saved").mkdir()  # a configuration saved by hand (ilnas config demo > saved/config.yaml): no run
+    (root / "saved" / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("demo"))))
     return root
 
 
@@ -149,6 +154,20 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     data = json.loads(ilnas_here("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
     (row,) = data["rows"]
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
+
+
+def test_a_folder_with_a_configuration_saved_by_hand_is_searched_for_runs_not_taken_for_one(runs):
+    """``ilnas compare .`` (and status) in a project folder that holds a saved config.yaml beside its runs
+    once showed the folder as one unfinished run, and none of the runs below it."""
+    (runs / "config.yaml").write_text((runs / "saved" / "config.yaml").read_text())
+    code, out, err = call("compare", str(runs), "--json")
+    assert code == 0 and [Path(p).name for p in json.loads(out)["unfinished"]] == ["broken"], err
+    code, out, err = call("status", str(runs), "--json")
+    listed = {Path(row["run"]).relative_to(runs).as_posix(): row["state"] for row in json.loads(out)}
+    assert code == 0 and "saved" not in listed and "." not in listed and listed["broken"] == "not started", err
+    assert len(listed) == 17 and listed["il-0/search"] == "finished", listed
+    code, _, err = call("compare", str(runs / "saved"))
+    assert code == 2 and err == f"ilnas: error: no ilnas runs in {runs / 'saved'}\n"
 
 
 def test_nothing_to_compare_is_one_line(tmp_path):

@@ -9,6 +9,8 @@ from html.parser import HTMLParser
 import matplotlib.image
 import numpy as np
 
+import pytest
+
 from helpers import ilnas_here, snapshot
 from ilnas.report.cells import cell_dot
 from ilnas.report.figures import alpha_figures
@@ -81,10 +83,15 @@ def test_plot_redraws_a_training_run_without_touching_anything_else(finished_tra
     assert "best test error" in (finished_training / "report.html").read_text()
 
 
-def test_plot_refuses_what_is_not_a_run(tmp_path):
+@pytest.mark.parametrize("holding", ["nothing", "a configuration saved by hand"])
+def test_plot_refuses_what_is_not_a_run_and_writes_nothing_there(tmp_path, holding):
+    if holding != "nothing":  # a project folder: plot once wrote its plots/ and report.html there
+        (tmp_path / "config.yaml").write_text(ilnas_here("config", "demo").stdout)
+    before = sorted(tmp_path.iterdir())
     r = ilnas_here("plot", str(tmp_path))
-    assert r.returncode == 2 and "is not an ilnas run (no config.yaml)" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert not any(tmp_path.iterdir())
+    assert r.returncode == 2 and r.stderr == (f"ilnas: error: {tmp_path} is not an ilnas run directory (no "
+                                              f"config.yaml with the provenance.json a run writes)\n"), r.stderr
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_dot_text_and_alpha_figures_follow_their_inputs():

@@ -551,18 +551,26 @@ def load_checkpoint(path: Path, kind: str, config: dict) -> dict | None:
 
 
 def find_runs(paths: Sequence[str | Path]) -> list[Path]:
-    """The run directories named, and those found below any other directory named (e.g. a sweep's)."""
+    """The run directories named, and those found below any other directory named (e.g. a sweep's, or a
+    project's). A run directory holds the config.yaml and the provenance.json a run writes: a config.yaml
+    alone is one saved by hand (``ilnas config demo > config.yaml``), not a run, and its folder is searched
+    for runs like any other. (Whether they can be read is for the reader to say, in one line.)"""
     runs: list[Path] = []
     for p in (reachable(p, "run path") for p in paths):
-        if (p / CONFIG).is_file():
+        if holds_run_files(p):
             runs.append(p)
         elif p.is_dir():
-            runs += sorted(c.parent for c in p.rglob(CONFIG))
+            runs += sorted(c.parent for c in p.rglob(PROVENANCE) if holds_run_files(c.parent))
         else:
             raise IlnasError(f"{p} is neither a run directory nor a directory of runs")
     if not runs:
         raise IlnasError(f"no ilnas runs in {', '.join(map(str, paths))}")
     return list(dict.fromkeys(r.resolve() for r in runs))
+
+
+def holds_run_files(path: Path) -> bool:
+    """The files that make a directory a run's (``is_ilnas_run`` also reads its config.yaml)."""
+    return (path / CONFIG).is_file() and (path / PROVENANCE).is_file()
 
 
 def read_json(path: Path, name: str) -> dict | None:

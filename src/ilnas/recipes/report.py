@@ -17,7 +17,7 @@ from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, search_curves, training_curves
-from ilnas.runs import KIND_NAMES, read_config, read_json, read_metrics, read_record
+from ilnas.runs import KIND_NAMES, holds_run_files, read_config, read_json, read_metrics, read_record
 from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
 
 PLOTS, REPORT = "plots", "report.html"
@@ -46,8 +46,9 @@ def make_report(path: Path, writer=None) -> Path:
     """Write ``plots/`` and ``report.html`` for the run in ``path``; also to TensorBoard as images when
     ``writer`` (a SummaryWriter) is given. Returns the report's path."""
     path = reachable(path, "run directory")
-    if not (path / "config.yaml").is_file():
-        raise IlnasError(f"{path} is not an ilnas run (no config.yaml)")
+    if not holds_run_files(path):  # a config.yaml saved by hand in a project folder, say: no plots/ there
+        raise IlnasError(f"{path} is not an ilnas run directory (no config.yaml with the provenance.json a run "
+                         f"writes)")
     config = read_config(path)
     report = Report(f"ilnas {KIND_NAMES[config['kind']]} run {path.name}",
                     config=yaml.safe_dump(config, sort_keys=False))
