@@ -182,6 +182,10 @@ CONFIG_FILES = [  # (name, bytes of --config, extra --set, message)
     ("scalar-section", b"search: 5\n", ["--set", "engine.lam=1"], "section 'search' must be a mapping"),
     ("eval-kind", b"kind: eval\n", [], "is a 'eval' configuration, expected 'search'"),
     ("unknown-key", b"search:\n  lamda: 1\n", [], "unknown config key 'search.lamda'"),
+    # a section written twice: YAML keeps the second, and the first one's search.epochs was dropped silently
+    ("twice", b"search:\n  epochs: 7\nengine:\n  lam: 3\nsearch:\n  seed: 5\n", [],
+     "is not valid YAML: the key 'search' is given twice"),
+    ("twice-nested", b"engine: {lam: 3, order: 1, lam: 30}\n", [], "the key 'lam' is given twice"),
 ]
 
 

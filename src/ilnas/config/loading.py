@@ -67,13 +67,27 @@ def _with_bases(layer: dict, where: str, seen: tuple[str, ...] = ()) -> list[tup
 
 
 class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without aliases: a few lines of nested aliases expand to billions of entries."""
+    """Safe YAML without aliases (a few lines of nested aliases expand to billions of entries) and without a key
+    given twice in one mapping (YAML would keep the last one's value: a section written twice in a config file
+    loses the first one's settings, silently)."""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not accepted",
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        mapping = super().construct_mapping(node, deep=deep)
+        if len(mapping) < len(node.value):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return mapping
 
 
 def load_yaml(text: str) -> Any:
