@@ -455,7 +455,8 @@ def test_a_cell_whose_directory_name_the_filesystem_cannot_take_is_refused_befor
     ("- 1\n- 2\n", "must hold a mapping (out, search, grid, train, ...)"),
     ("x" * (2**20 + 1), "is larger than 1048576 bytes"),
     (None, "does not exist or is not a file"),
-    ("out: x\ngrid: {search.seed: [0, 1]}\ngrid: {search.seed: [2]}\n", "is not valid YAML: the key 'grid' is given twice"),
+    ("out: x\ngrid: {search.seed: [0, 1]}\ngrid: {search.seed: [2]}\n",
+     "is not valid YAML: the key 'grid' is given twice"),
 ], ids=["syntax", "alias", "list", "too-large", "missing", "key-twice"])
 def test_a_spec_file_that_is_no_spec_is_refused_in_one_line(tmp_path, content, message):
     spec = tmp_path / "spec.yaml"
