@@ -222,3 +222,27 @@ def test_a_streamed_class_folder_without_images_is_refused(tmp_path):
         image.unlink()
     with pytest.raises(FileNotFoundError, match="no image file in the class folder"):
         StreamedImageFolder(tmp_path / "imgs" / "train", None, loader=str)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_by_every_reader_not_clipped(tmp_path):
+    """PIL's conversion clips a 16-bit image at 255 (nearly white): the in-memory folders and predict
+    (decode_image), the streamed folders (read_rgb) and the device pipeline's non-JPEG path read a 16-bit PNG
+    of v * 257 as the 8-bit PNG of v, exactly. A floating-point image is refused, naming the file."""
+    from PIL import Image
+
+    from ilnas.data.device_decode import decode, read_encoded
+    from ilnas.data.tasks import decode_image
+    from ilnas.data.training import read_rgb
+
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 12), dtype=np.uint16)
+    Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(pixels * 257).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    for read in (lambda p: decode_image(p, 12, channels=1), lambda p: decode_image(p, 12),
+                 lambda p: torch.from_numpy(np.asarray(read_rgb(str(p))).copy()),
+                 lambda p: decode(*map(list, zip(read_encoded(str(p)))), torch.device("cpu"))[0]):
+        eight, sixteen = read(tmp_path / "8.png"), read(tmp_path / "16.png")
+        assert torch.equal(eight, sixteen) and int(eight.max()) > 200 and int(eight.min()) < 50
+    Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(IlnasError, match=r"cannot read image .*float.tif: a floating-point image \(PIL mode F\)"):
+        decode_image(tmp_path / "float.tif", 12)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.data import augment
-from ilnas.data.tasks import image_errors
+from ilnas.data.tasks import eight_bit, image_errors
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop defaults
 ATTEMPTS = 10  # tries at a box inside the image before the centre-crop fallback, as torchvision
@@ -102,7 +102,7 @@ def _decode_with_pil(path: str, data: torch.Tensor) -> torch.Tensor:
 
     try:
         with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-            pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+            pixels = np.asarray(eight_bit(img, "RGB"), dtype=np.uint8).copy()
     except image_errors() as e:
         raise OSError(f"{path}: {str(e).splitlines()[0][:120]}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)

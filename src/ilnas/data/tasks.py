@@ -336,6 +336,25 @@ def image_errors() -> tuple[type[BaseException], ...]:
     return OSError, ValueError, Image.DecompressionBombError
 
 
+def eight_bit(img, mode: str):
+    """A PIL image in ``mode`` (RGB or L) at 8 bits a channel. PIL's own conversion clips a 16-bit image (PNG,
+    TIFF: microscopy, medical, satellite data) at 255, which leaves it nearly white: its values are scaled
+    from 0..65535 instead, as torchvision scales a uint16 image to [0, 1]. A floating-point image, or 32-bit
+    integers past 16 bits, have no range to scale from: a ValueError."""
+    from PIL import Image
+
+    if img.mode == "F":
+        raise ValueError("a floating-point image (PIL mode F) has no range to scale to 8 bits: convert it to "
+                         "8- or 16-bit integers")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError("a 32-bit integer image with values outside 0..65535 has no range to scale to 8 "
+                             "bits: convert it to 8 or 16 bits")
+        img = Image.fromarray(((values + 128) // 257).astype(np.uint8), mode="L")
+    return img.convert(mode)
+
+
 def decode_image(path: Path, side: int, channels: int = 3) -> torch.Tensor:
     """One image file -> (channels, side, side) uint8: the shorter side scaled to ``side`` (bicubic),
     then the centre square; how every folder image is stored and how ``ilnas predict`` reads one."""
@@ -343,7 +362,7 @@ def decode_image(path: Path, side: int, channels: int = 3) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
-            img = ImageOps.fit(img.convert("RGB" if channels == 3 else "L"), (side, side),
+            img = ImageOps.fit(eight_bit(img, "RGB" if channels == 3 else "L"), (side, side),
                                method=Image.Resampling.BICUBIC)
     except image_errors() as e:
         raise IlnasError(f"cannot read image {path}: {str(e).splitlines()[0][:120]}") from None

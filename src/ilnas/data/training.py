@@ -19,7 +19,7 @@ import torch
 from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
-from ilnas.data.tasks import Split, create_task, image_errors, task_info
+from ilnas.data.tasks import Split, create_task, eight_bit, image_errors, task_info
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import reachable
 from ilnas.seeds import derive_seed
@@ -225,11 +225,13 @@ def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout:
 
 
 def read_rgb(path: str):
-    """torchvision's PIL loader, its error naming the file: from a DataLoader worker, only the text arrives."""
-    from torchvision.datasets.folder import pil_loader
+    """An image file as an 8-bit RGB PIL image (``eight_bit``: torchvision's loader clips 16-bit ones), its error
+    naming the file: from a DataLoader worker, only the text arrives."""
+    from PIL import Image
 
     try:
-        return pil_loader(path)
+        with open(path, "rb") as f, Image.open(f) as img:
+            return eight_bit(img, "RGB")
     except image_errors() as e:
         raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
 
