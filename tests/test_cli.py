@@ -144,6 +144,7 @@ def test_output_the_terminal_cannot_encode_is_escaped(tmp_path):
     the status table raised a UnicodeEncodeError."""
     (tmp_path / "café").mkdir()
     (tmp_path / "café" / "config.yaml").write_text("kind: search\n")
+    (tmp_path / "café" / "provenance.json").write_text('{"sessions": []}')
     r = subprocess.run([sys.executable, "-m", "ilnas", "status", str(tmp_path)], capture_output=True, text=True,
                        env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=600)
     assert r.returncode == 0 and f"{tmp_path}/caf\\xe9" in r.stdout, r.stderr
