@@ -246,3 +246,24 @@ def test_16_bit_images_are_scaled_to_8_bits_by_every_reader_not_clipped(tmp_path
     Image.fromarray(pixels.astype(np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(IlnasError, match=r"cannot read image .*float.tif: a floating-point image \(PIL mode F\)"):
         decode_image(tmp_path / "float.tif", 12)
+
+
+def test_a_channel_that_is_the_same_everywhere_normalises_to_zeros_not_infinities(tmp_path):
+    """Two-channel data saved as RGB (blue always 0): std 0 made every input infinite, and a search on it
+    stopped as 'diverged' at its first step. Its std is taken as 1; the other channels' are their own."""
+    from PIL import Image
+
+    gen = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 1)):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                pixels = gen.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                pixels[..., 2] = 0
+                Image.fromarray(pixels).save(tmp_path / split / name / f"{i}.png")
+    task = create_task(f"imagefolder:{tmp_path}", DataConfig(image_size=16))
+    xf = task.train.x.double() / 255
+    assert task.mean[2] == 0.0 and task.std[2] == 1.0
+    assert np.allclose(task.std[:2], xf.std(dim=(0, 2, 3))[:2]) and min(task.std[:2]) > 0.2
+    x, _ = next(BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True).stream(4, seed=0))
+    assert torch.isfinite(x).all() and not x[:, 2].any() and x[:, :2].std() > 0.5

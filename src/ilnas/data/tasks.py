@@ -160,8 +160,13 @@ def _split(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> list[Spl
 
 
 def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images in [0, 1]. A channel that is the same everywhere
+    (the empty blue channel of two-channel microscopy saved as RGB, say) has no spread to divide by: its std
+    is taken as 1, so that it normalises to zeros (dividing by 0 made every input infinite, and the search
+    "diverged" at its first step)."""
     xf = x.double() / 255.0
-    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(xf.std(dim=(0, 2, 3)).tolist())
+    std = xf.std(dim=(0, 2, 3))
+    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist())
 
 
 # --- CIFAR ------------------------------------------------------------------------------------
