@@ -249,6 +249,13 @@ def test_a_run_or_a_sweep_in_another_runs_directory_is_refused(finished_run, fin
                    [finished_training])
     assert_refused([*TRAIN_ARGS, "--out", str(finished_run / "a" / "b")], "lies inside the run directory",
                    [finished_run])
+    # where the filesystem puts it: RUN/../x lies beside RUN (it was refused), RUN/x/../.. .../RUN/y inside it
+    beside = tmp_path / "beside"
+    assert_refused([*TRAIN_ARGS, "--out", f"{finished_run}/../{beside.name}", "--set", "train.seed=-1"],
+                   "train.seed must", [finished_run])
+    (tmp_path / "link").symlink_to(finished_run)
+    assert_refused([*TRAIN_ARGS, "--out", str(tmp_path / "link" / "x")],
+                   f"lies inside the run directory {finished_run}", [finished_run])
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"search": {"preset": "demo"}, "grid": {"search.seed": [0]}}))
     assert_refused(["sweep", str(spec), "--out", str(finished_run)],

@@ -16,6 +16,7 @@ from torch.torch_version import TorchVersion
 
 from helpers import call, ilnas, snapshot, write_image_folder
 from ilnas.errors import IlnasError
+from ilnas.fileio import umask
 from ilnas.recipes.export import export_model, require_onnx_export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,10 +151,16 @@ def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
             require_onnx_export()
         except IlnasError as e:  # an older torch: its refusal is tested below
             pytest.skip(str(e))
-    out = tmp_path / {"onnx": "m.onnx", "torchscript": "m.pt", "exported-program": "m.pt2"}[fmt]
+    """Whatever --out's suffix (ONNX picked a text serialisation by it), the model is one self-contained file:
+    moved alone to another folder it still loads (ONNX kept some weights in a second file, named after the
+    temporary one), and readable by others as any new file is (not mkstemp's owner-only mode)."""
+    out = tmp_path / "export" / "m.model"
     r = ilnas("export", str(folder_runs["train"]), "--format", fmt, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "max |logit difference|" in r.stdout and json.loads(out.with_suffix(".json").read_text())["classes"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.model"]
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask()
+    out = out.rename(tmp_path / {"onnx": "m.onnx", "torchscript": "m.pt", "exported-program": "m.pt2"}[fmt])
     model = load_model(folder_runs["train"])
     x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -233,13 +240,19 @@ def test_create_model_builds_any_genotype_by_name_or_run(folder_runs):
      "model.safetensors lies in run directory"),
     (["export", "__RUN__", "--format", "torchscript", "--out", "__RUN__/result.pt"], "result.pt lies in run directory"),
     (["export", "__RUN__", "--format", "torchscript", "--out", "__SEARCH__/x.pt"], "x.pt lies in run directory"),
+    # a path through a folder below the run and back up: the folder written in is the run's own
+    (["export", "__RUN__", "--format", "torchscript", "--out", "__RUN__/export/../model.safetensors"],
+     "model.safetensors lies in run directory"),
+    # the model and its card under one name
+    (["export", "__RUN__", "--format", "onnx", "--out", "__ROOT__/m.json"], "ends in .json, the name its card"),
     (["evaluate", "__RUN__", "--data", "__OTHER__", "--out", "__RUN__"], "evaluation.json lies in run directory"),
 ])
 def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, message):
     run, search = folder_runs["train"], folder_runs["search"]
     before = {p: snapshot(p) for p in (run, search)}
     args = [a.replace("__RUN__", str(run)).replace("__SEARCH__", str(search))
-            .replace("__OTHER__", str(folder_runs["root"] / "fruit")) for a in args]
+            .replace("__OTHER__", str(folder_runs["root"] / "fruit")).replace("__ROOT__", str(folder_runs["root"]))
+            for a in args]
     rc, _, err = call(*args)
     assert rc == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err

@@ -98,8 +98,9 @@ def is_ilnas_run(path: Path) -> bool:
 def refuse_inside_a_run(path: Path, what: str) -> None:
     """A run or sweep directory may not be, or lie inside, another run's directory: that run's --force would
     delete it with its own files, compare and status would take it for part of that run, and a name in it
-    (a sweep cell's, say) could be one of that run's own."""
-    p = Path(path).absolute()
+    (a sweep cell's, say) could be one of that run's own. The path is taken as the filesystem takes it: ``..``
+    and links resolved (``RUN/../other`` lies beside RUN, not inside it; a link into a run lies inside it)."""
+    p = Path(path).resolve()
     for d in (p, *p.parents) if what == "sweep" else p.parents:
         if is_ilnas_run(d):
             where = "is" if d == p else "lies inside"
@@ -109,10 +110,13 @@ def refuse_inside_a_run(path: Path, what: str) -> None:
 def refuse_among_run_files(paths: Sequence[Path], option: str) -> None:
     """Files a command writes (an export and its card, an evaluation's files) may not land in a run directory's
     top level, beside the run's own config, checkpoints, weights and records: a name there that matched one of
-    them (``--out RUN/model.safetensors``, or a card ``RUN/result.json``) would replace it."""
+    them (``--out RUN/model.safetensors``, or a card ``RUN/result.json``) would replace it. The folder is the
+    one the filesystem writes in (``RUN/export/../model.json`` is RUN's; the file's own name is replaced, not
+    followed, where it is a link)."""
     for p in paths:
-        if is_ilnas_run(p.parent):
-            raise IlnasError(f"{option} {p} lies in run directory {p.parent}, beside the run's own files; "
+        folder = Path(p).parent.resolve()
+        if is_ilnas_run(folder):
+            raise IlnasError(f"{option} {p} lies in run directory {folder}, beside the run's own files; "
                              f"write it in a folder of its own (by default one below the run)")
 
 

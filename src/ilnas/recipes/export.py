@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_text
+from ilnas.fileio import atomic_write_text, umask
 from ilnas.models import load_model
 from ilnas.runs import refuse_among_run_files
 
@@ -36,12 +36,15 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
     if fmt == "onnx":
         require_onnx_export()
     target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
+    if target.suffix == ".json":
+        raise IlnasError(f"--out {target} ends in .json, the name its card is written to (<name>.json beside the "
+                         f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
     refuse_among_run_files([target, target.with_suffix(".json")], "--out")
     model = load_model(run, which, "cpu")
     example = torch.randn(2, *model.card.input_size, generator=torch.Generator().manual_seed(0))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _atomic_path(target) as tmp:
+        with _atomic_path(target, Path(FORMATS[fmt]).suffix) as tmp:
             runner, runtime = EXPORTERS[fmt](model, example, tmp)
             difference = _difference(model, runner)
         atomic_write_text(target.with_suffix(".json"), model.card.to_json())
@@ -52,11 +55,13 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
 
 
 @contextlib.contextmanager
-def _atomic_path(target: Path):
-    """A temporary file beside ``target`` for an exporter to write; moved into place only on success."""
-    # the format's own suffix last: torch.export.save insists on .pt2
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}")
+def _atomic_path(target: Path, suffix: str):
+    """A temporary file beside ``target`` for an exporter to write; moved into place only on success. It ends in
+    the format's own ``suffix``, whatever the target's: torch.export.save insists on .pt2, and ONNX picks its
+    serialisation by the suffix (a .txt or .json name would be written as text, which onnxruntime cannot load)."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{suffix}")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # a new file's permissions, not mkstemp's owner-only ones
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -106,8 +111,10 @@ def _onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[Ru
     with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
         warnings.simplefilter("ignore")
         try:
+            # external_data=False: one self-contained file (torch's default wrote some weights to a second file
+            # named after the temporary one, which a copied model.onnx then lacked)
             torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=({0: _batch_dim()},))
+                              output_names=["logits"], dynamic_shapes=({0: _batch_dim()},), external_data=False)
         except OSError:
             raise
         except Exception as e:  # noqa: BLE001 - the exporter's error types differ from one torch release to the next
