@@ -977,6 +977,43 @@ def test_a_resume_on_another_number_of_ranks_is_recorded_and_warned_about(tmp_pa
     assert [(s["resumed"], s["world_size"]) for s in sessions] == [(False, 1), (True, 1), (True, 4)]
 
 
+def test_a_resume_on_another_device_or_cpu_thread_count_is_recorded_and_warned_about(tmp_path, monkeypatch, caplog,
+                                                                                     finished_run):
+    """Sums split between another number of threads round otherwise: a search on 1 and on 2 threads took other
+    architectures after three steps here. The default thread count is the cores a job was given, which a
+    requeued job on another node need not match: a resume says so, and how to keep the run exact."""
+    from ilnas.runs import RunDir
+
+    session = json.loads((finished_run / "provenance.json").read_text())["sessions"][0]
+    assert (session["device"], session["threads"]) == ("cpu", 1)  # what the search recipe records
+    config, cpu = {"kind": "eval", "note": "a run's configuration"}, torch.device("cpu")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        RunDir.open(tmp_path / "run", "eval", config, resume=False, force=False, device=cpu).close()
+        with caplog.at_level(logging.WARNING, logger="ilnas"):
+            RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False, device=cpu).close()  # silent
+            assert not caplog.records
+            torch.set_num_threads(2)
+            RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False, device=cpu).close()
+            record = json.loads((tmp_path / "run" / "provenance.json").read_text())
+            record["sessions"][-1]["device"] = "cuda: NVIDIA H200"
+            (tmp_path / "run" / "provenance.json").write_text(json.dumps(record))
+            RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False, device=cpu).close()
+            RunDir.open(tmp_path / "run", "eval", config, resume=True, force=False).close()  # none given: silent
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.getMessage() for r in caplog.records] == [
+        "resuming on 2 CPU thread(s) a run whose last session used 1: sums split otherwise between threads round "
+        "otherwise, so from here on the run will not repeat an uninterrupted one exactly (OMP_NUM_THREADS=1 would)",
+        "resuming on cpu a run whose last session ran on cuda: NVIDIA H200: kernels round differently, so from here "
+        "on the run will not repeat an uninterrupted one exactly"]
+    sessions = json.loads((tmp_path / "run" / "provenance.json").read_text())["sessions"]
+    assert [(s.get("device"), s.get("threads")) for s in sessions] == [
+        ("cpu", 1), ("cpu", 1), ("cuda: NVIDIA H200", 2), ("cpu", 2), (None, None)]  # the third edited
+
+
 def test_training_the_cell_of_an_unfinished_search_says_it_is_not_the_final_one(micro_run, tmp_path):
     """A search still running (or interrupted) already has a genotype.json, its latest epoch's: re-training it
     is allowed, and says so, on stderr as the CLI's other warnings; a finished search's cell says nothing."""

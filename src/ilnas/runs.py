@@ -237,10 +237,12 @@ JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "S
                  "TORCHELASTIC_RESTART_COUNT", "SUBMITIT_LOCAL_JOB_ID")
 
 
-def provenance_session(resumed: bool) -> dict:
-    """Who worked on the run and how; ``world_size``: the torchrun ranks (a resume may use another count)."""
+def provenance_session(resumed: bool, device: torch.device | None = None) -> dict:
+    """Who worked on the run and how; ``world_size``: the torchrun ranks (a resume may use another count);
+    ``device``: what computed (a CPU and its thread count, or a GPU's model), where the run says."""
+    where = {} if device is None else {"device": device_name(device), "threads": torch.get_num_threads()}
     return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
-            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), **where,
             "job": {k: os.environ[k] for k in JOB_VARIABLES if k in os.environ},
             "host": socket.gethostname(), "ilnas": __version__, "git_commit": _git_commit(),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
@@ -338,9 +340,10 @@ class RunDir:
 
     @classmethod
     def open(cls, path: Path, kind: str, config: dict, resume: bool, force: bool,
-             provenance: dict | None = None) -> "RunDir":
+             provenance: dict | None = None, device: torch.device | None = None) -> "RunDir":
         """Lock ``path`` and start (or, with ``resume``, continue) the run. Call only after every input
-        has been validated: with ``force`` this is where the old run is deleted."""
+        has been validated: with ``force`` this is where the old run is deleted. ``device`` (and the threads
+        set for it) go into the session's record, and a resume on another is warned of."""
         path = Path(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -363,7 +366,7 @@ class RunDir:
                         else:
                             entry.unlink()
                     atomic_write_text(path / CONFIG, yaml.safe_dump(config, sort_keys=False))
-                run._add_session(resume, provenance or {})
+                run._add_session(resume, provenance or {}, device)
         except BaseException:
             run.close()
             raise
@@ -404,11 +407,11 @@ class RunDir:
             except IlnasError:
                 latest.unlink()
 
-    def _add_session(self, resumed: bool, extra: dict) -> None:
+    def _add_session(self, resumed: bool, extra: dict, device: torch.device | None) -> None:
         p = self.path / PROVENANCE
         record = _read_provenance(p) if resumed else {"sessions": []}
         record.update(extra)
-        session, sessions = provenance_session(resumed), record["sessions"]
+        session, sessions = provenance_session(resumed, device), record["sessions"]
         if resumed and sessions:
             _warn_of_changes(sessions[-1], session)
         sessions.append(session)
@@ -488,6 +491,11 @@ class RunDir:
 SOFTWARE = ("torch", "cuda", "ilnas")
 
 
+def device_name(device: torch.device) -> str:
+    """``cpu``, or ``cuda: <the GPU's model>``: what decides how a kernel rounds."""
+    return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
+
+
 def _warn_of_changes(last: dict, now: dict) -> None:
     """A resume on another rank count or other software continues the run, but not as an uninterrupted run
     would have gone on: say so, once, naming what changed."""
@@ -502,6 +510,15 @@ def _warn_of_changes(last: dict, now: dict) -> None:
         log.warning(f"resuming a run under other software than its last session ({', '.join(changed)}): kernels "
                     f"and random streams may differ between versions, so from here on the run may not repeat an "
                     f"uninterrupted one exactly")
+    if "device" not in last or "device" not in now:  # a session from before these were recorded, or none given
+        return
+    if last["device"] != now["device"]:
+        log.warning(f"resuming on {now['device']} a run whose last session ran on {last['device']}: kernels round "
+                    f"differently, so from here on the run will not repeat an uninterrupted one exactly")
+    elif now["device"] == "cpu" and last.get("threads") != now["threads"]:
+        log.warning(f"resuming on {now['threads']} CPU thread(s) a run whose last session used {last.get('threads')}: "
+                    f"sums split otherwise between threads round otherwise, so from here on the run will not repeat "
+                    f"an uninterrupted one exactly (OMP_NUM_THREADS={last.get('threads')} would)")
 
 
 def _read_provenance(p: Path) -> dict:

@@ -287,7 +287,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     if not process.main:
         return _search(ctx, prog, continued)
 
-    with RunDir.open(out, "search", config, resume, force) as run:
+    with RunDir.open(out, "search", config, resume, force, device=device) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
         run.write_text("tasks.json", json.dumps([task_record(t) for t in tasks], indent=1) + "\n")
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).

@@ -132,7 +132,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
 
     run = None
     if process.main:
-        run = RunDir.open(out, "eval", config, resume, force, None if resume else source_record(genotype_source, out))
+        run = RunDir.open(out, "eval", config, resume, force, None if resume else source_record(genotype_source, out),
+                          process.device)
     try:
         if process.main:
             if not resume:
