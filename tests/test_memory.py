@@ -204,3 +204,36 @@ def test_describe_gives_the_size_of_a_network_that_would_not_fit_in_memory():
     assert r.returncode == 0, r.stderr
     assert "parameters: 21895.56M (auxiliary head excluded), 21902.11M in all" in r.stdout
     assert "multiply-adds: 3385715M at 32x32" in r.stdout
+
+
+PDARTS_TWO_PHASES = ["search", "--preset", "pdarts-cifar10", "--set", "data.tasks=[digits]", "--set", "space.channels=4",
+                     "--set", "pdarts.layers=[3, 9]", "--set", "pdarts.ops_per_edge=[8, 4]", "--set",
+                     "pdarts.skip_dropout=[0.0, 0.0]", "--set", "search.batch_size=64", "--set", "search.epochs=1",
+                     "--set", "search.warmup_epochs=0", "--set", "search.steps_per_epoch=1", "--set",
+                     "search.eval_batches=1", "--no-report", "--quiet"]
+
+
+def test_a_later_pdarts_phase_that_may_not_fit_is_warned_of_at_the_start(tmp_path, monkeypatch, caplog):
+    """Phase 2 (9 cells) keeps 4 of the 8 operations of each edge, known only once phase 1 (3 cells) has ended.
+    Under 0.3 GB the first phase's step fits (0.17 GB) and the second's, should every edge keep its four heaviest
+    operations, would not (0.38 GB): the run starts, and says so at once, rather than stopping hours in."""
+    from ilnas.recipes.search import warn_of_later_phases
+
+    monkeypatch.setattr(memory, "memory_total", lambda device: 3 * 10 ** 8)
+    code, _, err = call(*PDARTS_TWO_PHASES, "--out", str(tmp_path / "tight"))
+    assert code == 0, err
+    assert re.fullmatch(r"ilnas: warning: phase 2 of 2 \(9 cells, 4 operations an edge\) may not fit, should its edges "
+                        r"keep their heaviest operations: the supernet's weights .* and what one pass of 64 images "
+                        r"keeps for its backward \(0\.3\d GB\) take 0\.\d GB, more than the 0\.3 GB of this machine's "
+                        r"memory; lower space.channels, pdarts.layers or search.batch_size\n", err), err
+    monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
+    code, _, err = call(*PDARTS_TWO_PHASES, "--out", str(tmp_path / "roomy"))
+    assert code == 0 and err == "", err
+    monkeypatch.setattr(memory, "memory_total", lambda device: 3 * 10 ** 8)  # a run resumed in phase 2: nothing to say
+    from ilnas.config import resolve
+    from ilnas.search.methods import create_method
+
+    cfg = resolve("pdarts-cifar10", overrides=[a for a in PDARTS_TWO_PHASES[3:] if "=" in a])
+    with caplog.at_level("WARNING", logger="ilnas"):
+        warn_of_later_phases(cfg, [], create_method(cfg).phases, 1, [], torch.device("cpu"), torch.float32)
+    assert not caplog.records

@@ -283,6 +283,8 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
     ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
     prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress(), None)
+    if process.main:
+        warn_of_later_phases(cfg, tasks, method.phases, prog.phase, val, device, dtype)
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
     if not process.main:
         return _search(ctx, prog, continued)
@@ -322,16 +324,47 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
             except RuntimeError as e:
                 raise IlnasError(f"the supernet cannot take {maker.task.name}'s {tuple(x.shape[1:])} images "
                                  f"({str(e).splitlines()[0][:120]})") from None
-        # With the weights, a validation pass of one rank's batch and what it keeps for its backward
-        net, batch = nets[0], cfg.search.batch_size // distributed.world_size()
-        x, _ = next(val[0].ordered(4))
-        leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
-                                                                        net.head.parameters())]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
-            kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
-        one = sum(p.numel() for p in net.encoder.parameters()) * dtype.itemsize
-        require_search_memory(one, len(tasks) * cfg.search.rounds, device,
-                              f"space.channels, {cells_setting(cfg)} or search.batch_size", kept, batch)
+        _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
+
+
+def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNet, arch: list[torch.Tensor],
+                         maker: BatchMaker, device: torch.device) -> None:
+    """With the weights, a validation pass of one rank's batch and what it keeps for its backward."""
+    batch = cfg.search.batch_size // distributed.world_size()
+    x, _ = next(maker.ordered(4))
+    leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
+                                                                    net.head.parameters())]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
+        kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
+    one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
+    require_search_memory(one, tasks * cfg.search.rounds, device,
+                          f"space.channels, {cells_setting(cfg)} or search.batch_size", kept, batch)
+
+
+# The candidate operations by what a supernet's pass keeps of them for its backward, most first: a separable
+# convolution is two ReLU-convolution-convolution-BatchNorm stacks, a dilated one a single one, a pooling
+# one a pooling and a BatchNorm; a skip-connect is the input itself (or one FactorizedReduce) and none nothing.
+HEAVIEST_FIRST = ("sep_conv_5x5", "sep_conv_3x3", "dil_conv_5x5", "dil_conv_3x3", "max_pool_3x3", "avg_pool_3x3",
+                  "skip_connect", "none")
+
+
+def warn_of_later_phases(cfg: SearchRunConfig, tasks: Sequence[Task], phases: Sequence[Phase], current: int,
+                         val: Sequence[BatchMaker], device: torch.device, dtype: torch.dtype) -> None:
+    """A P-DARTS phase after ``current`` is deeper than the first, and which operations it keeps is known only
+    once the phase before it ends: where it could not fit should its edges keep their heaviest operations, say
+    so now rather than hours in (it would stop there, with the previous phase's checkpoint)."""
+    for number, phase in enumerate(phases[current + 1:], start=current + 2):
+        ops = [[op for op in edge if op in HEAVIEST_FIRST[:phase.ops_per_edge]] for edge in full_edge_ops()]
+        heaviest = Progress(normal_ops=ops, reduce_ops=[list(edge) for edge in ops])
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                nets, _, _ = build_nets(cfg, tasks, phase.layers, heaviest, device, dtype)
+                arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
+                                                               torch.Generator().manual_seed(0), dtype)]
+                _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
+        except IlnasError as e:
+            log.warning(f"phase {number} of {len(phases)} ({phase.layers} cells, {phase.ops_per_edge} operations "
+                        f"an edge) may not fit, should its edges keep their heaviest operations: {e}")
 
 
 @dataclass
