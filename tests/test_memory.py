@@ -206,11 +206,10 @@ def test_describe_gives_the_size_of_a_network_that_would_not_fit_in_memory():
     assert "multiply-adds: 3385715M at 32x32" in r.stdout
 
 
-PDARTS_TWO_PHASES = ["search", "--preset", "pdarts-cifar10", "--set", "data.tasks=[digits]", "--set",
-                     "space.channels=4", "--set", "pdarts.layers=[3, 9]", "--set", "pdarts.ops_per_edge=[8, 4]", "--set",
-                     "pdarts.skip_dropout=[0.0, 0.0]", "--set", "search.batch_size=64", "--set", "search.epochs=1",
-                     "--set", "search.warmup_epochs=0", "--set", "search.steps_per_epoch=1", "--set",
-                     "search.eval_batches=1", "--no-report", "--quiet"]
+PDARTS_TWO_PHASES = ["search", "--preset", "pdarts-cifar10", "--no-report", "--quiet", *(
+    a for kv in ("data.tasks=[digits]", "space.channels=4", "pdarts.layers=[3, 9]", "pdarts.ops_per_edge=[8, 4]",
+                 "pdarts.skip_dropout=[0.0, 0.0]", "search.batch_size=64", "search.epochs=1", "search.warmup_epochs=0",
+                 "search.steps_per_epoch=1", "search.eval_batches=1") for a in ("--set", kv))]
 
 
 def test_a_later_pdarts_phase_that_may_not_fit_is_warned_of_at_the_start(tmp_path, monkeypatch, caplog):
