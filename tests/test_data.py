@@ -190,6 +190,30 @@ def test_both_pipelines_list_a_folder_alike_and_as_torchvision_does_a_plain_one(
     assert len(memory) == 12
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    """A file manager's thumbnails in a hidden folder of a class were taken for more of its images (silently,
+    at another size), macOS's ._ companion files for images that cannot be read, and Jupyter's checkpoint
+    folder for a class without images. Both pipelines and evaluate's folders leave hidden names out."""
+    import shutil
+
+    from helpers import write_image_folder
+
+    root = tmp_path / "imgs"
+    write_image_folder(root, per_class=4)
+    before = _listings(root)
+    for split in ("train", "val"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+        for c in ("cat", "dog", "eel"):
+            shutil.copytree(root / split / c, root / split / c / ".thumbnails")
+            (root / split / c / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert _listings(root) == before and len(before[0]) == 12
+    task = create_task(f"imagefolder:{root}", DataConfig(image_size=16))
+    assert task.classes == ("cat", "dog", "eel") and (len(task.train) + len(task.val), len(task.test)) == (12, 6)
+    from ilnas.data.tasks import class_folders
+
+    assert class_folders(root / "val") == ["cat", "dog", "eel"]
+
+
 def test_links_to_folders_are_followed_once_and_a_link_back_up_is_refused(tmp_path):
     import shutil
 

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torchvision import datasets
 
-from ilnas.data.tasks import folder_images
+from ilnas.data.tasks import class_folders, folder_images
 
 
 class PackedSamples:
@@ -44,6 +44,10 @@ class StreamedImageFolder(datasets.ImageFolder):
         super().__init__(str(root), transform, loader=loader)
         self.samples = self.imgs = PackedSamples(self.samples)
         self.targets = self.samples.labels
+
+    def find_classes(self, directory) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(Path(directory))  # hidden folders are no classes
+        return classes, {c: i for i, c in enumerate(classes)}
 
     @staticmethod
     def make_dataset(directory, class_to_idx, *args, **kwargs) -> list[tuple[str, int]]:

@@ -285,7 +285,7 @@ def folder_classes(root: Path, name: str) -> list[str]:
     if not train.is_dir():
         raise IlnasError(f"no image folder {train} for task {name} (expected train/ and optionally val/, with one "
                          f"folder per class)")
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    classes = class_folders(train)
     if len(classes) < 2:
         raise IlnasError(f"{train} holds {len(classes)} class folder(s); a task needs at least two")
     for c in classes:
@@ -303,10 +303,16 @@ def _require_label_text(name: str, folder: Path) -> None:
                          f"label in the model's files and output: rename it")
 
 
+def class_folders(split: Path) -> list[str]:
+    """The names of the class folders in ``split``, sorted; hidden ones (a name starting with ".": Jupyter's
+    .ipynb_checkpoints, say) are no classes."""
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]:
     """(file, label) of every image under <split>/<class>/, in a fixed order (by path within a class); refuses
     other class folders. Both pipelines, in memory and streamed, list a folder by this."""
-    found = sorted(p.name for p in split.iterdir() if p.is_dir())
+    found = class_folders(split)
     if found != list(classes):
         raise IlnasError(f"{split} holds the class folders {found[:6]}, not those of train/ ({list(classes)[:6]})")
     return [(p, label) for label, c in enumerate(classes) for p in _image_files(split / c)]
@@ -316,7 +322,9 @@ def _image_files(folder: Path) -> list[Path]:
     """The image files under ``folder``, sorted, through symbolic links to folders as well (a data set pieced
     together from several disks), each real folder read once. A link to a folder above (or at) ``folder`` is
     refused: it would give the class its sibling classes' images, and repeat them under ever longer paths
-    (without end, where two such links loop)."""
+    (without end, where two such links loop). Hidden files and folders are left out: a file manager's or a NAS's
+    thumbnails (.thumbnails/, .@__thumb/) would be taken for more images of the class, and macOS's ._ files
+    beside each image (a copy from a Mac's disk) are not images at all."""
     top, seen, files = os.path.realpath(folder), set(), []
     for root, dirs, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -328,8 +336,10 @@ def _image_files(folder: Path) -> list[Path]:
             dirs.clear()
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs.sort()  # which of two links to one folder reads it: the same in every run
-        files += [Path(root, n) for n in names if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+        # hidden folders left out; sorted: which of two links to one folder reads it is the same in every run
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root, n) for n in names
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
     return sorted(p for p in files if p.is_file())
 
 

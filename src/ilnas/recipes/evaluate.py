@@ -40,9 +40,9 @@ def _class_map(names: Sequence[str], card: ModelCard, where: str) -> list[int]:
 
 
 def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
-    from ilnas.data.tasks import folder_images
+    from ilnas.data.tasks import class_folders, folder_images
 
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = class_folders(folder)
     if not classes:
         raise IlnasError(f"{folder} holds no class folders (expected <folder>/<class>/<image>, or <folder>/val/...)")
     index = _class_map(classes, card, str(folder))
