@@ -259,6 +259,30 @@ def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, mes
     assert {p: snapshot(p) for p in (run, search)} == before
 
 
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_a_run_is_not_resumed_on_other_data_than_it_started_on(folder_runs, tmp_path, monkeypatch, kind):
+    """Images added to a folder between two sessions (or another folder under the same relative path) change
+    the splits and the normalisation under a run that went on as if nothing had happened. Here the folder's
+    statistics are made to come out otherwise, as more images would make them: the resume is refused before
+    anything is written, naming the difference."""
+    from ilnas.data import tasks
+
+    run = tmp_path / kind
+    shutil.copytree(folder_runs[kind], run)
+    for name in ("summary.json", "result.json"):
+        (run / name).unlink(missing_ok=True)
+    before = snapshot(run)
+    stats = tasks._stats
+    monkeypatch.setattr(tasks, "_stats", lambda x: (stats(x)[0], tuple(v * 1.01 for v in stats(x)[1])))
+    code, _, err = call(kind, "--resume", "--out", str(run), "--quiet", "--no-report")
+    where = "tasks.json [0].std[0]" if kind == "search" else "model.json std[0]"
+    assert code == 2 and err.startswith(f"ilnas: error: {run} was started on other data than it would resume on "
+                                        f"({where}: 0."), err
+    assert err.endswith("now); restore the data it started on (a relative path is read from the directory the "
+                        "command runs in), or start a new run\n") and len(err.splitlines()) == 1, err
+    assert snapshot(run) == before
+
+
 def _edited_copy(run: Path, where: Path, keys: tuple[str, ...], value) -> Path:
     """A copy of a training run whose model.json has ``value`` at ``keys``."""
     shutil.copytree(run, where)

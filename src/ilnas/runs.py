@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
@@ -674,12 +674,41 @@ def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:
     return payload
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
+def _first_difference(a: Any, b: Any) -> str:
+    """The dotted key of two configurations' first difference."""
+    return _where_differ(a, b, into_lists=False)[0]
+
+
+def _where_differ(a: Any, b: Any, where: str = "", into_lists: bool = True) -> tuple[str, Any, Any]:
+    """Where two JSON-like values first differ (``key.key[index]``), and their values there."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
             if a.get(key) != b.get(key):
-                return _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-    return where or "the top level"
+                return _where_differ(a.get(key), b.get(key), f"{where}.{key}" if where else str(key), into_lists)
+    if into_lists and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _where_differ(x, y, f"{where}[{i}]", into_lists)
+    return where or "the top level", a, b
+
+
+def require_same_data(path: Path, name: str, now: Any) -> None:
+    """A resumed run must read the data it started on. ``now`` is what it is about to write to ``name`` (the
+    search's tasks.json, a training's model.json) from the data found now; the file a session wrote before holds
+    the same from the data found then. Images added to or removed from a folder since, a folder by the same
+    relative name under another working directory, or another copy of a data set would change the splits, the
+    normalisation or the classes under a run that goes on as if nothing happened. A file that is not there yet
+    (a run killed right at its start), or cannot be read, holds nothing against it."""
+    try:
+        then = load_json((Path(path) / name).read_text())
+    except (OSError, ValueError):
+        return
+    now = load_json(json.dumps(now))  # as the file will hold it: lists, not tuples
+    if then != now:
+        where, old, new = _where_differ(then, now)
+        raise IlnasError(f"{path} was started on other data than it would resume on ({name} {where}: "
+                         f"{shortened(repr(old))} then, {shortened(repr(new))} now); restore the data it started "
+                         f"on (a relative path is read from the directory the command runs in), or start a new run")
 
 
 def config_dict(cfg: Any, **extra: Any) -> dict:

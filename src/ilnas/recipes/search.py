@@ -38,7 +38,7 @@ from ilnas.errors import IlnasError, RunFailed
 from ilnas.memory import parameter_count, require_search_memory, saved_activation_bytes
 from ilnas.resuming import (describe, load_optimizer_state, require_number, require_rng_states, require_tensors_like,
                             restoring)
-from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory
+from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory, require_same_data
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host)
 from ilnas.search.methods import Darts, Phase, create_method
@@ -283,6 +283,8 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
     ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
     prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress(), None)
+    if ckpt:
+        require_same_data(out, "tasks.json", [task_record(t) for t in tasks])
     if process.main:
         warn_of_later_phases(cfg, tasks, method.phases, prog.phase, val, device, dtype)
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
 from ilnas.runs import (RunDir, check, config_dict, is_finished, load_checkpoint, out_of_memory, read_config,
-                        read_metrics)
+                        read_metrics, require_same_data)
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
@@ -110,6 +110,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
                      t.steps_per_epoch)
     data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers, decode=t.decode)
+    if resume:
+        require_same_data(out, CARD_FILE, asdict(model_card(cfg, genotype, data)))
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
