@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -154,6 +155,20 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     data = json.loads(ilnas_here("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
     (row,) = data["rows"]
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
+
+
+def test_a_pipe_in_a_task_or_a_path_stays_in_its_markdown_cell(runs, tmp_path):
+    """An image folder named a|b (a task's name is in the header) and a run directory under it: the compare and
+    status tables keep one value per column."""
+    task = f"imagefolder:{tmp_path / 'a|b'}"
+    _training_run(tmp_path / "x|y" / "train", "DARTS_V2", task, 0.1)
+    for command in ("compare", "status"):
+        code, out, err = call(command, str(tmp_path / "x|y"))
+        assert code == 0, err
+        lines = out.splitlines()
+        cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in lines if line.startswith("|")]
+        assert len(cells) == 3 and len({len(c) for c in cells}) == 1, out
+        assert ("a\\|b" if command == "compare" else "x\\|y") in out
 
 
 def test_a_folder_with_a_configuration_saved_by_hand_is_searched_for_runs_not_taken_for_one(runs):

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError
+from ilnas.report.tables import markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
@@ -236,11 +237,10 @@ def _label(c: Comparison, g: Group) -> str:
 def _paired_markdown(pairs: list[dict]) -> list[str]:
     if not pairs:
         return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
-    lines = ["", "Paired over runs with the same cell seed, training seed and task (test error, points):", "",
-             "| A | B | pairs | mean A − B | paired t p | Wilcoxon p |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p['a']} | {p['b']} | {p['pairs']} | {p['mean_diff']:+.2f} | {_num(p['t_p'], 3)} | "
-              f"{_num(p['wilcoxon_p'], 3)} |" for p in pairs]
-    return lines
+    return ["", "Paired over runs with the same cell seed, training seed and task (test error, points):", "",
+            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p"],
+                            [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}", _num(p["t_p"], 3),
+                              _num(p["wilcoxon_p"], 3)] for p in pairs])]
 
 
 def _show(value: object) -> str:
@@ -270,9 +270,7 @@ def _table(c: Comparison) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown(c: Comparison, with_pairs: bool = False) -> str:
-    header, body = _table(c)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines = markdown_table(*_table(c))
     if with_pairs:
         lines += _paired_markdown(paired(c))
     if c.unfinished:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
+from ilnas.report.tables import markdown_table
 from ilnas.fileio import reachable
 from ilnas.runlock import lock_holder
 from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
@@ -151,14 +152,15 @@ def _duration(seconds: float | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """A Markdown table, one row per run; the process of each running one below it."""
-    lines = ["| run | kind | state | epochs | last epoch | checkpoint | sessions | epoch time | remaining |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
         total = r["epochs"] if r["epochs"] is not None else "?"
         state = r["state"] + (f" (SLURM job {r['job']})" if r.get("job") else "")
-        lines.append(f"| {r['run']} | {r['kind']} | {state} | {r['epochs_done']}/{total} | {r['last'] or '-'} | "
-                     f"{_checkpoint_cell(r['checkpoint'])} | {sessions} | {_duration(r['epoch_seconds'])} | "
-                     f"{_duration(r['remaining_seconds'])} |")
+        cells.append([r["run"], r["kind"], state, f"{r['epochs_done']}/{total}", r["last"] or "-",
+                      _checkpoint_cell(r["checkpoint"]), sessions, _duration(r["epoch_seconds"]),
+                      _duration(r["remaining_seconds"])])
+    lines = markdown_table(["run", "kind", "state", "epochs", "last epoch", "checkpoint", "sessions", "epoch time",
+                            "remaining"], cells)
     running = [r for r in rows if r["holder"]]
     return "\n".join(lines + ([""] + [f"{r['run']}: {r['holder']}" for r in running] if running else [])) + "\n"
