@@ -157,6 +157,26 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
 
 
+def test_a_training_counts_for_a_search_only_if_it_trained_the_cell_that_search_ended_with(runs):
+    """A search started again with --force (another seed, say) ends with another cell; the trainings of its
+    first cell used to count for the new search's configuration and seed. They are now a given cell's row,
+    named by where the cell came from; and so are trainings of a search that has not finished."""
+    other = zoo()["PDARTS"].to_string()
+    summary = runs / "il-0" / "search" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "genotype": other}))
+    (runs / "mtl-1" / "search" / "summary.json").unlink()  # running again, not finished yet
+    c = compare([runs])
+    by_method = {(r["method"], r["framework"]): r for r in rows(c)}
+    il = by_method[("DARTS-2nd", "il")]
+    assert il["seeds"] == 2 and math.isclose(il["error_digits"]["mean"], 13.0)  # seeds 1 and 2 only
+    assert math.isclose(il["search_hours"], 1.5)  # the searches still count as searches: all three finished
+    assert by_method[("DARTS-2nd", "mtl")]["seeds"] == 1
+    # every cell here is DARTS_V2: the two searches' trainings join the given DARTS_V2's (5%), one cell's row
+    (given,) = [r for r in rows(c) if r["framework"] == "-" and r["method"] != "random cell"]
+    assert given["error_digits"]["n"] == 3 and given["error_digits"]["mean"] == pytest.approx((10 + 30 + 5) / 3)
+    assert given["error_mnist5k"]["mean"] == pytest.approx(20.0)
+
+
 def test_a_pipe_in_a_task_or_a_path_stays_in_its_markdown_cell(runs, tmp_path):
     """An image folder named a|b (a task's name is in the header) and a run directory under it: the compare and
     status tables keep one value per column."""

@@ -66,10 +66,13 @@ class Comparison:
     unfinished: list[Path]
 
 
-def _search_of(training: Path) -> Path | None:
-    """The search run a training run's cell came from (provenance genotype_source), if it was one: found by
-    its path from the training run (runs moved together, e.g. a sweep copied off a cluster), by its absolute
-    path, or, for a run that recorded only that, as the sibling of the same name in a moved sweep's cell."""
+def _search_of(training: Path, cell: object) -> Path | None:
+    """The search run a training run's cell came from (provenance genotype_source), if it was one and ``cell``
+    (the training's genotype) is the cell it ended with: found by its path from the training run (runs moved
+    together, e.g. a sweep copied off a cluster), by its absolute path, or, for a run that recorded only that,
+    as the sibling of the same name in a moved sweep's cell. A search since started again with --force (another
+    seed or setting: another cell), or one that had not finished when its latest cell was trained, did not
+    find this cell: the training is then a given cell's, not a result of that search's configuration."""
     provenance = read_json(training, "provenance.json") or {}
     source, relative = provenance.get("genotype_source"), provenance.get("genotype_source_relative")
     if not isinstance(source, str):
@@ -82,7 +85,8 @@ def _search_of(training: Path) -> Path | None:
     for p in candidates:
         p = p.parent if p.name == "genotype.json" else p
         if (p / "config.yaml").is_file() and read_config(p)["kind"] == "search":
-            return p.resolve()
+            found = (read_json(p, "summary.json") or {}).get("genotype")
+            return p.resolve() if found == cell else None
     return None
 
 
@@ -121,7 +125,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             searches.setdefault(key, []).append(read_record(run, "summary.json", SUMMARY_FIELDS))
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
-        search = _search_of(run)
+        search = _search_of(run, config.get("genotype"))
         cell_seed = None  # a given cell's runs differ only in their training seed
         if search is not None:
             scfg = read_config(search)
