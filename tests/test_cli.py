@@ -43,6 +43,19 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     assert json.loads(r.stdout)["params"] > 1e6
 
 
+def test_describe_of_a_training_run_gives_the_network_it_trained(finished_training):
+    """Its parameter count is the one the run recorded (result.json), at its own width, depth and input; a
+    preset or a --set describes the cell under that evaluation setting instead (CIFAR-10 by default)."""
+    result = json.loads((finished_training / "result.json").read_text())
+    code, out, err = call("describe", str(finished_training), "--json")
+    assert code == 0, err
+    own = json.loads(out)
+    assert (own["params"], own["macs"], own["resolution"]) == (result["params"], result["macs"], 16)
+    assert own["network"] == "cifar, 3 cells, C=4" and own["task"] == "mnist5k"
+    code, out, err = call("describe", str(finished_training), "--set", "network.layers=8", "--json")
+    assert code == 0 and json.loads(out)["network"] == "cifar, 8 cells, C=36" and json.loads(out)["task"] == "cifar10"
+
+
 BAD = [
     (["search", "--preset", "no-such-preset"], "unknown preset 'no-such-preset'; known: "),
     (["search", "--set", "search.no_such_key=1"], "unknown config key 'search.no_such_key'; valid keys in search: framework, method, rounds, epochs,"),

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("describe", help="print a genotype and the size of its evaluation network")
     d.add_argument("genotype", help="zoo name, genotype.json, run directory, or Genotype(...) literal")
-    d.add_argument("--preset", default="eval-cifar10", help="evaluation preset (default: eval-cifar10)")
+    d.add_argument("--preset", help="evaluation preset (default: eval-cifar10; for a training run, the network it "
+                                    "trained, unless --preset or --set is given)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--json", action="store_true", help="print JSON")
     return p
@@ -297,16 +298,20 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from ilnas.recipes.describe import describe
+    from ilnas.models import CARD_FILE, read_card
+    from ilnas.recipes.describe import describe, describe_trained
     from ilnas.space.genotype import load_genotype
 
-    genotype = load_genotype(args.genotype)
-    info = describe(genotype, _resolve(args.preset, None, args.overrides, kind="eval"))
+    if args.preset is None and not args.overrides and (Path(args.genotype) / CARD_FILE).is_file():
+        info = describe_trained(read_card(args.genotype))  # the network the run trained, not a CIFAR one
+    else:
+        info = describe(load_genotype(args.genotype), _resolve(args.preset or "eval-cifar10", None, args.overrides,
+                                                               kind="eval"))
     if args.json:
         print(json.dumps(info, indent=1))
         return
     print(f"genotype = {info['genotype']}")
-    print(f"network: {info['network']}")
+    print(f"network: {info['network']}, for {info['task']}")
     print(f"parameters: {info['params'] / 1e6:.2f}M (auxiliary head excluded), "
           f"{info['params_total'] / 1e6:.2f}M in all")
     print(f"multiply-adds: {info['macs'] / 1e6:.0f}M at {info['resolution']}x{info['resolution']}")

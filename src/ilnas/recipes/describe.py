@@ -1,22 +1,33 @@
-"""Size of the evaluation network a genotype gives under an evaluation preset."""
+"""Size of the evaluation network a genotype gives under an evaluation preset, or of a training run's own."""
 from __future__ import annotations
 
 import torch
 
 from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import task_info
-from ilnas.space.genotype import Genotype
+from ilnas.models import ModelCard
+from ilnas.space.genotype import Genotype, parse_genotype
 from ilnas.space.network import build_network, count_parameters, multiply_adds
 
 
 def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
     d = cfg.data
     info = task_info(d.tasks[0], d)
-    classes, channels, resolution = info.classes, info.channels, info.resolution or cfg.train.resolution
+    return _size(genotype, cfg.data.tasks[0], info.classes, info.channels, info.resolution or cfg.train.resolution,
+                 cfg.network.build_args())
+
+
+def describe_trained(card: ModelCard) -> dict:
+    """The network a training run trained, from its card: its own task, input size and width."""
+    channels, resolution, _ = card.input_size
+    return _size(parse_genotype(card.genotype), card.task, card.num_classes, channels, resolution, card.network)
+
+
+def _size(genotype: Genotype, task: str, classes: int, channels: int, resolution: int, network: dict) -> dict:
     with torch.device("meta"):  # shapes only: any width is described at once, without its memory
-        model = build_network(genotype, classes, channels, resolution, **cfg.network.build_args())
+        model = build_network(genotype, classes, channels, resolution, **network)
         macs = multiply_adds(model, channels, resolution)
-    return {"genotype": genotype.to_string(), "task": cfg.data.tasks[0],
-            "network": f"{cfg.network.style}, {cfg.network.layers} cells, C={cfg.network.channels}",
+    return {"genotype": genotype.to_string(), "task": task,
+            "network": f"{network['style']}, {network['layers']} cells, C={network['channels']}",
             "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
             "macs": macs, "resolution": resolution}
