@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import pickle
 import platform
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -676,19 +677,20 @@ def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:
 
 def _first_difference(a: Any, b: Any) -> str:
     """The dotted key of two configurations' first difference."""
-    return _where_differ(a, b, into_lists=False)[0]
+    return _where_differ(a, b, operator.eq, into_lists=False)[0]
 
 
-def _where_differ(a: Any, b: Any, where: str = "", into_lists: bool = True) -> tuple[str, Any, Any]:
-    """Where two JSON-like values first differ (``key.key[index]``), and their values there."""
+def _where_differ(a: Any, b: Any, same: Callable[[Any, Any], bool], where: str = "",
+                  into_lists: bool = True) -> tuple[str, Any, Any]:
+    """Where two JSON-like values first differ by ``same`` (``key.key[index]``), and their values there."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in list(a) + [k for k in b if k not in a]:
-            if a.get(key) != b.get(key):
-                return _where_differ(a.get(key), b.get(key), f"{where}.{key}" if where else str(key), into_lists)
+            if not same(a.get(key), b.get(key)):
+                return _where_differ(a.get(key), b.get(key), same, f"{where}.{key}" if where else str(key), into_lists)
     if into_lists and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _where_differ(x, y, f"{where}[{i}]", into_lists)
+            if not same(x, y):
+                return _where_differ(x, y, same, f"{where}[{i}]", into_lists)
     return where or "the top level", a, b
 
 
@@ -704,6 +706,18 @@ def _alike(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _shared(a: Any, b: Any) -> tuple[Any, Any]:
+    """``a`` and ``b`` with their mappings cut, at every depth, to the keys both hold: a record written by
+    another version may have a field more or less, which is no difference in the data."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        pairs = {k: _shared(a[k], b[k]) for k in a if k in b}
+        return {k: x for k, (x, _) in pairs.items()}, {k: y for k, (_, y) in pairs.items()}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        pairs = [_shared(x, y) for x, y in zip(a, b)]
+        return [x for x, _ in pairs], [y for _, y in pairs]
+    return a, b
+
+
 def require_same_data(path: Path, name: str, now: Any) -> None:
     """A resumed run must read the data it started on. ``now`` is what it is about to write to ``name`` (the
     search's tasks.json, a training's model.json) from the data found now; the file a session wrote before holds
@@ -715,9 +729,9 @@ def require_same_data(path: Path, name: str, now: Any) -> None:
         then = load_json((Path(path) / name).read_text())
     except (OSError, ValueError):
         return
-    now = load_json(json.dumps(now))  # as the file will hold it: lists, not tuples
+    then, now = _shared(then, load_json(json.dumps(now)))  # now as the file will hold it: lists, not tuples
     if not _alike(then, now):
-        where, old, new = _where_differ(then, now)
+        where, old, new = _where_differ(then, now, _alike)
         raise IlnasError(f"{path} was started on other data than it would resume on ({name} {where}: "
                          f"{shortened(repr(old))} then, {shortened(repr(new))} now); restore the data it started "
                          f"on (a relative path is read from the directory the command runs in), or start a new run")

@@ -111,7 +111,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     data = create_train_data(cfg.data.tasks[0], cfg.data, shard, cutout=t.cutout, resolution=t.resolution,
                              color_jitter=t.color_jitter, workers=t.workers, decode=t.decode)
     if resume:
-        require_same_data(out, CARD_FILE, asdict(model_card(cfg, genotype, data)))
+        card = asdict(model_card(cfg, genotype, data))
+        require_same_data(out, CARD_FILE, {k: card[k] for k in ("task", "classes", "input_size", "mean", "std")})
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
