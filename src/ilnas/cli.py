@@ -297,12 +297,22 @@ def _sweep(args: argparse.Namespace) -> None:
               f"`ilnas compare {sweep.out}` for the table")
 
 
+def _holds_a_card(spec: str) -> bool:
+    """Whether a genotype argument names a training run (its model.json)."""
+    from ilnas.models import CARD_FILE
+
+    try:
+        return (Path(spec) / CARD_FILE).is_file()
+    except (OSError, ValueError):  # a Genotype(...) literal longer than a file name may be, say
+        return False
+
+
 def _describe(args: argparse.Namespace) -> None:
-    from ilnas.models import CARD_FILE, read_card
+    from ilnas.models import read_card
     from ilnas.recipes.describe import describe, describe_trained
     from ilnas.space.genotype import load_genotype
 
-    if args.preset is None and not args.overrides and (Path(args.genotype) / CARD_FILE).is_file():
+    if args.preset is None and not args.overrides and _holds_a_card(args.genotype):
         info = describe_trained(read_card(args.genotype))  # the network the run trained, not a CIFAR one
     else:
         info = describe(load_genotype(args.genotype), _resolve(args.preset or "eval-cifar10", None, args.overrides,
