@@ -719,9 +719,9 @@ def _shared(a: Any, b: Any) -> tuple[Any, Any]:
 
 
 def require_same_data(path: Path, name: str, now: Any) -> None:
-    """A resumed run must read the data it started on. ``now`` is what it is about to write to ``name`` (the
-    search's tasks.json, a training's model.json) from the data found now; the file a session wrote before holds
-    the same from the data found then. Images added to or removed from a folder since, a folder by the same
+    """A resumed run must read the data it started on. ``now`` is (the data's part of) what it is about to write
+    to ``name`` (the search's tasks.json, a training's model.json) from the data found now; the file a session
+    wrote before holds the same from the data found then. Images added to or removed from a folder since, a folder by the same
     relative name under another working directory, or another copy of a data set would change the splits, the
     normalisation or the classes under a run that goes on as if nothing happened. A file that is not there yet
     (a run killed right at its start), or cannot be read, holds nothing against it."""

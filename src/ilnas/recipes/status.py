@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ilnas.errors import IlnasError
-from ilnas.report.tables import markdown_table
 from ilnas.fileio import reachable
+from ilnas.report.tables import markdown_table
 from ilnas.runlock import lock_holder
 from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
                         read_metrics)
