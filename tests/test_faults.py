@@ -249,7 +249,7 @@ def test_a_run_or_a_sweep_in_another_runs_directory_is_refused(finished_run, fin
                    [finished_training])
     assert_refused([*TRAIN_ARGS, "--out", str(finished_run / "a" / "b")], "lies inside the run directory",
                    [finished_run])
-    # where the filesystem puts it: RUN/../x lies beside RUN (it was refused), RUN/x/../.. .../RUN/y inside it
+    # where the filesystem puts it: RUN/../x lies beside RUN (it was refused as inside it), LINK-TO-RUN/x inside
     beside = tmp_path / "beside"
     assert_refused([*TRAIN_ARGS, "--out", f"{finished_run}/../{beside.name}", "--set", "train.seed=-1"],
                    "train.seed must", [finished_run])
