@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -68,11 +69,15 @@ def call(*argv: str) -> tuple[int, str, str]:
     from ilnas import cli
 
     out, err = io.StringIO(), io.StringIO()
+    logger = logging.getLogger("ilnas")  # the CLI gives it its console handler and stops its propagation: for
+    kept = logger.handlers[:], logger.propagate, logger.level  # this call only, so that caplog sees later records
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = cli.main(list(argv))
         except SystemExit as e:  # argparse
             code = e.code
+        finally:
+            logger.handlers[:], logger.propagate, logger.level = kept
     return code, out.getvalue(), err.getvalue()
 
 

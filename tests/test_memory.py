@@ -2,6 +2,7 @@
 device refused in one line, the cgroup limits a container sets read, and a width described without its memory."""
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -212,7 +213,7 @@ PDARTS_TWO_PHASES = ["search", "--preset", "pdarts-cifar10", "--no-report", "--q
                  "search.steps_per_epoch=1", "search.eval_batches=1") for a in ("--set", kv))]
 
 
-def test_a_later_pdarts_phase_that_may_not_fit_is_warned_of_at_the_start(tmp_path, monkeypatch, caplog):
+def test_a_later_pdarts_phase_that_may_not_fit_is_warned_of_at_the_start(tmp_path, monkeypatch):
     """Phase 2 (9 cells) keeps 4 of the 8 operations of each edge, known only once phase 1 (3 cells) has ended.
     Under 0.3 GB the first phase's step fits (0.17 GB) and the second's, should every edge keep its four heaviest
     operations, would not (0.38 GB): the run starts, and says so at once, rather than stopping hours in."""
@@ -230,9 +231,21 @@ def test_a_later_pdarts_phase_that_may_not_fit_is_warned_of_at_the_start(tmp_pat
     assert code == 0 and err == "", err
     monkeypatch.setattr(memory, "memory_total", lambda device: 3 * 10 ** 8)  # a run resumed in phase 2: nothing to say
     from ilnas.config import resolve
+    from ilnas.data.loader import BatchMaker
+    from ilnas.data.tasks import create_task
     from ilnas.search.methods import create_method
 
     cfg = resolve("pdarts-cifar10", overrides=[a for a in PDARTS_TWO_PHASES[3:] if "=" in a])
-    with caplog.at_level("WARNING", logger="ilnas"):
-        warn_of_later_phases(cfg, [], create_method(cfg).phases, 1, [], torch.device("cpu"), torch.float32)
-    assert not caplog.records
+    task = create_task("digits", cfg.data)
+    val = [BatchMaker(task, task.val, torch.device("cpu"), torch.float32, augment=False)]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the logger itself: the CLI's calls above stopped its propagation
+    logging.getLogger("ilnas").addHandler(handler)
+    try:
+        for current in (0, 1):
+            warn_of_later_phases(cfg, [task], create_method(cfg).phases, current, val, torch.device("cpu"),
+                                 torch.float32)
+            assert [r.getMessage()[:13] for r in records] == ["phase 2 of 2 "]  # from current 0 only
+    finally:
+        logging.getLogger("ilnas").removeHandler(handler)
