@@ -99,6 +99,26 @@ def test_evaluate_reproduces_the_runs_test_error_from_a_task_and_from_the_folder
     assert (folder_runs["root"] / "eval-best" / "evaluation.json").is_file()
 
 
+def test_two_folders_of_one_name_each_keep_their_evaluation(folder_runs, tmp_path):
+    """a/val and b/val both make <run>/evaluations/val-last: the second replaced the first's files. It goes
+    to val-last-2 instead; evaluating a/val again brings its own folder up to date."""
+    import shutil
+
+    run = tmp_path / "train"
+    shutil.copytree(folder_runs["train"], run)
+    for name in ("a", "b"):
+        shutil.copytree(folder_runs["pets"] / "val", tmp_path / name / "val")
+    outs = []
+    for name in ("a", "b", "a"):
+        code, out, err = call("evaluate", str(run), "--data", str(tmp_path / name / "val"), "--json")
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert [Path(o["out"]).name for o in outs] == ["val-last", "val-last-2", "val-last"]
+    for o in outs:
+        assert json.loads((Path(o["out"]) / "evaluation.json").read_text())["data"] == o["data"]
+    assert outs[0]["data"] == str((tmp_path / "a" / "val").resolve()) != outs[1]["data"]
+
+
 def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs):
     from ilnas import load_model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             yield card.read_images([p for p, _ in chunk]), torch.tensor([y for _, y in chunk])
-    return EvalSet(str(folder), len(items), batches())
+    return EvalSet(str(folder.resolve()), len(items), batches())
 
 
 def _task_set(task: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet:
@@ -127,10 +128,24 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     from ilnas.data.tasks import task_slug
 
     slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
-    target = Path(out) if out is not None else run / "evaluations" / f"{slug}-{which}"
+    target = Path(out) if out is not None else _default_out(run / "evaluations", f"{slug}-{which}", dataset.name)
     _write_evaluation(target, result, confusion, card.classes)
     result["out"] = str(target)
     return result
+
+
+def _default_out(folder: Path, name: str, data: str) -> Path:
+    """``folder/name``, where nothing or an evaluation of the same data is (it is brought up to date); else the
+    first of ``name-2``, ``name-3``, ... that is: two folders of one name (``a/val`` and ``b/val``) each keep
+    their evaluation instead of the second replacing the first's."""
+    for i in itertools.count(1):
+        target = folder / (name if i == 1 else f"{name}-{i}")
+        try:
+            found = json.loads((target / "evaluation.json").read_text()).get("data")
+        except (OSError, ValueError, AttributeError):  # none yet (or unreadable: it is no evaluation to keep)
+            found = data if not target.exists() else None
+        if found == data:
+            return target
 
 
 def _write_evaluation(out: Path, result: dict, confusion: torch.Tensor, classes: Sequence[str]) -> None:
