@@ -14,6 +14,7 @@ import os
 import pty
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1111,12 +1112,13 @@ def with_ctrl_c(*args: str) -> subprocess.Popen:
 
 def stopped_by(signum: int, argv: list[str], out: Path) -> list[str]:
     """``ilnas ARGV --out OUT`` (Ctrl-C as in a terminal) sent ``signum`` once its session is open, before its
-    first step has ended; it must exit with 128 + signum. Its stderr lines."""
+    first step has ended; it must exit with 128 + signum, or, for Ctrl-C, end killed by SIGINT as Python ends on
+    a Ctrl-C (a shell shows 130 too, and stops a loop that runs it). Its stderr lines."""
     proc = with_ctrl_c(*argv, "--out", str(out))
     wait_for_sessions(out, 1, proc)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signum, err.decode()
+    assert proc.returncode == (-signum if signum == signal.SIGINT else 128 + signum), err.decode()
     return err.decode().splitlines()
 
 
@@ -1162,7 +1164,7 @@ def test_a_search_killed_at_random_points_resumes_bit_exact(micro_run, tmp_path)
 def test_a_search_stopped_by_ctrl_c_checkpoints_that_step_and_resumes_bit_exact(finished_run, tmp_path):
     """Ctrl-C (SIGINT; SIGTERM, a cluster's notice, takes the same path: the torchrun, training and SLURM script
     tests) before the IL search's first step has ended: the run finishes that step, checkpoints it part-way
-    through epoch 1, with both tasks' batch streams part-way too, and exits 130."""
+    through epoch 1, with both tasks' batch streams part-way too, and ends killed by SIGINT."""
     out = tmp_path / "run"
     assert stopped_by(signal.SIGINT, SEARCH3, out) == [
         "ilnas: Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again: at once, without)",
@@ -1194,6 +1196,21 @@ def test_a_closed_terminal_checkpoints_the_step_and_stops_though_writing_to_it_f
     assert (progress["epoch"], progress["epoch_steps"]) == (0, 1)
     resume("search", out)
     assert_same_search(micro_run, out)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="runs a bash loop")
+def test_a_ctrl_c_stops_a_shell_loop_of_runs_after_the_step_it_checkpoints(tmp_path):
+    """Ctrl-C in a terminal reaches the shell and the run it waits for. A shell goes on to its loop's next
+    command when that run exits with a code (130 did), and stops only when it was killed by SIGINT: the run
+    checkpoints its step, reports its stop, and ends so."""
+    script = f'for s in 1 2; do "{sys.executable}" -m ilnas {shlex.join(MICRO)} --out "{tmp_path}/run-$s"; done'
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: (signal.signal(signal.SIGINT, signal.SIG_DFL), os.setpgrp()))
+    wait_for_sessions(tmp_path / "run-1", 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: to the whole foreground process group
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT and err.decode().splitlines()[-1].startswith(STOP_REPORTED), err
+    assert (tmp_path / "run-1" / "checkpoint.pt").exists() and not (tmp_path / "run-2").exists()
 
 
 STOP_REPORTED = "ilnas: stopped by SIGINT after step 1 of 2 of epoch 1"

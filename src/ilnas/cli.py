@@ -432,35 +432,42 @@ def _open_standard_streams() -> None:
         sys.stdout.reconfigure(errors="backslashreplace")  # (stderr's default), not a UnicodeEncodeError
 
 
+CTRL_C_EXIT = 128 + signal.SIGINT  # what a stop by Ctrl-C returns in-process (a shell shows the same)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``ilnas ARGV`` in this process: its exit code (130 after a Ctrl-C that stopped it at once)."""
+    """``ilnas ARGV`` in this process: its exit code (130 after a Ctrl-C, which a run stops at after its step)."""
     try:
         return _main(argv)
     except KeyboardInterrupt:
         _say_interrupted()
-        return 130
+        return CTRL_C_EXIT
 
 
 def program() -> int:
-    """``ilnas`` as a program (the console script, ``python -m ilnas``). A Ctrl-C that stops it at once ends it
-    as Python ends an unhandled Ctrl-C, after the interpreter's clean-up: killed by SIGINT (a shell reports 130),
-    which tells a shell loop or a script running it to stop as well. (An exit code of 130 was not even
-    reliable: the interpreter has been seen to end so after a KeyboardInterrupt this function had caught.)"""
+    """``ilnas`` as a program (the console script, ``python -m ilnas``). A Ctrl-C ends it as Python ends an
+    unhandled Ctrl-C, after the interpreter's clean-up: killed by SIGINT (a shell reports 130), which tells a
+    shell loop or a script running it to stop as well; a second one that stops it at once says "ilnas:
+    interrupted", a first one its stop after the step it checkpointed. (An exit code of 130 let a shell loop
+    go on to its next command, and was not even reliable: the interpreter has been seen to end so after a
+    KeyboardInterrupt this function had caught.)"""
     swallowed: list[BaseException] = []  # Ctrl-Cs that landed in a finaliser, which can only print them
     sys.unraisablehook = functools.partial(_note_unraisable_ctrl_c, swallowed)
     try:
         code = _main(None)
         if swallowed:  # in one run as the command ended (during a run, the step guard raises it again)
             raise KeyboardInterrupt
-        return code
     except KeyboardInterrupt:
         _say_interrupted()
-        sys.excepthook = _quiet_keyboard_interrupt
-        raise
+        code = CTRL_C_EXIT
     finally:  # the command has ended: a Ctrl-C in the interpreter's clean-up ends the process at once, as one
         # there after a few milliseconds more does (not in a traceback from the finaliser it lands in)
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if code == CTRL_C_EXIT:
+        sys.excepthook = _quiet_keyboard_interrupt
+        raise KeyboardInterrupt
+    return code
 
 
 def _say_interrupted() -> None:
@@ -477,7 +484,7 @@ def _note_unraisable_ctrl_c(swallowed: list[BaseException], unraisable) -> None:
 
 
 def _quiet_keyboard_interrupt(kind: type, value: BaseException, tb) -> None:
-    """``ilnas: interrupted`` was printed instead of the traceback."""
+    """One line was printed instead of the traceback ("ilnas: interrupted", or the stop after a checkpoint)."""
     if not issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, tb)
 
