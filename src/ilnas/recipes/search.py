@@ -283,8 +283,9 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
     ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
     prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress(), None)
+    records = [task_record(t) for t in tasks]
     if ckpt:
-        require_same_data(out, "tasks.json", [task_record(t) for t in tasks])
+        require_same_data(out, "tasks.json", records)
     if process.main:
         warn_of_later_phases(cfg, tasks, method.phases, prog.phase, val, device, dtype)
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
@@ -293,7 +294,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
 
     with RunDir.open(out, "search", config, resume, force, device=device) as run:
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
-        run.write_text("tasks.json", json.dumps([task_record(t) for t in tasks], indent=1) + "\n")
+        run.write_text("tasks.json", json.dumps(records, indent=1) + "\n")
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).
         writer = run.tensorboard(purge_step=prog.global_step + 1 if resume else None)
         try:
@@ -314,9 +315,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
     untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
     whose validation pass, with the weights a step holds, cannot fit on the device."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        nets, _, _ = build_nets(cfg, tasks, phase.layers, Progress(), device, dtype)
-        arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
-                                                       torch.Generator().manual_seed(0), dtype)]
+        nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress(), device, dtype)
         for net, maker in zip(nets, val):
             x, _ = next(maker.ordered(4))
             w = [p.detach() for p in net.encoder.parameters()]
@@ -327,6 +326,16 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
                 raise IlnasError(f"the supernet cannot take {maker.task.name}'s {tuple(x.shape[1:])} images "
                                  f"({str(e).splitlines()[0][:120]})") from None
         _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
+
+
+def _probe_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress, device: torch.device,
+                dtype: torch.dtype) -> tuple[list[FunctionalTaskNet], list[torch.Tensor]]:
+    """A supernet of ``layers`` cells with ``progress``'s operations, and an architecture, to measure (the caller
+    keeps the random state untouched)."""
+    nets, _, _ = build_nets(cfg, tasks, layers, progress, device, dtype)
+    arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
+                                                   torch.Generator().manual_seed(0), dtype)]
+    return nets, arch
 
 
 def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNet, arch: list[torch.Tensor],
@@ -360,9 +369,7 @@ def warn_of_later_phases(cfg: SearchRunConfig, tasks: Sequence[Task], phases: Se
         heaviest = Progress(normal_ops=ops, reduce_ops=[list(edge) for edge in ops])
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                nets, _, _ = build_nets(cfg, tasks, phase.layers, heaviest, device, dtype)
-                arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
-                                                               torch.Generator().manual_seed(0), dtype)]
+                nets, arch = _probe_nets(cfg, tasks, phase.layers, heaviest, device, dtype)
                 _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
         except IlnasError as e:
             log.warning(f"phase {number} of {len(phases)} ({phase.layers} cells, {phase.ops_per_edge} operations "
