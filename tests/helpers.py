@@ -64,11 +64,12 @@ def ilnas(*args: str, cwd: Path | None = None, wait: bool = True, env: dict | No
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def call(*argv: str) -> tuple[int, str, str]:
-    """``ilnas ARGV`` in this process (what a refusal needs: no process start): (exit code, stdout, stderr)."""
+def call(*argv: str, stdout: io.StringIO | None = None) -> tuple[int, str, str]:
+    """``ilnas ARGV`` in this process (what a refusal needs: no process start): (exit code, stdout, stderr).
+    ``stdout``: the stream standard output writes to (a fresh one by default)."""
     from ilnas import cli
 
-    out, err = io.StringIO(), io.StringIO()
+    out, err = stdout or io.StringIO(), io.StringIO()
     logger = logging.getLogger("ilnas")  # the CLI gives it its console handler and stops its propagation: for
     kept = logger.handlers[:], logger.propagate, logger.level  # this call only, so that caplog sees later records
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,6 +1,8 @@
 """End to end through the command line: a short demo search, SIGKILL + resume, and every bad input."""
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -152,6 +154,42 @@ def test_a_process_started_with_its_standard_streams_closed_runs_and_speaks_wher
                        text=True, preexec_fn=_closing(0, 1), timeout=600)
     assert r.returncode == 2 and r.stderr.startswith("ilnas: error: unknown genotype 'NO_SUCH_CELL'")
     assert len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_output_that_cannot_be_written_is_one_line_and_a_failed_exit():
+    """``ilnas presets > file`` on a full disk: one line naming the cause and exit code 3, where a traceback
+    came from the print that failed (and, had that been caught, another from the interpreter's last flush)."""
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "ilnas", "presets"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=600)
+    assert (r.returncode, r.stderr) == (3, "ilnas: error: cannot write to standard output (No space left on "
+                                           "device)\n")
+
+
+class _DiskFilling(io.StringIO):
+    """A standard output whose disk is full once it holds ``room`` characters."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+
+    def write(self, text: str) -> int:
+        if self.tell() + len(text) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(text)
+
+
+def test_a_run_whose_output_fills_its_disk_goes_on_to_its_end_having_said_so_once(tmp_path):
+    """Epoch lines that can no longer be written do not stop a run: one warning, the run finishes (its lines
+    are in metrics.jsonl) and exits 0, where each line had printed logging's traceback and the end a crash."""
+    out = tmp_path / "run"
+    code, printed, err = call("search", "--preset", "demo", *SHORT_SEARCH, "--set", "search.epochs=3", "--out",
+                              str(out), stdout=_DiskFilling(room=len(f"run directory: {out}\n") + 10))
+    assert code == 0 and (out / "summary.json").is_file(), err
+    assert printed == f"run directory: {out}\n"
+    assert err.splitlines() == ["ilnas: warning: cannot write to standard output (No space left on "
+                                              "device); the run goes on without it (metrics.jsonl holds its lines)"]
 
 
 def test_output_the_terminal_cannot_encode_is_escaped(tmp_path):

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ilnas import __version__
 from ilnas.errors import IlnasError, RunFailed, Stopped
@@ -380,9 +380,54 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
+class _OutputFailed(IlnasError):
+    exit_code = RunFailed.exit_code
+
+
+class _Output:
+    """sys.stdout while a command runs: a write that fails (``> file`` on a full disk, an I/O error) raises
+    one line's error, not a traceback from wherever the command printed; ``drop`` discards the rest. A reader
+    that left (BrokenPipeError, ``| head``) passes through as it is."""
+
+    def __init__(self, stream):
+        self.stream, self.dropped = stream, False
+
+    def write(self, text: str) -> int:
+        with self._guard():
+            return len(text) if self.dropped else self.stream.write(text)
+
+    def flush(self) -> None:
+        with self._guard():
+            if not self.dropped:
+                self.stream.flush()
+
+    def drop(self) -> None:
+        """Discard what is written from now on, and what the stream still buffers (the interpreter's last
+        flush would fail on it as well)."""
+        self.dropped = True
+        with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation: a stream without a descriptor
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputFailed(f"cannot write to standard output ({e.strerror or e})") from None
+
+
 class _Console(logging.Handler):
     """The recipes' log lines as the CLI's own: epoch lines to whatever sys.stdout is at the time, warnings to
-    sys.stderr as "ilnas: warning: ..." like the CLI's other warnings (tests and callers redirect both)."""
+    sys.stderr as "ilnas: warning: ..." like the CLI's other warnings (tests and callers redirect both).
+    A run whose standard output fails goes on without it, having said so once: its lines are all in
+    metrics.jsonl, and a days-long run is not stopped by a full disk that is not its own."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -390,6 +435,10 @@ class _Console(logging.Handler):
                 print(f"ilnas: warning: {_one_line(record.getMessage())}", file=sys.stderr, flush=True)
             else:
                 print(record.getMessage(), file=sys.stdout, flush=True)
+        except _OutputFailed as e:
+            sys.stdout.drop()
+            print(f"ilnas: warning: {e}; the run goes on without it (metrics.jsonl holds its lines)",
+                  file=sys.stderr, flush=True)
         except Exception:  # a closed or broken stream: logging's own report, as a StreamHandler gives it
             self.handleError(record)
 
@@ -494,7 +543,11 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     _log_to_stdout()
     _trace_fatal_signals()
-    return _run(args)
+    stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
+    try:
+        return _run(args)
+    finally:
+        sys.stdout = stdout
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -502,6 +555,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         COMMANDS[args.command](args)
         sys.stdout.flush()
+    except _OutputFailed as e:
+        sys.stdout.drop()
+        print(f"ilnas: error: {e}", file=sys.stderr)
+        return e.exit_code
     except IlnasError as e:
         print(f"ilnas: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
