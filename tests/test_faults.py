@@ -33,11 +33,11 @@ import yaml
 from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
                      folder_training, ilnas, ilnas_here, read_lines, snapshot, wait_for_sessions, write_cifar,
                      write_image_folder)
-from ilnas import runlock
+from ilnas import runlock, runs
 from ilnas.config import resolve
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.recipes import search as search_recipe
-from ilnas.runs import MAGIC, PREVIOUS, read_checkpoint, refuse_inside_a_run
+from ilnas.runs import MAGIC, PREVIOUS, check, read_checkpoint, read_config, refuse_inside_a_run
 from ilnas.space.supernet import MixedOp
 
 # A single-task search on the digits, two steps an epoch: cheap enough to run several times in one test.
@@ -309,6 +309,53 @@ def test_a_configuration_saved_by_hand_does_not_make_its_folder_a_run(tmp_path):
                            (["--resume"], "nothing to resume: ")):
         assert_refused(["search", "--out", str(project), *flags], message, [project])
     refuse_inside_a_run(project / "runs" / "x", "run")  # a run below it is no run inside a run: not refused
+
+
+@pytest.mark.parametrize("left", [["config.yaml", ".provenance.json.k1ll3d.tmp"], [".config.yaml.k1ll3d.tmp"]])
+def test_a_run_killed_as_it_started_is_started_again_by_auto_resume(micro_run, tmp_path, left):
+    """Killed after it locked its directory, before its provenance.json was written: no run is there, and a
+    requeued job's --auto-resume starts it, where that directory had been refused for ever as not an ilnas run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text("")
+    for name in left:
+        shutil.copy(micro_run / ("provenance.json" if "provenance" in name else "config.yaml"), out / name)
+    rc, _, err = call(*MICRO, "--out", str(out), "--auto-resume")
+    assert rc == 0 and (out / "summary.json").is_file(), err
+    assert not list(out.glob(".*.tmp"))
+
+
+class _Killed(BaseException):
+    """The process killed at this instant."""
+
+
+def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(micro_run, tmp_path, monkeypatch):
+    """--force deletes the old run's provenance.json last and replaces its config.yaml, in whatever order the
+    filesystem lists them: killed after any number of deletions, the directory still holds a run, or a start cut short, which --force (and
+    --auto-resume) take again, never a folder refused as not an ilnas run."""
+    real_unlink, real_rmtree, listed = Path.unlink, shutil.rmtree, runs._entries
+    worst_order = lambda path: sorted(listed(path), key=lambda e: e.name not in ("provenance.json", "config.yaml"))
+    for n in range(len([e for e in micro_run.iterdir() if e.name not in {".lock", "config.yaml"}])):
+        run, deleted = shutil.copytree(micro_run, tmp_path / f"run{n}"), []
+
+        def killed_after_n(delete):
+            def deleting(*args, **kwargs):
+                if len(deleted) == n:
+                    raise _Killed
+                deleted.append(args[0])
+                return delete(*args, **kwargs)
+            return deleting
+
+        monkeypatch.setattr(runs, "_entries", worst_order)  # as a filesystem may list them
+        monkeypatch.setattr(Path, "unlink", killed_after_n(real_unlink))
+        monkeypatch.setattr(shutil, "rmtree", killed_after_n(real_rmtree))
+        with pytest.raises(_Killed):
+            call(*MICRO, "--set", "search.seed=1", "--out", str(run), "--force")
+        monkeypatch.undo()
+        assert len(deleted) == n and len(os.listdir(run)) == len(os.listdir(micro_run)) - n
+        check(run, resume=False, force=True, kind="search")  # not refused
+    rc, _, err = call(*MICRO, "--set", "search.seed=1", "--out", str(run), "--force")
+    assert rc == 0 and read_config(run)["search"]["seed"] == 1 and (run / "summary.json").is_file(), err
 
 
 def test_out_below_a_file_or_on_an_unwritable_place_is_refused(tmp_path):

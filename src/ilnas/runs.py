@@ -126,6 +126,22 @@ def _entries(path: Path) -> list[Path]:
     return [p for p in Path(path).iterdir() if p.name != LOCK]
 
 
+def _start_cut_short(path: Path) -> bool:
+    """A run killed as it started (or as --force emptied its directory), before it wrote its provenance.json:
+    its lock file, and nothing but a config.yaml and temporary files of that and of provenance.json
+    (``RunDir.open``). It holds no run, so it is started over: a requeued job's ``--auto-resume`` would
+    otherwise be refused there for ever. A folder that no run has locked is never taken for one."""
+    if not (path / LOCK).is_file():
+        return False
+    temporary = re.compile(rf"\.({re.escape(CONFIG)}|{re.escape(PROVENANCE)})\..+\.tmp")
+    if not all(p.name == CONFIG or temporary.fullmatch(p.name) for p in _entries(path)):
+        return False
+    try:
+        return not (path / CONFIG).exists() or bool(read_config(path))
+    except IlnasError:
+        return False
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path.absolute()
     while not p.exists():
@@ -175,7 +191,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
                              f"{'search' if found == 'search' else 'train'} --resume`")
         if is_finished(path):
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
-    elif path.is_dir() and _entries(path):
+    elif path.is_dir() and _entries(path) and not _start_cut_short(path):
         if not is_ilnas_run(path):
             raise IlnasError(f"{path} is not empty and does not hold an ilnas run (no valid {CONFIG} and "
                              f"{PROVENANCE}); ilnas writes only into an empty directory or over its own runs: choose "
@@ -360,8 +376,12 @@ class RunDir:
                     for tmp in path.glob(".*.tmp"):  # half-written files of a killed process; we hold the lock
                         tmp.unlink()
                     run._drop_damaged_checkpoint()
-                else:
-                    for entry in _entries(path):  # check() made sure this is an ilnas run
+                else:  # check() made sure this is an ilnas run, or one cut short as it started
+                    # provenance.json last and config.yaml replaced: a kill part-way leaves a run --force
+                    # takes again, or a start cut short (_start_cut_short), never a folder of neither
+                    for entry in sorted(_entries(path), key=lambda e: e.name == PROVENANCE):
+                        if entry.name == CONFIG:
+                            continue
                         if entry.is_dir() and not entry.is_symlink():
                             shutil.rmtree(entry)
                         else:
