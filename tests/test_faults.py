@@ -331,8 +331,8 @@ class _Killed(BaseException):
 
 def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(micro_run, tmp_path, monkeypatch):
     """--force deletes the old run's provenance.json last and replaces its config.yaml, in whatever order the
-    filesystem lists them: killed after any number of deletions, the directory still holds a run, or a start cut short, which --force (and
-    --auto-resume) take again, never a folder refused as not an ilnas run."""
+    filesystem lists them: killed after any number of deletions, the directory still holds a run, or a start
+    cut short, which --force (and --auto-resume) take again, never a folder refused as not an ilnas run."""
     real_unlink, real_rmtree, listed = Path.unlink, shutil.rmtree, runs._entries
     worst_order = lambda path: sorted(listed(path), key=lambda e: e.name not in ("provenance.json", "config.yaml"))
     for n in range(len([e for e in micro_run.iterdir() if e.name not in {".lock", "config.yaml"}])):
