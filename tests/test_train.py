@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,49 @@ def test_image_folder_training(tmp_path):
     result, epochs = run_json(tmp_path / "run")
     assert result["task"].startswith("imagefolder:") and epochs[0]["images"] == 18
     assert 0.0 <= result["final_test_error"] <= 1.0
+
+
+def test_a_streamed_folder_is_listed_by_its_files_below_it(tmp_path):
+    """What a resumed streamed training must find again: the splits' image counts and a digest of the files'
+    names below the folder and their labels, the same for a copy elsewhere, another for one file renamed."""
+    from ilnas.data.training import Sharding, create_train_data
+
+    write_image_folder(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+    listing = [create_train_data(f"imagefolder:{tmp_path / name}", DataConfig(folder_pipeline="stream"), Sharding(2), resolution=32,
+                                 workers=0).listing for name in ("a", "elsewhere/b")]
+    assert listing[0] == listing[1] and (listing[0]["train_images"], listing[0]["test_images"]) == (18, 6)
+    (tmp_path / "a" / "train" / "cat" / "0.png").rename(tmp_path / "a" / "train" / "cat" / "9.png")
+    renamed = create_train_data(f"imagefolder:{tmp_path / 'a'}", DataConfig(folder_pipeline="stream"), Sharding(2), resolution=32,
+                                workers=0).listing
+    assert renamed["train_images"] == 18 and renamed["files_sha256"] != listing[0]["files_sha256"]
+
+
+def test_a_streamed_training_is_not_resumed_on_other_files(tmp_path):
+    """A streamed folder's images were never held against a resume (its normalisation is ImageNet's, fixed):
+    images added, or renamed (the same count), since the run started changed its batches under it. Now the
+    resume is refused before anything is written, naming the difference."""
+    write_image_folder(tmp_path / "imgs")
+    out = tmp_path / "run"
+    r = ilnas(*folder_training(tmp_path / "imgs", out, batch=6))
+    assert r.returncode == 0, r.stderr
+    (out / "result.json").unlink()  # interrupted before its end
+    cat = tmp_path / "imgs" / "train" / "cat"
+
+    def refused(where: str) -> None:
+        before = snapshot(out)
+        code, _, err = call("train", "--resume", "--out", str(out), "--quiet")
+        assert code == 2 and f"was started on other data than it would resume on (provenance.json {where}" in err
+        assert snapshot(out) == before and len(err.splitlines()) == 1, err
+
+    shutil.copy(cat / "0.png", cat / "6.png")  # an image added
+    refused("data.train_images: 18 then, 19 now")
+    (cat / "6.png").unlink()
+    (cat / "5.png").rename(cat / "9.png")  # one renamed: as many images
+    refused("data.files_sha256: ")
+    (cat / "9.png").rename(cat / "5.png")
+    code, _, err = call("train", "--resume", "--out", str(out), "--quiet")
+    assert code == 0 and (out / "result.json").is_file(), err
 
 
 START_METHOD = """import multiprocessing, sys

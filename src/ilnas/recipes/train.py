@@ -30,8 +30,8 @@ from ilnas.memory import parameter_count, require_fit, saved_activation_bytes
 from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
-from ilnas.runs import (RunDir, check, config_dict, is_finished, load_checkpoint, out_of_memory, read_config,
-                        read_metrics, require_same_data)
+from ilnas.runs import (PROVENANCE, RunDir, check, config_dict, is_finished, load_checkpoint, out_of_memory,
+                        read_config, read_metrics, require_same_data)
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
@@ -113,6 +113,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     if resume:
         card = asdict(model_card(cfg, genotype, data))
         require_same_data(out, CARD_FILE, {k: card[k] for k in ("task", "classes", "input_size", "mean", "std")})
+        require_same_data(out, PROVENANCE, {"data": data.listing})
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
@@ -135,8 +136,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
 
     run = None
     if process.main:
-        run = RunDir.open(out, "eval", config, resume, force, None if resume else source_record(genotype_source, out),
-                          process.device)
+        provenance = {"data": data.listing} if resume else {**source_record(genotype_source, out), "data": data.listing}
+        run = RunDir.open(out, "eval", config, resume, force, provenance, process.device)
     try:
         if process.main:
             if not resume:
