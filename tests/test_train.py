@@ -104,12 +104,12 @@ def test_a_streamed_folder_is_listed_by_its_files_below_it(tmp_path):
 
     write_image_folder(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
-    listing = [create_train_data(f"imagefolder:{tmp_path / name}", DataConfig(folder_pipeline="stream"), Sharding(2), resolution=32,
+    stream = DataConfig(folder_pipeline="stream")
+    listing = [create_train_data(f"imagefolder:{tmp_path / name}", stream, Sharding(2), resolution=32,
                                  workers=0).listing for name in ("a", "elsewhere/b")]
     assert listing[0] == listing[1] and (listing[0]["train_images"], listing[0]["test_images"]) == (18, 6)
     (tmp_path / "a" / "train" / "cat" / "0.png").rename(tmp_path / "a" / "train" / "cat" / "9.png")
-    renamed = create_train_data(f"imagefolder:{tmp_path / 'a'}", DataConfig(folder_pipeline="stream"), Sharding(2), resolution=32,
-                                workers=0).listing
+    renamed = create_train_data(f"imagefolder:{tmp_path / 'a'}", stream, Sharding(2), resolution=32, workers=0).listing
     assert renamed["train_images"] == 18 and renamed["files_sha256"] != listing[0]["files_sha256"]
 
 
