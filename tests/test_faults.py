@@ -493,6 +493,26 @@ def test_a_loader_worker_killed_part_way_stops_the_training_in_one_line(tmp_path
                         r"kept: continue with --resume\n", err), err
 
 
+def test_a_loader_worker_killed_as_its_loader_starts_stops_the_training_in_one_line(tmp_path, monkeypatch):
+    """Killed before the loader has started all its workers, the death is reported by ``iter(loader)`` (its
+    SIGCHLD handler, as it hands out the first indices): that too is the one line, not a traceback (seen in
+    the test above, now and then)."""
+    from ilnas.config import DataConfig
+    from ilnas.data.training import Sharding, create_train_data
+
+    write_image_folder(tmp_path / "imgs")
+    data = create_train_data(f"imagefolder:{tmp_path / 'imgs'}", DataConfig(folder_pipeline="stream"), Sharding(2),
+                             resolution=32, workers=0)
+
+    def dies_as_it_starts(loader):
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", dies_as_it_starts)
+    with pytest.raises(RunFailed, match=r"^a DataLoader worker died \(DataLoader worker \(pid 4242\) is killed by "
+                                        r"signal: Killed; the kernel's out-of-memory killer"):
+        next(data.epoch(0))
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that claims width x height pixels and holds one row: PIL refuses it above its decompression-bomb
     limit (about 179 M pixels) as soon as it opens it, with an error that is no OSError."""

@@ -154,10 +154,13 @@ class FolderData:
 
     def _batches(self, loader, finish, first: int = 0) -> Iterator[Batch]:
         """The loader's batches through ``finish(batch, i)`` (``i``: the batch's step, from ``first``) onto the
-        device; an unreadable image stops the run."""
-        batches = iter(loader)
+        device; an unreadable image stops the run, and so does a worker that died (also one killed as the
+        loader starts its workers, which ``iter`` reports)."""
+        batches = None
         for i in range(first, first + len(loader)):
             try:
+                if batches is None:
+                    batches = iter(loader)
                 yield finish(next(batches), i)
             except StopIteration:
                 return

@@ -33,7 +33,7 @@ from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
-from ilnas.runs import is_finished, is_ilnas_run, read_config, refuse_inside_a_run, with_defaults
+from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, with_defaults
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
@@ -244,7 +244,7 @@ def _train_seeds(value: Any, common: list[str]) -> list[int | None]:
 def command(run: RunSpec) -> list[str]:
     """The ilnas command that starts ``run``, or continues it where its directory holds it already
     (--auto-resume); a directory holding another configuration is refused here, before the cell runs."""
-    if is_ilnas_run(reachable(run.out, "run directory")):  # not a start cut short before it wrote provenance
+    if (reachable(run.out, "run directory") / CONFIG).is_file():
         found = {k: v for k, v in with_defaults(read_config(run.out)).items() if k != "genotype"}
         if found != run.config:
             raise IlnasError(f"{run.out} holds a run of another configuration than the sweep's; move it away or "
