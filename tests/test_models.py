@@ -17,6 +17,7 @@ from torch.torch_version import TorchVersion
 
 from helpers import call, ilnas, snapshot, write_image_folder
 from ilnas.errors import IlnasError
+from ilnas.models import create_model
 from ilnas.fileio import umask
 from ilnas.recipes.export import export_model, require_onnx_export
 
@@ -245,6 +246,20 @@ def test_create_model_builds_any_genotype_by_name_or_run(folder_runs):
     assert isinstance(create_model("random:3", 100, layers=8, channels=16), NetworkCIFAR)
     with pytest.raises(IlnasError, match="style must be"):
         create_model("DARTS_V2", style="mobile")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"layers": 2}, "layers must be at least 3, got 2: with fewer cells the network has no normal cell"),
+    ({"num_classes": True}, "num_classes must be a positive integer, got True"),
+    ({"num_classes": 10.0}, "num_classes must be a positive integer, got 10.0"),
+    ({"channels": 2.5}, "channels must be an integer, got 2.5"),
+    ({"resolution": 0}, "resolution must be a positive integer of at most 1024, got 0")])
+def test_create_model_checks_its_arguments_as_ilnas_train_checks_its_network(kwargs, message):
+    """Through torch.hub too: two cells made a network of reduction cells only (the genotype's normal cell in
+    none of them), which `ilnas train` refuses; a float or a bool came back as a TypeError from inside torch."""
+    with pytest.raises(IlnasError, match=f"^{re.escape(message)}"):
+        torch.hub.load(str(REPO), "darts_v2", source="local", verbose=False, **{"num_classes": 10, **kwargs})
+    assert create_model("DARTS_V2", np.int64(10), resolution=np.int32(16))(torch.zeros(1, 3, 16, 16))[0].shape == (1, 10)
 
 
 @pytest.mark.parametrize("args, message", [

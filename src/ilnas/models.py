@@ -9,6 +9,7 @@ input size, normalisation, resize). ``load_model`` turns them into a ready modul
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -204,13 +205,27 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
     training run, a genotype.json, a ``Genotype(...)`` literal or ``random:SEED``. ``style`` cifar (default 20
     cells, C=36) or imagenet (14 cells, C=48); ``resolution`` matters only below 32 (cifar style: the
     auxiliary head pools adaptively). Trained weights: ``load_model``."""
+    from ilnas.config import MAX_IMAGE_SIDE, NetworkConfig, from_dict, validate_network
+    from ilnas.config.schema import require_normal_cell
     from ilnas.space.genotype import load_genotype
     from ilnas.space.network import build_network
 
     if style not in STYLE_DEFAULTS:
         raise IlnasError(f"style must be {' or '.join(STYLE_DEFAULTS)}, got {style!r}")
-    if num_classes < 1:
-        raise IlnasError(f"num_classes must be positive, got {num_classes}")
     default_layers, default_channels, side = STYLE_DEFAULTS[style]
-    return build_network(load_genotype(str(name_or_run)), num_classes, in_channels, resolution or side, style,
-                         layers or default_layers, channels or default_channels, auxiliary)
+    # the checks `ilnas train` makes of its network settings: a float, a bool or too few cells is one line here,
+    # not an error from deep inside torch, or a network without the genotype's normal cell
+    network = from_dict(NetworkConfig, {"style": style, "auxiliary": auxiliary,
+                                        "layers": default_layers if layers is None else layers,
+                                        "channels": default_channels if channels is None else channels})
+    validate_network(network)
+    require_normal_cell("layers", network.layers, "network")
+    resolution = side if resolution is None else resolution
+    for name, value, limit in (("num_classes", num_classes, None), ("in_channels", in_channels, None),
+                               ("resolution", resolution, MAX_IMAGE_SIDE)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (limit or value):
+            raise IlnasError(f"{name} must be a positive integer{f' of at most {limit}' if limit else ''}, got "
+                             f"{value!r}")
+    num_classes, in_channels, resolution = int(num_classes), int(in_channels), int(resolution)
+    return build_network(load_genotype(str(name_or_run)), num_classes, in_channels, resolution,
+                         **network.build_args())
