@@ -259,7 +259,8 @@ def test_create_model_checks_its_arguments_as_ilnas_train_checks_its_network(kwa
     none of them), which `ilnas train` refuses; a float or a bool came back as a TypeError from inside torch."""
     with pytest.raises(IlnasError, match=f"^{re.escape(message)}"):
         torch.hub.load(str(REPO), "darts_v2", source="local", verbose=False, **{"num_classes": 10, **kwargs})
-    assert create_model("DARTS_V2", np.int64(10), resolution=np.int32(16))(torch.zeros(1, 3, 16, 16))[0].shape == (1, 10)
+    small = create_model("DARTS_V2", np.int64(10), resolution=np.int32(16))  # numpy's integers are integers
+    assert small(torch.zeros(1, 3, 16, 16))[0].shape == (1, 10)
 
 
 @pytest.mark.parametrize("args, message", [
