@@ -909,6 +909,32 @@ def _fail_at_step(monkeypatch, step: int, fault) -> None:
     monkeypatch.setattr(search_recipe, "search_step", faulty)
 
 
+def test_status_says_which_runs_failed_and_why(tmp_path, monkeypatch):
+    """A run whose last session failed was listed as interrupted, as if --resume would carry it on, where most
+    often it fails again. Each session now records how it ended (provenance.json: end and outcome), and
+    status lists such a run as failed, with its error below the table."""
+    diverged, crashed = tmp_path / "diverged", tmp_path / "crashed"
+    rc, _, _ = call(*MICRO, "--set", "optimizer.lr=1e27", "--out", str(diverged))
+    assert rc == 3
+
+    def bug(metrics):
+        raise ZeroDivisionError("a bug of its own")
+    _fail_at_step(monkeypatch, 2, bug)
+    with pytest.raises(ZeroDivisionError):
+        call(*MICRO, "--out", str(crashed))
+    outcomes = [json.loads((run / "provenance.json").read_text())["sessions"][-1]["outcome"]
+                for run in (diverged, crashed)]
+    assert outcomes[0].startswith("failed: the search diverged at step 1 (epoch 1): ")
+    assert outcomes[1] == "crashed: ZeroDivisionError: a bug of its own"
+    code, table, _ = call("status", str(tmp_path))
+    assert code == 0 and table.count("| search | failed | ") == 2, table
+    assert table.endswith(f"\n\n{crashed}: {outcomes[1]}\n{diverged}: {outcomes[0]}\n"), table
+    monkeypatch.undo()
+    resume("search", crashed)  # fixed, and resumed: finished
+    rows = json.loads(call("status", str(crashed), "--json")[1])
+    assert [(r["state"], r["outcome"]) for r in rows] == [("finished", None)]
+
+
 def test_divergence_after_a_checkpoint_keeps_it_and_the_run_resumes_exactly(micro_run, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _fail_at_step(monkeypatch, 3, lambda m: m["train_loss"].__setitem__(0, math.nan))  # epoch 2 of 3
@@ -1242,6 +1268,8 @@ def test_a_search_stopped_by_ctrl_c_checkpoints_that_step_and_resumes_bit_exact(
     assert not (out / "summary.json").exists() and len(read_lines(out / "metrics.jsonl")) == 1
     code, table, _ = call("status", str(out))
     assert code == 0 and "| interrupted | 0/3 | - | 0 ep + 1 steps, " in table  # where --resume continues
+    session = json.loads((out / "provenance.json").read_text())["sessions"][-1]
+    assert session["end"] and session["outcome"].startswith("stopped by SIGINT after step 1 of 2 of epoch 1")
     resume("search", out)
     assert_same_search(finished_run, out)
 

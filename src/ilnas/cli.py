@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--figure", metavar="FILE", help="also draw every row's test errors per task into FILE "
                                                      "(.png, .svg or .pdf)")
 
-    st = sub.add_parser("status", help="where runs stand: finished, running (by whom) or interrupted, epochs, pace")
+    st = sub.add_parser("status", help="where runs stand: finished, running (by whom), failed (why) or "
+                                       "interrupted, epochs, pace")
     st.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs")
     st.add_argument("--json", action="store_true", help="print JSON")
 

@@ -39,7 +39,7 @@ import yaml
 
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
-from ilnas.errors import IlnasError, RunFailed
+from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
 
@@ -399,8 +399,23 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, error: BaseException | None, tb) -> None:
+        try:
+            if error is not None:
+                self._end_session(session_outcome(error))
+        finally:
+            self.close()
+
+    def _end_session(self, outcome: str) -> None:
+        """Record how this session ended, where it did not finish the run: what ``ilnas status`` tells a run that
+        failed (resuming it fails again, most often) from one that was stopped or killed. Best effort: the
+        failure may be the disk's own."""
+        p = self.path / PROVENANCE
+        with contextlib.suppress(OSError, IlnasError):
+            record = _read_provenance(p)
+            if record["sessions"] and record["sessions"][-1].get("end") is None:
+                record["sessions"][-1].update(end=_now(), outcome=outcome)
+                atomic_write_text(p, json.dumps(record, indent=1) + "\n")
 
     def out_of_memory(self, batch_setting: str) -> contextlib.AbstractContextManager:
         """Out of memory part-way: one line that names the setting to lower."""
@@ -502,7 +517,7 @@ class RunDir:
         with self._writing(PROVENANCE):
             record = _read_provenance(p)
             if record["sessions"]:
-                record["sessions"][-1]["end"] = _now()
+                record["sessions"][-1].update(end=_now(), outcome="finished")
             atomic_write_text(p, json.dumps(record, indent=1) + "\n")
         self.write_text(name, json.dumps(strict_json(summary), indent=1, allow_nan=False) + "\n")
 
@@ -540,6 +555,20 @@ def _warn_of_changes(last: dict, now: dict) -> None:
         log.warning(f"resuming on {now['threads']} CPU thread(s) a run whose last session used {last.get('threads')}: "
                     f"sums split otherwise between threads round otherwise, so from here on the run will not repeat "
                     f"an uninterrupted one exactly (OMP_NUM_THREADS={last.get('threads')} would)")
+
+
+def session_outcome(error: BaseException) -> str:
+    """How a session that raised ``error`` ended, as provenance.json records it: ``stopped by SIGTERM after ...``
+    (a stop signal, with its checkpoint), ``failed: ...`` (divergence, a failed write: ``RunFailed``),
+    ``interrupted`` (a second Ctrl-C) or ``crashed: ...`` (anything else)."""
+    text = _first_line(error)
+    if isinstance(error, Stopped):
+        return text
+    if isinstance(error, IlnasError):
+        return f"failed: {text}"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return f"crashed: {type(error).__name__}: {text}"
 
 
 def _read_provenance(p: Path) -> dict:

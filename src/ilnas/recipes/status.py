@@ -1,4 +1,5 @@
-"""Where runs stand: finished, running (and who runs it), or interrupted (to be resumed); how many epochs
+"""Where runs stand: finished, running (and who runs it), failed (its last session's error: a resume most
+often fails again), or interrupted (to be resumed); how many epochs
 are done, the last epoch's accuracies, where its latest checkpoint lies (what a resume continues from, and
 what a kill now would lose), how many sessions worked on the run, and for a running one the time its
 remaining epochs should take. Reads run directories only; writes nothing."""
@@ -16,6 +17,7 @@ from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, r
                         read_metrics)
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
+FAILURES = ("failed", "crashed")  # a last session that ended so (provenance.json's outcome) failed the run
 
 
 def run_status(path: Path) -> dict:
@@ -32,13 +34,18 @@ def run_status(path: Path) -> dict:
         holder = lock_holder(path)
     except OSError as e:  # a lock this user may not open
         holder = f"unknown: its lock cannot be opened ({e.strerror or e})"
+    outcome = sessions[-1].get("outcome") if sessions else None  # how the last session ended, where it did
+    outcome = outcome if isinstance(outcome, str) else None
     state = ("finished" if is_finished(path) else "running" if holder is not None
-             else "interrupted" if sessions else "not started")
+             else "failed" if outcome and outcome.startswith(FAILURES) else "interrupted" if sessions
+             else "not started")
     times = [m["epoch_time"] for m in epochs if isinstance(m.get("epoch_time"), (int, float))][-RECENT:]
     epoch_time = sum(times) / len(times) if times else None
     remaining = max(total - len(epochs), 0) if total is not None else None
     return {"run": str(path), "kind": "search" if kind == "search" else "training", "state": state,
-            "holder": holder if state == "running" else None, "epochs_done": len(epochs), "epochs": total,
+            "holder": holder if state == "running" else None,
+            "outcome": outcome if state in ("failed", "interrupted") else None,
+            "epochs_done": len(epochs), "epochs": total,
             "last": _last(epochs[-1]) if epochs else None,
             "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
@@ -75,7 +82,8 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
 
 
 def _row(run: str, state: str) -> dict:
-    return {"run": run, "kind": "-", "state": state, "holder": None, "epochs_done": 0, "epochs": None, "last": None,
+    return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0, "epochs": None,
+            "last": None,
             "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None, "remaining_seconds": None,
             "job": None}
 
@@ -151,7 +159,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table, one row per run; the process of each running one below it."""
+    """A Markdown table, one row per run; below it, the process of each running one and why each failed one
+    stopped."""
     cells = []
     for r in rows:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
@@ -162,5 +171,6 @@ def table(rows: list[dict]) -> str:
                       _duration(r["remaining_seconds"])])
     lines = markdown_table(["run", "kind", "state", "epochs", "last epoch", "checkpoint", "sessions", "epoch time",
                             "remaining"], cells)
-    running = [r for r in rows if r["holder"]]
-    return "\n".join(lines + ([""] + [f"{r['run']}: {r['holder']}" for r in running] if running else [])) + "\n"
+    notes = [f"{r['run']}: {r['holder']}" for r in rows if r["holder"]]
+    notes += [f"{r['run']}: {r['outcome']}" for r in rows if r["state"] == "failed"]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"

@@ -138,7 +138,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
     if process.main:
         provenance = {"data": data.listing} if resume else {**source_record(genotype_source, out), "data": data.listing}
         run = RunDir.open(out, "eval", config, resume, force, provenance, process.device)
-    try:
+    with run or contextlib.nullcontext():  # closed, and a failure recorded, on every way out
         if process.main:
             if not resume:
                 run.save_genotype(genotype)
@@ -152,9 +152,6 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
               _eager_fallback(t.compile)):
             record, best, elapsed = loop.epochs(start_epoch, best, elapsed, within)
         return _finish(cfg, genotype, data, model, process, run, record, best, elapsed, sizes)
-    finally:
-        if run is not None:
-            run.close()
 
 
 def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainData, device: torch.device,
