@@ -82,10 +82,9 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
 
 
 def _row(run: str, state: str) -> dict:
-    return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0, "epochs": None,
-            "last": None,
-            "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None, "remaining_seconds": None,
-            "job": None}
+    return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0,
+            "epochs": None, "last": None, "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
+            "remaining_seconds": None, "job": None}
 
 
 def _sweep_jobs(paths: Sequence[str | Path]) -> dict[Path, tuple[str, str]]:
