@@ -912,7 +912,7 @@ def _fail_at_step(monkeypatch, step: int, fault) -> None:
 def test_status_says_which_runs_failed_and_why(tmp_path, monkeypatch):
     """A run whose last session failed was listed as interrupted, as if --resume would carry it on, where most
     often it fails again. Each session now records how it ended (provenance.json: end and outcome), and
-    status lists such a run as failed, with its error below the table."""
+    status lists such a run as failed, with its error below the table, and so does its report."""
     diverged, crashed = tmp_path / "diverged", tmp_path / "crashed"
     rc, _, _ = call(*MICRO, "--set", "optimizer.lr=1e27", "--out", str(diverged))
     assert rc == 3
@@ -929,6 +929,8 @@ def test_status_says_which_runs_failed_and_why(tmp_path, monkeypatch):
     code, table, _ = call("status", str(tmp_path))
     assert code == 0 and table.count("| search | failed | ") == 2, table
     assert table.endswith(f"\n\n{crashed}: {outcomes[1]}\n{diverged}: {outcomes[0]}\n"), table
+    assert call("plot", str(diverged))[0] == 0  # its report says so too, where it said "running or interrupted"
+    assert "<th>status</th><td>failed: the search diverged at step 1" in (diverged / "report.html").read_text()
     monkeypatch.undo()
     resume("search", crashed)  # fixed, and resumed: finished
     rows = json.loads(call("status", str(crashed), "--json")[1])

@@ -78,6 +78,16 @@ def report_at_end(path: Path, writer=None) -> None:
               f"try `ilnas plot {path}`", file=sys.stderr)
 
 
+def _state(path: Path) -> str:
+    """Finished, running (by whom), failed (with its error), or interrupted, as ``ilnas status`` says it."""
+    from ilnas.recipes.status import run_status, state_in_words
+
+    try:
+        return state_in_words(run_status(path))
+    except IlnasError as e:
+        return f"unknown ({e})"
+
+
 def _genotype(path: Path) -> Genotype | None:
     return load_genotype(str(path / "genotype.json")) if (path / "genotype.json").is_file() else None
 
@@ -89,7 +99,7 @@ def _search_report(path: Path, config: dict, report: Report) -> dict:
     phase_genotypes = _phase_genotypes(path, summary)
     metrics = read_metrics(path)
     history = _arch_history(path / "arch_history.npz") if (path / "arch_history.npz").is_file() else None
-    report.facts += [("status", "finished" if summary else "running or interrupted"),
+    report.facts += [("status", _state(path)),
                      ("tasks (learner order)", " -> ".join(data.get("tasks", []))),
                      ("framework, method", f"{search.get('framework')}, {search.get('method')}"),
                      ("rounds M, coupling, lambda", f"{search.get('rounds')}, {engine.get('coupling')}, "
@@ -148,7 +158,7 @@ def _training_report(path: Path, report: Report) -> dict:
     provenance = read_json(path, "provenance.json") or {}
     genotype = _genotype(path)
     metrics = read_metrics(path)
-    report.facts.append(("status", "finished" if result else "running or interrupted"))
+    report.facts.append(("status", _state(path)))
     report.facts.append(("cell from", str(provenance.get("genotype_source", "unknown"))))
     if result:
         report.facts += [("task", result["task"]), ("final test error", f"{result['final_test_error']:.4f}"),

@@ -53,6 +53,14 @@ def run_status(path: Path) -> dict:
             else None, "job": None}
 
 
+def state_in_words(row: dict) -> str:
+    """A run's state as a report states it: with who runs it, or how its last session ended."""
+    if row["state"] == "failed":
+        return row["outcome"]
+    detail = row["holder"] or row["outcome"]
+    return f"{row['state']} ({detail})" if detail else row["state"]
+
+
 def status(paths: Sequence[str | Path]) -> list[dict]:
     """The state of every run named or found below the directories named (a sweep's, say); a run whose
     files cannot be read is listed as such, and the others still are. In a SLURM sweep each unfinished run
