@@ -11,7 +11,7 @@ from torch.func import functional_call
 from helpers import engine_hypergradient, make_problem, rel_error
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
 from ilnas.errors import IlnasError
-from ilnas.search.engine import hypergradient
+from ilnas.search.engine import hypergradient, search_step, widest_pass
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels, stack_sets, unstack_sets
 from ilnas.space.supernet import Supernet, arch_weights, init_arch
 
@@ -71,6 +71,26 @@ def test_the_batched_hypergradient_is_the_one_pass_per_set_hypergradient(K, M, c
     for sets in (2, 8):  # groups of one stage (its two FD passes), of every stage of a learner
         batched = engine_hypergradient(make_problem(K=K, M=M), dataclasses.replace(cfg, batched_sets=sets), 0.1)
         assert rel_error(batched, one_by_one) < 1e-12
+
+
+@pytest.mark.parametrize("K, M, coupling, order, hvp, sets", [
+    (2, 2, "prox", 2, "fd", 8), (2, 3, "gd", 2, "fd", 4), (1, 1, "none", 2, "fd", 8), (2, 2, "prox", 2, "exact", 8),
+    (2, 2, "copy", 2, "fd", 8), (2, 3, "prox", 1, "fd", 2), (2, 2, "prox", 2, "fd", 1)])
+def test_the_widest_pass_of_a_step_is_the_one_the_memory_check_counts(K, M, coupling, order, hvp, sets):
+    """The search's memory check counts a step's activations as widest_pass() weight sets side by side: the
+    most that any pass of a whole step (virtual steps, hypergradient, commit) evaluates at once."""
+    p = make_problem(K=K, M=M)
+    cfg = EngineConfig(order=order, hvp=hvp, coupling=coupling, lam=1.0, allow_unstable=True, batched_sets=sets)
+    widths = []
+
+    def counting(losses):
+        def counted(arch, ws, hs, batch):
+            widths.append(len(ws))
+            return losses(arch, ws, hs, batch)
+        return counted
+    learners = [dataclasses.replace(learner, losses=counting(learner.losses)) for learner in p.learners]
+    search_step(p.state, learners, p.train, p.val, cfg, SGD(), 0.1)
+    assert max(widths, default=1) == widest_pass(cfg, M)
 
 
 def small_search(batched_sets: int, dtype: torch.dtype = torch.float32, **engine) -> SupernetSearch:

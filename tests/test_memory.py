@@ -150,12 +150,15 @@ def test_what_a_supernet_pass_keeps_grows_linearly_with_its_batch():
 
 
 def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp_path, monkeypatch):
-    """The demo's tiny supernet passes the weights' check; 600 images a pass keep 3.7 GB for the backward."""
+    """The demo's tiny supernet passes the weights' check; 600 images a pass keep 3.7 GB for the backward, and
+    the widest pass of its steps (IL, K=2, M=2: a task's two stages' finite differences) takes four weight
+    sets side by side."""
     monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
     out = tmp_path / "run"
     code, _, err = call("search", "--set", "search.batch_size=600", "--no-report", "--quiet", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert re.search(r"at once\) and what one pass of 600 images keeps for its backward \(3\.\d\d GB\) take 3\.\d GB, "
+    assert re.search(r"at once\) and what one pass of 600 images through 4 weight sets side by side keeps for its "
+                     r"backward \(14\.\d\d GB\) take 14\.\d GB, "
                      r"more than the 1\.0 GB of this machine's memory; lower space.channels, space.layers or "
                      r"search.batch_size$", err.strip()), err
     assert not out.exists()

@@ -40,7 +40,7 @@ from ilnas.resuming import (describe, load_optimizer_state, require_number, requ
                             restoring)
 from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memory, require_same_data
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
-                                 search_step, to_host)
+                                 search_step, to_host, widest_pass)
 from ilnas.search.methods import Darts, Phase, create_method
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
@@ -340,16 +340,18 @@ def _probe_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progre
 
 def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNet, arch: list[torch.Tensor],
                          maker: BatchMaker, device: torch.device) -> None:
-    """With the weights, a validation pass of one rank's batch and what it keeps for its backward."""
+    """With the weights, the widest pass of a step on one rank's batch (as many weight sets side by side as the
+    engine batches, ``widest_pass``) and what it keeps for its backward."""
     batch = cfg.search.batch_size // distributed.world_size()
     x, _ = next(maker.ordered(4))
     leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
                                                                     net.head.parameters())]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
         kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
+    sets = widest_pass(cfg.engine, cfg.search.rounds)
     one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
     require_search_memory(one, tasks * cfg.search.rounds, device,
-                          f"space.channels, {cells_setting(cfg)} or search.batch_size", kept, batch)
+                          f"space.channels, {cells_setting(cfg)} or search.batch_size", kept * sets, batch, sets)
 
 
 # The candidate operations by what a supernet's pass keeps of them for its backward, most first: a separable

@@ -25,7 +25,7 @@ import torch
 from ilnas.errors import IlnasError
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
-from ilnas.search.coupling import Coupling, create_coupling
+from ilnas.search.coupling import COUPLINGS, Coupling, create_coupling
 from ilnas.search.hvp import SetsLoss, StageLoss, create_hvp, fd_batched
 from ilnas.search.tensors import Tensors, add, axpy, detached, grads, max_abs, norm, scale, sub, zeros_like
 
@@ -227,13 +227,31 @@ class StageLosses:
     def groups(self, stages: Sequence[int], passes: int = 1) -> list[list[int]]:
         """``stages`` split into groups evaluated together: the stages of one learner with a batched loss,
         at most ``max_sets`` weight sets (``passes`` per stage) per group; the others alone."""
-        per_group = max(1, self.max_sets // passes)
+        per_group = _stages_per_group(self.max_sets, passes)
         out: list[list[int]] = []
         for k in dict.fromkeys(self.learner[s] for s in stages):
             mine = [s for s in stages if self.learner[s] == k]
             size = per_group if self.batched[mine[0]] is not None else 1
             out += [mine[i:i + size] for i in range(0, len(mine), size)]
         return out
+
+
+def _stages_per_group(max_sets: int, passes: int) -> int:
+    return max(1, max_sets // passes)
+
+
+def widest_pass(cfg: EngineConfig, stages_per_learner: int) -> int:
+    """The most weight sets one pass of a step evaluates side by side, for learners that take several at once
+    (``Learner.losses``, as the supernet does; ``StageLosses.groups``): each set keeps its own activations
+    for the pass's backward, so the step holds this many times what one pass of the batch keeps."""
+    if cfg.batched_sets < 2:
+        return 1
+    coupling, widest = COUPLINGS[cfg.coupling], 1
+    if not coupling.grad_at_prev:  # the stages' gradients, independent of each other (_gradients)
+        widest = min(_stages_per_group(cfg.batched_sets, 1), stages_per_learner)
+    if cfg.order == 2 and cfg.hvp == "fd" and not coupling.needs_w_hvp:  # their finite differences (_chain_terms)
+        widest = max(widest, 2 * min(_stages_per_group(cfg.batched_sets, 2), stages_per_learner))
+    return widest
 
 
 def _stage_losses(state: SearchState, learners: Sequence[Learner], batches: Sequence[Batch],
