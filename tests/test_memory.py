@@ -159,8 +159,8 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"at once\) and what one pass of 600 images through 4 weight sets side by side keeps for its "
                      r"backward \(14\.\d\d GB\) take 14\.\d GB, "
-                     r"more than the 1\.0 GB of this machine's memory; lower space.channels, space.layers or "
-                     r"search.batch_size$", err.strip()), err
+                     r"more than the 1\.0 GB of this machine's memory; lower space.channels, space.layers, "
+                     r"search.batch_size or engine.batched_sets \(1: a pass a weight set, slower\)$", err.strip()), err
     assert not out.exists()
 
 

@@ -350,8 +350,10 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
         kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
     sets = widest_pass(cfg.engine, cfg.search.rounds)
     one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
-    require_search_memory(one, tasks * cfg.search.rounds, device,
-                          f"space.channels, {cells_setting(cfg)} or search.batch_size", kept * sets, batch, sets)
+    lower = ", search.batch_size or engine.batched_sets (1: a pass a weight set, slower)" if sets > 1 \
+        else " or search.batch_size"
+    settings = f"space.channels, {cells_setting(cfg)}{lower}"
+    require_search_memory(one, tasks * cfg.search.rounds, device, settings, kept * sets, batch, sets)
 
 
 # The candidate operations by what a supernet's pass keeps of them for its backward, most first: a separable
