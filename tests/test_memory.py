@@ -3,6 +3,7 @@ device refused in one line, the cgroup limits a container sets read, and a width
 from __future__ import annotations
 
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -59,6 +60,32 @@ def _limits(tmp_path, files: dict[str, str]):
 ], ids=["v2-parent", "v2-own-swap", "v2-swap-max", "v1-memsw", "v1-unlimited", "v1-no-memsw", "none"])
 def test_the_cgroup_limit_is_the_smallest_on_the_path_up(tmp_path, membership, files, swap, expected):
     assert memory.cgroup_limit(swap, _limits(tmp_path, files), membership) == expected
+
+
+@pytest.mark.parametrize("membership, files, expected", [
+    ("0::/job/step\n", {"job/cpu.max": "400000 100000", "job/step/cpu.max": "max 100000",
+                        "cpu.max": "max 100000"}, 4.0),
+    ("0::/job\n", {"job/cpu.max": "150000 100000"}, 1.5),  # --cpus=1.5: two threads
+    ("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n",
+     {"cpu/docker/abc/cpu.cfs_quota_us": "200000", "cpu/docker/abc/cpu.cfs_period_us": "100000"}, 2.0),
+    ("12:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("0::/\n", {}, None),
+], ids=["v2-parent", "v2-fraction", "v1", "v1-unlimited", "none"])
+def test_the_cpu_quota_of_a_container_caps_the_default_threads(tmp_path, monkeypatch, membership, files, expected):
+    """docker run --cpus=N on a many-core host: the affinity shows every core, the cgroup grants N CPUs' time,
+    and as many threads as cores would make a step many times slower. OMP_NUM_THREADS still decides where set,
+    its first level where it lists nested ones."""
+    from ilnas import threads
+
+    root = _limits(tmp_path, files)
+    assert threads.cgroup_cpu_quota(root, membership) == expected
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "cgroup_cpu_quota", lambda: expected)  # this process's cgroup: that one
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert threads.default_threads() == (64 if expected is None else math.ceil(expected))
+    for value, count in (("3", 3), (" 3 ", 3), ("5,2", 5)):
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+        assert threads.default_threads() == count
 
 
 def test_this_machines_memory_is_known():

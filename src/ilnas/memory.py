@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ilnas.cgroups import CGROUP_ROOT, cgroup_folders
 from ilnas.errors import IlnasError
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # cgroup v2 files, and cgroup v1's (under memory/), that hold a limit; "max" or a huge number: none
 CGROUP_LIMITS = (("memory.max", "memory.swap.max"), ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
 
@@ -52,28 +52,16 @@ def cgroup_limit(swap: int, root: Path = CGROUP_ROOT, membership: str | None = N
     """The smallest memory limit of this process's cgroup and its ancestors (v2 or v1), swap included: the
     cgroup's own swap limit where it sets one, else ``swap`` (the host's); None without a limit.
     ``membership``: the text of /proc/self/cgroup."""
-    if membership is None:
-        try:
-            membership = Path("/proc/self/cgroup").read_text()
-        except OSError:
-            return None
     limits = []
-    for line in membership.splitlines():
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        v2 = controllers == ""
-        if not v2 and "memory" not in controllers.split(","):
-            continue
-        base = root if v2 else root / "memory"
+    for folder, v2 in cgroup_folders("memory", root, membership):
         ram_file, swap_file = CGROUP_LIMITS[0 if v2 else 1]
-        own = base / path.strip().lstrip("/")
-        for folder in [own, *(p for p in own.parents if p == base or base in p.parents)]:
-            ram, more = _read_limit(folder / ram_file), _read_limit(folder / swap_file)
-            if ram is None:
-                continue
-            if v2:  # memory.swap.max is swap beside RAM
-                limits.append(ram + (swap if more is None else more))
-            else:  # memory.memsw.limit_in_bytes is RAM and swap together
-                limits.append(ram + swap if more is None else more)
+        ram, more = _read_limit(folder / ram_file), _read_limit(folder / swap_file)
+        if ram is None:
+            continue
+        if v2:  # memory.swap.max is swap beside RAM
+            limits.append(ram + (swap if more is None else more))
+        else:  # memory.memsw.limit_in_bytes is RAM and swap together
+            limits.append(ram + swap if more is None else more)
     return min(limits) if limits else None
 
 

@@ -2,22 +2,50 @@
 
 More OpenMP threads than cores make a search step many times slower, not faster, so the default is what the
 environment grants: ``OMP_NUM_THREADS`` when set (``ilnas sweep`` and ``torchrun`` set it to divide the
-cores between processes), else every core this process may run on.
+cores between processes), else every core this process may run on: those of its CPU affinity, no more than
+its cgroup's CPU quota allows (``docker run --cpus=4`` on a 64-core host grants 4, where the affinity shows 64).
 """
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
+
+from ilnas.cgroups import CGROUP_ROOT, cgroup_folders
 
 MAX_THREADS = 4096  # torch takes a C int; no machine has more cores than this
 
 
 def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity), not the machine's count."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this process may run on: its CPU affinity, capped by its cgroup's CPU quota (rounded up)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(affinity, math.ceil(quota))) if quota else affinity
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT, membership: str | None = None) -> float | None:
+    """The fewest CPUs' worth of time a cgroup on this process's path up grants it per period (v2 ``cpu.max``:
+    "QUOTA PERIOD" or "max PERIOD"; v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``, -1: none); None without
+    a quota. ``membership``: the text of /proc/self/cgroup."""
+    quotas = []
+    for folder, v2 in cgroup_folders("cpu", root, membership):
+        try:
+            if v2:
+                quota, period = (folder / "cpu.max").read_text().split()[:2]
+            else:
+                quota, period = ((folder / name).read_text().strip() for name in ("cpu.cfs_quota_us",
+                                                                                 "cpu.cfs_period_us"))
+            if int(quota) > 0 and int(period) > 0:
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):  # absent, "max" (no quota), or unreadable
+            continue
+    return min(quotas) if quotas else None
 
 
 def default_threads() -> int:
-    value = os.environ.get("OMP_NUM_THREADS", "")
+    """``OMP_NUM_THREADS`` where set to a count (its first level where it lists nested ones, "4,2"), else the
+    cores available."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     return int(value) if value.isdigit() and 0 < int(value) <= MAX_THREADS else available_cores()
 
 
