@@ -180,6 +180,7 @@ def test_a_rank_that_fails_alone_leaves_one_line_from_each_rank_and_the_run_resu
         "ilnas: error: rank 1 cannot go on (a fault made for this test)"], ranks_stderr(r.stderr)
     [row] = json.loads(ilnas_here("status", str(out), "--json").stdout)
     assert row["state"] == "interrupted" and row["checkpoint"]["epochs"] == 1  # unlocked, ready for --resume
+    assert row["outcome"].startswith("stopped: another rank of this job is gone")  # not a failure of its own
 
 
 def test_only_a_broken_collective_counts_as_a_gone_peer(monkeypatch):

@@ -559,11 +559,16 @@ def _warn_of_changes(last: dict, now: dict) -> None:
 
 def session_outcome(error: BaseException) -> str:
     """How a session that raised ``error`` ended, as provenance.json records it: ``stopped by SIGTERM after ...``
-    (a stop signal, with its checkpoint), ``failed: ...`` (divergence, a failed write: ``RunFailed``),
-    ``interrupted`` (a second Ctrl-C) or ``crashed: ...`` (anything else)."""
+    (a stop signal, with its checkpoint), ``stopped: another rank ...`` (its own error is that rank's to say,
+    and may not come again), ``failed: ...`` (divergence, a failed write: ``RunFailed``), ``interrupted`` (a
+    second Ctrl-C) or ``crashed: ...`` (anything else)."""
+    from ilnas.distributed import lost_peer
+
     text = _first_line(error)
     if isinstance(error, Stopped):
         return text
+    if lost_peer(error):
+        return "stopped: another rank of this job is gone (it failed or was stopped: its own message says why)"
     if isinstance(error, IlnasError):
         return f"failed: {text}"
     if isinstance(error, KeyboardInterrupt):
