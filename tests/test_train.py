@@ -140,6 +140,25 @@ def test_a_streamed_training_is_not_resumed_on_other_files(tmp_path):
     assert code == 0 and (out / "result.json").is_file(), err
 
 
+@pytest.mark.parametrize("pipeline", ["stream", "memory"])
+def test_a_flat_validation_folder_is_refused_with_what_to_do(tmp_path, pipeline):
+    """ImageNet's validation images come as one flat folder (their labels in the devkit): the refusal says so,
+    where it said only that the class folders differ."""
+    write_image_folder(tmp_path / "imgs")
+    val = tmp_path / "imgs" / "val"
+    for image in val.glob("*/*.png"):
+        image.rename(val / f"{image.parent.name}-{image.name}")
+    for folder in [f for f in val.iterdir() if f.is_dir()]:
+        folder.rmdir()
+    code, _, err = call(*folder_training(tmp_path / "imgs", tmp_path / "run", batch=6), "--set",
+                        f"data.folder_pipeline={pipeline}")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.rstrip().endswith("; its 6 images lie in no class folder, as ImageNet's validation images come: sort "
+                                 "them into one folder per class (torchvision.datasets.ImageNet(root, split='val') "
+                                 "does so from the devkit)"), err
+    assert not (tmp_path / "run").exists()
+
+
 START_METHOD = """import multiprocessing, sys
 from ilnas import cli
 if __name__ == "__main__":

@@ -314,8 +314,21 @@ def folder_images(split: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
     other class folders. Both pipelines, in memory and streamed, list a folder by this."""
     found = class_folders(split)
     if found != list(classes):
-        raise IlnasError(f"{split} holds the class folders {found[:6]}, not those of train/ ({list(classes)[:6]})")
+        raise IlnasError(f"{split} holds the class folders {found[:6]}, not those of train/ ({list(classes)[:6]})"
+                         f"{loose_images_hint(split)}")
     return [(p, label) for label, c in enumerate(classes) for p in _image_files(split / c)]
+
+
+def loose_images_hint(split: Path) -> str:
+    """Where ``split`` holds images outside any class folder, what to make of them: ImageNet's validation
+    images come as one flat folder, their labels in the devkit."""
+    try:
+        loose = sum(1 for p in Path(split).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError:
+        return ""
+    return (f"; its {loose} images lie in no class folder, as ImageNet's validation images come: sort them into "
+            f"one folder per class (torchvision.datasets.ImageNet(root, split='val') does so from the devkit)"
+            if loose else "")
 
 
 def _image_files(folder: Path) -> list[Path]:

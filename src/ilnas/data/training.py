@@ -20,7 +20,7 @@ import torch
 from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
-from ilnas.data.tasks import Split, create_task, eight_bit, image_errors, task_info
+from ilnas.data.tasks import Split, create_task, eight_bit, image_errors, loose_images_hint, task_info
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import reachable
 from ilnas.seeds import derive_seed
@@ -118,7 +118,8 @@ class FolderData:
             raise IlnasError(f"cannot read image folder {root}: {e}") from None
         classes = self.train_set.dataset.classes
         if classes != self.test_set.classes:
-            raise IlnasError(f"{root}/train and {root}/val hold different class folders")
+            raise IlnasError(f"{root}/train and {root}/val hold different class folders"
+                             f"{loose_images_hint(root / 'val')}")
         self.num_classes, self.classes = len(classes), tuple(classes)
         self.listing = {"train_images": len(self.train_set), "test_images": len(self.test_set),
                         "files_sha256": _files_digest(root, self.train_set.dataset, self.test_set)}
