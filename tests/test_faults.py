@@ -334,7 +334,9 @@ def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(m
     filesystem lists them: killed after any number of deletions, the directory still holds a run, or a start
     cut short, which --force (and --auto-resume) take again, never a folder refused as not an ilnas run."""
     real_unlink, real_rmtree, listed = Path.unlink, shutil.rmtree, runs._entries
-    worst_order = lambda path: sorted(listed(path), key=lambda e: e.name not in ("provenance.json", "config.yaml"))
+
+    def worst_order(path: Path) -> list[Path]:  # as a filesystem may list them: the run's own records first
+        return sorted(listed(path), key=lambda e: e.name not in ("provenance.json", "config.yaml"))
     for n in range(len([e for e in micro_run.iterdir() if e.name not in {".lock", "config.yaml"}])):
         run, deleted = shutil.copytree(micro_run, tmp_path / f"run{n}"), []
 
@@ -346,7 +348,7 @@ def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(m
                 return delete(*args, **kwargs)
             return deleting
 
-        monkeypatch.setattr(runs, "_entries", worst_order)  # as a filesystem may list them
+        monkeypatch.setattr(runs, "_entries", worst_order)
         monkeypatch.setattr(Path, "unlink", killed_after_n(real_unlink))
         monkeypatch.setattr(shutil, "rmtree", killed_after_n(real_rmtree))
         with pytest.raises(_Killed):
@@ -932,7 +934,7 @@ def test_status_says_which_runs_failed_and_why(tmp_path, monkeypatch):
     assert call("plot", str(diverged))[0] == 0  # its report says so too, where it said "running or interrupted"
     assert "<th>status</th><td>failed: the search diverged at step 1" in (diverged / "report.html").read_text()
     monkeypatch.undo()
-    resume("search", crashed)  # fixed, and resumed: finished
+    assert call("search", "--resume", "--quiet", "--out", str(crashed))[0] == 0  # fixed, and resumed: finished
     rows = json.loads(call("status", str(crashed), "--json")[1])
     assert [(r["state"], r["outcome"]) for r in rows] == [("finished", None)]
 
