@@ -333,7 +333,7 @@ def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(m
     """--force deletes the old run's provenance.json last and replaces its config.yaml, in whatever order the
     filesystem lists them: killed after any number of deletions, the directory still holds a run, or a start
     cut short, which --force (and --auto-resume) take again, never a folder refused as not an ilnas run."""
-    real_unlink, real_rmtree, listed = Path.unlink, shutil.rmtree, runs._entries
+    real_unlink, real_rmtree, listed, config = Path.unlink, shutil.rmtree, runs._entries, read_config(micro_run)
 
     def worst_order(path: Path) -> list[Path]:  # as a filesystem may list them: the run's own records first
         return sorted(listed(path), key=lambda e: e.name not in ("provenance.json", "config.yaml"))
@@ -351,8 +351,8 @@ def test_force_killed_at_any_point_of_emptying_a_run_leaves_one_it_takes_again(m
         monkeypatch.setattr(runs, "_entries", worst_order)
         monkeypatch.setattr(Path, "unlink", killed_after_n(real_unlink))
         monkeypatch.setattr(shutil, "rmtree", killed_after_n(real_rmtree))
-        with pytest.raises(_Killed):
-            call(*MICRO, "--set", "search.seed=1", "--out", str(run), "--force")
+        with pytest.raises(_Killed):  # where --force empties the run, once everything else has passed
+            runs.RunDir.open(run, "search", {**config, "search": {**config["search"], "seed": 1}}, False, True)
         monkeypatch.undo()
         assert len(deleted) == n and len(os.listdir(run)) == len(os.listdir(micro_run)) - n
         check(run, resume=False, force=True, kind="search")  # not refused
