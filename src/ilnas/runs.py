@@ -134,8 +134,8 @@ def _start_cut_short(path: Path) -> bool:
     if not (path / LOCK).is_file():
         return False
     temporary = re.compile(rf"\.({re.escape(CONFIG)}|{re.escape(PROVENANCE)})\..+\.tmp")
-    if not all(p.name == CONFIG or temporary.fullmatch(p.name) for p in _entries(path)):
-        return False
+    if not all(p.is_file() and (p.name == CONFIG or temporary.fullmatch(p.name)) for p in _entries(path)):
+        return False  # a folder among them (of any name) is no file a starting run writes: never deleted here
     try:
         return not (path / CONFIG).exists() or bool(read_config(path))
     except IlnasError:
