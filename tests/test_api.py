@@ -181,6 +181,12 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
      "space.layers must be at least 3, got 2: with fewer cells the supernet has no normal cell"),
     (lambda: SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 2)}, 3, space=SPACE).step(
         {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0), "b": tensors(2, 2, 0)}), "train has no batch for b"),
+    # values the CLI's parser refuses and Python passes: none of them made an error where it was given
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, rounds=0), "rounds must be an integer >= 1"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, engine=EngineConfig(lam=math.nan)),
+     "engine.lam \\(lambda\\) must be >= 0, got nan"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, sgd=SGD(lr=math.nan)),
+     "the learning rate must be a positive number, got nan"),
 ])
 def test_a_supernet_search_refuses_bad_input_in_one_line(make, message):
     with pytest.raises(IlnasError, match=message):

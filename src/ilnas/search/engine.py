@@ -17,6 +17,7 @@ each hold a shard of every batch step exactly as one process whose loss is the m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -473,10 +474,13 @@ def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None
         raise IlnasError(f"engine.order must be 1 or 2, got {cfg.order}")
     if cfg.update_order not in ("alg1", "darts"):
         raise IlnasError(f"engine.update_order must be alg1 or darts, got {cfg.update_order!r}")
-    if cfg.lam < 0:
+    # the comparisons are written so that NaN (which the Python API can pass; the CLI refuses it) fails them
+    if not cfg.lam >= 0:
         raise IlnasError(f"engine.lam (lambda) must be >= 0, got {cfg.lam}")
-    if cfg.fd_eps <= 0:
+    if not cfg.fd_eps > 0:
         raise IlnasError(f"engine.fd_eps must be positive, got {cfg.fd_eps}")
+    if not math.isfinite(max_lr) or max_lr <= 0:
+        raise IlnasError(f"the learning rate must be a positive number, got {max_lr}")
     if isinstance(cfg.batched_sets, bool) or not isinstance(cfg.batched_sets, int) or cfg.batched_sets < 1:
         raise IlnasError(f"engine.batched_sets must be an integer >= 1, got {cfg.batched_sets!r}")
     create_hvp(cfg.hvp)
@@ -485,7 +489,7 @@ def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None
         weights = getattr(cfg, name)
         if weights is not None and len(weights) != num_learners:
             raise IlnasError(f"engine.{name} has {len(weights)} entries for {num_learners} learners")
-        if any(x < 0 for x in weights or ()):
+        if any(not x >= 0 for x in weights or ()):
             raise IlnasError(f"engine.{name} must be >= 0, got {list(weights)}")
         if weights is not None and not any(weights):  # a zero objective: nothing would train (or search) at all
             raise IlnasError(f"engine.{name} are all 0: {ALL_ZERO[name]}; give at least one learner a positive "

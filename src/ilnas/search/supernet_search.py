@@ -65,6 +65,9 @@ class SupernetSearch:
 
         if not heads:
             raise IlnasError("heads is empty: give at least one task")
+        for name, value in (("rounds", rounds), ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IlnasError(f"{name} must be an integer >= 1, got {value!r}")
         require_normal_cell("space.layers", space.layers)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
