@@ -182,7 +182,8 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
     (lambda: SupernetSearch({"a": nn.Linear(64, 2), "b": nn.Linear(64, 2)}, 3, space=SPACE).step(
         {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0), "b": tensors(2, 2, 0)}), "train has no batch for b"),
     # values the CLI's parser refuses and Python passes: none of them made an error where it was given
-    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, rounds=0), "rounds must be an integer >= 1"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, rounds=0),
+     "rounds must be a positive integer, got 0"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, engine=EngineConfig(lam=math.nan)),
      "engine.lam \\(lambda\\) must be >= 0, got nan"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, sgd=SGD(lr=math.nan)),

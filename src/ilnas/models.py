@@ -9,7 +9,6 @@ input size, normalisation, resize). ``load_model`` turns them into a ready modul
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -206,7 +205,7 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
     cells, C=36) or imagenet (14 cells, C=48); ``resolution`` matters only below 32 (cifar style: the
     auxiliary head pools adaptively). Trained weights: ``load_model``."""
     from ilnas.config import MAX_IMAGE_SIDE, NetworkConfig, from_dict, validate_network
-    from ilnas.config.schema import require_normal_cell
+    from ilnas.config.schema import positive_integer, require_normal_cell
     from ilnas.space.genotype import load_genotype
     from ilnas.space.network import build_network
 
@@ -220,12 +219,8 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
                                         "channels": default_channels if channels is None else channels})
     validate_network(network)
     require_normal_cell("layers", network.layers, "network")
-    resolution = side if resolution is None else resolution
-    for name, value, limit in (("num_classes", num_classes, None), ("in_channels", in_channels, None),
-                               ("resolution", resolution, MAX_IMAGE_SIDE)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (limit or value):
-            raise IlnasError(f"{name} must be a positive integer{f' of at most {limit}' if limit else ''}, got "
-                             f"{value!r}")
-    num_classes, in_channels, resolution = int(num_classes), int(in_channels), int(resolution)
+    num_classes = positive_integer("num_classes", num_classes)
+    in_channels = positive_integer("in_channels", in_channels)
+    resolution = positive_integer("resolution", side if resolution is None else resolution, MAX_IMAGE_SIDE)
     return build_network(load_genotype(str(name_or_run)), num_classes, in_channels, resolution,
                          **network.build_args())

@@ -3,6 +3,7 @@ where a block is shared (the engine's settings, the SGD block of search and trai
 checks a resolved configuration must pass. No torch at import time."""
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -250,6 +251,14 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
         value = getattr(obj, name)
         if value is not None and value <= 0:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
+
+
+def positive_integer(name: str, value: Any, at_most: int | None = None) -> int:
+    """An integer argument of the Python API (numpy's integers too) checked as the CLI's parser checks one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (at_most or value):
+        raise IlnasError(f"{name} must be a positive integer{f' of at most {at_most}' if at_most else ''}, got "
+                         f"{value!r}")
+    return int(value)
 
 
 # The fewest cells a supernet or network may have: the reduction cells sit at layers//3 and 2*layers//3, so

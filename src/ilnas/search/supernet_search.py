@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.config.schema import SpaceConfig, require_normal_cell
+from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell
 from ilnas.errors import IlnasError
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
@@ -65,9 +65,7 @@ class SupernetSearch:
 
         if not heads:
             raise IlnasError("heads is empty: give at least one task")
-        for name, value in (("rounds", rounds), ("in_channels", in_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise IlnasError(f"{name} must be an integer >= 1, got {value!r}")
+        rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
         require_normal_cell("space.layers", space.layers)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
