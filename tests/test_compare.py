@@ -64,7 +64,8 @@ def runs(tmp_path):
 
 def test_groups_by_everything_but_the_seed_with_means_and_stds(runs):
     c = compare([runs])
-    assert c.tasks == ["digits", "mnist5k"] and len(c.unfinished) == 1 and c.unfinished[0].name == "broken"
+    assert c.tasks == ["digits", "mnist5k"]
+    assert {p.name: s for p, s in c.unfinished.items()} == {"broken": "not started"}
     by_framework = {r["framework"]: r for r in rows(c) if r["method"] != "random cell"}
     il, mtl, zoo_row = by_framework["il"], by_framework["mtl"], by_framework["-"]
     assert il["seeds"] == 3 and il["method"] == "DARTS-2nd"
@@ -149,12 +150,28 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr
     assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
-    assert "1 unfinished run(s) left out" in r.stdout
+    assert f"1 unfinished run(s) left out (`ilnas status` tells more): {runs / 'broken'} (not started)" in r.stdout
     table = list(csv.reader(io.StringIO(ilnas_here("compare", str(runs), "--csv").stdout)))
     assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 5
     data = json.loads(ilnas_here("compare", str(runs / "il-0"), str(runs / "il-1"), "--json").stdout)
     (row,) = data["rows"]
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
+
+
+def test_the_runs_left_out_are_named_with_their_state(runs):
+    """A failed run is no run to resume, an interrupted one is: the line under the table tells them apart."""
+    sessions = {"failed": {"resumed": False, "end": "2026-01-01T00:00:00", "outcome": "failed: the loss diverged"},
+                "interrupted": {"resumed": False, "end": "2026-01-01T00:00:00", "outcome": "stopped by SIGTERM"}}
+    for name, session in sessions.items():
+        shutil.copytree(runs / "broken", runs / name)
+        (runs / name / "provenance.json").write_text(json.dumps({"sessions": [session]}))
+    code, out, err = call("compare", str(runs))
+    assert code == 0 and out.splitlines()[-1] == (
+        f"3 unfinished run(s) left out (`ilnas status` tells more): {runs / 'broken'} (not started), "
+        f"{runs / 'failed'} (failed), {runs / 'interrupted'} (interrupted)"), err
+    code, out, err = call("compare", str(runs), "--json")
+    assert json.loads(out)["unfinished_states"] == {str(runs / n): s for n, s in (
+        ("broken", "not started"), ("failed", "failed"), ("interrupted", "interrupted"))}, err
 
 
 def test_a_training_counts_for_a_search_only_if_it_trained_the_cell_that_search_ended_with(runs):

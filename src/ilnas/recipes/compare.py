@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 from ilnas.config.schema import flat_settings, unused_settings
 from ilnas.errors import IlnasError
+from ilnas.recipes.status import run_status
 from ilnas.report.tables import markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 
@@ -63,7 +64,7 @@ class Comparison:
     groups: list[Group]
     tasks: list[str]
     varying: list[str]  # the settings that tell groups of the same method and framework apart
-    unfinished: list[Path]
+    unfinished: dict[Path, str]  # each run left out, and its state as ilnas status gives it
 
 
 def _search_of(training: Path, cell: object) -> Path | None:
@@ -106,7 +107,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     """A row per cell (a search configuration, or a given cell) and training recipe: trainings of one cell
     under two recipes (other epochs, network sizes, learning rates) are two rows, never pooled as seeds."""
     runs = find_runs(paths)
-    unfinished = [r for r in runs if not is_finished(r)]
+    unfinished = {r: _state(r) for r in runs if not is_finished(r)}
     cells: dict[str, tuple[str, str, dict]] = {}  # cell key -> method, framework, settings (first seen first)
     searches: dict[str, list[dict]] = {}  # search configuration key -> summary.json of each finished search
     recipes: dict[str, dict[str, Group]] = {}  # cell key -> training recipe key -> its group
@@ -150,6 +151,14 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             groups.append(group)
     tasks = sorted({t for g in groups for t in g.trainings})
     return Comparison(groups, tasks, _varying(groups), unfinished)
+
+
+def _state(run: Path) -> str:
+    """An unfinished run's state (running, interrupted, failed, not started): why a table leaves it out."""
+    try:
+        return run_status(run)["state"]
+    except IlnasError as e:
+        return f"unreadable: {e}"
 
 
 def _varying(groups: list[Group]) -> list[str]:
@@ -278,7 +287,8 @@ def markdown(c: Comparison, with_pairs: bool = False) -> str:
     if with_pairs:
         lines += _paired_markdown(paired(c))
     if c.unfinished:
-        lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out: " + ", ".join(map(str, c.unfinished)))
+        lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out (`ilnas status` tells more): "
+                     + ", ".join(f"{run} ({state})" for run, state in c.unfinished.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -300,4 +310,5 @@ def as_json(c: Comparison, with_pairs: bool = False) -> str:
         return x
     extra = {"paired": [clean(p) for p in paired(c)]} if with_pairs else {}
     return json.dumps({"tasks": c.tasks, "varying": c.varying, "rows": [clean(r) for r in rows(c)], **extra,
-                       "unfinished": [str(p) for p in c.unfinished]}, indent=1) + "\n"
+                       "unfinished": [str(p) for p in c.unfinished],
+                       "unfinished_states": {str(p): state for p, state in c.unfinished.items()}}, indent=1) + "\n"
