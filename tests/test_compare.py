@@ -108,10 +108,15 @@ def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_te
 
 def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(runs):
     """A third MTL search with lambda 1 (MTL has no coupling to read it) and another step_size (its schedule is
-    cosine) is the MTL row's third seed; IL searches with lambda 1 are a row of their own. A config.yaml written
+    cosine) is the MTL row's third seed, a fourth with its loss weights spelled out as all 1 its fourth; IL searches with lambda 1 are a row of their own. A config.yaml written
     before a setting existed (here engine.update_order and search.deterministic) compares as its default."""
     _search_run(runs / "mtl-2" / "search", "mtl", 2, hours=2.0, extra=("engine.lam=1", "optimizer.step_size=7"))
     _training_run(runs / "mtl-2" / "digits", str(runs / "mtl-2" / "search"), "digits", 0.25)
+    _search_run(runs / "mtl-3" / "search", "mtl", 3, hours=2.0,  # the default loss weights, spelled out
+                extra=("engine.val_weights=[1, 1]", "engine.train_weights=[1.0, 1.0]"))
+    _training_run(runs / "mtl-3" / "digits", str(runs / "mtl-3" / "search"), "digits", 0.25)
+    _search_run(runs / "mtl-half" / "search", "mtl", 0, hours=2.0, extra=("engine.val_weights=[1, 0.5]",))
+    _training_run(runs / "mtl-half" / "digits", str(runs / "mtl-half" / "search"), "digits", 0.25)
     _search_run(runs / "il-lam1" / "search", "il", 0, hours=1.0, extra=("engine.lam=1",))
     _training_run(runs / "il-lam1" / "digits", str(runs / "il-lam1" / "search"), "digits", 0.5)
     old = runs / "il-2" / "search" / "config.yaml"
@@ -120,8 +125,10 @@ def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(
     old.write_text(yaml.safe_dump(config))
     c = compare([runs])
     assert "engine.lam" in c.varying and "optimizer.step_size" not in c.varying
-    (mtl,) = [r for r in rows(c) if r["framework"] == "mtl"]
-    assert mtl["seeds"] == 3 and mtl["error_digits"]["mean"] == pytest.approx(25.0) and "lam" not in mtl["settings"]
+    assert "engine.val_weights" in c.varying and "engine.train_weights" not in c.varying
+    mtl, half = sorted((r for r in rows(c) if r["framework"] == "mtl"), key=lambda r: -r["seeds"])
+    assert mtl["seeds"] == 4 and mtl["error_digits"]["mean"] == pytest.approx(25.0) and "lam" not in mtl["settings"]
+    assert half["seeds"] == 1 and "engine.val_weights=1.0,0.5" in half["settings"]
     il = {g.settings["engine.lam"]: r for g, r in zip(c.groups, rows(c)) if r["framework"] == "il"}
     assert sorted(il) == [1.0, 100.0] and il[100.0]["seeds"] == 3 and il[1.0]["seeds"] == 1
 

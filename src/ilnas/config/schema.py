@@ -376,6 +376,18 @@ def flat_settings(config: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def canonical(config: dict) -> dict:
+    """A configuration, nested as config.yaml holds it, with what its settings mean spelled one way: per-learner
+    loss weights that are all 1 as null (their default), which computes the same numbers. Two runs whose
+    configurations differ only in such spellings are one configuration."""
+    engine = dict(config.get("engine") or {})
+    for name in ("train_weights", "val_weights"):
+        weights = engine.get(name)
+        if isinstance(weights, (list, tuple)) and weights and all(w == 1 for w in weights):
+            engine[name] = None
+    return {**config, "engine": engine} if "engine" in config else config
+
+
 def unused_settings(config: dict) -> dict[str, str]:
     """The settings (dotted keys) of a configuration, nested as config.yaml holds it, that its run never reads, each
     with the reason: the other schedules' settings, the P-DARTS phases of a DARTS search (or space.layers of a P-DARTS

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ilnas.config.schema import flat_settings, unused_settings
+from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
 from ilnas.report.tables import markdown_table
@@ -93,8 +93,9 @@ def _search_of(training: Path, cell: object) -> Path | None:
 
 def _settings(config: dict, prefix: str = "", leave_out: frozenset[str] = frozenset()) -> dict[str, object]:
     """What tells a run apart: its settings at today's defaults where it predates one, less how it ran, its seed and
-    the settings it never read (two MTL searches that differ only in engine.lam are one configuration)."""
-    config = with_defaults(config)
+    the settings it never read (two MTL searches that differ only in engine.lam are one configuration) and in one
+    spelling of what they mean (loss weights all 1 or null)."""
+    config = canonical(with_defaults(config))
     left_out = IGNORED | SEEDS | leave_out | set(unused_settings(config))
     return {prefix + k: v for k, v in flat_settings(config).items() if k not in left_out}
 
