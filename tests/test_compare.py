@@ -108,8 +108,9 @@ def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_te
 
 def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(runs):
     """A third MTL search with lambda 1 (MTL has no coupling to read it) and another step_size (its schedule is
-    cosine) is the MTL row's third seed, a fourth with its loss weights spelled out as all 1 its fourth; IL searches with lambda 1 are a row of their own. A config.yaml written
-    before a setting existed (here engine.update_order and search.deterministic) compares as its default."""
+    cosine) is the MTL row's third seed, a fourth with its loss weights spelled out as all 1 its fourth; IL
+    searches with lambda 1 are a row of their own. A config.yaml written before a setting existed (here
+    engine.update_order and search.deterministic) compares as its default."""
     _search_run(runs / "mtl-2" / "search", "mtl", 2, hours=2.0, extra=("engine.lam=1", "optimizer.step_size=7"))
     _training_run(runs / "mtl-2" / "digits", str(runs / "mtl-2" / "search"), "digits", 0.25)
     _search_run(runs / "mtl-3" / "search", "mtl", 3, hours=2.0,  # the default loss weights, spelled out
