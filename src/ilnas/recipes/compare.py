@@ -63,8 +63,20 @@ class Group:
 class Comparison:
     groups: list[Group]
     tasks: list[str]
-    varying: list[str]  # the settings that tell groups of the same method and framework apart
+    # (method, framework) -> the settings that tell groups of that method and framework apart: a row's
+    # method and framework columns tell the others apart, so only these are shown beside them
+    varying_within: dict[tuple[str, str], list[str]]
     unfinished: dict[Path, str]  # each run left out, and its state as ilnas status gives it
+
+    @property
+    def varying(self) -> list[str]:
+        """Every setting that tells two groups of one method and framework apart."""
+        return sorted({k for keys in self.varying_within.values() for k in keys})
+
+    def settings_of(self, g: Group) -> str:
+        """What tells ``g`` from the other groups of its method and framework, as ``key=value, ...``."""
+        return ", ".join(f"{k}={_show(g.settings[k])}" for k in self.varying_within[g.method, g.framework]
+                         if k in g.settings)
 
 
 def _search_of(training: Path, cell: object) -> Path | None:
@@ -162,10 +174,18 @@ def _state(run: Path) -> str:
         return f"unreadable: {e}"
 
 
-def _varying(groups: list[Group]) -> list[str]:
-    """Settings that two groups both have and set differently (a given cell's group has only ``cell``)."""
-    keys = sorted({k for g in groups for k in g.settings} - {"cell"})
-    return [k for k in keys if len({json.dumps(g.settings[k], default=str) for g in groups if k in g.settings}) > 1]
+def _varying(groups: list[Group]) -> dict[tuple[str, str], list[str]]:
+    """For each method and framework, the settings that two of its groups both have and set differently (a given
+    cell's group has only ``cell``)."""
+    families: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        families.setdefault((g.method, g.framework), []).append(g)
+    varying = {}
+    for family, members in families.items():
+        keys = sorted({k for g in members for k in g.settings} - {"cell"})
+        varying[family] = [k for k in keys if len({json.dumps(g.settings[k], default=str)
+                                                     for g in members if k in g.settings}) > 1]
+    return varying
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -182,8 +202,7 @@ def rows(c: Comparison) -> list[dict]:
     """One row per group: plain numbers (errors in %, parameters in M, multiply-adds in M, hours)."""
     out = []
     for g in c.groups:
-        row: dict = {"method": g.method, "framework": g.framework,
-                     "settings": ", ".join(f"{k}={_show(g.settings[k])}" for k in c.varying if k in g.settings)}
+        row: dict = {"method": g.method, "framework": g.framework, "settings": c.settings_of(g)}
         for task in c.tasks:
             results = g.trainings.get(task, [])
             mean, std, n = mean_std(100 * r["final_test_error"] for r in results)
@@ -241,9 +260,9 @@ def figure_bytes(c: Comparison, suffix: str) -> bytes:
 
 
 def _label(c: Comparison, g: Group) -> str:
-    """A row's name: its method, framework and the settings that tell it from rows of the same framework."""
-    settings = ", ".join(f"{k}={_show(g.settings[k])}" for k in c.varying
-                         if k in g.settings and k != "search.framework")
+    """A row's name: its method, framework and the settings that tell it from rows of the same method and
+    framework."""
+    settings = c.settings_of(g)
     return " ".join(part for part in (g.method, g.framework if g.framework != "-" else "",
                                       f"[{settings}]" if settings else "") if part)
 
@@ -258,7 +277,10 @@ def _paired_markdown(pairs: list[dict]) -> list[str]:
 
 
 def _show(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    """A setting's value as --set spells it (null, true), a list as its items joined by commas."""
+    if isinstance(value, tuple):
+        return ",".join(map(_show, value))
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _num(x: float, digits: int) -> str:
