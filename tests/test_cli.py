@@ -54,6 +54,8 @@ def test_describe_of_a_training_run_gives_the_network_it_trained(finished_traini
     own = json.loads(out)
     assert (own["params"], own["macs"], own["resolution"]) == (result["params"], result["macs"], 16)
     assert own["network"] == "cifar, 3 cells, C=4" and own["task"] == "mnist5k"
+    code, out, err = call("describe", str(finished_training))  # well under a million: not "0M"
+    assert code == 0 and f"multiply-adds: {own['macs'] / 1e6:.2g}M at 16x16" in out and own["macs"] < 1e6, err
     code, out, err = call("describe", str(finished_training), "--set", "network.layers=8", "--json")
     assert code == 0 and json.loads(out)["network"] == "cifar, 8 cells, C=36" and json.loads(out)["task"] == "cifar10"
     literal = (finished_training / "genotype.txt").read_text().strip()  # longer than a file name may be
