@@ -426,6 +426,8 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
      "there); name variants so that it is made once"),
     ({"grid": {"v": {"a": ["engine.lam=1"], "b": ["engine.lam=1.0"]}}},
      "cells v-a and v-b make the same search run (the same settings)"),
+    ({"grid": {"v": {"a": ["engine.val_weights=null"], "b": ["engine.val_weights=[1, 1.0]"]}}},
+     "cells v-a and v-b make the same search run (engine.val_weights mean the same there, all 1 being the default)"),
     ({"train": {"tasks": ["digits"], "seeds": [0, 0]}}, "train.seeds must be a list of distinct integers"),
     ({"train": {"tasks": ["digits"], "seeds": 3}}, "train.seeds must be a list of distinct integers, got 3"),
     ({"train": {"tasks": ["digits"], "seeds": [1], "set": ["train.seed=2"]}}, "exclude each other"),

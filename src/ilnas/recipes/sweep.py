@@ -29,7 +29,7 @@ from queue import Queue
 from typing import Any, Callable, Iterator
 
 from ilnas.config import load_yaml_file, resolve, to_dict
-from ilnas.config.schema import flat_settings, unused_settings
+from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
@@ -148,13 +148,19 @@ def _refuse_repeats(cells: list[Cell]) -> None:
         for run in cell.runs:
             settings, unused = flat_settings(run.config), unused_settings(run.config)
             genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
-            used = {k: v for k, v in settings.items() if k not in unused}
+            used = {k: v for k, v in flat_settings(canonical(run.config)).items() if k not in unused}
             key = json.dumps([run.command, genotype, used], sort_keys=True, default=str)
             if key in seen:
                 first, first_settings = seen[key]
                 differ = sorted(k for k in settings.keys() | first_settings.keys()
                                 if settings.get(k) != first_settings.get(k))
-                why = f"{run.command} never reads {', '.join(differ)} there" if differ else "the same settings"
+                never, alike = [k for k in differ if k in unused], [k for k in differ if k not in unused]
+                reasons = []
+                if never:
+                    reasons.append(f"{run.command} never reads {', '.join(never)} there")
+                if alike:
+                    reasons.append(f"{', '.join(alike)} mean the same there, all 1 being the default")
+                why = "; ".join(reasons) or "the same settings"
                 raise IlnasError(f"sweep spec: cells {first.name} and {cell.name} make the same {run.command} run "
                                  f"({why}); name variants so that it is made once")
             seen[key] = cell, settings
