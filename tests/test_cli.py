@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import SHORT_SEARCH, call, ilnas, ilnas_here, snapshot
+from helpers import SHORT_SEARCH, call, ilnas_here, snapshot
 from ilnas.config import list_presets, load_preset, resolve, to_dict
 from ilnas.errors import IlnasError
 
@@ -276,9 +276,9 @@ def test_a_path_below_a_directory_that_may_not_be_searched_is_refused_in_one_lin
 
 def test_a_finished_run_is_not_overwritten_without_force(finished_run):
     before = snapshot(finished_run)
-    r = ilnas("search", "--out", str(finished_run), *SHORT)
+    r = ilnas_here("search", "--out", str(finished_run), *SHORT)
     assert r.returncode == 2 and "already holds a finished run; pass --force" in r.stderr
-    r = ilnas("search", "--out", str(finished_run), "--resume")
+    r = ilnas_here("search", "--out", str(finished_run), "--resume")
     assert r.returncode == 2 and "finished run" in r.stderr
     assert snapshot(finished_run) == before
 

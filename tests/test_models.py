@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.torch_version import TorchVersion
 
-from helpers import call, ilnas, snapshot, write_image_folder
+from helpers import call, ilnas_here, snapshot, write_image_folder
 from ilnas.errors import IlnasError
 from ilnas.models import create_model
 from ilnas.fileio import umask
@@ -38,9 +38,9 @@ def folder_runs(tmp_path_factory) -> dict[str, Path]:
     write_image_folder(root / "pets", classes=("cat", "dog", "eel"), per_class=6)
     write_image_folder(root / "fruit", classes=("apple", "fig"), per_class=8)
     pets, fruit = f"imagefolder:{root / 'pets'}", f"imagefolder:{root / 'fruit'}"
-    r = ilnas("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, {fruit}]", "--out", str(root / "search"))
+    r = ilnas_here("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, {fruit}]", "--out", str(root / "search"))
     assert r.returncode == 0, r.stderr
-    r = ilnas("train", "--genotype", str(root / "search"), *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
+    r = ilnas_here("train", "--genotype", str(root / "search"), *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
               "--out", str(root / "train"))
     assert r.returncode == 0, r.stderr
     return {"root": root, "pets": root / "pets", "search": root / "search", "train": root / "train"}
@@ -81,7 +81,7 @@ def test_a_training_run_leaves_a_model_that_loads_ready_to_use(folder_runs):
 def test_evaluate_reproduces_the_runs_test_error_from_a_task_and_from_the_folder(folder_runs):
     run = folder_runs["train"]
     result = json.loads((run / "result.json").read_text())
-    r = ilnas("evaluate", str(run), "--data", f"imagefolder:{folder_runs['pets']}", "--json")
+    r = ilnas_here("evaluate", str(run), "--data", f"imagefolder:{folder_runs['pets']}", "--json")
     assert r.returncode == 0, r.stderr
     by_task = json.loads(r.stdout)
     assert by_task["images"] == 6 and by_task["top1"] == pytest.approx(1 - result["final_test_error"], abs=1e-9)
@@ -92,7 +92,7 @@ def test_evaluate_reproduces_the_runs_test_error_from_a_task_and_from_the_folder
     per_class = (out / "per_class.csv").read_text().splitlines()
     assert per_class[0] == "class,images,accuracy" and len(per_class) == 4
     # The folder itself: its val/ decoded by the card's preprocessing gives the same pixels, the same answer.
-    r = ilnas("evaluate", str(run), "--data", str(folder_runs["pets"]), "--weights", "best", "--json",
+    r = ilnas_here("evaluate", str(run), "--data", str(folder_runs["pets"]), "--weights", "best", "--json",
               "--out", str(folder_runs["root"] / "eval-best"))
     assert r.returncode == 0, r.stderr
     best = json.loads(r.stdout)
@@ -124,7 +124,7 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
     from ilnas import load_model
 
     run, images = folder_runs["train"], sorted((folder_runs["pets"] / "val").rglob("*.png"))[:3]
-    r = ilnas("predict", str(run), *map(str, images), "--top-k", "2", "--json")
+    r = ilnas_here("predict", str(run), *map(str, images), "--top-k", "2", "--json")
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     model = load_model(run)
@@ -133,7 +133,7 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
     for item, p in zip(found, probs):
         assert len(item["top"]) == 2 and item["top"][0]["class"] == model.card.classes[int(p.argmax())]
         assert item["top"][0]["probability"] == pytest.approx(float(p.max()), abs=1e-6)
-    r = ilnas("predict", str(run), str(images[0]))
+    r = ilnas_here("predict", str(run), str(images[0]))
     assert r.returncode == 0 and r.stdout.startswith(f"{images[0]}: ") and r.stdout.count(",") == 2
 
 
@@ -177,7 +177,7 @@ def test_every_export_format_agrees_with_pytorch(folder_runs, fmt, tmp_path):
     moved alone to another folder it still loads (ONNX kept some weights in a second file, named after the
     temporary one), and readable by others as any new file is (not mkstemp's owner-only mode)."""
     out = tmp_path / "export" / "m.model"
-    r = ilnas("export", str(folder_runs["train"]), "--format", fmt, "--out", str(out))
+    r = ilnas_here("export", str(folder_runs["train"]), "--format", fmt, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "max |logit difference|" in r.stdout and json.loads(out.with_suffix(".json").read_text())["classes"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.model"]
@@ -392,9 +392,9 @@ def test_a_model_card_far_wider_than_its_weights_builds_nothing_of_its_size(fold
 def test_image_shapes_are_checked_before_anything_is_written(tmp_path):
     write_image_folder(tmp_path / "pets")
     pets = f"imagefolder:{tmp_path / 'pets'}"
-    r = ilnas("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, digits]", "--out", str(tmp_path / "s"))
+    r = ilnas_here("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, digits]", "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "differ in shape" in r.stderr and "digits 1x16x16" in r.stderr, r.stderr
-    r = ilnas("train", "--genotype", "DARTS_V2", *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
+    r = ilnas_here("train", "--genotype", "DARTS_V2", *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
               "--set", "network.style=imagenet", "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "too small for the imagenet-style network" in r.stderr, r.stderr
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()

@@ -16,7 +16,7 @@ from ilnas.data.loader import BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
 from ilnas.optim import SGD
-from helpers import TINY_TRAIN as TINY, call, folder_training, ilnas, snapshot, write_image_folder
+from helpers import TINY_TRAIN as TINY, call, folder_training, ilnas_here, snapshot, write_image_folder
 from helpers import RENDEZVOUS, ranks_stderr, write_cifar
 
 def test_schedules_follow_their_formulas():
@@ -67,7 +67,7 @@ def run_json(out: Path) -> tuple[dict, list[dict]]:
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     common = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY, "--set", "network.drop_path=0.0",
               "--set", "train.cutout=0"]
-    single = ilnas(*common, "--out", str(tmp_path / "single"))
+    single = ilnas_here(*common, "--out", str(tmp_path / "single"))
     assert single.returncode == 0, single.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -86,7 +86,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 
 def test_image_folder_training(tmp_path):
     write_image_folder(tmp_path / "imgs")
-    r = ilnas("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
+    r = ilnas_here("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
               "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
               "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1", "--set", "optimizer.warmup_epochs=0",
               "--set", "network.layers=3", "--set", "network.channels=8", "--set", "train.batch_size=6",
@@ -119,7 +119,7 @@ def test_a_streamed_training_is_not_resumed_on_other_files(tmp_path):
     resume is refused before anything is written, naming the difference."""
     write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
-    r = ilnas(*folder_training(tmp_path / "imgs", out, batch=6))
+    r = ilnas_here(*folder_training(tmp_path / "imgs", out, batch=6))
     assert r.returncode == 0, r.stderr
     (out / "result.json").unlink()  # interrupted before its end
     cat = tmp_path / "imgs" / "train" / "cat"
@@ -187,7 +187,7 @@ def test_loader_workers_started_by_forkserver_train_as_forked_ones_do(tmp_path):
 
 def test_cifar100_training_reports_top5(tmp_path):
     write_cifar(tmp_path / "data", "cifar100")
-    r = ilnas("train", "--genotype", "PDARTS", "--preset", "eval-cifar100", *TINY, "--set", "train.epochs=1",
+    r = ilnas_here("train", "--genotype", "PDARTS", "--preset", "eval-cifar100", *TINY, "--set", "train.epochs=1",
               "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.download=false",
               "--set", "data.verify=false", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
