@@ -161,6 +161,7 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr
     assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
+    assert "| 1.50 | 200 | 1.500 | 3 |" in r.stdout  # params (M), MACs (M), search hours, seeds
     assert f"1 unfinished run(s) left out (`ilnas status` tells more): {runs / 'broken'} (not started)" in r.stdout
     table = list(csv.reader(io.StringIO(ilnas_here("compare", str(runs), "--csv").stdout)))
     assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 5
@@ -236,6 +237,12 @@ def test_a_folder_with_a_configuration_saved_by_hand_is_searched_for_runs_not_ta
 def test_nothing_to_compare_is_one_line(tmp_path):
     r = ilnas_here("compare", str(tmp_path))
     assert r.returncode == 2 and "no ilnas runs in" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_multiply_adds_are_whole_millions_as_papers_give_them_and_two_digits_below_ten():
+    from ilnas.report.tables import in_millions
+
+    assert [in_millions(n) for n in (5.74e8, 2e8, 1.2e7, 2.1e6, 4.6e5)] == ["574", "200", "12", "2.1", "0.46"]
 
 
 def test_mean_std_of_one_and_of_none():

@@ -325,9 +325,9 @@ def _describe(args: argparse.Namespace) -> None:
     print(f"network: {info['network']}, for {info['task']}")
     print(f"parameters: {info['params'] / 1e6:.2f}M (auxiliary head excluded), "
           f"{info['params_total'] / 1e6:.2f}M in all")
-    macs = info["macs"] / 1e6  # whole millions, as papers give them; two digits for a network below ten
-    print(f"multiply-adds: {macs:.0f}M" if macs >= 10 else f"multiply-adds: {macs:.2g}M",
-          f"at {info['resolution']}x{info['resolution']}")
+    from ilnas.report.tables import in_millions
+
+    print(f"multiply-adds: {in_millions(info['macs'])}M at {info['resolution']}x{info['resolution']}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

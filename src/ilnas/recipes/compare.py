@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
-from ilnas.report.tables import markdown_table
+from ilnas.report.tables import in_millions, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
@@ -287,6 +287,10 @@ def _num(x: float, digits: int) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _millions(m: float) -> str:
+    return "-" if math.isnan(m) else in_millions(m * 1e6)
+
+
 def _error(cell: dict) -> str:
     if not cell["n"]:
         return "-"
@@ -301,7 +305,7 @@ def _table(c: Comparison) -> tuple[list[str], list[list[str]]]:
     for r in rows(c):
         body.append([r["method"], r["framework"], *([r["settings"]] if c.varying else []),
                      *(_error(r[f"error_{t}"]) for t in c.tasks), *(_num(r[f"error_{t}"]["best"], 2) for t in c.tasks),
-                     _num(r["params_m"], 2), _num(r["macs_m"], 0), _num(r["search_hours"], 3), str(r["seeds"])])
+                     _num(r["params_m"], 2), _millions(r["macs_m"]), _num(r["search_hours"], 3), str(r["seeds"])])
     return header, body
 
 

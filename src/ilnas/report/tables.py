@@ -1,4 +1,4 @@
-"""Markdown tables, as ``compare`` and ``status`` print them."""
+"""Markdown tables, as ``compare`` and ``status`` print them, and the counts they give."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
@@ -14,3 +14,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
 
 def _cell(value: object) -> str:
     return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+def in_millions(count: float) -> str:
+    """A count of multiply-adds in millions: whole, as papers give them (528), or two digits for a network
+    below ten million (0.46), which a whole number would give as 0."""
+    m = count / 1e6
+    return f"{m:.0f}" if m >= 10 else f"{m:.2g}"
