@@ -320,6 +320,35 @@ def test_a_run_is_not_resumed_on_other_data_than_it_started_on(folder_runs, tmp_
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_an_image_moved_to_another_class_is_held_against_a_resume(tmp_path, kind):
+    """A folder of identical images (duplicates are common in scraped data): one moved to another class changes
+    no image count, no split size and no statistic, only its label. The run's listing of the folder's files
+    and labels (files_sha256) tells: the resume is refused; with the image moved back, it resumes to its end."""
+    from PIL import Image
+
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("cat", "dog", "eel"):
+            (tmp_path / "pets" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 20), (90, 120, 200)).save(tmp_path / "pets" / split / c / f"{i}.png")
+    run, final = tmp_path / kind, "summary.json" if kind == "search" else "result.json"
+    argv = [kind, *(TINY_SEARCH if kind == "search" else ["--genotype", "DARTS_V2", *TINY_TRAIN]),
+            "--set", f"data.tasks=[imagefolder:{tmp_path / 'pets'}]", "--out", str(run)]
+    code, _, err = call(*argv)
+    assert code == 0, err
+    (run / final).unlink()  # interrupted before its end
+    before, moved = snapshot(run), tmp_path / "pets" / "train" / "dog" / "6.png"
+    (tmp_path / "pets" / "train" / "cat" / "5.png").rename(moved)
+    code, _, err = call(kind, "--resume", "--out", str(run), "--quiet", "--no-report")
+    where = "tasks.json [0].files_sha256" if kind == "search" else "provenance.json data.files_sha256"
+    assert code == 2 and f"was started on other data than it would resume on ({where}: '" in err, err
+    assert snapshot(run) == before
+    moved.rename(tmp_path / "pets" / "train" / "cat" / "5.png")
+    code, _, err = call(kind, "--resume", "--out", str(run), "--quiet", "--no-report")
+    assert code == 0 and (run / final).is_file(), err
+
+
 def test_data_alike_to_rounding_is_the_same_data(tmp_path):
     """Statistics summed in another order (another torch) differ by ~1e-16: the same data; and a field that a
     record of another version lacks is no difference. A class renamed, or an image more, is."""

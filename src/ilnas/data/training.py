@@ -8,25 +8,22 @@ DistributedSampler.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
 
 from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
-from ilnas.data.tasks import Split, create_task, eight_bit, image_errors, loose_images_hint, task_info
+from ilnas.data.tasks import (Split, create_task, eight_bit, files_digest, image_errors, loose_images_hint,
+                              task_info)
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import reachable
 from ilnas.seeds import derive_seed
-
-if TYPE_CHECKING:
-    from ilnas.data.folders import StreamedImageFolder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -80,7 +77,8 @@ class InMemoryData:
         self.in_channels, self.resolution = task.input_shape[0], task.input_shape[1]
         self.classes, self.mean, self.std, self.resize = task.classes, task.mean, task.std, self.resolution
         self.steps = self._epochs.steps
-        self.listing = {"train_images": len(joined.y), "test_images": len(task.test.y)}
+        self.listing = {"train_images": len(joined.y), "test_images": len(task.test.y),
+                        **({"files_sha256": task.files_sha256} if task.files_sha256 else {})}
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         return self._epochs.epoch(epoch, start)
@@ -122,7 +120,8 @@ class FolderData:
                              f"{loose_images_hint(root / 'val')}")
         self.num_classes, self.classes = len(classes), tuple(classes)
         self.listing = {"train_images": len(self.train_set), "test_images": len(self.test_set),
-                        "files_sha256": _files_digest(root, self.train_set.dataset, self.test_set)}
+                        "files_sha256": files_digest(root, [(folder.samples.paths.tolist(), folder.samples.labels)
+                                                            for folder in (self.train_set.dataset, self.test_set)])}
         self.sampler = torch.utils.data.DistributedSampler(self.train_set, num_replicas=shard.world, rank=shard.rank,
                                                            shuffle=True, seed=shard.seed, drop_last=True)
         self.steps = len(self.sampler) // shard.batch_size
@@ -222,17 +221,6 @@ class SeededSamples(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.seed, self.epoch, index))
             return self.dataset[index]
-
-
-def _files_digest(root: Path, *folders: "StreamedImageFolder") -> str:
-    """SHA-256 of every split's image files, as paths below ``root`` in the order read, and their labels: an
-    image added, removed or renamed since a run started changes it (the contents are not read: a file
-    replaced in place does not; ImageNet's 1.3 M names take about a second)."""
-    digest, prefix = hashlib.sha256(), len(os.fsencode(os.path.join(root, "")))
-    for folder in folders:
-        digest.update(b"\0".join(path[prefix:] for path in folder.samples.paths.tolist()) + b"\n")
-        digest.update(folder.samples.labels.astype("<i8").tobytes())
-    return digest.hexdigest()
 
 
 def create_train_data(name: str, source: DataConfig, shard: Sharding, *, cutout: int = 0, resolution: int = 224,

@@ -105,10 +105,13 @@ def load_tasks(cfg: SearchRunConfig) -> list[Task]:
 
 
 def task_record(task: Task) -> dict:
-    """What the run keeps of a task: its classes, image shape, the normalisation computed for it, split sizes."""
+    """What the run keeps of a task: its classes, image shape, the normalisation computed for it, split sizes,
+    and an image folder's listing (its files and their labels: an image moved to another class changes none
+    of the rest)."""
     return {"name": task.name, "classes": list(task.classes), "input_shape": list(task.input_shape),
             "mean": list(task.mean), "std": list(task.std),
-            "splits": {"train": len(task.train), "val": len(task.val), "test": len(task.test)}}
+            "splits": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
+            **({"files_sha256": task.files_sha256} if task.files_sha256 else {})}
 
 
 def cells_setting(cfg: SearchRunConfig) -> str:
