@@ -1249,6 +1249,26 @@ def resume(command: str, out: Path) -> None:
     assert rc == 0, err
 
 
+def test_a_resumed_sessions_tensorboard_file_sorts_after_the_earlier_sessions(tmp_path):
+    """TensorBoard reads a run's event files in name order: the second each was opened, then the pid as text. A
+    session resumed within the second the earlier one opened its file (a resume in the same process, here as in
+    the image-folder test below, had a smaller pid) sorted first, and the earlier session's steps after the
+    checkpoint, read after the purge, stood. It now opens its file in a later second. A file from a clock set
+    ahead is not waited out."""
+    from ilnas.runs import after_earlier_events
+
+    now = int(time.time())
+    earlier = f"events.out.tfevents.{now:010d}.host.99999.0"
+    (tmp_path / earlier).write_bytes(b"")
+    after_earlier_events(tmp_path)
+    opened = f"events.out.tfevents.{int(time.time()):010d}.host.1.0"  # a smaller pid, in the second reached
+    assert sorted([opened, earlier]) == [earlier, opened]
+    (tmp_path / f"events.out.tfevents.{now + 3600:010d}.host.2.0").write_bytes(b"")
+    start = time.monotonic()
+    after_earlier_events(tmp_path, longest=0.2)
+    assert time.monotonic() - start < 1.0
+
+
 def test_a_search_killed_at_random_points_resumes_bit_exact(micro_run, tmp_path):
     """The IL search's own stages resume bit-exactly in the signal test below."""
     out = tmp_path / "run"

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -348,6 +349,21 @@ class Events:
         return call
 
 
+EVENT_FILE = re.compile(r"events\.out\.tfevents\.(\d+)\.")
+
+
+def after_earlier_events(folder: Path, longest: float = 2.0) -> None:
+    """Return once a new TensorBoard event file in ``folder`` sorts after those there. TensorBoard reads a run's
+    files in name order, which begins with the second each was opened, then the pid as text: a session resumed
+    within the second the earlier one opened its file (torchrun restarting a rank at once, the Python API
+    resuming in the same process) may sort first, and the earlier session's steps after the checkpoint, read
+    after the purge, would then stand. At most ``longest`` seconds (a clock set back is not waited out)."""
+    seconds = [int(m.group(1)) for p in folder.glob("events.out.tfevents.*") if (m := EVENT_FILE.match(p.name))]
+    deadline = time.monotonic() + longest
+    while seconds and int(time.time()) <= max(seconds) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class RunDir:
     """An open run: holds the lock until ``close``; every write failure becomes one line (``RunFailed``)."""
 
@@ -459,6 +475,7 @@ class RunDir:
         from torch.utils.tensorboard import SummaryWriter
 
         with self._writing(EVENTS):
+            after_earlier_events(self.path / "tb")
             return Events(SummaryWriter(str(self.path / "tb"), purge_step=purge_step), self)
 
     # --- metrics -----------------------------------------------------------------------------
