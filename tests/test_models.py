@@ -41,7 +41,7 @@ def folder_runs(tmp_path_factory) -> dict[str, Path]:
     r = ilnas_here("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, {fruit}]", "--out", str(root / "search"))
     assert r.returncode == 0, r.stderr
     r = ilnas_here("train", "--genotype", str(root / "search"), *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
-              "--out", str(root / "train"))
+                   "--out", str(root / "train"))
     assert r.returncode == 0, r.stderr
     return {"root": root, "pets": root / "pets", "search": root / "search", "train": root / "train"}
 
@@ -93,7 +93,7 @@ def test_evaluate_reproduces_the_runs_test_error_from_a_task_and_from_the_folder
     assert per_class[0] == "class,images,accuracy" and len(per_class) == 4
     # The folder itself: its val/ decoded by the card's preprocessing gives the same pixels, the same answer.
     r = ilnas_here("evaluate", str(run), "--data", str(folder_runs["pets"]), "--weights", "best", "--json",
-              "--out", str(folder_runs["root"] / "eval-best"))
+                   "--out", str(folder_runs["root"] / "eval-best"))
     assert r.returncode == 0, r.stderr
     best = json.loads(r.stdout)
     assert best["top1"] == pytest.approx(1 - result["best_test_error"], abs=1e-9)
@@ -424,6 +424,6 @@ def test_image_shapes_are_checked_before_anything_is_written(tmp_path):
     r = ilnas_here("search", *TINY_SEARCH, "--set", f"data.tasks=[{pets}, digits]", "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "differ in shape" in r.stderr and "digits 1x16x16" in r.stderr, r.stderr
     r = ilnas_here("train", "--genotype", "DARTS_V2", *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
-              "--set", "network.style=imagenet", "--out", str(tmp_path / "t"))
+                   "--set", "network.style=imagenet", "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "too small for the imagenet-style network" in r.stderr, r.stderr
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()

@@ -87,10 +87,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
 def test_image_folder_training(tmp_path):
     write_image_folder(tmp_path / "imgs")
     r = ilnas_here("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",
-              "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
-              "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1", "--set", "optimizer.warmup_epochs=0",
-              "--set", "network.layers=3", "--set", "network.channels=8", "--set", "train.batch_size=6",
-              "--quiet", "--out", str(tmp_path / "run"))
+                   "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=64",
+                   "--set", "network.auxiliary=false", "--set", "train.workers=0", "--set", "train.epochs=1",
+                   "--set", "optimizer.warmup_epochs=0",
+                   "--set", "network.layers=3", "--set", "network.channels=8", "--set", "train.batch_size=6",
+                   "--quiet", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     result, epochs = run_json(tmp_path / "run")
     assert result["task"].startswith("imagefolder:") and epochs[0]["images"] == 18
@@ -188,8 +189,8 @@ def test_loader_workers_started_by_forkserver_train_as_forked_ones_do(tmp_path):
 def test_cifar100_training_reports_top5(tmp_path):
     write_cifar(tmp_path / "data", "cifar100")
     r = ilnas_here("train", "--genotype", "PDARTS", "--preset", "eval-cifar100", *TINY, "--set", "train.epochs=1",
-              "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.download=false",
-              "--set", "data.verify=false", "--out", str(tmp_path / "run"))
+                   "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "data.download=false",
+                   "--set", "data.verify=false", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     result, epochs = run_json(tmp_path / "run")
     assert "final_test_error_top5" in result and "test_top5" in epochs[0]
