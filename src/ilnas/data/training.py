@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -168,7 +169,7 @@ class FolderData:
                 raise RunFailed(f"cannot read an image of {self.name} ({_reason(e)[:240]}); the last checkpoint is "
                                 f"kept: repair or remove the file and continue with --resume") from None
             except RuntimeError as e:
-                failure = _worker_failure(e)
+                failure = _worker_failure(e, _worker_signals(batches))
                 if failure is None:
                     raise
                 raise RunFailed(f"{failure}; the last checkpoint is kept: continue with --resume") from None
@@ -249,13 +250,24 @@ def read_rgb(path: str):
         raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
 
 
-def _worker_failure(e: RuntimeError) -> str | None:
-    """What the DataLoader's error says of its workers, with what to change; None for any other error."""
+def _worker_signals(batches) -> set[int]:
+    """The signals that ended the loader's workers, from their exit codes (torch's iterator keeps its worker
+    processes in ``_workers``; none where it has not started them)."""
+    codes = (getattr(w, "exitcode", None) for w in getattr(batches, "_workers", ()))
+    return {-code for code in codes if isinstance(code, int) and code < 0}
+
+
+def _worker_failure(e: RuntimeError, signals: set[int] = frozenset()) -> str | None:
+    """What the DataLoader's error says of its workers, with what to change; None for any other error.
+    ``signals``: those that ended its workers. A worker that dies of SIGBUS writing a batch into a full
+    /dev/shm is reported by torch either as killed by a bus error or only as "exited unexpectedly"
+    (whichever of its checks sees the death first): its exit code tells them apart from a kill."""
     text = str(e)
     if "DataLoader worker" not in text:  # the main process's own error (decoding on the device, say)
         return None
-    if "shared memory" in text:  # the allocation failed, or a worker died of SIGBUS writing a batch there
-        return (f"the DataLoader workers ran out of shared memory ({_reason(e)[:160]}; {_shm()}), through which "
+    if "shared memory" in text or signal.SIGBUS in signals:  # the allocation failed, or a worker died of SIGBUS
+        reason = _reason(e)[:160] + ("" if "shared memory" in text else ", of a bus error")
+        return (f"the DataLoader workers ran out of shared memory ({reason}; {_shm()}), through which "
                 f"their batches reach the main process: give /dev/shm more room (a container: docker run "
                 f"--shm-size=16g) or lower train.workers or train.batch_size")
     if not re.match(r"DataLoader worker \(pid", text):

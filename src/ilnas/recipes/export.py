@@ -33,13 +33,13 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
     runtime and compare its logits with PyTorch's. Returns where it went and the largest difference."""
     if fmt not in FORMATS:
         raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "onnx":
-        require_onnx_export()
     target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
     if target.suffix == ".json":
         raise IlnasError(f"--out {target} ends in .json, the name its card is written to (<name>.json beside the "
                          f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
     refuse_among_run_files([target, target.with_suffix(".json")], "--out")
+    if fmt == "onnx":  # after the arguments: what is wrong with them holds on any machine
+        require_onnx_export()
     model = load_model(run, which, "cpu")
     example = torch.randn(2, *model.card.input_size, generator=torch.Generator().manual_seed(0))
     try:
