@@ -169,7 +169,7 @@ class FolderData:
                 raise RunFailed(f"cannot read an image of {self.name} ({_reason(e)[:240]}); the last checkpoint is "
                                 f"kept: repair or remove the file and continue with --resume") from None
             except RuntimeError as e:
-                failure = _worker_failure(e, _worker_signals(batches))
+                failure = _worker_failure(e, _worker_exits(batches))
                 if failure is None:
                     raise
                 raise RunFailed(f"{failure}; the last checkpoint is kept: continue with --resume") from None
@@ -250,33 +250,45 @@ def read_rgb(path: str):
         raise OSError(f"{path}: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
 
 
-def _worker_signals(batches) -> set[int]:
-    """The signals that ended the loader's workers, from their exit codes (torch's iterator keeps its worker
-    processes in ``_workers``; none where it has not started them)."""
+def _worker_exits(batches) -> set[int]:
+    """The non-zero exit codes of the loader's workers that have ended (minus a signal's number: killed by it),
+    from torch's iterator, which keeps its worker processes in ``_workers``; none where it has not started them."""
     codes = (getattr(w, "exitcode", None) for w in getattr(batches, "_workers", ()))
-    return {-code for code in codes if isinstance(code, int) and code < 0}
+    return {code for code in codes if isinstance(code, int) and code != 0}
 
 
-def _worker_failure(e: RuntimeError, signals: set[int] = frozenset()) -> str | None:
+def _worker_failure(e: RuntimeError, exits: set[int] = frozenset()) -> str | None:
     """What the DataLoader's error says of its workers, with what to change; None for any other error.
-    ``signals``: those that ended its workers. A worker that dies of SIGBUS writing a batch into a full
-    /dev/shm is reported by torch either as killed by a bus error or only as "exited unexpectedly"
-    (whichever of its checks sees the death first): its exit code tells them apart from a kill."""
+    ``exits``: how its dead workers ended (``_worker_exits``). Torch reports a dead worker either by the signal
+    that killed it or only as "exited unexpectedly" (whichever of its checks sees the death first); the exit
+    code then tells a full /dev/shm (SIGBUS, writing a batch there) and the out-of-memory killer (SIGKILL) apart
+    from the rest."""
     text = str(e)
     if "DataLoader worker" not in text:  # the main process's own error (decoding on the device, say)
         return None
-    if "shared memory" in text or signal.SIGBUS in signals:  # the allocation failed, or a worker died of SIGBUS
-        reason = _reason(e)[:160] + ("" if "shared memory" in text else ", of a bus error")
+    if "shared memory" in text or -signal.SIGBUS in exits:  # the allocation failed, or a worker died of SIGBUS
+        reason = _reason(e)[:160] + ("" if "shared memory" in text else ", of SIGBUS")
         return (f"the DataLoader workers ran out of shared memory ({reason}; {_shm()}), through which "
                 f"their batches reach the main process: give /dev/shm more room (a container: docker run "
                 f"--shm-size=16g) or lower train.workers or train.batch_size")
     if not re.match(r"DataLoader worker \(pid", text):
         return None
     died = text.strip().splitlines()[0].rstrip(". ")[:160]
+    if "exited unexpectedly" in died and exits and -signal.SIGKILL not in exits:
+        return f"a DataLoader worker died ({died}, {', '.join(map(_exit_text, sorted(exits)))})"
     if "signal: Killed" in died or "exited unexpectedly" in died:  # SIGKILL, as torch sees it first or later
         return (f"a DataLoader worker died ({died}; the kernel's out-of-memory killer stops workers so, most "
                 f"often): lower train.workers or train.batch_size")
     return f"a DataLoader worker died ({died})"
+
+
+def _exit_text(code: int) -> str:
+    if code > 0:
+        return f"with exit code {code}"
+    try:
+        return f"of {signal.Signals(-code).name}"
+    except ValueError:
+        return f"of signal {-code}"
 
 
 def _shm() -> str:
