@@ -383,6 +383,20 @@ def test_help_version_and_presets_start_without_torch():
     assert ilnas.Genotype is ilnas.__getattr__("Genotype") and "run_search" in dir(ilnas)
 
 
+def test_status_and_compare_of_finished_runs_read_them_without_torch(finished_run, finished_training):
+    """They read records only: on a cluster's login node importing torch takes seconds (1.3 s and 650 MB here)."""
+    import subprocess
+    import sys
+
+    runs = [str(finished_run), str(finished_training)]
+    code = ("import sys\nfrom ilnas import cli\n"
+            f"assert cli.main(['status', *{runs}]) == 0 and cli.main(['compare', *{runs}]) == 0\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch loaded: False" in r.stdout and "| finished |" in r.stdout and "| DARTS-2nd | il |" in r.stdout
+
+
 def test_a_config_file_may_name_a_base_preset(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("base: il-darts2nd-cifar\nengine: {lam: 10}\n")

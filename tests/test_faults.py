@@ -1395,7 +1395,7 @@ def test_a_second_ctrl_c_stops_at_once_as_python_ends_a_ctrl_c_in_one_line(tmp_p
 
 def test_a_ctrl_c_while_a_stop_is_being_reported_ends_in_one_line_not_a_traceback(monkeypatch):
     """Where the second Ctrl-C lands in the handler that reports the first one's stop."""
-    from ilnas import cli, distributed
+    from ilnas import cli, ranks
     from ilnas.errors import Stopped
 
     def stopped_run(args):
@@ -1404,7 +1404,7 @@ def test_a_ctrl_c_while_a_stop_is_being_reported_ends_in_one_line_not_a_tracebac
     def second_ctrl_c() -> bool:
         raise KeyboardInterrupt
     monkeypatch.setitem(cli.COMMANDS, "presets", stopped_run)
-    monkeypatch.setattr(distributed, "is_main_rank", second_ctrl_c)
+    monkeypatch.setattr(ranks, "is_main_rank", second_ctrl_c)
     assert call("presets") == (130, "", "ilnas: interrupted\n")
 
 

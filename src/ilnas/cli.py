@@ -129,7 +129,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, prefix: str) -> tuple[object, Path]:
     """The resolved configuration (from the run's config.yaml when resuming) and the run directory."""
     from ilnas.runs import resume_config
-    from ilnas.distributed import world_size
+    from ilnas.ranks import world_size
 
     if args.out is not None and not args.out.strip():
         raise IlnasError("--out is empty; name a run directory")
@@ -162,7 +162,7 @@ def _search(args: argparse.Namespace) -> None:
     from ilnas.runs import config_dict, read_json
 
     cfg, out = _config_and_out(args, "search", "demo", "")
-    from ilnas.distributed import is_main_rank
+    from ilnas.ranks import is_main_rank
 
     speaks = is_main_rank()
     resume = _resume(args, out, "search", config_dict(cfg))
@@ -191,7 +191,7 @@ def _resume(args: argparse.Namespace, out: Path, kind: str, config: dict) -> boo
 
 
 def _train(args: argparse.Namespace) -> None:
-    from ilnas.distributed import is_main_rank
+    from ilnas.ranks import is_main_rank
     from ilnas.recipes.train import run_train
     from ilnas.runs import config_dict, read_json
     from ilnas.space.genotype import load_genotype, zoo
@@ -235,7 +235,7 @@ def _resolve(preset: str | None, config: str | None, overrides: list[str], kind:
     """The configuration, with a warning (from rank 0 of torchrun's) for each --set that the run it describes would
     never read."""
     from ilnas.config import resolve, to_dict, unread_overrides
-    from ilnas.distributed import is_main_rank
+    from ilnas.ranks import is_main_rank
 
     cfg = resolve(preset, config, overrides, kind)
     for key, why in unread_overrides(to_dict(cfg), overrides) if is_main_rank() else ():
@@ -566,7 +566,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"ilnas: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except Stopped as e:
-        from ilnas.distributed import is_main_rank
+        from ilnas.ranks import is_main_rank
 
         if is_main_rank():  # every rank stopped at the same step; one says so
             print(f"ilnas: {e}", file=sys.stderr)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ilnas.errors import IlnasError
+from ilnas.ranks import env_count, launch
 
 WAIT_NOTE_S = 60.0  # joining takes well under this where every rank is up
 
@@ -31,48 +32,10 @@ class Process:
         return self.rank == 0
 
 
-def launch() -> tuple[int, int, int]:
-    """(rank, world size, local rank) as torchrun describes them in the environment ((0, 1, 0) for a plain
-    process), refused in one line where they describe no rank of a job that can start: values left over
-    in a shell or set by hand, which gave tracebacks or an empty batch slice."""
-    found = {}
-    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
-        found[name] = _env_count(name, default)
-        if found[name] is None:
-            raise IlnasError(f"{name}={os.environ[name][:40]!r} is not a rank index or count; torchrun sets it "
-                             f"(unset it to run one process)")
-    rank, world, local = found["RANK"], found["WORLD_SIZE"], found["LOCAL_RANK"]
-    if not 0 <= rank < world:
-        raise IlnasError(f"RANK={rank} with WORLD_SIZE={world} is no rank of the job; torchrun sets both (unset "
-                         f"them to run one process)")
-    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(name)]
-    if missing:
-        raise IlnasError(f"WORLD_SIZE={world} but {missing[0]} is not set: start the ranks with torchrun, which "
-                         f"sets both, or unset WORLD_SIZE to run one process")
-    return rank, world, local
-
-
-def _env_count(name: str, default: int) -> int | None:
-    """The environment's ``name`` as a non-negative integer (``default`` where unset); None where it is none."""
-    text = os.environ.get(name)
-    return default if text is None else int(text) if re.fullmatch(r"\d{1,6}", text) else None
-
-
-def world_size() -> int:
-    """The number of ranks torchrun started (1 for a plain process), known before any group exists."""
-    return launch()[1]
-
-
-def is_main_rank() -> bool:
-    """Rank 0 of what torchrun started (a plain process is): the one that speaks and writes. Never raises
-    (it decides who reports an error): a RANK that is no number counts as rank 0."""
-    return _env_count("RANK", 0) in (0, None)
-
-
 def lost_peer(e: BaseException) -> bool:
     """Whether ``e`` is a collective of a several-rank job failing because another rank is gone (it failed or
     was stopped): what every surviving rank meets then, in a transport's words that say nothing of the cause."""
-    if (_env_count("WORLD_SIZE", 1) or 0) < 2 or not isinstance(e, RuntimeError):
+    if (env_count("WORLD_SIZE", 1) or 0) < 2 or not isinstance(e, RuntimeError):
         return False
     if isinstance(e, getattr(dist, "DistError", ())) or "by peer" in str(e):  # the latter: gloo inside backward
         return True

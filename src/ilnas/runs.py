@@ -32,10 +32,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-import numpy as np
-import torch
 import yaml
 
 from ilnas import __version__
@@ -43,6 +41,10 @@ from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,8 @@ JOB_VARIABLES = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "S
 def provenance_session(resumed: bool, device: torch.device | None = None) -> dict:
     """Who worked on the run and how; ``world_size``: the torchrun ranks (a resume may use another count);
     ``device``: what computed (a CPU and its thread count, or a GPU's model), where the run says."""
+    import torch
+
     where = {} if device is None else {"device": device_name(device), "threads": torch.get_num_threads()}
     return {"start": _now(), "end": None, "resumed": resumed, "command": list(sys.argv), "pid": os.getpid(),
             "world_size": int(os.environ.get("WORLD_SIZE", "1")), **where,
@@ -297,7 +301,8 @@ def out_of_memory(settings: str, error: type[IlnasError] = IlnasError, then: str
 def allocation_failure(e: BaseException) -> str | None:
     """"out of [device] memory (N GB at once)" where ``e`` is a failed allocation (torch.OutOfMemoryError, or
     the CPU allocator's plain RuntimeError), else None."""
-    device = isinstance(e, torch.OutOfMemoryError)
+    torch = sys.modules.get("torch")  # not loaded: no allocation of torch's failed
+    device = torch is not None and isinstance(e, torch.OutOfMemoryError)
     if not device and "DefaultCPUAllocator: can't allocate memory" not in str(e):
         return None
     found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", str(e), re.IGNORECASE)
@@ -501,6 +506,8 @@ class RunDir:
     # --- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, payload: dict) -> None:
         """Atomically, with a checksum and the run's configuration; the previous one is kept."""
+        import torch
+
         buf = io.BytesIO()
         torch.save({"kind": self.kind, "config": self.config, **payload}, buf)
         data = buf.getvalue()
@@ -511,6 +518,8 @@ class RunDir:
     # --- artefacts -------------------------------------------------------------------------
     def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         """An .npz archive, written atomically."""
+        import numpy as np
+
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         with self._writing(name):
@@ -546,6 +555,8 @@ SOFTWARE = ("torch", "cuda", "ilnas")
 
 def device_name(device: torch.device) -> str:
     """``cpu``, or ``cuda: <the GPU's model>``: what decides how a kernel rounds."""
+    import torch
+
     return f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else device.type
 
 
@@ -734,6 +745,8 @@ def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:
         raise IlnasError(f"{path} is damaged (checksum mismatch)")
     if verify_only:
         return None
+    import torch  # here: reading a run's records (status, compare) needs no torch
+
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

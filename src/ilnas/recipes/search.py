@@ -32,7 +32,7 @@ from tqdm import tqdm
 from ilnas.config import SearchRunConfig
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
-from ilnas import distributed
+from ilnas import distributed, ranks
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.memory import parameter_count, require_search_memory, saved_activation_bytes
@@ -254,8 +254,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     (run directory, checkpoint against config, device, data, shapes) before anything is written.
     ``report``: plots/ and report.html at the end (recipes/report.py)."""
     out, s = Path(out), cfg.search
-    if s.batch_size % distributed.world_size():
-        raise IlnasError(f"search.batch_size={s.batch_size} is not divisible by the {distributed.world_size()} ranks")
+    if s.batch_size % ranks.world_size():
+        raise IlnasError(f"search.batch_size={s.batch_size} is not divisible by the {ranks.world_size()} ranks")
     check(out, resume, force, "search")
     config = config_dict(cfg)
     ckpt = load_checkpoint(out, "search", config) if resume else None
@@ -345,7 +345,7 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
                          maker: BatchMaker, device: torch.device) -> None:
     """With the weights, the widest pass of a step on one rank's batch (as many weight sets side by side as the
     engine batches, ``widest_pass``) and what it keeps for its backward."""
-    batch = cfg.search.batch_size // distributed.world_size()
+    batch = cfg.search.batch_size // ranks.world_size()
     x, _ = next(maker.ordered(4))
     leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
                                                                     net.head.parameters())]

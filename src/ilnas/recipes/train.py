@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ilnas import distributed
+from ilnas import distributed, ranks
 from ilnas.config import EvalRunConfig
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
@@ -61,7 +61,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
     ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance;
     ``report``: plots/ and report.html at the end (recipes/report.py)."""
-    t, world = cfg.train, distributed.world_size()
+    t, world = cfg.train, ranks.world_size()
     if t.batch_size % world:
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {world} ranks")
     if cfg.network.auxiliary and t.batch_size // world < 2:  # its BatchNorm sees one value per channel
@@ -171,7 +171,7 @@ def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainDa
     if model is None:
         require_fit(weights, copies * one, device, "network.channels or network.layers")
         return
-    batch = cfg.train.batch_size // distributed.world_size()
+    batch = cfg.train.batch_size // ranks.world_size()
     kept = saved_activation_bytes(lambda n: _training_pass(model, cfg, data, device, n), batch)
     require_fit(weights, copies * one, device, "network.channels, network.layers or train.batch_size", kept, batch)
 
