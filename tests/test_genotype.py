@@ -72,7 +72,10 @@ def test_load_genotype_from_name_json_run_dir_and_literal(tmp_path):
     ("Genotype(normal=[('sep_conv_3x3', 5), ('sep_conv_3x3', 0)], normal_concat=[2], "
      "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])", "does not exist yet"),
     ("Genotype(normal=[('sep_conv_3x3', 0)", "not a valid"),
-    ("Genotype(normal=__import__('os').system('true'))", "malformed genotype"),
+    ("Genotype(normal=__import__('os').system('true'))", r"^malformed genotype: normal is no literal \(.*nothing is "
+     r"evaluated\): __import__\('os'\).system\('true'\)$"),
+    ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)] * 4, normal_concat=range(2, 6))",
+     r"^malformed genotype: normal is no literal .*: \[\('sep_conv_3x3', 0\), \('sep_conv_3x3', 1\)\] \* 4$"),
     ("Genotype(normal=[], colour=[])", "unknown field"),
     ("not a genotype at all", "unknown genotype"),
 ])

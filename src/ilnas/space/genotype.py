@@ -109,17 +109,26 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
 MAX_NODES = 64  # far beyond any DARTS-family cell; bounds what a hostile range() can allocate
 
 
-def _literal(node: ast.AST) -> object:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "range":
-        args = [ast.literal_eval(a) for a in node.args]
-        if node.keywords or not 1 <= len(args) <= 3 or any(isinstance(a, bool) or not isinstance(a, int)
-                                                          for a in args):
-            raise ValueError("range takes one to three integers")
-        r = range(*args)
-        if len(r) > MAX_NODES + 2:
-            raise ValueError(f"range of {len(r)} nodes is beyond any cell")
-        return list(r)
-    return ast.literal_eval(node)
+def _literal(node: ast.AST, field: str) -> object:
+    """A field's value: Python literals and range(...) only, nothing evaluated."""
+    try:
+        return _range(node) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range" \
+            else ast.literal_eval(node)
+    except ValueError as e:
+        if not str(e).startswith("malformed node"):
+            raise
+        raise ValueError(f"{field} is no literal (lists of (op, input) pairs and range(...) are read, nothing is "
+                         f"evaluated): {ast.unparse(node)[:60]}") from None
+
+
+def _range(node: ast.Call) -> list[int]:
+    args = [ast.literal_eval(a) for a in node.args]
+    if node.keywords or not 1 <= len(args) <= 3 or any(isinstance(a, bool) or not isinstance(a, int) for a in args):
+        raise ValueError("range takes one to three integers")
+    r = range(*args)
+    if len(r) > MAX_NODES + 2:
+        raise ValueError(f"range of {len(r)} nodes is beyond any cell")
+    return list(r)
 
 
 def parse_genotype(text: str) -> Genotype:
@@ -136,11 +145,11 @@ def parse_genotype(text: str) -> Genotype:
     if len(call.args) > len(FIELDS):
         raise IlnasError("malformed genotype: too many positional arguments")
     try:
-        fields = dict(zip(FIELDS, (_literal(a) for a in call.args)))
+        fields = {name: _literal(a, name) for name, a in zip(FIELDS, call.args)}
         for kw in call.keywords:
             if kw.arg not in FIELDS:
                 raise ValueError(f"unknown field {kw.arg!r}")
-            fields[kw.arg] = _literal(kw.value)
+            fields[kw.arg] = _literal(kw.value, kw.arg)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as e:
         raise IlnasError(f"malformed genotype: {e}"[:200]) from None
     return Genotype.from_dict(fields)
