@@ -271,6 +271,10 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+KIND_WORDS = {"search": "search", "eval": "training"}
+KIND_COMMANDS = {"search": "ilnas search", "eval": "ilnas train"}
+
+
 def resolve(preset: str | None = None, config_file: str | None = None,
             overrides: Sequence[str] | Mapping[str, Any] = (), kind: str | None = "search") -> RunConfig:
     """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- overrides,
@@ -305,7 +309,11 @@ def resolve(preset: str | None = None, config_file: str | None = None,
     if not isinstance(found_kind, str) or found_kind not in KINDS:  # a list or mapping is no key of KINDS
         raise IlnasError(f"kind must be one of {', '.join(KINDS)}, got {found_kind!r}")
     if kind is not None and found_kind != kind:
-        raise IlnasError(f"preset/config is a {found_kind!r} configuration, expected {kind!r}")
+        source = " with ".join(x for x in (preset and f"preset {preset}", config_file and f"config file {config_file}")
+                               if x) or "the configuration given"
+        raise IlnasError(f"{source} is a {KIND_WORDS[found_kind]} configuration (kind: {found_kind}), not a "
+                         f"{KIND_WORDS[kind]} one: `{KIND_COMMANDS[found_kind]}` runs it (in Python: resolve(..., "
+                         f"kind={found_kind!r}))")
     cfg = from_dict(KINDS[found_kind], merged)
     validate(cfg)
     return cfg
