@@ -181,7 +181,8 @@ CONFIG_FILES = [  # (name, bytes of --config, extra --set, message)
     ("not-yaml", b"search: [unclosed\n", [], "is not valid YAML"),
     ("a-list", b"- 1\n- 2\n", [], "must hold a mapping of sections"),
     ("scalar-section", b"search: 5\n", ["--set", "engine.lam=1"], "section 'search' must be a mapping"),
-    ("eval-kind", b"kind: eval\n", [], "is a training configuration (kind: eval), not a search one: `ilnas train` runs it"),
+    ("eval-kind", b"kind: eval\n", [],
+     "is a training configuration (kind: eval), not a search one: `ilnas train` runs it"),
     ("unknown-key", b"search:\n  lamda: 1\n", [], "unknown config key 'search.lamda'"),
     # a section written twice: YAML keeps the second, and the first one's search.epochs was dropped silently
     ("twice", b"search:\n  epochs: 7\nengine:\n  lam: 3\nsearch:\n  seed: 5\n", [],
