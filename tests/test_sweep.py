@@ -58,6 +58,30 @@ def test_training_seeds_re_train_every_found_cell_once_per_seed_and_task(tmp_pat
     assert all(r.args[r.args.index("--genotype") + 1] == str(search.out) for r in trainings)
     assert "train.seed=7" in trainings[1].args and search.config["search"]["seed"] == 3
 
+def test_training_recipes_re_train_every_found_cell_once_per_recipe_and_compare_gives_each_its_row(tmp_path):
+    """train.recipes: the found cell re-trained under named sets of training settings (1 or 2 epochs, two
+    learning rates), each in train-<task>-<recipe>[-seed-<s>]/; compare makes one row per recipe."""
+    train = {"preset": "eval-digits", "tasks": ["digits"], "set": TRAIN_SET, "seeds": [0, 7],
+             "recipes": {"short": [], "long": ["train.epochs=2", "optimizer.lr=0.1"]}}
+    spec = _spec(tmp_path, grid={"search.seed": [3]}, train=train)
+    search, *trainings = load_spec(spec).cells[0].runs
+    assert [r.out.name for r in trainings] == ["train-digits-short-seed-0", "train-digits-short-seed-7",
+                                               "train-digits-long-seed-0", "train-digits-long-seed-7"]
+    assert [(r.config["train"]["epochs"], r.config["optimizer"]["lr"], r.config["train"]["seed"])
+            for r in trainings] == [(1, 0.05, 0), (1, 0.05, 7), (2, 0.1, 0), (2, 0.1, 7)]
+    assert all(r.args[r.args.index("--genotype") + 1] == str(search.out) for r in trainings)
+    del train["seeds"]  # run: one search, two trainings
+    code, _, err = call("sweep", _spec(tmp_path, grid={"search.seed": [3]}, train=train))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "sweep" / "seed-3").iterdir() if p.is_dir()) == [
+        "search", "train-digits-long", "train-digits-short"]
+    code, out, err = call("compare", str(tmp_path / "sweep"), "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert sorted((row["settings"], row["error_digits"]["n"]) for row in rows) == [
+        ("eval:optimizer.lr=0.05, eval:train.epochs=1", 1), ("eval:optimizer.lr=0.1, eval:train.epochs=2", 1)], rows
+
+
 def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     spec, out = _spec(tmp_path, grid={"search.seed": [0, 1]}), tmp_path / "sweep"
     cells = load_spec(spec).cells
@@ -432,6 +456,16 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"train": {"tasks": ["digits"], "seeds": 3}}, "train.seeds must be a list of distinct integers, got 3"),
     ({"train": {"tasks": ["digits"], "seeds": [1], "set": ["train.seed=2"]}}, "exclude each other"),
     ({"train": {"tasks": ["digits"], "sets": ["train.epochs=1"]}}, "unknown key train.sets; valid: preset, tasks"),
+    ({"train": {"tasks": ["digits"], "recipes": {"a": ["optimizer.lr=0.1"], "b": ["optimizer.lr=1e-1"]}}},
+     "train-digits-a and train-digits-b of cell seed-0_framework-il are the same training (the same settings)"),
+    ({"train": {"tasks": ["digits"], "recipes": {"../up": []}}}, "train.recipes name '../up' is no plain name"),
+    ({"train": {"tasks": ["digits"], "recipes": {}}}, "train.recipes must map recipe names to lists"),
+    ({"train": {"tasks": ["digits"], "recipes": {"a": "train.epochs=3"}}}, "train.recipes.a must be a list"),
+    ({"train": {"tasks": ["digits"], "recipes": {"a": ["train.seed=3"]}, "seeds": [1]}}, "exclude each other"),
+    ({"train": {"tasks": ["digits"], "recipes": {"a": ["data.tasks=[mnist5k]"]}}},
+     "a data.tasks in train.set or a recipe would train another one in its directory"),
+    ({"train": {"tasks": ["digits"], "recipes": {"a": ["train.epochs=0"]}}},
+     "training on digits (a): train.epochs must be positive"),
     ({"search": {"preset": "demo", "sets": SEARCH_SET}}, "unknown key search.sets; valid: preset, set"),
     ({"grid": {"search.seed": [0, 1], "cell": {"v2": ["genotype=DARTS_V2"]}}},
      "cells seed-0_cell-v2 and seed-1_cell-v2 make the same train run (the same settings)"),

@@ -2,9 +2,10 @@
 
 A spec (YAML) names a search preset and common overrides, the grid's axes (a setting with a list of
 values, or named variants, each a list of overrides), and optionally the re-training. Every cell of the
-grid is one directory ``<out>/<cell>/`` holding ``search/`` and ``train-<task>/`` (``train-<task>-seed-<s>/``
-with training seeds): ilnas runs made by the ordinary commands, so a sweep resumes the way a run does
-(finished runs are skipped, interrupted ones continued with --resume) and ``ilnas compare <out>`` reads it.
+grid is one directory ``<out>/<cell>/`` holding ``search/`` and ``train-<task>/`` (``train-<task>-<recipe>/``
+with training recipes, ``...-seed-<s>/`` with training seeds): ilnas runs made by the ordinary commands, so a
+sweep resumes the way a run does (finished runs are skipped, interrupted ones continued with --resume) and
+``ilnas compare <out>`` reads it.
 Cells run N at a time on this machine (the CPU cores divided between them, one GPU each where there are
 GPUs) or as SLURM jobs through submitit.
 """
@@ -37,7 +38,8 @@ from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, wi
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
-SEARCH_KEYS, TRAIN_KEYS = ("preset", "set"), ("preset", "tasks", "set", "seeds")
+SEARCH_KEYS, TRAIN_KEYS = ("preset", "set"), ("preset", "tasks", "set", "recipes", "seeds")
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a part of a run directory's name, as written
 EXECUTORS = ("local", "submitit")
 
 
@@ -135,6 +137,10 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
         cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
     if len({c.name for c in cells}) != len(cells):
         raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
+    outs = [run.out for c in cells for run in c.runs]
+    if len(set(outs)) != len(outs):  # a task whose name ends as another's recipe begins: digits + x-y, digits-x + y
+        twice = next(o for o in outs if outs.count(o) > 1)
+        raise IlnasError(f"sweep spec: two runs get the directory {twice}; give the recipes other names")
     _refuse_repeats(cells)
     # More slots than cells would only divide the cores into shares nobody uses.
     return Sweep(root, tuple(cells), min(parallel, len(cells)), executor, _submitit_settings(spec.get("submitit")))
@@ -143,7 +149,7 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
 def _refuse_repeats(cells: list[Cell]) -> None:
     """Two cells whose runs would compute the same numbers (they differ only in settings those runs never read,
     e.g. engine.lam of an MTL search) are one run made twice, and would stand in compare as two results."""
-    seen: dict[str, tuple[Cell, dict]] = {}
+    seen: dict[str, tuple[Cell, RunSpec, dict]] = {}
     for cell in cells:
         for run in cell.runs:
             settings, unused = flat_settings(run.config), unused_settings(run.config)
@@ -151,7 +157,7 @@ def _refuse_repeats(cells: list[Cell]) -> None:
             used = {k: v for k, v in flat_settings(canonical(run.config)).items() if k not in unused}
             key = json.dumps([run.command, genotype, used], sort_keys=True, default=str)
             if key in seen:
-                first, first_settings = seen[key]
+                first, first_run, first_settings = seen[key]
                 differ = sorted(k for k in settings.keys() | first_settings.keys()
                                 if settings.get(k) != first_settings.get(k))
                 never, alike = [k for k in differ if k in unused], [k for k in differ if k not in unused]
@@ -161,9 +167,12 @@ def _refuse_repeats(cells: list[Cell]) -> None:
                 if alike:
                     reasons.append(f"{', '.join(alike)} mean the same there, all 1 being the default")
                 why = "; ".join(reasons) or "the same settings"
+                if first is cell:  # two recipes of one cell's re-training
+                    raise IlnasError(f"sweep spec: {first_run.out.name} and {run.out.name} of cell {cell.name} are the "
+                                     f"same training ({why}); give the recipes settings that differ")
                 raise IlnasError(f"sweep spec: cells {first.name} and {cell.name} make the same {run.command} run "
                                  f"({why}); name variants so that it is made once")
-            seen[key] = cell, settings
+            seen[key] = cell, run, settings
 
 
 def _submitit_settings(value: Any) -> dict:
@@ -217,33 +226,57 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
 
         tasks = train.get("tasks") if isinstance(train, dict) else None
         if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
-            raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set, seeds)")
+            raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set, recipes, seeds)")
         unknown = set(train) - set(TRAIN_KEYS)
         if unknown:
             raise IlnasError(f"sweep spec: unknown key train.{sorted(unknown)[0]}; valid: {', '.join(TRAIN_KEYS)}")
         common = _list(train.get("set"), "train.set")
-        seeds = _train_seeds(train.get("seeds"), common)
-        for task, seed in itertools.product(train["tasks"], seeds):
-            sets = [f"data.tasks=[{task}]", *common, *([f"train.seed={seed}"] if seed is not None else [])]
-            preset = train.get("preset", "eval-digits")
-            tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}")
+        recipes = _train_recipes(train.get("recipes"))
+        if any(o.partition("=")[0].strip() == "data.tasks" for sets in (common, *recipes.values()) for o in sets):
+            raise IlnasError("sweep spec: train.tasks names the tasks a cell is re-trained on; a data.tasks in "
+                             "train.set or a recipe would train another one in its directory")
+        seeds = _train_seeds(train.get("seeds"), [common, *recipes.values()])
+        preset = train.get("preset", "eval-digits")
+        for task, (recipe, recipe_sets), seed in itertools.product(train["tasks"], recipes.items(), seeds):
+            seed_sets = [f"train.seed={seed}"] if seed is not None else []
+            sets = [f"data.tasks=[{task}]", *common, *recipe_sets, *seed_sets]
+            tcfg = _resolved(preset, sets, "eval", f"{where}, training on {task}" + (f" ({recipe})" if recipe else ""))
+            folder = "-".join(["train", task_slug(task), *([recipe] if recipe else []),
+                               *([f"seed-{seed}"] if seed is not None else [])])
             runs.append(RunSpec("train", (*flags, "--genotype", genotype, "--preset", preset,
-                                          *(a for o in sets for a in ("--set", o))),
-                                root / name / f"train-{task_slug(task)}{'' if seed is None else f'-seed-{seed}'}",
+                                          *(a for o in sets for a in ("--set", o))), root / name / folder,
                                 to_dict(tcfg)))
     return Cell(name, labels, tuple(runs))
 
 
-def _train_seeds(value: Any, common: list[str]) -> list[int | None]:
-    """The training seeds of every found cell (train.seeds: each cell re-trained once per seed and task, in
-    train-<task>-seed-<s>/), or [None]: once per task, at the training preset's seed, in train-<task>/."""
+def _train_recipes(value: Any) -> dict[str, list[str]]:
+    """The re-training recipes of every found cell (train.recipes: name -> overrides, each cell re-trained once per
+    recipe and task, in train-<task>-<name>/), or {"": []}: the training preset and train.set alone."""
+    if value is None:
+        return {"": []}
+    if not isinstance(value, dict) or not value:
+        raise IlnasError("sweep spec: train.recipes must map recipe names to lists of key=value strings, e.g. "
+                         "{short: [train.epochs=300], long: [train.epochs=600]}")
+    recipes = {}
+    for name, sets in value.items():
+        if not isinstance(name, str) or not RECIPE_NAME.fullmatch(name):
+            raise IlnasError(f"sweep spec: train.recipes name {name!r} is no plain name (letters, digits, '.', "
+                             f"'_' and '-'; part of its runs' directory names)"[:200])
+        recipes[name] = _list(sets, f"train.recipes.{name}")
+    return recipes
+
+
+def _train_seeds(value: Any, overrides: list[list[str]]) -> list[int | None]:
+    """The training seeds of every found cell (train.seeds: each cell re-trained once per seed, task and recipe,
+    in train-<task>[-<recipe>]-seed-<s>/), or [None]: once, at the seed the training's settings give.
+    ``overrides``: train.set and each recipe's, where a train.seed would contradict the seeds."""
     if value is None:
         return [None]
     if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
             and len(set(value)) == len(value)):
         raise IlnasError(f"sweep spec: train.seeds must be a list of distinct integers, got {value!r}"[:200])
-    if any(o.partition("=")[0].strip() == "train.seed" for o in common):
-        raise IlnasError("sweep spec: train.seeds and a train.seed in train.set exclude each other")
+    if any(o.partition("=")[0].strip() == "train.seed" for sets in overrides for o in sets):
+        raise IlnasError("sweep spec: train.seeds and a train.seed in train.set or a recipe exclude each other")
     return list(value)
 
 
