@@ -464,6 +464,9 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"train": {"tasks": ["digits"], "recipes": {"a": ["train.seed=3"]}, "seeds": [1]}}, "exclude each other"),
     ({"train": {"tasks": ["digits"], "recipes": {"a": ["data.tasks=[mnist5k]"]}}},
      "a data.tasks in train.set or a recipe would train another one in its directory"),
+    ({"grid": {"train.epochs": [300, 600]}}, "grid.train.epochs sets train.epochs, a re-training setting: the "
+     "grid's cells are searches; re-train under several settings with train.recipes"),
+    ({"grid": {"width": {"narrow": ["network.channels=16"]}}}, "grid.width sets network.channels, a re-training"),
     ({"train": {"tasks": ["digits"], "recipes": {"a": ["train.epochs=0"]}}},
      "training on digits (a): train.epochs must be positive"),
     ({"search": {"preset": "demo", "sets": SEARCH_SET}}, "unknown key search.sets; valid: preset, set"),

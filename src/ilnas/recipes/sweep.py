@@ -39,6 +39,7 @@ from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
 SEARCH_KEYS, TRAIN_KEYS = ("preset", "set"), ("preset", "tasks", "set", "recipes", "seeds")
+TRAINING_SECTIONS = ("train", "network")  # settings of a re-training alone (optimizer and data are both kinds')
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a part of a run directory's name, as written
 EXECUTORS = ("local", "submitit")
 
@@ -92,6 +93,11 @@ def _axes(grid: Any) -> list[tuple[str, list[tuple[str, list[str]]]]]:
             axes.append((axis, [(_label(v), [f"{axis}={json.dumps(v)}"]) for v in values]))
         else:
             raise IlnasError(f"sweep spec: grid.{axis} must be a non-empty list of values or mapping of variants")
+    for axis, values in axes:
+        for key in (o.partition("=")[0].strip() for _, sets in values for o in sets):
+            if key.split(".")[0] in TRAINING_SECTIONS:  # else refused as a search's unknown section, no way shown
+                raise IlnasError(f"sweep spec: grid.{axis} sets {key}, a re-training setting: the grid's cells are "
+                                 f"searches; re-train under several settings with train.recipes")
     return axes
 
 
