@@ -265,6 +265,7 @@ def _train_recipes(value: Any) -> dict[str, list[str]]:
                          "{short: [train.epochs=300], long: [train.epochs=600]}")
     recipes = {}
     for name, sets in value.items():
+        name = str(name) if isinstance(name, int) and not isinstance(name, bool) else name  # YAML's 300: [...]
         if not isinstance(name, str) or not RECIPE_NAME.fullmatch(name):
             raise IlnasError(f"sweep spec: train.recipes name {name!r} is no plain name (letters, digits, '.', "
                              f"'_' and '-'; part of its runs' directory names)"[:200])
