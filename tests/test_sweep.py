@@ -70,7 +70,8 @@ def test_training_recipes_re_train_every_found_cell_once_per_recipe_and_compare_
     assert [(r.config["train"]["epochs"], r.config["optimizer"]["lr"], r.config["train"]["seed"])
             for r in trainings] == [(1, 0.05, 0), (1, 0.05, 7), (2, 0.1, 0), (2, 0.1, 7)]
     assert all(r.args[r.args.index("--genotype") + 1] == str(search.out) for r in trainings)
-    numbered = load_spec(_spec(tmp_path, grid={"search.seed": [3]}, train={**train, "recipes": {3: ["train.epochs=3"], 6: ["train.epochs=6"]}}))
+    numbered = {3: ["train.epochs=3"], 6: ["train.epochs=6"]}  # YAML's 3: [...]
+    numbered = load_spec(_spec(tmp_path, grid={"search.seed": [3]}, train={**train, "recipes": numbered}))
     assert [r.out.name for r in numbered.cells[0].runs[1:3]] == ["train-digits-3-seed-0", "train-digits-3-seed-7"]
     del train["seeds"]  # run: one search, two trainings
     code, _, err = call("sweep", _spec(tmp_path, grid={"search.seed": [3]}, train=train))
