@@ -1698,6 +1698,36 @@ def test_without_file_locks_the_lease_refuses_a_live_holder_and_frees_a_dead_one
 
 # --- ilnas status -----------------------------------------------------------------------------------------
 
+def test_the_time_left_of_a_search_weighs_warm_up_epochs_and_p_darts_phases_apart(tmp_path):
+    """A warm-up epoch skips the architecture step and a P-DARTS phase costs its cells times its candidate
+    operations per edge (il-pdarts-demo: 3 x 8, 4 x 5, 5 x 3): epochs that take 2 and 5 s per unit of that size
+    leave exactly 22.5 s after the first two, where the mean of the recent epochs says 24.5; with only a warm-up
+    epoch seen, the estimate is a lower bound."""
+    from ilnas.config import to_dict
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(resolve("il-pdarts-demo"))))
+    (run / "provenance.json").write_text('{"sessions": [{"resumed": false}]}')
+    lock = runlock.RunLock(run)
+    lock.acquire()  # running
+    try:
+        def seen(*times: float) -> dict:
+            lines = [{"kind": "epoch", "phase": 0, "epoch": e, "arch_updated": e >= 1, "epoch_time": t}
+                     for e, t in enumerate(times)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+            return json.loads(ilnas_here("status", str(run), "--json").stdout)[0]
+        two = seen(2.0, 5.0)
+        assert two["state"] == "running" and two["epochs"] == 9
+        assert two["remaining_seconds"] == pytest.approx(5 + 12 * 20 / 24 + 12 * 15 / 24)
+        assert not two["remaining_at_least"]
+        one = seen(2.0)
+        assert one["remaining_seconds"] == pytest.approx(4 + 6 * 20 / 24 + 6 * 15 / 24) and one["remaining_at_least"]
+        assert "| ≥ 13 s |" in ilnas_here("status", str(run)).stdout
+    finally:
+        lock.release()
+
+
 def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, finished_training, tmp_path):
     out = tmp_path / "run"
     proc = ilnas(*MICRO, "--set", "search.epochs=50", "--out", str(out), wait=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.fileio import reachable
@@ -41,7 +41,7 @@ def run_status(path: Path) -> dict:
              else "not started")
     times = [m["epoch_time"] for m in epochs if isinstance(m.get("epoch_time"), (int, float))][-RECENT:]
     epoch_time = sum(times) / len(times) if times else None
-    remaining = max(total - len(epochs), 0) if total is not None else None
+    remaining, at_least = _remaining_seconds(config, epochs, total) if state == "running" else (None, False)
     return {"run": str(path), "kind": "search" if kind == "search" else "training", "state": state,
             "holder": holder if state == "running" else None,
             "outcome": outcome if state in ("failed", "interrupted") else None,
@@ -49,8 +49,7 @@ def run_status(path: Path) -> dict:
             "last": _last(epochs[-1]) if epochs else None,
             "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
-            "remaining_seconds": epoch_time * remaining if None not in (epoch_time, remaining) and state == "running"
-            else None, "job": None}
+            "remaining_seconds": remaining, "remaining_at_least": at_least, "job": None}
 
 
 def state_in_words(row: dict) -> str:
@@ -92,7 +91,51 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
 def _row(run: str, state: str) -> dict:
     return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0,
             "epochs": None, "last": None, "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
-            "remaining_seconds": None, "job": None}
+            "remaining_seconds": None, "remaining_at_least": False, "job": None}
+
+
+def _remaining_seconds(config: dict, epochs: list[dict], total: int | None) -> tuple[float | None, bool]:
+    """What the epochs still to run should take, and whether that is only a lower bound. A training's epochs
+    take the mean time of its recent ones. A search's epochs differ: a weight-only warm-up epoch skips the
+    architecture step (the costlier part of a step), and a P-DARTS phase's passes grow with its cells times
+    its candidate operations per edge. So each remaining epoch takes the recent pace of its own kind per unit of
+    that size; a kind with no epoch yet takes the other's, and where the architecture epochs take the warm-up's
+    pace, the estimate is a lower bound."""
+    if total is None:
+        return None, False
+    timed = [m for m in epochs if isinstance(m.get("epoch_time"), (int, float))]
+    left = range(len(epochs), total)
+    try:
+        shape = _epoch_shape(config)
+    except (KeyError, TypeError, ValueError, IndexError):  # a hand-edited config.yaml
+        shape = None
+    if shape is None:
+        times = [m["epoch_time"] for m in timed][-RECENT:]
+        return (sum(times) / len(times) * len(left) if times else None), False
+    per_phase, warmup, size = shape
+    pace = {}
+    for warm in (True, False):
+        recent = [m["epoch_time"] / size(int(m.get("phase") or 0)) for m in timed
+                  if (m.get("arch_updated") is False) == warm][-RECENT:]
+        pace[warm] = sum(recent) / len(recent) if recent else None
+    if pace[True] is None and pace[False] is None:
+        return None, False
+    at_least = pace[False] is None and any(i % per_phase >= warmup for i in left)
+    pace = {warm: pace[warm] if pace[warm] is not None else pace[not warm] for warm in pace}
+    return sum(pace[i % per_phase < warmup] * size(i // per_phase) for i in left), at_least
+
+
+def _epoch_shape(config: dict) -> tuple[int, int, Callable[[int], float]] | None:
+    """A search's epochs per phase, warm-up epochs per phase, and each phase's size (cells times candidate
+    operations per edge, relative); None for a training."""
+    if config["kind"] != "search":
+        return None
+    search, pdarts = config["search"], config["pdarts"]
+    if search["method"] != "pdarts":
+        return int(search["epochs"]), int(search["warmup_epochs"]), lambda phase: 1.0
+    sizes = [int(cells) * int(ops) for cells, ops in zip(pdarts["layers"], pdarts["ops_per_edge"])]
+    return int(search["epochs"]), int(search["warmup_epochs"]), lambda phase: sizes[min(phase, len(sizes) - 1)] / \
+        sizes[0]
 
 
 def _sweep_jobs(paths: Sequence[str | Path]) -> dict[Path, tuple[str, str]]:
@@ -175,7 +218,7 @@ def table(rows: list[dict]) -> str:
         state = r["state"] + (f" (SLURM job {r['job']})" if r.get("job") else "")
         cells.append([r["run"], r["kind"], state, f"{r['epochs_done']}/{total}", r["last"] or "-",
                       _checkpoint_cell(r["checkpoint"]), sessions, _duration(r["epoch_seconds"]),
-                      _duration(r["remaining_seconds"])])
+                      ("≥ " if r["remaining_at_least"] else "") + _duration(r["remaining_seconds"])])
     lines = markdown_table(["run", "kind", "state", "epochs", "last epoch", "checkpoint", "sessions", "epoch time",
                             "remaining"], cells)
     notes = [f"{r['run']}: {r['holder']}" for r in rows if r["holder"]]
