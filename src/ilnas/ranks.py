@@ -1,5 +1,5 @@
 """Who this process is in a torchrun job, from the environment alone: no torch, so that commands that only
-read files (config, status, compare) start in a fraction of a second and say things once, from rank 0."""
+read files (status, compare) start in a fraction of a second, and every command speaks once, from rank 0."""
 from __future__ import annotations
 
 import os
