@@ -107,11 +107,16 @@ def _remaining_seconds(config: dict, epochs: list[dict], total: int | None) -> t
     left = range(len(epochs), total)
     try:
         shape = _epoch_shape(config)
-    except (KeyError, TypeError, ValueError, IndexError):  # a hand-edited config.yaml
-        shape = None
-    if shape is None:
-        times = [m["epoch_time"] for m in timed][-RECENT:]
-        return (sum(times) / len(times) * len(left) if times else None), False
+        if shape is not None:
+            return _weighted(shape, timed, left)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError):  # a hand-edited config.yaml or metrics
+        pass
+    times = [m["epoch_time"] for m in timed][-RECENT:]
+    return (sum(times) / len(times) * len(left) if times else None), False
+
+
+def _weighted(shape: tuple[int, int, Callable[[int], float]], timed: list[dict], left: range
+              ) -> tuple[float | None, bool]:
     per_phase, warmup, size = shape
     pace = {}
     for warm in (True, False):
