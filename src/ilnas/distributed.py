@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -17,6 +18,7 @@ from ilnas.errors import IlnasError
 from ilnas.ranks import env_count, launch
 
 WAIT_NOTE_S = 60.0  # joining takes well under this where every rank is up
+STOP_SETTLE_S = 0.1  # before the process group is destroyed (stop)
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,11 @@ def _waiting_note(rank: int, world: int) -> Iterator[None]:
 
 def stop() -> None:
     if dist.is_initialized():
+        # Gloo's process group joins its worker threads in its destructor while holding the GIL, and a worker
+        # retiring a finished collective needs the GIL to free a tensor that Python has let go of: before
+        # torch's fix (pytorch PR 154976, 2025) the two can wait on each other for ever (torch 2.4.1 here: one
+        # init-barrier-destroy cycle in under 20). A moment without the GIL lets the workers retire their work.
+        time.sleep(STOP_SETTLE_S)
         dist.destroy_process_group()
 
 
