@@ -219,20 +219,21 @@ from ilnas import distributed
 rank, port = int(sys.argv[1]), int(sys.argv[2])
 store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=60))
 process = distributed.Process(rank, 2, rank, torch.device("cpu"))
-for cycle in range(30):
+for cycle in range(40):
     dist.init_process_group("gloo", store=dist.PrefixStore(f"cycle-{cycle}", store), rank=rank, world_size=2)
-    distributed.all_sum([1.0, 2.0], process)
-    distributed.barrier(process)  # as a run ends
+    for _ in range(3):
+        distributed.all_sum([1.0, 2.0], process)
+    distributed.closing_barrier(process)  # as a run ends
     distributed.stop()
-print("stopped 30 times")
+print("stopped 40 times")
 """
 
 
 def test_ranks_that_end_a_run_together_tear_the_process_group_down_without_hanging():
-    """An all-reduce, the closing barrier and stop(), 30 times over, in two processes. Gloo's destructor held
+    """All-reduces, the closing barrier and stop(), 40 times over, in two processes. Gloo's destructor held
     the GIL while joining a worker that needed it to free a finished all-reduce's tensor: with torch 2.4.1 one
-    rank hung for ever within 20 cycles (and once at the end of a two-rank training), unless stop() first gives
-    the workers a moment without the GIL."""
+    rank hung for ever within 20 cycles (and once at the end of a two-rank training), unless the closing barrier
+    first gives the workers a moment without the GIL."""
     import socket
 
     with socket.socket() as s:
@@ -245,4 +246,4 @@ def test_ranks_that_end_a_run_together_tear_the_process_group_down_without_hangi
     finally:
         for p in ranks:
             p.kill()
-    assert all(p.returncode == 0 and "stopped 30 times" in out for p, (out, _) in zip(ranks, outs)), outs
+    assert all(p.returncode == 0 and "stopped 40 times" in out for p, (out, _) in zip(ranks, outs)), outs

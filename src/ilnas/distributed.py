@@ -18,7 +18,7 @@ from ilnas.errors import IlnasError
 from ilnas.ranks import env_count, launch
 
 WAIT_NOTE_S = 60.0  # joining takes well under this where every rank is up
-STOP_SETTLE_S = 0.1  # before the process group is destroyed (stop)
+STOP_SETTLE_S = 0.1  # after the closing barrier, before the process group is destroyed
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,6 @@ def _waiting_note(rank: int, world: int) -> Iterator[None]:
 
 def stop() -> None:
     if dist.is_initialized():
-        # Gloo's process group joins its worker threads in its destructor while holding the GIL, and a worker
-        # retiring a finished collective needs the GIL to free a tensor that Python has let go of: before
-        # torch's fix (pytorch PR 154976, 2025) the two can wait on each other for ever (torch 2.4.1 here: one
-        # init-barrier-destroy cycle in under 20). A moment without the GIL lets the workers retire their work.
-        time.sleep(STOP_SETTLE_S)
         dist.destroy_process_group()
 
 
@@ -140,6 +135,18 @@ def gather_to_main(obj: object, process: Process) -> list | None:
 def barrier(process: Process) -> None:
     if process.world > 1:
         dist.barrier()
+
+
+def closing_barrier(process: Process) -> None:
+    """The end of a run: no rank tears the process group down (``stop``) while another still uses it. Gloo's
+    process group joins its worker threads in its destructor while holding the GIL, and a worker retiring the
+    barrier's work needs the GIL to free the tensors of the collectives before it, which Python has let go of:
+    before torch's fix (pytorch PR 154976) the two could wait on each other for ever (torch 2.4.1 here: one
+    all-reduce, barrier and destroy cycle in under 20). A moment without the GIL lets the workers retire them.
+    Only here: a rank that fails tears its group down at once, which is how the others learn it is gone."""
+    if process.world > 1:
+        dist.barrier()
+        time.sleep(STOP_SETTLE_S)
 
 
 def mean_over_ranks(process: Process) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:

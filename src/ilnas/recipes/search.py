@@ -264,7 +264,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
         with (StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic),
               out_of_memory(f"space.channels, {cells_setting(cfg)} or search.batch_size")):
             genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
-        distributed.barrier(process)  # no rank tears the process group down while another still uses it
+        distributed.closing_barrier(process)
     finally:
         distributed.stop()
     return genotype

@@ -79,7 +79,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
         with (StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic),
               out_of_memory("network.channels, network.layers or train.batch_size")):
             result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard)
-        distributed.barrier(process)  # no rank tears the process group down while another still uses it
+        distributed.closing_barrier(process)
     finally:
         distributed.stop()
     if report and process.main:
