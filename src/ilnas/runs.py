@@ -38,6 +38,7 @@ import yaml
 
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
+from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 CONFIG, METRICS, CHECKPOINT, PREVIOUS = "config.yaml", "metrics.jsonl", "checkpoint.pt", "checkpoint.prev.pt"
 PROVENANCE = "provenance.json"
 FINISHED = ("summary.json", "result.json")  # a search ends with the first, a training run with the second
-KIND_NAMES = {"search": "search", "eval": "training"}
 MAGIC = b"ilnas-checkpoint-v1\n"  # then the SHA-256 of the payload in hex, a newline, the torch.save bytes
 
 
@@ -190,8 +190,8 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
             raise IlnasError(f"nothing to resume: {path} holds a {CONFIG} but no {PROVENANCE}, so no run was made "
                              f"there")
         if found != kind:
-            raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `ilnas "
-                             f"{'search' if found == 'search' else 'train'} --resume`")
+            raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `{KIND_COMMANDS[found]} "
+                             f"--resume`")
         if is_finished(path):
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
     elif path.is_dir() and _entries(path) and not _start_cut_short(path):

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ilnas.config.schema import KINDS, RunConfig, flat_settings, unused_settings, validate
+from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES, KINDS, RunConfig, flat_settings, unused_settings, validate
 from ilnas.errors import IlnasError
 from ilnas.fileio import shortened
 
@@ -271,10 +271,6 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-KIND_WORDS = {"search": "search", "eval": "training"}
-KIND_COMMANDS = {"search": "ilnas search", "eval": "ilnas train"}
-
-
 def resolve(preset: str | None = None, config_file: str | None = None,
             overrides: Sequence[str] | Mapping[str, Any] = (), kind: str | None = "search") -> RunConfig:
     """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- overrides,
@@ -311,8 +307,8 @@ def resolve(preset: str | None = None, config_file: str | None = None,
     if kind is not None and found_kind != kind:
         source = " with ".join(x for x in (preset and f"preset {preset}", config_file and f"config file {config_file}")
                                if x) or "the configuration given"
-        raise IlnasError(f"{source} is a {KIND_WORDS[found_kind]} configuration (kind: {found_kind}), not a "
-                         f"{KIND_WORDS[kind]} one: `{KIND_COMMANDS[found_kind]}` runs it (in Python: resolve(..., "
+        raise IlnasError(f"{source} is a {KIND_NAMES[found_kind]} configuration (kind: {found_kind}), not a "
+                         f"{KIND_NAMES[kind]} one: `{KIND_COMMANDS[found_kind]}` runs it (in Python: resolve(..., "
                          f"kind={found_kind!r}))")
     cfg = from_dict(KINDS[found_kind], merged)
     validate(cfg)

@@ -213,6 +213,8 @@ class EvalRunConfig:
 
 
 KINDS = {"search": SearchRunConfig, "eval": EvalRunConfig}
+KIND_NAMES = {"search": "search", "eval": "training"}  # a kind as messages name it
+KIND_COMMANDS = {"search": "ilnas search", "eval": "ilnas train"}  # the command that runs a configuration of it
 
 RunConfig = SearchRunConfig | EvalRunConfig
 

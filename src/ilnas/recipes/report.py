@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ilnas.config.schema import KIND_NAMES
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, search_curves, training_curves
-from ilnas.runs import KIND_NAMES, holds_run_files, read_config, read_json, read_metrics, read_record
+from ilnas.runs import holds_run_files, read_config, read_json, read_metrics, read_record
 from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
 
 PLOTS, REPORT = "plots", "report.html"
