@@ -19,6 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from ilnas.recipes.compare import paired_difference
+from ilnas.space.genotype import Genotype, shared_choices
 
 # (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict.
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
@@ -87,17 +88,13 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _choices(genotype: dict) -> set:
-    return {(cell, i, op, j) for cell in ("normal", "reduce") for i, (op, j) in enumerate(genotype[cell])}
-
-
 def overlap(reference: Arm, arms: dict[str, Arm]) -> list[str]:
     """Per arm: the mean share of (op, input) choices its cell has in common with the reference cell of the
-    same seed (1: the same cell)."""
+    same seed (1: the same cell; space.genotype.shared_choices)."""
     lines = ["| arm | seeds | shared (op, input) choices with IL, fd, lambda=100, M=2 |", "|---|---|---|"]
     for name, arm in arms.items():
-        shares = [len(_choices(g) & _choices(reference[k])) / 16 for k, g in arm.items()
-                  if k[0] == "cell" and k in reference]
+        shares = [shared_choices(Genotype.from_dict(g), Genotype.from_dict(reference[k])) / 16
+                  for k, g in arm.items() if k[0] == "cell" and k in reference]
         if shares:
             lines.append(f"| {name} | {len(shares)} | {statistics.mean(shares):.2f} |")
     return lines

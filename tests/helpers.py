@@ -22,8 +22,9 @@ from ilnas.optim import SGD
 from ilnas.runs import read_checkpoint
 from ilnas.search.engine import EngineConfig, Learner, SearchState, Stage, hypergradient, stage_learners
 from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
-from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import Supernet, full_edge_ops, init_arch
+from ilnas.space.genotype import Genotype
+from ilnas.space.layout import PRIMITIVES, full_edge_ops
+from ilnas.space.supernet import Supernet, init_arch
 
 # Short runs skip the end-of-run report (seconds of plotting each); the session fixtures keep it (with_report).
 # What torchrun sets beside RANK and WORLD_SIZE: a rank's environment without it is refused.
@@ -319,3 +320,10 @@ def engine_hypergradient(p, cfg: EngineConfig, lr: float, sgd: SGD = SGD()) -> l
 def rel_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     num = torch.cat([(x - y).flatten() for x, y in zip(a, b)]).norm()
     return float(num / torch.cat([y.flatten() for y in b]).norm())
+
+
+def listed_the_other_way(genotype: Genotype) -> Genotype:
+    """``genotype`` with each node's two edges listed in the other order: the same cell, written otherwise."""
+    def swap(edges):
+        return tuple(e for i in range(0, len(edges), 2) for e in reversed(edges[i:i + 2]))
+    return Genotype(swap(genotype.normal), genotype.normal_concat, swap(genotype.reduce), genotype.reduce_concat)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import call, ilnas_here
+from helpers import call, ilnas_here, listed_the_other_way
 from ilnas.config import resolve, to_dict
 from ilnas.recipes.compare import compare, mean_std, rows
 from ilnas.space.genotype import zoo
@@ -161,7 +161,7 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr
     assert "| DARTS-2nd | il |" in r.stdout and "12.00 ± 2.00" in r.stdout and "25.00 ± 7.07" in r.stdout
-    assert "| 1.50 | 200 | 1.500 | 3 |" in r.stdout  # params (M), MACs (M), search hours, seeds
+    assert "| 1.50 | 200 | 1.500 | 1.00 | 3 |" in r.stdout  # params (M), MACs (M), search hours, cell agreement, seeds
     assert f"1 unfinished run(s) left out (`ilnas status` tells more): {runs / 'broken'} (not started)" in r.stdout
     table = list(csv.reader(io.StringIO(ilnas_here("compare", str(runs), "--csv").stdout)))
     assert table[0][:2] == ["method", "framework"] and "error digits (%)" in table[0] and len(table) == 5
@@ -273,6 +273,45 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
 
 
 
+def _give_cell(run: Path, genotype: str) -> None:
+    """Make ``run`` a search or training of ``genotype``: its summary's cell, or the one its config trains."""
+    if (run / "summary.json").is_file():
+        (run / "summary.json").write_text(json.dumps({**json.loads((run / "summary.json").read_text()),
+                                                      "genotype": genotype}))
+    else:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "genotype": genotype}))
+
+
+def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cells_of_one_seed(runs):
+    """IL's seeds find DARTS_V2, DARTS_V1 (11 of V2's 16 choices: tests/test_genotype.py) and V2 with each node's
+    edges listed the other way round (all 16): (11 + 11 + 16) / 3 pairs / 16 = 0.79 alike. MTL's two seeds both
+    find V2; the random cells are V2 (seed 1) and V1 (seed 2); a given cell is one cell: no agreement to give."""
+    from ilnas.recipes.compare import paired
+
+    v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
+    for seed, cell in ((1, v1), (2, listed_the_other_way(v2))):
+        for run in ("search", "digits", "mnist5k"):  # a training counts for its search only with the search's cell
+            _give_cell(runs / f"il-{seed}" / run, cell.to_string())
+    _give_cell(runs / "random-2", v1.to_string())
+    c = compare([runs])
+    agreement = {(r["method"], r["framework"]): r["cell_agreement"] for r in rows(c)}
+    assert agreement[("DARTS-2nd", "il")] == pytest.approx(38 / 48) and agreement[("DARTS-2nd", "mtl")] == 1.0
+    assert agreement[("random cell", "-")] == pytest.approx(11 / 16) and math.isnan(agreement[("DARTS_V2", "-")])
+    shared = {(p["a"], p["b"]): p["cells_shared"] for p in paired(c)}
+    # IL and MTL: seed 0 V2 and V2, seed 1 V1 and V2; IL and random: seed 1 V1 and V2, seed 2 V2 (swapped) and V1
+    assert shared == {("DARTS-2nd il", "DARTS-2nd mtl"): pytest.approx((16 + 11) / 32),
+                      ("DARTS-2nd il", "random cell"): pytest.approx(11 / 16)}
+    code, out, err = call("compare", str(runs), "--paired")
+    assert code == 0, err
+    assert "| search (h) | cell agreement | seeds |" in out and "| 1.500 | 0.79 | 3 |" in out and "| - | - | 1 |" in out
+    assert "| 2 | -14.00 | 0.177 | 0.500 | 0.84 |" in out
+    assert "| random cell | 2 | -32.00 | 0.079 | 0.500 | 0.69 |" in out
+    as_json = json.loads(call("compare", str(runs), "--paired", "--json")[1])
+    assert [r["cell_agreement"] for r in as_json["rows"] if r["framework"] == "mtl"] == [1.0]
+    assert [r["cell_agreement"] for r in as_json["rows"] if r["method"] == "DARTS_V2"] == [None]
+
+
 def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     """study/analyze.py on a sweep directory as `ilnas sweep` leaves it: two arms, three seeds, one task.
     IL 10, 12, 15 and MTL 11, 14, 19 (differences -1, -2, -4): t^2 = 7 with two degrees of freedom, whose
@@ -283,7 +322,9 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parents[1] / "study" / "analyze.py")
     analyze = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analyze)
-    cells = []
+    cells, v2 = [], zoo()["DARTS_V2"]
+    # MTL's cells list each node's two edges the other way round: the same cells (overlap 1.00)
+    cell = {"il": v2, "mtl": listed_the_other_way(v2)}
     for framework, errors in (("il", (10, 12, 15)), ("mtl", (11, 14, 19))):
         for seed, error in enumerate(errors):
             name = f"{framework}-{seed}"
@@ -293,7 +334,7 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
                 json.dumps({"task": "digits", "final_test_error": error / 100}))
             (tmp_path / name / "search").mkdir()
             (tmp_path / name / "search" / "summary.json").write_text(json.dumps({"search_hours": 0.1 * (seed + 1)}))
-            (tmp_path / name / "search" / "genotype.json").write_text(json.dumps(zoo()["DARTS_V2"].to_dict()))
+            (tmp_path / name / "search" / "genotype.json").write_text(json.dumps(cell[framework].to_dict()))
     (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
     arms = analyze.load(tmp_path)
     assert analyze.table(arms)[2:] == ["| framework=il | 12.33 ± 2.52 | 12.0 | 3 |",

@@ -7,10 +7,10 @@ from importlib import resources
 import pytest
 import torch
 
+from helpers import listed_the_other_way
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import Genotype, derive_genotype, load_genotype, parse_genotype, zoo
-from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import num_edges
+from ilnas.space.layout import PRIMITIVES, num_edges
 
 OP = {p: i for i, p in enumerate(PRIMITIVES)}
 
@@ -96,3 +96,22 @@ def test_random_cells_are_valid_reproducible_and_varied():
         for i in range(4):  # two distinct inputs per node, each an input or an earlier node
             (_, a), (_, b) = c.normal[2 * i:2 * i + 2]
             assert a != b and max(a, b) < 2 + i
+
+
+def test_shared_choices_compare_each_node_as_a_set_of_two_edges():
+    from ilnas.space.genotype import random_genotype, shared_choices
+
+    v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
+    # Counted by hand: normal nodes share 2 (listed in the other order), 1, 2 and 0 edges; reduction 2, 1, 2, 1.
+    assert (shared_choices(v1, v2, cells=("normal",)), shared_choices(v1, v2, cells=("reduce",))) == (5, 6)
+    assert shared_choices(v1, v2) == shared_choices(v2, v1) == 11 and shared_choices(v1, v1) == v1.choices == 16
+    swapped = listed_the_other_way(v2)
+    assert swapped != v2 and shared_choices(swapped, v2) == 16
+    # Two cells drawn uniformly share, per node of n inputs, n * (2/n)^2 * 1/7 = 4 / (7 n) choices on average (an
+    # input both drew, each with probability 2/n, with the same of the 7 ops): over the nodes' 2, 3, 4 and 5
+    # inputs and both cells, 0.0917 of the 16.
+    shares = [shared_choices(random_genotype(s), random_genotype(s + 1000)) / 16 for s in range(1000)]
+    assert abs(sum(shares) / len(shares) - 2 * sum(4 / (7 * n) for n in (2, 3, 4, 5)) / 16) < 0.006
+    small = Genotype(v1.normal[:2], (2,), v1.reduce[:2], (2,))
+    with pytest.raises(IlnasError, match="cells of 4 and 1 nodes"):
+        shared_choices(v1, small)

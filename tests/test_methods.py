@@ -19,9 +19,9 @@ from ilnas.errors import IlnasError
 from ilnas.search.engine import EngineConfig
 from ilnas.search.methods import Darts, PDarts, _edge_index, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
-from ilnas.space.ops import PRIMITIVES
+from ilnas.space.layout import PRIMITIVES, full_edge_ops
 from ilnas.space.sets import shuffle_channels
-from ilnas.space.supernet import MixedOp, edge_weights, full_edge_ops, ranking_weights
+from ilnas.space.supernet import MixedOp, edge_weights, ranking_weights
 
 
 def test_channel_shuffle_is_a_permutation():

@@ -13,7 +13,8 @@ from ilnas.recipes.describe import describe
 from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
 from ilnas.space.genotype import zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
-from ilnas.space.ops import OPS, PRIMITIVES, create_op
+from ilnas.space.layout import PRIMITIVES
+from ilnas.space.ops import OPS, create_op
 from ilnas.space.supernet import Supernet, arch_weights, init_arch, weighted_sum
 
 PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published

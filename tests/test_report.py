@@ -45,7 +45,7 @@ def test_a_finished_search_draws_its_cells_curves_and_alphas(finished_run):
         assert "c_{k-2}" in text and "c_{k}" in text
         dot = (plots / f"cell_{cell}.dot").read_text()
         assert dot.count("->") == 8 + 4 and dot.startswith("digraph")
-    for name in ("cell_normal", "curves", "alphas_p0_normal", "alphas_p0_reduce"):
+    for name in ("cell_normal", "curves", "cell_evolution", "alphas_p0_normal", "alphas_p0_reduce"):
         image = matplotlib.image.imread(plots / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0  # a real, non-blank picture
         ET.parse(plots / f"{name}.svg")
@@ -62,6 +62,7 @@ def test_report_html_links_resolve_and_show_the_summary(finished_run):
     assert summary["genotype"].replace("'", "&#x27;") in text
     assert re.search(r"M parameters \(without the auxiliary head\), \d+ M multiply-adds", text)
     assert "search hours" in text and "kind: search" in text
+    assert re.search(r"cell unchanged since</th><td>epoch [123] of 3<", text)
 
 
 def test_the_search_sends_its_figures_to_tensorboard(finished_run):
@@ -100,3 +101,28 @@ def test_dot_text_and_alpha_figures_follow_their_inputs():
     history = {"p0/alphas_normal": np.zeros((2, 14, 8), np.float32), "p1/alphas_reduce": np.zeros((1, 14, 3)),
                "p1/reduce_ops": np.array([["none", "skip_connect", "sep_conv_3x3"]] * 14)}
     assert set(alpha_figures(history)) == {"alphas_p0_normal", "alphas_p1_reduce"}
+
+
+def test_the_cell_over_the_epochs_counts_choices_kept_and_parameter_free_ops():
+    """Epochs ending with DARTS_V1, then V2 (11 of its 16 choices: 5 normal, 6 reduce; tests/test_genotype.py),
+    V2 listed the other way round, and V2, the last two in a second phase: the cell is V2 from epoch 2 on.
+    Skip-connects: V1's normal cell 3, reduce 3; V2's 2 and 3. Every reduction edge of both is a pool or a
+    skip-connect; their normal cells have no pool."""
+    from helpers import listed_the_other_way
+    from ilnas.report.figures import cell_evolution, epoch_cells, settled_since
+
+    v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
+    records = [{"kind": "step", "phase": 0, "step": 1}]
+    records += [{"kind": "epoch", "phase": int(e > 1), "epoch": e % 2, "genotype": g.to_string()}
+                for e, g in enumerate((v1, v2, listed_the_other_way(v2), v2))]
+    cells, starts = epoch_cells(records)
+    assert cells[1] == v2 and starts == [2] and settled_since(cells) == 2
+    assert settled_since(cells[:1]) == 1 and settled_since([v2, v1]) == 2
+    fig = cell_evolution(cells, starts)
+    lines = {(ax.get_title().split(" (")[0], line.get_label()): list(line.get_ydata())
+             for ax in fig.axes for line in ax.lines if not line.get_label().startswith("_")}
+    assert lines == {("choices shared with the last epoch's cell", "normal"): [5, 8, 8, 8],
+                     ("choices shared with the last epoch's cell", "reduce"): [6, 8, 8, 8],
+                     ("parameter-free ops", "normal"): [3, 2, 2, 2], ("parameter-free ops", "reduce"): [8, 8, 8, 8],
+                     ("skip-connects", "normal"): [3, 2, 2, 2], ("skip-connects", "reduce"): [3, 3, 3, 3]}
+

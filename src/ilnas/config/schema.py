@@ -353,7 +353,7 @@ def _validate_search(cfg: SearchRunConfig) -> None:
 
 
 def _validate_pdarts(p: PDartsConfig) -> None:
-    from ilnas.space.ops import PRIMITIVES
+    from ilnas.space.layout import PRIMITIVES
 
     if not len(p.layers) == len(p.ops_per_edge) == len(p.skip_dropout) >= 1:
         raise IlnasError("pdarts.layers, pdarts.ops_per_edge and pdarts.skip_dropout need one entry per phase")

@@ -1,7 +1,8 @@
 """Compare runs: search runs and the training runs of their cells, grouped by everything but the seed,
 in the layout of the paper's tables: method | framework | test error per task (mean ± std over seeds) |
-best | parameters | multiply-adds | search cost; and, asked for, every two rows paired over the runs they
-share (same seeds and task) with paired t and Wilcoxon p-values. Reads run directories only; writes nothing."""
+best | parameters | multiply-adds | search cost | how alike its seeds' cells are; and, asked for, every two rows
+paired over the runs they share (same seeds and task) with paired t and Wilcoxon p-values and the share of choices
+their cells of the same seed make alike. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
 import csv
@@ -19,6 +20,7 @@ from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
 from ilnas.report.tables import in_millions, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
+from ilnas.space.genotype import parse_genotype, shared_choices
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "data.memory_limit_gb", "search.device",
@@ -32,7 +34,7 @@ SEEDS = {"search.seed", "train.seed"}
 # the search or the given genotype, so neither tells recipes apart.
 RECIPE, NOT_RECIPE = "eval:", {"kind", "genotype", "data.tasks"}
 # What the table reads of a finished run's final record, and its types.
-SUMMARY_FIELDS = {"search_hours": float}
+SUMMARY_FIELDS = {"search_hours": float, "genotype": str}
 RESULT_FIELDS = {"task": str, "final_test_error": float, "params": float, "macs": float}
 
 
@@ -57,6 +59,7 @@ class Group:
     trainings: dict[str, list[dict]] = field(default_factory=dict)  # task -> result.json of each training
     # (cell seed, training seed, task) -> test error in %: what pairs two groups' runs
     errors: dict[tuple, float] = field(default_factory=dict)
+    cells: dict[object, str] = field(default_factory=dict)  # cell seed -> the genotype it gave (None: a given cell)
 
 
 @dataclass
@@ -123,6 +126,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     unfinished = {r: _state(r) for r in runs if not is_finished(r)}
     cells: dict[str, tuple[str, str, dict]] = {}  # cell key -> method, framework, settings (first seen first)
     searches: dict[str, list[dict]] = {}  # search configuration key -> summary.json of each finished search
+    found: dict[str, dict[object, str]] = {}  # cell key -> cell seed -> genotype (a search's, a random cell's)
     recipes: dict[str, dict[str, Group]] = {}  # cell key -> training recipe key -> its group
 
     def cell_of(settings: dict, method: str, framework: str) -> str:
@@ -136,7 +140,9 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         config = read_config(run)
         if config["kind"] == "search":
             key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
-            searches.setdefault(key, []).append(read_record(run, "summary.json", SUMMARY_FIELDS))
+            summary = read_record(run, "summary.json", SUMMARY_FIELDS)
+            searches.setdefault(key, []).append(summary)
+            found.setdefault(key, {})[config["search"]["seed"]] = summary["genotype"]
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run, config.get("genotype"))
@@ -152,6 +158,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
                 cell_seed = int(source.split(":")[1])
             else:
                 key = cell_of({"cell": config.get("genotype")}, source, "-")
+        found.setdefault(key, {}).setdefault(cell_seed, config.get("genotype"))
         method, framework, settings = cells[key]
         recipe = _settings(config, RECIPE, frozenset(NOT_RECIPE))
         group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe}))
@@ -160,7 +167,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     groups = []
     for key, (method, framework, settings) in cells.items():
         for group in recipes.get(key, {}).values() or [Group(method, framework, settings)]:
-            group.searches = searches.get(key, [])
+            group.searches, group.cells = searches.get(key, []), found.get(key, {})
             groups.append(group)
     tasks = sorted({t for g in groups for t in g.trainings})
     return Comparison(groups, tasks, _varying(groups), unfinished)
@@ -212,23 +219,37 @@ def rows(c: Comparison) -> list[dict]:
         row["params_m"] = mean_std(r["params"] / 1e6 for r in trained)[0]
         row["macs_m"] = mean_std(r["macs"] / 1e6 for r in trained)[0]
         row["search_hours"] = mean_std(s["search_hours"] for s in g.searches)[0]
+        row["cell_agreement"] = cell_agreement(list(g.cells.values()))
         # what the errors are over where the row has trainings (a recipe may have re-trained some seeds only)
         row["seeds"] = max(len(r) for r in g.trainings.values()) if g.trainings else len(g.searches)
         out.append(row)
     return out
 
 
+def cell_agreement(cells: Sequence[str]) -> float:
+    """How alike the cells (genotype texts) are: over every two of them, the mean share of (op, input) choices
+    they make alike (space.genotype.shared_choices). 1 where all are one cell; 0.092 expected of cells drawn
+    uniformly from the DARTS space; nan for fewer than two cells."""
+    parsed = [parse_genotype(text) for text in cells]
+    return mean_std(shared_choices(a, b) / a.choices for a, b in itertools.combinations(parsed, 2))[0]
+
+
 def paired(c: Comparison) -> list[dict]:
     """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task): the
     mean difference of their test errors (points, first minus second) over those runs, and the p-values of
-    a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same)."""
+    a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same); and
+    ``cells_shared``, the mean share of (op, input) choices their cells of the same seed make alike (None where
+    they have no cell seed in common: a given cell's row)."""
     labels = [_label(c, g) for g in c.groups]
     out = []
     for (i, a), (j, b) in itertools.combinations(enumerate(c.groups), 2):
         common = sorted(set(a.errors) & set(b.errors), key=str)
         if len(common) >= 2:
+            seeds = [s for s in a.cells if s is not None and s in b.cells]
+            shared = mean_std(cell_agreement([a.cells[s], b.cells[s]]) for s in seeds)[0]
             out.append({"a": labels[i], "b": labels[j], "pairs": len(common),
-                        **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common])})
+                        **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common]),
+                        "cells_shared": None if math.isnan(shared) else shared})
     return out
 
 
@@ -271,9 +292,9 @@ def _paired_markdown(pairs: list[dict]) -> list[str]:
     if not pairs:
         return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
     return ["", "Paired over runs with the same cell seed, training seed and task (test error, points):", "",
-            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p"],
+            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p", "cells shared"],
                             [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}", _num(p["t_p"], 3),
-                              _num(p["wilcoxon_p"], 3)] for p in pairs])]
+                              _num(p["wilcoxon_p"], 3), _num(p["cells_shared"], 2)] for p in pairs])]
 
 
 def _show(value: object) -> str:
@@ -300,12 +321,13 @@ def _error(cell: dict) -> str:
 def _table(c: Comparison) -> tuple[list[str], list[list[str]]]:
     header = ["method", "framework", *(["settings"] if c.varying else []),
               *(f"error {t} (%)" for t in c.tasks), *(f"best {t} (%)" for t in c.tasks),
-              "params (M)", "MACs (M)", "search (h)", "seeds"]
+              "params (M)", "MACs (M)", "search (h)", "cell agreement", "seeds"]
     body = []
     for r in rows(c):
         body.append([r["method"], r["framework"], *([r["settings"]] if c.varying else []),
                      *(_error(r[f"error_{t}"]) for t in c.tasks), *(_num(r[f"error_{t}"]["best"], 2) for t in c.tasks),
-                     _num(r["params_m"], 2), _millions(r["macs_m"]), _num(r["search_hours"], 3), str(r["seeds"])])
+                     _num(r["params_m"], 2), _millions(r["macs_m"]), _num(r["search_hours"], 3),
+                     _num(r["cell_agreement"], 2), str(r["seeds"])])
     return header, body
 
 

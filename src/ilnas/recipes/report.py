@@ -17,7 +17,8 @@ from ilnas.config.schema import KIND_NAMES
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
-from ilnas.report.figures import alpha_figures, search_curves, training_curves
+from ilnas.report.figures import (alpha_figures, cell_evolution, epoch_cells, search_curves, settled_since,
+                                  training_curves)
 from ilnas.runs import holds_run_files, read_config, read_json, read_metrics, read_record
 from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
 
@@ -116,10 +117,17 @@ def _search_report(path: Path, config: dict, report: Report) -> dict:
     for p, phase_genotype in enumerate(phase_genotypes if len(phase_genotypes) > 1 else []):
         report.add_cells(phase_genotype, f"cell_phase{p + 1}", f"phase {p + 1} ")
     figures = {"curves": search_curves(metrics)}
+    cells, phase_starts = epoch_cells(metrics)
+    if cells:
+        figures["cell_evolution"] = cell_evolution(cells, phase_starts)
+        report.facts.append(("cell unchanged since", f"epoch {settled_since(cells)} of {len(cells)}"
+                                                     + (" (over all phases)" if phase_starts else "")))
+        report.sections.append(("the cell over the epochs", [f"{PLOTS}/cell_evolution.svg"]))
     if history is not None:
         figures.update(alpha_figures(history))
     report.sections.insert(0, ("learning curves", [f"{PLOTS}/curves.svg"]))
-    report.sections.append(("architecture weights", [f"{PLOTS}/{name}.svg" for name in figures if name != "curves"]))
+    report.sections.append(("architecture weights",
+                            [f"{PLOTS}/{name}.svg" for name in figures if name.startswith("alphas_")]))
     return figures
 
 

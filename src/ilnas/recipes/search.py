@@ -47,8 +47,8 @@ from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.supernet import (Supernet, alpha_entropy, edge_names, full_edge_ops, init_arch, ranking_weights,
-                                  use_channels_last)
+from ilnas.space.layout import edge_names, full_edge_ops
+from ilnas.space.supernet import Supernet, alpha_entropy, init_arch, ranking_weights, use_channels_last
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")

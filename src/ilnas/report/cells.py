@@ -14,8 +14,7 @@ from matplotlib.patches import FancyArrowPatch
 
 from ilnas.fileio import atomic_write_bytes, atomic_write_text
 from ilnas.space.genotype import Edge, Genotype
-from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import node_name
+from ilnas.space.layout import PRIMITIVES, node_name
 
 OP_COLORS = dict(zip(PRIMITIVES, ("#9e9e9e", "#8d6e63", "#a1887f", "#607d8b", "#1e88e5", "#3949ab", "#43a047",
                                   "#2e7d32")))

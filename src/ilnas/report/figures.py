@@ -12,7 +12,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ilnas.report.cells import CELLS, OP_COLORS
-from ilnas.space.ops import PRIMITIVES
+from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
+from ilnas.space.layout import PARAMETER_FREE, PRIMITIVES
 
 
 def _finite(points: Iterable[tuple[float, float | None]]) -> tuple[list[float], list[float]]:
@@ -79,6 +80,49 @@ def training_curves(records: list[dict]) -> Figure:
     _plot(axes[2], _series(epochs, "lr", "epoch"), "learning rate")
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
+    return fig
+
+
+def epoch_cells(records: list[dict]) -> tuple[list[Genotype], list[int]]:
+    """The cell every search epoch ended with (``metrics.jsonl``), in order, and the positions in that list where
+    a P-DARTS phase begins."""
+    epochs = [r for r in records if r.get("kind") == "epoch" and isinstance(r.get("genotype"), str)]
+    starts = [i for i in range(1, len(epochs)) if epochs[i].get("phase") != epochs[i - 1].get("phase")]
+    return [parse_genotype(r["genotype"]) for r in epochs], starts
+
+
+def settled_since(cells: list[Genotype]) -> int:
+    """The first epoch (1-based) from which every epoch ended with the last epoch's cell; 0 without epochs."""
+    first = len(cells)
+    while first > 1 and shared_choices(cells[first - 2], cells[-1]) == cells[-1].choices:
+        first -= 1
+    return first
+
+
+def cell_evolution(cells: list[Genotype], phase_starts: list[int]) -> Figure:
+    """Per search epoch (``epoch_cells``): how many of the last epoch's (op, input) choices its cell made already,
+    and how many parameter-free ops (pools, skip-connects) and skip-connects each cell had; dotted lines where a
+    P-DARTS phase begins. A normal cell filling up with skip-connects is how a DARTS search collapses."""
+    x = list(range(1, len(cells) + 1))
+    starts = [s + 1 for s in phase_starts]
+    last = cells[-1]
+
+    def per_cell(count) -> dict:
+        return {cell: (x, [count(getattr(g, cell)) for g in cells]) for cell in CELLS}
+    shared = {cell: (x, [shared_choices(g, last, cells=(cell,)) for g in cells]) for cell in CELLS}
+    fig = Figure(figsize=(15, 4))
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.88, bottom=0.15, wspace=0.2)
+    axes = fig.subplots(1, 3)
+    _plot(axes[0], shared, f"choices shared with the last epoch's cell (of {2 * last.nodes})",
+          phase_starts=starts)
+    _plot(axes[1], per_cell(lambda edges: sum(op in PARAMETER_FREE for op, _ in edges)), "parameter-free ops",
+          phase_starts=starts)
+    _plot(axes[2], per_cell(lambda edges: sum(op == "skip_connect" for op, _ in edges)), "skip-connects",
+          phase_starts=starts)
+    for ax in axes:
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
 
 

@@ -18,8 +18,7 @@ import torch
 
 from ilnas.config import PDartsConfig, SearchRunConfig
 from ilnas.space.genotype import Genotype, derive_genotype
-from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import NODES, EdgeOps
+from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps
 
 log = logging.getLogger(__name__)
 

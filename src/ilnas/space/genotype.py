@@ -10,16 +10,17 @@ import ast
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import Sequence
-
-import torch
+from typing import TYPE_CHECKING, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.fileio import reachable, shortened
-from ilnas.space.ops import PRIMITIVES
-from ilnas.space.supernet import NODES, EdgeOps, full_edge_ops
+from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops
+
+if TYPE_CHECKING:  # reading and comparing cells needs no torch (ilnas compare runs without it)
+    import torch
 
 Edge = tuple[str, int]
 FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")
@@ -42,6 +43,11 @@ class Genotype:
     @property
     def nodes(self) -> int:
         return len(self.normal) // 2
+
+    @property
+    def choices(self) -> int:
+        """The (op, input) choices of its normal and reduction cells: two per node and cell."""
+        return len(self.normal) + len(self.reduce)
 
     def to_string(self) -> str:
         """The official format, as DARTS's search log prints it."""
@@ -167,6 +173,8 @@ def derive_genotype(normal: torch.Tensor, reduce: torch.Tensor, normal_ops: Edge
 
 
 def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES) -> tuple[Edge, ...]:
+    import torch
+
     w = weights.detach().double().cpu()  # (E, O)
     usable = torch.tensor([[op != "none" for op in ops] for ops in edge_ops])
     w = w.masked_fill(~usable, float("-inf"))
@@ -190,6 +198,19 @@ def random_genotype(seed: int, nodes: int = NODES) -> Genotype:
         return [(rng.choice(ops), j) for i in range(nodes) for j in sorted(rng.sample(range(2 + i), 2))]
     concat = tuple(range(2, 2 + nodes))
     return Genotype(tuple(cell()), concat, tuple(cell()), concat)
+
+
+def shared_choices(a: Genotype, b: Genotype, cells: Sequence[str] = ("normal", "reduce")) -> int:
+    """How many of the (op, input) choices of ``a`` ``b`` makes too, out of ``a.choices`` (two per node of each of
+    ``cells``): node by node, a node's two edges compared as a multiset, since they are summed and the order a
+    genotype lists them in means nothing (a search lists the stronger first, a random cell the lower input)."""
+    if a.nodes != b.nodes:
+        raise IlnasError(f"cells of {a.nodes} and {b.nodes} nodes cannot be compared choice by choice")
+    shared = 0
+    for cell in cells:
+        ea, eb = getattr(a, cell), getattr(b, cell)
+        shared += sum(sum((Counter(ea[i:i + 2]) & Counter(eb[i:i + 2])).values()) for i in range(0, len(ea), 2))
+    return shared
 
 
 # --- the zoo and the ways a user names a genotype ----------------------------------------------

@@ -20,12 +20,6 @@ from ilnas.space.sets import cat_channels
 OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
 OPS: dict[str, OpFactory] = {}
 
-# Order matters: it is the column order of the alphas and of the official genotypes.
-PRIMITIVES: tuple[str, ...] = (
-    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
-    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
-)
-
 
 def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
     # Search cells never switch to running statistics: without buffers a supernet is a pure

@@ -15,34 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilnas.errors import IlnasError
-from ilnas.space.ops import PRIMITIVES, FactorizedReduce, ReLUConvBN, Zero, create_op
+from ilnas.space.layout import NODES, EdgeOps, full_edge_ops, num_edges
+from ilnas.space.ops import FactorizedReduce, ReLUConvBN, Zero, create_op
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
-
-NODES = 4  # intermediate nodes per cell
-EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column order)
-
-
-def num_edges(nodes: int = NODES) -> int:
-    """Edges of a cell: node i has i + 2 inputs (the two cell inputs and earlier nodes)."""
-    return sum(2 + i for i in range(nodes))
-
-
-def node_name(index: int) -> str:
-    """A cell input's name as in the DARTS paper's figures: c_{k-2}, c_{k-1}, then intermediate nodes 0, 1, ..."""
-    return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else str(index - 2)
-
-
-def edge_names(nodes: int = NODES) -> list[str]:
-    """Each edge in alpha row order, named by its endpoints: "c_{k-2} -> 0", ..., "2 -> 3"."""
-    return [f"{node_name(j)} -> {i}" for i in range(nodes) for j in range(2 + i)]
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:
     return (layers // 3, 2 * layers // 3)
-
-
-def full_edge_ops(primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> list[list[str]]:
-    return [list(primitives) for _ in range(num_edges(nodes))]
 
 
 class MixedOp(nn.Module):

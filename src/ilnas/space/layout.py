@@ -1,0 +1,35 @@
+"""The shape of the DARTS search space, without torch: the candidate operations in alpha column order, the
+intermediate nodes of a cell, and its edges and their names. What reads cells without building one (a genotype,
+``ilnas compare``) needs only this."""
+from __future__ import annotations
+
+from typing import Sequence
+
+# Order matters: it is the column order of the alphas and of the official genotypes.
+PRIMITIVES: tuple[str, ...] = (
+    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
+    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+)
+# Without weights: the ops a collapsing DARTS search piles onto the normal cell (skip-connects above all).
+PARAMETER_FREE = frozenset({"max_pool_3x3", "avg_pool_3x3", "skip_connect"})
+NODES = 4  # intermediate nodes per cell
+EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column order)
+
+
+def num_edges(nodes: int = NODES) -> int:
+    """Edges of a cell: node i has i + 2 inputs (the two cell inputs and earlier nodes)."""
+    return sum(2 + i for i in range(nodes))
+
+
+def node_name(index: int) -> str:
+    """A cell input's name as in the DARTS paper's figures: c_{k-2}, c_{k-1}, then intermediate nodes 0, 1, ..."""
+    return ("c_{k-2}", "c_{k-1}")[index] if index < 2 else str(index - 2)
+
+
+def edge_names(nodes: int = NODES) -> list[str]:
+    """Each edge in alpha row order, named by its endpoints: "c_{k-2} -> 0", ..., "2 -> 3"."""
+    return [f"{node_name(j)} -> {i}" for i in range(nodes) for j in range(2 + i)]
+
+
+def full_edge_ops(primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> list[list[str]]:
+    return [list(primitives) for _ in range(num_edges(nodes))]
