@@ -45,6 +45,22 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     assert json.loads(r.stdout)["params"] > 1e6
 
 
+def test_describe_says_how_many_choices_the_cell_shares_with_others(finished_training):
+    """DARTS_V2 against DARTS_V1: 5 + 6 of 16 (counted by hand in tests/test_genotype.py); ``zoo`` stands for every
+    published cell; a trained run is compared by its own cell; a cell of another size is one line."""
+    code, out, err = call("describe", "DARTS_V2", "--against", "DARTS_V1", "--against", "zoo")
+    assert code == 0, err
+    assert "shares 11 of 16 (op, input) choices with DARTS_V1 (normal 5, reduce 6)" in out
+    assert "shares 16 of 16 (op, input) choices with DARTS_V2 (normal 8, reduce 8)" in out and "PC_DARTS_image" in out
+    trained = json.loads((finished_training / "model.json").read_text())["genotype"]
+    code, out, err = call("describe", str(finished_training), "--against", trained, "--json")
+    assert code == 0 and json.loads(out)["shared_with"] == {trained: {"normal": 8, "reduce": 8, "shared": 16, "of": 16}}
+    one_node = "Genotype(normal=[('sep_conv_3x3', 0), ('skip_connect', 1)], normal_concat=[2], " \
+               "reduce=[('max_pool_3x3', 0), ('skip_connect', 1)], reduce_concat=[2])"
+    assert call("describe", "DARTS_V2", "--against", one_node) == (
+        2, "", "ilnas: error: cells of 4 and 1 nodes cannot be compared choice by choice\n")
+
+
 def test_describe_of_a_training_run_gives_the_network_it_trained(finished_training):
     """Its parameter count is the one the run recorded (result.json), at its own width, depth and input; a
     preset or a --set describes the cell under that evaluation setting instead (CIFAR-10 by default)."""

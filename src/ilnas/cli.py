@@ -104,6 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", help="evaluation preset (default: eval-cifar10; for a training run, the network it "
                                     "trained, unless --preset or --set is given)")
     d.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--against", action="append", default=[], metavar="GENOTYPE",
+                   help="also say how many (op, input) choices the cell shares with this one (any form the genotype "
+                        "argument takes; zoo: every published cell); repeatable")
     d.add_argument("--json", action="store_true", help="print JSON")
     return p
 
@@ -310,14 +313,18 @@ def _holds_a_card(spec: str) -> bool:
 
 def _describe(args: argparse.Namespace) -> None:
     from ilnas.models import read_card
-    from ilnas.recipes.describe import describe, describe_trained
-    from ilnas.space.genotype import load_genotype
+    from ilnas.recipes.describe import describe, describe_trained, shared_with
+    from ilnas.space.genotype import load_genotype, parse_genotype, zoo
 
+    others = {name: cell for spec in args.against
+              for name, cell in (zoo().items() if spec == "zoo" else [(spec, load_genotype(spec))])}
     if args.preset is None and not args.overrides and _holds_a_card(args.genotype):
         info = describe_trained(read_card(args.genotype))  # the network the run trained, not a CIFAR one
     else:
         info = describe(load_genotype(args.genotype), _resolve(args.preset or "eval-cifar10", None, args.overrides,
                                                                kind="eval"))
+    if others:
+        info["shared_with"] = shared_with(parse_genotype(info["genotype"]), others)
     if args.json:
         print(json.dumps(info, indent=1))
         return
@@ -328,6 +335,9 @@ def _describe(args: argparse.Namespace) -> None:
     from ilnas.report.tables import in_millions
 
     print(f"multiply-adds: {in_millions(info['macs'])}M at {info['resolution']}x{info['resolution']}")
+    for name, n in info.get("shared_with", {}).items():
+        print(f"shares {n['shared']} of {n['of']} (op, input) choices with {name} "
+              f"(normal {n['normal']}, reduce {n['reduce']})")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import torch
 from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import task_info
 from ilnas.models import ModelCard
-from ilnas.space.genotype import Genotype, parse_genotype
+from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.network import build_network, count_parameters, multiply_adds
 
 
@@ -31,3 +31,14 @@ def _size(genotype: Genotype, task: str, classes: int, channels: int, resolution
             "network": f"{network['style']}, {network['layers']} cells, C={network['channels']}",
             "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),
             "macs": macs, "resolution": resolution}
+
+
+def shared_with(genotype: Genotype, others: dict[str, Genotype]) -> dict[str, dict[str, int]]:
+    """Per named cell, how many of ``genotype``'s (op, input) choices it makes too, per cell and in all (``of``:
+    how many there are): space.genotype.shared_choices."""
+    out = {}
+    for name, other in others.items():
+        per_cell = {cell: shared_choices(genotype, other, cells=(cell,)) for cell in ("normal", "reduce")}
+        out[name] = {**per_cell, "shared": sum(per_cell.values()), "of": genotype.choices}
+    return out
+
