@@ -5,7 +5,9 @@
 Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds (and
 training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
 mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy). Across sweeps: how many of the
-(op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Figures: error
+(op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Per arm, its cells:
+how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and how far the final
+normal-cell architecture weights have moved from uniform (op entropy, the strongest op's weight). Figures: error
 per arm and task.
 """
 from __future__ import annotations
@@ -13,15 +15,20 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+import yaml
 from matplotlib.figure import Figure
 
-from ilnas.recipes.compare import paired_difference
-from ilnas.space.genotype import Genotype, shared_choices
+from ilnas.recipes.compare import cell_agreement, paired_difference
+from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
+from ilnas.space.layout import PARAMETER_FREE
 
-# (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict.
+# (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict;
+# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops).
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
 Arm = dict
 
@@ -37,9 +44,16 @@ def load(sweep: Path) -> dict[str, Arm]:
             training_seed = name.rpartition("-seed-")[2] if "-seed-" in name else ""
             arm[(seed, training_seed, result["task"])] = 100 * result["final_test_error"]
         search = sweep / cell["cell"] / "search"
+        trained = sorted((sweep / cell["cell"]).glob("train-*/config.yaml"))
+        if not search.is_dir() and trained:  # a given cell (random:SEED): the cell its trainings trained
+            arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
         if (search / "summary.json").is_file():
             arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
             arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
+        if (search / "arch_history.npz").is_file():
+            with np.load(search / "arch_history.npz") as history:
+                last = max(k for k in history.files if k.endswith("/alphas_normal"))  # the last P-DARTS phase
+                arm[("alphas", seed)] = history[last][-1]
     return arms
 
 
@@ -100,6 +114,37 @@ def overlap(reference: Arm, arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def cells(arms: dict[str, Arm]) -> list[str]:
+    """Per arm with cells: how alike its seeds' cells are (compare.cell_agreement: 1 one cell, 0.092 expected of
+    uniformly drawn ones), the share of its normal cells' edges that hold a pool or a skip-connect (3 of the 7 ops:
+    0.43 expected of uniformly drawn cells), and, from the final architecture weights of the normal cell, the mean
+    entropy of an edge's op weights (log 8 = 2.0794 nats when uniform) and the mean weight of an edge's strongest op
+    (0.125 when uniform)."""
+    lines = ["| arm | cells | cell agreement | parameter-free normal edges | normal op entropy (nats) | strongest op |",
+             "|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        genotypes = [Genotype.from_dict(g) for k, g in sorted(arm.items(), key=lambda kv: str(kv[0])) if k[0] == "cell"]
+        if not genotypes:
+            continue
+        agreement = cell_agreement([g.to_string() for g in genotypes])
+        free = statistics.mean(sum(op in PARAMETER_FREE for op, _ in g.normal) / len(g.normal) for g in genotypes)
+        weights = [_softmax(a) for k, a in arm.items() if k[0] == "alphas"]
+        entropy = statistics.mean(float(-(w * np.log(w)).sum(-1).mean()) for w in weights) if weights else math.nan
+        strongest = statistics.mean(float(w.max(-1).mean()) for w in weights) if weights else math.nan
+        lines.append(f"| {name} | {len(genotypes)} | {_f(agreement, 2)} | {free:.2f} | {_f(entropy, 5)} | "
+                     f"{_f(strongest, 4)} |")
+    return lines
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _f(value: float, digits: int) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
 def figure(arms: dict[str, Arm], title: str) -> Figure:
     tasks = _tasks(arms)
     fig = Figure(figsize=(4 + 1.1 * len(arms), 3.6 * len(tasks)))
@@ -130,6 +175,7 @@ def main() -> None:
         print(f"### {name}\n\n" + "\n".join(table(arms)) + "\n\n" + "\n".join(paired(arms)) + "\n")
         if main_il is not None:
             print("\n".join(overlap(main_il, arms)) + "\n")
+        print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)
             figure(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}.png", dpi=100)

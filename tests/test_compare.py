@@ -319,6 +319,11 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     import importlib.util
     from pathlib import Path
 
+    import numpy as np
+
+    from ilnas.space.genotype import random_genotype
+    from ilnas.space.layout import PARAMETER_FREE
+
     spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parents[1] / "study" / "analyze.py")
     analyze = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(analyze)
@@ -350,6 +355,21 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     arms = analyze.load(tmp_path)
     assert analyze.table(arms)[2] == "| framework=il | 13.50 ± 3.11 | 12.0 | 3 |"
     assert analyze.paired(arms)[2].startswith("| framework=il | framework=mtl | 3 | -2.33 |")
+    # the cells: IL seed 0's final normal weights uniform (entropy log 8, strongest op 1/8); a random cell, the
+    # control, read from its training's config; DARTS_V2's normal cell holds 2 skip-connects on its 8 edges
+    np.savez(tmp_path / "il-0" / "search" / "arch_history.npz", **{"p0/alphas_normal": np.zeros((2, 14, 8))})
+    random_cell = random_genotype(0)
+    (tmp_path / "random-0" / "train-digits").mkdir(parents=True)
+    (tmp_path / "random-0" / "train-digits" / "config.yaml").write_text(
+        yaml.safe_dump({"genotype": random_cell.to_string()}))
+    (tmp_path / "random-0" / "train-digits" / "result.json").write_text(
+        json.dumps({"task": "digits", "final_test_error": 0.2}))
+    cells.append({"cell": "random-0", "labels": {"search.seed": 0, "framework": "random"}})
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
+    free = sum(op in PARAMETER_FREE for op, _ in random_cell.normal) / 8
+    assert analyze.cells(analyze.load(tmp_path))[2:] == [
+        f"| framework=il | 3 | 1.00 | 0.25 | {math.log(8):.5f} | 0.1250 |", "| framework=mtl | 3 | 1.00 | 0.25 | - | - |",
+        f"| framework=random | 1 | - | {free:.2f} | - | - |"]
 
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label
