@@ -121,6 +121,7 @@ def cell_evolution(cells: list[Genotype], phase_starts: list[int]) -> Figure:
           phase_starts=starts)
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylim(-0.3, 2 * last.nodes + 0.3)  # counts of a cell's edges: one scale for all three
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
