@@ -1766,6 +1766,27 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     assert code == 0 and f"| {stopped['checkpoint']['epochs'] - 1} ep, " in table and " (previous file) |" in table
 
 
+def test_status_says_for_how_many_epochs_a_search_has_kept_its_cell(finished_run, tmp_path):
+    """Its 3 epochs made DARTS_V1, then DARTS_V2 twice (listed the other way round the second time: the same cell):
+    the cell has stayed for 2 epochs. An epoch's cell that cannot be read leaves the count out, not the run."""
+    from helpers import listed_the_other_way
+    from ilnas.space.genotype import zoo
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
+    cells = iter(g.to_string() for g in (v1, v2, listed_the_other_way(v2)))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [{**r, "genotype": next(cells)} if r["kind"] == "epoch" else r for r in records]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = call("status", str(run), "--json")
+    assert code == 0 and json.loads(out)[0]["cell_unchanged_epochs"] == 2, err
+    assert "; same cell 2 ep |" in call("status", str(run))[1]
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().replace("Genotype(", "Genotype([", 1))
+    code, out, err = call("status", str(run), "--json")
+    assert code == 0 and json.loads(out)[0]["cell_unchanged_epochs"] is None, err
+    assert "same cell" not in call("status", str(run))[1]
+
+
 def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_without_runs(tmp_path):
     r = ilnas_here("status", str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip() == f"ilnas: error: no ilnas runs in {tmp_path}"

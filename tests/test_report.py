@@ -109,15 +109,16 @@ def test_the_cell_over_the_epochs_counts_choices_kept_and_parameter_free_ops():
     Skip-connects: V1's normal cell 3, reduce 3; V2's 2 and 3. Every reduction edge of both is a pool or a
     skip-connect; their normal cells have no pool."""
     from helpers import listed_the_other_way
-    from ilnas.report.figures import cell_evolution, epoch_cells, settled_since
+    from ilnas.report.figures import cell_evolution, epoch_cells
+    from ilnas.space.genotype import unchanged_for
 
     v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
     records = [{"kind": "step", "phase": 0, "step": 1}]
     records += [{"kind": "epoch", "phase": int(e > 1), "epoch": e % 2, "genotype": g.to_string()}
                 for e, g in enumerate((v1, v2, listed_the_other_way(v2), v2))]
     cells, starts = epoch_cells(records)
-    assert cells[1] == v2 and starts == [2] and settled_since(cells) == 2
-    assert settled_since(cells[:1]) == 1 and settled_since([v2, v1]) == 2
+    assert cells[1] == v2 and starts == [2] and unchanged_for(cells) == 3
+    assert unchanged_for(cells[:1]) == 1 and unchanged_for([v2, v1]) == 1 and unchanged_for([]) == 0
     fig = cell_evolution(cells, starts)
     lines = {(ax.get_title().split(" (")[0], line.get_label()): list(line.get_ydata())
              for ax in fig.axes for line in ax.lines if not line.get_label().startswith("_")}

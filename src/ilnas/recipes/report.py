@@ -17,10 +17,9 @@ from ilnas.config.schema import KIND_NAMES
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
-from ilnas.report.figures import (alpha_figures, cell_evolution, epoch_cells, search_curves, settled_since,
-                                  training_curves)
+from ilnas.report.figures import alpha_figures, cell_evolution, epoch_cells, search_curves, training_curves
 from ilnas.runs import holds_run_files, read_config, read_json, read_metrics, read_record
-from ilnas.space.genotype import Genotype, load_genotype, parse_genotype
+from ilnas.space.genotype import Genotype, load_genotype, parse_genotype, unchanged_for
 
 PLOTS, REPORT = "plots", "report.html"
 # What the report reads of a finished run's final record, and its types.
@@ -120,7 +119,7 @@ def _search_report(path: Path, config: dict, report: Report) -> dict:
     cells, phase_starts = epoch_cells(metrics)
     if cells:
         figures["cell_evolution"] = cell_evolution(cells, phase_starts)
-        report.facts.append(("cell unchanged since", f"epoch {settled_since(cells)} of {len(cells)}"
+        report.facts.append(("cell unchanged since", f"epoch {len(cells) - unchanged_for(cells) + 1} of {len(cells)}"
                                                      + (" (over all phases)" if phase_starts else "")))
         report.sections.append(("the cell over the epochs", [f"{PLOTS}/cell_evolution.svg"]))
     if history is not None:

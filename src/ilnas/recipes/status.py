@@ -1,6 +1,7 @@
 """Where runs stand: finished, running (and who runs it), failed (its last session's error: a resume most
 often fails again), or interrupted (to be resumed); how many epochs
-are done, the last epoch's accuracies, where its latest checkpoint lies (what a resume continues from, and
+are done, the last epoch's accuracies (and for a search, for how many epochs its cell has not changed), where its
+latest checkpoint lies (what a resume continues from, and
 what a kill now would lose), how many sessions worked on the run, and for a running one the time its
 remaining epochs should take. Reads run directories only; writes nothing."""
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ilnas.report.tables import markdown_table
 from ilnas.runlock import lock_holder
 from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
                         read_metrics)
+from ilnas.space.genotype import parse_genotype, unchanged_for
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
 FAILURES = ("failed", "crashed")  # a last session that ended so (provenance.json's outcome) failed the run
@@ -46,7 +48,7 @@ def run_status(path: Path) -> dict:
             "holder": holder if state == "running" else None,
             "outcome": outcome if state in ("failed", "interrupted") else None,
             "epochs_done": len(epochs), "epochs": total,
-            "last": _last(epochs[-1]) if epochs else None,
+            "last": _last(epochs[-1]) if epochs else None, "cell_unchanged_epochs": _cell_unchanged(epochs),
             "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
             "remaining_seconds": remaining, "remaining_at_least": at_least, "job": None}
@@ -90,8 +92,8 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
 
 def _row(run: str, state: str) -> dict:
     return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0,
-            "epochs": None, "last": None, "checkpoint": None, "sessions": 0, "resumed": 0, "epoch_seconds": None,
-            "remaining_seconds": None, "remaining_at_least": False, "job": None}
+            "epochs": None, "last": None, "cell_unchanged_epochs": None, "checkpoint": None, "sessions": 0,
+            "resumed": 0, "epoch_seconds": None, "remaining_seconds": None, "remaining_at_least": False, "job": None}
 
 
 def _remaining_seconds(config: dict, epochs: list[dict], total: int | None) -> tuple[float | None, bool]:
@@ -204,6 +206,16 @@ def _last(epoch: dict) -> str:
     return f"test top-1 {top1:.3f}" if isinstance(top1, (int, float)) else "-"
 
 
+def _cell_unchanged(epochs: list[dict]) -> int | None:
+    """For how many of its last epochs a search's cell has been the one it has now (a P-DARTS phase's first epoch
+    counts its cell as new); None for a training, or where an epoch's cell cannot be read."""
+    try:
+        cells = [parse_genotype(m["genotype"]) for m in epochs if "genotype" in m]
+    except (IlnasError, TypeError):
+        return None
+    return unchanged_for(cells) or None
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -221,7 +233,9 @@ def table(rows: list[dict]) -> str:
         sessions = f"{r['sessions']}" + (f" ({r['resumed']} resumed)" if r["resumed"] else "")
         total = r["epochs"] if r["epochs"] is not None else "?"
         state = r["state"] + (f" (SLURM job {r['job']})" if r.get("job") else "")
-        cells.append([r["run"], r["kind"], state, f"{r['epochs_done']}/{total}", r["last"] or "-",
+        last = (r["last"] or "-") + (f"; same cell {r['cell_unchanged_epochs']} ep" if r.get("cell_unchanged_epochs")
+                                     else "")
+        cells.append([r["run"], r["kind"], state, f"{r['epochs_done']}/{total}", last,
                       _checkpoint_cell(r["checkpoint"]), sessions, _duration(r["epoch_seconds"]),
                       ("≥ " if r["remaining_at_least"] else "") + _duration(r["remaining_seconds"])])
     lines = markdown_table(["run", "kind", "state", "epochs", "last epoch", "checkpoint", "sessions", "epoch time",

@@ -91,14 +91,6 @@ def epoch_cells(records: list[dict]) -> tuple[list[Genotype], list[int]]:
     return [parse_genotype(r["genotype"]) for r in epochs], starts
 
 
-def settled_since(cells: list[Genotype]) -> int:
-    """The first epoch (1-based) from which every epoch ended with the last epoch's cell; 0 without epochs."""
-    first = len(cells)
-    while first > 1 and shared_choices(cells[first - 2], cells[-1]) == cells[-1].choices:
-        first -= 1
-    return first
-
-
 def cell_evolution(cells: list[Genotype], phase_starts: list[int]) -> Figure:
     """Per search epoch (``epoch_cells``): how many of the last epoch's (op, input) choices its cell made already,
     and how many parameter-free ops (pools, skip-connects) and skip-connects each cell had; dotted lines where a

@@ -213,6 +213,15 @@ def shared_choices(a: Genotype, b: Genotype, cells: Sequence[str] = ("normal", "
     return shared
 
 
+def unchanged_for(cells: Sequence[Genotype]) -> int:
+    """How many of ``cells`` (a search's epochs, in order), counted back from the last, are the last one's cell,
+    choice for choice (shared_choices); 0 for none."""
+    n = 1 if cells else 0
+    while n < len(cells) and shared_choices(cells[-1 - n], cells[-1]) == cells[-1].choices:
+        n += 1
+    return n
+
+
 # --- the zoo and the ways a user names a genotype ----------------------------------------------
 
 def zoo() -> dict[str, Genotype]:
