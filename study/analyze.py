@@ -126,7 +126,7 @@ def cells(arms: dict[str, Arm]) -> list[str]:
         genotypes = [Genotype.from_dict(g) for k, g in sorted(arm.items(), key=lambda kv: str(kv[0])) if k[0] == "cell"]
         if not genotypes:
             continue
-        agreement = cell_agreement([g.to_string() for g in genotypes])
+        agreement = cell_agreement(genotypes)
         free = statistics.mean(sum(op in PARAMETER_FREE for op, _ in g.normal) / len(g.normal) for g in genotypes)
         weights = [_softmax(a) for k, a in arm.items() if k[0] == "alphas"]
         entropy = statistics.mean(float(-(w * np.log(w)).sum(-1).mean()) for w in weights) if weights else math.nan

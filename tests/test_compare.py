@@ -310,6 +310,10 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     as_json = json.loads(call("compare", str(runs), "--paired", "--json")[1])
     assert [r["cell_agreement"] for r in as_json["rows"] if r["framework"] == "mtl"] == [1.0]
     assert [r["cell_agreement"] for r in as_json["rows"] if r["method"] == "DARTS_V2"] == [None]
+    _give_cell(runs / "mtl-1" / "search", "Genotype(normal=[('sep_conv_3x3', 0)]")  # damaged: refused, named
+    code, out, err = call("compare", str(runs))
+    assert code == 2 and err.startswith(f"ilnas: error: {runs / 'mtl-1' / 'search' / 'summary.json'} is damaged: "
+                                        f"its genotype is no cell (") and err.count("\n") == 1, err
 
 
 def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):

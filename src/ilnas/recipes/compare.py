@@ -20,7 +20,7 @@ from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
 from ilnas.report.tables import in_millions, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
-from ilnas.space.genotype import parse_genotype, shared_choices
+from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "data.memory_limit_gb", "search.device",
@@ -59,7 +59,7 @@ class Group:
     trainings: dict[str, list[dict]] = field(default_factory=dict)  # task -> result.json of each training
     # (cell seed, training seed, task) -> test error in %: what pairs two groups' runs
     errors: dict[tuple, float] = field(default_factory=dict)
-    cells: dict[object, str] = field(default_factory=dict)  # cell seed -> the genotype it gave (None: a given cell)
+    cells: dict[object, Genotype] = field(default_factory=dict)  # cell seed -> its cell (None: a given cell)
 
 
 @dataclass
@@ -126,7 +126,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     unfinished = {r: _state(r) for r in runs if not is_finished(r)}
     cells: dict[str, tuple[str, str, dict]] = {}  # cell key -> method, framework, settings (first seen first)
     searches: dict[str, list[dict]] = {}  # search configuration key -> summary.json of each finished search
-    found: dict[str, dict[object, str]] = {}  # cell key -> cell seed -> genotype (a search's, a random cell's)
+    found: dict[str, dict[object, Genotype]] = {}  # cell key -> cell seed -> its cell (a search's, a random one)
     recipes: dict[str, dict[str, Group]] = {}  # cell key -> training recipe key -> its group
 
     def cell_of(settings: dict, method: str, framework: str) -> str:
@@ -142,7 +142,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
             summary = read_record(run, "summary.json", SUMMARY_FIELDS)
             searches.setdefault(key, []).append(summary)
-            found.setdefault(key, {})[config["search"]["seed"]] = summary["genotype"]
+            found.setdefault(key, {})[config["search"]["seed"]] = _cell(run / "summary.json", summary["genotype"])
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run, config.get("genotype"))
@@ -158,7 +158,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
                 cell_seed = int(source.split(":")[1])
             else:
                 key = cell_of({"cell": config.get("genotype")}, source, "-")
-        found.setdefault(key, {}).setdefault(cell_seed, config.get("genotype"))
+        if cell_seed not in found.setdefault(key, {}):
+            found[key][cell_seed] = _cell(run / "config.yaml", config.get("genotype"))
         method, framework, settings = cells[key]
         recipe = _settings(config, RECIPE, frozenset(NOT_RECIPE))
         group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe}))
@@ -171,6 +172,14 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             groups.append(group)
     tasks = sorted({t for g in groups for t in g.trainings})
     return Comparison(groups, tasks, _varying(groups), unfinished)
+
+
+def _cell(file: Path, text: object) -> Genotype:
+    """The cell a run's record names, refused in one line that names the record where it is damaged."""
+    try:
+        return parse_genotype(str(text))
+    except IlnasError as e:
+        raise IlnasError(f"{file} is damaged: its genotype is no cell ({e})") from None
 
 
 def _state(run: Path) -> str:
@@ -226,12 +235,11 @@ def rows(c: Comparison) -> list[dict]:
     return out
 
 
-def cell_agreement(cells: Sequence[str]) -> float:
-    """How alike the cells (genotype texts) are: over every two of them, the mean share of (op, input) choices
-    they make alike (space.genotype.shared_choices). 1 where all are one cell; 0.092 expected of cells drawn
-    uniformly from the DARTS space; nan for fewer than two cells."""
-    parsed = [parse_genotype(text) for text in cells]
-    return mean_std(shared_choices(a, b) / a.choices for a, b in itertools.combinations(parsed, 2))[0]
+def cell_agreement(cells: Sequence[Genotype]) -> float:
+    """How alike the cells are: over every two of them, the mean share of (op, input) choices they make alike
+    (space.genotype.shared_choices). 1 where all are one cell; 0.092 expected of cells drawn uniformly from the
+    DARTS space; nan for fewer than two cells."""
+    return mean_std(shared_choices(a, b) / a.choices for a, b in itertools.combinations(cells, 2))[0]
 
 
 def paired(c: Comparison) -> list[dict]:
