@@ -114,6 +114,16 @@ def overlap(reference: Arm, arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def against(reference: Arm, arms: dict[str, Arm], name: str = "main IL") -> list[str]:
+    """The reference arm (the main study's IL arm) on the seeds ``arms`` were run with: its row of ``table``
+    and of ``cells``, and its pairs with each of ``arms`` (``paired`` pairs only the runs two arms share)."""
+    seeds = {k[0] for arm in arms.values() for k in arm if _is_error(k)}
+    own = {k: v for k, v in reference.items() if k[0] in seeds or k[0] == "hours" or (len(k) == 2 and k[1] in seeds)}
+    pairs = paired({name: own, **arms})
+    return [*table({name: own}), "", *cells({name: own}), "", *pairs[:2],
+            *(line for line in pairs[2:] if line.startswith(f"| {name} |"))]
+
+
 def cells(arms: dict[str, Arm]) -> list[str]:
     """Per arm with cells: how alike its seeds' cells are (compare.cell_agreement: 1 one cell, 0.092 expected of
     uniformly drawn ones), the share of its normal cells' edges that hold a pool or a skip-connect (3 of the 7 ops:
@@ -175,6 +185,8 @@ def main() -> None:
         print(f"### {name}\n\n" + "\n".join(table(arms)) + "\n\n" + "\n".join(paired(arms)) + "\n")
         if main_il is not None:
             print("\n".join(overlap(main_il, arms)) + "\n")
+            if "framework=il" not in arms:  # an ablation sweep: the main IL arm on its seeds, and paired with it
+                print("\n".join(against(main_il, arms)) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)

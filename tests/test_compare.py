@@ -359,6 +359,12 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     arms = analyze.load(tmp_path)
     assert analyze.table(arms)[2] == "| framework=il | 13.50 ± 3.11 | 12.0 | 3 |"
     assert analyze.paired(arms)[2].startswith("| framework=il | framework=mtl | 3 | -2.33 |")
+    # the main IL arm against an ablation sweep's arms, on that sweep's seeds (here MTL with seeds 0 and 1 only):
+    # IL's runs of those seeds are 10, 12 and the second training seed's 17
+    mtl = {k: v for k, v in arms["framework=mtl"].items() if k[0] != 2 and k[-1] != 2}
+    lines = analyze.against(arms["framework=il"], {"framework=mtl": mtl})
+    assert lines[2] == "| main IL | 13.00 ± 3.61 | 12.0 | 2 |" and lines[6] == "| main IL | 2 | 1.00 | 0.25 | - | - |"
+    assert analyze.against(arms["framework=il"], arms)[-1].startswith("| main IL | framework=mtl | 3 | -2.33 |")
     # the cells: IL seed 0's final normal weights uniform (entropy log 8, strongest op 1/8); a random cell, the
     # control, read from its training's config; DARTS_V2's normal cell holds 2 skip-connects on its 8 edges
     np.savez(tmp_path / "il-0" / "search" / "arch_history.npz", **{"p0/alphas_normal": np.zeros((2, 14, 8))})
