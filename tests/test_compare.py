@@ -245,6 +245,14 @@ def test_multiply_adds_are_whole_millions_as_papers_give_them_and_two_digits_bel
     assert [in_millions(n) for n in (5.74e8, 2e8, 1.2e7, 2.1e6, 4.6e5)] == ["574", "200", "12", "2.1", "0.46"]
 
 
+def test_holm_adjusts_p_values_tested_together_step_down():
+    from ilnas.recipes.compare import holm
+
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> never below the one before: 0.06
+    assert holm([0.01, 0.04, 0.03, None, 0.005]) == pytest.approx([0.03, 0.06, 0.06, None, 0.02])
+    assert holm([0.6, 0.7]) == [1.0, 1.0] and holm([]) == [] and holm([None]) == [None]
+
+
 def test_mean_std_of_one_and_of_none():
     assert mean_std([3.0]) == (3.0, 0.0, 1)
     assert mean_std([])[2] == 0
@@ -264,6 +272,9 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
         assert p["mean_diff"] == pytest.approx(mean)
         assert p["t_p"] == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-9)
         assert p["wilcoxon_p"] == pytest.approx(0.5)
+    # Holm over the two pairs: the smaller p (IL - random) doubled, the larger kept where that is not below it
+    assert pairs[1]["t_p_holm"] == pytest.approx(2 * pairs[1]["t_p"]) and pairs[0]["t_p_holm"] == pairs[0]["t_p"]
+    assert pairs[0]["wilcoxon_p_holm"] == pairs[1]["wilcoxon_p_holm"] == 1.0
     code, out, err = call("compare", str(runs), "--paired")
     assert code == 0, err
     assert "| 2 | -14.00 | 0.177 | 0.500 |" in out and "| random cell | 2 | -32.00 | 0.079 | 0.500 |" in out
@@ -305,8 +316,8 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     code, out, err = call("compare", str(runs), "--paired")
     assert code == 0, err
     assert "| search (h) | cell agreement | seeds |" in out and "| 1.500 | 0.79 | 3 |" in out and "| - | - | 1 |" in out
-    assert "| 2 | -14.00 | 0.177 | 0.500 | 0.84 |" in out
-    assert "| random cell | 2 | -32.00 | 0.079 | 0.500 | 0.69 |" in out
+    assert "| 2 | -14.00 | 0.177 | 0.500 | 0.177 | 1.000 | 0.84 |" in out
+    assert "| random cell | 2 | -32.00 | 0.079 | 0.500 | 0.158 | 1.000 | 0.69 |" in out
     as_json = json.loads(call("compare", str(runs), "--paired", "--json")[1])
     assert [r["cell_agreement"] for r in as_json["rows"] if r["framework"] == "mtl"] == [1.0]
     assert [r["cell_agreement"] for r in as_json["rows"] if r["method"] == "DARTS_V2"] == [None]

@@ -258,6 +258,22 @@ def paired(c: Comparison) -> list[dict]:
             out.append({"a": labels[i], "b": labels[j], "pairs": len(common),
                         **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common]),
                         "cells_shared": None if math.isnan(shared) else shared})
+    for test in ("t_p", "wilcoxon_p"):  # the table tests many pairs at once: each p also adjusted for all of them
+        for p, adjusted in zip(out, holm([p[test] for p in out])):
+            p[f"{test}_holm"] = adjusted
+    return out
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of p-values tested together (None: not tested, and not counted): the i-th
+    smallest of m is multiplied by m - i + 1, capped at 1 and never below the one before it. A pair whose adjusted
+    p lies below 0.05 differs at that level with every pair of the table considered."""
+    tested = sorted((p, i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        out[i] = running
     return out
 
 
@@ -299,10 +315,13 @@ def _label(c: Comparison, g: Group) -> str:
 def _paired_markdown(pairs: list[dict]) -> list[str]:
     if not pairs:
         return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
-    return ["", "Paired over runs with the same cell seed, training seed and task (test error, points):", "",
-            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p", "cells shared"],
+    return ["", "Paired over runs with the same cell seed, training seed and task (test error, points; Holm: "
+                "adjusted for all the pairs below):", "",
+            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p", "t p, Holm",
+                             "Wilcoxon p, Holm", "cells shared"],
                             [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}", _num(p["t_p"], 3),
-                              _num(p["wilcoxon_p"], 3), _num(p["cells_shared"], 2)] for p in pairs])]
+                              _num(p["wilcoxon_p"], 3), _num(p["t_p_holm"], 3), _num(p["wilcoxon_p_holm"], 3),
+                              _num(p["cells_shared"], 2)] for p in pairs])]
 
 
 def _show(value: object) -> str:
