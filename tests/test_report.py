@@ -14,7 +14,9 @@ import pytest
 from helpers import ilnas_here, snapshot
 from ilnas.report.cells import cell_dot
 from ilnas.report.figures import alpha_figures
-from ilnas.space.genotype import load_genotype, zoo
+from ilnas.runs import read_metrics
+from ilnas.space.genotype import load_genotype, parse_genotype, zoo
+from ilnas.space.layout import PARAMETER_FREE
 
 
 class _Links(HTMLParser):
@@ -70,7 +72,14 @@ def test_the_search_sends_its_figures_to_tensorboard(finished_run):
 
     acc = EventAccumulator(str(finished_run / "tb"), size_guidance={"images": 0})
     acc.Reload()
-    assert {"report/curves", "report/alphas_p0_normal"} <= set(acc.Tags()["images"])
+    assert {"report/curves", "report/alphas_p0_normal", "report/cell_evolution"} <= set(acc.Tags()["images"])
+    # and, every epoch, the skip-connects and parameter-free ops of the epoch's cell (metrics.jsonl's genotype)
+    cells = [parse_genotype(r["genotype"]) for r in read_metrics(finished_run, "epoch")]
+    for part in ("normal", "reduce"):
+        skips = [e.value for e in acc.Scalars(f"cell/skip_connects/{part}")]
+        free = [e.value for e in acc.Scalars(f"cell/parameter_free/{part}")]
+        assert skips == [sum(op == "skip_connect" for op, _ in getattr(g, part)) for g in cells]
+        assert free == [sum(op in PARAMETER_FREE for op, _ in getattr(g, part)) for g in cells]
 
 
 def test_plot_redraws_a_training_run_without_touching_anything_else(finished_training):

@@ -47,7 +47,7 @@ from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.layout import edge_names, full_edge_ops
+from ilnas.space.layout import PARAMETER_FREE, edge_names, full_edge_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, init_arch, ranking_weights, use_channels_last
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
@@ -636,6 +636,9 @@ def _write_epoch(ctx: SearchContext, record: dict, prog: Progress, genotype: Gen
     writer.add_scalar("search/lr", record["lr"], x)
     for part in ("normal", "reduce"):
         writer.add_scalar(f"alpha_entropy/{part}", record["alpha_entropy"][part], x)
+        ops = [op for op, _ in getattr(genotype, part)]  # a normal cell filling with these: a collapsing search
+        writer.add_scalar(f"cell/skip_connects/{part}", ops.count("skip_connect"), x)
+        writer.add_scalar(f"cell/parameter_free/{part}", sum(op in PARAMETER_FREE for op in ops), x)
     writer.flush()
     run.save_arrays("arch_history.npz", arch_history_arrays(prog))
     run.save_genotype(genotype)
