@@ -272,12 +272,17 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
         assert p["mean_diff"] == pytest.approx(mean)
         assert p["t_p"] == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-9)
         assert p["wilcoxon_p"] == pytest.approx(0.5)
+    # 95 % interval of the mean difference: both pairs' differences lie 8 apart (sd 4 sqrt 2, standard error 4),
+    # and Student's t with one degree of freedom is Cauchy's law, whose 0.975 quantile is tan(0.475 pi)
+    for p, mean in zip(pairs, (-14.0, -32.0)):
+        assert p["ci95"] == pytest.approx([mean - 4 * math.tan(0.475 * math.pi), mean + 4 * math.tan(0.475 * math.pi)])
     # Holm over the two pairs: the smaller p (IL - random) doubled, the larger kept where that is not below it
     assert pairs[1]["t_p_holm"] == pytest.approx(2 * pairs[1]["t_p"]) and pairs[0]["t_p_holm"] == pairs[0]["t_p"]
     assert pairs[0]["wilcoxon_p_holm"] == pairs[1]["wilcoxon_p_holm"] == 1.0
     code, out, err = call("compare", str(runs), "--paired")
     assert code == 0, err
-    assert "| 2 | -14.00 | 0.177 | 0.500 |" in out and "| random cell | 2 | -32.00 | 0.079 | 0.500 |" in out
+    assert "| 2 | -14.00 | [-64.82, +36.82] | 0.177 | 0.500 | 0.177 | 1.000 |" in out
+    assert "| random cell | 2 | -32.00 | [-82.82, +18.82] | 0.079 | 0.500 | 0.158 | 1.000 |" in out
     assert json.loads(call("compare", str(runs), "--paired", "--json")[1])["paired"][0]["pairs"] == 2
     assert call("compare", str(runs), "--paired", "--csv") == (2, "", "ilnas: error: --paired adds a second table, "
                                                                "which CSV cannot hold: use the Markdown output or --json\n")
@@ -316,8 +321,8 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     code, out, err = call("compare", str(runs), "--paired")
     assert code == 0, err
     assert "| search (h) | cell agreement | seeds |" in out and "| 1.500 | 0.79 | 3 |" in out and "| - | - | 1 |" in out
-    assert "| 2 | -14.00 | 0.177 | 0.500 | 0.177 | 1.000 | 0.84 |" in out
-    assert "| random cell | 2 | -32.00 | 0.079 | 0.500 | 0.158 | 1.000 | 0.69 |" in out
+    assert "| 2 | -14.00 | [-64.82, +36.82] | 0.177 | 0.500 | 0.177 | 1.000 | 0.84 |" in out
+    assert "| random cell | 2 | -32.00 | [-82.82, +18.82] | 0.079 | 0.500 | 0.158 | 1.000 | 0.69 |" in out
     as_json = json.loads(call("compare", str(runs), "--paired", "--json")[1])
     assert [r["cell_agreement"] for r in as_json["rows"] if r["framework"] == "mtl"] == [1.0]
     assert [r["cell_agreement"] for r in as_json["rows"] if r["method"] == "DARTS_V2"] == [None]

@@ -278,14 +278,17 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 
 
 def paired_difference(x: Sequence[float], y: Sequence[float]) -> dict:
-    """``mean_diff``, the mean of x - y, and the p-values of a paired t-test (``t_p``) and of a Wilcoxon
-    signed-rank test (``wilcoxon_p``) of x against y; the p-values are None where every difference is the same
-    (neither test is defined there)."""
+    """``mean_diff``, the mean of x - y, with its 95 % confidence interval (``ci95``, Student's t over the
+    differences: how large a difference the runs allow, where a p-value only says whether it is zero), and the
+    p-values of a paired t-test (``t_p``) and of a Wilcoxon signed-rank test (``wilcoxon_p``) of x against y; the
+    p-values are None where every difference is the same (neither test is defined there)."""
     from scipy import stats
 
     diffs = [u - v for u, v in zip(x, y, strict=True)]
+    mean, std, n = mean_std(diffs)
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     varied = len(set(diffs)) > 1
-    return {"mean_diff": sum(diffs) / len(diffs),
+    return {"mean_diff": mean, "ci95": [mean - half, mean + half],
             "t_p": float(stats.ttest_rel(x, y).pvalue) if varied else None,
             "wilcoxon_p": float(stats.wilcoxon(x, y).pvalue) if varied else None}
 
@@ -317,9 +320,10 @@ def _paired_markdown(pairs: list[dict]) -> list[str]:
         return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
     return ["", "Paired over runs with the same cell seed, training seed and task (test error, points; Holm: "
                 "adjusted for all the pairs below):", "",
-            *markdown_table(["A", "B", "pairs", "mean A − B", "paired t p", "Wilcoxon p", "t p, Holm",
+            *markdown_table(["A", "B", "pairs", "mean A − B", "95% CI", "paired t p", "Wilcoxon p", "t p, Holm",
                              "Wilcoxon p, Holm", "cells shared"],
-                            [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}", _num(p["t_p"], 3),
+                            [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}",
+                              "[{:+.2f}, {:+.2f}]".format(*p["ci95"]), _num(p["t_p"], 3),
                               _num(p["wilcoxon_p"], 3), _num(p["t_p_holm"], 3), _num(p["wilcoxon_p_holm"], 3),
                               _num(p["cells_shared"], 2)] for p in pairs])]
 
