@@ -303,7 +303,10 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     """IL's seeds find DARTS_V2, DARTS_V1 (11 of V2's 16 choices: tests/test_genotype.py) and V2 with each node's
     edges listed the other way round (all 16): (11 + 11 + 16) / 3 pairs / 16 = 0.79 alike. MTL's two seeds both
     find V2; the random cells are V2 (seed 1) and V1 (seed 2); a given cell is one cell: no agreement to give."""
+    from itertools import combinations
+
     from ilnas.recipes.compare import paired
+    from ilnas.space.genotype import shared_choices
 
     v1, v2 = zoo()["DARTS_V1"], zoo()["DARTS_V2"]
     for seed, cell in ((1, v1), (2, listed_the_other_way(v2))):
@@ -326,6 +329,15 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     as_json = json.loads(call("compare", str(runs), "--paired", "--json")[1])
     assert [r["cell_agreement"] for r in as_json["rows"] if r["framework"] == "mtl"] == [1.0]
     assert [r["cell_agreement"] for r in as_json["rows"] if r["method"] == "DARTS_V2"] == [None]
+    # a second search of seed 0 (a repeat on a GPU, say) that found PDARTS: one more cell, not one in place of the other
+    shutil.copytree(runs / "il-0" / "search", runs / "il-0-again")
+    _give_cell(runs / "il-0-again", zoo()["PDARTS"].to_string())
+    found = [v2, zoo()["PDARTS"], v1, listed_the_other_way(v2)]
+    c = compare([runs])
+    (il,) = [r for r in rows(c) if r["framework"] == "il"]
+    assert il["cell_agreement"] == pytest.approx(sum(shared_choices(x, y) for x, y in combinations(found, 2)) / 6 / 16)
+    seed_0 = (16 + shared_choices(zoo()["PDARTS"], v2)) / 32  # IL's V2 and PDARTS against MTL's V2
+    assert paired(c)[0]["cells_shared"] == pytest.approx((seed_0 + 11 / 16) / 2)
     _give_cell(runs / "mtl-1" / "search", "Genotype(normal=[('sep_conv_3x3', 0)]")  # damaged: refused, named
     code, out, err = call("compare", str(runs))
     assert code == 2 and err.startswith(f"ilnas: error: {runs / 'mtl-1' / 'search' / 'summary.json'} is damaged: "

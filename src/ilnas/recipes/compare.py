@@ -59,7 +59,8 @@ class Group:
     trainings: dict[str, list[dict]] = field(default_factory=dict)  # task -> result.json of each training
     # (cell seed, training seed, task) -> test error in %: what pairs two groups' runs
     errors: dict[tuple, float] = field(default_factory=dict)
-    cells: dict[object, Genotype] = field(default_factory=dict)  # cell seed -> its cell (None: a given cell)
+    # cell seed (None: a given cell) -> the cells found with it: one per search run, one for a random cell
+    cells: dict[object, list[Genotype]] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,7 +127,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     unfinished = {r: _state(r) for r in runs if not is_finished(r)}
     cells: dict[str, tuple[str, str, dict]] = {}  # cell key -> method, framework, settings (first seen first)
     searches: dict[str, list[dict]] = {}  # search configuration key -> summary.json of each finished search
-    found: dict[str, dict[object, Genotype]] = {}  # cell key -> cell seed -> its cell (a search's, a random one)
+    # cell key -> cell seed -> the search run that found the cell (None: a random or given cell) -> the cell
+    found: dict[str, dict[object, dict[Path | None, Genotype]]] = {}
     recipes: dict[str, dict[str, Group]] = {}  # cell key -> training recipe key -> its group
 
     def cell_of(settings: dict, method: str, framework: str) -> str:
@@ -142,7 +144,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
             summary = read_record(run, "summary.json", SUMMARY_FIELDS)
             searches.setdefault(key, []).append(summary)
-            found.setdefault(key, {})[config["search"]["seed"]] = _cell(run / "summary.json", summary["genotype"])
+            found.setdefault(key, {}).setdefault(config["search"]["seed"], {})[run.resolve()] = \
+                _cell(run / "summary.json", summary["genotype"])
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run, config.get("genotype"))
@@ -158,8 +161,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
                 cell_seed = int(source.split(":")[1])
             else:
                 key = cell_of({"cell": config.get("genotype")}, source, "-")
-        if cell_seed not in found.setdefault(key, {}):
-            found[key][cell_seed] = _cell(run / "config.yaml", config.get("genotype"))
+        if search not in found.setdefault(key, {}).setdefault(cell_seed, {}):  # the search's run may be left out
+            found[key][cell_seed][search] = _cell(run / "config.yaml", config.get("genotype"))
         method, framework, settings = cells[key]
         recipe = _settings(config, RECIPE, frozenset(NOT_RECIPE))
         group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe}))
@@ -168,7 +171,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
     groups = []
     for key, (method, framework, settings) in cells.items():
         for group in recipes.get(key, {}).values() or [Group(method, framework, settings)]:
-            group.searches, group.cells = searches.get(key, []), found.get(key, {})
+            group.searches = searches.get(key, [])
+            group.cells = {seed: list(by_run.values()) for seed, by_run in found.get(key, {}).items()}
             groups.append(group)
     tasks = sorted({t for g in groups for t in g.trainings})
     return Comparison(groups, tasks, _varying(groups), unfinished)
@@ -228,7 +232,7 @@ def rows(c: Comparison) -> list[dict]:
         row["params_m"] = mean_std(r["params"] / 1e6 for r in trained)[0]
         row["macs_m"] = mean_std(r["macs"] / 1e6 for r in trained)[0]
         row["search_hours"] = mean_std(s["search_hours"] for s in g.searches)[0]
-        row["cell_agreement"] = cell_agreement(list(g.cells.values()))
+        row["cell_agreement"] = cell_agreement([cell for found in g.cells.values() for cell in found])
         # what the errors are over where the row has trainings (a recipe may have re-trained some seeds only)
         row["seeds"] = max(len(r) for r in g.trainings.values()) if g.trainings else len(g.searches)
         out.append(row)
@@ -254,7 +258,8 @@ def paired(c: Comparison) -> list[dict]:
         common = sorted(set(a.errors) & set(b.errors), key=str)
         if len(common) >= 2:
             seeds = [s for s in a.cells if s is not None and s in b.cells]
-            shared = mean_std(cell_agreement([a.cells[s], b.cells[s]]) for s in seeds)[0]
+            shared = mean_std(mean_std(shared_choices(x, y) / x.choices for x in a.cells[s] for y in b.cells[s])[0]
+                              for s in seeds)[0]
             out.append({"a": labels[i], "b": labels[j], "pairs": len(common),
                         **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common]),
                         "cells_shared": None if math.isnan(shared) else shared})
