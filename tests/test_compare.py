@@ -170,6 +170,22 @@ def test_the_command_prints_markdown_csv_and_json(runs):
     assert row["seeds"] == 2 and row["error_digits"]["mean"] == pytest.approx(11.0)
 
 
+def test_the_latex_output_is_the_same_tables_escaped_for_a_paper(runs):
+    code, out, err = call("compare", str(runs), "--latex", "--paired")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == [r"\begin{tabular}{llrrrrrrrrr}", r"\toprule"] and out.count(r"\begin{tabular}") == 2
+    assert r"method & framework & error digits (\%) & error mnist5k (\%) & best digits (\%)" in lines[2]
+    assert r"DARTS-2nd & il & 12.00 $\pm$ 2.00 & 24.00 $\pm$ 5.29 & 10.00 & 20.00 & 1.50 & 200 & 1.500 & 1.00 & 3 \\" \
+        in lines
+    assert r"DARTS\_V2 & - & 5.00 & - & 5.00 & - & 3.30 & 200 & - & - & 1 \\" in lines  # a zoo cell, by its name
+    assert r"A & B & pairs & mean A $-$ B & 95\% CI & paired t p" in out and lines[-1].startswith("% 1 unfinished run")
+    from ilnas.report.tables import latex_table
+
+    assert latex_table(["x"], [["a\\b&c%d$e#f_g{h}i~j^k"]])[4] == \
+        r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k \\"
+
+
 def test_the_runs_left_out_are_named_with_their_state(runs):
     """A failed run is no run to resume, an interrupted one is: the line under the table tells them apart."""
     sessions = {"failed": {"resumed": False, "end": "2026-01-01T00:00:00", "outcome": "failed: the loss diverged"},

@@ -51,9 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     fmt = cm.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     fmt.add_argument("--json", action="store_true", help="print JSON (unrounded numbers)")
+    fmt.add_argument("--latex", action="store_true", help="print LaTeX tabulars (booktabs), for a paper")
     cm.add_argument("--paired", action="store_true",
                     help="also compare every two rows over the runs they share (same seeds and task): mean "
-                         "difference, paired t-test and Wilcoxon p-values (Markdown or JSON)")
+                         "difference and its 95%% interval, paired t-test and Wilcoxon p-values, also Holm-adjusted "
+                         "(Markdown, LaTeX or JSON)")
     cm.add_argument("--figure", metavar="FILE", help="also draw every row's test errors per task into FILE "
                                                      "(.png, .svg or .pdf)")
 
@@ -266,7 +268,8 @@ def _compare(args: argparse.Namespace) -> None:
     from ilnas.recipes import compare
 
     if args.paired and args.csv:
-        raise IlnasError("--paired adds a second table, which CSV cannot hold: use the Markdown output or --json")
+        raise IlnasError("--paired adds a second table, which CSV cannot hold: use the Markdown output, --latex or "
+                         "--json")
     suffix = Path(args.figure).suffix.lower().lstrip(".") if args.figure else None
     if suffix not in (None, "png", "svg", "pdf"):
         raise IlnasError(f"--figure {args.figure}: the file must end in .png, .svg or .pdf")
@@ -280,7 +283,7 @@ def _compare(args: argparse.Namespace) -> None:
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
             raise IlnasError(f"cannot write --figure {args.figure!r} ({getattr(e, 'strerror', None) or e})") from None
     print(compare.as_json(table, args.paired) if args.json else compare.as_csv(table) if args.csv
-          else compare.markdown(table, args.paired), end="")
+          else compare.latex(table, args.paired) if args.latex else compare.markdown(table, args.paired), end="")
 
 
 def _status(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
-from ilnas.report.tables import in_millions, markdown_table
+from ilnas.report.tables import in_millions, latex_table, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 
@@ -320,17 +320,21 @@ def _label(c: Comparison, g: Group) -> str:
                                       f"[{settings}]" if settings else "") if part)
 
 
+PAIRED = ("Paired over runs with the same cell seed, training seed and task (test error, points; Holm: adjusted for "
+          "all the pairs below)")
+NO_PAIRS = "Paired: no two rows share two runs (the same cell seed, training seed and task)."
+
+
+def _paired_table(pairs: list[dict]) -> tuple[list[str], list[list[object]]]:
+    header = ["A", "B", "pairs", "mean A − B", "95% CI", "paired t p", "Wilcoxon p", "t p, Holm", "Wilcoxon p, Holm",
+              "cells shared"]
+    return header, [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}", "[{:+.2f}, {:+.2f}]".format(*p["ci95"]),
+                     _num(p["t_p"], 3), _num(p["wilcoxon_p"], 3), _num(p["t_p_holm"], 3),
+                     _num(p["wilcoxon_p_holm"], 3), _num(p["cells_shared"], 2)] for p in pairs]
+
+
 def _paired_markdown(pairs: list[dict]) -> list[str]:
-    if not pairs:
-        return ["", "Paired: no two rows share two runs (the same cell seed, training seed and task)."]
-    return ["", "Paired over runs with the same cell seed, training seed and task (test error, points; Holm: "
-                "adjusted for all the pairs below):", "",
-            *markdown_table(["A", "B", "pairs", "mean A − B", "95% CI", "paired t p", "Wilcoxon p", "t p, Holm",
-                             "Wilcoxon p, Holm", "cells shared"],
-                            [[p["a"], p["b"], p["pairs"], f"{p['mean_diff']:+.2f}",
-                              "[{:+.2f}, {:+.2f}]".format(*p["ci95"]), _num(p["t_p"], 3),
-                              _num(p["wilcoxon_p"], 3), _num(p["t_p_holm"], 3), _num(p["wilcoxon_p_holm"], 3),
-                              _num(p["cells_shared"], 2)] for p in pairs])]
+    return ["", PAIRED + ":", "", *markdown_table(*_paired_table(pairs))] if pairs else ["", NO_PAIRS]
 
 
 def _show(value: object) -> str:
@@ -374,6 +378,18 @@ def markdown(c: Comparison, with_pairs: bool = False) -> str:
     if c.unfinished:
         lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out (`ilnas status` tells more): "
                      + ", ".join(f"{run} ({state})" for run, state in c.unfinished.items()))
+    return "\n".join(lines) + "\n"
+
+
+def latex(c: Comparison, with_pairs: bool = False) -> str:
+    """The table (and the pairs) as LaTeX tabulars in booktabs rules, for a paper; what they leave out in comments."""
+    lines = latex_table(*_table(c))
+    if with_pairs:
+        pairs = paired(c)
+        lines += ["", f"% {PAIRED}", *latex_table(*_paired_table(pairs))] if pairs else ["", f"% {NO_PAIRS}"]
+    if c.unfinished:
+        lines.append(f"% {len(c.unfinished)} unfinished run(s) left out (`ilnas status` tells more): "
+                     + " ".join(", ".join(f"{run} ({state})" for run, state in c.unfinished.items()).splitlines()))
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,13 @@
-"""Markdown tables, as ``compare`` and ``status`` print them, and the counts they give."""
+"""Markdown and LaTeX tables, as ``compare`` and ``status`` print them, and the counts they give."""
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
+
+# What LaTeX reads as markup in text, spelled so that it prints as itself.
+LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                 "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "−": r"$-$"}
+NUMERIC = re.compile(r"[-+−±\d.,\[\] ]*")  # a cell of numbers (an error, an interval, a count) or "-"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
@@ -14,6 +20,18 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> l
 
 def _cell(value: object) -> str:
     return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+def latex_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a LaTeX ``tabular`` in booktabs rules (``\\usepackage{booktabs}``): every cell's text escaped
+    (a setting's ``_``, an error's ``±``), columns of numbers set right, the others left."""
+    rows = [[" ".join(str(c).splitlines()) for c in r] for r in rows]
+    align = "".join("r" if rows and all(NUMERIC.fullmatch(r[i]) for r in rows) else "l" for i in range(len(header)))
+
+    def line(cells: Sequence[str]) -> str:
+        return " & ".join("".join(LATEX_ESCAPES.get(ch, ch) for ch in str(c)) for c in cells) + r" \\"
+    return [rf"\begin{{tabular}}{{{align}}}", r"\toprule", line(header), r"\midrule", *(line(r) for r in rows),
+            r"\bottomrule", r"\end{tabular}"]
 
 
 def in_millions(count: float) -> str:
