@@ -301,7 +301,8 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
     assert "| random cell | 2 | -32.00 | [-82.82, +18.82] | 0.079 | 0.500 | 0.158 | 1.000 |" in out
     assert json.loads(call("compare", str(runs), "--paired", "--json")[1])["paired"][0]["pairs"] == 2
     assert call("compare", str(runs), "--paired", "--csv") == (2, "", "ilnas: error: --paired adds a second table, "
-                                                               "which CSV cannot hold: use the Markdown output or --json\n")
+                                                               "which CSV cannot hold: use the Markdown output, "
+                                                               "--latex or --json\n")
 
 
 
