@@ -186,6 +186,43 @@ def test_the_latex_output_is_the_same_tables_escaped_for_a_paper(runs):
         r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k \\"
 
 
+def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(runs, tmp_path):
+    import base64
+    import xml.etree.ElementTree as ET
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.images, self.text = [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.images.append(dict(attrs))
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    provenance = json.loads((runs / "zoo" / "provenance.json").read_text())
+    (runs / "zoo" / "provenance.json").write_text(json.dumps({**provenance, "genotype_source": "cells/<b>.txt"}))
+    code, out, err = call("compare", str(runs), "--html", str(tmp_path / "page.html"), "--figure",
+                          str(tmp_path / "errors.png"))
+    assert code == 0 and (tmp_path / "errors.png").read_bytes().startswith(b"\x89PNG"), err
+    raw = (tmp_path / "page.html").read_text()
+    page = Page()
+    page.feed(raw)
+    text = " ".join(page.text)
+    assert "<b>" not in raw and "cells of cells/<b>.txt" in text  # the given cell's source, escaped in the file
+    assert "12.00 ± 2.00" in text and "[-64.82, +36.82]" in text and "(agreement 1.00)" in text
+    # the errors drawn, then a normal and a reduction cell per cell: IL seeds 0-2, MTL 0-1, the zoo cell, random 1-2
+    assert len(page.images) == 1 + 2 * (3 + 2 + 1 + 2)
+    drawn = ET.fromstring(base64.b64decode(page.images[1]["src"].split(",", 1)[1]))
+    labels = " ".join(t.text or "" for t in drawn.iter() if t.tag.endswith("text"))
+    assert page.images[1]["alt"] == "normal cell" and all(op in labels for op, _ in zoo()["DARTS_V2"].normal)
+    code, _, err = call("compare", str(runs), "--html", str(tmp_path / "missing" / "page.html"))
+    assert code == 2 and err.startswith("ilnas: error: cannot write --html ") and err.count("\n") == 1
+
+
 def test_the_runs_left_out_are_named_with_their_state(runs):
     """A failed run is no run to resume, an interrupted one is: the line under the table tells them apart."""
     sessions = {"failed": {"resumed": False, "end": "2026-01-01T00:00:00", "outcome": "failed: the loss diverged"},

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                          "(Markdown, LaTeX or JSON)")
     cm.add_argument("--figure", metavar="FILE", help="also draw every row's test errors per task into FILE "
                                                      "(.png, .svg or .pdf)")
+    cm.add_argument("--html", metavar="FILE", help="also write the comparison as one self-contained page: the "
+                                                   "table, the pairs, the test errors and every row's cells")
 
     st = sub.add_parser("status", help="where runs stand: finished, running (by whom), failed (why) or "
                                        "interrupted, epochs, pace")
@@ -274,14 +276,16 @@ def _compare(args: argparse.Namespace) -> None:
     if suffix not in (None, "png", "svg", "pdf"):
         raise IlnasError(f"--figure {args.figure}: the file must end in .png, .svg or .pdf")
     table = compare.compare(args.runs)
-    if args.figure:
+    written = [(option, name, data()) for option, name, data in
+               (("--figure", args.figure, lambda: compare.figure_bytes(table, suffix)),
+                ("--html", args.html, lambda: compare.as_html(table).encode())) if name]
+    for option, name, data in written:  # drawn first, all of them: a failure leaves no file half done
         from ilnas.fileio import atomic_write_bytes
 
-        data = compare.figure_bytes(table, suffix)
         try:
-            atomic_write_bytes(Path(args.figure), data)
+            atomic_write_bytes(Path(name), data)
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
-            raise IlnasError(f"cannot write --figure {args.figure!r} ({getattr(e, 'strerror', None) or e})") from None
+            raise IlnasError(f"cannot write {option} {name!r} ({getattr(e, 'strerror', None) or e})") from None
     print(compare.as_json(table, args.paired) if args.json else compare.as_csv(table) if args.csv
           else compare.latex(table, args.paired) if args.latex else compare.markdown(table, args.paired), end="")
 

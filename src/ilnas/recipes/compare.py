@@ -5,7 +5,9 @@ paired over the runs they share (same seeds and task) with paired t and Wilcoxon
 their cells of the same seed make alike. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import io
 import itertools
 import json
@@ -18,7 +20,7 @@ from typing import Iterable, Sequence
 from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
-from ilnas.report.tables import in_millions, latex_table, markdown_table
+from ilnas.report.tables import html_table, in_millions, latex_table, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 
@@ -300,16 +302,52 @@ def paired_difference(x: Sequence[float], y: Sequence[float]) -> dict:
 
 def figure_bytes(c: Comparison, suffix: str) -> bytes:
     """The rows' test errors drawn side by side, one panel per task (report.figures), as PNG, SVG or PDF."""
+    from ilnas.report.cells import figure_data
     from ilnas.report.figures import comparison_figure
 
     if not c.tasks:
         raise IlnasError("--figure draws test errors, and no finished training run was found")
     drawn = [(_label(c, g), {task: [100 * r["final_test_error"] for r in g.trainings.get(task, [])]
                              for task in c.tasks}) for g in c.groups if g.trainings]
-    buf = io.BytesIO()
-    comparison_figure(drawn, c.tasks).savefig(buf, format=suffix, dpi=120,
-                                              metadata={"Date": None} if suffix == "svg" else None)
-    return buf.getvalue()
+    return figure_data(comparison_figure(drawn, c.tasks), suffix, dpi=120)
+
+
+def as_html(c: Comparison) -> str:
+    """One self-contained page of the comparison: the table, the pairs, the test errors drawn, and every row's
+    cells (each seed's normal and reduction cell), the pictures inlined, so that the file can be sent alone."""
+    from ilnas.report.cells import CELLS, cell_figure, figure_data
+
+    def picture(data: bytes, alt: str, wide: bool = False) -> str:
+        css = ' class="wide"' if wide else ""
+        return f'<img{css} alt="{html.escape(alt)}" src="data:image/svg+xml;base64,{base64.b64encode(data).decode()}">'
+
+
+    pairs = paired(c)
+    parts = ["<h1>ilnas comparison</h1>", html_table(*_table(c)),
+             f"<h2>pairs</h2>\n<p>{html.escape(PAIRED if pairs else NO_PAIRS)}</p>"]
+    parts += [html_table(*_paired_table(pairs))] if pairs else []
+    parts += ["<h2>test errors</h2>", picture(figure_bytes(c, "svg"), "test errors per row", wide=True)] if c.tasks \
+        else []
+    for g in c.groups:
+        found = [(seed, cell) for seed, cells in sorted(g.cells.items(), key=lambda kv: str(kv[0])) for cell in cells]
+        agreement = cell_agreement([cell for _, cell in found])
+        parts.append(f"<h2>cells of {html.escape(_label(c, g))}"
+                     + ("" if math.isnan(agreement) else f" (agreement {agreement:.2f})") + "</h2>")
+        parts += [f"<h3>{'given cell' if seed is None else f'seed {seed}'}</h3>\n"
+                  + "".join(picture(figure_data(cell_figure(cell, part), "svg"), f"{part} cell") for part in CELLS)
+                  for seed, cell in found]
+    if c.unfinished:
+        parts.append(f"<h2>left out</h2>\n<p>{len(c.unfinished)} unfinished run(s) (`ilnas status` tells more): "
+                     + html.escape(", ".join(f"{run} ({state})" for run, state in c.unfinished.items())) + "</p>")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>ilnas comparison</title>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto}}table{{border-collapse:collapse}}
+th,td{{border-bottom:1px solid #ddd;padding:.2em .6em;text-align:left}}img{{max-width:48%;margin:.3em}}
+img.wide{{max-width:100%}}</style>
+</head><body>
+{chr(10).join(parts)}
+</body></html>
+"""
 
 
 def _label(c: Comparison, g: Group) -> str:

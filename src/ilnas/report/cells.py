@@ -79,14 +79,20 @@ def cell_figure(genotype: Genotype, cell: str, title: str | None = None) -> Figu
     return fig
 
 
+def figure_data(fig: Figure, ext: str, dpi: int = 90) -> bytes:
+    """The figure as a PNG, SVG or PDF file's bytes; an SVG's text stays text (searchable, selectable) and carries
+    no date, so that drawing the same figure again gives the same file."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(buf, format=ext, dpi=dpi, metadata={"Date": None} if ext == "svg" else None)
+    return buf.getvalue()
+
+
 def save_figure(fig: Figure, base: Path, formats: tuple[str, ...] = ("svg", "png")) -> list[Path]:
     """``base.svg`` and ``base.png``, each written whole or not at all."""
     paths = []
     for ext in formats:
-        buf = io.BytesIO()
-        with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: searchable, selectable
-            fig.savefig(buf, format=ext, dpi=90, metadata={"Date": None} if ext == "svg" else None)
-        atomic_write_bytes(base.with_suffix(f".{ext}"), buf.getvalue())
+        atomic_write_bytes(base.with_suffix(f".{ext}"), figure_data(fig, ext))
         paths.append(base.with_suffix(f".{ext}"))
     return paths
 

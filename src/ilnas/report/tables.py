@@ -1,6 +1,7 @@
-"""Markdown and LaTeX tables, as ``compare`` and ``status`` print them, and the counts they give."""
+"""Markdown, LaTeX and HTML tables, as ``compare`` and ``status`` print them, and the counts they give."""
 from __future__ import annotations
 
+import html
 import re
 from typing import Iterable, Sequence
 
@@ -32,6 +33,13 @@ def latex_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list
         return " & ".join("".join(LATEX_ESCAPES.get(ch, ch) for ch in str(c)) for c in cells) + r" \\"
     return [rf"\begin{{tabular}}{{{align}}}", r"\toprule", line(header), r"\midrule", *(line(r) for r in rows),
             r"\bottomrule", r"\end{tabular}"]
+
+
+def html_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """An HTML table, every cell's text escaped."""
+    def line(cells: Sequence[object], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+    return "<table>\n" + "\n".join([line(header, "th"), *(line(r, "td") for r in rows)]) + "\n</table>"
 
 
 def in_millions(count: float) -> str:
