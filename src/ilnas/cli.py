@@ -275,13 +275,13 @@ def _compare(args: argparse.Namespace) -> None:
     suffix = Path(args.figure).suffix.lower().lstrip(".") if args.figure else None
     if suffix not in (None, "png", "svg", "pdf"):
         raise IlnasError(f"--figure {args.figure}: the file must end in .png, .svg or .pdf")
+    from ilnas.fileio import atomic_write_bytes
+
     table = compare.compare(args.runs)
     written = [(option, name, data()) for option, name, data in
                (("--figure", args.figure, lambda: compare.figure_bytes(table, suffix)),
                 ("--html", args.html, lambda: compare.as_html(table).encode())) if name]
     for option, name, data in written:  # drawn first, all of them: a failure leaves no file half done
-        from ilnas.fileio import atomic_write_bytes
-
         try:
             atomic_write_bytes(Path(name), data)
         except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name

@@ -41,4 +41,3 @@ def shared_with(genotype: Genotype, others: dict[str, Genotype]) -> dict[str, di
         per_cell = {cell: shared_choices(genotype, other, cells=(cell,)) for cell in ("normal", "reduce")}
         out[name] = {**per_cell, "shared": sum(per_cell.values()), "of": genotype.choices}
     return out
-

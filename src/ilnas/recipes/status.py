@@ -207,8 +207,8 @@ def _last(epoch: dict) -> str:
 
 
 def _cell_unchanged(epochs: list[dict]) -> int | None:
-    """For how many of its last epochs a search's cell has been the one it has now (a P-DARTS phase's first epoch
-    counts its cell as new); None for a training, or where an epoch's cell cannot be read."""
+    """For how many of its last epochs (over P-DARTS phases too) a search's cell has been the one it has now; None
+    for a training, or where an epoch's cell cannot be read."""
     try:
         cells = [parse_genotype(m["genotype"]) for m in epochs if "genotype" in m]
     except (IlnasError, TypeError):
