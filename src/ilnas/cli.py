@@ -305,7 +305,7 @@ def _sweep(args: argparse.Namespace) -> None:
     if not args.dry_run:
         summary = run_sweep(sweep)
         print(f"sweep finished in {summary['wall_seconds'] / 60:.1f} min: {sweep.out / 'sweep.json'}; "
-              f"`ilnas compare {sweep.out}` for the table")
+              f"`ilnas compare {sweep.out} --paired --html {sweep.out / 'comparison.html'}` for the tables and cells")
 
 
 def _holds_a_card(spec: str) -> bool:
