@@ -24,6 +24,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from ilnas.recipes.compare import cell_agreement, paired_difference
+from ilnas.report.figures import softmax
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.layout import PARAMETER_FREE
 
@@ -138,17 +139,12 @@ def cells(arms: dict[str, Arm]) -> list[str]:
             continue
         agreement = cell_agreement(genotypes)
         free = statistics.mean(sum(op in PARAMETER_FREE for op, _ in g.normal) / len(g.normal) for g in genotypes)
-        weights = [_softmax(a) for k, a in arm.items() if k[0] == "alphas"]
+        weights = [softmax(a.astype(np.float64)) for k, a in arm.items() if k[0] == "alphas"]
         entropy = statistics.mean(float(-(w * np.log(w)).sum(-1).mean()) for w in weights) if weights else math.nan
         strongest = statistics.mean(float(w.max(-1).mean()) for w in weights) if weights else math.nan
         lines.append(f"| {name} | {len(genotypes)} | {_f(agreement, 2)} | {free:.2f} | {_f(entropy, 5)} | "
                      f"{_f(strongest, 4)} |")
     return lines
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def _f(value: float, digits: int) -> str:

@@ -119,7 +119,8 @@ def cell_evolution(cells: list[Genotype], phase_starts: list[int]) -> Figure:
     return fig
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
+    """The architecture weights of logits (last axis: an edge's candidate ops)."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
@@ -130,7 +131,7 @@ def alpha_figure(history: dict[str, np.ndarray], phase: int, cell: str) -> Figur
     key = f"p{phase}/alphas_{cell}"
     if key not in history:
         return None
-    weights = _softmax(history[key].astype(np.float64))  # (epochs, E, O)
+    weights = softmax(history[key].astype(np.float64))  # (epochs, E, O)
     n_epochs, n_edges, n_ops = weights.shape
     ops = history.get(f"p{phase}/{cell}_ops", np.array([PRIMITIVES[:n_ops]] * n_edges))
     edges = history.get("edges", np.array([f"edge {e}" for e in range(n_edges)]))
