@@ -138,7 +138,7 @@ def cells(arms: dict[str, Arm]) -> list[str]:
         if not genotypes:
             continue
         agreement = cell_agreement(genotypes)
-        free = statistics.mean(sum(op in PARAMETER_FREE for op, _ in g.normal) / len(g.normal) for g in genotypes)
+        free = statistics.mean(g.count("normal", PARAMETER_FREE) / len(g.normal) for g in genotypes)
         weights = [softmax(a.astype(np.float64)) for k, a in arm.items() if k[0] == "alphas"]
         entropy = statistics.mean(float(-(w * np.log(w)).sum(-1).mean()) for w in weights) if weights else math.nan
         strongest = statistics.mean(float(w.max(-1).mean()) for w in weights) if weights else math.nan

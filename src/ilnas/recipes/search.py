@@ -636,9 +636,9 @@ def _write_epoch(ctx: SearchContext, record: dict, prog: Progress, genotype: Gen
     writer.add_scalar("search/lr", record["lr"], x)
     for part in ("normal", "reduce"):
         writer.add_scalar(f"alpha_entropy/{part}", record["alpha_entropy"][part], x)
-        ops = [op for op, _ in getattr(genotype, part)]  # a normal cell filling with these: a collapsing search
-        writer.add_scalar(f"cell/skip_connects/{part}", ops.count("skip_connect"), x)
-        writer.add_scalar(f"cell/parameter_free/{part}", sum(op in PARAMETER_FREE for op in ops), x)
+        # a normal cell filling with these is a collapsing search
+        writer.add_scalar(f"cell/skip_connects/{part}", genotype.count(part, {"skip_connect"}), x)
+        writer.add_scalar(f"cell/parameter_free/{part}", genotype.count(part, PARAMETER_FREE), x)
     writer.flush()
     run.save_arrays("arch_history.npz", arch_history_arrays(prog))
     run.save_genotype(genotype)

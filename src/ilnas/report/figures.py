@@ -99,18 +99,16 @@ def cell_evolution(cells: list[Genotype], phase_starts: list[int]) -> Figure:
     starts = [s + 1 for s in phase_starts]
     last = cells[-1]
 
-    def per_cell(count) -> dict:
-        return {cell: (x, [count(getattr(g, cell)) for g in cells]) for cell in CELLS}
+    def per_cell(ops) -> dict:
+        return {cell: (x, [g.count(cell, ops) for g in cells]) for cell in CELLS}
     shared = {cell: (x, [shared_choices(g, last, cells=(cell,)) for g in cells]) for cell in CELLS}
     fig = Figure(figsize=(15, 4))
     fig.subplots_adjust(left=0.05, right=0.98, top=0.88, bottom=0.15, wspace=0.2)
     axes = fig.subplots(1, 3)
     _plot(axes[0], shared, f"choices shared with the last epoch's cell (of {2 * last.nodes})",
           phase_starts=starts)
-    _plot(axes[1], per_cell(lambda edges: sum(op in PARAMETER_FREE for op, _ in edges)), "parameter-free ops",
-          phase_starts=starts)
-    _plot(axes[2], per_cell(lambda edges: sum(op == "skip_connect" for op, _ in edges)), "skip-connects",
-          phase_starts=starts)
+    _plot(axes[1], per_cell(PARAMETER_FREE), "parameter-free ops", phase_starts=starts)
+    _plot(axes[2], per_cell({"skip_connect"}), "skip-connects", phase_starts=starts)
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
         ax.set_ylim(-0.3, 2 * last.nodes + 0.3)  # counts of a cell's edges: one scale for all three

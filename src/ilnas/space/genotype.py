@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Collection, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.fileio import reachable, shortened
@@ -48,6 +48,10 @@ class Genotype:
     def choices(self) -> int:
         """The (op, input) choices of its normal and reduction cells: two per node and cell."""
         return len(self.normal) + len(self.reduce)
+
+    def count(self, cell: str, ops: Collection[str]) -> int:
+        """How many edges of ``cell`` (normal or reduce) hold one of ``ops``."""
+        return sum(op in ops for op, _ in getattr(self, cell))
 
     def to_string(self) -> str:
         """The official format, as DARTS's search log prints it."""
