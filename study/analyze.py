@@ -179,10 +179,11 @@ def main() -> None:
     main_il = next((arm for arms in loaded.values() for name, arm in arms.items() if name == "framework=il"), None)
     for name, arms in loaded.items():
         print(f"### {name}\n\n" + "\n".join(table(arms)) + "\n\n" + "\n".join(paired(arms)) + "\n")
-        if main_il is not None:
-            print("\n".join(overlap(main_il, arms)) + "\n")
-            if "framework=il" not in arms:  # an ablation sweep: the main IL arm on its seeds, and paired with it
-                print("\n".join(against(main_il, arms)) + "\n")
+        reference = arms.get("framework=il", main_il)  # a sweep's own IL arm, else the first sweep's
+        if reference is not None:
+            print("\n".join(overlap(reference, arms)) + "\n")
+        if main_il is not None and "framework=il" not in arms:  # an ablation sweep: the main IL arm on its seeds
+            print("\n".join(against(main_il, arms)) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)
