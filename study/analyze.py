@@ -22,40 +22,69 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
+from scipy.stats import spearmanr
 
+from ilnas.data.tasks import task_slug
 from ilnas.recipes.compare import cell_agreement, paired_difference
 from ilnas.report.figures import softmax
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.layout import PARAMETER_FREE
 
 # (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict;
-# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops).
+# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("params", seed,
+# training seed, task) -> the re-trained network's parameters; LABELS -> the arm's grid labels but the seed.
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
+# A sweep with train.recipes (train-<task>-<recipe>/) makes one arm of every recipe: its labels add recipe=<name>.
 Arm = dict
+LABELS = ("labels", "")
 
 
 def load(sweep: Path) -> dict[str, Arm]:
     arms: dict[str, Arm] = {}
     for cell in json.loads((sweep / "sweep.json").read_text())["cells"]:
-        labels = dict(cell["labels"])
-        seed = int(labels.pop("search.seed", 0))
-        arm = arms.setdefault(", ".join(f"{k.split('.')[-1]}={v}" for k, v in labels.items()) or "all", {})
+        labels = {k.split(".")[-1]: str(v) for k, v in cell["labels"].items() if k != "search.seed"}
+        seed = int(cell["labels"].get("search.seed", 0))
+        own: list[Arm] = []  # this cell's arms, one per recipe
         for train in sorted((sweep / cell["cell"]).glob("train-*/result.json")):
-            result, name = json.loads(train.read_text()), train.parent.name
-            training_seed = name.rpartition("-seed-")[2] if "-seed-" in name else ""
+            result = json.loads(train.read_text())
+            recipe, training_seed = _training(train.parent.name, result["task"])
+            arm = _arm(arms, {**labels, **({"recipe": recipe} if recipe else {})})
             arm[(seed, training_seed, result["task"])] = 100 * result["final_test_error"]
-        search = sweep / cell["cell"] / "search"
-        trained = sorted((sweep / cell["cell"]).glob("train-*/config.yaml"))
-        if not search.is_dir() and trained:  # a given cell (random:SEED): the cell its trainings trained
-            arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
-        if (search / "summary.json").is_file():
-            arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
-            arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
-        if (search / "arch_history.npz").is_file():
-            with np.load(search / "arch_history.npz") as history:
-                last = max(k for k in history.files if k.endswith("/alphas_normal"))  # the last P-DARTS phase
-                arm[("alphas", seed)] = history[last][-1]
+            if "params" in result:
+                arm[("params", seed, training_seed, result["task"])] = result["params"]
+            if all(a is not arm for a in own):
+                own.append(arm)
+        for arm in own or [_arm(arms, labels)]:
+            _add_cell(arm, sweep / cell["cell"], seed)
     return arms
+
+
+def _training(folder: str, task: str) -> tuple[str, str]:
+    """(recipe, training seed) of a training run's folder, train-<task>[-<recipe>][-seed-<s>]; "" where absent."""
+    rest = folder[len(f"train-{task_slug(task)}"):]
+    rest, _, training_seed = rest.rpartition("-seed-") if "-seed-" in rest else (rest, "", "")
+    return rest.removeprefix("-"), training_seed
+
+
+def _arm(arms: dict[str, Arm], labels: dict[str, str]) -> Arm:
+    name = ", ".join(f"{k}={v}" for k, v in labels.items()) or "all"
+    return arms.setdefault(name, {LABELS: labels})
+
+
+def _add_cell(arm: Arm, cell: Path, seed: int) -> None:
+    """The cell a sweep cell searched (its search hours and final architecture weights) or was given (random:SEED, a
+    run's path: the cell its trainings trained)."""
+    search = cell / "search"
+    trained = sorted(cell.glob("train-*/config.yaml"))
+    if not search.is_dir() and trained:
+        arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
+    if (search / "summary.json").is_file():
+        arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
+        arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
+    if (search / "arch_history.npz").is_file():
+        with np.load(search / "arch_history.npz") as history:
+            last = max(k for k in history.files if k.endswith("/alphas_normal"))  # the last P-DARTS phase
+            arm[("alphas", seed)] = history[last][-1]
 
 
 def _is_error(key: tuple) -> bool:
@@ -91,12 +120,20 @@ def paired(arms: dict[str, Arm]) -> list[str]:
     lines = ["| A | B | pairs (seed, training seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
              "|---|---|---|---|---|---|"]
     for a, b in itertools.combinations(arms, 2):
+        if _differing(arms[a], arms[b]) > 1:  # il at one re-training length against mtl at another: no question
+            continue
         keys = sorted(k for k in arms[a] if k in arms[b] and _is_error(k))
         if len(keys) < 3:
             continue
         d = paired_difference([arms[a][k] for k in keys], [arms[b][k] for k in keys])
         lines.append(f"| {a} | {b} | {len(keys)} | {d['mean_diff']:+.2f} | {_p(d['t_p'])} | {_p(d['wilcoxon_p'])} |")
     return lines
+
+
+def _differing(a: Arm, b: Arm) -> int:
+    """How many grid labels two arms differ in (a label only one of them has counts)."""
+    la, lb = a.get(LABELS, {}), b.get(LABELS, {})
+    return sum(la.get(k) != lb.get(k) for k in {*la, *lb})
 
 
 def _p(value: float | None) -> str:
@@ -147,6 +184,28 @@ def cells(arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def sizes(arms: dict[str, Arm]) -> list[str]:
+    """Whether the larger networks re-train better or worse: per re-training recipe and task, Spearman's rank
+    correlation between the parameters and the test error of every trained cell of every arm (negative: the larger,
+    the better), and the mean parameters of the searched and of the given cells."""
+    lines = ["| recipe | task | trainings | Spearman rho (params, error) | p |", "|---|---|---|---|---|"]
+    for recipe in sorted({arm[LABELS].get("recipe", "") for arm in arms.values()}, key=_recipe_order):
+        for task in _tasks(arms):
+            pairs = [(v, arm[(k[1], k[2], k[3])]) for arm in arms.values() if arm[LABELS].get("recipe", "") == recipe
+                     for k, v in arm.items() if k[0] == "params" and k[3] == task and (k[1], k[2], k[3]) in arm]
+            if len(pairs) < 3:
+                continue
+            rho, p = spearmanr(*zip(*pairs))
+            lines.append(f"| {recipe or '-'} | {task} | {len(pairs)} | {rho:+.2f} | {_p(float(p))} |")
+    return lines
+
+
+def _recipe_order(recipe: str) -> tuple:
+    """x1 < x4 < x16: recipes named by a number sort by it, then the others by name."""
+    digits = "".join(c for c in recipe if c.isdigit())
+    return (0, int(digits), recipe) if digits else (1, 0, recipe)
+
+
 def _f(value: float, digits: int) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -176,14 +235,19 @@ def main() -> None:
     p.add_argument("--figures", help="directory for one PNG per sweep")
     args = p.parse_args()
     loaded = {Path(s).name: load(Path(s)) for s in args.sweeps}
-    main_il = next((arm for arms in loaded.values() for name, arm in arms.items() if name == "framework=il"), None)
+    main_il = next((arm for arms in loaded.values() for arm in arms.values() if arm[LABELS] == {"framework": "il"}),
+                   None)
     for name, arms in loaded.items():
         print(f"### {name}\n\n" + "\n".join(table(arms)) + "\n\n" + "\n".join(paired(arms)) + "\n")
-        reference = arms.get("framework=il", main_il)  # a sweep's own IL arm, else the first sweep's
+        frameworks = any("framework" in arm[LABELS] for arm in arms.values())
+        # a sweep's own IL arm (any of its re-training recipes: the same cells), else the first sweep's
+        reference = next((arm for arm in arms.values() if arm[LABELS].get("framework") == "il"), main_il)
         if reference is not None:
             print("\n".join(overlap(reference, arms)) + "\n")
-        if main_il is not None and "framework=il" not in arms:  # an ablation sweep: the main IL arm on its seeds
+        if main_il is not None and not frameworks:  # an ablation sweep: the main IL arm on its seeds
             print("\n".join(against(main_il, arms)) + "\n")
+        if any("params" == k[0] for arm in arms.values() for k in arm):
+            print("\n".join(sizes(arms)) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)

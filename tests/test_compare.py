@@ -398,21 +398,25 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
                                         f"its genotype is no cell (") and err.count("\n") == 1, err
 
 
+def _study_analysis():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parents[1] / "study" / "analyze.py")
+    analyze = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(analyze)
+    return analyze
+
+
 def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     """study/analyze.py on a sweep directory as `ilnas sweep` leaves it: two arms, three seeds, one task.
     IL 10, 12, 15 and MTL 11, 14, 19 (differences -1, -2, -4): t^2 = 7 with two degrees of freedom, whose
     two-sided p is 1 - |t| / sqrt(t^2 + 2); the exact Wilcoxon p of three same-signed differences is 2 / 8."""
-    import importlib.util
-    from pathlib import Path
-
     import numpy as np
 
     from ilnas.space.genotype import random_genotype
     from ilnas.space.layout import PARAMETER_FREE
 
-    spec = importlib.util.spec_from_file_location("analyze", Path(__file__).parents[1] / "study" / "analyze.py")
-    analyze = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(analyze)
+    analyze = _study_analysis()
     cells, v2 = [], zoo()["DARTS_V2"]
     # MTL's cells list each node's two edges the other way round: the same cells (overlap 1.00)
     cell = {"il": v2, "mtl": listed_the_other_way(v2)}
@@ -462,6 +466,37 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
     assert analyze.cells(analyze.load(tmp_path))[2:] == [
         f"| framework=il | 3 | 1.00 | 0.25 | {math.log(8):.5f} | 0.1250 |", "| framework=mtl | 3 | 1.00 | 0.25 | - | - |",
         f"| framework=random | 1 | - | {free:.2f} | - | - |"]
+
+def test_the_study_analysis_makes_an_arm_of_each_re_training_recipe_and_correlates_size_with_error(tmp_path):
+    """A sweep that re-trains every cell by two recipes (train-<task>-<recipe>/): one arm per framework and recipe,
+    pairs only between arms that differ in one label, and per recipe Spearman's rho of parameters against error.
+    Parameters 100..600 against errors 10, 12, 15, 11, 14, 19 (x1): rank differences 0, 1, 2, 2, 1, 0, so
+    rho = 1 - 6 * 10 / (6 * 35) = 0.71; against errors falling with the parameters (x4): -1."""
+    analyze = _study_analysis()
+    errors = {"x1": {"il": (10, 12, 15), "mtl": (11, 14, 19)}, "x4": {"il": (9, 8, 7), "mtl": (6, 5, 3)}}
+    cells = []
+    for f, framework in enumerate(("il", "mtl")):
+        for seed in range(3):
+            name = f"{framework}-{seed}"
+            cells.append({"cell": name, "labels": {"search.seed": seed, "framework": framework}})
+            for recipe, error in errors.items():
+                run = tmp_path / name / f"train-digits-{recipe}"
+                run.mkdir(parents=True)
+                result = {"task": "digits", "final_test_error": error[framework][seed] / 100,
+                          "params": 100 * (3 * f + seed + 1)}
+                run.joinpath("result.json").write_text(json.dumps(result))
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
+    arms = analyze.load(tmp_path)
+    assert list(arms) == ["framework=il, recipe=x1", "framework=il, recipe=x4", "framework=mtl, recipe=x1",
+                          "framework=mtl, recipe=x4"]
+    il1, il4, mtl1, mtl4 = arms
+    assert [line.split(" | ")[:2] for line in analyze.paired(arms)[2:]] == [  # not il at x1 against mtl at x4
+        [f"| {il1}", il4], [f"| {il1}", mtl1], [f"| {il4}", mtl4], [f"| {mtl1}", mtl4]]
+    assert analyze.sizes(arms)[2:] == ["| x1 | digits | 6 | +0.71 | 0.111 |", "| x4 | digits | 6 | -1.00 | 0.000 |"]
+    assert analyze._training("train-imagefolder-pets-x16-seed-2", "imagefolder:/data/pets/") == ("x16", "2")
+    assert analyze._training("train-digits-seed-1", "digits") == ("", "1")
+    assert sorted(["x16", "x4", "long", "x1"], key=analyze._recipe_order) == ["x1", "x4", "x16", "long"]
+
 
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label
