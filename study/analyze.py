@@ -4,11 +4,13 @@
 
 Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds (and
 training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
-mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy). Across sweeps: how many of the
+mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy), between arms whose labels differ in one
+(a sweep with train.recipes makes an arm of each recipe, and pairs il at x4 with mtl at x4, not with mtl at x16); per
+recipe and task, how the re-trained networks' parameters and errors correlate (Spearman). Across sweeps: how many of the
 (op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Per arm, its cells:
 how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and how far the final
 normal-cell architecture weights have moved from uniform (op entropy, the strongest op's weight). Figures: error
-per arm and task.
+per arm and task, and for a sweep with recipes, error against the recipe.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def load(sweep: Path) -> dict[str, Arm]:
                 own.append(arm)
         for arm in own or [_arm(arms, labels)]:
             _add_cell(arm, sweep / cell["cell"], seed)
-    return arms
+    return dict(sorted(arms.items(), key=lambda kv: _recipe_order(kv[1][LABELS].get("recipe", ""))))  # x1 first
 
 
 def _training(folder: str, task: str) -> tuple[str, str]:
@@ -229,6 +231,32 @@ def figure(arms: dict[str, Arm], title: str) -> Figure:
     return fig
 
 
+def by_recipe(arms: dict[str, Arm], title: str) -> Figure:
+    """Test error against the re-training recipe (in their order: x1, x4, x16), one line per arm's other labels
+    (mean over seeds, bars one std), one panel per task."""
+    tasks, recipes = _tasks(arms), sorted({arm[LABELS]["recipe"] for arm in arms.values()}, key=_recipe_order)
+    lines: dict[str, dict[str, Arm]] = {}
+    for arm in arms.values():
+        rest = ", ".join(f"{k}={v}" for k, v in arm[LABELS].items() if k != "recipe") or "all"
+        lines.setdefault(rest, {})[arm[LABELS]["recipe"]] = arm
+    fig = Figure(figsize=(5.5, 3.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        for n, (name, line) in enumerate(lines.items()):
+            xs = [x + 0.04 * (n - len(lines) / 2) for x, r in enumerate(recipes) if _errors(line.get(r, {}), task)]
+            v = [_errors(line[r], task) for r in recipes if _errors(line.get(r, {}), task)]
+            ax.errorbar(xs, [statistics.mean(e) for e in v], [statistics.stdev(e) if len(e) > 1 else 0 for e in v],
+                        marker="o", capsize=3, label=name)
+        ax.set_xticks(range(len(recipes)), recipes)
+        ax.set_xlabel("re-training recipe")
+        ax.set_ylabel(f"{task} test error (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("sweeps", nargs="+")
@@ -252,6 +280,8 @@ def main() -> None:
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)
             figure(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}.png", dpi=100)
+            if all("recipe" in arm[LABELS] for arm in arms.values()):
+                by_recipe(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}-by-recipe.png", dpi=100)
 
 
 if __name__ == "__main__":

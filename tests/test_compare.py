@@ -487,11 +487,11 @@ def test_the_study_analysis_makes_an_arm_of_each_re_training_recipe_and_correlat
                 run.joinpath("result.json").write_text(json.dumps(result))
     (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
     arms = analyze.load(tmp_path)
-    assert list(arms) == ["framework=il, recipe=x1", "framework=il, recipe=x4", "framework=mtl, recipe=x1",
-                          "framework=mtl, recipe=x4"]
-    il1, il4, mtl1, mtl4 = arms
+    assert list(arms) == ["framework=il, recipe=x1", "framework=mtl, recipe=x1", "framework=il, recipe=x4",
+                          "framework=mtl, recipe=x4"]  # the recipes in their order, x1 before x4 (and x16)
+    il1, mtl1, il4, mtl4 = arms
     assert [line.split(" | ")[:2] for line in analyze.paired(arms)[2:]] == [  # not il at x1 against mtl at x4
-        [f"| {il1}", il4], [f"| {il1}", mtl1], [f"| {il4}", mtl4], [f"| {mtl1}", mtl4]]
+        [f"| {il1}", mtl1], [f"| {il1}", il4], [f"| {mtl1}", mtl4], [f"| {il4}", mtl4]]
     assert analyze.sizes(arms)[2:] == ["| x1 | digits | 6 | +0.71 | 0.111 |", "| x4 | digits | 6 | -1.00 | 0.000 |"]
     assert analyze._training("train-imagefolder-pets-x16-seed-2", "imagefolder:/data/pets/") == ("x16", "2")
     assert analyze._training("train-digits-seed-1", "digits") == ("", "1")
