@@ -202,6 +202,31 @@ def sizes(arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def noise(arms: dict[str, Arm]) -> list[str]:
+    """How much of an arm's spread is its cells and how much the re-training's own seed, where cells were re-trained
+    at several training seeds: per arm and task, the standard deviation over training seeds within a cell (pooled),
+    that of the cells' means, and the intraclass correlation of one-way random effects, (MSB - MSW) / (MSB + (n - 1)
+    MSW), the share of one training's variance that is the cell's (0: the cells differ no more than the seeds)."""
+    lines = ["| arm | task | cells x training seeds | SD within a cell | SD of the cells' means | ICC |",
+             "|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        for task in _tasks(arms):
+            by_cell: dict[int, list[float]] = {}
+            for k, e in arm.items():
+                if _is_error(k) and k[2] == task:
+                    by_cell.setdefault(k[0], []).append(e)
+            n = {len(v) for v in by_cell.values()}
+            if len(by_cell) < 2 or len(n) != 1 or min(n) < 2:
+                continue  # a balanced design only: every cell re-trained at the same number of seeds, at least 2
+            n_seeds, means = n.pop(), [statistics.mean(v) for v in by_cell.values()]
+            within = statistics.mean(statistics.variance(v) for v in by_cell.values())  # MSW
+            between = n_seeds * statistics.variance(means)  # MSB
+            icc = (between - within) / (between + (n_seeds - 1) * within) if between + within > 0 else math.nan
+            lines.append(f"| {name} | {task} | {len(by_cell)} x {n_seeds} | {math.sqrt(within):.2f} | "
+                         f"{statistics.stdev(means):.2f} | {_f(icc, 2)} |")
+    return lines
+
+
 def _recipe_order(recipe: str) -> tuple:
     """x1 < x4 < x16: recipes named by a number sort by it, then the others by name."""
     digits = "".join(c for c in recipe if c.isdigit())
@@ -276,6 +301,8 @@ def main() -> None:
             print("\n".join(against(main_il, arms)) + "\n")
         if any("params" == k[0] for arm in arms.values() for k in arm):
             print("\n".join(sizes(arms)) + "\n")
+        if any(_is_error(k) and k[1] for arm in arms.values() for k in arm):  # re-trained at several seeds
+            print("\n".join(noise(arms)) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)

@@ -498,6 +498,17 @@ def test_the_study_analysis_makes_an_arm_of_each_re_training_recipe_and_correlat
     assert sorted(["x16", "x4", "long", "x1"], key=analyze._recipe_order) == ["x1", "x4", "x16", "long"]
 
 
+def test_the_study_analysis_parts_an_arms_spread_into_its_cells_and_the_training_seeds():
+    """Two cells re-trained at three training seeds each, 1, 2, 3 and 4, 5, 6: within a cell a variance of 1 (MSW),
+    the means 2 and 5 (variance 4.5, MSB 3 * 4.5), so the intraclass correlation is (13.5 - 1) / (13.5 + 2) = 0.81.
+    An unbalanced arm (one cell at one seed) gets no row."""
+    analyze = _study_analysis()
+    balanced = {(cell, str(s), "digits"): 1.0 + 3 * cell + s for cell in (0, 1) for s in range(3)}
+    unbalanced = {**balanced, (2, "0", "digits"): 9.0}
+    assert analyze.noise({"il": balanced, "mtl": unbalanced})[2:] == [
+        f"| il | digits | 2 x 3 | 1.00 | {math.sqrt(4.5):.2f} | 0.81 |"]
+
+
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label
     from ilnas.report.figures import comparison_figure
