@@ -157,6 +157,16 @@ def test_trainings_find_their_searches_after_the_runs_moved_together(runs, tmp_p
     (il,) = [r for r in after if r["framework"] == "il"]
     assert il["seeds"] == 4 and il["error_digits"]["mean"] == pytest.approx(13.0)
 
+def test_trainings_of_cells_searched_elsewhere_carry_their_searches_hours(runs):
+    """A re-training sweep of cells searched in another sweep: its rows give what the cells cost to find, each search
+    counted once however many trainings it has (two tasks here), as when the searches are compared too."""
+    trainings = [runs / f"il-{seed}" / task for seed in range(3) for task in ("digits", "mnist5k")]
+    (il,) = rows(compare(trainings))
+    (whole,) = [r for r in rows(compare([runs])) if r["framework"] == "il"]
+    assert math.isclose(il["search_hours"], 1.5) and il["search_hours"] == whole["search_hours"]
+    assert il["seeds"] == whole["seeds"] == 3 and il["cell_agreement"] == whole["cell_agreement"] == 1.0
+
+
 def test_the_command_prints_markdown_csv_and_json(runs):
     r = ilnas_here("compare", str(runs))
     assert r.returncode == 0, r.stderr

@@ -138,24 +138,29 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         cells.setdefault(key, (method, framework, settings))
         return key
 
+    def add_search(run: Path, config: dict) -> str:
+        """A finished search, counted once, whether among ``paths`` or only a training's source: its cell key."""
+        key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
+        if not any(run.resolve() in by_run for by_run in found.get(key, {}).values()):
+            summary = read_record(run, "summary.json", SUMMARY_FIELDS)
+            searches.setdefault(key, []).append(summary)
+            found.setdefault(key, {}).setdefault(config["search"]["seed"], {})[run.resolve()] = \
+                _cell(run / "summary.json", summary["genotype"])
+        return key
+
     for run in runs:
         if not is_finished(run):
             continue
         config = read_config(run)
         if config["kind"] == "search":
-            key = cell_of(_settings(config), method_name(config), config["search"]["framework"])
-            summary = read_record(run, "summary.json", SUMMARY_FIELDS)
-            searches.setdefault(key, []).append(summary)
-            found.setdefault(key, {}).setdefault(config["search"]["seed"], {})[run.resolve()] = \
-                _cell(run / "summary.json", summary["genotype"])
+            add_search(run, config)
             continue
         result = read_record(run, "result.json", RESULT_FIELDS)
         search = _search_of(run, config.get("genotype"))
         cell_seed = None  # a given cell's runs differ only in their training seed
-        if search is not None:
+        if search is not None:  # its hours count where it lies outside ``paths`` too (cells searched elsewhere)
             scfg = read_config(search)
-            key = cell_of(_settings(scfg), method_name(scfg), scfg["search"]["framework"])  # named or not
-            cell_seed = scfg["search"]["seed"]
+            key, cell_seed = add_search(search, scfg), scfg["search"]["seed"]
         else:
             source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
             if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
