@@ -103,6 +103,10 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "sweep.json").read_text())
     assert not summary["failed"] and len(summary["cells"]) == 2
+    # a line as each cell is done (in the order the cells end): the search resumed counts as run now
+    progress = sorted(re.sub(r"\d+\.\d min", "T min", line) for line in r.stdout.splitlines() if line.startswith("["))
+    assert progress == ["[1/2] seed-0: 2 runs finished in T min", "[2/2] seed-1: 2 runs finished in T min"] or \
+        progress == ["[1/2] seed-1: 2 runs finished in T min", "[2/2] seed-0: 2 runs finished in T min"], r.stdout
     for cell in cells:
         for run in ("search", "train-digits"):
             assert (out / cell.name / run / ("summary.json" if run == "search" else "result.json")).is_file()
@@ -114,6 +118,8 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
 
     r = ilnas("sweep", spec)  # everything finished: every run is skipped
     assert r.returncode == 0, r.stderr
+    assert sorted(line.partition(" ")[2] for line in r.stdout.splitlines() if line.startswith("[")) == [
+        "seed-0: finished before (skipped)", "seed-1: finished before (skipped)"]
     again = json.loads((out / "sweep.json").read_text())
     assert all(v == "finished (skipped)" for c in again["cells"] for v in c["runs"].values())
 
@@ -536,6 +542,20 @@ def test_submitit_locally_has_no_two_minute_limit_unless_one_is_given(tmp_path):
     for settings, minutes in (({"cluster": "local"}, LOCAL_TIMEOUT_MIN), ({"cluster": "local", "timeout_min": 7}, 7)):
         sweep = load_spec(_spec(tmp_path, executor="submitit", submitit=settings))
         assert submitit_executor(sweep).parameters["timeout_min"] == minutes
+
+
+def test_a_cells_progress_line_names_its_first_unfinished_run_or_what_ran_now():
+    from ilnas.recipes.sweep import _progress
+
+    def line(runs: dict[str, str], seconds: float = 90.0) -> str:
+        return _progress({"cell": "c", "runs": runs}, seconds)
+
+    assert line({"search": "finished (skipped)", "train-digits": "failed (exit 3; see c/train-digits.log)"}) == \
+        "its train-digits failed (exit 3; see c/train-digits.log)"
+    assert line({"search": "finished (skipped)", "train-digits": "finished"}) == \
+        "1 run finished in 1.5 min (1 finished before)"
+    assert line({"search": "finished", "train-digits": "finished"}, 30.0) == "2 runs finished in 0.5 min"
+    assert line({"search": "finished (skipped)"}) == "finished before (skipped)"
 
 
 def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):

@@ -406,19 +406,26 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
     for i in range(sweep.parallel):
         slots.put(i)
     running: dict[int, Any] = {}  # slot -> what runs there now (a Popen, a HeldElsewhere, a local job's commands)
+    done, stopping, printing = itertools.count(1), threading.Event(), threading.Lock()
 
     def one(cell: Cell) -> dict:
-        slot = slots.get()
+        slot, t0 = slots.get(), time.monotonic()
         try:
-            return run(cell, slot_env(slot, sweep.parallel, gpus), lambda proc, out: running.update({slot: proc}))
+            status = run(cell, slot_env(slot, sweep.parallel, gpus), lambda proc, out: running.update({slot: proc}))
         finally:
             slots.put(slot)
+        with printing:
+            if not stopping.is_set():  # a run the stop ended is no failure to report
+                print(f"[{next(done)}/{len(sweep.cells)}] {cell.name}: {_progress(status, time.monotonic() - t0)}",
+                      flush=True)
+        return status
 
     pool = ThreadPoolExecutor(max_workers=sweep.parallel)
     try:
         with _terminated_as_stopped():
             return list(pool.map(one, sweep.cells))
     except (KeyboardInterrupt, Stopped):
+        stopping.set()
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in running.values():
             if proc.poll() is None:
@@ -426,6 +433,21 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
         raise
     finally:
         pool.shutdown(wait=True)
+
+
+def _progress(status: dict, seconds: float) -> str:
+    """One line on a cell just done: its first run that did not finish and why, else how many of its runs
+    finished now and in what time, and how many had finished before."""
+    runs = status["runs"]
+    unfinished = next(((run, why) for run, why in runs.items() if not why.startswith("finished")), None)
+    if unfinished is not None:
+        return f"its {unfinished[0]} {unfinished[1]}"
+    skipped = sum(why == "finished (skipped)" for why in runs.values())
+    if skipped == len(runs):
+        return "finished before (skipped)"
+    ran = len(runs) - skipped
+    return (f"{ran} run{'s' * (ran > 1)} finished in {seconds / 60:.1f} min" +
+            (f" ({skipped} finished before)" if skipped else ""))
 
 
 @contextlib.contextmanager
