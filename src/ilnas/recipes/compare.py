@@ -63,6 +63,8 @@ class Group:
     errors: dict[tuple, float] = field(default_factory=dict)
     # cell seed (None: a given cell) -> the cells found with it: one per search run, one for a random cell
     cells: dict[object, list[Genotype]] = field(default_factory=dict)
+    cell_key: str = ""  # the search configuration or given cell, and the training recipe ("": none) of the row
+    recipe_key: str = ""
 
 
 @dataclass
@@ -172,7 +174,8 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             found[key][cell_seed][search] = _cell(run / "config.yaml", config.get("genotype"))
         method, framework, settings = cells[key]
         recipe = _settings(config, RECIPE, frozenset(NOT_RECIPE))
-        group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe}))
+        group = recipes.setdefault(key, {}).setdefault(_key(recipe), Group(method, framework, {**settings, **recipe},
+                                                                           cell_key=key, recipe_key=_key(recipe)))
         group.trainings.setdefault(result["task"], []).append(result)
         group.errors[(cell_seed, config["train"]["seed"], result["task"])] = 100 * result["final_test_error"]
     groups = []
@@ -254,7 +257,9 @@ def cell_agreement(cells: Sequence[Genotype]) -> float:
 
 
 def paired(c: Comparison) -> list[dict]:
-    """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task): the
+    """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task), that differ
+    in their cells or in their training recipe, not in both (IL against MTL under one recipe, IL under one recipe
+    against IL under another; not IL under one against MTL under another, which tells neither apart): the
     mean difference of their test errors (points, first minus second) over those runs, and the p-values of
     a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same); and
     ``cells_shared``, the mean share of (op, input) choices their cells of the same seed make alike (None where
@@ -263,7 +268,7 @@ def paired(c: Comparison) -> list[dict]:
     out = []
     for (i, a), (j, b) in itertools.combinations(enumerate(c.groups), 2):
         common = sorted(set(a.errors) & set(b.errors), key=str)
-        if len(common) >= 2:
+        if len(common) >= 2 and (a.cell_key == b.cell_key or a.recipe_key == b.recipe_key):
             seeds = [s for s in a.cells if s is not None and s in b.cells]
             shared = mean_std(mean_std(shared_choices(x, y) / x.choices for x in a.cells[s] for y in b.cells[s])[0]
                               for s in seeds)[0]
