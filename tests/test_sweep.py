@@ -120,6 +120,9 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert r.returncode == 0, r.stderr
     assert sorted(line.partition(" ")[2] for line in r.stdout.splitlines() if line.startswith("[")) == [
         "seed-0: finished before (skipped)", "seed-1: finished before (skipped)"]
+    # what there is to do, without the commands (--dry-run lists those)
+    assert r.stdout.splitlines()[0] == f"2 cells (4 runs, 4 finished) in {out}, 2 at a time (local)"
+    assert "ilnas search" not in r.stdout
     again = json.loads((out / "sweep.json").read_text())
     assert all(v == "finished (skipped)" for c in again["cells"] for v in c["runs"].values())
 
@@ -567,6 +570,7 @@ def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):
 def test_dry_run_lists_the_cells_and_their_commands(tmp_path):
     r = ilnas("sweep", _spec(tmp_path), "--dry-run")
     assert r.returncode == 0 and r.stdout.count("ilnas search") == 4 and r.stdout.count("ilnas train") == 4
+    assert r.stdout.startswith(f"4 cells (8 runs, 0 finished) in {tmp_path / 'sweep'}, 2 at a time (local)\n")
     assert not (tmp_path / "sweep").exists()
 
 

@@ -301,7 +301,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from ilnas.recipes.sweep import describe_sweep, load_spec, run_sweep
 
     sweep = load_spec(args.spec, args.out)
-    print(describe_sweep(sweep), end="", flush=True)
+    print(describe_sweep(sweep, commands=args.dry_run), end="", flush=True)  # a run: a line per cell as it ends
     if not args.dry_run:
         summary = run_sweep(sweep)
         print(f"sweep finished in {summary['wall_seconds'] / 60:.1f} min: {sweep.out / 'sweep.json'}; "

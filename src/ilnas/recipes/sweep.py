@@ -298,13 +298,26 @@ def command(run: RunSpec) -> list[str]:
     return [sys.executable, "-m", "ilnas", run.command, "--quiet", "--out", str(run.out), *run.args, "--auto-resume"]
 
 
-def describe_sweep(sweep: Sweep) -> str:
-    """Every cell and the commands its runs start with (what --dry-run prints)."""
-    lines = [f"{len(sweep.cells)} cells in {sweep.out}, {sweep.parallel} at a time ({sweep.executor})"]
-    for cell in sweep.cells:
+def describe_sweep(sweep: Sweep, commands: bool = True) -> str:
+    """How many cells and runs the sweep has, and how many of the runs have finished; with ``commands``, every cell
+    and the commands its runs start with (what --dry-run prints)."""
+    runs = [run for cell in sweep.cells for run in cell.runs]
+    done = sum(_finished_run(run.out) for run in runs)
+    lines = [f"{len(sweep.cells)} cells ({len(runs)} runs, {done} finished) in {sweep.out}, {sweep.parallel} at a "
+             f"time ({sweep.executor})"]
+    for cell in sweep.cells if commands else ():
         lines.append(f"{cell.name}:")
         lines += ["  ilnas " + shlex.join([run.command, "--out", str(run.out), *run.args]) for run in cell.runs]
     return "\n".join(lines) + "\n"
+
+
+def _finished_run(path: Path) -> bool:
+    """Whether the run at ``path`` has finished; False where its path cannot be looked up (run_sweep refuses
+    that in one line)."""
+    try:
+        return is_finished(path)
+    except OSError:
+        return False
 
 
 def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
