@@ -1757,7 +1757,9 @@ def test_status_tells_finished_running_and_interrupted_runs_apart(finished_run, 
     assert search["checkpoint"] is None and 0 <= running["checkpoint"]["age_seconds"] < 300
     assert running["checkpoint"]["epochs"] >= 2 and running["checkpoint"]["damaged_latest"] is None
     table = ilnas_here("status", str(tmp_path)).stdout
-    assert "| interrupted |" in table and table.count("\n") == 3
+    assert "| interrupted |" in table and table.count("\n") == 3  # one run: no tally
+    tally = ilnas_here("status", str(finished_run), str(finished_training), str(out)).stdout.splitlines()
+    assert tally[-1] == "3 runs: 2 finished, 1 interrupted" and tally[-2] == "", tally
     assert snapshot(out) == before  # status only reads
     r = ilnas_here("plot", str(out))  # the report leaves the torn line out too
     assert r.returncode == 0 and (out / "report.html").is_file(), r.stderr

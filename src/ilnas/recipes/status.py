@@ -6,6 +6,7 @@ what a kill now would lose), how many sessions worked on the run, and for a runn
 remaining epochs should take. Reads run directories only; writes nothing."""
 from __future__ import annotations
 
+import collections
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -240,6 +241,9 @@ def table(rows: list[dict]) -> str:
                       ("≥ " if r["remaining_at_least"] else "") + _duration(r["remaining_seconds"])])
     lines = markdown_table(["run", "kind", "state", "epochs", "last epoch", "checkpoint", "sessions", "epoch time",
                             "remaining"], cells)
+    if len(rows) > 1:  # a sweep's runs, say: how far it has come
+        states = collections.Counter(r["state"] for r in rows)
+        lines += ["", f"{len(rows)} runs: " + ", ".join(f"{n} {state}" for state, n in states.most_common())]
     notes = [f"{r['run']}: {r['holder']}" for r in rows if r["holder"]]
     notes += [f"{r['run']}: {r['outcome']}" for r in rows if r["state"] == "failed"]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
