@@ -109,6 +109,10 @@ def test_one_cells_trainings_under_two_recipes_are_two_rows_and_how_a_run_ran_te
     # the cells nor the recipes apart, and is neither tested nor counted in Holm's adjustment
     short, long = "DARTS-2nd il [eval:train.epochs=10]", "DARTS-2nd il [eval:train.epochs=900]"
     assert [(p["a"], p["b"]) for p in paired(c)] == [(short, long), (short, "DARTS-2nd mtl"), (short, "random cell")]
+    # a third recipe, in a directory found first: a cell's recipes are rows in the order of their settings
+    _training_run(runs / "il-0" / "a-mid", str(runs / "il-0" / "search"), "digits", 0.05, extra=("train.epochs=50",))
+    assert [r["settings"] for r in rows(compare([runs])) if r["framework"] == "il"] == [
+        "eval:train.epochs=10", "eval:train.epochs=50", "eval:train.epochs=900"]
 
 
 def test_settings_a_run_never_read_or_that_did_not_exist_yet_tell_no_runs_apart(runs):

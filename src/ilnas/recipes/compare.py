@@ -180,12 +180,21 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         group.errors[(cell_seed, config["train"]["seed"], result["task"])] = 100 * result["final_test_error"]
     groups = []
     for key, (method, framework, settings) in cells.items():
-        for group in recipes.get(key, {}).values() or [Group(method, framework, settings)]:
+        for group in sorted(recipes.get(key, {}).values(), key=_recipe_order) or [Group(method, framework, settings)]:
             group.searches = searches.get(key, [])
             group.cells = {seed: list(by_run.values()) for seed, by_run in found.get(key, {}).items()}
             groups.append(group)
     tasks = sorted({t for g in groups for t in g.trainings})
     return Comparison(groups, tasks, _varying(groups), unfinished)
+
+
+def _recipe_order(group: Group) -> list[tuple]:
+    """One cell's training recipes in the order of their settings, numbers by value (train.epochs=16 before 64)."""
+    def value(v: object) -> tuple:
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return (0, v, "") if is_number else (1, 0, json.dumps(v, sort_keys=True, default=str))
+
+    return [(k, value(v)) for k, v in sorted(group.settings.items()) if k.startswith(RECIPE)]
 
 
 def _cell(file: Path, text: object) -> Genotype:
