@@ -6,7 +6,8 @@ Per sweep: test error per arm (the grid's labels other than the seed) and task, 
 training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
 mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy), between arms whose labels differ in one
 (a sweep with train.recipes makes an arm of each recipe, and pairs il at x4 with mtl at x4, not with mtl at x16); per
-recipe and task, how the re-trained networks' parameters and errors correlate (Spearman). Across sweeps: how many of the
+recipe and task, how the re-trained networks' parameters and errors correlate (Spearman), and where cells were
+re-trained at several training seeds, how much of the spread is the cells' and how much the seeds'. Across sweeps: how many of the
 (op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Per arm, its cells:
 how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and how far the final
 normal-cell architecture weights have moved from uniform (op entropy, the strongest op's weight). Figures: error
@@ -203,28 +204,41 @@ def sizes(arms: dict[str, Arm]) -> list[str]:
 
 
 def noise(arms: dict[str, Arm]) -> list[str]:
-    """How much of an arm's spread is its cells and how much the re-training's own seed, where cells were re-trained
-    at several training seeds: per arm and task, the standard deviation over training seeds within a cell (pooled),
-    that of the cells' means, and the intraclass correlation of one-way random effects, (MSB - MSW) / (MSB + (n - 1)
-    MSW), the share of one training's variance that is the cell's (0: the cells differ no more than the seeds)."""
+    """How much of the spread is the cells and how much the re-training's own seed, where cells were re-trained at
+    several training seeds: per arm and task, and over every arm's cells of one recipe, the standard deviation over
+    training seeds within a cell (pooled), that of the cells' means, and the intraclass correlation of one-way random
+    effects, (MSB - MSW) / (MSB + (n - 1) MSW), the share of one training's variance that is the cell's (0: the cells
+    differ no more than the seeds; negative where they differ less)."""
     lines = ["| arm | task | cells x training seeds | SD within a cell | SD of the cells' means | ICC |",
              "|---|---|---|---|---|---|"]
+    pooled: dict[tuple[str, str], dict] = {}  # (recipe, task) -> (arm, cell seed) -> errors
     for name, arm in arms.items():
         for task in _tasks(arms):
             by_cell: dict[int, list[float]] = {}
             for k, e in arm.items():
                 if _is_error(k) and k[2] == task:
                     by_cell.setdefault(k[0], []).append(e)
-            n = {len(v) for v in by_cell.values()}
-            if len(by_cell) < 2 or len(n) != 1 or min(n) < 2:
-                continue  # a balanced design only: every cell re-trained at the same number of seeds, at least 2
-            n_seeds, means = n.pop(), [statistics.mean(v) for v in by_cell.values()]
-            within = statistics.mean(statistics.variance(v) for v in by_cell.values())  # MSW
-            between = n_seeds * statistics.variance(means)  # MSB
-            icc = (between - within) / (between + (n_seeds - 1) * within) if between + within > 0 else math.nan
-            lines.append(f"| {name} | {task} | {len(by_cell)} x {n_seeds} | {math.sqrt(within):.2f} | "
-                         f"{statistics.stdev(means):.2f} | {_f(icc, 2)} |")
+            lines += _icc_row(name, task, by_cell)
+            recipe = arm.get(LABELS, {}).get("recipe", "")
+            pooled.setdefault((recipe, task), {}).update({(name, c): e for c, e in by_cell.items()})
+    if len(arms) > 1:
+        for (recipe, task), by_cell in sorted(pooled.items(), key=lambda kv: (_recipe_order(kv[0][0]), kv[0][1])):
+            lines += _icc_row("every arm" + (f", recipe={recipe}" if recipe else ""), task, by_cell)
     return lines
+
+
+def _icc_row(name: str, task: str, by_cell: dict) -> list[str]:
+    """``noise``'s row of cells each re-trained at several seeds, or none where the design is not balanced (every
+    cell re-trained at the same number of seeds, at least 2, and at least 2 cells)."""
+    n = {len(v) for v in by_cell.values()}
+    if len(by_cell) < 2 or len(n) != 1 or min(n) < 2:
+        return []
+    n_seeds, means = n.pop(), [statistics.mean(v) for v in by_cell.values()]
+    within = statistics.mean(statistics.variance(v) for v in by_cell.values())  # MSW
+    between = n_seeds * statistics.variance(means)  # MSB
+    icc = (between - within) / (between + (n_seeds - 1) * within) if between + within > 0 else math.nan
+    return [f"| {name} | {task} | {len(by_cell)} x {n_seeds} | {math.sqrt(within):.2f} | "
+            f"{statistics.stdev(means):.2f} | {_f(icc, 2)} |"]
 
 
 def _recipe_order(recipe: str) -> tuple:

@@ -525,6 +525,9 @@ def test_the_study_analysis_parts_an_arms_spread_into_its_cells_and_the_training
     unbalanced = {**balanced, (2, "0", "digits"): 9.0}
     assert analyze.noise({"il": balanced, "mtl": unbalanced})[2:] == [
         f"| il | digits | 2 x 3 | 1.00 | {math.sqrt(4.5):.2f} | 0.81 |"]
+    # over every arm's cells: il's two and mtl's cells 0 and 1 (the same errors), means 2, 5, 2, 5 (variance 3, MSB 9)
+    twice = {k: v for k, v in unbalanced.items() if k[0] != 2}
+    assert analyze.noise({"il": balanced, "mtl": twice})[-1] == "| every arm | digits | 4 x 3 | 1.00 | 1.73 | 0.73 |"
 
 
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
