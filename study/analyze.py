@@ -5,13 +5,13 @@
 Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds (and
 training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
 mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy), between arms whose labels differ in one
-(a sweep with train.recipes makes an arm of each recipe, and pairs il at x4 with mtl at x4, not with mtl at x16); per
-recipe and task, how the re-trained networks' parameters and errors correlate (Spearman), and where cells were
-re-trained at several training seeds, how much of the spread is the cells' and how much the seeds'. Across sweeps: how many of the
-(op, input) choices of each cell an arm shares with the main IL arm's cell of the same seed. Per arm, its cells:
-how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and how far the final
-normal-cell architecture weights have moved from uniform (op entropy, the strongest op's weight). Figures: error
-per arm and task, and for a sweep with recipes, error against the recipe.
+(a sweep with train.recipes makes an arm of each recipe, and pairs il at x4 with mtl at x4, not with mtl at x16);
+per recipe and task, how the re-trained networks' parameters and errors correlate (Spearman), and where cells
+were re-trained at several training seeds, how much of the spread is the cells' and how much the seeds'. Across
+sweeps: how many of the (op, input) choices of each cell an arm shares with the main IL arm's cell of the same
+seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and
+how far the final normal-cell architecture weights have moved from uniform (op entropy, the strongest op's
+weight). Figures: error per arm and task, and for a sweep with recipes, error against the recipe.
 """
 from __future__ import annotations
 
