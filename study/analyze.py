@@ -3,15 +3,16 @@
     python study/analyze.py runs/study/main runs/study/ablations --figures docs/results
 
 Per sweep: test error per arm (the grid's labels other than the seed) and task, mean ± std over seeds (and
-training seeds), search minutes; for every pair of arms a paired comparison over (seed, training seed, task):
-mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy), between arms whose labels differ in one
-(a sweep with train.recipes makes an arm of each recipe, and pairs il at x4 with mtl at x4, not with mtl at x16);
-per recipe and task, how the re-trained networks' parameters and errors correlate (Spearman), and where cells
-were re-trained at several training seeds, how much of the spread is the cells' and how much the seeds'. Across
-sweeps: how many of the (op, input) choices of each cell an arm shares with the main IL arm's cell of the same
-seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell edges hold a parameter-free op, and
-how far the final normal-cell architecture weights have moved from uniform (op entropy, the strongest op's
-weight). Figures: error per arm and task, and for a sweep with recipes, error against the recipe.
+training seeds), search minutes; for every pair of arms a paired comparison over (seed, task), a cell's trainings
+at several training seeds averaged: mean difference, paired t-test and Wilcoxon signed-rank p-values (scipy),
+between arms whose labels differ in one (a sweep with train.recipes makes an arm of each recipe, and pairs il at
+x4 with mtl at x4, not with mtl at x16); per recipe and task, how the re-trained networks' parameters and errors
+correlate (Spearman), and where cells were re-trained at several training seeds, how much of the spread is the
+cells' and how much the seeds'. Across sweeps: how many of the (op, input) choices of each cell an arm shares with
+the main IL arm's cell of the same seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell
+edges hold a parameter-free op, and how far the final normal-cell architecture weights have moved from uniform
+(op entropy, the strongest op's weight). Figures: error per arm and task, and for a sweep with recipes, error
+against the recipe.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
 from ilnas.data.tasks import task_slug
-from ilnas.recipes.compare import cell_agreement, paired_difference
+from ilnas.recipes.compare import cell_agreement, paired_difference, paired_units
 from ilnas.report.figures import softmax
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.layout import PARAMETER_FREE
@@ -120,16 +121,17 @@ def table(arms: dict[str, Arm]) -> list[str]:
 
 
 def paired(arms: dict[str, Arm]) -> list[str]:
-    lines = ["| A | B | pairs (seed, training seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
+    lines = ["| A | B | pairs (seed, task) | mean A - B (points) | paired t p | Wilcoxon p |",
              "|---|---|---|---|---|---|"]
     for a, b in itertools.combinations(arms, 2):
         if _differing(arms[a], arms[b]) > 1:  # il at one re-training length against mtl at another: no question
             continue
-        keys = sorted(k for k in arms[a] if k in arms[b] and _is_error(k))
-        if len(keys) < 3:
+        # a cell's trainings at several training seeds pair as one unit, their mean (compare.paired_units)
+        x, y = paired_units(*({k: e for k, e in arms[n].items() if _is_error(k)} for n in (a, b)))
+        if len(x) < 3:
             continue
-        d = paired_difference([arms[a][k] for k in keys], [arms[b][k] for k in keys])
-        lines.append(f"| {a} | {b} | {len(keys)} | {d['mean_diff']:+.2f} | {_p(d['t_p'])} | {_p(d['wilcoxon_p'])} |")
+        d = paired_difference(x, y)
+        lines.append(f"| {a} | {b} | {len(x)} | {d['mean_diff']:+.2f} | {_p(d['t_p'])} | {_p(d['wilcoxon_p'])} |")
     return lines
 
 

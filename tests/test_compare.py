@@ -371,6 +371,25 @@ def _give_cell(run: Path, genotype: str) -> None:
         (run / "config.yaml").write_text(yaml.safe_dump({**config, "genotype": genotype}))
 
 
+def test_a_cells_trainings_at_several_training_seeds_pair_as_one_unit_their_mean(tmp_path):
+    """Each of two IL and two MTL cells re-trained at training seeds 0 and 1: IL 10, 12 and 20, 22, MTL 11, 15 and
+    24, 30. The seeds re-train one cell, so each cell is one unit, its mean (IL 11, 21; MTL 13, 27): differences -2
+    and -6, so t = -4 / (2 sqrt 2 / sqrt 2) = -2 with one degree of freedom (p = 1 - 2 atan 2 / pi). Paired run by
+    run, the four differences would count each cell twice."""
+    from ilnas.recipes.compare import paired
+
+    root = tmp_path / "runs"
+    for framework, errors in (("il", ((0.10, 0.12), (0.20, 0.22))), ("mtl", ((0.11, 0.15), (0.24, 0.30)))):
+        for seed, by_training_seed in enumerate(errors):
+            _search_run(root / f"{framework}-{seed}" / "search", framework, seed, hours=1.0)
+            for training_seed, error in enumerate(by_training_seed):
+                _training_run(root / f"{framework}-{seed}" / f"digits-{training_seed}",
+                              str(root / f"{framework}-{seed}" / "search"), "digits", error, seed=training_seed)
+    (pair,) = paired(compare([root]))
+    assert pair["pairs"] == 2 and pair["mean_diff"] == pytest.approx(-4.0)
+    assert pair["t_p"] == pytest.approx(1 - 2 * math.atan(2) / math.pi, rel=1e-9)
+
+
 def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cells_of_one_seed(runs):
     """IL's seeds find DARTS_V2, DARTS_V1 (11 of V2's 16 choices: tests/test_genotype.py) and V2 with each node's
     edges listed the other way round (all 16): (11 + 11 + 16) / 3 pairs / 16 = 0.79 alike. MTL's two seeds both

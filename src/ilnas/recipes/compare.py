@@ -266,28 +266,41 @@ def cell_agreement(cells: Sequence[Genotype]) -> float:
 
 
 def paired(c: Comparison) -> list[dict]:
-    """Every two rows with at least two runs in common, a run being a (cell seed, training seed, task), that differ
+    """Every two rows with at least two units in common (``paired_units``: a cell's runs on a task) that differ
     in their cells or in their training recipe, not in both (IL against MTL under one recipe, IL under one recipe
     against IL under another; not IL under one against MTL under another, which tells neither apart): the
-    mean difference of their test errors (points, first minus second) over those runs, and the p-values of
+    mean difference of their test errors (points, first minus second) over those units, and the p-values of
     a paired t-test and of a Wilcoxon signed-rank test (None where every difference is the same); and
     ``cells_shared``, the mean share of (op, input) choices their cells of the same seed make alike (None where
     they have no cell seed in common: a given cell's row)."""
     labels = [_label(c, g) for g in c.groups]
     out = []
     for (i, a), (j, b) in itertools.combinations(enumerate(c.groups), 2):
-        common = sorted(set(a.errors) & set(b.errors), key=str)
-        if len(common) >= 2 and (a.cell_key == b.cell_key or a.recipe_key == b.recipe_key):
+        ea, eb = paired_units(a.errors, b.errors)
+        if len(ea) >= 2 and (a.cell_key == b.cell_key or a.recipe_key == b.recipe_key):
             seeds = [s for s in a.cells if s is not None and s in b.cells]
             shared = mean_std(mean_std(shared_choices(x, y) / x.choices for x in a.cells[s] for y in b.cells[s])[0]
                               for s in seeds)[0]
-            out.append({"a": labels[i], "b": labels[j], "pairs": len(common),
-                        **paired_difference([a.errors[k] for k in common], [b.errors[k] for k in common]),
+            out.append({"a": labels[i], "b": labels[j], "pairs": len(ea), **paired_difference(ea, eb),
                         "cells_shared": None if math.isnan(shared) else shared})
     for test in ("t_p", "wilcoxon_p"):  # the table tests many pairs at once: each p also adjusted for all of them
         for p, adjusted in zip(out, holm([p[test] for p in out])):
             p[f"{test}_holm"] = adjusted
     return out
+
+
+def paired_units(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[list[float], list[float]]:
+    """Two rows' errors (keyed (cell seed, training seed, task)) on the runs they share, as paired units: a cell's
+    runs on one task at several training seeds are one unit, their mean, since they re-train one cell, which
+    pairing each would count as that many independent cells; a given cell's runs (cell seed None), which differ
+    only in their training seed, are a unit each."""
+    units: dict[tuple, list[tuple]] = {}
+    for key in set(a) & set(b):
+        cell_seed, _, task = key
+        units.setdefault(key if cell_seed is None else (cell_seed, task), []).append(key)
+    order = sorted(units, key=str)
+    return ([sum(a[k] for k in units[u]) / len(units[u]) for u in order],
+            [sum(b[k] for k in units[u]) / len(units[u]) for u in order])
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
