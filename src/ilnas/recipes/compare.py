@@ -63,8 +63,8 @@ class Group:
     errors: dict[tuple, float] = field(default_factory=dict)
     # cell seed (None: a given cell) -> the cells found with it: one per search run, one for a random cell
     cells: dict[object, list[Genotype]] = field(default_factory=dict)
-    cell_key: str = ""  # the search configuration or given cell, and the training recipe ("": none) of the row
-    recipe_key: str = ""
+    cell_key: str = ""  # the row's search configuration or given cell ("": a row without trainings)
+    recipe_key: str = ""  # the row's training recipe ("": a row without trainings)
 
 
 @dataclass
