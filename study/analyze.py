@@ -191,17 +191,23 @@ def cells(arms: dict[str, Arm]) -> list[str]:
 
 def sizes(arms: dict[str, Arm]) -> list[str]:
     """Whether the larger networks re-train better or worse: per re-training recipe and task, Spearman's rank
-    correlation between the parameters and the test error of every trained cell of every arm (negative: the larger,
-    the better), and the mean parameters of the searched and of the given cells."""
-    lines = ["| recipe | task | trainings | Spearman rho (params, error) | p |", "|---|---|---|---|---|"]
+    correlation between the parameters and the test error of every cell of every arm (negative: the larger, the
+    better), a cell re-trained at several training seeds counted once, with its mean error."""
+    lines = ["| recipe | task | cells | Spearman rho (params, error) | p |", "|---|---|---|---|---|"]
     for recipe in sorted({arm[LABELS].get("recipe", "") for arm in arms.values()}, key=_recipe_order):
         for task in _tasks(arms):
-            pairs = [(v, arm[(k[1], k[2], k[3])]) for arm in arms.values() if arm[LABELS].get("recipe", "") == recipe
-                     for k, v in arm.items() if k[0] == "params" and k[3] == task and (k[1], k[2], k[3]) in arm]
-            if len(pairs) < 3:
+            cells: dict[tuple, tuple[float, list[float]]] = {}  # (arm, cell seed) -> parameters, errors
+            for name, arm in arms.items():
+                if arm[LABELS].get("recipe", "") != recipe:
+                    continue
+                for k, params in arm.items():
+                    if k[0] == "params" and k[3] == task and (k[1], k[2], k[3]) in arm:
+                        cells.setdefault((name, k[1]), (params, []))[1].append(arm[(k[1], k[2], k[3])])
+            if len(cells) < 3:
                 continue
-            rho, p = spearmanr(*zip(*pairs))
-            lines.append(f"| {recipe or '-'} | {task} | {len(pairs)} | {rho:+.2f} | {_p(float(p))} |")
+            rho, p = spearmanr([params for params, _ in cells.values()],
+                               [statistics.mean(errors) for _, errors in cells.values()])
+            lines.append(f"| {recipe or '-'} | {task} | {len(cells)} | {rho:+.2f} | {_p(float(p))} |")
     return lines
 
 

@@ -509,6 +509,8 @@ def test_the_study_analysis_makes_an_arm_of_each_re_training_recipe_and_correlat
     pairs only between arms that differ in one label, and per recipe Spearman's rho of parameters against error.
     Parameters 100..600 against errors 10, 12, 15, 11, 14, 19 (x1): rank differences 0, 1, 2, 2, 1, 0, so
     rho = 1 - 6 * 10 / (6 * 35) = 0.71; against errors falling with the parameters (x4): -1."""
+    from scipy.stats import spearmanr
+
     analyze = _study_analysis()
     errors = {"x1": {"il": (10, 12, 15), "mtl": (11, 14, 19)}, "x4": {"il": (9, 8, 7), "mtl": (6, 5, 3)}}
     cells = []
@@ -530,6 +532,12 @@ def test_the_study_analysis_makes_an_arm_of_each_re_training_recipe_and_correlat
     assert [line.split(" | ")[:2] for line in analyze.paired(arms)[2:]] == [  # not il at x1 against mtl at x4
         [f"| {il1}", mtl1], [f"| {il1}", il4], [f"| {mtl1}", mtl4], [f"| {il4}", mtl4]]
     assert analyze.sizes(arms)[2:] == ["| x1 | digits | 6 | +0.71 | 0.111 |", "| x4 | digits | 6 | -1.00 | 0.000 |"]
+    # IL seed 0's cell re-trained at a second training seed (x4, error 3): still one cell, with its mean error 6
+    run = tmp_path / "il-0" / "train-digits-x4-seed-1"
+    run.mkdir()
+    run.joinpath("result.json").write_text(json.dumps({"task": "digits", "final_test_error": 0.03, "params": 100}))
+    rho, p = spearmanr([100, 200, 300, 400, 500, 600], [6, 8, 7, 6, 5, 3])
+    assert analyze.sizes(analyze.load(tmp_path))[-1] == f"| x4 | digits | 6 | {rho:+.2f} | {p:.3f} |"
     assert analyze._training("train-imagefolder-pets-x16-seed-2", "imagefolder:/data/pets/") == ("x16", "2")
     assert analyze._training("train-digits-seed-1", "digits") == ("", "1")
     assert sorted(["x16", "x4", "long", "x1"], key=analyze._recipe_order) == ["x1", "x4", "x16", "long"]
