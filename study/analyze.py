@@ -196,17 +196,14 @@ def sizes(arms: dict[str, Arm]) -> list[str]:
     lines = ["| recipe | task | cells | Spearman rho (params, error) | p |", "|---|---|---|---|---|"]
     for recipe in sorted({arm[LABELS].get("recipe", "") for arm in arms.values()}, key=_recipe_order):
         for task in _tasks(arms):
-            cells: dict[tuple, tuple[float, list[float]]] = {}  # (arm, cell seed) -> parameters, errors
-            for name, arm in arms.items():
-                if arm[LABELS].get("recipe", "") != recipe:
-                    continue
-                for k, params in arm.items():
-                    if k[0] == "params" and k[3] == task and (k[1], k[2], k[3]) in arm:
-                        cells.setdefault((name, k[1]), (params, []))[1].append(arm[(k[1], k[2], k[3])])
+            cells: list[tuple[float, float]] = []  # (parameters, mean error) of every cell of the recipe
+            for arm in arms.values():
+                if arm[LABELS].get("recipe", "") == recipe:
+                    params = {k[1]: v for k, v in arm.items() if k[0] == "params" and k[3] == task}
+                    cells += [(params[s], statistics.mean(e)) for s, e in _by_cell(arm, task).items() if s in params]
             if len(cells) < 3:
                 continue
-            rho, p = spearmanr([params for params, _ in cells.values()],
-                               [statistics.mean(errors) for _, errors in cells.values()])
+            rho, p = spearmanr(*zip(*cells))
             lines.append(f"| {recipe or '-'} | {task} | {len(cells)} | {rho:+.2f} | {_p(float(p))} |")
     return lines
 
@@ -222,10 +219,7 @@ def noise(arms: dict[str, Arm]) -> list[str]:
     pooled: dict[tuple[str, str], dict] = {}  # (recipe, task) -> (arm, cell seed) -> errors
     for name, arm in arms.items():
         for task in _tasks(arms):
-            by_cell: dict[int, list[float]] = {}
-            for k, e in arm.items():
-                if _is_error(k) and k[2] == task:
-                    by_cell.setdefault(k[0], []).append(e)
+            by_cell = _by_cell(arm, task)
             lines += _icc_row(name, task, by_cell)
             recipe = arm.get(LABELS, {}).get("recipe", "")
             pooled.setdefault((recipe, task), {}).update({(name, c): e for c, e in by_cell.items()})
@@ -233,6 +227,15 @@ def noise(arms: dict[str, Arm]) -> list[str]:
         for (recipe, task), by_cell in sorted(pooled.items(), key=lambda kv: (_recipe_order(kv[0][0]), kv[0][1])):
             lines += _icc_row("every arm" + (f", recipe={recipe}" if recipe else ""), task, by_cell)
     return lines
+
+
+def _by_cell(arm: Arm, task: str) -> dict[int, list[float]]:
+    """An arm's errors on ``task`` per cell (its seed): one per training seed it was re-trained at."""
+    by_cell: dict[int, list[float]] = {}
+    for k, e in arm.items():
+        if _is_error(k) and k[2] == task:
+            by_cell.setdefault(k[0], []).append(e)
+    return by_cell
 
 
 def _icc_row(name: str, task: str, by_cell: dict) -> list[str]:
