@@ -92,13 +92,19 @@ BAD = [
     (["describe", "Genotype(normal=[('warp_conv', 0)])"], "malformed genotype"),
     (["describe", "NO_SUCH_CELL"], "unknown genotype 'NO_SUCH_CELL'"),
     (["search", "--bogus-flag"], "unrecognized arguments"),
+    (["train", "--genotype", "__RUN__", "--out", "__RUN__", "--force", "--preset", "eval-digits"],
+     "lies in --out"),  # --force would replace the search whose cell it re-trains
+    (["train", "--genotype", "__RUN__/genotype.json", "--out", "__RUN__", "--force", "--preset", "eval-digits"],
+     "lies in --out"),
+    (["config", "--set", "data.tasks=[no_such_task]"], "unknown task 'no_such_task'; known: "),
+    (["config", "demo", "--preset", "eval-digits"], "two presets given"),
 ]
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a[:3]) for a, _ in BAD])
 def test_bad_input_gives_one_line_and_exit_2_and_leaves_the_run_untouched(finished_run, tmp_path, args, message):
     before = snapshot(finished_run)
-    args = [a.replace("__EMPTY__", str(tmp_path)) for a in args]
+    args = [a.replace("__EMPTY__", str(tmp_path)).replace("__RUN__", str(finished_run)) for a in args]
     if args[0] == "search":
         args = [*args, "--out", str(finished_run)]
     rc, _, err = call(*args)  # in this process: what the ilnas process prints is tested elsewhere
@@ -336,6 +342,7 @@ def test_config_prints_what_a_preset_resolves_to(capsys):
     assert printed == to_dict(resolve("il-pdarts-cifar", overrides=["engine.lam=10"]))
     assert (printed["search"]["epochs"], printed["search"]["batch_size"], printed["engine"]["lam"]) == (50, 64, 10.0)
     assert cli.main(["config", "eval-digits"]) == 0 and "kind: eval" in capsys.readouterr().out
+    assert cli.main(["config", "--preset", "eval-digits"]) == 0 and "kind: eval" in capsys.readouterr().out
 
 
 def test_paper_preset_settings():

@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="print the fully resolved configuration of a preset, file and --set")
     c.add_argument("preset", nargs="?", help="a preset name (default: demo, unless --config is given)")
+    c.add_argument("--preset", dest="preset_option", metavar="PRESET", help="the same, as search and train take it")
     c.add_argument("--config", help="a YAML file over the preset (it may name a base preset: `base: NAME`)")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -213,7 +214,11 @@ def _train(args: argparse.Namespace) -> None:
     else:
         genotype = load_genotype(args.genotype)
         found = Path(args.genotype)  # a search run or a file: recorded as an absolute path
-        source = str(found.resolve()) if args.genotype not in zoo() and found.exists() else args.genotype
+        is_path = args.genotype not in zoo() and found.exists()
+        source = str(found.resolve()) if is_path else args.genotype
+        if is_path and out.resolve() in (found.resolve(), *found.resolve().parents):
+            raise IlnasError(f"--genotype {args.genotype} lies in --out {out}: the training would replace the run "
+                             f"its cell comes from; choose another --out")
     resume = _resume(args, out, "eval", config_dict(cfg, genotype=genotype.to_string()))
     if resume is None:
         result = read_json(out, "result.json")
@@ -254,9 +259,16 @@ def _config(args: argparse.Namespace) -> None:
     import yaml
 
     from ilnas.config import to_dict
+    from ilnas.data.tasks import check_task_name
 
-    preset = args.preset if args.preset is not None else (None if args.config else "demo")
-    print(yaml.safe_dump(to_dict(_resolve(preset, args.config, args.overrides, kind=None)), sort_keys=False), end="")
+    if args.preset is not None and args.preset_option is not None:
+        raise IlnasError(f"two presets given ({args.preset!r} and --preset {args.preset_option!r}): name one")
+    preset = args.preset if args.preset is not None else args.preset_option
+    preset = preset if preset is not None else (None if args.config else "demo")
+    cfg = _resolve(preset, args.config, args.overrides, kind=None)
+    for task in cfg.data.tasks:  # as a run would refuse it; an image folder is looked at only by the run
+        check_task_name(task)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 
 def _plot(args: argparse.Namespace) -> None:

@@ -122,17 +122,22 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
     """The static facts of any task name: an in-memory task, ``imagenet`` (an ImageFolder tree at
     <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train;
     in memory at data.image_size unless data.folder_pipeline is stream)."""
+    check_task_name(name)
     if name in TASKS:
         kind = TASKS[name]
         return TaskInfo(name, True, kind.channels, kind.classes, kind.resolution(source))
     if name == "imagenet":
         return TaskInfo(name, False, 3, 1000, None, Path(source.data_dir) / "imagenet")
-    if name.startswith("imagefolder:") and name.split(":", 1)[1]:
-        root = Path(name.split(":", 1)[1])
-        classes = folder_classes(root, name)
-        memory = source.folder_pipeline == "memory"
-        return TaskInfo(name, memory, 3, len(classes), source.image_size if memory else None, root)
-    raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
+    root = Path(name.split(":", 1)[1])
+    classes = folder_classes(root, name)
+    memory = source.folder_pipeline == "memory"
+    return TaskInfo(name, memory, 3, len(classes), source.image_size if memory else None, root)
+
+
+def check_task_name(name: str) -> None:
+    """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
+    if name not in TASKS and name != "imagenet" and not (name.startswith("imagefolder:") and name.split(":", 1)[1]):
+        raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
 
 
 def require_in_memory(info: TaskInfo) -> TaskInfo:
