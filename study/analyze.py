@@ -8,7 +8,8 @@ at several training seeds averaged: mean difference, paired t-test and Wilcoxon 
 between arms whose labels differ in one (a sweep with train.recipes makes an arm of each recipe, and pairs il at
 x4 with mtl at x4, not with mtl at x16); per recipe and task, how the re-trained networks' parameters and errors
 correlate (Spearman), and where cells were re-trained at several training seeds, how much of the spread is the
-cells' and how much the seeds'. Across sweeps: how many of the (op, input) choices of each cell an arm shares with
+cells' and how much the seeds'; where a sweep re-trains published cells of the zoo beside random cells, how each
+published cell ranks among the random ones (the positive control). Across sweeps: how many of the (op, input) choices of each cell an arm shares with
 the main IL arm's cell of the same seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell
 edges hold a parameter-free op, and how far the final normal-cell architecture weights have moved from uniform
 (op entropy, the strongest op's weight). Figures: error per arm and task, and for a sweep with recipes, error
@@ -20,22 +21,24 @@ import argparse
 import itertools
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from scipy.stats import spearmanr
+from scipy.stats import mannwhitneyu, spearmanr
 
 from ilnas.data.tasks import task_slug
 from ilnas.recipes.compare import cell_agreement, paired_difference, paired_units
 from ilnas.report.figures import softmax
-from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
+from ilnas.space.genotype import Genotype, parse_genotype, shared_choices, zoo
 from ilnas.space.layout import PARAMETER_FREE
 
 # (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict;
-# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("params", seed,
+# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("source", seed) -> how a
+# given cell was named to its trainings (random:N, a zoo name, a run's path); ("params", seed,
 # training seed, task) -> the re-trained network's parameters; LABELS -> the arm's grid labels but the seed.
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
 # A sweep with train.recipes (train-<task>-<recipe>/) makes one arm of every recipe: its labels add recipe=<name>.
@@ -82,6 +85,9 @@ def _add_cell(arm: Arm, cell: Path, seed: int) -> None:
     trained = sorted(cell.glob("train-*/config.yaml"))
     if not search.is_dir() and trained:
         arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
+        provenance = trained[0].parent / "provenance.json"
+        if provenance.is_file():
+            arm[("source", seed)] = str(json.loads(provenance.read_text()).get("genotype_source"))
     if (search / "summary.json").is_file():
         arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
         arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
@@ -229,6 +235,40 @@ def noise(arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
+def published(arms: dict[str, Arm]) -> list[str]:
+    """The positive control: every published cell of the zoo against the sweep's random cells, per task and on the
+    mean of the tasks, each cell's error its mean over training seeds. Per published cell, how many random cells
+    re-trained better; over all of them, the Mann-Whitney U test of published against random cells' errors
+    (two-sided). Can the re-training tell the cells a full-scale search chose from cells nobody chose?"""
+    tasks = _tasks(arms)
+    cells: dict[str, dict[str, float]] = {}  # source -> task -> mean error over training seeds; "mean": over tasks
+    for arm in arms.values():
+        for (kind, seed), source in ((k, v) for k, v in arm.items() if k[0] == "source"):
+            errors = {t: statistics.mean(e) for t in tasks if (e := _by_cell(arm, t).get(seed))}
+            if len(errors) == len(tasks):
+                cells[source] = {**errors, "mean": statistics.mean(errors.values())}
+    random = [c for s, c in cells.items() if re.fullmatch(r"random:\d+", s)]
+    known = {s: c for s, c in cells.items() if s in zoo()}
+    if len(random) < 3 or not known:
+        return []
+    columns = [*tasks, "mean"]
+    lines = ["| cell | " + " | ".join(f"{t} error (%) | random cells better" for t in columns) + " |",
+             "|---|" + "---|---|" * len(columns)]
+    for source, cell in known.items():
+        lines.append(f"| {source} | " + " | ".join(
+            f"{cell[t]:.2f} | {sum(r[t] < cell[t] for r in random)} of {len(random)}" for t in columns) + " |")
+    lines.append(f"| {len(random)} random cells | " + " | ".join(
+        f"{statistics.mean(r[t] for r in random):.2f} ± {statistics.stdev(r[t] for r in random):.2f} "
+        f"({min(r[t] for r in random):.2f}-{max(r[t] for r in random):.2f}) | -" for t in columns) + " |")
+    tests = []
+    for t in columns:
+        mine, theirs = [c[t] for c in known.values()], [r[t] for r in random]
+        u, p = mannwhitneyu(mine, theirs, alternative="two-sided")
+        tests.append(f"{t}: published {statistics.mean(mine) - statistics.mean(theirs):+.2f} points, "
+                     f"U {u:.0f} of {len(mine) * len(theirs)}, p {p:.3f}")
+    return [*lines, "", "Mann-Whitney U (published against random cells, two-sided): " + "; ".join(tests) + "."]
+
+
 def _by_cell(arm: Arm, task: str) -> dict[int, list[float]]:
     """An arm's errors on ``task`` per cell (its seed): one per training seed it was re-trained at."""
     by_cell: dict[int, list[float]] = {}
@@ -328,6 +368,8 @@ def main() -> None:
             print("\n".join(sizes(arms)) + "\n")
         if any(_is_error(k) and k[1] for arm in arms.values() for k in arm):  # re-trained at several seeds
             print("\n".join(noise(arms)) + "\n")
+        if control := published(arms):
+            print("\n".join(control) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)

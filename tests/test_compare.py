@@ -557,6 +557,35 @@ def test_the_study_analysis_parts_an_arms_spread_into_its_cells_and_the_training
     assert analyze.noise({"il": balanced, "mtl": twice})[-1] == "| every arm | digits | 4 x 3 | 1.00 | 1.73 | 0.73 |"
 
 
+def test_the_study_analysis_ranks_the_published_cells_among_the_random_ones(tmp_path):
+    """The positive control: DARTS_V2 and PDARTS re-trained at two training seeds (means 2 and 3) beside four random
+    cells (means 4, 5, 6, 7). No random cell is better than either; U = 0 of 2 x 4, and of the 15 equally likely
+    ways to place two cells among six, one puts both lowest: two-sided p = 2 / 15."""
+    from ilnas.space.genotype import random_genotype
+
+    analyze = _study_analysis()
+    errors = {"DARTS_V2": (1, 3), "PDARTS": (3, 3), **{f"random:{i}": (4 + i, 4 + i) for i in range(4)}}
+    cells = []
+    for source, seeds in errors.items():
+        name = source.replace(":", "-")
+        cells.append({"cell": name, "labels": {"cell": name}})
+        for training_seed, error in enumerate(seeds):
+            run = tmp_path / name / f"train-digits-seed-{training_seed}"
+            run.mkdir(parents=True)
+            run.joinpath("result.json").write_text(json.dumps({"task": "digits", "final_test_error": error / 100}))
+            run.joinpath("provenance.json").write_text(json.dumps({"genotype_source": source}))
+            genotype = zoo()[source] if source in zoo() else random_genotype(int(source[7:]))
+            run.joinpath("config.yaml").write_text(yaml.safe_dump({"genotype": genotype.to_string()}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
+    lines = analyze.published(analyze.load(tmp_path))
+    assert lines[2:5] == ["| DARTS_V2 | 2.00 | 0 of 4 | 2.00 | 0 of 4 |", "| PDARTS | 3.00 | 0 of 4 | 3.00 | 0 of 4 |",
+                          "| 4 random cells | 5.50 ± 1.29 (4.00-7.00) | - | 5.50 ± 1.29 (4.00-7.00) | - |"]
+    assert lines[-1] == ("Mann-Whitney U (published against random cells, two-sided): digits: published -3.00 points, "
+                         f"U 0 of 8, p {2 / 15:.3f}; mean: published -3.00 points, U 0 of 8, p {2 / 15:.3f}.")
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells[:4]}))  # two random cells: none to rank among
+    assert analyze.published(analyze.load(tmp_path)) == []
+
+
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
     from ilnas.recipes.compare import _label
     from ilnas.report.figures import comparison_figure
