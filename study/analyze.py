@@ -9,7 +9,8 @@ between arms whose labels differ in one (a sweep with train.recipes makes an arm
 x4 with mtl at x4, not with mtl at x16); per recipe and task, how the re-trained networks' parameters and errors
 correlate (Spearman), and where cells were re-trained at several training seeds, how much of the spread is the
 cells' and how much the seeds'; where a sweep re-trains published cells of the zoo beside random cells, how each
-published cell ranks among the random ones (the positive control). Across sweeps: how many of the (op, input) choices of each cell an arm shares with
+published cell ranks among the random ones, and the cells of the other sweeps' arms re-trained by the same recipe
+(the positive control). Across sweeps: how many of the (op, input) choices of each cell an arm shares with
 the main IL arm's cell of the same seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell
 edges hold a parameter-free op, and how far the final normal-cell architecture weights have moved from uniform
 (op entropy, the strongest op's weight). Figures: error per arm and task, and for a sweep with recipes, error
@@ -39,11 +40,13 @@ from ilnas.space.layout import PARAMETER_FREE
 # (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict;
 # ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("source", seed) -> how a
 # given cell was named to its trainings (random:N, a zoo name, a run's path); ("params", seed,
-# training seed, task) -> the re-trained network's parameters; LABELS -> the arm's grid labels but the seed.
+# training seed, task) -> the re-trained network's parameters; LABELS -> the arm's grid labels but the seed; RECIPE ->
+# the recipes its trainings ran by (_recipe_signature).
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
 # A sweep with train.recipes (train-<task>-<recipe>/) makes one arm of every recipe: its labels add recipe=<name>.
 Arm = dict
 LABELS = ("labels", "")
+RECIPE = ("recipe", "")
 
 
 def load(sweep: Path) -> dict[str, Arm]:
@@ -57,6 +60,7 @@ def load(sweep: Path) -> dict[str, Arm]:
             recipe, training_seed = _training(train.parent.name, result["task"])
             arm = _arm(arms, {**labels, **({"recipe": recipe} if recipe else {})})
             arm[(seed, training_seed, result["task"])] = 100 * result["final_test_error"]
+            arm.setdefault(RECIPE, set()).add(_recipe_signature(train.parent / "config.yaml"))
             if "params" in result:
                 arm[("params", seed, training_seed, result["task"])] = result["params"]
             if all(a is not arm for a in own):
@@ -64,6 +68,17 @@ def load(sweep: Path) -> dict[str, Arm]:
         for arm in own or [_arm(arms, labels)]:
             _add_cell(arm, sweep / cell["cell"], seed)
     return dict(sorted(arms.items(), key=lambda kv: _recipe_order(kv[1][LABELS].get("recipe", ""))))  # x1 first
+
+
+def _recipe_signature(config: Path) -> str:
+    """A training's recipe: its config but the cell, the task and the training seed ("" where it has no config)."""
+    if not config.is_file():
+        return ""
+    cfg = yaml.safe_load(config.read_text())
+    cfg.pop("genotype", None)
+    cfg.get("data", {}).pop("tasks", None)
+    cfg.get("train", {}).pop("seed", None)
+    return json.dumps(cfg, sort_keys=True)
 
 
 def _training(folder: str, task: str) -> tuple[str, str]:
@@ -235,38 +250,96 @@ def noise(arms: dict[str, Arm]) -> list[str]:
     return lines
 
 
-def published(arms: dict[str, Arm]) -> list[str]:
-    """The positive control: every published cell of the zoo against the sweep's random cells, per task and on the
-    mean of the tasks, each cell's error its mean over training seeds. Per published cell, how many random cells
-    re-trained better; over all of them, the Mann-Whitney U test of published against random cells' errors
-    (two-sided). Can the re-training tell the cells a full-scale search chose from cells nobody chose?"""
+def control(arms: dict[str, Arm]) -> list[str]:
+    """The positive control: the published cells of the zoo against random cells, each cell's error its mean over
+    training seeds, per task and on the mean of the tasks. Rows: each published cell, how many random cells re-trained
+    better than it; then the published cells together and every other arm whose trainings name their cells (cells
+    searched in another sweep, say), mean ± std over their cells and the Mann-Whitney U test of their cells against
+    the random cells (two-sided); last the random cells. Can the re-training tell the cells that a full-scale search
+    chose from cells nobody chose, and where do the arms' cells fall? Arms that mix recipes must be left out by the
+    caller (``same_recipe``)."""
+    groups = _control_groups(arms)
+    if not groups:
+        return []
+    random, published = list(groups.pop("random cells").values()), groups["published cells"]
+    columns = [*_tasks(arms), "mean"]
+    lines = ["| cells | n | " + " | ".join(f"{t} error (%) | random better | p" for t in columns) + " |",
+             "|---|---|" + "---|---|---|" * len(columns)]
+    for source, cell in published.items():
+        lines.append(f"| {source} | 1 | " + " | ".join(
+            f"{cell[t]:.2f} | {sum(r[t] < cell[t] for r in random)} of {len(random)} | -" for t in columns) + " |")
+    for row, cells in groups.items():
+        lines.append(f"| {row} | {len(cells)} | " + " | ".join(_against_random(list(cells.values()), random, t)
+                                                               for t in columns) + " |")
+    return [*lines, f"| random cells | {len(random)} | " + " | ".join(
+        f"{_mean_std([r[t] for r in random])} ({min(r[t] for r in random):.2f}-{max(r[t] for r in random):.2f}) "
+        f"| - | -" for t in columns) + " |"]
+
+
+def _control_groups(arms: dict[str, Arm]) -> dict[str, dict[str, dict[str, float]]]:
+    """``control``'s cells by row, published first and random last: row -> the cell's source -> task (and "mean")
+    -> its mean error over training seeds; empty without published cells or with fewer than three random ones."""
     tasks = _tasks(arms)
-    cells: dict[str, dict[str, float]] = {}  # source -> task -> mean error over training seeds; "mean": over tasks
-    for arm in arms.values():
-        for (kind, seed), source in ((k, v) for k, v in arm.items() if k[0] == "source"):
+    groups: dict[str, dict[str, dict[str, float]]] = {"published cells": {}}
+    for name, arm in arms.items():
+        for (_, seed), source in ((k, v) for k, v in arm.items() if k[0] == "source"):
             errors = {t: statistics.mean(e) for t in tasks if (e := _by_cell(arm, t).get(seed))}
             if len(errors) == len(tasks):
-                cells[source] = {**errors, "mean": statistics.mean(errors.values())}
-    random = [c for s, c in cells.items() if re.fullmatch(r"random:\d+", s)]
-    known = {s: c for s, c in cells.items() if s in zoo()}
-    if len(random) < 3 or not known:
-        return []
-    columns = [*tasks, "mean"]
-    lines = ["| cell | " + " | ".join(f"{t} error (%) | random cells better" for t in columns) + " |",
-             "|---|" + "---|---|" * len(columns)]
-    for source, cell in known.items():
-        lines.append(f"| {source} | " + " | ".join(
-            f"{cell[t]:.2f} | {sum(r[t] < cell[t] for r in random)} of {len(random)}" for t in columns) + " |")
-    lines.append(f"| {len(random)} random cells | " + " | ".join(
-        f"{statistics.mean(r[t] for r in random):.2f} ± {statistics.stdev(r[t] for r in random):.2f} "
-        f"({min(r[t] for r in random):.2f}-{max(r[t] for r in random):.2f}) | -" for t in columns) + " |")
-    tests = []
-    for t in columns:
-        mine, theirs = [c[t] for c in known.values()], [r[t] for r in random]
-        u, p = mannwhitneyu(mine, theirs, alternative="two-sided")
-        tests.append(f"{t}: published {statistics.mean(mine) - statistics.mean(theirs):+.2f} points, "
-                     f"U {u:.0f} of {len(mine) * len(theirs)}, p {p:.3f}")
-    return [*lines, "", "Mann-Whitney U (published against random cells, two-sided): " + "; ".join(tests) + "."]
+                row = ("random cells" if re.fullmatch(r"random:\d+", source) else
+                       "published cells" if source in zoo() else name)
+                groups.setdefault(row, {})[source] = {**errors, "mean": statistics.mean(errors.values())}
+    if len(groups.get("random cells", {})) < 3 or not groups["published cells"]:
+        return {}
+    random = groups.pop("random cells")
+    return {**groups, "random cells": random}
+
+
+def control_figure(arms: dict[str, Arm], title: str) -> Figure:
+    """``control``'s cells drawn: a dot per cell (its mean error over training seeds) in its row's column, the
+    published cells named, one panel per task."""
+    groups, tasks = _control_groups(arms), _tasks(arms)
+    fig = Figure(figsize=(2.5 + 1.3 * len(groups), 3.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
+    for ax, task in zip(axes, tasks):
+        for x, (row, cells) in enumerate(groups.items()):
+            errors = [cell[task] for cell in cells.values()]
+            ax.scatter([x] * len(errors), errors, s=22, alpha=0.7)
+            ax.plot([x - 0.25, x + 0.25], [statistics.mean(errors)] * 2, color="black")
+            if row == "published cells":
+                for source, cell in cells.items():
+                    ax.annotate(source, (x, cell[task]), xytext=(6, 0), textcoords="offset points", fontsize=6,
+                                va="center")
+        ax.set_xticks(range(len(groups)), [row.split(": ")[-1] for row in groups], rotation=15, fontsize=8)
+        ax.set_ylabel(f"{task} test error (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def _against_random(cells: list[dict], random: list[dict], column: str) -> str:
+    """A group's cells on one column: mean ± std, the mean number of random cells better than one of its cells, and
+    the two-sided Mann-Whitney U test's p of its cells against the random cells."""
+    mine, theirs = [c[column] for c in cells], [r[column] for r in random]
+    better = statistics.mean(sum(r < m for r in theirs) for m in mine)
+    p = mannwhitneyu(mine, theirs, alternative="two-sided").pvalue if len(mine) > 1 else math.nan
+    return f"{_mean_std(mine)} | {better:.1f} of {len(theirs)} | {_f(float(p), 3)}"
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def same_recipe(arms: dict[str, Arm], others: dict[str, Arm]) -> dict[str, Arm]:
+    """The arms of ``others`` whose trainings ran by the one recipe of every training in ``arms`` (their configs
+    equal but for the cell, the task and the training seed) at the same training seeds; none where ``arms`` mix
+    recipes or training seeds."""
+    def design(arm: Arm) -> tuple[set, set]:
+        return arm.get(RECIPE, set()), {k[1] for k in arm if _is_error(k)}
+
+    designs = {json.dumps([sorted(x) for x in design(arm)]) for arm in arms.values()}
+    return {name: arm for name, arm in others.items()
+            if len(designs) == 1 and json.dumps([sorted(x) for x in design(arm)]) in designs}
 
 
 def _by_cell(arm: Arm, task: str) -> dict[int, list[float]]:
@@ -368,12 +441,17 @@ def main() -> None:
             print("\n".join(sizes(arms)) + "\n")
         if any(_is_error(k) and k[1] for arm in arms.values() for k in arm):  # re-trained at several seeds
             print("\n".join(noise(arms)) + "\n")
-        if control := published(arms):
-            print("\n".join(control) + "\n")
+        others = {f"{other}: {n}": arm for other, o in loaded.items() if other != name for n, arm in o.items()}
+        ranked = {**arms, **same_recipe(arms, others)}
+        if ranking := control(ranked):
+            print("\n".join(ranking) + "\n")
         print("\n".join(cells(arms)) + "\n")
         if args.figures:
             Path(args.figures).mkdir(parents=True, exist_ok=True)
             figure(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}.png", dpi=100)
+            if ranking:
+                control_figure(ranked, f"study: {name}, cells against random cells").savefig(
+                    Path(args.figures) / f"{name}-control.png", dpi=100)
             if all("recipe" in arm[LABELS] for arm in arms.values()):
                 by_recipe(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}-by-recipe.png", dpi=100)
 

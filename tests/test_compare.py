@@ -557,33 +557,56 @@ def test_the_study_analysis_parts_an_arms_spread_into_its_cells_and_the_training
     assert analyze.noise({"il": balanced, "mtl": twice})[-1] == "| every arm | digits | 4 x 3 | 1.00 | 1.73 | 0.73 |"
 
 
-def test_the_study_analysis_ranks_the_published_cells_among_the_random_ones(tmp_path):
-    """The positive control: DARTS_V2 and PDARTS re-trained at two training seeds (means 2 and 3) beside four random
-    cells (means 4, 5, 6, 7). No random cell is better than either; U = 0 of 2 x 4, and of the 15 equally likely
-    ways to place two cells among six, one puts both lowest: two-sided p = 2 / 15."""
+def _trained_cells(sweep: Path, errors: dict[str, tuple], epochs: int = 16, framework: str | None = None) -> None:
+    """A sweep directory of given cells, each re-trained on digits at training seeds 0, 1, ... with these errors (%):
+    each cell an arm of its own, or with ``framework`` one arm whose cells are its seeds 0, 1, ..."""
     from ilnas.space.genotype import random_genotype
 
-    analyze = _study_analysis()
-    errors = {"DARTS_V2": (1, 3), "PDARTS": (3, 3), **{f"random:{i}": (4 + i, 4 + i) for i in range(4)}}
     cells = []
-    for source, seeds in errors.items():
-        name = source.replace(":", "-")
-        cells.append({"cell": name, "labels": {"cell": name}})
+    for seed, (source, seeds) in enumerate(errors.items()):
+        name = Path(source).parent.name if "/" in source else source.replace(":", "-")  # a search's cell: its run's
+        cells.append({"cell": name, "labels": {"search.seed": seed, "framework": framework} if framework else
+                      {"cell": name}})
         for training_seed, error in enumerate(seeds):
-            run = tmp_path / name / f"train-digits-seed-{training_seed}"
+            run = sweep / name / f"train-digits-seed-{training_seed}"
             run.mkdir(parents=True)
             run.joinpath("result.json").write_text(json.dumps({"task": "digits", "final_test_error": error / 100}))
             run.joinpath("provenance.json").write_text(json.dumps({"genotype_source": source}))
-            genotype = zoo()[source] if source in zoo() else random_genotype(int(source[7:]))
-            run.joinpath("config.yaml").write_text(yaml.safe_dump({"genotype": genotype.to_string()}))
-    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
-    lines = analyze.published(analyze.load(tmp_path))
-    assert lines[2:5] == ["| DARTS_V2 | 2.00 | 0 of 4 | 2.00 | 0 of 4 |", "| PDARTS | 3.00 | 0 of 4 | 3.00 | 0 of 4 |",
-                          "| 4 random cells | 5.50 ± 1.29 (4.00-7.00) | - | 5.50 ± 1.29 (4.00-7.00) | - |"]
-    assert lines[-1] == ("Mann-Whitney U (published against random cells, two-sided): digits: published -3.00 points, "
-                         f"U 0 of 8, p {2 / 15:.3f}; mean: published -3.00 points, U 0 of 8, p {2 / 15:.3f}.")
-    (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells[:4]}))  # two random cells: none to rank among
-    assert analyze.published(analyze.load(tmp_path)) == []
+            genotype = zoo().get(source) or random_genotype(int(source[7:]) if source.startswith("random:") else 9)
+            run.joinpath("config.yaml").write_text(yaml.safe_dump(
+                {"genotype": genotype.to_string(), "train": {"seed": training_seed, "epochs": epochs}}))
+    (sweep / "sweep.json").write_text(json.dumps({"cells": cells}))
+
+
+def test_the_study_analysis_ranks_the_published_cells_among_the_random_ones(tmp_path):
+    """The positive control: DARTS_V2 and PDARTS re-trained at two training seeds (means 2 and 3) beside four random
+    cells (means 4, 5, 6, 7). No random cell is better than either; U = 0 of 2 x 4, and of the 15 equally likely
+    ways to place two cells among six, one puts both lowest: two-sided p = 2 / 15. Another sweep's arm of two cells
+    trained alike (means 4.5 and 6.5) falls among them: 1 and 3 random cells better, U = 4, the centre of its
+    distribution (p 1); the same arm re-trained by another recipe is not ranked."""
+    analyze = _study_analysis()
+    _trained_cells(tmp_path / "control", {"DARTS_V2": (1, 3), "PDARTS": (3, 3),
+                                          **{f"random:{i}": (4 + i, 4 + i) for i in range(4)}})
+    searched = {"/runs/il-0/search": (4, 5), "/runs/il-1/search": (6, 7)}
+    _trained_cells(tmp_path / "searched", searched, framework="il")
+    _trained_cells(tmp_path / "longer", searched, epochs=64, framework="il")
+    arms = analyze.load(tmp_path / "control")
+    others = {f"{sweep}: {name}": arm for sweep in ("searched", "longer")
+              for name, arm in analyze.load(tmp_path / sweep).items()}
+    assert list(analyze.same_recipe(arms, others)) == ["searched: framework=il"]
+    lines = analyze.control({**arms, **analyze.same_recipe(arms, others)})
+    assert lines[2:] == [
+        "| DARTS_V2 | 1 | 2.00 | 0 of 4 | - | 2.00 | 0 of 4 | - |",
+        "| PDARTS | 1 | 3.00 | 0 of 4 | - | 3.00 | 0 of 4 | - |",
+        f"| published cells | 2 | 2.50 ± 0.71 | 0.0 of 4 | {2 / 15:.3f} | 2.50 ± 0.71 | 0.0 of 4 | {2 / 15:.3f} |",
+        "| searched: framework=il | 2 | 5.50 ± 1.41 | 2.0 of 4 | 1.000 | 5.50 ± 1.41 | 2.0 of 4 | 1.000 |",
+        "| random cells | 4 | 5.50 ± 1.29 (4.00-7.00) | - | - | 5.50 ± 1.29 (4.00-7.00) | - | - |"]
+    fig = analyze.control_figure({**arms, **analyze.same_recipe(arms, others)}, "control")
+    ax = fig.axes[0]
+    assert [len(c.get_offsets()) for c in ax.collections] == [2, 2, 4]  # a dot per cell: published, il, random
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["published cells", "framework=il", "random cells"]
+    two_random = {name: arm for name, arm in arms.items() if name not in ("cell=random-2", "cell=random-3")}
+    assert analyze.control(two_random) == []  # fewer than three random cells: none to rank among
 
 
 def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, tmp_path):
