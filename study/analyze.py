@@ -13,8 +13,8 @@ published cell ranks among the random ones, and the cells of the other sweeps' a
 (the positive control). Across sweeps: how many of the (op, input) choices of each cell an arm shares with
 the main IL arm's cell of the same seed. Per arm, its cells: how alike its seeds' cells are, how many normal-cell
 edges hold a parameter-free op, and how far the final normal-cell architecture weights have moved from uniform
-(op entropy, the strongest op's weight). Figures: error per arm and task, and for a sweep with recipes, error
-against the recipe.
+(op entropy, the strongest op's weight). Figures: error per arm and task, for a sweep with recipes error against
+the recipe, and for the control each cell among the random cells (<sweep>-against-random.png).
 """
 from __future__ import annotations
 
@@ -451,7 +451,7 @@ def main() -> None:
             figure(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}.png", dpi=100)
             if ranking:
                 control_figure(ranked, f"study: {name}, cells against random cells").savefig(
-                    Path(args.figures) / f"{name}-control.png", dpi=100)
+                    Path(args.figures) / f"{name}-against-random.png", dpi=100)
             if all("recipe" in arm[LABELS] for arm in arms.values()):
                 by_recipe(arms, f"study: {name}").savefig(Path(args.figures) / f"{name}-by-recipe.png", dpi=100)
 

@@ -192,7 +192,7 @@ def test_the_latex_output_is_the_same_tables_escaped_for_a_paper(runs):
     code, out, err = call("compare", str(runs), "--latex", "--paired")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[:2] == [r"\begin{tabular}{llrrrrrrrrr}", r"\toprule"] and out.count(r"\begin{tabular}") == 2
+    assert lines[:2] == [r"\begin{tabular}{llrrrrrrrrr}", r"\toprule"] and out.count(r"\begin{tabular}") == 3  # and the random cells
     assert r"method & framework & error digits (\%) & error mnist5k (\%) & best digits (\%)" in lines[2]
     assert r"DARTS-2nd & il & 12.00 $\pm$ 2.00 & 24.00 $\pm$ 5.29 & 10.00 & 20.00 & 1.50 & 200 & 1.500 & 1.00 & 3 \\" \
         in lines
@@ -359,6 +359,30 @@ def test_paired_rows_over_the_runs_they_share_with_t_and_wilcoxon_p(runs):
                                                                "which CSV cannot hold: use the Markdown output, "
                                                                "--latex or --json\n")
 
+
+def test_rows_re_trained_alike_rank_among_the_random_cells_unpaired(runs):
+    """On digits the random cells re-trained 40 and 50; IL's three cells 10, 12, 14, MTL's two 20, 30 and the given
+    DARTS_V2 5 (a second training seed's 7: one cell, mean 6). None is beaten by a random cell, so U = 0, whose exact
+    two-sided p is 2 / C(n + 2, 2): 2 / 10, 2 / 6 and 2 / 3; Holm: 0.6, then 0.667 twice. IL's mnist5k trainings
+    have no random cells to rank among, and a recipe of their own leaves the random cells' rows out."""
+    from ilnas.recipes.compare import against_random
+
+    _training_run(runs / "zoo-seed-1", "DARTS_V2", "digits", 0.07, seed=1)
+    _training_run(runs / "il-0" / "digits-x4", str(runs / "il-0" / "search"), "digits", 0.01,
+                  extra=("train.epochs=40",))
+    ranked = {r["row"].split(" [")[0]: r for r in against_random(compare([runs]))}
+    assert list(ranked) == ["DARTS-2nd il", "DARTS-2nd mtl", "DARTS_V2"]
+    for row, cells, diff, p, holm in (("DARTS-2nd il", 3, -33, 2 / 10, 0.6), ("DARTS-2nd mtl", 2, -20, 2 / 6, 2 / 3),
+                                      ("DARTS_V2", 1, -39, 2 / 3, 2 / 3)):
+        r = ranked[row]
+        assert (r["task"], r["cells"], r["random_cells"], r["better"]) == ("digits", cells, 2, 0.0)
+        assert r["mean_diff"] == pytest.approx(diff) and r["u_p"] == pytest.approx(p) and r["u_p_holm"] == \
+            pytest.approx(holm)
+    code, out, err = call("compare", str(runs), "--paired")
+    assert code == 0 and "| DARTS_V2 | digits | 1 | 2 | -39.00 | 0.0 of 2 | 0.667 | 0.667 |" in out, err
+    assert json.loads(call("compare", str(runs), "--paired", "--json")[1])["against_random"][0]["cells"] == 3
+    assert "% Against the random cells" in call("compare", str(runs), "--paired", "--latex")[1]
+    assert "Against the random cells" not in call("compare", str(runs))[1]  # only with --paired
 
 
 def _give_cell(run: Path, genotype: str) -> None:

@@ -40,6 +40,9 @@ SUMMARY_FIELDS = {"search_hours": float, "genotype": str}
 RESULT_FIELDS = {"task": str, "final_test_error": float, "params": float, "macs": float}
 
 
+RANDOM_CELL = "random cell"  # the method column of the row of cells drawn uniformly (genotype random:N), the control
+
+
 def method_name(config: dict) -> str:
     """The base method as the paper names it: DARTS-1st, DARTS-2nd, P-DARTS or PC-DARTS."""
     if config.get("search", {}).get("method") == "pdarts":
@@ -166,7 +169,7 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
         else:
             source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
             if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
-                key = cell_of({"cell": "random"}, "random cell", "-")
+                key = cell_of({"cell": "random"}, RANDOM_CELL, "-")
                 cell_seed = int(source.split(":")[1])
             else:
                 key = cell_of({"cell": config.get("genotype")}, source, "-")
@@ -289,6 +292,47 @@ def paired(c: Comparison) -> list[dict]:
     return out
 
 
+def against_random(c: Comparison) -> list[dict]:
+    """Every row re-trained by the recipe of a random-cell row (``genotype=random:N``: cells drawn uniformly from the
+    space, the control a searched cell must beat), against the random cells, per task; unpaired, so that a given
+    cell (DARTS_V2, say), which shares no cell seed with them, is compared too. A cell is one unit, its mean over
+    the training seeds it was re-trained at. ``mean_diff``: the row's cells' mean minus the random cells' (points);
+    ``better``: how many random cells re-trained better than one of the row's cells, on average; ``u_p``: the
+    two-sided Mann-Whitney U test of the row's cells against the random cells (one cell: the share of the random
+    cells' ranks at least as extreme as its own; None where every error is the same), also Holm-adjusted
+    (``u_p_holm``) over the table."""
+    from scipy.stats import mannwhitneyu
+
+    labels = {id(g): _label(c, g) for g in c.groups}
+    out = []
+    for control in (g for g in c.groups if g.method == RANDOM_CELL):
+        for g in (g for g in c.groups if g.recipe_key == control.recipe_key and g.method != RANDOM_CELL):
+            for task in c.tasks:
+                mine, random = _cell_means(g.errors, task), _cell_means(control.errors, task)
+                if not mine or len(random) < 2:
+                    continue
+                tested = len(set(mine + random)) > 1
+                out.append({"row": labels[id(g)], "random": labels[id(control)], "task": task, "cells": len(mine),
+                            "random_cells": len(random),
+                            "mean_diff": sum(mine) / len(mine) - sum(random) / len(random),
+                            "better": sum(r < m for m in mine for r in random) / len(mine),
+                            "u_p": float(mannwhitneyu(mine, random, alternative="two-sided").pvalue) if tested
+                            else None})
+    for row, adjusted in zip(out, holm([row["u_p"] for row in out])):
+        row["u_p_holm"] = adjusted
+    return out
+
+
+def _cell_means(errors: dict[tuple, float], task: str) -> list[float]:
+    """A row's errors on ``task`` as one value per cell (its cell seed; a given cell's runs are one cell), the mean
+    over its training seeds."""
+    cells: dict[object, list[float]] = {}
+    for (cell_seed, _, t), error in sorted(errors.items(), key=lambda kv: str(kv[0])):
+        if t == task:
+            cells.setdefault(cell_seed, []).append(error)
+    return [sum(v) / len(v) for v in cells.values()]
+
+
 def paired_units(a: dict[tuple, float], b: dict[tuple, float]) -> tuple[list[float], list[float]]:
     """Two rows' errors (keyed (cell seed, training seed, task)) on the runs they share, as paired units: a cell's
     runs on one task at several training seeds are one unit, their mean, since they re-train one cell, which
@@ -358,6 +402,8 @@ def as_html(c: Comparison) -> str:
     parts = ["<h1>ilnas comparison</h1>", html_table(*_table(c)),
              f"<h2>pairs</h2>\n<p>{html.escape(PAIRED if pairs else NO_PAIRS)}</p>"]
     parts += [html_table(*_paired_table(pairs))] if pairs else []
+    if ranked := against_random(c):
+        parts += [f"<h2>against random cells</h2>\n<p>{html.escape(AGAINST_RANDOM)}</p>", html_table(*_random_table(ranked))]
     parts += ["<h2>test errors</h2>", picture(figure_bytes(c, "svg"), "test errors per row", wide=True)] if c.tasks \
         else []
     for g in c.groups:
@@ -407,6 +453,17 @@ def _paired_markdown(pairs: list[dict]) -> list[str]:
     return ["", PAIRED + ":", "", *markdown_table(*_paired_table(pairs))] if pairs else ["", NO_PAIRS]
 
 
+AGAINST_RANDOM = ("Against the random cells re-trained alike (unpaired, a cell its mean over training seeds; test "
+                  "error, points; Mann-Whitney U, two-sided; Holm: adjusted over this table)")
+
+
+def _random_table(ranked: list[dict]) -> tuple[list[str], list[list[object]]]:
+    header = ["row", "task", "cells", "random cells", "mean − random", "random cells better", "Mann-Whitney p", "Holm"]
+    return header, [[r["row"], r["task"], r["cells"], r["random_cells"], f"{r['mean_diff']:+.2f}",
+                     f"{r['better']:.1f} of {r['random_cells']}", _num(r["u_p"], 3), _num(r["u_p_holm"], 3)]
+                    for r in ranked]
+
+
 def _show(value: object) -> str:
     """A setting's value as --set spells it (null, true), a list as its items joined by commas."""
     if isinstance(value, tuple):
@@ -445,6 +502,8 @@ def markdown(c: Comparison, with_pairs: bool = False) -> str:
     lines = markdown_table(*_table(c))
     if with_pairs:
         lines += _paired_markdown(paired(c))
+        ranked = against_random(c)
+        lines += ["", AGAINST_RANDOM + ":", "", *markdown_table(*_random_table(ranked))] if ranked else []
     if c.unfinished:
         lines.append(f"\n{len(c.unfinished)} unfinished run(s) left out (`ilnas status` tells more): "
                      + ", ".join(f"{run} ({state})" for run, state in c.unfinished.items()))
@@ -457,6 +516,8 @@ def latex(c: Comparison, with_pairs: bool = False) -> str:
     if with_pairs:
         pairs = paired(c)
         lines += ["", f"% {PAIRED}", *latex_table(*_paired_table(pairs))] if pairs else ["", f"% {NO_PAIRS}"]
+        ranked = against_random(c)
+        lines += ["", f"% {AGAINST_RANDOM}", *latex_table(*_random_table(ranked))] if ranked else []
     if c.unfinished:
         lines.append(f"% {len(c.unfinished)} unfinished run(s) left out (`ilnas status` tells more): "
                      + " ".join(", ".join(f"{run} ({state})" for run, state in c.unfinished.items()).splitlines()))
@@ -479,7 +540,7 @@ def as_json(c: Comparison, with_pairs: bool = False) -> str:
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         return x
-    extra = {"paired": [clean(p) for p in paired(c)]} if with_pairs else {}
+    extra = {"paired": [clean(p) for p in paired(c)], "against_random": against_random(c)} if with_pairs else {}
     return json.dumps({"tasks": c.tasks, "varying": c.varying, "rows": [clean(r) for r in rows(c)], **extra,
                        "unfinished": [str(p) for p in c.unfinished],
                        "unfinished_states": {str(p): state for p, state in c.unfinished.items()}}, indent=1) + "\n"
