@@ -403,7 +403,8 @@ def as_html(c: Comparison) -> str:
              f"<h2>pairs</h2>\n<p>{html.escape(PAIRED if pairs else NO_PAIRS)}</p>"]
     parts += [html_table(*_paired_table(pairs))] if pairs else []
     if ranked := against_random(c):
-        parts += [f"<h2>against random cells</h2>\n<p>{html.escape(AGAINST_RANDOM)}</p>", html_table(*_random_table(ranked))]
+        parts += [f"<h2>against random cells</h2>\n<p>{html.escape(AGAINST_RANDOM)}</p>",
+                  html_table(*_random_table(ranked))]
     parts += ["<h2>test errors</h2>", picture(figure_bytes(c, "svg"), "test errors per row", wide=True)] if c.tasks \
         else []
     for g in c.groups:
@@ -458,7 +459,8 @@ AGAINST_RANDOM = ("Against the random cells re-trained alike (unpaired, a cell i
 
 
 def _random_table(ranked: list[dict]) -> tuple[list[str], list[list[object]]]:
-    header = ["row", "task", "cells", "random cells", "mean − random", "random cells better", "Mann-Whitney p", "Holm"]
+    header = ["row", "task", "cells", "random cells", "mean − random", "random cells better", "Mann-Whitney p",
+              "Holm"]
     return header, [[r["row"], r["task"], r["cells"], r["random_cells"], f"{r['mean_diff']:+.2f}",
                      f"{r['better']:.1f} of {r['random_cells']}", _num(r["u_p"], 3), _num(r["u_p_holm"], 3)]
                     for r in ranked]
