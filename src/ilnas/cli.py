@@ -54,8 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--latex", action="store_true", help="print LaTeX tabulars (booktabs), for a paper")
     cm.add_argument("--paired", action="store_true",
                     help="also compare every two rows over the runs they share (same seeds and task): mean "
-                         "difference and its 95%% interval, paired t-test and Wilcoxon p-values, also Holm-adjusted "
-                         "(Markdown, LaTeX or JSON)")
+                         "difference and its 95%% interval, paired t-test and Wilcoxon p-values, also Holm-adjusted; "
+                         "and rank every row among the random cells trained alike (Markdown, LaTeX or JSON)")
     cm.add_argument("--figure", metavar="FILE", help="also draw every row's test errors per task into FILE "
                                                      "(.png, .svg or .pdf)")
     cm.add_argument("--html", metavar="FILE", help="also write the comparison as one self-contained page: the "
