@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 from matplotlib.figure import Figure
-from scipy.stats import mannwhitneyu, spearmanr
+from scipy.stats import spearmanr
 
 from ilnas.data.tasks import task_slug
-from ilnas.recipes.compare import cell_agreement, paired_difference, paired_units
+from ilnas.recipes.compare import cell_agreement, paired_difference, paired_units, rank_among
 from ilnas.report.figures import softmax
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices, zoo
 from ilnas.space.layout import PARAMETER_FREE
@@ -318,12 +318,12 @@ def control_figure(arms: dict[str, Arm], title: str) -> Figure:
 
 
 def _against_random(cells: list[dict], random: list[dict], column: str) -> str:
-    """A group's cells on one column: mean ± std, the mean number of random cells better than one of its cells, and
-    the two-sided Mann-Whitney U test's p of its cells against the random cells."""
+    """A group's cells on one column: mean ± std, how many random cells re-trained better than one of its cells on
+    average, and the Mann-Whitney p of its cells against the random cells (compare.rank_among)."""
     mine, theirs = [c[column] for c in cells], [r[column] for r in random]
-    better = statistics.mean(sum(r < m for r in theirs) for m in mine)
-    p = mannwhitneyu(mine, theirs, alternative="two-sided").pvalue if len(mine) > 1 else math.nan
-    return f"{_mean_std(mine)} | {better:.1f} of {len(theirs)} | {_f(float(p), 3)}"
+    ranked = rank_among(mine, theirs)
+    p = ranked["u_p"] if len(mine) > 1 else None  # a single cell's rank is in its own row
+    return f"{_mean_std(mine)} | {ranked['better']:.1f} of {len(theirs)} | {_p(p)}"
 
 
 def _mean_std(values: list[float]) -> str:

@@ -301,26 +301,30 @@ def against_random(c: Comparison) -> list[dict]:
     two-sided Mann-Whitney U test of the row's cells against the random cells (one cell: the share of the random
     cells' ranks at least as extreme as its own; None where every error is the same), also Holm-adjusted
     (``u_p_holm``) over the table."""
-    from scipy.stats import mannwhitneyu
-
     labels = {id(g): _label(c, g) for g in c.groups}
     out = []
     for control in (g for g in c.groups if g.method == RANDOM_CELL):
         for g in (g for g in c.groups if g.recipe_key == control.recipe_key and g.method != RANDOM_CELL):
             for task in c.tasks:
-                mine, random = _cell_means(g.errors, task), _cell_means(control.errors, task)
-                if not mine or len(random) < 2:
-                    continue
-                tested = len(set(mine + random)) > 1
-                out.append({"row": labels[id(g)], "random": labels[id(control)], "task": task, "cells": len(mine),
-                            "random_cells": len(random),
-                            "mean_diff": sum(mine) / len(mine) - sum(random) / len(random),
-                            "better": sum(r < m for m in mine for r in random) / len(mine),
-                            "u_p": float(mannwhitneyu(mine, random, alternative="two-sided").pvalue) if tested
-                            else None})
+                mine, drawn = _cell_means(g.errors, task), _cell_means(control.errors, task)
+                if mine and len(drawn) >= 2:
+                    out.append({"row": labels[id(g)], "random": labels[id(control)], "task": task, "cells": len(mine),
+                                "random_cells": len(drawn), **rank_among(mine, drawn)})
     for row, adjusted in zip(out, holm([row["u_p"] for row in out])):
         row["u_p_holm"] = adjusted
     return out
+
+
+def rank_among(cells: Sequence[float], random: Sequence[float]) -> dict:
+    """Cells' errors against random cells' (unpaired): ``mean_diff``, the cells' mean minus the random cells';
+    ``better``, how many random cells have a lower error than one of the cells, on average; ``u_p``, the two-sided
+    Mann-Whitney U test's p (None where every error is the same)."""
+    from scipy.stats import mannwhitneyu
+
+    tested = len({*cells, *random}) > 1
+    return {"mean_diff": sum(cells) / len(cells) - sum(random) / len(random),
+            "better": sum(r < c for c in cells for r in random) / len(cells),
+            "u_p": float(mannwhitneyu(cells, random, alternative="two-sided").pvalue) if tested else None}
 
 
 def _cell_means(errors: dict[tuple, float], task: str) -> list[float]:
