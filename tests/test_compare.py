@@ -233,6 +233,7 @@ def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(
     text = " ".join(page.text)
     assert "<b>" not in raw and "cells of cells/<b>.txt" in text  # the given cell's source, escaped in the file
     assert "12.00 ± 2.00" in text and "[-64.82, +36.82]" in text and "(agreement 1.00)" in text
+    assert "against random cells" in text and "0.0 of 2" in text  # IL, MTL and the zoo cell ranked among them
     # the errors drawn, then a normal and a reduction cell per cell: IL seeds 0-2, MTL 0-1, the zoo cell, random 1-2
     assert len(page.images) == 1 + 2 * (3 + 2 + 1 + 2)
     drawn = ET.fromstring(base64.b64decode(page.images[1]["src"].split(",", 1)[1]))
