@@ -38,8 +38,8 @@ from ilnas.space.genotype import Genotype, parse_genotype, shared_choices, zoo
 from ilnas.space.layout import PARAMETER_FREE
 
 # (seed, training seed, task) -> error in %; ("hours", "") -> search hours; ("cell", seed) -> genotype dict;
-# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("source", seed) -> how a
-# given cell was named to its trainings (random:N, a zoo name, a run's path); ("params", seed,
+# ("alphas", seed) -> the normal cell's architecture logits after the last epoch (edges x ops); ("source", seed) ->
+# how a given cell was named to its trainings (random:N, a zoo name, a run's path); ("params", seed,
 # training seed, task) -> the re-trained network's parameters; LABELS -> the arm's grid labels but the seed; RECIPE ->
 # the recipes its trainings ran by (_recipe_signature).
 # The training seed is "" where the sweep re-trains once per task (train-<task>/), else the s of train-<task>-seed-<s>/.
@@ -262,7 +262,7 @@ def control(arms: dict[str, Arm]) -> list[str]:
     if not groups:
         return []
     random, published = list(groups.pop("random cells").values()), groups["published cells"]
-    columns = [*_tasks(arms), "mean"]
+    columns = [*_tasks(arms), "mean"] if len(_tasks(arms)) > 1 else _tasks(arms)  # the mean of one task is that task
     lines = ["| cells | n | " + " | ".join(f"{t} error (%) | random better | p" for t in columns) + " |",
              "|---|---|" + "---|---|---|" * len(columns)]
     for source, cell in published.items():
