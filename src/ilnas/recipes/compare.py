@@ -2,7 +2,8 @@
 in the layout of the paper's tables: method | framework | test error per task (mean ± std over seeds) |
 best | parameters | multiply-adds | search cost | how alike its seeds' cells are; and, asked for, every two rows
 paired over the runs they share (same seeds and task) with paired t and Wilcoxon p-values and the share of choices
-their cells of the same seed make alike. Reads run directories only; writes nothing."""
+their cells of the same seed make alike, and every row ranked among the random cells re-trained by its recipe
+(unpaired: Mann-Whitney U). Reads run directories only; writes nothing."""
 from __future__ import annotations
 
 import base64
