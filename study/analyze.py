@@ -24,6 +24,7 @@ import json
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,12 @@ RECIPE = ("recipe", "")
 
 def load(sweep: Path) -> dict[str, Arm]:
     arms: dict[str, Arm] = {}
-    for cell in json.loads((sweep / "sweep.json").read_text())["cells"]:
+    record = json.loads((sweep / "sweep.json").read_text())
+    if not record.get("final", True):  # written as the sweep goes: the trainings finished so far
+        done = sum(all(v.startswith("finished") for v in c["runs"].values()) for c in record["cells"])
+        print(f"{sweep}: the sweep has not ended ({done} of {len(record['cells'])} cells finished); "
+              f"tables of the trainings finished so far", file=sys.stderr)
+    for cell in record["cells"]:
         labels = {k.split(".")[-1]: str(v) for k, v in cell["labels"].items() if k != "search.seed"}
         seed = int(cell["labels"].get("search.seed", 0))
         own: list[Arm] = []  # this cell's arms, one per recipe

@@ -470,7 +470,7 @@ def _study_analysis():
     return analyze
 
 
-def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
+def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path, capsys):
     """study/analyze.py on a sweep directory as `ilnas sweep` leaves it: two arms, three seeds, one task.
     IL 10, 12, 15 and MTL 11, 14, 19 (differences -1, -2, -4): t^2 = 7 with two degrees of freedom, whose
     two-sided p is 1 - |t| / sqrt(t^2 + 2); the exact Wilcoxon p of three same-signed differences is 2 / 8."""
@@ -495,6 +495,14 @@ def test_the_study_analysis_tabulates_and_pairs_its_sweeps_arms(tmp_path):
             (tmp_path / name / "search" / "genotype.json").write_text(json.dumps(cell[framework].to_dict()))
     (tmp_path / "sweep.json").write_text(json.dumps({"cells": cells}))
     arms = analyze.load(tmp_path)
+    assert analyze.table(arms)[2:] == ["| framework=il | 12.33 ± 2.52 | 12.0 | 3 |",
+                                       "| framework=mtl | 14.67 ± 4.04 | 12.0 | 3 |"]
+    # as written while the sweep runs (one cell pending): the trainings finished so far, and a line that says so
+    running = [{**c, "runs": {"train-digits": "pending" if c["cell"] == "mtl-2" else "finished"}} for c in cells]
+    (tmp_path / "sweep.json").write_text(json.dumps({"final": False, "cells": running}))
+    arms = analyze.load(tmp_path)
+    assert capsys.readouterr().err == f"{tmp_path}: the sweep has not ended (5 of 6 cells finished); tables of the " \
+                                      f"trainings finished so far\n"
     assert analyze.table(arms)[2:] == ["| framework=il | 12.33 ± 2.52 | 12.0 | 3 |",
                                        "| framework=mtl | 14.67 ± 4.04 | 12.0 | 3 |"]
     t = math.sqrt(7)

@@ -97,7 +97,9 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "sweep.json").exists()
+    record = json.loads((out / "sweep.json").read_text())  # as written when the sweep started: no cell had ended
+    assert record["final"] is False and [c["runs"] for c in record["cells"]] == [
+        {"search": "pending", "train-digits": "pending"}] * 2
 
     r = ilnas("sweep", spec)
     assert r.returncode == 0, r.stderr
@@ -156,6 +158,26 @@ def test_an_interrupted_sweep_starts_no_further_cell_and_its_running_search_chec
     assert runlock.lock_holder(out / "seed-0" / "search") is None  # its command has ended: nothing orphaned
 
 
+def test_sweep_json_records_each_cell_as_it_ends(tmp_path, monkeypatch):
+    """Read while the second of two cells runs (one at a time), sweep.json holds the first cell's status and the
+    second as pending; at the end both, and "final"."""
+    from ilnas.recipes import sweep as sweep_recipe
+
+    sweep, seen = load_spec(_spec(tmp_path, grid={"search.seed": [0, 1]}, train=None, parallel=1)), []
+
+    def run_cell(cell, env, started):
+        seen.append(json.loads((sweep.out / "sweep.json").read_text()))
+        return {"cell": cell.name, "labels": cell.labels, "runs": {"search": f"finished ({cell.name})"}}
+    monkeypatch.setattr(sweep_recipe, "run_cell", run_cell)
+    summary = sweep_recipe.run_sweep(sweep)
+    assert [(r["final"], [c["runs"]["search"] for c in r["cells"]]) for r in seen] == [
+        (False, ["pending", "pending"]), (False, ["finished (seed-0)", "pending"])]
+    assert [c["labels"] for c in seen[0]["cells"]] == [{"search.seed": "0"}, {"search.seed": "1"}]
+    assert summary == json.loads((sweep.out / "sweep.json").read_text())
+    assert summary["final"] is True and [c["runs"]["search"] for c in summary["cells"]] == [
+        "finished (seed-0)", "finished (seed-1)"]
+
+
 def test_a_sweep_that_cannot_write_its_records_says_so_in_one_line_and_keeps_its_runs(tmp_path, monkeypatch):
     """A full disk: a cell whose log cannot be opened fails with that reason, and a sweep.json that cannot be
     written stops the sweep in one line (exit 3); run again with space, the finished cell is skipped."""
@@ -173,13 +195,31 @@ def test_a_sweep_that_cannot_write_its_records_says_so_in_one_line_and_keeps_its
                                         f"No space left on device)"}
     monkeypatch.undo()
 
-    real = sweep_recipe.atomic_write_text
-    monkeypatch.setattr(sweep_recipe, "atomic_write_text",
-                        lambda path, text: full_disk() if path.name == "sweep.json" else real(path, text))
+    real, writes = sweep_recipe.atomic_write_text, []
+
+    def sweep_json_fails_after(n: int):
+        def write(path, text):
+            if path.name == "sweep.json":
+                writes.append(path)
+                if len(writes) > n:
+                    full_disk()
+            real(path, text)
+        return write
+    monkeypatch.setattr(sweep_recipe, "atomic_write_text", sweep_json_fails_after(0))
     code, _, err = call("sweep", spec)
-    assert code == 3 and err == (f"ilnas: error: cannot write {out / 'sweep.json'} (No space left on device); the "
+    assert code == 3 and err == (f"ilnas: error: cannot write {out / 'sweep.json'} (No space left on device); no "
+                                 f"cell has started\n"), err
+    assert not (out / "seed-0" / "search").exists() and not (out / "sweep.json").exists()
+    # the first record written, then none: the one as the cell ends is a warning, the final one the sweep's error
+    writes.clear()
+    monkeypatch.setattr(sweep_recipe, "atomic_write_text", sweep_json_fails_after(1))
+    code, _, err = call("sweep", spec)
+    assert code == 3 and err == (f"ilnas: warning: cannot update {out / 'sweep.json'} (No space left on device); the "
+                                 f"sweep goes on and writes it when it ends\n"
+                                 f"ilnas: error: cannot write {out / 'sweep.json'} (No space left on device); the "
                                  f"cells' runs are kept; run the sweep again to write it\n"), err
-    assert is_finished(out / "seed-0" / "search") and not (out / "sweep.json").exists()
+    assert is_finished(out / "seed-0" / "search") and len(writes) == 3
+    assert json.loads((out / "sweep.json").read_text())["cells"][0]["runs"] == {"search": "pending"}
     monkeypatch.undo()
     code, _, err = call("sweep", spec)
     assert code == 0, err

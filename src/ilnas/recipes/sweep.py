@@ -409,11 +409,12 @@ def slot_env(slot: int, parallel: int, gpus: int) -> dict[str, str]:
     return env
 
 
-def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
+def _in_slots(sweep: Sweep, run: Callable[..., dict], ended: Callable[[dict], None]) -> list[dict]:
     """``run(cell, env, started)`` for every cell, ``parallel`` at a time on this machine, each in the
-    environment of its slot (its share of the cores, its GPU). Interrupted (Ctrl-C) or terminated (SIGTERM:
-    the sweep itself a cluster job at its time limit), no further cell starts and the running commands are
-    stopped with SIGTERM, each after the step it is on, with a checkpoint; the sweep waits for them."""
+    environment of its slot (its share of the cores, its GPU); ``ended(status)`` as each cell ends. Interrupted
+    (Ctrl-C) or terminated (SIGTERM: the sweep itself a cluster job at its time limit), no further cell starts
+    and the running commands are stopped with SIGTERM, each after the step it is on, with a checkpoint; the
+    sweep waits for them."""
     gpus = _gpus()
     slots: Queue = Queue()
     for i in range(sweep.parallel):
@@ -431,6 +432,7 @@ def _in_slots(sweep: Sweep, run: Callable[..., dict]) -> list[dict]:
             if not stopping.is_set():  # a run the stop ended is no failure to report
                 print(f"[{next(done)}/{len(sweep.cells)}] {cell.name}: {_progress(status, time.monotonic() - t0)}",
                       flush=True)
+                ended(status)
         return status
 
     pool = ThreadPoolExecutor(max_workers=sweep.parallel)
@@ -508,13 +510,55 @@ def _record(path: Path, content: dict, consequence: str) -> None:
         raise RunFailed(f"cannot write {path} ({e.strerror or e}); {consequence}") from None
 
 
+class SweepRecord:
+    """``<out>/sweep.json`` as the sweep goes: written as it starts (each cell finished before, or pending), again
+    as each cell ends, and once more at the end with ``"final": true``. A sweep stopped or killed midway so leaves
+    the cells it got through, with their labels, for ``ilnas compare`` and analysis scripts to read. The first and
+    the final record must be written; one in between that cannot be is a warning (once), and the sweep goes on."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep, self.t0, self.lock, self.warned = sweep, time.time(), threading.Lock(), False
+        self.statuses = {cell.name: _skipped(cell) if _finished(cell) else
+                         {"cell": cell.name, "labels": cell.labels, "runs": {run.out.name: "pending" for run in
+                                                                            cell.runs}} for cell in sweep.cells}
+
+    @property
+    def path(self) -> Path:
+        return self.sweep.out / "sweep.json"
+
+    def summary(self, final: bool) -> dict:
+        statuses = list(self.statuses.values())
+        return {"out": str(self.sweep.out), "final": final, "cells": statuses, "parallel": self.sweep.parallel,
+                "executor": self.sweep.executor, "wall_seconds": time.time() - self.t0,
+                "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
+
+    def start(self) -> None:
+        _record(self.path, self.summary(False), "no cell has started")
+
+    def ended(self, status: dict) -> None:
+        with self.lock:
+            self.statuses[status["cell"]] = status
+            try:
+                atomic_write_text(self.path, json.dumps(self.summary(False), indent=1) + "\n")
+            except OSError as e:
+                if not self.warned:
+                    print(f"ilnas: warning: cannot update {self.path} ({e.strerror or e}); the sweep goes on and "
+                          f"writes it when it ends", file=sys.stderr, flush=True)
+                self.warned = True
+
+    def finish(self, statuses: list[dict]) -> dict:
+        self.statuses = {s["cell"]: s for s in statuses}
+        summary = self.summary(True)
+        _record(self.path, summary, "the cells' runs are kept; run the sweep again to write it")
+        return summary
+
+
 def _run_cells(sweep: Sweep) -> dict:
-    t0 = time.time()
-    statuses = _submitit(sweep) if sweep.executor == "submitit" else _in_slots(sweep, run_cell)
-    summary = {"out": str(sweep.out), "cells": statuses, "parallel": sweep.parallel, "executor": sweep.executor,
-               "wall_seconds": time.time() - t0,
-               "failed": [s["cell"] for s in statuses if any(v.startswith("failed") for v in s["runs"].values())]}
-    _record(sweep.out / "sweep.json", summary, "the cells' runs are kept; run the sweep again to write it")
+    record = SweepRecord(sweep)
+    record.start()
+    statuses = _submitit(sweep, record.ended) if sweep.executor == "submitit" else \
+        _in_slots(sweep, run_cell, record.ended)
+    summary = record.finish(statuses)
     if summary["failed"]:
         cell = next(s for s in statuses if s["cell"] == summary["failed"][0])
         run, why = next((run, v) for run, v in cell["runs"].items() if v.startswith("failed"))
@@ -597,7 +641,7 @@ def submitit_executor(sweep: Sweep):
     return executor
 
 
-def _submitit(sweep: Sweep) -> list[dict]:
+def _submitit(sweep: Sweep, ended: Callable[[dict], None]) -> list[dict]:
     """One job per unfinished cell. A job stopped at its time limit or preempted is requeued (CellJob); one that
     fails or is not requeued again becomes its cell's failed status. submitit's local executor would start every
     job at once: there, ``parallel`` jobs run at a time, each with its share of the cores, as the local sweep's.
@@ -614,7 +658,7 @@ def _submitit(sweep: Sweep) -> list[dict]:
                 job = executor.submit(CellJob(cell, env))
             started(_CommandsOfJob(job, cell), None)
             return _job_status(job, cell)
-        return _in_slots(sweep, one)
+        return _in_slots(sweep, one, ended)
     recorded = _recorded_jobs(sweep.out)
     unfinished = [cell for cell in sweep.cells if not _finished(cell)]
     states = job_states([recorded[c.name]["job"] for c in unfinished if c.name in recorded]) \
@@ -625,7 +669,11 @@ def _submitit(sweep: Sweep) -> list[dict]:
         recorded[cell.name] = {"job": jobs[cell.name].job_id, "cell": _fingerprint(cell)}
         _record(sweep.out / "submitit" / JOBS, recorded, "the jobs submitted so far run on, but a sweep run again "
                 "will not know them")
-    return [_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell) for cell in sweep.cells]
+    statuses = []
+    for cell in sweep.cells:  # in order: a cell that ends before the one waited for is recorded after it
+        statuses.append(_job_status(jobs[cell.name], cell) if cell.name in jobs else _skipped(cell))
+        ended(statuses[-1])
+    return statuses
 
 
 class _CommandsOfJob:
