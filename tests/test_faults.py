@@ -1799,3 +1799,21 @@ def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_withou
     assert r.returncode == 0, r.stderr
     [row] = json.loads(r.stdout)
     assert row["state"].startswith("unreadable: ") and "provenance.json cannot be read as JSON" in row["state"]
+
+
+def test_status_of_a_sweep_lists_the_runs_its_record_names_before_they_start(tmp_path):
+    """A sweep just started (its sweep.json written, no run yet) is all "not started"; a torn record is left aside
+    (the runs on disk are still listed) and a directory without runs then refused as without one."""
+    cells = [{"cell": "seed-0", "labels": {"search.seed": "0"},
+              "runs": {"search": "pending", "train-digits": "pending"}},
+             {"cell": "bad", "runs": ["search"]}, "torn"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"final": False, "cells": cells}))
+    r = ilnas_here("status", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    assert [(r["run"], r["kind"], r["state"]) for r in json.loads(r.stdout)] == [
+        (str(tmp_path.resolve() / "seed-0" / "search"), "search", "not started"),
+        (str(tmp_path.resolve() / "seed-0" / "train-digits"), "training", "not started")]
+    assert ilnas_here("status", str(tmp_path)).stdout.splitlines()[-1] == "2 runs: 2 not started"
+    (tmp_path / "sweep.json").write_text('{"cells": [')
+    r = ilnas_here("status", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip() == f"ilnas: error: no ilnas runs in {tmp_path}"

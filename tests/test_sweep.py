@@ -100,6 +100,12 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     record = json.loads((out / "sweep.json").read_text())  # as written when the sweep started: no cell had ended
     assert record["final"] is False and [c["runs"] for c in record["cells"]] == [
         {"search": "pending", "train-digits": "pending"}] * 2
+    # status lists the runs still to come from it (the trainings; a search that had not begun, if any)
+    rows = {Path(r["run"]).relative_to(out.resolve()): r for r in json.loads(ilnas_here("status", str(out),
+                                                                                       "--json").stdout)}
+    assert sorted(map(str, rows)) == [f"{c.name}/{run}" for c in cells for run in ("search", "train-digits")]
+    assert all(rows[Path(c.name, "train-digits")]["state"] == "not started" for c in cells)
+    assert rows[Path(cells[0].name, "train-digits")]["kind"] == "training"
 
     r = ilnas("sweep", spec)
     assert r.returncode == 0, r.stderr

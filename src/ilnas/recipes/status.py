@@ -3,7 +3,8 @@ often fails again), or interrupted (to be resumed); how many epochs
 are done, the last epoch's accuracies (and for a search, for how many epochs its cell has not changed), where its
 latest checkpoint lies (what a resume continues from, and
 what a kill now would lose), how many sessions worked on the run, and for a running one the time its
-remaining epochs should take. Reads run directories only; writes nothing."""
+remaining epochs should take; a sweep's runs not started yet are read from its sweep.json. Reads run
+directories only; writes nothing."""
 from __future__ import annotations
 
 import collections
@@ -67,15 +68,16 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
     """The state of every run named or found below the directories named (a sweep's, say); a run whose
     files cannot be read is listed as such, and the others still are. In a SLURM sweep each unfinished run
     also names its cell's job and the job's state, and a cell whose job has not started a run yet is a row
-    of its own (``queued``)."""
+    of its own (``queued``). A sweep's run that has not started yet is a row too (``not started``: one its
+    sweep.json lists, where no run directory is yet)."""
     paths = [reachable(p, "run path") for p in paths]
-    jobs = _sweep_jobs(paths)
+    jobs, planned = _sweep_jobs(paths), _sweep_runs(paths)
     try:
         runs = find_runs(paths)
     except IlnasError:
-        if not jobs or not all(Path(p).is_dir() for p in paths):
+        if not (jobs or planned) or not all(Path(p).is_dir() for p in paths):
             raise
-        runs = []  # every cell of the sweep still queued
+        runs = []  # every cell of the sweep still queued, or the sweep just started
     rows = []
     for run in runs:
         try:
@@ -88,7 +90,26 @@ def status(paths: Sequence[str | Path]) -> list[dict]:
             r["job"] = None if r["state"] == "finished" else f"{job} {state}"
         if not mine:
             rows.append({**_row(str(cell), "queued"), "job": f"{job} {state}"})
+    listed = {Path(r["run"]) for r in rows}
+    rows += [{**_row(str(run), "not started"), "kind": "search" if run.name == "search" else "training"}
+             for run in planned if run not in listed and run.parent not in listed]
     return rows
+
+
+def _sweep_runs(paths: Sequence[Path]) -> list[Path]:
+    """The runs that the sweeps among ``paths`` are to run, as their sweep.json lists them (none where it is
+    missing or cannot be read: a sweep of an older ilnas wrote it only at its end)."""
+    runs = []
+    for p in paths:
+        try:
+            record = read_json(p, "sweep.json") if p.is_dir() else None
+        except IlnasError:  # torn or hand-edited: the runs on disk are still listed
+            record = None
+        cells = (record or {}).get("cells")
+        for cell in cells if isinstance(cells, list) else []:
+            if isinstance(cell, dict) and isinstance(cell.get("cell"), str) and isinstance(cell.get("runs"), dict):
+                runs += [(p / cell["cell"] / run).resolve() for run in cell["runs"]]
+    return runs
 
 
 def _row(run: str, state: str) -> dict:
