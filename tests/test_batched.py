@@ -12,6 +12,7 @@ from helpers import engine_hypergradient, make_problem, rel_error
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
 from ilnas.errors import IlnasError
 from ilnas.search.engine import hypergradient, search_step, widest_pass
+from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, full_edge_ops
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels, stack_sets, unstack_sets
 from ilnas.space.supernet import Supernet, arch_weights, init_arch
 
@@ -36,13 +37,15 @@ def test_channel_moves_keep_the_sets_apart_and_the_layout(nhwc):
     assert shuffled.is_contiguous(memory_format=fmt)
 
 
-@pytest.mark.parametrize("partial_channels, edge_normalization, channels_last",
-                         [(1, False, False), (1, False, True), (4, True, True), (4, True, False)])
-def test_a_supernet_of_three_sets_is_three_supernets(partial_channels, edge_normalization, channels_last):
+@pytest.mark.parametrize("partial_channels, edge_normalization, channels_last, ops",
+                         [(1, False, False, PRIMITIVES), (1, False, True, PRIMITIVES), (4, True, True, PRIMITIVES),
+                          (4, True, False, PRIMITIVES), (1, False, True, PRIMITIVES + EXTRA_OPS)])
+def test_a_supernet_of_three_sets_is_three_supernets(partial_channels, edge_normalization, channels_last, ops):
     """Output and every gradient (architecture and each set's weights), through normal and reduction
-    cells, plain DARTS and PC-DARTS, NCHW and NHWC, in float64."""
+    cells, plain DARTS and PC-DARTS, NCHW and NHWC, DARTS's operations and the two extra ones, in float64."""
     torch.manual_seed(0)
-    net = Supernet(2, 8, 5, partial_channels=partial_channels, channels_last=channels_last).double()
+    net = Supernet(2, 8, 5, full_edge_ops(ops), full_edge_ops(ops), partial_channels=partial_channels,
+                   channels_last=channels_last).double()
     names = [n for n, _ in net.named_parameters()]
     sets = [[torch.randn_like(p).requires_grad_() for p in net.parameters()] for _ in range(SETS)]
     arch = [a.requires_grad_() for a in init_arch(net.num_ops, edge_normalization, dtype=torch.float64)]

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import SHORT_SEARCH, call, ilnas_here, snapshot
+from helpers import SEARCH3, SHORT_SEARCH, TINY_TRAIN, call, ilnas_here, snapshot
 from ilnas.config import list_presets, load_preset, resolve, to_dict
 from ilnas.errors import IlnasError
+from ilnas.space.genotype import parse_genotype
 
 SHORT = SHORT_SEARCH
 
@@ -43,6 +44,71 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     r = ilnas_here("describe", str(finished_run), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["params"] > 1e6
+
+
+def test_a_search_space_of_other_operations_is_searched_and_its_cell_re_trained(tmp_path):
+    """space.ops: the two extra operations of the official code among DARTS's; the architecture weights have a
+    column per operation, the cell holds none other and is re-trained, and the run's configuration records the
+    space."""
+    ops = ["none", "skip_connect", "sep_conv_7x7", "conv_7x1_1x7"]
+    out = tmp_path / "s"
+    code, stdout, err = call(*SEARCH3, "--set", f"space.ops=[{','.join(ops)}]", "--set", "search.epochs=1",
+                             "--out", str(out))
+    assert code == 0, err
+    with np.load(out / "arch_history.npz") as history:
+        assert history["p0/alphas_normal"].shape == (1, 14, 4)
+    found = parse_genotype((out / "genotype.txt").read_text())
+    assert {op for op, _ in found.normal + found.reduce} <= set(ops[1:])
+    assert yaml.safe_load((out / "config.yaml").read_text())["space"]["ops"] == ops
+    code, stdout, err = call("train", "--genotype", str(out), "--preset", "eval-digits", *TINY_TRAIN, "--set",
+                             "train.epochs=1", "--out", str(tmp_path / "t"))
+    assert code == 0, err
+    card = json.loads((tmp_path / "t" / "model.json").read_text())
+    assert parse_genotype(card["genotype"]) == found
+
+
+PLUGIN = """
+import torch
+import ilnas
+
+
+@ilnas.register_op("conv_1x1")
+def conv_1x1(c, stride, affine, sets=1):
+    return torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(sets * c, sets * c, 1, stride, groups=sets, bias=False),
+                               torch.nn.BatchNorm2d(sets * c, affine=affine, track_running_stats=affine))
+"""
+
+
+def test_operations_of_ones_own_come_in_through_ilnas_plugins(tmp_path, monkeypatch):
+    """A module that ILNAS_PLUGINS names is imported before the command: its operation can be searched, and a run
+    that uses it is read back (describe) where the module is named, and refused in one line where it is not; a
+    module that cannot be imported stops any command in one line."""
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))  # the registration ends with the test
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    (tmp_path / "my_ops.py").write_text(PLUGIN)
+    (tmp_path / "broken_ops.py").write_text("raise ValueError('no such device')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    search = [*SEARCH3, "--set", "space.ops=[none,skip_connect,conv_1x1]", "--set", "search.epochs=1", "--out",
+              str(tmp_path / "s")]
+    code, _, err = call(*search)
+    assert code == 2 and "space.ops: unknown operation 'conv_1x1'" in err and "ILNAS_PLUGINS names" in err, err
+    monkeypatch.setenv("ILNAS_PLUGINS", " my_ops,")
+    code, _, err = call(*search)
+    assert code == 0, err
+    with np.load(tmp_path / "s" / "arch_history.npz") as history:
+        assert history["p0/alphas_reduce"].shape == (1, 14, 3)
+    found = parse_genotype((tmp_path / "s" / "genotype.txt").read_text())
+    assert {op for op, _ in found.normal + found.reduce} <= {"skip_connect", "conv_1x1"}
+    assert call("describe", str(tmp_path / "s"))[0] == 0
+    monkeypatch.setattr(layout, "_REGISTERED", {})  # another process, without the plugin
+    code, _, err = call("describe", "Genotype(normal=[('conv_1x1', 0), ('skip_connect', 1)], normal_concat=[2], "
+                                    "reduce=[('conv_1x1', 0), ('skip_connect', 1)], reduce_concat=[2])")
+    assert code == 2 and "unknown operation 'conv_1x1'" in err and "ILNAS_PLUGINS names" in err
+    monkeypatch.setenv("ILNAS_PLUGINS", "my_ops,broken_ops")
+    assert call("presets") == (2, "", "ilnas: error: ILNAS_PLUGINS: cannot import broken_ops (ValueError: no such "
+                                      "device)\n")
 
 
 def test_describe_says_how_many_choices_the_cell_shares_with_others(finished_training):
@@ -98,6 +164,11 @@ BAD = [
      "lies in --out"),
     (["config", "--set", "data.tasks=[no_such_task]"], "unknown task 'no_such_task'; known: "),
     (["config", "demo", "--preset", "eval-digits"], "two presets given"),
+    (["search", "--set", "space.ops=[none,conv_3x3]"], "space.ops: unknown operation 'conv_3x3'; known: none, "),
+    (["search", "--set", "space.ops=[skip_connect,sep_conv_7x7,skip_connect]"], "space.ops names 'skip_connect' twice"),
+    (["search", "--set", "space.ops=[none]"], "space.ops needs at least two operations, one of them other than none"),
+    (["search", "--preset", "il-pdarts-demo", "--set", "space.ops=[none,skip_connect,sep_conv_7x7]"],
+     "pdarts.ops_per_edge must start at 3 (the operations of space.ops)"),
 ]
 
 

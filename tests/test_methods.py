@@ -17,7 +17,7 @@ from ilnas.runs import read_metrics
 from ilnas.config import PDartsConfig
 from ilnas.errors import IlnasError
 from ilnas.search.engine import EngineConfig
-from ilnas.search.methods import Darts, PDarts, _edge_index, limit_skips, prune_ops
+from ilnas.search.methods import Darts, PDarts, Phase, _edge_index, limit_skips, prune_ops
 from ilnas.space.genotype import derive_genotype
 from ilnas.space.layout import PRIMITIVES, full_edge_ops
 from ilnas.space.sets import shuffle_channels
@@ -165,7 +165,7 @@ def test_skip_dropout_follows_the_official_schedule():
     assert math.isclose(pdarts.skip_dropout(1, 10, 25, 10), 0.4)
     assert math.isclose(pdarts.skip_dropout(2, 15, 25, 10), 0.7 * math.exp(-1.0))
     assert pdarts.skip_dropout(0, 20, 25, 10) == 0.0
-    assert Darts(8).skip_dropout(0, 0, 25, 10) == 0.0 and len(Darts(8).phases) == 1
+    assert Darts(8, 8).skip_dropout(0, 0, 25, 10) == 0.0 and Darts(8, 8).phases == [Phase(8, 8)]
 
 
 def test_skip_dropout_is_an_argument_of_the_forward_pass():

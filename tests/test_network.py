@@ -11,9 +11,10 @@ import torch
 from ilnas.config import resolve
 from ilnas.recipes.describe import describe
 from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
-from ilnas.space.genotype import zoo
+from ilnas.errors import IlnasError
+from ilnas.space.genotype import parse_genotype, zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
-from ilnas.space.layout import PRIMITIVES
+from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, known_ops
 from ilnas.space.ops import OPS, create_op
 from ilnas.space.supernet import Supernet, arch_weights, init_arch, weighted_sum
 
@@ -108,7 +109,9 @@ def expected_op_parameters(name: str, c: int, stride: int, affine: bool) -> int:
     """The official DARTS operations' weights, counted by hand: a depthwise k x k conv has c * k * k, a
     pointwise conv c * c, an affine BatchNorm 2c; a separable conv is two depthwise-pointwise blocks."""
     bn = 2 * c if affine else 0
-    kernel = {"3x3": 9, "5x5": 25}
+    kernel = {"3x3": 9, "5x5": 25, "7x7": 49}
+    if name == "conv_7x1_1x7":  # a 1x7 and a 7x1 convolution, c to c channels each
+        return 2 * 7 * c * c + bn
     if name.startswith("sep_conv"):
         return 2 * (c * kernel[name[-3:]] + c * c + bn)
     if name.startswith("dil_conv"):
@@ -118,8 +121,53 @@ def expected_op_parameters(name: str, c: int, stride: int, affine: bool) -> int:
     return 0  # none, pools (their search-mode BatchNorm is not affine), identity
 
 
-def test_the_op_registry_is_the_darts_space():
-    assert set(OPS) == set(PRIMITIVES) and len(PRIMITIVES) == 8
+def test_the_op_registry_is_the_darts_space_and_two_more_of_the_official_code():
+    assert set(OPS) == set(PRIMITIVES + EXTRA_OPS) and len(PRIMITIVES) == 8
+    assert known_ops() == PRIMITIVES + EXTRA_OPS == (*PRIMITIVES, "sep_conv_7x7", "conv_7x1_1x7")
+
+
+class Conv1x1(torch.nn.Sequential):
+    """ReLU, a 1x1 convolution (strided where it reduces), BatchNorm: an operation of one's own."""
+
+    def __init__(self, c: int, stride: int, affine: bool, sets: int = 1):
+        super().__init__(torch.nn.ReLU(), torch.nn.Conv2d(sets * c, sets * c, 1, stride, groups=sets, bias=False),
+                         torch.nn.BatchNorm2d(sets * c, affine=affine, track_running_stats=affine))
+
+
+def test_an_operation_of_ones_own_is_searched_and_re_trained(monkeypatch):
+    """register_op: the name joins what space.ops and a genotype may name; a search over it (IL, K=2, M=2,
+    batched weight sets) finds cells of its ops alone, and their network builds and runs. A built-in name or a
+    malformed one is refused."""
+    import ilnas
+    from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))  # the registration ends with the test
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    with pytest.raises(IlnasError, match="unknown operation 'conv_1x1'"):
+        parse_genotype(str(zoo()["DARTS_V2"]).replace("sep_conv_3x3", "conv_1x1"))
+    ilnas.register_op("conv_1x1")(Conv1x1)
+    assert known_ops()[-1] == "conv_1x1"
+    for bad, message in (("sep_conv_3x3", "'sep_conv_3x3' is a built-in operation"),
+                         ("Conv'1", "an operation's name must be lower-case letters"), ("", "must be lower-case")):
+        with pytest.raises(IlnasError, match=message):
+            ilnas.register_op(bad)
+    space = SpaceConfig(channels=4, layers=3, ops=("none", "skip_connect", "conv_1x1"))
+    search = SupernetSearch({"a": lambda w: torch.nn.Linear(w, 3), "b": lambda w: torch.nn.Linear(w, 2)},
+                            in_channels=1, space=space, rounds=2, engine=EngineConfig(lam=1.0, batched_sets=2),
+                            sgd=SGD(lr=0.05))
+    assert [a.shape for a in search.state.arch] == [(14, 3), (14, 3)]
+    gen = torch.Generator().manual_seed(0)
+    batch = {t: (torch.randn(4, 1, 8, 8, generator=gen), torch.randint(0, n, (4,), generator=gen))
+             for t, n in (("a", 3), ("b", 2))}
+    search.step(train=batch, val=batch)
+    found = search.genotype()
+    assert {op for op, _ in found.normal + found.reduce} <= {"skip_connect", "conv_1x1"}
+    net = NetworkCIFAR(parse_genotype(str(found)), 4, 3, 5, in_channels=1)
+    assert torch.isfinite(net.eval()(torch.randn(2, 1, 8, 8))).all()
+    with pytest.raises(IlnasError, match="space.ops: unknown operation 'conv_3x3'"):
+        SupernetSearch({"a": lambda w: torch.nn.Linear(w, 3)}, in_channels=1,
+                       space=SpaceConfig(channels=4, layers=3, ops=("none", "conv_3x3")))
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["eval", "search"])

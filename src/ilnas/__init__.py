@@ -22,7 +22,7 @@ _PUBLIC = {  # name -> module that defines it
     "Genotype": "ilnas.space.genotype", "derive_genotype": "ilnas.space.genotype",
     "load_genotype": "ilnas.space.genotype", "parse_genotype": "ilnas.space.genotype", "zoo": "ilnas.space.genotype",
     "NetworkCIFAR": "ilnas.space.network", "NetworkImageNet": "ilnas.space.network",
-    "Supernet": "ilnas.space.supernet",
+    "Supernet": "ilnas.space.supernet", "register_op": "ilnas.space.ops",
     "load_model": "ilnas.models", "create_model": "ilnas.models", "ModelCard": "ilnas.models",
 }
 

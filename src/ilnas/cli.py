@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import faulthandler
 import functools
+import importlib
 import io
 import json
 import logging
@@ -582,9 +583,24 @@ def _main(argv: Sequence[str] | None) -> int:
         sys.stdout = stdout
 
 
+PLUGINS = "ILNAS_PLUGINS"
+
+
+def _import_plugins() -> None:
+    """The modules ILNAS_PLUGINS names (comma-separated), imported before the command: where operations of one's
+    own are registered (``ilnas.register_op``), so that a search, a sweep's runs, a resume and a re-training in
+    another process know them alike (the environment passes on to them)."""
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # the plugin's own failure, whatever it is: one line
+            raise IlnasError(f"{PLUGINS}: cannot import {name} ({type(e).__name__}: {_one_line(str(e))})") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     """The command, every way it can end as an exit code and at most one line."""
     try:
+        _import_plugins()
         COMMANDS[args.command](args)
         sys.stdout.flush()
     except _OutputFailed as e:

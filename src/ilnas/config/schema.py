@@ -12,6 +12,7 @@ from ilnas.errors import IlnasError
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
+from ilnas.space.layout import PRIMITIVES, known_ops
 from ilnas.threads import MAX_THREADS
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -55,6 +56,9 @@ class SpaceConfig:
     Args:
         partial_channels: K of PC-DARTS, 1/K of the channels through the mixed op (1: off).
         edge_normalization: PC-DARTS betas, a softmax over each node's incoming edges.
+        ops: the candidate operations of every edge, in the architecture weights' column order: DARTS's eight
+            by default; any of ``ilnas.space.layout.known_ops()`` (sep_conv_7x7, conv_7x1_1x7, and names given
+            to ``ilnas.register_op``).
     """
 
     channels: int = 16
@@ -62,6 +66,7 @@ class SpaceConfig:
     stem_multiplier: int = 3
     partial_channels: int = 1
     edge_normalization: bool = False
+    ops: tuple[str, ...] = PRIMITIVES
 
 
 @dataclass(frozen=True)
@@ -335,8 +340,9 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     if cfg.space.partial_channels < 1 or cfg.space.channels % cfg.space.partial_channels:
         raise IlnasError(f"space.partial_channels must be >= 1 and divide space.channels={cfg.space.channels}, "
                          f"got {cfg.space.partial_channels}")
+    validate_ops(cfg.space.ops)
     if s.method == "pdarts":
-        _validate_pdarts(cfg.pdarts)
+        _validate_pdarts(cfg.pdarts, len(cfg.space.ops))
     else:
         require_normal_cell("space.layers", cfg.space.layers)
     if s.framework not in ("single", "mtl", "il"):
@@ -352,17 +358,29 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     validate_config(e, k, cfg.optimizer.lr)
 
 
-def _validate_pdarts(p: PDartsConfig) -> None:
-    from ilnas.space.layout import PRIMITIVES
+def validate_ops(ops: Sequence[str]) -> None:
+    """A search space's candidate operations (space.ops): known, each once, and not only none."""
+    known = known_ops()
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise IlnasError(f"space.ops: unknown operation {unknown[0]!r}; known: {', '.join(known)} (one of your "
+                         f"own: ilnas.register_op in a module that ILNAS_PLUGINS names)")
+    twice = [op for i, op in enumerate(ops) if op in ops[:i]]
+    if twice:
+        raise IlnasError(f"space.ops names {twice[0]!r} twice")
+    if len(ops) < 2 or all(op == "none" for op in ops):
+        raise IlnasError(f"space.ops needs at least two operations, one of them other than none; got {list(ops)}")
 
+
+def _validate_pdarts(p: PDartsConfig, num_ops: int) -> None:
     if not len(p.layers) == len(p.ops_per_edge) == len(p.skip_dropout) >= 1:
         raise IlnasError("pdarts.layers, pdarts.ops_per_edge and pdarts.skip_dropout need one entry per phase")
     for layers in p.layers:
         require_normal_cell("every entry of pdarts.layers", layers)
     ops = list(p.ops_per_edge)
-    if ops[0] != len(PRIMITIVES) or ops != sorted(ops, reverse=True) or ops[-1] < 2:
-        raise IlnasError(f"pdarts.ops_per_edge must start at {len(PRIMITIVES)}, never grow, and end at >= 2; "
-                         f"got {ops}")
+    if ops[0] != num_ops or ops != sorted(ops, reverse=True) or ops[-1] < 2:
+        raise IlnasError(f"pdarts.ops_per_edge must start at {num_ops} (the operations of space.ops), never grow, "
+                         f"and end at >= 2; got {ops}")
     if any(not 0.0 <= r < 1.0 for r in p.skip_dropout) or p.max_skips < 0:
         raise IlnasError("pdarts.skip_dropout rates must lie in [0, 1) and pdarts.max_skips be >= 0")
 

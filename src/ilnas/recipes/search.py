@@ -71,6 +71,11 @@ class Progress:
     final_genotype: str | None = None  # set once the last phase has ended
     elapsed: float = 0.0
 
+    @classmethod
+    def first(cls, cfg: SearchRunConfig) -> Progress:
+        """Before the first step: every edge of both cells offers every operation of the space."""
+        return cls(normal_ops=full_edge_ops(cfg.space.ops), reduce_ops=full_edge_ops(cfg.space.ops))
+
 
 @dataclass
 class SearchContext:
@@ -285,7 +290,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     method = create_method(cfg)
     probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
     ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
-    prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress(), None)
+    prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress.first(cfg), None)
     records = [task_record(t) for t in tasks]
     if ckpt:
         require_same_data(out, "tasks.json", records)
@@ -318,7 +323,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
     untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
     whose validation pass, with the weights a step holds, cannot fit on the device."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress(), device, dtype)
+        nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
         for net, maker in zip(nets, val):
             x, _ = next(maker.ordered(4))
             w = [p.detach() for p in net.encoder.parameters()]
@@ -359,11 +364,16 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
     require_search_memory(one, tasks * cfg.search.rounds, device, settings, kept * sets, batch, sets)
 
 
-# The candidate operations by what a supernet's pass keeps of them for its backward, most first: a separable
-# convolution is two ReLU-convolution-convolution-BatchNorm stacks, a dilated one a single one, a pooling
-# one a pooling and a BatchNorm; a skip-connect is the input itself (or one FactorizedReduce) and none nothing.
-HEAVIEST_FIRST = ("sep_conv_5x5", "sep_conv_3x3", "dil_conv_5x5", "dil_conv_3x3", "max_pool_3x3", "avg_pool_3x3",
-                  "skip_connect", "none")
+# The built-in operations by what a supernet's pass keeps of them for its backward, most first: a separable
+# convolution is two ReLU-convolution-convolution-BatchNorm stacks, a dilated one (and conv_7x1_1x7) a single
+# one, a pooling one a pooling and a BatchNorm; a skip-connect is the input itself (or one FactorizedReduce) and
+# none nothing. An operation registered by the user, of unknown weight, counts as the heaviest.
+HEAVIEST_FIRST = ("sep_conv_7x7", "sep_conv_5x5", "sep_conv_3x3", "conv_7x1_1x7", "dil_conv_5x5", "dil_conv_3x3",
+                  "max_pool_3x3", "avg_pool_3x3", "skip_connect", "none")
+
+
+def heaviest_first(ops: Sequence[str]) -> list[str]:
+    return sorted(ops, key=lambda op: HEAVIEST_FIRST.index(op) if op in HEAVIEST_FIRST else -1)
 
 
 def warn_of_later_phases(cfg: SearchRunConfig, tasks: Sequence[Task], phases: Sequence[Phase], current: int,
@@ -372,7 +382,8 @@ def warn_of_later_phases(cfg: SearchRunConfig, tasks: Sequence[Task], phases: Se
     once the phase before it ends: where it could not fit should its edges keep their heaviest operations, say
     so now rather than hours in (it would stop there, with the previous phase's checkpoint)."""
     for number, phase in enumerate(phases[current + 1:], start=current + 2):
-        ops = [[op for op in edge if op in HEAVIEST_FIRST[:phase.ops_per_edge]] for edge in full_edge_ops()]
+        kept = heaviest_first(cfg.space.ops)[:phase.ops_per_edge]
+        ops = [[op for op in edge if op in kept] for edge in full_edge_ops(cfg.space.ops)]
         heaviest = Progress(normal_ops=ops, reduce_ops=[list(edge) for edge in ops])
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():

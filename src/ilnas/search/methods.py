@@ -18,7 +18,7 @@ import torch
 
 from ilnas.config import PDartsConfig, SearchRunConfig
 from ilnas.space.genotype import Genotype, derive_genotype
-from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps
+from ilnas.space.layout import NODES, EdgeOps
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ class Phase:
 
 
 class Darts:
-    """One phase on the configured supernet; the genotype by the DARTS rule."""
+    """One phase on the configured supernet (``num_ops`` candidate ops an edge); the genotype by the DARTS rule."""
 
-    def __init__(self, layers: int):
-        self.phases = [Phase(layers, len(PRIMITIVES))]
+    def __init__(self, layers: int, num_ops: int):
+        self.phases = [Phase(layers, num_ops)]
 
     def skip_dropout(self, phase: int, epoch: int, epochs: int, warmup: int) -> float:
         return self.phases[phase].skip_dropout
@@ -72,7 +72,7 @@ class PDarts(Darts):
 
 
 METHODS: dict[str, Callable[[SearchRunConfig], Darts]] = {
-    "darts": lambda cfg: Darts(cfg.space.layers),
+    "darts": lambda cfg: Darts(cfg.space.layers, len(cfg.space.ops)),
     "pdarts": lambda cfg: PDarts(cfg.pdarts),
 }
 

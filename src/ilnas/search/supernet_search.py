@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell
+from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell, validate_ops
 from ilnas.errors import IlnasError
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
@@ -28,6 +28,7 @@ from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_sta
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
+from ilnas.space.layout import full_edge_ops
 from ilnas.space.supernet import Supernet, init_arch, ranking_weights, use_channels_last
 
 HeadSpec = nn.Module | Callable[[int], nn.Module]  # a head, or a builder given the supernet's feature width
@@ -67,6 +68,7 @@ class SupernetSearch:
             raise IlnasError("heads is empty: give at least one task")
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
         require_normal_cell("space.layers", space.layers)
+        validate_ops(space.ops)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
             raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")
@@ -78,7 +80,9 @@ class SupernetSearch:
                                           enabled=amp)
 
         def module() -> Supernet:
-            return Supernet(in_channels, space.channels, space.layers, partial_channels=space.partial_channels,
+            edge_ops = full_edge_ops(space.ops)
+            return Supernet(in_channels, space.channels, space.layers, edge_ops, edge_ops,
+                            partial_channels=space.partial_channels,
                             stem_multiplier=space.stem_multiplier,
                             channels_last=use_channels_last(channels_last, device))
 
@@ -130,7 +134,7 @@ class SupernetSearch:
 
     def genotype(self) -> Genotype:
         """The cell the current architecture weights derive (the DARTS rule: two strongest inputs per node)."""
-        return derive_genotype(*ranking_weights(self.state.arch))
+        return derive_genotype(*ranking_weights(self.state.arch), self.encoder.normal_ops, self.encoder.reduce_ops)
 
     @torch.no_grad()
     def logits(self, task: str, x: torch.Tensor) -> torch.Tensor:

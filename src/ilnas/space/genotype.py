@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.fileio import reachable, shortened
-from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops
+from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops, known_ops
 
 if TYPE_CHECKING:  # reading and comparing cells needs no torch (ilnas compare runs without it)
     import torch
@@ -103,10 +103,12 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
     if not edges or len(edges) % 2:
         raise IlnasError(f"malformed genotype: {cell} cell has {len(edges)} edges; need two per node")
     nodes = len(edges) // 2
+    known = known_ops()
     for k, (op, j) in enumerate(edges):
-        if op not in PRIMITIVES or op == "none":
+        if op not in known or op == "none":
             raise IlnasError(f"malformed genotype: unknown operation {op!r} in the {cell} cell; "
-                             f"known: {', '.join(p for p in PRIMITIVES if p != 'none')}")
+                             f"known: {', '.join(p for p in known if p != 'none')} (one of your own: "
+                             f"ilnas.register_op in a module that ILNAS_PLUGINS names)")
         if not 0 <= j < 2 + k // 2:
             raise IlnasError(f"malformed genotype: {cell} edge {k} of node {k // 2} takes input {j}, "
                              f"which does not exist yet")

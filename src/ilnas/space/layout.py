@@ -10,10 +10,24 @@ PRIMITIVES: tuple[str, ...] = (
     "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
     "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
 )
+# Two more of the official DARTS code's operations, outside its search space: choices for a space of one's own
+# (space.ops).
+EXTRA_OPS: tuple[str, ...] = ("sep_conv_7x7", "conv_7x1_1x7")
+_REGISTERED: dict[str, None] = {}  # every name given to ilnas.space.ops.register_op, in order
 # Without weights: the ops a collapsing DARTS search piles onto the normal cell (skip-connects above all).
 PARAMETER_FREE = frozenset({"max_pool_3x3", "avg_pool_3x3", "skip_connect"})
 NODES = 4  # intermediate nodes per cell
 EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column order)
+
+
+def known_ops() -> tuple[str, ...]:
+    """Every operation a search space (space.ops) or a genotype may name: DARTS's eight, the extra built-in ones,
+    then those registered with ``ilnas.register_op``. Known without torch: a genotype is read without it."""
+    return tuple(dict.fromkeys((*PRIMITIVES, *EXTRA_OPS, *_REGISTERED)))
+
+
+def add_op_name(name: str) -> None:
+    _REGISTERED[name] = None
 
 
 def num_edges(nodes: int = NODES) -> int:

@@ -1,4 +1,5 @@
-"""The DARTS candidate operations (Liu et al., 2019), one registry for search and evaluation.
+"""The DARTS candidate operations (Liu et al., 2019), one registry for search and evaluation; ``register_op``
+adds one's own.
 
 ReLU -> conv -> BN ordering; a separable conv is the depthwise-pointwise block twice, a dilated conv
 once with dilation 2. ``affine=False`` gives the search variants, in which pools are followed by a
@@ -7,6 +8,7 @@ the channels, with convolutions grouped by set (ilnas/space/sets.py).
 """
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError
 from ilnas.space.depthwise import DepthwiseConv2d, differentiated
+from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, add_op_name
 from ilnas.space.sets import cat_channels
 
 OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
@@ -27,9 +30,27 @@ def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, affine=affine, track_running_stats=affine)
 
 
+OP_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a genotype's string form quotes it as it is
+
+
 def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
+    """A decorator that makes ``factory(channels, stride, affine, sets)`` the operation ``name``, for a search
+    space (``space.ops``) and the networks that re-train its cells. The module maps ``sets * channels`` input
+    channels to ``sets * channels`` output channels, ``sets`` independent copies side by side along the channels
+    (grouped convolutions, ``groups=sets``; see ilnas/space/sets.py), halving the resolution where ``stride`` is 2;
+    ``affine=False`` in the supernet, True in re-training. DARTS's and the extra built-in names are taken."""
+    if not isinstance(name, str) or not OP_NAME.fullmatch(name):
+        raise IlnasError(f"an operation's name must be lower-case letters, digits and _ (a letter first, at most "
+                         f"64), got {name!r}")
+    if name in PRIMITIVES + EXTRA_OPS:
+        raise IlnasError(f"{name!r} is a built-in operation; give yours another name")
+    return _register(name)
+
+
+def _register(name: str) -> Callable[[OpFactory], OpFactory]:
     def wrap(fn: OpFactory) -> OpFactory:
         OPS[name] = fn
+        add_op_name(name)
         return fn
     return wrap
 
@@ -52,6 +73,24 @@ class ReLUConvBN(nn.Sequential):
         super().__init__(nn.ReLU(inplace=False),
                          nn.Conv2d(sets * c_in, sets * c_out, kernel, stride, padding, groups=sets, bias=False),
                          batch_norm(sets * c_out, affine))
+
+
+class FactorizedConv7(nn.Sequential):
+    """ReLU, a 1x7 then a 7x1 convolution (the stride split between them), BatchNorm: the official code's
+    ``conv_7x1_1x7``."""
+
+    starts_with_relu = True
+
+    def forward_from_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self[3](self[2](self[1](x)))
+
+    def __init__(self, c: int, stride: int, affine: bool, sets: int = 1):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(sets * c, sets * c, (1, 7), (1, stride), (0, 3), groups=sets, bias=False),
+            nn.Conv2d(sets * c, sets * c, (7, 1), (stride, 1), (3, 0), groups=sets, bias=False),
+            batch_norm(sets * c, affine),
+        )
 
 
 class DilConv(nn.Sequential):
@@ -134,41 +173,51 @@ def _pool(pool: nn.Module, channels: int, affine: bool) -> nn.Module:
     return pool if affine else nn.Sequential(pool, batch_norm(channels, affine=False))
 
 
-@register_op("none")
+@_register("none")
 def _none(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return Zero(stride)
 
 
-@register_op("max_pool_3x3")
+@_register("max_pool_3x3")
 def _max_pool(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return _pool(nn.MaxPool2d(3, stride=stride, padding=1), sets * c, affine)
 
 
-@register_op("avg_pool_3x3")
+@_register("avg_pool_3x3")
 def _avg_pool(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return _pool(nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False), sets * c, affine)
 
 
-@register_op("skip_connect")
+@_register("skip_connect")
 def _skip(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return nn.Identity() if stride == 1 else FactorizedReduce(c, c, affine, sets)
 
 
-@register_op("sep_conv_3x3")
+@_register("sep_conv_3x3")
 def _sep3(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return SepConv(c, c, 3, stride, 1, affine, sets)
 
 
-@register_op("sep_conv_5x5")
+@_register("sep_conv_5x5")
 def _sep5(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return SepConv(c, c, 5, stride, 2, affine, sets)
 
 
-@register_op("dil_conv_3x3")
+@_register("dil_conv_3x3")
 def _dil3(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return DilConv(c, c, 3, stride, 2, 2, affine, sets)
 
 
-@register_op("dil_conv_5x5")
+@_register("dil_conv_5x5")
 def _dil5(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
     return DilConv(c, c, 5, stride, 4, 2, affine, sets)
+
+
+@_register("sep_conv_7x7")
+def _sep7(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return SepConv(c, c, 7, stride, 3, affine, sets)
+
+
+@_register("conv_7x1_1x7")
+def _conv_7x1_1x7(c: int, stride: int, affine: bool, sets: int = 1) -> nn.Module:
+    return FactorizedConv7(c, stride, affine, sets)
