@@ -457,8 +457,8 @@ def test_rows_say_how_alike_their_seeds_cells_are_and_pairs_how_alike_their_cell
     assert paired(c)[0]["cells_shared"] == pytest.approx((seed_0 + 11 / 16) / 2)
     _give_cell(runs / "mtl-1" / "search", "Genotype(normal=[('sep_conv_3x3', 0)]")  # damaged: refused, named
     code, out, err = call("compare", str(runs))
-    assert code == 2 and err.startswith(f"ilnas: error: {runs / 'mtl-1' / 'search' / 'summary.json'} is damaged: "
-                                        f"its genotype is no cell (") and err.count("\n") == 1, err
+    assert code == 2 and err.startswith(f"ilnas: error: {runs / 'mtl-1' / 'search' / 'summary.json'}: its genotype "
+                                        f"cannot be read (malformed genotype") and err.count("\n") == 1, err
 
 
 def _study_analysis():

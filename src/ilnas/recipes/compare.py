@@ -202,11 +202,12 @@ def _recipe_order(group: Group) -> list[tuple]:
 
 
 def _cell(file: Path, text: object) -> Genotype:
-    """The cell a run's record names, refused in one line that names the record where it is damaged."""
+    """The cell a run's record names, refused in one line that names the record where it cannot be read (damaged,
+    or naming an operation of one's own whose plugin is not loaded)."""
     try:
         return parse_genotype(str(text))
     except IlnasError as e:
-        raise IlnasError(f"{file} is damaged: its genotype is no cell ({e})") from None
+        raise IlnasError(f"{file}: its genotype cannot be read ({e})") from None
 
 
 def _state(run: Path) -> str:

@@ -150,7 +150,7 @@ def alpha_figure(history: dict[str, np.ndarray], phase: int, cell: str) -> Figur
         ax.set_title(str(edges[e]), fontsize=9)
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles = {op: color for op, color in OP_COLORS.items() if op in {str(o) for row in ops for o in row}}
+    handles = {op: OP_COLORS.get(op, "black") for op in dict.fromkeys(str(o) for row in ops for o in row)}
     fig.legend([Line2D([0], [0], color=c, linewidth=2) for c in handles.values()], list(handles), loc="lower center", ncols=len(handles),
                fontsize=8)
     fig.suptitle(f"{cell} cell, phase {phase + 1}: softmax weight of each op per epoch")
