@@ -387,6 +387,30 @@ def test_rows_re_trained_alike_rank_among_the_random_cells_unpaired(runs):
     assert "Against the random cells" not in call("compare", str(runs))[1]  # only with --paired
 
 
+def test_cells_of_another_space_rank_among_random_cells_of_that_space(runs):
+    """Random cells drawn from another set of operations (random:N:OPS) make a row of their own; a search of that
+    space (space.ops) ranks among them and not among DARTS's random cells, and the rows of DARTS's space as before."""
+    from ilnas.recipes.compare import against_random
+
+    ops = "none,skip_connect,sep_conv_7x7"
+    for seed, err in ((1, 0.01), (2, 0.03)):
+        _training_run(runs / f"random7-{seed}", f"random:{seed}:{ops}", "digits", err)
+    _search_run(runs / "il7-0" / "search", "il", 0, hours=1.0, extra=(f"space.ops=[{ops}]",))
+    _training_run(runs / "il7-0" / "digits", str(runs / "il7-0" / "search"), "digits", 0.02)
+    c = compare([runs])
+    drawn = [r for r in rows(c) if r["method"] == "random cell"]
+    assert sorted((r["seeds"], r["error_digits"]["mean"]) for r in drawn) == [(2, pytest.approx(2.0)),
+                                                                             (2, pytest.approx(45.0))]
+    ranked = [(r["row"].split(" [")[0], r["random_cells"], r["mean_diff"]) for r in against_random(c)]
+    assert [(row, n) for row, n, _ in ranked] == [("DARTS-2nd il", 2), ("DARTS-2nd mtl", 2), ("DARTS_V2", 2),
+                                                  ("DARTS-2nd il", 2)]
+    assert ranked[0][2] == pytest.approx(-33) and ranked[-1][2] == pytest.approx(0.0)  # 2 among 1 and 3
+    darts, own = "none,max_pool_3x3,avg_pool_3x3,skip_connect,sep_conv_3x3,sep_conv_5x5,dil_conv_3x3,dil_conv_5x5", ops
+    assert [(r["row"], r["random"]) for r in against_random(c)][::3] == [
+        (f"DARTS-2nd il [space.ops={darts}]", f"random cell [space.ops={darts}]"),
+        (f"DARTS-2nd il [space.ops={own}]", f"random cell [space.ops={own}]")]
+
+
 def _give_cell(run: Path, genotype: str) -> None:
     """Make ``run`` a search or training of ``genotype``: its summary's cell, or the one its config trains."""
     if (run / "summary.json").is_file():

@@ -98,6 +98,19 @@ def test_random_cells_are_valid_reproducible_and_varied():
             assert a != b and max(a, b) < 2 + i
 
 
+def test_random_cells_of_another_space_draw_from_its_operations():
+    """random:SEED:OPS: the DARTS list gives random:SEED's cell; another list only its operations (none never),
+    each of the 20 cells' 16 choices from the two; a list that cannot be drawn from is one line."""
+    assert load_genotype("random:3:" + ", ".join(PRIMITIVES)) == load_genotype("random:3")
+    cells = [load_genotype(f"random:{seed}:none,skip_connect,conv_7x1_1x7") for seed in range(20)]
+    assert {op for c in cells for op, _ in c.normal + c.reduce} == {"skip_connect", "conv_7x1_1x7"}
+    for spec, why in (("random:1:skip_connect,conv_3x3", "'conv_3x3' is unknown"),
+                      ("random:1:skip_connect,skip_connect", "'skip_connect' is named twice"),
+                      ("random:1:none", "only none is named"), ("random:1:", "'' is unknown")):
+        with pytest.raises(IlnasError, match=f"^random:SEED:OPS draws from the operations OPS .*: {why}; known: "):
+            load_genotype(spec)
+
+
 def test_shared_choices_compare_each_node_as_a_set_of_two_edges():
     from ilnas.space.genotype import random_genotype, shared_choices
 

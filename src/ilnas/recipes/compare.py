@@ -24,6 +24,7 @@ from ilnas.recipes.status import run_status
 from ilnas.report.tables import html_table, in_millions, latex_table, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
+from ilnas.space.layout import PRIMITIVES
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
 IGNORED = {"description", "data.data_dir", "data.download", "data.verify", "data.memory_limit_gb", "search.device",
@@ -169,9 +170,11 @@ def compare(paths: Sequence[str | Path]) -> Comparison:
             key, cell_seed = add_search(search, scfg), scfg["search"]["seed"]
         else:
             source = str((read_json(run, "provenance.json") or {}).get("genotype_source") or "given cell")
-            if re.fullmatch(r"random:\d+", source):  # the random-cell control: one row for all its seeds
-                key = cell_of({"cell": "random"}, RANDOM_CELL, "-")
-                cell_seed = int(source.split(":")[1])
+            if drawn := re.fullmatch(r"random:(\d+)(?::(.*))?", source, re.DOTALL):  # the random-cell control: one
+                # row for all its seeds (and one for each other space of operations they are drawn from)
+                ops = tuple(op.strip() for op in drawn[2].split(",")) if drawn[2] is not None else PRIMITIVES
+                key = cell_of({"cell": "random", "space.ops": ops}, RANDOM_CELL, "-")
+                cell_seed = int(drawn[1])
             else:
                 key = cell_of({"cell": config.get("genotype")}, source, "-")
         if search not in found.setdefault(key, {}).setdefault(cell_seed, {}):  # the search's run may be left out
@@ -306,7 +309,8 @@ def against_random(c: Comparison) -> list[dict]:
     labels = {id(g): _label(c, g) for g in c.groups}
     out = []
     for control in (g for g in c.groups if g.method == RANDOM_CELL):
-        for g in (g for g in c.groups if g.recipe_key == control.recipe_key and g.method != RANDOM_CELL):
+        for g in (g for g in c.groups if g.recipe_key == control.recipe_key and g.method != RANDOM_CELL and
+                  _space(g) == _space(control)):
             for task in c.tasks:
                 mine, drawn = _cell_means(g.errors, task), _cell_means(control.errors, task)
                 if mine and len(drawn) >= 2:
@@ -315,6 +319,13 @@ def against_random(c: Comparison) -> list[dict]:
     for row, adjusted in zip(out, holm([row["u_p"] for row in out])):
         row["u_p_holm"] = adjusted
     return out
+
+
+def _space(g: Group) -> frozenset[str]:
+    """The operations a row's cells are made of: its searches' space.ops, or its random cells' (random:N:OPS);
+    DARTS's for a given cell. A cell never holds none."""
+    ops = g.settings.get("space.ops")
+    return frozenset(ops if isinstance(ops, (list, tuple)) else PRIMITIVES) - {"none"}
 
 
 def rank_among(cells: Sequence[float], random: Sequence[float]) -> dict:

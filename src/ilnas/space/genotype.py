@@ -194,16 +194,33 @@ def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES) ->
     return tuple(chosen)
 
 
-def random_genotype(seed: int, nodes: int = NODES) -> Genotype:
-    """A cell drawn uniformly from the DARTS space (the random-search control): per node two distinct
-    inputs among the cell inputs and earlier nodes, each with an op other than ``none``."""
+def random_genotype(seed: int, nodes: int = NODES, space: Sequence[str] = PRIMITIVES) -> Genotype:
+    """A cell drawn uniformly from the DARTS space, or another (``space``: the candidate ops, as space.ops lists
+    them), the random-search control: per node two distinct inputs among the cell inputs and earlier nodes,
+    each with an op other than ``none``."""
     rng = random.Random(seed)
-    ops = [p for p in PRIMITIVES if p != "none"]
+    ops = [p for p in space if p != "none"]
 
     def cell() -> list[Edge]:
         return [(rng.choice(ops), j) for i in range(nodes) for j in sorted(rng.sample(range(2 + i), 2))]
     concat = tuple(range(2, 2 + nodes))
     return Genotype(tuple(cell()), concat, tuple(cell()), concat)
+
+
+def _random_space(listed: str | None) -> tuple[str, ...]:
+    """The operations after random:SEED: (comma-separated, as space.ops lists them; none may be among them)."""
+    if listed is None:
+        return PRIMITIVES
+    ops = tuple(op.strip() for op in listed.split(","))
+    known = known_ops()
+    unknown = [op for op in ops if op not in known]
+    twice = [op for i, op in enumerate(ops) if op in ops[:i]]
+    if unknown or twice or all(op == "none" for op in ops):
+        why = f"{shortened(repr(unknown[0]))} is unknown" if unknown else f"{twice[0]!r} is named twice" if twice \
+            else "only none is named"
+        raise IlnasError(f"random:SEED:OPS draws from the operations OPS (comma-separated, each once, one other than "
+                         f"none): {why}; known: {', '.join(known)}")
+    return ops
 
 
 def shared_choices(a: Genotype, b: Genotype, cells: Sequence[str] = ("normal", "reduce")) -> int:
@@ -242,14 +259,14 @@ def zoo() -> dict[str, Genotype]:
 
 
 def load_genotype(spec: str) -> Genotype:
-    """A zoo name, ``random:SEED`` (a uniformly drawn cell), a genotype.json, a search run directory, a text
-    file, or a literal."""
+    """A zoo name, ``random:SEED`` (a cell drawn uniformly from the DARTS space) or ``random:SEED:OP,OP,...`` (from
+    the space of those operations), a genotype.json, a search run directory, a text file, or a literal."""
     spec = spec.strip()
     known = zoo()
     if spec in known:
         return known[spec]
-    if re.fullmatch(r"random:\d{1,10}", spec):
-        return random_genotype(int(spec.split(":")[1]))
+    if drawn := re.fullmatch(r"random:(\d{1,10})(?::(.*))?", spec, re.DOTALL):
+        return random_genotype(int(drawn[1]), space=_random_space(drawn[2]))
     if "Genotype" in spec:
         return parse_genotype(spec)
     if "\x00" in spec:
