@@ -170,6 +170,33 @@ def test_an_operation_of_ones_own_is_searched_and_re_trained(monkeypatch):
                        space=SpaceConfig(channels=4, layers=3, ops=("none", "conv_3x3")))
 
 
+@pytest.mark.parametrize("factory, message", [
+    (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, 2 * sets * c, 1, stride),
+     r"maps a \(2, 8, 8, 8\) input at stride 1 to \(2, 16, 8, 8\), not \(2, 8, 8, 8\)"),
+    (lambda c, stride, affine, sets: torch.nn.Conv2d(c, c, 1, stride),  # blind to the sets
+     r"fails on a \(2, 8, 8, 8\) input at stride 1 \(.*channels"),
+    (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, sets * c, 1),
+     r"maps a \(2, 8, 8, 8\) input at stride 2 to \(2, 8, 8, 8\), not \(2, 8, 4, 4\)"),
+    (lambda c, stride, affine, sets: 3, "is no torch.nn.Module: its factory returned int")],
+    ids=["channels", "sets", "stride", "no-module"])
+def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_before_a_run(factory, message, monkeypatch,
+                                                                                        tmp_path):
+    """Checked as a search or a re-training starts, before its run directory is made."""
+    import ilnas
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    ilnas.register_op("broken")(factory)
+    with pytest.raises(IlnasError, match=f"^operation 'broken' {message}"):
+        ops_module.check_ops(["sep_conv_3x3", "broken"])
+    genotype = str(zoo()["DARTS_V2"]).replace("sep_conv_3x3", "broken")
+    cfg = resolve("eval-digits", kind="eval", overrides=["network.layers=3", "network.channels=4"])
+    with pytest.raises(IlnasError, match=f"^operation 'broken' {message}"):
+        ilnas.run_train(cfg, parse_genotype(genotype), tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.parametrize("affine", [True, False], ids=["eval", "search"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("name", sorted(OPS))

@@ -48,6 +48,7 @@ from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, st
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.layout import PARAMETER_FREE, edge_names, full_edge_ops
+from ilnas.space.ops import check_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, init_arch, ranking_weights, use_channels_last
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
@@ -322,6 +323,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
     """One forward pass of the first phase's supernet on four images of each task, with the random state
     untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
     whose validation pass, with the weights a step holds, cannot fit on the device."""
+    check_ops(cfg.space.ops)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
         for net, maker in zip(nets, val):

@@ -37,6 +37,7 @@ from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, st
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
+from ilnas.space.ops import check_ops
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 
@@ -114,6 +115,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         card = asdict(model_card(cfg, genotype, data))
         require_same_data(out, CARD_FILE, {k: card[k] for k in ("task", "classes", "input_size", "mean", "std")})
         require_same_data(out, PROVENANCE, {"data": data.listing})
+    check_ops([op for op, _ in genotype.normal + genotype.reduce])
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank

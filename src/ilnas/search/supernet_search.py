@@ -29,6 +29,7 @@ from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
 from ilnas.space.layout import full_edge_ops
+from ilnas.space.ops import check_ops
 from ilnas.space.supernet import Supernet, init_arch, ranking_weights, use_channels_last
 
 HeadSpec = nn.Module | Callable[[int], nn.Module]  # a head, or a builder given the supernet's feature width
@@ -69,6 +70,7 @@ class SupernetSearch:
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
         require_normal_cell("space.layers", space.layers)
         validate_ops(space.ops)
+        check_ops(space.ops)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
             raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")

@@ -8,8 +8,9 @@ the channels, with convolutions grouped by set (ilnas/space/sets.py).
 """
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,31 @@ def create_op(name: str, channels: int, stride: int, affine: bool = True, sets: 
     """The op on ``channels`` channels per set, ``sets`` sets side by side."""
     if name not in OPS:
         raise IlnasError(f"unknown operation {name!r}; known: {', '.join(sorted(OPS))}")
-    return OPS[name](channels, stride, affine, sets)
+    op = OPS[name](channels, stride, affine, sets)
+    if not isinstance(op, nn.Module):
+        raise IlnasError(f"operation {name!r} is no torch.nn.Module: its factory returned {type(op).__name__}")
+    return op
+
+
+def check_ops(names: Sequence[str], channels: int = 4, sets: int = 2, size: int = 8) -> None:
+    """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
+    input: it must keep ``sets * channels`` channels and keep (stride 1) or halve (stride 2) the resolution. One
+    of one's own that does not is refused here, in one line, rather than deep in a supernet's pass. The random
+    state is left as it was."""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for name in dict.fromkeys(names):
+            for stride, affine in itertools.product((1, 2), (False, True)):
+                x = torch.randn(2, sets * channels, size, size)
+                try:
+                    shape = tuple(create_op(name, channels, stride, affine, sets).train()(x).shape)
+                except RuntimeError as e:
+                    raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
+                                     f"({str(e).strip().splitlines()[0][:160]})") from None
+                want = (2, sets * channels, size // stride, size // stride)
+                if shape != want:
+                    raise IlnasError(f"operation {name!r} maps a {tuple(x.shape)} input at stride {stride} to "
+                                     f"{shape}, not {want}: an operation keeps its sets * channels channels and "
+                                     f"halves the resolution at stride 2")
 
 
 class ReLUConvBN(nn.Sequential):
