@@ -172,11 +172,11 @@ def test_an_operation_of_ones_own_is_searched_and_re_trained(monkeypatch):
 
 @pytest.mark.parametrize("factory, message", [
     (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, 2 * sets * c, 1, stride),
-     r"maps a \(2, 8, 8, 8\) input at stride 1 to \(2, 16, 8, 8\), not \(2, 8, 8, 8\)"),
+     r"maps a \(2, 16, 8, 8\) input at stride 1 to \(2, 32, 8, 8\), not \(2, 16, 8, 8\)"),
     (lambda c, stride, affine, sets: torch.nn.Conv2d(c, c, 1, stride),  # blind to the sets
-     r"fails on a \(2, 8, 8, 8\) input at stride 1 \(.*channels"),
+     r"fails on a \(2, 16, 8, 8\) input at stride 1 \(.*channels"),
     (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, sets * c, 1),
-     r"maps a \(2, 8, 8, 8\) input at stride 2 to \(2, 8, 8, 8\), not \(2, 8, 4, 4\)"),
+     r"maps a \(2, 16, 8, 8\) input at stride 2 to \(2, 16, 8, 8\), not \(2, 16, 4, 4\)"),
     (lambda c, stride, affine, sets: 3, "is no torch.nn.Module: its factory returned int")],
     ids=["channels", "sets", "stride", "no-module"])
 def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_before_a_run(factory, message, monkeypatch,

@@ -66,7 +66,7 @@ def create_op(name: str, channels: int, stride: int, affine: bool = True, sets: 
     return op
 
 
-def check_ops(names: Sequence[str], channels: int = 4, sets: int = 2, size: int = 8) -> None:
+def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8) -> None:
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
     input: it must keep ``sets * channels`` channels and keep (stride 1) or halve (stride 2) the resolution. One
     of one's own that does not is refused here, in one line, rather than deep in a supernet's pass. The random
