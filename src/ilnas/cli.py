@@ -238,10 +238,13 @@ def _train(args: argparse.Namespace) -> None:
 def _presets(args: argparse.Namespace) -> None:
     from ilnas.config import list_presets
 
+    from ilnas.space.layout import known_ops
+
     presets = list_presets()
     width = max(map(len, presets))
     for name, description in presets.items():
         print(f"{name:<{width}}  {description}")
+    print(f"\noperations a search space may list (space.ops): {', '.join(known_ops())}")
 
 
 def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):
