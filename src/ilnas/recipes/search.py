@@ -59,13 +59,13 @@ ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
 class Progress:
     """Where the search stands: all of it goes into the checkpoint."""
 
+    normal_ops: list  # each edge's candidate operations in this phase (alpha column order)
+    reduce_ops: list
     phase: int = 0
     epoch: int = 0  # completed epochs of the phase
     global_step: int = 0
     epoch_steps: int = 0  # completed steps of the running epoch (a checkpoint part-way through it)
     epoch_seconds: float = 0.0  # the time those steps took
-    normal_ops: list = field(default_factory=full_edge_ops)
-    reduce_ops: list = field(default_factory=full_edge_ops)
     history: dict = field(default_factory=dict)  # "p{phase}/{name}" -> list of per-epoch arrays
     history_ops: dict = field(default_factory=dict)  # "p{phase}/normal_ops" -> the ops of each edge (labels)
     phase_genotypes: list = field(default_factory=list)
