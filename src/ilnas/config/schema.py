@@ -12,7 +12,7 @@ from ilnas.errors import IlnasError
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
-from ilnas.space.layout import PRIMITIVES, known_ops
+from ilnas.space.layout import PRIMITIVES, known_ops, op_list_fault
 from ilnas.threads import MAX_THREADS
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -360,15 +360,13 @@ def _validate_search(cfg: SearchRunConfig) -> None:
 
 def validate_ops(ops: Sequence[str]) -> None:
     """A search space's candidate operations (space.ops): known, each once, and not only none."""
-    known = known_ops()
-    unknown = [op for op in ops if op not in known]
-    if unknown:
-        raise IlnasError(f"space.ops: unknown operation {unknown[0]!r}; known: {', '.join(known)} (one of your "
+    fault, op = op_list_fault(ops) or ("", "")
+    if fault == "unknown":
+        raise IlnasError(f"space.ops: unknown operation {op!r}; known: {', '.join(known_ops())} (one of your "
                          f"own: ilnas.register_op in a module that ILNAS_PLUGINS names)")
-    twice = [op for i, op in enumerate(ops) if op in ops[:i]]
-    if twice:
-        raise IlnasError(f"space.ops names {twice[0]!r} twice")
-    if len(ops) < 2 or all(op == "none" for op in ops):
+    if fault == "twice":
+        raise IlnasError(f"space.ops names {op!r} twice")
+    if len(ops) < 2 or fault == "only none":
         raise IlnasError(f"space.ops needs at least two operations, one of them other than none; got {list(ops)}")
 
 

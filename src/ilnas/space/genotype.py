@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Collection, Sequence
 
 from ilnas.errors import IlnasError
 from ilnas.fileio import reachable, shortened
-from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops, known_ops
+from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops, known_ops, op_list_fault
 
 if TYPE_CHECKING:  # reading and comparing cells needs no torch (ilnas compare runs without it)
     import torch
@@ -212,14 +212,12 @@ def _random_space(listed: str | None) -> tuple[str, ...]:
     if listed is None:
         return PRIMITIVES
     ops = tuple(op.strip() for op in listed.split(","))
-    known = known_ops()
-    unknown = [op for op in ops if op not in known]
-    twice = [op for i, op in enumerate(ops) if op in ops[:i]]
-    if unknown or twice or all(op == "none" for op in ops):
-        why = f"{shortened(repr(unknown[0]))} is unknown" if unknown else f"{twice[0]!r} is named twice" if twice \
-            else "only none is named"
+    if fault := op_list_fault(ops):
+        kind, op = fault
+        why = {"unknown": f"{shortened(repr(op))} is unknown", "twice": f"{op!r} is named twice"}.get(
+            kind, "only none is named")
         raise IlnasError(f"random:SEED:OPS draws from the operations OPS (comma-separated, each once, one other than "
-                         f"none): {why}; known: {', '.join(known)}")
+                         f"none): {why}; known: {', '.join(known_ops())}")
     return ops
 
 

@@ -26,6 +26,17 @@ def known_ops() -> tuple[str, ...]:
     return tuple(dict.fromkeys((*PRIMITIVES, *EXTRA_OPS, *_REGISTERED)))
 
 
+def op_list_fault(ops: Sequence[str]) -> tuple[str, str] | None:
+    """What is wrong with a list of operations to draw cells from, first found: ("unknown", op), ("twice", op) or
+    ("only none", ""); None where nothing is."""
+    known = known_ops()
+    unknown = [op for op in ops if op not in known]
+    twice = [op for i, op in enumerate(ops) if op in ops[:i]]
+    if unknown or twice:
+        return ("unknown", unknown[0]) if unknown else ("twice", twice[0])
+    return ("only none", "") if all(op == "none" for op in ops) else None
+
+
 def add_op_name(name: str) -> None:
     _REGISTERED[name] = None
 
