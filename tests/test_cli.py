@@ -89,6 +89,7 @@ def test_operations_of_ones_own_come_in_through_ilnas_plugins(tmp_path, monkeypa
     monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
     (tmp_path / "my_ops.py").write_text(PLUGIN)
     (tmp_path / "broken_ops.py").write_text("raise ValueError('no such device')\n")
+    (tmp_path / "script_ops.py").write_text("import sys\nsys.exit(0)\n")  # a script named by mistake
     monkeypatch.syspath_prepend(str(tmp_path))
     search = [*SEARCH3, "--set", "space.ops=[none,skip_connect,conv_1x1]", "--set", "search.epochs=1", "--out",
               str(tmp_path / "s")]
@@ -110,6 +111,8 @@ def test_operations_of_ones_own_come_in_through_ilnas_plugins(tmp_path, monkeypa
     monkeypatch.setenv("ILNAS_PLUGINS", "my_ops,broken_ops")
     assert call("presets") == (2, "", "ilnas: error: ILNAS_PLUGINS: cannot import broken_ops (ValueError: no such "
                                       "device)\n")
+    monkeypatch.setenv("ILNAS_PLUGINS", "script_ops")
+    assert call("presets") == (2, "", "ilnas: error: ILNAS_PLUGINS: cannot import script_ops (SystemExit: 0)\n")
 
 
 def test_describe_says_how_many_choices_the_cell_shares_with_others(finished_training):

@@ -13,7 +13,7 @@ from ilnas.recipes.describe import describe
 from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import parse_genotype, zoo
-from ilnas.space.network import NetworkCIFAR, NetworkImageNet, count_parameters, drop_path
+from ilnas.space.network import NetworkCIFAR, NetworkImageNet, check_input_size, count_parameters, drop_path
 from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, known_ops
 from ilnas.space.ops import OPS, create_op
 from ilnas.space.supernet import Supernet, arch_weights, init_arch, weighted_sum
@@ -170,6 +170,14 @@ def test_an_operation_of_ones_own_is_searched_and_re_trained(monkeypatch):
                        space=SpaceConfig(channels=4, layers=3, ops=("none", "conv_3x3")))
 
 
+class _Refusing(torch.nn.Module):
+    """An operation of one's own that takes only inputs of 16x16 or more."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[-1] >= 16, "wants 16x16"
+        return x
+
+
 @pytest.mark.parametrize("factory, message", [
     (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, 2 * sets * c, 1, stride),
      r"maps a \(2, 16, 8, 8\) input at stride 1 to \(2, 32, 8, 8\), not \(2, 16, 8, 8\)"),
@@ -177,8 +185,12 @@ def test_an_operation_of_ones_own_is_searched_and_re_trained(monkeypatch):
      r"fails on a \(2, 16, 8, 8\) input at stride 1 \(.*channels"),
     (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, sets * c, 1),
      r"maps a \(2, 16, 8, 8\) input at stride 2 to \(2, 16, 8, 8\), not \(2, 16, 4, 4\)"),
-    (lambda c, stride, affine, sets: 3, "is no torch.nn.Module: its factory returned int")],
-    ids=["channels", "sets", "stride", "no-module"])
+    (lambda c, stride, affine, sets: 3, "is no torch.nn.Module: its factory returned int"),
+    (lambda c, stride, affine: torch.nn.Identity(),  # a factory of the wrong signature
+     r"cannot be built as factory\(channels=8, stride=1, affine=False, sets=2\) \(TypeError: "),
+    (lambda c, stride, affine, sets: _Refusing(),  # fails with an error other than torch's
+     r"fails on a \(2, 16, 8, 8\) input at stride 1 \(AssertionError: wants 16x16\)$")],
+    ids=["channels", "sets", "stride", "no-module", "signature", "assertion"])
 def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_before_a_run(factory, message, monkeypatch,
                                                                                         tmp_path):
     """Checked as a search or a re-training starts, before its run directory is made."""
@@ -195,6 +207,37 @@ def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_befo
     with pytest.raises(IlnasError, match=f"^operation 'broken' {message}"):
         ilnas.run_train(cfg, parse_genotype(genotype), tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
+
+
+class _SmallOnly(torch.nn.Conv2d):
+    """An operation of one's own that passes check_ops's 8x8 inputs and fails on larger ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] > 8:
+            raise ValueError(f"no {x.shape[-1]}x{x.shape[-1]} input, please")
+        return super().forward(x)
+
+
+def test_an_operation_of_ones_own_that_fails_only_at_the_networks_size_is_named_before_a_run(monkeypatch, tmp_path):
+    """The re-training's size check and ``describe`` name one's own operation rather than the image size alone."""
+    import ilnas
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    ilnas.register_op("small_only")(lambda c, stride, affine, sets: _SmallOnly(sets * c, sets * c, 1, stride,
+                                                                                groups=sets, bias=False))
+    genotype = parse_genotype(str(zoo()["DARTS_V2"]).replace("sep_conv_3x3", "small_only"))
+    cfg = resolve("eval-digits", kind="eval", overrides=["network.layers=3", "network.channels=4"])
+    with pytest.raises(IlnasError, match=r"^the cifar-style network of 3 cells fails on 16x16 images \(ValueError: "
+                                         r"no 16x16 input, please\): they are too small for it, or an operation of "
+                                         r"your own \(small_only\) fails at that size$"):
+        ilnas.run_train(cfg, genotype, tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(IlnasError, match=r"^the network cannot be measured on 16x16 images \(ValueError: no 16x16"):
+        describe(genotype, cfg)
+    with pytest.raises(IlnasError, match=r"^32x32 images are too small for the imagenet-style network of 3 cells"):
+        check_input_size(zoo()["DARTS_V2"], 10, 3, 32, style="imagenet", layers=3)  # built-in ops: the size's fault
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["eval", "search"])

@@ -596,7 +596,7 @@ def _import_plugins() -> None:
     for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS, "").split(","))):
         try:
             importlib.import_module(name)
-        except Exception as e:  # the plugin's own failure, whatever it is: one line
+        except (Exception, SystemExit) as e:  # the plugin's own failure, whatever it is (a sys.exit too): one line
             raise IlnasError(f"{PLUGINS}: cannot import {name} ({type(e).__name__}: {_one_line(str(e))})") from None
 
 

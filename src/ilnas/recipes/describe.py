@@ -5,9 +5,11 @@ import torch
 
 from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import task_info
+from ilnas.errors import IlnasError
 from ilnas.models import ModelCard
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.network import build_network, count_parameters, multiply_adds
+from ilnas.space.ops import check_ops
 
 
 def describe(genotype: Genotype, cfg: EvalRunConfig) -> dict:
@@ -24,9 +26,16 @@ def describe_trained(card: ModelCard) -> dict:
 
 
 def _size(genotype: Genotype, task: str, classes: int, channels: int, resolution: int, network: dict) -> dict:
-    with torch.device("meta"):  # shapes only: any width is described at once, without its memory
-        model = build_network(genotype, classes, channels, resolution, **network)
-        macs = multiply_adds(model, channels, resolution)
+    check_ops([op for op, _ in genotype.normal + genotype.reduce])
+    try:
+        with torch.device("meta"):  # shapes only: any width is described at once, without its memory
+            model = build_network(genotype, classes, channels, resolution, **network)
+            macs = multiply_adds(model, channels, resolution)
+    except IlnasError:
+        raise
+    except Exception as e:  # an operation of one's own that cannot run on shapes alone, or at this size
+        raise IlnasError(f"the network cannot be measured on {resolution}x{resolution} images "
+                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
     return {"genotype": genotype.to_string(), "task": task,
             "network": f"{network['style']}, {network['layers']} cells, C={network['channels']}",
             "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

@@ -14,10 +14,10 @@ from matplotlib.patches import FancyArrowPatch
 
 from ilnas.fileio import atomic_write_bytes, atomic_write_text
 from ilnas.space.genotype import Edge, Genotype
-from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, node_name
+from ilnas.space.layout import BUILT_IN_OPS, node_name
 
-OP_COLORS = dict(zip(PRIMITIVES + EXTRA_OPS, ("#9e9e9e", "#8d6e63", "#a1887f", "#607d8b", "#1e88e5", "#3949ab",
-                                              "#43a047", "#2e7d32", "#8e24aa", "#f4511e")))
+OP_COLORS = dict(zip(BUILT_IN_OPS, ("#9e9e9e", "#8d6e63", "#a1887f", "#607d8b", "#1e88e5", "#3949ab",
+                                    "#43a047", "#2e7d32", "#8e24aa", "#f4511e")))
 CELLS = ("normal", "reduce")
 
 

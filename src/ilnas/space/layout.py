@@ -13,6 +13,7 @@ PRIMITIVES: tuple[str, ...] = (
 # Two more of the official DARTS code's operations, outside its search space: choices for a space of one's own
 # (space.ops).
 EXTRA_OPS: tuple[str, ...] = ("sep_conv_7x7", "conv_7x1_1x7")
+BUILT_IN_OPS = PRIMITIVES + EXTRA_OPS
 _REGISTERED: dict[str, None] = {}  # every name given to ilnas.space.ops.register_op, in order
 # Without weights: the ops a collapsing DARTS search piles onto the normal cell (skip-connects above all).
 PARAMETER_FREE = frozenset({"max_pool_3x3", "avg_pool_3x3", "skip_connect"})
@@ -23,7 +24,7 @@ EdgeOps = Sequence[Sequence[str]]  # per edge, the candidate ops (alpha column o
 def known_ops() -> tuple[str, ...]:
     """Every operation a search space (space.ops) or a genotype may name: DARTS's eight, the extra built-in ones,
     then those registered with ``ilnas.register_op``. Known without torch: a genotype is read without it."""
-    return tuple(dict.fromkeys((*PRIMITIVES, *EXTRA_OPS, *_REGISTERED)))
+    return tuple(dict.fromkeys((*BUILT_IN_OPS, *_REGISTERED)))
 
 
 def op_list_fault(ops: Sequence[str]) -> tuple[str, str] | None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import Edge, Genotype
+from ilnas.space.layout import BUILT_IN_OPS
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 from ilnas.space.supernet import reduction_layers
 
@@ -183,10 +184,16 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
         model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary).train()
         try:
             model(torch.zeros(2, in_channels, resolution, resolution))
-        except RuntimeError as e:
+        except Exception as e:  # an operation of one's own may fail any way it likes
+            fault = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+            own = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
+            if own:
+                raise IlnasError(f"the {style}-style network of {layers} cells fails on {resolution}x{resolution} "
+                                 f"images ({type(e).__name__}: {fault}): they are too small for it, or an "
+                                 f"operation of your own ({', '.join(own)}) fails at that size") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
-                             f"{layers} cells ({str(e).splitlines()[0][:100]}); use larger images "
-                             f"(train.resolution) or another network.style") from None
+                             f"{layers} cells ({fault}); use larger images (train.resolution) or another "
+                             f"network.style") from None
 
 
 def multiply_adds(model: nn.Module, in_channels: int, resolution: int) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError
 from ilnas.space.depthwise import DepthwiseConv2d, differentiated
-from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, add_op_name
+from ilnas.space.layout import BUILT_IN_OPS, add_op_name
 from ilnas.space.sets import cat_channels
 
 OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
@@ -43,7 +43,7 @@ def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
     if not isinstance(name, str) or not OP_NAME.fullmatch(name):
         raise IlnasError(f"an operation's name must be lower-case letters, digits and _ (a letter first, at most "
                          f"64), got {name!r}")
-    if name in PRIMITIVES + EXTRA_OPS:
+    if name in BUILT_IN_OPS:
         raise IlnasError(f"{name!r} is a built-in operation; give yours another name")
     return _register(name)
 
@@ -58,12 +58,24 @@ def _register(name: str) -> Callable[[OpFactory], OpFactory]:
 
 def create_op(name: str, channels: int, stride: int, affine: bool = True, sets: int = 1) -> nn.Module:
     """The op on ``channels`` channels per set, ``sets`` sets side by side."""
+    return _as_module(name, _factory(name)(channels, stride, affine, sets))
+
+
+def _factory(name: str) -> OpFactory:
     if name not in OPS:
         raise IlnasError(f"unknown operation {name!r}; known: {', '.join(sorted(OPS))}")
-    op = OPS[name](channels, stride, affine, sets)
+    return OPS[name]
+
+
+def _as_module(name: str, op: object) -> nn.Module:
     if not isinstance(op, nn.Module):
         raise IlnasError(f"operation {name!r} is no torch.nn.Module: its factory returned {type(op).__name__}")
     return op
+
+
+def _fault(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
 
 
 def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8) -> None:
@@ -73,13 +85,20 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
     state is left as it was."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for name in dict.fromkeys(names):
+            factory = _factory(name)
             for stride, affine in itertools.product((1, 2), (False, True)):
                 x = torch.randn(2, sets * channels, size, size)
                 try:
-                    shape = tuple(create_op(name, channels, stride, affine, sets).train()(x).shape)
-                except RuntimeError as e:
+                    op = factory(channels, stride, affine, sets)
+                except Exception as e:  # one's own factory's failure, whatever it is
+                    raise IlnasError(f"operation {name!r} cannot be built as factory(channels={channels}, "
+                                     f"stride={stride}, affine={affine}, sets={sets}) ({_fault(e)})") from None
+                op = _as_module(name, op)
+                try:
+                    shape = tuple(op.train()(x).shape)
+                except Exception as e:  # one's own module's failure, whatever it is
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
-                                     f"({str(e).strip().splitlines()[0][:160]})") from None
+                                     f"({_fault(e)})") from None
                 want = (2, sets * channels, size // stride, size // stride)
                 if shape != want:
                     raise IlnasError(f"operation {name!r} maps a {tuple(x.shape)} input at stride {stride} to "
