@@ -171,6 +171,8 @@ BAD = [
     (["search", "--set", "space.ops=[none,conv_3x3]"], "space.ops: unknown operation 'conv_3x3'; known: none, "),
     (["search", "--set", "space.ops=[skip_connect,sep_conv_7x7,skip_connect]"], "space.ops names 'skip_connect' twice"),
     (["search", "--set", "space.ops=[none]"], "space.ops needs at least two operations, one of them other than none"),
+    (["search", "--set", "space.ops=[[none],skip_connect]"], "space.ops[0] must be a string, got ['none']"),
+    (["search", "--set", "pdarts.ops_per_edge=[8,5,x]"], "pdarts.ops_per_edge[2] must be an integer, got 'x'"),
     (["search", "--preset", "il-pdarts-demo", "--set", "space.ops=[none,skip_connect,sep_conv_7x7]"],
      "pdarts.ops_per_edge must start at 3 (the operations of space.ops)"),
 ]
