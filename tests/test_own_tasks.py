@@ -56,7 +56,8 @@ def test_a_task_of_ones_own_is_searched_re_trained_evaluated_and_held_against_a_
     """Through ILNAS_PLUGINS, as a user runs it: an interleaving search of the task with mnist5k (its 20x20 images
     resized to the digits' 16x16), a re-training on it, its evaluation by name. The search records the arrays'
     SHA-256; a resume whose loader returns other arrays (here one pixel of a test image, which changes no split and
-    no statistic) is refused, the run untouched; on the same arrays again it resumes to its end."""
+    no statistic) is refused, the run untouched, and so is the re-training's; on the same arrays again both resume to
+    their ends."""
     (tmp_path / "grey_plugin.py").write_text(PLUGIN)
     (tmp_path / "pixel").write_text("0")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -90,9 +91,15 @@ def test_a_task_of_ones_own_is_searched_re_trained_evaluated_and_held_against_a_
     code, _, err = call("search", "--resume", "--out", str(run), "--quiet", "--no-report")
     assert code == 2 and "was started on other data than it would resume on (tasks.json [0].data_sha256: " in err, err
     assert snapshot(run) == before
+    (train / "result.json").unlink()
+    before = snapshot(train)
+    code, _, err = call("train", "--resume", "--out", str(train), "--quiet", "--no-report")
+    assert code == 2 and "(provenance.json data.data_sha256: " in err, err
+    assert snapshot(train) == before
     (tmp_path / "pixel").write_text("0")
-    code, _, err = call("search", "--resume", "--out", str(run), "--quiet", "--no-report")
-    assert code == 0 and (run / "summary.json").is_file(), err
+    for kind, path, final in (("search", run, "summary.json"), ("train", train, "result.json")):
+        code, _, err = call(kind, "--resume", "--out", str(path), "--quiet", "--no-report")
+        assert code == 0 and (path / final).is_file(), err
 
 
 def test_every_layout_of_the_same_images_gives_the_same_task(registry):
@@ -178,3 +185,35 @@ def test_a_search_on_a_task_its_plugin_does_not_register_is_refused_naming_ilnas
     code, _, err = call(*SEARCH3, "--set", "data.tasks=[grey-rows,mnist5k]", "--out", str(tmp_path / "s"))
     assert code == 2 and "unknown task 'grey-rows'" in err and "ILNAS_PLUGINS" in err, err
     assert not (tmp_path / "s").exists()
+
+
+def _idx(path, array: np.ndarray) -> None:
+    """An IDX file as Fashion-MNIST ships them: magic (0, 0, dtype 0x08 = ubyte, dims), big-endian sizes, bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_the_example_plugins_read_fashion_mnist_files_and_a_numpy_file(registry, tmp_path):
+    """examples/own_tasks.py on small files in the real formats: Fashion-MNIST's IDX files where torchvision
+    looks for them (FashionMNIST/raw), and an .npz of (N, H, W, 3) images without a test split."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("own_tasks", Path(__file__).parents[1] / "examples" / "own_tasks.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    for part, n in (("train", 40), ("t10k", 10)):
+        _idx(raw / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _idx(raw / f"{part}-labels-idx1-ubyte", np.arange(n) % 10)
+    source = DataConfig(data_dir=str(tmp_path), download=False, image_size=14)
+    fashion = create_task("fashion-mnist", source)
+    assert fashion.input_shape == (1, 14, 14)
+    assert (len(fashion.train), len(fashion.val), len(fashion.test)) == (20, 20, 10)
+    assert fashion.classes[0] == "T-shirt/top" and fashion.test.y.tolist() == list(range(10))
+    x, y = bars(30, 0, classes=10, side=24)
+    np.savez(tmp_path / "arrays.npz", x_train=x, y_train=y, class_names=np.array([f"c{i}" for i in range(10)]))
+    own = create_task("arrays", source)
+    assert own.input_shape == (3, 14, 14) and (len(own.train), len(own.val), len(own.test)) == (12, 12, 6)
+    assert own.classes[-1] == "c9" and own.flip and "data_sha256" in own.digest

@@ -8,6 +8,7 @@ digits that ship in scikit-learn), resized to a common small size. Any ``imagefo
 (train/ and optionally val/, one folder per class) is decoded once into memory at ``data.image_size``
 (``data.folder_pipeline=memory``) and searched and re-trained like CIFAR; ``imagenet`` and image folders
 with ``folder_pipeline=stream`` are read by torchvision's ImageFolder during re-training (training.py).
+``register_task`` adds one's own: a loader returning arrays (``TaskArrays``), treated as CIFAR's.
 """
 from __future__ import annotations
 
