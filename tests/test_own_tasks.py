@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -107,12 +108,18 @@ def test_every_layout_of_the_same_images_gives_the_same_task(registry):
     (half and half for the search, a fifth held out where no test split is given), resized to data.image_size
     through the centre square, normalised by the training split's statistics."""
     x, y = bars(50, 0, side=12)
-    layouts = {"nhwc": (x, y), "nchw": (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y))}
+    read_only = x.copy()
+    read_only.flags.writeable = False  # as np.frombuffer or a memory map gives them: torch warns of such arrays
+    layouts = {"nhwc": (x, y), "nchw": (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)),
+               "read-only": (read_only, list(y))}
     for name, train in layouts.items():
         ilnas.register_task(name, classes=4, channels=3, flip=True, crop_padding=1)(
             lambda data, train=train: ilnas.TaskArrays(train=train))
     source = DataConfig(image_size=12)
-    a, b = create_task("nhwc", source), create_task("nchw", source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b, c = (create_task(name, source) for name in layouts)
+    assert a.digest == c.digest
     assert (len(a.train), len(a.val), len(a.test)) == (20, 20, 10)
     for split in ("train", "val", "test"):
         assert torch.equal(getattr(a, split).x, getattr(b, split).x) and torch.equal(getattr(a, split).y,

@@ -358,9 +358,10 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
     given = {part: _array_split(name, part, pair, classes, channels, source.image_size, digest)
              for part, pair in (("train", arrays.train), ("val", arrays.val), ("test", arrays.test))
              if pair is not None or part == "train"}
-    seen = set(given["train"].y.tolist()) | set(given["val"].y.tolist() if "val" in given else ())
-    if len(seen) < classes:
-        missing = sorted(set(range(classes)) - seen)
+    seen = torch.zeros(classes, dtype=torch.bool)
+    seen[torch.cat([given[part].y for part in ("train", "val") if part in given])] = True
+    if not seen.all():
+        missing = (~seen).nonzero().flatten().tolist()
         raise IlnasError(f"task {name!r}: no training image of class(es) {', '.join(map(str, missing[:5]))}: the "
                          f"network would have an output it never trains")
     x, y = given["train"].x, given["train"].y
@@ -385,11 +386,11 @@ def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, s
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise IlnasError(f"{where} must be a pair (images, labels), got {type(pair).__name__}")
     try:
-        x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in pair)
+        x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in pair)
     except (TypeError, ValueError, RuntimeError) as e:
         raise IlnasError(f"{where} is not an array of images and one of labels ({_first_line(e)})") from None
     if x.dtype != torch.uint8:
-        raise IlnasError(f"{where} images are {str(x.dtype).replace('torch.', '')}, not uint8 (0..255); convert "
+        raise IlnasError(f"{where} images are {_dtype(x)}, not uint8 (0..255); convert "
                          f"them first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
     if x.dim() == 4 and x.shape[1] != channels and x.shape[3] == channels:
         x = x.permute(0, 3, 1, 2)  # (N, H, W, C), as numpy and PIL keep images
@@ -399,8 +400,8 @@ def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, s
             f"(N, {channels}, H, W) or (N, H, W, {channels})"
         raise IlnasError(f"{where} images have shape {tuple(x.shape)}; {channels}-channel images are {forms}, N > 0")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool or y.shape != (len(x),):
-        raise IlnasError(f"{where} labels must be {len(x)} integers, one per image; got {str(y.dtype).replace('torch.', '')} of "
-                         f"shape {tuple(y.shape)}")
+        raise IlnasError(f"{where} labels must be {len(x)} integers, one per image; got {_dtype(y)} of shape "
+                         f"{tuple(y.shape)}")
     y = y.to(torch.int64)
     if int(y.min()) < 0 or int(y.max()) >= classes:
         raise IlnasError(f"{where} labels must lie in 0..{classes - 1}; found {int(y.min())}..{int(y.max())}")
@@ -427,6 +428,10 @@ def _class_names(name: str, names: Sequence[str] | None, classes: int) -> tuple[
     if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(names) != classes:
         raise IlnasError(f"task {name!r}: class_names must be {classes} strings, in label order")
     return tuple(names)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def _first_line(e: BaseException) -> str:
