@@ -1801,6 +1801,32 @@ def test_status_lists_a_damaged_run_as_unreadable_and_refuses_a_directory_withou
     assert row["state"].startswith("unreadable: ") and "provenance.json cannot be read as JSON" in row["state"]
 
 
+def test_status_of_a_local_sweep_says_how_long_its_runs_to_go_should_take(finished_run, finished_training, tmp_path):
+    """A sweep of three cells (a search and a training each), two at a time, the first cell finished in 60 s and
+    20 s: the four runs to go take (2 x 60 + 2 x 20) / 2 = 80 s. Without a finished training to time the trainings
+    by, the searches alone give a lower bound; a sweep that has ended says nothing more."""
+    def finished(source: Path, run: Path, seconds: int) -> None:
+        shutil.copytree(source, run)
+        record = json.loads((run / "provenance.json").read_text())
+        record["sessions"] = [{**record["sessions"][0], "start": "2026-01-01T00:00:00+00:00",
+                               "end": f"2026-01-01T00:{seconds // 60:02d}:{seconds % 60:02d}+00:00"}]
+        (run / "provenance.json").write_text(json.dumps(record))
+
+    finished(finished_run, tmp_path / "seed-0" / "search", 60)
+    finished(finished_training, tmp_path / "seed-0" / "train-digits", 20)
+    cells = [{"cell": f"seed-{i}", "runs": {"search": "pending", "train-digits": "pending"}} for i in range(3)]
+    record = {"final": False, "executor": "local", "parallel": 2, "cells": cells}
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    lines = ilnas_here("status", str(tmp_path)).stdout.splitlines()
+    assert lines[-2:] == ["6 runs: 4 not started, 2 finished",
+                          f"{tmp_path}: 4 runs to go, about 80 s at 2 at a time (none is running now)"]
+    shutil.rmtree(tmp_path / "seed-0" / "train-digits")
+    lines = ilnas_here("status", str(tmp_path)).stdout.splitlines()
+    assert lines[-1] == f"{tmp_path}: 5 runs to go, at least 60 s at 2 at a time (none is running now)"
+    (tmp_path / "sweep.json").write_text(json.dumps({**record, "final": True}))
+    assert ilnas_here("status", str(tmp_path)).stdout.splitlines()[-1] == "6 runs: 5 not started, 1 finished"
+
+
 def test_status_of_a_sweep_lists_the_runs_its_record_names_before_they_start(tmp_path):
     """A sweep just started (its sweep.json written, no run yet) is all "not started"; a torn record is left aside
     (the runs on disk are still listed) and a directory without runs then refused as without one."""

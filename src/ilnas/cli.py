@@ -307,10 +307,11 @@ def _compare(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from ilnas.recipes.status import status, table
+    from ilnas.recipes.status import status, sweep_outlook, table
 
     rows = status(args.runs)
-    print(json.dumps(rows, indent=1) if args.json else table(rows), end="\n" if args.json else "")
+    outlook = "".join(f"{line}\n" for line in sweep_outlook(args.runs, rows))
+    print(json.dumps(rows, indent=1) if args.json else table(rows) + outlook, end="\n" if args.json else "")
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ directories only; writes nothing."""
 from __future__ import annotations
 
 import collections
+import datetime
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,6 +44,7 @@ def run_status(path: Path) -> dict:
     state = ("finished" if is_finished(path) else "running" if holder is not None
              else "failed" if outcome and outcome.startswith(FAILURES) else "interrupted" if sessions
              else "not started")
+    wall = _wall_seconds(sessions, running=state == "running")
     times = [m["epoch_time"] for m in epochs if isinstance(m.get("epoch_time"), (int, float))][-RECENT:]
     epoch_time = sum(times) / len(times) if times else None
     remaining, at_least = _remaining_seconds(config, epochs, total) if state == "running" else (None, False)
@@ -53,7 +55,24 @@ def run_status(path: Path) -> dict:
             "last": _last(epochs[-1]) if epochs else None, "cell_unchanged_epochs": _cell_unchanged(epochs),
             "checkpoint": None if state == "finished" else _checkpoint(path, config), "sessions": len(sessions),
             "resumed": sum(1 for s in sessions if s.get("resumed")), "epoch_seconds": epoch_time,
-            "remaining_seconds": remaining, "remaining_at_least": at_least, "job": None}
+            "remaining_seconds": remaining, "remaining_at_least": at_least, "wall_seconds": wall, "job": None}
+
+
+def _wall_seconds(sessions: list[dict], running: bool) -> float | None:
+    """The time the run's sessions have taken: each ended one from its start to its end, a running one's last
+    session until now; None where a session's times cannot be read (one killed has no end: it is left out)."""
+    total = 0.0
+    for i, session in enumerate(sessions):
+        try:
+            start = datetime.datetime.fromisoformat(session["start"])
+            end = session.get("end")
+            if end is None and not (running and i == len(sessions) - 1):
+                continue
+            stop = datetime.datetime.fromisoformat(end) if end else datetime.datetime.now(datetime.timezone.utc)
+            total += max((stop - start).total_seconds(), 0.0)
+        except (KeyError, TypeError, ValueError):  # a hand-edited record
+            return None
+    return total
 
 
 def state_in_words(row: dict) -> str:
@@ -115,7 +134,59 @@ def _sweep_runs(paths: Sequence[Path]) -> list[Path]:
 def _row(run: str, state: str) -> dict:
     return {"run": run, "kind": "-", "state": state, "holder": None, "outcome": None, "epochs_done": 0,
             "epochs": None, "last": None, "cell_unchanged_epochs": None, "checkpoint": None, "sessions": 0,
-            "resumed": 0, "epoch_seconds": None, "remaining_seconds": None, "remaining_at_least": False, "job": None}
+            "resumed": 0, "epoch_seconds": None, "remaining_seconds": None, "remaining_at_least": False,
+            "wall_seconds": None, "job": None}
+
+
+def sweep_outlook(paths: Sequence[str | Path], rows: list[dict]) -> list[str]:
+    """For each sweep among ``paths`` that runs its cells here (executor local) and has not ended (its sweep.json
+    not final): the time its runs still to run should take, ``parallel`` at a time. A running run counts its own
+    estimate; one not started, the mean time of the sweep's finished runs of its kind (search or training); an
+    interrupted one, that share of it its epochs left. A lower bound ("at least") where a kind has no finished
+    run yet. A cell's search and trainings run one after the other, so it is never less than the longest run."""
+    lines = []
+    for p in map(Path, paths):
+        try:
+            record = read_json(p, "sweep.json") if p.is_dir() else None
+        except IlnasError:
+            record = None
+        if not record or record.get("final") is not False or record.get("executor") != "local":
+            continue
+        parallel = record.get("parallel")
+        parallel = parallel if isinstance(parallel, int) and not isinstance(parallel, bool) and parallel > 0 else 1
+        mine = [r for r in rows if Path(r["run"]).resolve().is_relative_to(p.resolve())]
+        left = _time_left(mine)
+        if left is None:
+            continue
+        work, longest, at_least, runs = left
+        running = sum(r["state"] == "running" for r in mine)
+        lines.append(f"{p}: {runs} runs to go, {'at least ' if at_least else 'about '}"
+                     f"{_duration(max(work / parallel, longest))} at {parallel} at a time"
+                     + ("" if running else " (none is running now)"))
+    return lines
+
+
+def _time_left(rows: list[dict]) -> tuple[float, float, bool, int] | None:
+    """(seconds of work left, the longest run's, whether that is a lower bound, runs to go) over a sweep's rows;
+    None where none is to go."""
+    timed = collections.defaultdict(list)
+    for r in rows:
+        if r["state"] == "finished" and r["wall_seconds"]:
+            timed[r["kind"]].append(r["wall_seconds"])
+    mean = {kind: sum(t) / len(t) for kind, t in timed.items()}
+    estimates, at_least = [], False
+    for r in rows:
+        if r["state"] == "running":
+            estimate = r["remaining_seconds"]
+            at_least |= r["remaining_at_least"]
+        elif r["state"] in ("not started", "interrupted"):
+            done = r["epochs_done"] / r["epochs"] if r["state"] == "interrupted" and r["epochs"] else 0.0
+            estimate = mean[r["kind"]] * max(1.0 - done, 0.0) if r["kind"] in mean else None
+        else:
+            continue
+        at_least |= estimate is None
+        estimates.append(estimate or 0.0)
+    return (sum(estimates), max(estimates), at_least, len(estimates)) if estimates else None
 
 
 def _remaining_seconds(config: dict, epochs: list[dict], total: int | None) -> tuple[float | None, bool]:
