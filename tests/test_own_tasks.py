@@ -161,7 +161,10 @@ BAD_LOADERS = [
     (lambda data: ilnas.TaskArrays(train=(X[:0], Y[:0])), "train images have shape (0, 3, 12, 12)"),
     (lambda data: ilnas.TaskArrays(train=(["a.png"], [0])), "train is not an array of images and one of labels"),
     (lambda data: ilnas.TaskArrays(train=(X[:3], Y[:3] % 3)), "no training image of class(es) 3"),
-    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b"]), "class_names must be 4 strings"),
+    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b"]), "class_names must be 4 different strings"),
+    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names="abcd"), "class_names must be 4 different strings"),
+    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b", "a", "c"]), "must be 4 different strings"),
+    (lambda data: exit(1), "its loader failed (SystemExit: 1)"),
     (lambda data: open(data.data_dir + "/nowhere"), "its loader failed (FileNotFoundError: "),
 ]
 

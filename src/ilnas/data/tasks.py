@@ -350,7 +350,7 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
         arrays = loader(source)
     except IlnasError:
         raise
-    except Exception as e:  # the loader is one's own code: its failure, whatever it is, in one line
+    except (Exception, SystemExit) as e:  # the loader is one's own code: its failure, whatever it is, in one line
         raise IlnasError(f"task {name!r}: its loader failed ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(arrays, TaskArrays):
         raise IlnasError(f"task {name!r}: its loader returned {type(arrays).__name__}, not ilnas.TaskArrays")
@@ -425,8 +425,8 @@ def _square(x: torch.Tensor, side: int) -> torch.Tensor:
 def _class_names(name: str, names: Sequence[str] | None, classes: int) -> tuple[str, ...]:
     if names is None:
         return tuple(str(i) for i in range(classes))
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(names) != classes:
-        raise IlnasError(f"task {name!r}: class_names must be {classes} strings, in label order")
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(set(names)) != classes:
+        raise IlnasError(f"task {name!r}: class_names must be {classes} different strings, in label order")
     return tuple(names)
 
 
