@@ -1819,10 +1819,10 @@ def test_status_of_a_local_sweep_says_how_long_its_runs_to_go_should_take(finish
     (tmp_path / "sweep.json").write_text(json.dumps(record))
     lines = ilnas_here("status", str(tmp_path)).stdout.splitlines()
     assert lines[-2:] == ["6 runs: 4 not started, 2 finished",
-                          f"{tmp_path}: 4 runs to go, about 80 s at 2 at a time (none is running now)"]
+                          f"{tmp_path}: 4 runs to go, about 80 s at 2 at a time"]
     shutil.rmtree(tmp_path / "seed-0" / "train-digits")
     lines = ilnas_here("status", str(tmp_path)).stdout.splitlines()
-    assert lines[-1] == f"{tmp_path}: 5 runs to go, at least 60 s at 2 at a time (none is running now)"
+    assert lines[-1] == f"{tmp_path}: 5 runs to go, at least 60 s at 2 at a time"
     (tmp_path / "sweep.json").write_text(json.dumps({**record, "final": True}))
     assert ilnas_here("status", str(tmp_path)).stdout.splitlines()[-1] == "6 runs: 5 not started, 1 finished"
 

@@ -159,10 +159,8 @@ def sweep_outlook(paths: Sequence[str | Path], rows: list[dict]) -> list[str]:
         if left is None:
             continue
         work, longest, at_least, runs = left
-        running = sum(r["state"] == "running" for r in mine)
         lines.append(f"{p}: {runs} runs to go, {'at least ' if at_least else 'about '}"
-                     f"{_duration(max(work / parallel, longest))} at {parallel} at a time"
-                     + ("" if running else " (none is running now)"))
+                     f"{_duration(max(work / parallel, longest))} at {parallel} at a time")
     return lines
 
 
@@ -171,7 +169,7 @@ def _time_left(rows: list[dict]) -> tuple[float, float, bool, int] | None:
     None where none is to go."""
     timed = collections.defaultdict(list)
     for r in rows:
-        if r["state"] == "finished" and r["wall_seconds"]:
+        if r["state"] == "finished" and r["wall_seconds"] is not None:
             timed[r["kind"]].append(r["wall_seconds"])
     mean = {kind: sum(t) / len(t) for kind, t in timed.items()}
     estimates, at_least = [], False
