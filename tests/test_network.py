@@ -380,3 +380,102 @@ def test_a_factorized_reduce_of_few_nhwc_channels_differentiates_without_corrupt
     stride-1 convolution of every other pixel. In a process of its own: the old path aborts it."""
     r = subprocess.run([sys.executable, "-c", FACTORIZED_REDUCE_CHECK], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr[-2000:]
+
+
+class _PlainNetwork(torch.nn.Module):
+    """A network of one's own: a stem, ``layers`` normal cells at one width (no reduction), mean pooling, a linear
+    classifier, and an auxiliary head on the first cell where ``auxiliary``."""
+
+    def __init__(self, genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+        super().__init__()
+        from ilnas.space.network import EvalCell
+
+        self.stem = torch.nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
+        cells, c_pp, c_p = [], channels, channels
+        for _ in range(layers):
+            cells.append(EvalCell(genotype.normal, genotype.normal_concat, c_pp, c_p, channels, False, False))
+            c_pp, c_p = c_p, cells[-1].out_channels
+        self.cells = torch.nn.ModuleList(cells)
+        self.classifier = torch.nn.Linear(c_p, classes)
+        self.auxiliary = torch.nn.Linear(cells[0].out_channels, classes) if auxiliary else None
+
+    def forward(self, x, drop_path_rate=0.0):
+        s0 = s1 = self.stem(x)
+        aux = None
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, drop_path_rate)
+            if i == 0 and self.auxiliary is not None:
+                aux = self.auxiliary(s1.mean((2, 3)))
+        logits = self.classifier(s1.mean((2, 3)))
+        return (logits, aux) if self.training else logits
+
+
+@pytest.fixture
+def network_registry(monkeypatch):
+    """The network styles as they are; whatever a test registers goes with the test."""
+    from ilnas.space import layout, network
+
+    monkeypatch.setattr(network, "NETWORKS", dict(network.NETWORKS))
+    monkeypatch.setattr(layout, "_STYLES", dict(layout._STYLES))
+
+
+def test_a_network_of_ones_own_re_trains_a_cell_and_is_rebuilt_as_it_was_trained(network_registry, tmp_path):
+    """network.style names a registered network: re-trained (auxiliary head and drop-path included), its size
+    counted without the auxiliary head, rebuilt with its weights by load_model and by create_model."""
+    import ilnas
+    from ilnas.recipes.describe import describe_trained
+    from ilnas.models import create_model, load_model
+
+    ilnas.register_network("plain")(_PlainNetwork)
+    cfg = resolve("eval-digits", kind="eval", overrides=["network.style=plain", "network.layers=2",
+                                                         "network.channels=4", "train.epochs=1",
+                                                         "train.steps_per_epoch=3", "train.batch_size=8"])
+    result = ilnas.run_train(cfg, zoo()["DARTS_V2"], tmp_path / "t", progress=False)
+    net = _PlainNetwork(zoo()["DARTS_V2"], 10, 1, 16, 2, 4, True)
+    assert result["params"] == count_parameters(net) == result["params_total"] - (4 * 4 * 10 + 10)
+    model = load_model(tmp_path / "t")
+    x = torch.randn(3, 1, 16, 16)
+    net.load_state_dict(model.state_dict())
+    assert torch.equal(model(x), net.eval()(x))
+    assert describe_trained(model.card)["network"] == "plain, 2 cells, C=4"
+    assert isinstance(create_model("DARTS_V1", 5, style="plain", layers=2, channels=4, in_channels=1), _PlainNetwork)
+
+
+def _tensor_in_training(genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+    net = _PlainNetwork(genotype, classes, in_channels, resolution, layers, channels, auxiliary)
+    net.forward = lambda x, drop_path_rate=0.0: torch.zeros(len(x), classes)  # logits alone in training mode too
+    return net
+
+
+@pytest.mark.parametrize("factory, message", [
+    (lambda *args: 1 / 0, r"^network style 'mine' cannot be built \(ZeroDivisionError: division by zero\)$"),
+    (lambda *args: "a network", r"^network style 'mine' is no torch.nn.Module: its factory returned str$"),
+    (_tensor_in_training, r"^network style 'mine' must return \(logits, auxiliary logits or None\) in training mode "
+                          r"and logits in evaluation mode, each \(N, 10\); got a tensor \(2, 10\) and a tensor "
+                          r"\(2, 10\) for N=2$"),
+    (lambda g, classes, *args: _PlainNetwork(g, classes + 1, *args), r"each \(N, 10\); got \(a tensor \(2, 11\), "
+                                                                      r"a tensor \(2, 11\)\) and a tensor \(2, 11\)"),
+    (lambda g, classes, in_channels, *args: _PlainNetwork(g, classes, 3, *args),
+     r"^the mine-style network of 2 cells fails on 16x16 images \(RuntimeError: .*\): they are too small for it, or "
+     r"your network style mine fails at that size$")],
+    ids=["raises", "no-module", "tensor", "classes", "channels"])
+def test_a_network_of_ones_own_that_cannot_be_re_trained_is_refused_before_a_run(factory, message, network_registry,
+                                                                                 tmp_path):
+    import ilnas
+
+    ilnas.register_network("mine")(factory)
+    cfg = resolve("eval-digits", kind="eval", overrides=["network.style=mine", "network.layers=2"])
+    with pytest.raises(IlnasError, match=message):
+        ilnas.run_train(cfg, zoo()["DARTS_V2"], tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_network_style_is_registered_only_under_a_name_of_its_own(network_registry):
+    import ilnas
+
+    for bad in ("cifar", "imagenet", "My Net", "", 3):
+        with pytest.raises(IlnasError, match="a network style's name must be lower-case letters"):
+            ilnas.register_network(bad)
+    with pytest.raises(IlnasError, match=r"network.style must be one of cifar, imagenet, got 'mine' \(one of your own: "
+                                         r"ilnas.register_network in a module that ILNAS_PLUGINS names\)"):
+        resolve("eval-digits", kind="eval", overrides=["network.style=mine"])

@@ -24,6 +24,7 @@ _PUBLIC = {  # name -> module that defines it
     "load_genotype": "ilnas.space.genotype", "parse_genotype": "ilnas.space.genotype", "zoo": "ilnas.space.genotype",
     "NetworkCIFAR": "ilnas.space.network", "NetworkImageNet": "ilnas.space.network",
     "Supernet": "ilnas.space.supernet", "register_op": "ilnas.space.ops",
+    "register_network": "ilnas.space.network", "EvalCell": "ilnas.space.network",
     "load_model": "ilnas.models", "create_model": "ilnas.models", "ModelCard": "ilnas.models",
 }
 

@@ -202,23 +202,25 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
                  resolution: int | None = None) -> nn.Module:
     """The evaluation network (untrained, training mode) of a genotype: a zoo name (``DARTS_V2``), a search or
     training run, a genotype.json, a ``Genotype(...)`` literal or ``random:SEED``. ``style`` cifar (default 20
-    cells, C=36) or imagenet (14 cells, C=48); ``resolution`` matters only below 32 (cifar style: the
-    auxiliary head pools adaptively). Trained weights: ``load_model``."""
+    cells, C=36), imagenet (14 cells, C=48) or one registered (cifar's defaults); ``resolution`` matters only
+    below 32 (cifar style: the auxiliary head pools adaptively). Trained weights: ``load_model``."""
     from ilnas.config import MAX_IMAGE_SIDE, NetworkConfig, from_dict, validate_network
     from ilnas.config.schema import positive_integer, require_normal_cell
     from ilnas.space.genotype import load_genotype
+    from ilnas.space.layout import NETWORK_STYLES, known_styles
     from ilnas.space.network import build_network
 
-    if style not in STYLE_DEFAULTS:
-        raise IlnasError(f"style must be {' or '.join(STYLE_DEFAULTS)}, got {style!r}")
-    default_layers, default_channels, side = STYLE_DEFAULTS[style]
+    if style not in known_styles():
+        raise IlnasError(f"style must be one of {', '.join(known_styles())}, got {style!r}")
+    default_layers, default_channels, side = STYLE_DEFAULTS.get(style, STYLE_DEFAULTS["cifar"])
     # the checks `ilnas train` makes of its network settings: a float, a bool or too few cells is one line here,
     # not an error from deep inside torch, or a network without the genotype's normal cell
     network = from_dict(NetworkConfig, {"style": style, "auxiliary": auxiliary,
                                         "layers": default_layers if layers is None else layers,
                                         "channels": default_channels if channels is None else channels})
     validate_network(network)
-    require_normal_cell("layers", network.layers, "network")
+    if style in NETWORK_STYLES:  # one's own network places its cells as it likes
+        require_normal_cell("layers", network.layers, "network")
     num_classes = positive_integer("num_classes", num_classes)
     in_channels = positive_integer("in_channels", in_channels)
     resolution = positive_integer("resolution", side if resolution is None else resolution, MAX_IMAGE_SIDE)

@@ -12,7 +12,7 @@ from ilnas.errors import IlnasError
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
-from ilnas.space.layout import PRIMITIVES, known_ops, op_list_fault
+from ilnas.space.layout import NETWORK_STYLES, PRIMITIVES, known_ops, known_styles, op_list_fault
 from ilnas.threads import MAX_THREADS
 
 DEVICES = "auto, cpu, cuda or cuda:N"
@@ -249,7 +249,8 @@ def validate(cfg: RunConfig) -> None:
             raise IlnasError(f"data.tasks of a training names one task (the network has one classifier), got "
                              f"{list(cfg.data.tasks)}: train once per task (a sweep's train.tasks does)"[:200])
         validate_network(cfg.network)
-        require_normal_cell("network.layers", cfg.network.layers, "network")  # not a card's: old models still load
+        if cfg.network.style in NETWORK_STYLES:  # one's own network places its cells as it likes
+            require_normal_cell("network.layers", cfg.network.layers, "network")  # not a card's: old models load
         _validate_train(cfg.train)
 
 
@@ -452,8 +453,9 @@ def validate_network(net: NetworkConfig) -> None:
     """The network section's values (also those a model card holds)."""
     _positive("network", net, ("layers", "channels"))
     _at_most("network", net, ("layers",), MAX_CELLS)
-    if net.style not in ("cifar", "imagenet"):
-        raise IlnasError(f"network.style must be cifar or imagenet, got {net.style!r}")
+    if net.style not in known_styles():
+        raise IlnasError(f"network.style must be one of {', '.join(known_styles())}, got {net.style!r} (one of "
+                         f"your own: ilnas.register_network in a module that ILNAS_PLUGINS names)")
     if net.auxiliary_weight < 0:
         raise IlnasError(f"network.auxiliary_weight must be >= 0, got {net.auxiliary_weight}")
     if not 0.0 <= net.drop_path < 1.0:

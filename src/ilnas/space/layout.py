@@ -1,6 +1,6 @@
 """The shape of the DARTS search space, without torch: the candidate operations in alpha column order, the
-intermediate nodes of a cell, and its edges and their names. What reads cells without building one (a genotype,
-``ilnas compare``) needs only this."""
+intermediate nodes of a cell, and its edges and their names; and the evaluation networks' styles. What reads cells
+without building one (a genotype, ``ilnas compare``) needs only this."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -40,6 +40,20 @@ def op_list_fault(ops: Sequence[str]) -> tuple[str, str] | None:
 
 def add_op_name(name: str) -> None:
     _REGISTERED[name] = None
+
+
+# The evaluation networks a re-training may build (network.style): the two built in, then those registered with
+# ilnas.register_network. Known without torch, as a configuration is checked without it.
+NETWORK_STYLES: tuple[str, ...] = ("cifar", "imagenet")
+_STYLES: dict[str, None] = {}
+
+
+def known_styles() -> tuple[str, ...]:
+    return (*NETWORK_STYLES, *_STYLES)
+
+
+def add_style_name(name: str) -> None:
+    _STYLES[name] = None
 
 
 def num_edges(nodes: int = NODES) -> int:

@@ -7,13 +7,16 @@ evaluation mode plain logits, so a trained network traces and exports like any c
 """
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import Edge, Genotype
-from ilnas.space.layout import BUILT_IN_OPS
+from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, add_style_name, known_styles
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 from ilnas.space.supernet import reduction_layers
 
@@ -167,13 +170,50 @@ def count_parameters(model: nn.Module, include_auxiliary: bool = False) -> int:
                if include_auxiliary or not name.startswith("auxiliary."))
 
 
+# (genotype, classes, in_channels, resolution, layers, channels, auxiliary) -> the network
+NetworkFactory = Callable[[Genotype, int, int, int, int, int, bool], nn.Module]
+NETWORKS: dict[str, NetworkFactory] = {}
+STYLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+def register_network(style: str) -> Callable[[NetworkFactory], NetworkFactory]:
+    """A decorator that makes ``factory(genotype, classes, in_channels, resolution, layers, channels, auxiliary)``
+    the evaluation network ``network.style=style``, which ``ilnas train`` re-trains a cell in and ``load_model``,
+    ``describe`` and ``export`` rebuild. Its ``forward(x, drop_path_rate=0.0)`` returns ``(logits, auxiliary
+    logits or None)`` in training mode and the logits in evaluation mode; ``drop_path_rate`` (a 0-dim tensor in
+    re-training) goes to each EvalCell's forward; parameters under ``auxiliary.`` are left out of the published
+    parameter count. Built from EvalCell, as NetworkCIFAR is, it takes any genotype."""
+    if not isinstance(style, str) or not STYLE_NAME.fullmatch(style) or style in NETWORK_STYLES:
+        raise IlnasError(f"a network style's name must be lower-case letters, digits, _ and - (a letter first, at "
+                         f"most 64) and none of {', '.join(NETWORK_STYLES)}; got {style!r}")
+
+    def wrap(factory: NetworkFactory) -> NetworkFactory:
+        NETWORKS[style] = factory
+        add_style_name(style)
+        return factory
+    return wrap
+
+
 def build_network(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
                   layers: int = 20, channels: int = 36, auxiliary: bool = True) -> nn.Module:
-    """The evaluation network of ``style`` cifar (``small_images`` below 32x32) or imagenet."""
+    """The evaluation network of ``style``: cifar (``small_images`` below 32x32), imagenet, or one registered."""
     if style == "imagenet":
         return NetworkImageNet(genotype, classes, layers, channels, auxiliary, in_channels=in_channels)
-    return NetworkCIFAR(genotype, classes, layers, channels, auxiliary, in_channels=in_channels,
-                        small_images=resolution < 32)
+    if style == "cifar":
+        return NetworkCIFAR(genotype, classes, layers, channels, auxiliary, in_channels=in_channels,
+                            small_images=resolution < 32)
+    if style not in NETWORKS:
+        raise IlnasError(f"unknown network style {style!r}; known: {', '.join(known_styles())} (one of your own: "
+                         f"ilnas.register_network in a module that ILNAS_PLUGINS names)")
+    try:
+        model = NETWORKS[style](genotype, classes, in_channels, resolution, layers, channels, auxiliary)
+    except IlnasError:
+        raise
+    except Exception as e:  # one's own factory's failure, whatever it is: one line
+        raise IlnasError(f"network style {style!r} cannot be built ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(model, nn.Module):
+        raise IlnasError(f"network style {style!r} is no torch.nn.Module: its factory returned {type(model).__name__}")
+    return model
 
 
 def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
@@ -181,19 +221,48 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
     """Refuse images a network cannot take: one training-mode forward pass (auxiliary head included) of
     a narrow copy of it (same cells, C=8 instead of ``channels``) on two images, the random state untouched."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary).train()
+        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary)
+        x = torch.zeros(2, in_channels, resolution, resolution)
         try:
-            model(torch.zeros(2, in_channels, resolution, resolution))
-        except Exception as e:  # an operation of one's own may fail any way it likes
-            fault = (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
-            own = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
+            trained, evaluated = model.train()(x, torch.tensor(0.1)), model.eval()(x)
+        except Exception as e:  # an operation or a network of one's own may fail any way it likes
+            ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
+            own = [f"an operation of your own ({', '.join(ops)})"] if ops else []
+            own += [f"your network style {style}"] if style not in NETWORK_STYLES else []
             if own:
                 raise IlnasError(f"the {style}-style network of {layers} cells fails on {resolution}x{resolution} "
-                                 f"images ({type(e).__name__}: {fault}): they are too small for it, or an "
-                                 f"operation of your own ({', '.join(own)}) fails at that size") from None
+                                 f"images ({type(e).__name__}: {_first_line(e)}): they are too small for it, or "
+                                 f"{' or '.join(own)} fails at that size") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
-                             f"{layers} cells ({fault}); use larger images (train.resolution) or another "
+                             f"{layers} cells ({_first_line(e)}); use larger images (train.resolution) or another "
                              f"network.style") from None
+    _require_outputs(style, trained, evaluated, classes)
+
+
+def _require_outputs(style: str, trained: object, evaluated: object, classes: int) -> None:
+    """What re-training and evaluation take from a network: (logits, auxiliary logits or None) in training mode,
+    logits in evaluation mode, each (N, classes). A network of one's own is held to it before a run starts."""
+    def logits(t: object) -> bool:
+        return isinstance(t, torch.Tensor) and tuple(t.shape) == (2, classes)
+
+    pair = isinstance(trained, tuple) and len(trained) == 2 and logits(trained[0]) and (
+        trained[1] is None or logits(trained[1]))
+    if not pair or not logits(evaluated):
+        raise IlnasError(f"network style {style!r} must return (logits, auxiliary logits or None) in training mode "
+                         f"and logits in evaluation mode, each (N, {classes}); got {_kind(trained)} and "
+                         f"{_kind(evaluated)} for N=2")
+
+
+def _kind(out: object) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor {tuple(out.shape)}"
+    if isinstance(out, tuple):
+        return "(" + ", ".join(_kind(o) for o in out) + ")"
+    return type(out).__name__
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
 
 
 def multiply_adds(model: nn.Module, in_channels: int, resolution: int) -> int:
