@@ -238,13 +238,14 @@ def _train(args: argparse.Namespace) -> None:
 def _presets(args: argparse.Namespace) -> None:
     from ilnas.config import list_presets
 
-    from ilnas.space.layout import known_ops
+    from ilnas.space.layout import known_ops, known_styles
 
     presets = list_presets()
     width = max(map(len, presets))
     for name, description in presets.items():
         print(f"{name:<{width}}  {description}")
     print(f"\noperations a search space may list (space.ops): {', '.join(known_ops())}")
+    print(f"networks a re-training may build (network.style): {', '.join(known_styles())}")
 
 
 def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):
