@@ -84,6 +84,43 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) < 0.1 * a["train_loss"]
 
 
+UNUSED_NETWORK = """
+import torch, ilnas
+
+@ilnas.register_network("spare")
+def spare(genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+    return Spare(genotype, classes, in_channels, channels)
+
+class Spare(torch.nn.Module):
+    def __init__(self, genotype, classes, in_channels, channels):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.cell = ilnas.EvalCell(genotype.normal, genotype.normal_concat, channels, channels, channels, False, False)
+        self.classifier = torch.nn.Linear(self.cell.out_channels, classes)
+        self.spare = torch.nn.Linear(3, 3)  # built and never used: DDP must be told to look for such parameters
+
+    def forward(self, x, drop_path_rate=0.0):
+        s = self.stem(x)
+        logits = self.classifier(self.cell(s, s, drop_path_rate).mean((2, 3)))
+        return (logits, None) if self.training else logits
+"""
+
+
+def test_torchrun_trains_a_network_of_ones_own_with_parameters_its_loss_leaves_unused(tmp_path):
+    """DistributedDataParallel stops at the second step of a network with such parameters unless told to look for
+    them, which it is for every network of one's own."""
+    (tmp_path / "spare_net.py").write_text(UNUSED_NETWORK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ILNAS_PLUGINS": "spare_net",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "ilnas", "train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY,
+                        "--set", "network.style=spare", "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, ranks_stderr(r.stderr)
+    result, epochs = run_json(tmp_path / "ddp")
+    assert result["world_size"] == 2 and result["replica_divergence"] == 0.0 and epochs[-1]["images"] == 48
+
+
 def test_image_folder_training(tmp_path):
     write_image_folder(tmp_path / "imgs")
     r = ilnas_here("train", "--genotype", "PC_DARTS_image", "--preset", "eval-imagefolder",

@@ -36,6 +36,7 @@ from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype
+from ilnas.space.layout import NETWORK_STYLES
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
 from ilnas.space.ops import check_ops
 
@@ -147,7 +148,9 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
             run.write_text(CARD_FILE, model_card(cfg, genotype, data).to_json())
             run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
         distributed.barrier(process)
-        ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None)
+        # a network of one's own may hold parameters its loss does not use: DDP must look for them each step
+        ddp = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[process.device.index] if cuda else None,
+                                                         find_unused_parameters=cfg.network.style not in NETWORK_STYLES)
                if process.world > 1 else model)
         loop = TrainLoop(cfg, data, model, ddp, optimizer, process, memory_format, progress, run, resume, guard)
         with (run.out_of_memory("train.batch_size") if run is not None else contextlib.nullcontext(),
