@@ -439,6 +439,20 @@ def test_a_network_of_ones_own_re_trains_a_cell_and_is_rebuilt_as_it_was_trained
     assert torch.equal(model(x), net.eval()(x))
     assert describe_trained(model.card)["network"] == "plain, 2 cells, C=4"
     assert isinstance(create_model("DARTS_V1", 5, style="plain", layers=2, channels=4, in_channels=1), _PlainNetwork)
+    (tmp_path / "t" / "result.json").unlink()  # interrupted; meanwhile the network's code changed
+    ilnas.register_network("plain")(_PlainWithABias)
+    with pytest.raises(IlnasError, match=r"^the checkpoint in .* cannot be continued from \(its network state is "
+                                         r"missing the network's 'bias'\): .* or by an operation or network of your "
+                                         r"own \(ILNAS_PLUGINS\) whose code has changed since"):
+        ilnas.run_train(cfg, zoo()["DARTS_V2"], tmp_path / "t", resume=True, progress=False)
+
+
+class _PlainWithABias(_PlainNetwork):
+    """The same network with one parameter more: its code changed."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.bias = torch.nn.Parameter(torch.zeros(()))
 
 
 def _tensor_in_training(genotype, classes, in_channels, resolution, layers, channels, auxiliary):

@@ -30,8 +30,9 @@ def restoring(path: Path) -> Iterator[None]:
             raise
         what = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
         raise IlnasError(f"the checkpoint in {path} cannot be continued from ({what}): it was written by another "
-                         f"ilnas version or changed by hand; restore the run's own checkpoint, or start it again "
-                         f"with --force") from None
+                         f"ilnas version, or by an operation or network of your own (ILNAS_PLUGINS) whose code has "
+                         f"changed since, or changed by hand; restore the run's own checkpoint or code, or start it "
+                         f"again with --force") from None
 
 
 def describe(value: Any) -> str:
