@@ -227,3 +227,29 @@ def test_the_example_plugins_read_fashion_mnist_files_and_a_numpy_file(registry,
     own = create_task("arrays", source)
     assert own.input_shape == (3, 14, 14) and (len(own.train), len(own.val), len(own.test)) == (12, 12, 6)
     assert own.classes[-1] == "c9" and own.flip and "data_sha256" in own.digest
+
+
+def test_the_readmes_plugins_run_as_written(registry, monkeypatch, tmp_path):
+    """The README's my_ops.py, my_tasks.py and my_nets.py, executed as printed: an operation that passes the
+    check, a task read from a NumPy file, and a network that re-trains a cell on that task's images."""
+    import re
+    from pathlib import Path
+
+    from ilnas.space import layout, network, ops
+    from ilnas.space.genotype import zoo
+    from ilnas.space.network import check_input_size
+
+    monkeypatch.setattr(ops, "OPS", dict(ops.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    monkeypatch.setattr(network, "NETWORKS", dict(network.NETWORKS))
+    monkeypatch.setattr(layout, "_STYLES", dict(layout._STYLES))
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for name in ("my_ops", "my_tasks", "my_nets"):
+        code = re.search(rf"```python\n(# {name}\.py\n.*?)```", readme, re.S).group(1)
+        exec(compile(code, f"README.md:{name}.py", "exec"), {"__name__": name})
+    ops.check_ops(["conv_1x1"])
+    x, y = bars(40, 0, side=20, classes=4)
+    np.savez(tmp_path / "scans.npz", x_train=x[..., 0], y_train=y, x_test=x[:8, ..., 0], y_test=y[:8])
+    task = create_task("scans", DataConfig(data_dir=str(tmp_path), image_size=16))
+    assert task.classes[2] == "malignant" and task.input_shape == (1, 16, 16) and len(task.test) == 8
+    check_input_size(zoo()["DARTS_V2"], 4, 1, 16, style="plain", layers=2, channels=8, auxiliary=False)
