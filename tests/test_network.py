@@ -493,3 +493,37 @@ def test_a_network_style_is_registered_only_under_a_name_of_its_own(network_regi
     with pytest.raises(IlnasError, match=r"network.style must be one of cifar, imagenet, got 'mine' \(one of your own: "
                                          r"ilnas.register_network in a module that ILNAS_PLUGINS names\)"):
         resolve("eval-digits", kind="eval", overrides=["network.style=mine"])
+
+
+class _OnlyOn(torch.nn.Module):
+    """Code of one's own that runs on one kind of device only (a GPU kernel, say): here the meta device."""
+
+    def __init__(self, inner: torch.nn.Module, kind: str = "meta"):
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x, *args):
+        if x.device.type != self.kind:
+            raise NotImplementedError(f"no kernel for {x.device.type}")
+        return self.inner(x, *args)
+
+
+def test_the_checks_of_ones_own_code_run_on_the_runs_device(monkeypatch, network_registry):
+    """check_ops and the re-training's size check run where the run will: an operation or a network that runs on
+    one device only passes there and is refused elsewhere, in one line."""
+    import ilnas
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    ilnas.register_op("device_only")(lambda c, stride, affine, sets: _OnlyOn(create_op("sep_conv_3x3", c, stride,
+                                                                                         affine, sets)))
+    ops_module.check_ops(["device_only"], device="meta")
+    with pytest.raises(IlnasError, match=r"^operation 'device_only' fails on .* \(NotImplementedError: no kernel for "
+                                         r"cpu\)$"):
+        ops_module.check_ops(["device_only"])
+    ilnas.register_network("device-only")(lambda *args: _OnlyOn(_PlainNetwork(*args)))
+    check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="device-only", layers=2, channels=4, device="meta")
+    with pytest.raises(IlnasError, match=r"\(NotImplementedError: no kernel for cpu\): they are too small for it, "
+                                         r"or your network style device-only fails at that size$"):
+        check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="device-only", layers=2, channels=4)

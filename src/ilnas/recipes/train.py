@@ -116,9 +116,10 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         card = asdict(model_card(cfg, genotype, data))
         require_same_data(out, CARD_FILE, {k: card[k] for k in ("task", "classes", "input_size", "mean", "std")})
         require_same_data(out, PROVENANCE, {"data": data.listing})
-    check_ops([op for op, _ in genotype.normal + genotype.reduce])
+    check_ops([op for op, _ in genotype.normal + genotype.reduce], device=process.device)
     require_network_memory(cfg, genotype, data, process.device)
-    check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
+    check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args(),
+                     device=process.device)
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

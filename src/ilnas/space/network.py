@@ -17,7 +17,7 @@ from torch import nn
 from ilnas.errors import IlnasError
 from ilnas.space.genotype import Edge, Genotype
 from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, add_style_name, known_styles
-from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
+from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op, unchanged_rng
 from ilnas.space.supernet import reduction_layers
 
 
@@ -217,14 +217,18 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
 
 
 def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
-                     layers: int = 20, channels: int = 36, auxiliary: bool = True) -> None:
-    """Refuse images a network cannot take: one training-mode forward pass (auxiliary head included) of
-    a narrow copy of it (same cells, C=8 instead of ``channels``) on two images, the random state untouched."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary)
-        x = torch.zeros(2, in_channels, resolution, resolution)
+                     layers: int = 20, channels: int = 36, auxiliary: bool = True,
+                     device: str | torch.device = "cpu") -> None:
+    """Refuse images a network cannot take: one training-mode (auxiliary head and drop-path included) and one
+    evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``) on two images, on
+    ``device`` (the run's), the random state untouched; and a network of one's own that returns what re-training
+    cannot take."""
+    device = torch.device(device)
+    with unchanged_rng(device), torch.no_grad():
+        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary).to(device)
+        x = torch.zeros(2, in_channels, resolution, resolution, device=device)
         try:
-            trained, evaluated = model.train()(x, torch.tensor(0.1)), model.eval()(x)
+            trained, evaluated = model.train()(x, torch.tensor(0.1, device=device)), model.eval()(x)
         except Exception as e:  # an operation or a network of one's own may fail any way it likes
             ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
             own = [f"an operation of your own ({', '.join(ops)})"] if ops else []

@@ -8,6 +8,7 @@ the channels, with convolutions grouped by set (ilnas/space/sets.py).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 from typing import Callable, Sequence
@@ -73,21 +74,29 @@ def _as_module(name: str, op: object) -> nn.Module:
     return op
 
 
+def unchanged_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """The random state of the CPU and of ``device`` (a GPU) as it was once the block ends: a check draws nothing
+    from a run's streams."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def _fault(e: Exception) -> str:
     lines = str(e).strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
 
 
-def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8) -> None:
+def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8,
+              device: str | torch.device = "cpu") -> None:
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
-    input: it must keep ``sets * channels`` channels and keep (stride 1) or halve (stride 2) the resolution. One
-    of one's own that does not is refused here, in one line, rather than deep in a supernet's pass. The random
-    state is left as it was."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    input on ``device`` (the run's: an operation of one's own may run on a GPU only): it must keep ``sets *
+    channels`` channels and keep (stride 1) or halve (stride 2) the resolution. One of one's own that does not is
+    refused here, in one line, rather than deep in a supernet's pass. The random state is left as it was."""
+    device = torch.device(device)
+    with unchanged_rng(device), torch.no_grad():
         for name in dict.fromkeys(names):
             factory = _factory(name)
             for stride, affine in itertools.product((1, 2), (False, True)):
-                x = torch.randn(2, sets * channels, size, size)
+                x = torch.randn(2, sets * channels, size, size, device=device)
                 try:
                     op = factory(channels, stride, affine, sets)
                 except Exception as e:  # one's own factory's failure, whatever it is
@@ -95,7 +104,7 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                                      f"stride={stride}, affine={affine}, sets={sets}) ({_fault(e)})") from None
                 op = _as_module(name, op)
                 try:
-                    shape = tuple(op.train()(x).shape)
+                    shape = tuple(op.to(device).train()(x).shape)
                 except Exception as e:  # one's own module's failure, whatever it is
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
                                      f"({_fault(e)})") from None
