@@ -3,7 +3,8 @@
 # configuration (re-training also through torch.compile with CUDA graphs), the image-folder input pipeline (PIL in workers vs nvJPEG) and a short re-training on
 # its JPEGs decoded on the GPU, a shortened CUDA search on the embedded digits (logged values fetched every
 # step and every 10 steps; twice more with search.deterministic, which must repeat bit for bit), the same search data-parallel under torchrun (one NCCL rank, bf16 autocast)
-# and a one-rank NCCL re-training, and whether the dilated convolutions' CPU routes (space/depthwise.py) would
+# and a one-rank NCCL re-training, an operation and a network of one's own (a plugin) searched and re-trained on
+# the device, and whether the dilated convolutions' CPU routes (space/depthwise.py) would
 # pay on the GPU too, then one JSON summary on stdout. Logs go to ${OUT:-gpu_check}/.
 # Each piece has its own time limit (at most 565 s in all), so one slow piece cannot starve the others, and
 # the benchmarks print every figure as they measure it: a piece cut short still leaves its log.
@@ -49,9 +50,9 @@ run search_step 120 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repea
     --variants "NCHW eager" NCHW NHWC "NHWC bf16"
 run depthwise 15 "$PY" bench/depthwise.py --device "$DEVICE" --rounds 3
 run train_step 130 "$PY" bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
-run search 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+run search 45 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --out "$LOGS/search-run" --force
-run search_log10 50 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
+run search_log10 45 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
     --set search.steps_per_epoch=10 --set search.log_every=10 --out "$LOGS/search-log10-run" --force
 run search_deterministic 25 bash -c 'for r in a b; do "$0" -m ilnas search --quiet --no-report --set search.device="$1" \
     --set search.epochs=1 --set search.steps_per_epoch=3 --set search.eval_batches=1 --set search.deterministic=true \
@@ -59,9 +60,45 @@ run search_deterministic 25 bash -c 'for r in a b; do "$0" -m ilnas search --qui
 run search_nccl_bf16 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas search --quiet --no-report \
     --set search.device="$DEVICE" --set search.epochs=1 --set search.steps_per_epoch=10 --set search.amp=true \
     --out "$LOGS/search-nccl-run" --force
-run train_nccl 35 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
+run train_nccl 25 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m ilnas train --quiet --no-report --genotype DARTS_V2 \
     --preset eval-digits --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=20 \
     --out "$LOGS/train-run" --force
+# An operation and a network of one's own (ILNAS_PLUGINS), checked and run on the device: a short search whose space
+# holds the operation, then a re-training of its cell in the network.
+mkdir -p "$LOGS/plugins" && cat > "$LOGS/plugins/gpu_check_plugins.py" <<'PLUGIN'
+import torch, ilnas
+
+@ilnas.register_op("conv_1x1")
+def conv_1x1(c, stride, affine, sets=1):
+    return torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Conv2d(sets * c, sets * c, 1, stride, groups=sets, bias=False),
+                               torch.nn.BatchNorm2d(sets * c, affine=affine, track_running_stats=affine))
+
+@ilnas.register_network("plain")
+class Plain(torch.nn.Module):
+    def __init__(self, genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, channels, 3, padding=1, bias=False)
+        self.cells, c_pp, c_p = torch.nn.ModuleList(), channels, channels
+        for _ in range(layers):
+            self.cells.append(ilnas.EvalCell(genotype.normal, genotype.normal_concat, c_pp, c_p, channels,
+                                             False, False))
+            c_pp, c_p = c_p, self.cells[-1].out_channels
+        self.classifier = torch.nn.Linear(c_p, classes)
+
+    def forward(self, x, drop_path_rate=0.0):
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, drop_path_rate)
+        logits = self.classifier(s1.mean((2, 3)))
+        return (logits, None) if self.training else logits
+PLUGIN
+run own_code 20 env PYTHONPATH="$PYTHONPATH:$LOGS/plugins" ILNAS_PLUGINS=gpu_check_plugins \
+    bash -c '"$0" -m ilnas search \
+    --quiet --no-report --set search.device="$1" --set search.epochs=1 --set search.steps_per_epoch=2 \
+    --set search.eval_batches=1 --set "space.ops=[none,skip_connect,sep_conv_3x3,conv_1x1]" --out "$2/own-search" \
+    --force && "$0" -m ilnas train --quiet --no-report --genotype "$2/own-search" --preset eval-digits \
+    --set train.device="$1" --set network.style=plain --set network.layers=2 --set train.epochs=1 \
+    --set train.steps_per_epoch=5 --out "$2/own-train" --force' "$PY" "$DEVICE" "$LOGS"
 if [ "$DEVICE" = cuda ]; then WORKERS=8 BATCH=64; else WORKERS=2 BATCH=8; fi
 rm -rf "$LOGS/photos"
 run folder_pipeline 45 "$PY" bench/folder_pipeline.py --device "$DEVICE" --workers "$WORKERS" --root "$LOGS/photos"
@@ -69,7 +106,8 @@ run train_decode_device 35 "$PY" -m ilnas train --quiet --no-report --genotype D
     --set "data.tasks=[imagefolder:$LOGS/photos]" --set train.decode=device --set train.workers="$WORKERS" \
     --set train.device="$DEVICE" --set train.epochs=1 --set train.steps_per_epoch=5 --set train.batch_size=$BATCH \
     --set optimizer.warmup_epochs=0 --out "$LOGS/train-decode-run" --force
-for name in search_step depthwise train_step search search_log10 search_deterministic search_nccl_bf16 train_nccl folder_pipeline train_decode_device; do
+for name in search_step depthwise train_step search search_log10 search_deterministic search_nccl_bf16 train_nccl \
+    own_code folder_pipeline train_decode_device; do
   printf '%s\t%s\t%s\n' "$name" "${RC[$name]}" "${WALL[$name]}"
 done > "$LOGS/summary.tsv"
 "$PY" - "$LOGS" "$DEVICE" <<'PY'
@@ -83,7 +121,7 @@ for line in (logs / "summary.tsv").read_text().splitlines():
     out[name] = {"exit_code": int(rc), "seconds": int(wall), "output": text[-24:]}
 for run, result in (("search-run", "summary.json"), ("search-log10-run", "summary.json"),
                     ("search-nccl-run", "summary.json"), ("train-run", "result.json"),
-                    ("train-decode-run", "result.json")):
+                    ("train-decode-run", "result.json"), ("own-train", "result.json")):
     path = logs / run / result
     out[run] = json.loads(path.read_text()) if path.exists() else None
     metrics = logs / run / "metrics.jsonl"
