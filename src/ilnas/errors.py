@@ -20,3 +20,15 @@ class Stopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def first_line(e: BaseException, width: int | None = None) -> str:
+    """What a one-line error quotes of a failure: the first line of its message (its type's name where it has
+    none), cut to ``width`` characters."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:width]
+
+
+def fault(e: BaseException, width: int = 160) -> str:
+    """A failure of one's own code (a plugin's) as a one-line error quotes it: its type and first line."""
+    return f"{type(e).__name__}: {first_line(e, width)}" if str(e).strip() else type(e).__name__

@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES
-from ilnas.errors import IlnasError, RunFailed, Stopped
+from ilnas.errors import IlnasError, RunFailed, Stopped, first_line
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
 
@@ -65,7 +65,7 @@ def read_config(path: Path) -> dict:
     try:
         data = yaml.safe_load(f.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
-        raise IlnasError(f"{f} cannot be read as YAML ({_first_line(e)})") from None
+        raise IlnasError(f"{f} cannot be read as YAML ({first_line(e)})") from None
     if not isinstance(data, dict) or data.get("kind") not in KINDS:
         raise IlnasError(f"{f} is not an ilnas configuration (empty, or no 'kind: search|eval')")
     return data
@@ -82,11 +82,6 @@ def with_defaults(config: Any) -> Any:
     except IlnasError:
         return config
     return config_dict(cfg, **{k: v for k, v in config.items() if k == "genotype"})
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 def is_ilnas_run(path: Path) -> bool:
@@ -592,7 +587,7 @@ def session_outcome(error: BaseException) -> str:
     second Ctrl-C) or ``crashed: ...`` (anything else)."""
     from ilnas.distributed import lost_peer
 
-    text = _first_line(error)
+    text = first_line(error)
     if isinstance(error, Stopped):
         return text
     if lost_peer(error):
@@ -685,7 +680,7 @@ def read_json(path: Path, name: str) -> dict | None:
     try:
         record = load_json(f.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise IlnasError(f"{f} cannot be read as JSON ({_first_line(e)})") from None
+        raise IlnasError(f"{f} cannot be read as JSON ({first_line(e)})") from None
     if not isinstance(record, dict):
         raise IlnasError(f"{f} is damaged: it holds a JSON {type(record).__name__}, not an object")
     return record
@@ -753,7 +748,7 @@ def read_checkpoint(path: Path, verify_only: bool = False) -> dict | None:
         raise IlnasError(f"{path} cannot be loaded: it holds pickled objects other than tensors and plain "
                          f"containers, which could run code") from None
     except Exception as e:  # the checksum held, so this is a foreign or hand-made file
-        raise IlnasError(f"{path} cannot be loaded ({_first_line(e)})") from None
+        raise IlnasError(f"{path} cannot be loaded ({first_line(e)})") from None
     if not isinstance(payload, dict):
         raise IlnasError(f"{path} is not an ilnas checkpoint")
     return payload

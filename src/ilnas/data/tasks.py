@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, fault, first_line
 from ilnas.fileio import reachable
 
 SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
@@ -351,7 +351,7 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
     except IlnasError:
         raise
     except (Exception, SystemExit) as e:  # the loader is one's own code: its failure, whatever it is, in one line
-        raise IlnasError(f"task {name!r}: its loader failed ({type(e).__name__}: {_first_line(e)})") from None
+        raise IlnasError(f"task {name!r}: its loader failed ({fault(e)})") from None
     if not isinstance(arrays, TaskArrays):
         raise IlnasError(f"task {name!r}: its loader returned {type(arrays).__name__}, not ilnas.TaskArrays")
     digest = hashlib.sha256()
@@ -388,7 +388,7 @@ def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, s
     try:
         x, y = (v.detach().cpu() if isinstance(v, torch.Tensor) else torch.tensor(np.asarray(v)) for v in pair)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise IlnasError(f"{where} is not an array of images and one of labels ({_first_line(e)})") from None
+        raise IlnasError(f"{where} is not an array of images and one of labels ({first_line(e, 160)})") from None
     if x.dtype != torch.uint8:
         raise IlnasError(f"{where} images are {_dtype(x)}, not uint8 (0..255); convert "
                          f"them first, e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1]")
@@ -434,8 +434,6 @@ def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 # --- image folders decoded into memory ----------------------------------------------------------

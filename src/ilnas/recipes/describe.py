@@ -5,7 +5,7 @@ import torch
 
 from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import task_info
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, fault
 from ilnas.models import ModelCard
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.network import build_network, count_parameters, multiply_adds
@@ -34,8 +34,8 @@ def _size(genotype: Genotype, task: str, classes: int, channels: int, resolution
     except IlnasError:
         raise
     except Exception as e:  # an operation of one's own that cannot run on shapes alone, or at this size
-        raise IlnasError(f"the network cannot be measured on {resolution}x{resolution} images "
-                         f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]})") from None
+        raise IlnasError(f"the network cannot be measured on {resolution}x{resolution} images ({fault(e, 120)})"
+                         ) from None
     return {"genotype": genotype.to_string(), "task": task,
             "network": f"{network['style']}, {network['layers']} cells, C={network['channels']}",
             "params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

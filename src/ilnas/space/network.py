@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, fault, first_line
 from ilnas.space.genotype import Edge, Genotype
 from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, add_style_name, known_styles
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op, unchanged_rng
@@ -210,7 +210,7 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
     except IlnasError:
         raise
     except Exception as e:  # one's own factory's failure, whatever it is: one line
-        raise IlnasError(f"network style {style!r} cannot be built ({type(e).__name__}: {_first_line(e)})") from None
+        raise IlnasError(f"network style {style!r} cannot be built ({fault(e, 100)})") from None
     if not isinstance(model, nn.Module):
         raise IlnasError(f"network style {style!r} is no torch.nn.Module: its factory returned {type(model).__name__}")
     return model
@@ -235,10 +235,10 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
             own += [f"your network style {style}"] if style not in NETWORK_STYLES else []
             if own:
                 raise IlnasError(f"the {style}-style network of {layers} cells fails on {resolution}x{resolution} "
-                                 f"images ({type(e).__name__}: {_first_line(e)}): they are too small for it, or "
+                                 f"images ({fault(e, 100)}): they are too small for it, or "
                                  f"{' or '.join(own)} fails at that size") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
-                             f"{layers} cells ({_first_line(e)}); use larger images (train.resolution) or another "
+                             f"{layers} cells ({first_line(e, 100)}); use larger images (train.resolution) or another "
                              f"network.style") from None
     _require_outputs(style, trained, evaluated, classes)
 
@@ -263,10 +263,6 @@ def _kind(out: object) -> str:
     if isinstance(out, tuple):
         return "(" + ", ".join(_kind(o) for o in out) + ")"
     return type(out).__name__
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
 
 
 def multiply_adds(model: nn.Module, in_channels: int, resolution: int) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, fault
 from ilnas.space.depthwise import DepthwiseConv2d, differentiated
 from ilnas.space.layout import BUILT_IN_OPS, add_op_name
 from ilnas.space.sets import cat_channels
@@ -80,11 +80,6 @@ def unchanged_rng(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
-def _fault(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
-
-
 def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8,
               device: str | torch.device = "cpu") -> None:
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
@@ -101,13 +96,13 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                     op = factory(channels, stride, affine, sets)
                 except Exception as e:  # one's own factory's failure, whatever it is
                     raise IlnasError(f"operation {name!r} cannot be built as factory(channels={channels}, "
-                                     f"stride={stride}, affine={affine}, sets={sets}) ({_fault(e)})") from None
+                                     f"stride={stride}, affine={affine}, sets={sets}) ({fault(e)})") from None
                 op = _as_module(name, op)
                 try:
                     shape = tuple(op.to(device).train()(x).shape)
                 except Exception as e:  # one's own module's failure, whatever it is
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
-                                     f"({_fault(e)})") from None
+                                     f"({fault(e)})") from None
                 want = (2, sets * channels, size // stride, size // stride)
                 if shape != want:
                     raise IlnasError(f"operation {name!r} maps a {tuple(x.shape)} input at stride {stride} to "
