@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from ilnas.config import resolve
+from ilnas.config import SpaceConfig, resolve
 from ilnas.recipes.describe import describe
 from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
 from ilnas.errors import IlnasError
@@ -203,7 +203,7 @@ def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_befo
     with pytest.raises(IlnasError, match=f"^operation 'broken' {message}"):
         ops_module.check_ops(["sep_conv_3x3", "broken"])
     genotype = str(zoo()["DARTS_V2"]).replace("sep_conv_3x3", "broken")
-    cfg = resolve("eval-digits", kind="eval", overrides=["network.layers=3", "network.channels=4"])
+    cfg = resolve("eval-digits", kind="eval", overrides=["network.layers=3", "network.channels=8"])  # its ops' width
     with pytest.raises(IlnasError, match=f"^operation 'broken' {message}"):
         ilnas.run_train(cfg, parse_genotype(genotype), tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
@@ -527,3 +527,36 @@ def test_the_checks_of_ones_own_code_run_on_the_runs_device(monkeypatch, network
     with pytest.raises(IlnasError, match=r"\(NotImplementedError: no kernel for cpu\): they are too small for it, "
                                          r"or your network style device-only fails at that size$"):
         check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="device-only", layers=2, channels=4)
+
+
+def _needs_sixteen(c: int, stride: int, affine: bool, sets: int) -> torch.nn.Module:
+    """An operation of one's own that needs 16 channels a set (a GroupNorm of 16 groups, say)."""
+    assert c >= 16, f"needs 16 channels, got {c}"
+    return create_op("sep_conv_3x3", c, stride, affine, sets)
+
+
+def test_the_checks_of_ones_own_code_run_at_the_runs_width(monkeypatch, network_registry):
+    """An operation is checked at the channels the run's narrowest cells give it (the supernet's C, over K for
+    PC-DARTS), and a network of one's own at its own width: code that needs a width the run has passes, and where
+    the run lacks it, the refusal comes before the run, in one line."""
+    import ilnas
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    ilnas.register_op("sixteen")(_needs_sixteen)
+    heads = {"a": lambda width: torch.nn.Linear(width, 3)}
+    ilnas.SupernetSearch(heads, 1, space=SpaceConfig(channels=16, layers=3, ops=("none", "sixteen")))
+    with pytest.raises(IlnasError, match=r"^operation 'sixteen' cannot be built .*\(AssertionError: needs 16 "
+                                         r"channels, got 4\)$"):
+        ilnas.SupernetSearch(heads, 1, space=SpaceConfig(channels=16, layers=3, ops=("none", "sixteen"),
+                                                         partial_channels=4))
+
+    def sixteen_wide(genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+        assert channels >= 16, "needs 16 channels"
+        return _PlainNetwork(genotype, classes, in_channels, resolution, layers, channels, auxiliary)
+
+    ilnas.register_network("wide")(sixteen_wide)
+    check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="wide", layers=2, channels=16)
+    with pytest.raises(IlnasError, match=r"^network style 'wide' cannot be built \(AssertionError: needs 16"):
+        check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="wide", layers=2, channels=12)

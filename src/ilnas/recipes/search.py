@@ -323,7 +323,7 @@ def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, va
     """One forward pass of the first phase's supernet on four images of each task, with the random state
     untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
     whose validation pass, with the weights a step holds, cannot fit on the device."""
-    check_ops(cfg.space.ops, device=device)
+    check_ops(cfg.space.ops, channels=cfg.space.channels // cfg.space.partial_channels, device=device)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
         for net, maker in zip(nets, val):

@@ -116,7 +116,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         card = asdict(model_card(cfg, genotype, data))
         require_same_data(out, CARD_FILE, {k: card[k] for k in ("task", "classes", "input_size", "mean", "std")})
         require_same_data(out, PROVENANCE, {"data": data.listing})
-    check_ops([op for op, _ in genotype.normal + genotype.reduce], device=process.device)
+    check_ops([op for op, _ in genotype.normal + genotype.reduce], channels=cfg.network.channels,
+              device=process.device)
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args(),
                      device=process.device)

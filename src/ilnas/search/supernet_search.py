@@ -70,7 +70,7 @@ class SupernetSearch:
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
         require_normal_cell("space.layers", space.layers)
         validate_ops(space.ops)
-        check_ops(space.ops, device=device)
+        check_ops(space.ops, channels=space.channels // space.partial_channels, device=device)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
             raise IlnasError(f"criteria name tasks without a head: {sorted(unknown)}")

@@ -220,12 +220,13 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
                      layers: int = 20, channels: int = 36, auxiliary: bool = True,
                      device: str | torch.device = "cpu") -> None:
     """Refuse images a network cannot take: one training-mode (auxiliary head and drop-path included) and one
-    evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``) on two images, on
-    ``device`` (the run's), the random state untouched; and a network of one's own that returns what re-training
-    cannot take."""
+    evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``; a network of
+    one's own at its own width, which it may depend on) on two images, on ``device`` (the run's), the random state
+    untouched; and a network of one's own that returns what re-training cannot take."""
     device = torch.device(device)
+    width = 8 if style in NETWORK_STYLES else channels
     with unchanged_rng(device), torch.no_grad():
-        model = build_network(genotype, classes, in_channels, resolution, style, layers, 8, auxiliary).to(device)
+        model = build_network(genotype, classes, in_channels, resolution, style, layers, width, auxiliary).to(device)
         x = torch.zeros(2, in_channels, resolution, resolution, device=device)
         try:
             trained, evaluated = model.train()(x, torch.tensor(0.1, device=device)), model.eval()(x)

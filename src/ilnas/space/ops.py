@@ -83,8 +83,9 @@ def unchanged_rng(device: torch.device) -> contextlib.AbstractContextManager:
 def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8,
               device: str | torch.device = "cpu") -> None:
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
-    input on ``device`` (the run's: an operation of one's own may run on a GPU only): it must keep ``sets *
-    channels`` channels and keep (stride 1) or halve (stride 2) the resolution. One of one's own that does not is
+    input on ``device`` (the run's: an operation of one's own may run on a GPU only), ``channels`` a set (the run's
+    narrowest cells'): it must keep ``sets * channels`` channels and keep (stride 1) or halve (stride 2) the
+    resolution. One of one's own that does not is
     refused here, in one line, rather than deep in a supernet's pass. The random state is left as it was."""
     device = torch.device(device)
     with unchanged_rng(device), torch.no_grad():
