@@ -26,7 +26,7 @@ def describe_trained(card: ModelCard) -> dict:
 
 
 def _size(genotype: Genotype, task: str, classes: int, channels: int, resolution: int, network: dict) -> dict:
-    check_ops([op for op, _ in genotype.normal + genotype.reduce])
+    check_ops([op for op, _ in genotype.normal + genotype.reduce], channels=network["channels"])
     try:
         with torch.device("meta"):  # shapes only: any width is described at once, without its memory
             model = build_network(genotype, classes, channels, resolution, **network)
