@@ -512,3 +512,32 @@ def test_a_config_file_may_name_a_base_preset(tmp_path):
     f.write_text("base: no-such-preset\n")
     with pytest.raises(IlnasError, match="unknown preset 'no-such-preset'"):
         resolve(None, str(f))
+
+
+def test_check_runs_every_check_a_run_makes_and_writes_nothing(finished_run, finished_training, tmp_path):
+    """``--check`` (a job tried before it is queued): a search or training that would start, replace or continue a
+    run says so and writes nothing; whatever a run would refuse, it refuses, in the same one line."""
+    out = tmp_path / "new"
+    code, stdout, err = call(*SEARCH3, "--check", "--out", str(out))
+    assert (code, stdout) == (0, f"checked: the run would start {out}; nothing was written\n"), err
+    assert not out.exists()
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(finished_run, interrupted)
+    (interrupted / "summary.json").unlink()
+    for run, args, what in ((finished_run, ("--force",), "replace the run in"),
+                            (interrupted, ("--resume",), "continue the run in")):
+        before = snapshot(run)
+        code, stdout, err = call(*(SEARCH3 if "--force" in args else ["search"]), *args, "--check", "--out", str(run))
+        assert (code, stdout) == (0, f"checked: the run would {what} {run}; nothing was written\n"), err
+        assert snapshot(run) == before
+    code, _, err = call(*SEARCH3, "--check", "--out", str(finished_run))
+    assert code == 2 and "already holds a finished run; pass --force" in err
+    code, _, err = call(*SEARCH3, "--set", "space.channels=100000", "--check", "--out", str(out))
+    assert code == 2 and err.startswith("ilnas: error: out of memory") and not out.exists(), err
+    code, stdout, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--check",
+                             "--out", str(tmp_path / "t"))
+    assert (code, stdout) == (0, f"checked: the run would start {tmp_path / 't'}; nothing was written\n"), err
+    assert not (tmp_path / "t").exists()
+    code, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--check",
+                        "--out", str(finished_training))
+    assert code == 2 and "already holds a finished run" in err

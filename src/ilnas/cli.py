@@ -127,6 +127,10 @@ def _run_options(p: argparse.ArgumentParser, default_out: str) -> None:
                         "it is (one command line for a job that may be restarted or requeued)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-report", action="store_true", help="skip plots/ and report.html at the end (see `ilnas plot`)")
+    p.add_argument("--check", action="store_true",
+                   help="check all a run checks before it writes (configuration, run directory, checkpoint, data, "
+                        "operations, network, memory on the device), then stop: nothing is written (a job to "
+                        "queue, tried first)")
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -180,12 +184,22 @@ def _search(args: argparse.Namespace) -> None:
             print(f"{out} holds this search, finished: nothing to do")
             print(f"genotype = {read_json(out, 'summary.json')['genotype']}")
         return
+    if args.check:
+        run_search(cfg, out, resume=resume, force=args.force, progress=False, check_only=True)
+        if speaks:
+            print(_checked(out, resume, args.force))
+        return
     if speaks:
         print(f"run directory: {out}", flush=True)
     genotype = run_search(cfg, out, resume=resume, force=args.force, progress=not args.quiet,
                           report=not args.no_report)
     if speaks:
         print(f"genotype = {genotype.to_string()}")
+
+
+def _checked(out: Path, resume: bool, force: bool) -> str:
+    what = "continue the run in" if resume else "replace the run in" if force and out.exists() else "start"
+    return f"checked: the run would {what} {out}; nothing was written"
 
 
 def _resume(args: argparse.Namespace, out: Path, kind: str, config: dict) -> bool | None:
@@ -225,6 +239,12 @@ def _train(args: argparse.Namespace) -> None:
         result = read_json(out, "result.json")
         if is_main_rank():
             print(f"{out} holds this training run, finished: nothing to do")
+    elif args.check:
+        run_train(cfg, genotype, out, resume=resume, force=args.force, progress=False, genotype_source=source,
+                  check_only=True)
+        if is_main_rank():
+            print(_checked(out, resume, args.force))
+        return
     else:
         result = run_train(cfg, genotype, out, resume=resume, force=args.force, progress=not args.quiet,
                            genotype_source=source, report=not args.no_report)
@@ -623,7 +643,7 @@ def _run(args: argparse.Namespace) -> int:
         return e.exit_code
     except RuntimeError as e:
         from ilnas.distributed import lost_peer
-        from ilnas.runs import allocation_failure
+        from ilnas.errors import allocation_failure
 
         if (failure := allocation_failure(e)) is not None:  # where the command names no setting of its own
             print(f"ilnas: error: {failure}; lower the network's size or the batch size", file=sys.stderr)

@@ -1,4 +1,9 @@
-"""The exception types a user sees: the CLI prints each as one line and exits with its ``exit_code``."""
+"""The exception types a user sees: the CLI prints each as one line and exits with its ``exit_code``; and how a
+one-line error quotes another failure."""
+from __future__ import annotations
+
+import re
+import sys
 
 
 class IlnasError(Exception):
@@ -32,3 +37,16 @@ def first_line(e: BaseException, width: int | None = None) -> str:
 def fault(e: BaseException, width: int = 160) -> str:
     """A failure of one's own code (a plugin's) as a one-line error quotes it: its type and first line."""
     return f"{type(e).__name__}: {first_line(e, width)}" if str(e).strip() else type(e).__name__
+
+
+def allocation_failure(e: BaseException) -> str | None:
+    """"out of [device] memory (N GB at once)" where ``e`` is a failed allocation (torch.OutOfMemoryError, or
+    the CPU allocator's plain RuntimeError), else None."""
+    torch = sys.modules.get("torch")  # not loaded: no allocation of torch's failed
+    device = torch is not None and isinstance(e, torch.OutOfMemoryError)
+    if not device and "DefaultCPUAllocator: can't allocate memory" not in str(e):
+        return None
+    found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", str(e), re.IGNORECASE)
+    size = "" if found is None else (f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else
+                                     f" ({found.group(2)} at once)")
+    return f"out of {'device memory' if device else 'memory'}{size}"

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ilnas.errors import IlnasError
-from ilnas.runs import allocation_failure
+from ilnas.errors import allocation_failure
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES
-from ilnas.errors import IlnasError, RunFailed, Stopped, first_line
+from ilnas.errors import IlnasError, RunFailed, Stopped, allocation_failure, first_line
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
 
@@ -291,19 +291,6 @@ def out_of_memory(settings: str, error: type[IlnasError] = IlnasError, then: str
         if failure is None:
             raise
         raise error(f"{failure}; lower {settings}{then}") from None
-
-
-def allocation_failure(e: BaseException) -> str | None:
-    """"out of [device] memory (N GB at once)" where ``e`` is a failed allocation (torch.OutOfMemoryError, or
-    the CPU allocator's plain RuntimeError), else None."""
-    torch = sys.modules.get("torch")  # not loaded: no allocation of torch's failed
-    device = torch is not None and isinstance(e, torch.OutOfMemoryError)
-    if not device and "DefaultCPUAllocator: can't allocate memory" not in str(e):
-        return None
-    found = re.search(r"tried to allocate (\d+) bytes|tried to allocate ([\d.]+ [KMGT]iB)", str(e), re.IGNORECASE)
-    size = "" if found is None else (f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else
-                                     f" ({found.group(2)} at once)")
-    return f"out of {'device memory' if device else 'memory'}{size}"
 
 
 EVENTS = "TensorBoard events (tb/)"

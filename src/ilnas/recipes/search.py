@@ -255,10 +255,11 @@ def current_genotype(state: SearchState, progress: Progress) -> Genotype:
 
 
 def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: bool = False,
-               progress: bool = True, report: bool = True) -> Genotype:
+               progress: bool = True, report: bool = True, check_only: bool = False) -> Genotype | None:
     """Run (or continue) a search into ``out``; returns the final genotype. Everything is validated
     (run directory, checkpoint against config, device, data, shapes) before anything is written.
-    ``report``: plots/ and report.html at the end (recipes/report.py)."""
+    ``report``: plots/ and report.html at the end (recipes/report.py). ``check_only``: validate all that, then
+    return None, nothing written."""
     out, s = Path(out), cfg.search
     if s.batch_size % ranks.world_size():
         raise IlnasError(f"search.batch_size={s.batch_size} is not divisible by the {ranks.world_size()} ranks")
@@ -269,7 +270,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     try:
         with (StepGuard(s.checkpoint_minutes, process) as guard, deterministic_algorithms(s.deterministic),
               out_of_memory(f"space.channels, {cells_setting(cfg)} or search.batch_size")):
-            genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard)
+            genotype = _prepare(cfg, out, config, ckpt, resume, force, progress, report, process, guard,
+                                check_only)
         distributed.closing_barrier(process)
     finally:
         distributed.stop()
@@ -277,7 +279,8 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
 
 
 def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, resume: bool, force: bool,
-             progress: bool, report: bool, process: distributed.Process, guard: StepGuard) -> Genotype:
+             progress: bool, report: bool, process: distributed.Process, guard: StepGuard,
+             check_only: bool = False) -> Genotype | None:
     """Data, method and shapes checked on every rank; then rank 0 opens the run directory and all search."""
     s, device, dtype = cfg.search, process.device, getattr(torch, cfg.search.dtype)
     set_threads(s.threads)
@@ -298,6 +301,8 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
     if process.main:
         warn_of_later_phases(cfg, tasks, method.phases, prog.phase, val, device, dtype)
     distributed.barrier(process)  # every rank has checked before rank 0 creates anything
+    if check_only:
+        return None
     if not process.main:
         return _search(ctx, prog, continued)
 

@@ -59,10 +59,13 @@ def unfinished_search(source: str | None) -> Path | None:
 
 
 def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
-              progress: bool = True, genotype_source: str | None = None, report: bool = True) -> dict:
+              progress: bool = True, genotype_source: str | None = None, report: bool = True,
+              check_only: bool = False) -> dict | None:
     """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
     ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance;
-    ``report``: plots/ and report.html at the end (recipes/report.py)."""
+    ``report``: plots/ and report.html at the end (recipes/report.py). ``check_only``: validate everything a
+    training validates before it writes (run directory, checkpoint, data, network, memory), then return None,
+    nothing written."""
     t, world = cfg.train, ranks.world_size()
     if t.batch_size % world:
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {world} ranks")
@@ -80,11 +83,12 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = 
     try:
         with (StepGuard(t.checkpoint_minutes, process) as guard, deterministic_algorithms(t.deterministic),
               out_of_memory("network.channels, network.layers or train.batch_size")):
-            result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard)
+            result = _run(cfg, genotype, Path(out), resume, force, progress, process, genotype_source, guard,
+                          check_only)
         distributed.closing_barrier(process)
     finally:
         distributed.stop()
-    if report and process.main:
+    if report and process.main and not check_only:
         from ilnas.recipes.report import report_at_end  # matplotlib: only for runs that draw
 
         report_at_end(Path(out))
@@ -102,7 +106,8 @@ def source_record(source: str | None, out: Path) -> dict:
 
 
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
-         process: distributed.Process, genotype_source: str | None, guard: StepGuard) -> dict:
+         process: distributed.Process, genotype_source: str | None, guard: StepGuard,
+         check_only: bool = False) -> dict | None:
     t = cfg.train
     check(out, resume, force, "eval")
     config = config_dict(cfg, genotype=genotype.to_string())
@@ -138,6 +143,8 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
         with restoring(out):
             start_epoch, best, elapsed, within = _read_back(ckpt, model, optimizer, t.epochs, data.steps,
                                                             process.device)
+    if check_only:
+        return None
 
     run = None
     if process.main:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError, fault, first_line
+from ilnas.errors import IlnasError, allocation_failure, fault, first_line
 from ilnas.space.genotype import Edge, Genotype
 from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, add_style_name, known_styles
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op, unchanged_rng
@@ -210,6 +210,8 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
     except IlnasError:
         raise
     except Exception as e:  # one's own factory's failure, whatever it is: one line
+        if allocation_failure(e) is not None:  # memory running out: the settings' fault, named by the caller
+            raise
         raise IlnasError(f"network style {style!r} cannot be built ({fault(e, 100)})") from None
     if not isinstance(model, nn.Module):
         raise IlnasError(f"network style {style!r} is no torch.nn.Module: its factory returned {type(model).__name__}")
@@ -231,6 +233,8 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
         try:
             trained, evaluated = model.train()(x, torch.tensor(0.1, device=device)), model.eval()(x)
         except Exception as e:  # an operation or a network of one's own may fail any way it likes
+            if allocation_failure(e) is not None:  # memory running out: the settings' fault, named by the caller
+                raise
             ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
             own = [f"an operation of your own ({', '.join(ops)})"] if ops else []
             own += [f"your network style {style}"] if style not in NETWORK_STYLES else []

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError, fault
+from ilnas.errors import IlnasError, allocation_failure, fault
 from ilnas.space.depthwise import DepthwiseConv2d, differentiated
 from ilnas.space.layout import BUILT_IN_OPS, add_op_name
 from ilnas.space.sets import cat_channels
@@ -96,12 +96,16 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                 try:
                     op = factory(channels, stride, affine, sets)
                 except Exception as e:  # one's own factory's failure, whatever it is
+                    if allocation_failure(e) is not None:  # memory running out: the settings' fault, named by the caller
+                        raise
                     raise IlnasError(f"operation {name!r} cannot be built as factory(channels={channels}, "
                                      f"stride={stride}, affine={affine}, sets={sets}) ({fault(e)})") from None
                 op = _as_module(name, op)
                 try:
                     shape = tuple(op.to(device).train()(x).shape)
                 except Exception as e:  # one's own module's failure, whatever it is
+                    if allocation_failure(e) is not None:  # memory running out: the settings' fault, named by the caller
+                        raise
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
                                      f"({fault(e)})") from None
                 want = (2, sets * channels, size // stride, size // stride)
