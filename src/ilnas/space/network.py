@@ -210,7 +210,7 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
     except IlnasError:
         raise
     except Exception as e:  # one's own factory's failure, whatever it is: one line
-        if allocation_failure(e) is not None:  # out of memory: the settings', named above
+        if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
             raise
         raise IlnasError(f"network style {style!r} cannot be built ({fault(e, 100)})") from None
     if not isinstance(model, nn.Module):
@@ -233,7 +233,7 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
         try:
             trained, evaluated = model.train()(x, torch.tensor(0.1, device=device)), model.eval()(x)
         except Exception as e:  # an operation or a network of one's own may fail any way it likes
-            if allocation_failure(e) is not None:  # out of memory: the settings', named above
+            if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
                 raise
             ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
             own = [f"an operation of your own ({', '.join(ops)})"] if ops else []

@@ -96,7 +96,7 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                 try:
                     op = factory(channels, stride, affine, sets)
                 except Exception as e:  # one's own factory's failure, whatever it is
-                    if allocation_failure(e) is not None:  # out of memory: the settings', named above
+                    if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
                         raise
                     raise IlnasError(f"operation {name!r} cannot be built as factory(channels={channels}, "
                                      f"stride={stride}, affine={affine}, sets={sets}) ({fault(e)})") from None
@@ -104,7 +104,7 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                 try:
                     shape = tuple(op.to(device).train()(x).shape)
                 except Exception as e:  # one's own module's failure, whatever it is
-                    if allocation_failure(e) is not None:  # out of memory: the settings', named above
+                    if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
                         raise
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
                                      f"({fault(e)})") from None
