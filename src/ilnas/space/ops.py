@@ -80,14 +80,19 @@ def unchanged_rng(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+# The widest an operation is checked at: enough for one that needs many channels a set (a GroupNorm of 32 groups,
+# say), while a mistyped width (space.channels=100000) stays milliseconds here and is the memory check's to refuse.
+CHECK_CHANNELS = 64
+
+
 def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int = 8,
               device: str | torch.device = "cpu") -> None:
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
     input on ``device`` (the run's: an operation of one's own may run on a GPU only), ``channels`` a set (the run's
-    narrowest cells'): it must keep ``sets * channels`` channels and keep (stride 1) or halve (stride 2) the
-    resolution. One of one's own that does not is
+    narrowest cells', at most CHECK_CHANNELS): it must keep ``sets * channels`` channels and keep (stride 1) or
+    halve (stride 2) the resolution. One of one's own that does not is
     refused here, in one line, rather than deep in a supernet's pass. The random state is left as it was."""
-    device = torch.device(device)
+    device, channels = torch.device(device), min(channels, CHECK_CHANNELS)
     with unchanged_rng(device), torch.no_grad():
         for name in dict.fromkeys(names):
             factory = _factory(name)
