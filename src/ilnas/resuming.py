@@ -15,8 +15,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ilnas.errors import IlnasError
-from ilnas.errors import allocation_failure
+from ilnas.errors import IlnasError, allocation_failure, first_line
 
 
 @contextlib.contextmanager
@@ -28,7 +27,7 @@ def restoring(path: Path) -> Iterator[None]:
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, IlnasError) as e:
         if allocation_failure(e) is not None:
             raise
-        what = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        what = f"it has no {e.args[0]!r}" if isinstance(e, KeyError) else first_line(e, 200)
         raise IlnasError(f"the checkpoint in {path} cannot be continued from ({what}): it was written by another "
                          f"ilnas version, or by an operation or network of your own (ILNAS_PLUGINS) whose code has "
                          f"changed since, or changed by hand; restore the run's own checkpoint or code, or start it "

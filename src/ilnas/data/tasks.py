@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ilnas.config import DataConfig
 from ilnas.errors import IlnasError, fault, first_line
 from ilnas.fileio import reachable
+from ilnas.space.layout import REGISTRY_NAME
 
 SPLIT_SEED = 0  # the train/validation split never depends on the run's seed
 TEST_SHARE = 0.2  # of the training images held out as the test split where a task has none
@@ -297,7 +298,6 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
 
 # --- tasks of one's own: arrays a loader returns ------------------------------------------------
 
-TASK_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 RESERVED_TASKS = ("cifar10", "cifar100", "mnist5k", "digits", "imagenet", "imagefolder")
 RESIZE_CHUNK = 4096  # images resized at a time: a data set's float copy would be 4x its uint8 size
 
@@ -327,7 +327,7 @@ def register_task(name: str, *, classes: int, channels: int, flip: bool = False,
     antialiased) and normalised by the training split's mean and std; training augments them by random crops
     padded by ``crop_padding`` pixels (default image_size // 8) and, where ``flip``, horizontal flips. What the
     loader returns is checked as it is read, and its SHA-256 is recorded: a resume on other data is refused."""
-    if not isinstance(name, str) or not TASK_NAME.fullmatch(name) or name in RESERVED_TASKS:
+    if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name) or name in RESERVED_TASKS:
         raise IlnasError(f"a task's name must be lower-case letters, digits, _ and - (a letter first, at most 64) "
                          f"and none of {', '.join(RESERVED_TASKS)}; got {name!r}")
     for what, value, least in (("classes", classes, 2), ("channels", channels, 1), ("crop_padding", crop_padding, 0)):

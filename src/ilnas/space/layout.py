@@ -3,6 +3,7 @@ intermediate nodes of a cell, and its edges and their names; and the evaluation 
 without building one (a genotype, ``ilnas compare``) needs only this."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 # Order matters: it is the column order of the alphas and of the official genotypes.
@@ -42,6 +43,8 @@ def add_op_name(name: str) -> None:
     _REGISTERED[name] = None
 
 
+# What a task or a network style of one's own may be called: it is written in configurations and file names.
+REGISTRY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 # The evaluation networks a re-training may build (network.style): the two built in, then those registered with
 # ilnas.register_network. Known without torch, as a configuration is checked without it.
 NETWORK_STYLES: tuple[str, ...] = ("cifar", "imagenet")

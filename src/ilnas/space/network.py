@@ -7,7 +7,6 @@ evaluation mode plain logits, so a trained network traces and exports like any c
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError, allocation_failure, fault, first_line
 from ilnas.space.genotype import Edge, Genotype
-from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, add_style_name, known_styles
+from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, REGISTRY_NAME, add_style_name, known_styles
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op, unchanged_rng
 from ilnas.space.supernet import reduction_layers
 
@@ -173,7 +172,6 @@ def count_parameters(model: nn.Module, include_auxiliary: bool = False) -> int:
 # (genotype, classes, in_channels, resolution, layers, channels, auxiliary) -> the network
 NetworkFactory = Callable[[Genotype, int, int, int, int, int, bool], nn.Module]
 NETWORKS: dict[str, NetworkFactory] = {}
-STYLE_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 
 
 def register_network(style: str) -> Callable[[NetworkFactory], NetworkFactory]:
@@ -183,7 +181,7 @@ def register_network(style: str) -> Callable[[NetworkFactory], NetworkFactory]:
     logits or None)`` in training mode and the logits in evaluation mode; ``drop_path_rate`` (a 0-dim tensor in
     re-training) goes to each EvalCell's forward; parameters under ``auxiliary.`` are left out of the published
     parameter count. Built from EvalCell, as NetworkCIFAR is, it takes any genotype."""
-    if not isinstance(style, str) or not STYLE_NAME.fullmatch(style) or style in NETWORK_STYLES:
+    if not isinstance(style, str) or not REGISTRY_NAME.fullmatch(style) or style in NETWORK_STYLES:
         raise IlnasError(f"a network style's name must be lower-case letters, digits, _ and - (a letter first, at "
                          f"most 64) and none of {', '.join(NETWORK_STYLES)}; got {style!r}")
 
