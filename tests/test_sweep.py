@@ -627,3 +627,26 @@ def test_a_variant_that_names_its_cell_trains_it_without_searching(tmp_path):
     assert first.runs[0].args[first.runs[0].args.index("--genotype") + 1] == "random:4"
     with pytest.raises(IlnasError, match="needs a train section"):
         load_spec(_spec(tmp_path, grid={"framework": {"random": ["genotype=random:1"]}}, train=None))
+
+
+def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
+    """``ilnas sweep --check``: each search, and each re-training whose cell is already known (a given cell here),
+    checked as its cell would start it; a re-training of a cell still to be searched is said to wait. A run that
+    would be refused makes the sweep's check exit 2 after the others, nothing written."""
+    grid = {"search.seed": [0], "framework": {"il": [], "random": ["genotype=random:{seed}"]}}
+    spec = _spec(tmp_path, grid=grid)
+    r = ilnas_here("sweep", spec, "--check")
+    assert r.returncode == 0, r.stderr
+    sweep = tmp_path / "sweep"
+    assert r.stdout.splitlines()[1:] == [
+        f"{sweep / 'seed-0_framework-il' / 'search'}: checked: the run would start "
+        f"{sweep / 'seed-0_framework-il' / 'search'}; nothing was written",
+        f"{sweep / 'seed-0_framework-il' / 'train-digits'}: not checked: its cell is the one its search is to find",
+        f"{sweep / 'seed-0_framework-random' / 'train-digits'}: checked: the run would start "
+        f"{sweep / 'seed-0_framework-random' / 'train-digits'}; nothing was written"]
+    assert not sweep.exists()
+    r = ilnas_here("sweep", _spec(tmp_path, grid=grid, search={"preset": "demo",
+                                                              "set": [*SEARCH_SET, "space.channels=100000"]}),
+                   "--check")
+    assert r.returncode == 2 and "search: ilnas: error: the supernet's weights (" in r.stdout, r.stdout
+    assert r.stderr == "ilnas: error: 1 of the sweep's runs would be refused (above)\n" and not sweep.exists()

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("spec", help="a sweep spec (YAML; see the README)")
     sw.add_argument("--out", help="the sweep's directory (default: the spec's out)")
     sw.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
+    sw.add_argument("--check", action="store_true",
+                    help="check every run as it would start (ilnas search/train --check), one after another; "
+                         "nothing written")
 
     pl = sub.add_parser("plot", help="draw a run's cells, curves and alphas into plots/ and report.html")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (search or training)")
@@ -336,11 +339,16 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from ilnas.recipes.sweep import describe_sweep, load_spec, run_sweep
+    from ilnas.recipes.sweep import check_sweep, describe_sweep, load_spec, run_sweep
 
     sweep = load_spec(args.spec, args.out)
     print(describe_sweep(sweep, commands=args.dry_run), end="", flush=True)  # a run: a line per cell as it ends
-    if not args.dry_run:
+    if args.check:
+        lines, refused = check_sweep(sweep)
+        print("\n".join(lines))
+        if refused:
+            raise IlnasError(f"{refused} of the sweep's runs would be refused (above)")
+    elif not args.dry_run:
         summary = run_sweep(sweep)
         print(f"sweep finished in {summary['wall_seconds'] / 60:.1f} min: {sweep.out / 'sweep.json'}; "
               f"`ilnas compare {sweep.out} --paired --html {sweep.out / 'comparison.html'}` for the tables and cells")

@@ -298,6 +298,25 @@ def command(run: RunSpec) -> list[str]:
     return [sys.executable, "-m", "ilnas", run.command, "--quiet", "--out", str(run.out), *run.args, "--auto-resume"]
 
 
+def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
+    """Every run of the sweep checked as its cell would start it (``--check``: nothing written), one after another
+    in this process's environment: a line per run, and how many would be refused. A re-training of a cell its
+    search has not found yet cannot be checked before that search ends."""
+    lines, refused = [], 0
+    for cell in sweep.cells:
+        search = cell.runs[0] if cell.runs[0].command == "search" else None
+        for run in cell.runs:
+            genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
+            if search is not None and genotype == str(search.out) and not _finished_run(search.out):
+                lines.append(f"{run.out}: not checked: its cell is the one its search is to find")
+                continue
+            done = subprocess.run([*command(run), "--check"], capture_output=True, text=True)
+            said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+            refused += done.returncode != 0
+            lines.append(f"{run.out}: {said[-1] if said else f'exit code {done.returncode}'}")
+    return lines, refused
+
+
 def describe_sweep(sweep: Sweep, commands: bool = True) -> str:
     """How many cells and runs the sweep has, and how many of the runs have finished; with ``commands``, every cell
     and the commands its runs start with (what --dry-run prints)."""
