@@ -49,13 +49,17 @@ def sbatch(script: str) -> None:
     job = str(FIRST_ID + len(submitted()))
     with open(_state() / "submitted.txt", "a") as f:
         f.write(job + "\n")
+    # SLURM keeps its own copy of the batch script: the submitter may move its file as soon as sbatch returns
+    # (submitit does, leaving a symlink a moment later), while the job may start at once.
+    kept = _state() / f"{job}.sh"
+    kept.write_bytes(Path(script).read_bytes())
     env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_NTASKS": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
            "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "localhost"}
     rc, requeue = _state() / f"{job}.rc", _state() / f"{job}.requeue"
     # The job script runs again, under the same id, each time it asked for a requeue before it ended.
     loop = (f'while :; do bash "$0"; code=$?; if [ -e "{requeue}" ]; then rm "{requeue}"; else break; fi; done; '
             f'echo $code > "{rc}.tmp" && mv "{rc}.tmp" "{rc}"')
-    proc = subprocess.Popen(["bash", "-c", loop, script], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(["bash", "-c", loop, str(kept)], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     (_state() / f"{job}.pid").write_text(str(proc.pid))
     print(f"Submitted batch job {job}")

@@ -314,7 +314,9 @@ def _signal_the_job_once_its_search_has_a_checkpoint(proc, search) -> None:
     deadline = time.time() + 300
     while not (search / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
+    if proc.poll() is not None:  # the job's own logs say why it ended
+        logs = {f.name: f.read_text()[-3000:] for f in search.parent.parent.glob("submitit/*_log.*")}
+        raise AssertionError((proc.communicate(), logs))
     holder = int(re.match(r"pid (\d+)", (search / ".lock").read_text()).group(1))
     job = int(Path(f"/proc/{holder}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent
     os.kill(job, signal.SIGUSR2)
@@ -650,3 +652,20 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
                    "--check")
     assert r.returncode == 2 and "search: ilnas: error: the supernet's weights (" in r.stdout, r.stdout
     assert r.stderr == "ilnas: error: 1 of the sweep's runs would be refused (above)\n" and not sweep.exists()
+
+
+def test_a_job_that_ended_without_a_result_is_reported_by_its_state_or_its_own_error():
+    """submitit's error for a SLURM job that left no result (its script could not start, it was cancelled, its
+    node died) opens with the result's path: the cell's status gives the job's state instead, or the job's own
+    exception where its error stream has one."""
+    from ilnas.recipes.sweep import _job_failure
+
+    header = ["Job 1000 (task: 0) with path /s/submitit/1000_0_result.pkl", "has not produced any output (state: {})"]
+    no_script = "\n".join(header).format("FAILED") + "\nError stream produced:\n" + "-" * 40 + \
+        "\nbash: /s/.submission_file_1.sh: No such file or directory\n"
+    assert _job_failure(no_script) == "it ended without a result, state FAILED"
+    cancelled = "\n".join(header).format("CANCELLED by 0") + "\nNo output/error stream produced ! Check: /s/x.out"
+    assert _job_failure(cancelled) == "it ended without a result, state CANCELLED by 0"
+    raised = "\n".join(header).format("FAILED") + "\nError stream produced:\nTraceback (most recent call last):\n" \
+        '  File "x.py", line 1\nMemoryError: out of host memory\n'
+    assert _job_failure(raised) == "MemoryError: out of host memory"

@@ -818,7 +818,11 @@ def _job_status(job, cell: Cell) -> dict:
 
 def _job_failure(message: str) -> str:
     """One line of a submitit error: the job's own last exception line where it carries a traceback
-    (header, trace, where the logs are), else its first line."""
+    (header, trace, where the logs are), else the job's state where it ended without a result, else its
+    first line."""
     lines = [line for line in message.splitlines() if line.strip()]
     raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+    state = re.search(r"has not produced any output \(state: ([^)]*)\)", message)
+    if not raised and state:
+        return f"it ended without a result, state {state.group(1)}"
     return (raised[-1] if raised else lines[0] if lines else "no reason given")[:300].rstrip(".")
