@@ -164,6 +164,8 @@ BAD_LOADERS = [
     (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b"]), "class_names must be 4 different strings"),
     (lambda data: ilnas.TaskArrays(train=(X, Y), class_names="abcd"), "class_names must be 4 different strings"),
     (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b", "a", "c"]), "must be 4 different strings"),
+    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=["a", "b", "c", "d", "a"]), "must be 4 different strings"),
+    (lambda data: ilnas.TaskArrays(train=(X, Y), class_names=4), "class_names must be 4 different strings"),
     (lambda data: exit(1), "its loader failed (SystemExit: 1)"),
     (lambda data: open(data.data_dir + "/nowhere"), "its loader failed (FileNotFoundError: "),
 ]

@@ -425,15 +425,17 @@ def _square(x: torch.Tensor, side: int) -> torch.Tensor:
 def _class_names(name: str, names: Sequence[str] | None, classes: int) -> tuple[str, ...]:
     if names is None:
         return tuple(str(i) for i in range(classes))
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(set(names)) != classes:
+    try:
+        given = tuple(names) if not isinstance(names, str) else ()
+    except TypeError:  # not a sequence at all
+        given = ()
+    if not all(isinstance(n, str) for n in given) or len(given) != classes or len(set(given)) != classes:
         raise IlnasError(f"task {name!r}: class_names must be {classes} different strings, in label order")
-    return tuple(names)
+    return tuple(map(str, given))  # numpy's str_ as str
 
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
-
-
 
 
 # --- image folders decoded into memory ----------------------------------------------------------
