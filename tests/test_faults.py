@@ -881,8 +881,10 @@ def test_a_second_process_on_a_running_run_is_refused_naming_the_holder(tmp_path
     try:
         wait_for_sessions(out, 1, proc)
         before_log = (out / "provenance.json").read_text()
+        # and a plain start too: not "already holds an unfinished run (continue it with --resume)"
         for argv in (["search", "--resume", "--out", str(out)], [*SEARCH3, "--out", str(out), "--force"],
-                     ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--out", str(out), "--force"]):
+                     ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", "--out", str(out), "--force"],
+                     [*SEARCH3, "--out", str(out)], [*SEARCH3, "--out", str(out), "--check"]):
             rc, _, err = call(*argv)
             assert rc == 2 and "is in use by another ilnas process" in err, err
             assert f"pid {proc.pid}" in err and len(err.strip().splitlines()) == 1

@@ -195,6 +195,8 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
                              f"{PROVENANCE}); ilnas writes only into an empty directory or over its own runs: choose "
                              f"another --out")
         if not force:
+            if probe_lock:  # a run another process works on: say so, rather than how to continue or replace it
+                RunLock(path).probe()
             state = "a finished run" if is_finished(path) else "an unfinished run (continue it with --resume)"
             raise IlnasError(f"{path} already holds {state}; pass --force to overwrite it")
     if path.is_dir() and probe_lock:
