@@ -21,6 +21,7 @@ from ilnas.errors import IlnasError
 from ilnas.models import create_model
 from ilnas.fileio import umask
 from ilnas.recipes.export import export_model, require_onnx_export
+from ilnas.space.genotype import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SEARCH = ["--quiet", "--no-report", "--set", "space.layers=3", "--set", "space.channels=4",
@@ -385,8 +386,10 @@ def _edited_copy(run: Path, where: Path, keys: tuple[str, ...], value) -> Path:
     (("network", "layers"), "x", "network.layers must be an integer, got 'x'"),
     (("network", "layers"), 10 ** 9, "network.layers must be at most 1000"),
     (("network", "channels"), -4, "network.channels must be positive"),
-    (("network", "style"), "mobile",
-     "network.style must be one of cifar, imagenet, got 'mobile' (one of your own: ilnas.register_network"),
+    (("network", "style"), "mobile",  # a style of one's own whose plugin is not loaded: no damaged card
+     "model.json: network.style must be one of cifar, imagenet, got 'mobile' (one of your own: ilnas.register_network"),
+    (("genotype",), zoo()["DARTS_V2"].to_string().replace("sep_conv_3x3", "laser_conv"),
+     "model.json: unknown operation 'laser_conv' in the normal cell; known: max_pool_3x3,"),
     (("network", "auxiliary_weight"), 0.4, "network must hold style, layers, channels, auxiliary"),
     (("network",), 5, "network must be a mapping"),
     (("input_size",), [3, 10 ** 6, 10 ** 6], "input_size must be (1 or 3, side, side)"),
@@ -406,6 +409,7 @@ def test_a_model_card_edited_out_of_step_with_its_weights_is_refused_in_one_line
     before = snapshot(run)
     rc, _, err = call("predict", str(run), str(next((folder_runs["pets"] / "val" / "cat").iterdir())))
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "model.json: " not in message or "is not an ilnas model card" not in err, err  # code not loaded here
     assert snapshot(run) == before
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from helpers import call
 from ilnas.config import SpaceConfig, resolve
 from ilnas.recipes.describe import describe
 from ilnas.space.depthwise import DepthwiseConv2d, route_for, routed_conv
@@ -445,6 +446,12 @@ def test_a_network_of_ones_own_re_trains_a_cell_and_is_rebuilt_as_it_was_trained
                                          r"missing the network's 'bias'\): .* or by an operation or network of your "
                                          r"own \(ILNAS_PLUGINS\) whose code has changed since"):
         ilnas.run_train(cfg, zoo()["DARTS_V2"], tmp_path / "t", resume=True, progress=False)
+    from ilnas.space import layout, network
+
+    del network.NETWORKS["plain"], layout._STYLES["plain"]  # a process without the plugin: no damaged record
+    code, _, err = call("train", "--resume", "--out", str(tmp_path / "t"))
+    assert code == 2 and err.startswith(f"ilnas: error: {tmp_path / 't' / 'config.yaml'}: network.style must be one "
+                                        f"of cifar, imagenet, got 'plain' (one of your own: "), err
 
 
 class _PlainWithABias(_PlainNetwork):

@@ -12,6 +12,12 @@ class IlnasError(Exception):
     exit_code = 2
 
 
+class NotRegistered(IlnasError):
+    """A name of code of one's own (an operation, a task, a network style) that no module imported by this process
+    has registered: the plugin that does is not in ILNAS_PLUGINS here, or the name is mistyped. A record naming
+    one is no damaged record: whoever reads it passes this on with the record's name in front."""
+
+
 class RunFailed(IlnasError):
     """A run stopped part-way (divergence, a failed write); its last good checkpoint is kept."""
 

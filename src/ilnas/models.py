@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, NotRegistered
 from ilnas.fileio import load_json, reachable
 
 CARD_FILE = "model.json"
@@ -94,6 +94,8 @@ class ModelCard:
                                  f"{CARD_FORMAT!r}")
             card = from_dict(cls, raw)
             card.check()
+        except NotRegistered as e:  # a card of code of one's own, whose plugin is not loaded: no damaged card
+            raise NotRegistered(f"{where}: {e}") from None
         except (ValueError, IlnasError) as e:
             raise IlnasError(f"{where} is not an ilnas model card ({str(e)[:160]})") from None
         return card

@@ -39,7 +39,7 @@ import yaml
 from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES
-from ilnas.errors import IlnasError, RunFailed, Stopped, allocation_failure, first_line
+from ilnas.errors import IlnasError, NotRegistered, RunFailed, Stopped, allocation_failure, first_line
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
 from ilnas.runlock import LOCK, RunLock
 
@@ -227,6 +227,8 @@ def resume_config(path: Path, kind: str) -> Any:
     try:
         cfg = from_dict(KINDS[kind], data)
         validate(cfg)
+    except NotRegistered as e:  # code of one's own the run uses, whose plugin is not loaded: no invalid file
+        raise NotRegistered(f"{Path(path) / CONFIG}: {e}") from None
     except IlnasError as e:
         raise IlnasError(f"{Path(path) / CONFIG} is not a valid configuration: {e}") from None
     return cfg

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, NotRegistered
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.seeds import MAX_SEED
@@ -363,8 +363,8 @@ def validate_ops(ops: Sequence[str]) -> None:
     """A search space's candidate operations (space.ops): known, each once, and not only none."""
     fault, op = op_list_fault(ops) or ("", "")
     if fault == "unknown":
-        raise IlnasError(f"space.ops: unknown operation {op!r}; known: {', '.join(known_ops())} (one of your "
-                         f"own: ilnas.register_op in a module that ILNAS_PLUGINS names)")
+        raise NotRegistered(f"space.ops: unknown operation {op!r}; known: {', '.join(known_ops())} (one of your "
+                            f"own: ilnas.register_op in a module that ILNAS_PLUGINS names)")
     if fault == "twice":
         raise IlnasError(f"space.ops names {op!r} twice")
     if len(ops) < 2 or fault == "only none":
@@ -454,8 +454,8 @@ def validate_network(net: NetworkConfig) -> None:
     _positive("network", net, ("layers", "channels"))
     _at_most("network", net, ("layers",), MAX_CELLS)
     if net.style not in known_styles():
-        raise IlnasError(f"network.style must be one of {', '.join(known_styles())}, got {net.style!r} (one of "
-                         f"your own: ilnas.register_network in a module that ILNAS_PLUGINS names)")
+        raise NotRegistered(f"network.style must be one of {', '.join(known_styles())}, got {net.style!r} (one of "
+                            f"your own: ilnas.register_network in a module that ILNAS_PLUGINS names)")
     if net.auxiliary_weight < 0:
         raise IlnasError(f"network.auxiliary_weight must be >= 0, got {net.auxiliary_weight}")
     if not 0.0 <= net.drop_path < 1.0:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
-from ilnas.errors import IlnasError, fault, first_line
+from ilnas.errors import IlnasError, NotRegistered, fault, first_line
 from ilnas.fileio import reachable
 from ilnas.space.layout import REGISTRY_NAME
 
@@ -142,8 +142,8 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
 def check_task_name(name: str) -> None:
     """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
     if name not in TASKS and name != "imagenet" and not (name.startswith("imagefolder:") and name.split(":", 1)[1]):
-        raise IlnasError(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task in "
-                         f"a module that ILNAS_PLUGINS names)")
+        raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
+                            f"in a module that ILNAS_PLUGINS names)")
 
 
 def require_in_memory(info: TaskInfo) -> TaskInfo:

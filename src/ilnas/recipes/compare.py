@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ilnas.config.schema import canonical, flat_settings, unused_settings
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, NotRegistered
 from ilnas.recipes.status import run_status
 from ilnas.report.tables import html_table, in_millions, latex_table, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
@@ -209,6 +209,8 @@ def _cell(file: Path, text: object) -> Genotype:
     or naming an operation of one's own whose plugin is not loaded)."""
     try:
         return parse_genotype(str(text))
+    except NotRegistered as e:  # operations of one's own, whose plugin is not loaded: the record is fine
+        raise NotRegistered(f"{file}: {e}") from None
     except IlnasError as e:
         raise IlnasError(f"{file}: its genotype cannot be read ({e})") from None
 

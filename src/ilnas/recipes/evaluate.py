@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, NotRegistered
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
 from ilnas.models import ModelCard, load_model
 from ilnas.runs import refuse_among_run_files
@@ -93,7 +93,8 @@ def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int) -> Ev
     if ":" not in data and path.is_dir():
         return _folder_set(path / "val" if (path / "val").is_dir() else path, card, batch_size)
     if ":" not in data and data not in TASKS and data != "imagenet":
-        raise IlnasError(f"--data {data!r} is neither a folder nor a task ({known_tasks()})")
+        raise NotRegistered(f"--data {data!r} is neither a folder nor a task ({known_tasks()}; one of your own: "
+                            f"ilnas.register_task in a module that ILNAS_PLUGINS names)")
     return _task_set(data, run, card, batch_size)
 
 

@@ -13,9 +13,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Sequence
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, NotRegistered
 from ilnas.fileio import reachable, shortened
 from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops, known_ops, op_list_fault
 
@@ -105,10 +106,12 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
     nodes = len(edges) // 2
     known = known_ops()
     for k, (op, j) in enumerate(edges):
-        if op not in known or op == "none":
-            raise IlnasError(f"malformed genotype: unknown operation {op!r} in the {cell} cell; "
-                             f"known: {', '.join(p for p in known if p != 'none')} (one of your own: "
-                             f"ilnas.register_op in a module that ILNAS_PLUGINS names)")
+        if op == "none":
+            raise IlnasError(f"malformed genotype: the {cell} cell holds 'none', which no derived cell keeps")
+        if op not in known:
+            raise NotRegistered(f"unknown operation {op!r} in the {cell} cell; known: "
+                                f"{', '.join(p for p in known if p != 'none')} (one of your own: ilnas.register_op "
+                                f"in a module that ILNAS_PLUGINS names)")
         if not 0 <= j < 2 + k // 2:
             raise IlnasError(f"malformed genotype: {cell} edge {k} of node {k // 2} takes input {j}, "
                              f"which does not exist yet")
@@ -256,6 +259,15 @@ def zoo() -> dict[str, Genotype]:
     return out
 
 
+def _genotype_file(path: Path, text: str) -> Genotype:
+    if path.suffix != ".json":
+        return parse_genotype(text)
+    try:
+        return Genotype.from_dict(json.loads(text))
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise IlnasError(f"{path} is not valid JSON: {e}") from None
+
+
 def load_genotype(spec: str) -> Genotype:
     """A zoo name, ``random:SEED`` (a cell drawn uniformly from the DARTS space) or ``random:SEED:OP,OP,...`` (from
     the space of those operations), a genotype.json, a search run directory, a text file, or a literal."""
@@ -281,11 +293,9 @@ def load_genotype(spec: str) -> Genotype:
             raise IlnasError(f"cannot read {path} ({e.strerror or e})") from None
         except UnicodeDecodeError:
             raise IlnasError(f"{path} is not UTF-8 text") from None
-        if path.suffix == ".json":
-            try:
-                return Genotype.from_dict(json.loads(text))
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise IlnasError(f"{path} is not valid JSON: {e}") from None
-        return parse_genotype(text)
+        try:
+            return _genotype_file(path, text)
+        except NotRegistered as e:  # a cell of operations of one's own: the file is fine, the plugin not loaded
+            raise NotRegistered(f"{path}: {e}") from None
     raise IlnasError(f"unknown genotype {shortened(repr(spec))}: not a zoo name ({', '.join(sorted(known))}), "
                      f"random:SEED, a file, a run directory or a Genotype(...) literal")
