@@ -193,6 +193,14 @@ def test_a_task_of_ones_own_is_registered_only_under_a_name_and_facts_that_can_b
     assert tasks_module.TASKS == before
 
 
+def test_a_crop_padding_as_wide_as_the_images_is_refused_at_their_size(registry):
+    ilnas.register_task("mine", classes=4, channels=3, crop_padding=12)(lambda data: ilnas.TaskArrays(train=(X, Y)))
+    assert create_task("mine", DataConfig(image_size=16)).crop_padding == 12
+    with pytest.raises(IlnasError, match=r"^task 'mine': crop_padding 12 must be less than data.image_size 12: a "
+                                         r"crop could hold no pixel of its image$"):
+        create_task("mine", DataConfig(image_size=12))
+
+
 def test_a_search_on_a_task_its_plugin_does_not_register_is_refused_naming_ilnas_plugins(tmp_path):
     code, _, err = call(*SEARCH3, "--set", "data.tasks=[grey-rows,mnist5k]", "--out", str(tmp_path / "s"))
     assert code == 2 and "unknown task 'grey-rows'" in err and "ILNAS_PLUGINS" in err, err

@@ -325,7 +325,7 @@ def register_task(name: str, *, classes: int, channels: int, flip: bool = False,
     re-trained and evaluated as the built-in ones are. ``data`` is the run's DataConfig (``data_dir``,
     ``download``, ``image_size``). The images are resized to ``data.image_size`` (the centre square, bilinear,
     antialiased) and normalised by the training split's mean and std; training augments them by random crops
-    padded by ``crop_padding`` pixels (default image_size // 8) and, where ``flip``, horizontal flips. What the
+    padded by ``crop_padding`` pixels (default image_size // 8; below image_size) and, where ``flip``, horizontal flips. What the
     loader returns is checked as it is read, and its SHA-256 is recorded: a resume on other data is refused."""
     if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name) or name in RESERVED_TASKS:
         raise IlnasError(f"a task's name must be lower-case letters, digits, _ and - (a letter first, at most 64) "
@@ -376,6 +376,9 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
         raise IlnasError(f"task {name!r}: too few images ({len(y)} in train) for train, validation and test splits")
     mean, std = _stats(train.x)
     pad = source.image_size // 8 if crop_padding is None else crop_padding
+    if pad >= source.image_size:  # each batch padded to (side + 2 pad)^2: all padding, at any cost, past this
+        raise IlnasError(f"task {name!r}: crop_padding {pad} must be less than data.image_size {source.image_size}: "
+                         f"a crop could hold no pixel of its image")
     return Task(name, classes, train, val, test, mean, std, crop_padding=pad, flip=flip,
                 classes=_class_names(name, arrays.class_names, classes), digest={"data_sha256": digest.hexdigest()})
 
