@@ -325,8 +325,9 @@ def register_task(name: str, *, classes: int, channels: int, flip: bool = False,
     re-trained and evaluated as the built-in ones are. ``data`` is the run's DataConfig (``data_dir``,
     ``download``, ``image_size``). The images are resized to ``data.image_size`` (the centre square, bilinear,
     antialiased) and normalised by the training split's mean and std; training augments them by random crops
-    padded by ``crop_padding`` pixels (default image_size // 8; below image_size) and, where ``flip``, horizontal flips. What the
-    loader returns is checked as it is read, and its SHA-256 is recorded: a resume on other data is refused."""
+    padded by ``crop_padding`` pixels (default image_size // 8; below image_size) and, where ``flip``, horizontal
+    flips. What the loader returns is checked as it is read, and its SHA-256 is recorded: a resume on other data is
+    refused."""
     if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name) or name in RESERVED_TASKS:
         raise IlnasError(f"a task's name must be lower-case letters, digits, _ and - (a letter first, at most 64) "
                          f"and none of {', '.join(RESERVED_TASKS)}; got {name!r}")
