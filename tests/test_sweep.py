@@ -652,6 +652,24 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
                    "--check")
     assert r.returncode == 2 and "search: ilnas: error: the supernet's weights (" in r.stdout, r.stdout
     assert r.stderr == "ilnas: error: 1 of the sweep's runs would be refused (above)\n" and not sweep.exists()
+    search = sweep / "seed-0_framework-il" / "search"
+    for held, code in ((search, 0), (sweep, 2)):  # a run of it worked on elsewhere is waited for; the sweep, refused
+        held.mkdir(parents=True, exist_ok=True)
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ilnas.runlock import RunLock; "
+                                   "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)",
+                                   str(held)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline() == "held\n"
+            r = ilnas_here("sweep", spec, "--check")
+        finally:
+            holder.kill()
+            holder.wait()
+        assert r.returncode == code, r.stderr
+        if code == 0:
+            assert f"{search}: not checked: another process works on it (pid {holder.pid} on " in r.stdout, r.stdout
+            assert "the sweep would wait for it to end, then skip or continue the run" in r.stdout
+        else:
+            assert r.stderr.startswith(f"ilnas: error: {sweep} is in use by another ilnas process (pid {holder.pid} ")
 
 
 def test_a_job_that_ended_without_a_result_is_reported_by_its_state_or_its_own_error():

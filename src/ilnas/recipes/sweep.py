@@ -301,7 +301,10 @@ def command(run: RunSpec) -> list[str]:
 def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     """Every run of the sweep checked as its cell would start it (``--check``: nothing written), one after another
     in this process's environment: a line per run, and how many would be refused. A re-training of a cell its
-    search has not found yet cannot be checked before that search ends."""
+    search has not found yet cannot be checked before that search ends, nor a run another process works on (the
+    sweep would wait for it). Refused at once where another process runs the sweep itself, as the sweep would be."""
+    if sweep.out.is_dir():
+        RunLock(sweep.out).probe()
     lines, refused = [], 0
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
@@ -309,6 +312,11 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
             genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
             if search is not None and genotype == str(search.out) and not _finished_run(search.out):
                 lines.append(f"{run.out}: not checked: its cell is the one its search is to find")
+                continue
+            holder = lock_holder(run.out)
+            if holder is not None:
+                lines.append(f"{run.out}: not checked: another process works on it ({holder}); the sweep would wait "
+                             f"for it to end, then skip or continue the run")
                 continue
             done = subprocess.run([*command(run), "--check"], capture_output=True, text=True)
             said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
