@@ -20,7 +20,8 @@ def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "demo"
     code, stdout, err = call(*with_report(SEARCH3), "--out", str(out))  # in this process: no torch start-up
     assert code == 0, err
-    assert "genotype = Genotype(" in stdout
+    assert stdout.splitlines()[-3].startswith("genotype = Genotype(") and stdout.splitlines()[-2:] == [
+        f"report: {out / 'report.html'}", f"re-train it on mnist5k: ilnas train --genotype {out} --preset eval-digits"]
     return out
 
 
@@ -28,6 +29,6 @@ def finished_run(tmp_path_factory) -> Path:
 def finished_training(tmp_path_factory) -> Path:
     """A finished three-epoch re-training of DARTS_V2 on the digits (3 cells, C=4), run through the CLI."""
     out = tmp_path_factory.mktemp("runs") / "train"
-    code, _, err = call(*with_report(TRAIN_ARGS), "--out", str(out))
-    assert code == 0, err
+    code, stdout, err = call(*with_report(TRAIN_ARGS), "--out", str(out))
+    assert code == 0 and stdout.splitlines()[-1] == f"report: {out / 'report.html'}", err
     return out

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -198,6 +199,16 @@ def _search(args: argparse.Namespace) -> None:
                           report=not args.no_report)
     if speaks:
         print(f"genotype = {genotype.to_string()}")
+        _report_line(out)
+        from ilnas.config import retraining_presets
+
+        for task, preset in retraining_presets(cfg.data.tasks):
+            print(f"re-train it on {task}: ilnas train --genotype {shlex.quote(str(out))} --preset {preset}")
+
+
+def _report_line(out: Path) -> None:
+    if (out / "report.html").is_file():
+        print(f"report: {out / 'report.html'}")
 
 
 def _checked(out: Path, resume: bool, force: bool) -> str:
@@ -256,6 +267,7 @@ def _train(args: argparse.Namespace) -> None:
     if is_main_rank():
         print(f"test error: {100 * result['final_test_error']:.2f}% (best {100 * result['best_test_error']:.2f}%), "
               f"{result['params'] / 1e6:.2f}M parameters")
+        _report_line(out)
 
 
 def _presets(args: argparse.Namespace) -> None:

@@ -47,6 +47,17 @@ def list_presets() -> dict[str, str]:
     return out
 
 
+def retraining_presets(tasks: Sequence[str]) -> list[tuple[str, str]]:
+    """(task, the shipped eval preset that re-trains on that task alone) for each of ``tasks`` that has one: what a
+    finished search suggests next."""
+    alone: dict[str, str] = {}
+    for name in list_presets():
+        tasks_of = (load_preset(name).get("data") or {}).get("tasks") if name.startswith("eval-") else None
+        if isinstance(tasks_of, list) and len(tasks_of) == 1:
+            alone.setdefault(str(tasks_of[0]), name)
+    return [(task, alone[task]) for task in tasks if task in alone]
+
+
 def load_preset(name: str) -> dict:
     """A preset's own mapping (its ``base``, if any, not yet applied)."""
     f = _preset_dir().joinpath(f"{name}.yaml")
