@@ -547,3 +547,16 @@ def test_check_runs_every_check_a_run_makes_and_writes_nothing(finished_run, fin
     code, _, err = call("train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--check",
                         "--out", str(finished_training))
     assert code == 2 and "already holds a finished run" in err
+
+
+def test_a_finished_search_suggests_the_retraining_of_each_task_a_shipped_preset_covers():
+    """The next step a search prints: a shipped eval preset of the task alone, an image folder's with its path."""
+    from ilnas.config import resolve, retraining_presets
+
+    suggested = dict(retraining_presets(["cifar100", "digits", "mnist5k", "imagefolder:/data/my photos"]))
+    assert suggested == {"cifar100": ["--preset", "eval-cifar100"], "mnist5k": ["--preset", "eval-digits"],
+                         "imagefolder:/data/my photos": ["--preset", "eval-folder", "--set",
+                                                         "data.tasks=[imagefolder:/data/my photos]"]}
+    for task, args in suggested.items():  # each re-trains on that task
+        cfg = resolve(args[1], None, args[3:], "eval")
+        assert cfg.data.tasks == (task,)

@@ -202,8 +202,8 @@ def _search(args: argparse.Namespace) -> None:
         _report_line(out)
         from ilnas.config import retraining_presets
 
-        for task, preset in retraining_presets(cfg.data.tasks):
-            print(f"re-train it on {task}: ilnas train --genotype {shlex.quote(str(out))} --preset {preset}")
+        for task, args in retraining_presets(cfg.data.tasks):
+            print(f"re-train it on {task}: {shlex.join(['ilnas', 'train', '--genotype', str(out), *args])}")
 
 
 def _report_line(out: Path) -> None:

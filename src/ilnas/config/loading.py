@@ -47,15 +47,20 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def retraining_presets(tasks: Sequence[str]) -> list[tuple[str, str]]:
-    """(task, the shipped eval preset that re-trains on that task alone) for each of ``tasks`` that has one: what a
-    finished search suggests next."""
+def retraining_presets(tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(task, the arguments that re-train on it: a shipped eval preset of that task alone, or of one image folder
+    with ``--set data.tasks=[task]``) for each of ``tasks`` that has one: what a finished search suggests next."""
     alone: dict[str, str] = {}
     for name in list_presets():
         tasks_of = (load_preset(name).get("data") or {}).get("tasks") if name.startswith("eval-") else None
         if isinstance(tasks_of, list) and len(tasks_of) == 1:
-            alone.setdefault(str(tasks_of[0]), name)
-    return [(task, alone[task]) for task in tasks if task in alone]
+            alone.setdefault(str(tasks_of[0]).partition(":")[0], name)  # imagefolder:<path> as imagefolder
+    found = []
+    for task in tasks:
+        kind = task.partition(":")[0]
+        if kind in alone:
+            found.append((task, ["--preset", alone[kind], *(["--set", f"data.tasks=[{task}]"] if ":" in task else [])]))
+    return found
 
 
 def load_preset(name: str) -> dict:
