@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ilnas.config.schema import canonical, flat_settings, unused_settings
-from ilnas.errors import IlnasError, NotRegistered
+from ilnas.errors import IlnasError
 from ilnas.recipes.status import run_status
 from ilnas.report.tables import html_table, in_millions, latex_table, markdown_table
 from ilnas.runs import find_runs, is_finished, read_config, read_json, read_record, with_defaults
-from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
+from ilnas.space.genotype import Genotype, cells_by_name, parse_genotype, shared_choices
 from ilnas.space.layout import PRIMITIVES
 
 # Settings that say where or how a run ran, not what it is: never a reason to tell two runs apart.
@@ -205,12 +205,11 @@ def _recipe_order(group: Group) -> list[tuple]:
 
 
 def _cell(file: Path, text: object) -> Genotype:
-    """The cell a run's record names, refused in one line that names the record where it cannot be read (damaged,
-    or naming an operation of one's own whose plugin is not loaded)."""
+    """The cell a run's record names, refused in one line that names the record where it cannot be read (damaged).
+    Its operations are taken by their names: a table of runs of operations of one's own needs no plugin."""
     try:
-        return parse_genotype(str(text))
-    except NotRegistered as e:  # operations of one's own, whose plugin is not loaded: the record is fine
-        raise NotRegistered(f"{file}: {e}") from None
+        with cells_by_name():
+            return parse_genotype(str(text))
     except IlnasError as e:
         raise IlnasError(f"{file}: its genotype cannot be read ({e})") from None
 

@@ -19,7 +19,7 @@ from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, cell_evolution, epoch_cells, search_curves, training_curves
 from ilnas.runs import holds_run_files, read_config, read_json, read_metrics, read_record
-from ilnas.space.genotype import Genotype, load_genotype, parse_genotype, unchanged_for
+from ilnas.space.genotype import Genotype, cells_by_name, load_genotype, parse_genotype, unchanged_for
 
 PLOTS, REPORT = "plots", "report.html"
 # What the report reads of a finished run's final record, and its types.
@@ -53,8 +53,11 @@ def make_report(path: Path, writer=None) -> Path:
     config = read_config(path)
     report = Report(f"ilnas {KIND_NAMES[config['kind']]} run {path.name}",
                     config=yaml.safe_dump(config, sort_keys=False))
-    # Every input is read (and a damaged one refused) before anything is written.
-    figures = _search_report(path, config, report) if config["kind"] == "search" else _training_report(path, report)
+    # Every input is read (and a damaged one refused) before anything is written. Cells are drawn by their
+    # operations' names: a run of operations of one's own is drawn without their plugin.
+    with cells_by_name():
+        figures = _search_report(path, config, report) if config["kind"] == "search" else \
+            _training_report(path, report)
     plots, out = path / PLOTS, path / REPORT
     try:
         plots.mkdir(exist_ok=True)

@@ -7,6 +7,8 @@ never ``eval``), writes it back, and round-trips through JSON.
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import json
 import random
 import re
@@ -14,11 +16,11 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 
 from ilnas.errors import IlnasError, NotRegistered
 from ilnas.fileio import reachable, shortened
-from ilnas.space.layout import NODES, PRIMITIVES, EdgeOps, full_edge_ops, known_ops, op_list_fault
+from ilnas.space.layout import NODES, OP_NAME, PRIMITIVES, EdgeOps, full_edge_ops, known_ops, op_list_fault
 
 if TYPE_CHECKING:  # reading and comparing cells needs no torch (ilnas compare runs without it)
     import torch
@@ -100,6 +102,22 @@ def _ints(raw: Sequence) -> tuple[int, ...]:
     return tuple(raw)
 
 
+# Set while cells are read from records only to be shown or compared: nothing is built from them.
+_NAMES_ONLY = contextvars.ContextVar("ilnas_cells_by_name", default=False)
+
+
+@contextlib.contextmanager
+def cells_by_name() -> Iterator[None]:
+    """Within the block, a cell may name an operation no module of this process has registered (one of one's
+    own whose plugin is not loaded), by any name an operation may have: ``compare`` and ``plot`` read a run's
+    cells to tabulate and draw them, which takes their names, not their code."""
+    token = _NAMES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _NAMES_ONLY.reset(token)
+
+
 def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> None:
     if not edges or len(edges) % 2:
         raise IlnasError(f"malformed genotype: {cell} cell has {len(edges)} edges; need two per node")
@@ -108,7 +126,7 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
     for k, (op, j) in enumerate(edges):
         if op == "none":
             raise IlnasError(f"malformed genotype: the {cell} cell holds 'none', which no derived cell keeps")
-        if op not in known:
+        if op not in known and not (_NAMES_ONLY.get() and OP_NAME.fullmatch(op)):
             raise NotRegistered(f"unknown operation {op!r} in the {cell} cell; known: "
                                 f"{', '.join(p for p in known if p != 'none')} (one of your own: ilnas.register_op "
                                 f"in a module that ILNAS_PLUGINS names)")

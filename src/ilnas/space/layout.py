@@ -45,6 +45,7 @@ def add_op_name(name: str) -> None:
 
 # What a task or a network style of one's own may be called: it is written in configurations and file names.
 REGISTRY_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+OP_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # an operation's: a genotype's string form quotes it as it is
 # The evaluation networks a re-training may build (network.style): the two built in, then those registered with
 # ilnas.register_network. Known without torch, as a configuration is checked without it.
 NETWORK_STYLES: tuple[str, ...] = ("cifar", "imagenet")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import re
 from typing import Callable, Sequence
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from ilnas.errors import IlnasError, allocation_failure, fault
 from ilnas.space.depthwise import DepthwiseConv2d, differentiated
-from ilnas.space.layout import BUILT_IN_OPS, add_op_name
+from ilnas.space.layout import BUILT_IN_OPS, OP_NAME, add_op_name
 from ilnas.space.sets import cat_channels
 
 OpFactory = Callable[[int, int, bool, int], nn.Module]  # (channels, stride, affine, sets)
@@ -32,7 +31,6 @@ def batch_norm(channels: int, affine: bool) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, affine=affine, track_running_stats=affine)
 
 
-OP_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # a genotype's string form quotes it as it is
 
 
 def register_op(name: str) -> Callable[[OpFactory], OpFactory]:
