@@ -104,8 +104,8 @@ def test_operations_of_ones_own_come_in_through_ilnas_plugins(tmp_path, monkeypa
     assert {op for op, _ in found.normal + found.reduce} <= {"skip_connect", "conv_1x1"}
     assert call("describe", str(tmp_path / "s"))[0] == 0
     listed = call("presets")[1].splitlines()
-    assert listed[-2].endswith("dil_conv_5x5, sep_conv_7x7, conv_7x1_1x7, conv_1x1")
-    assert listed[-1] == "networks a re-training may build (network.style): cifar, imagenet"
+    assert listed[-3].endswith("dil_conv_5x5, sep_conv_7x7, conv_7x1_1x7, conv_1x1")
+    assert listed[-2] == "networks a re-training may build (network.style): cifar, imagenet"
     monkeypatch.setattr(layout, "_REGISTERED", {})  # another process, without the plugin
     code, _, err = call("describe", "Genotype(normal=[('conv_1x1', 0), ('skip_connect', 1)], normal_concat=[2], "
                                     "reduce=[('conv_1x1', 0), ('skip_connect', 1)], reduce_concat=[2])")

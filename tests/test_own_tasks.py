@@ -13,7 +13,7 @@ import torch
 import ilnas
 from helpers import SEARCH3, TINY_TRAIN, call, snapshot
 from ilnas.config import DataConfig
-from ilnas.data import tasks as tasks_module
+from ilnas.data import names, tasks as tasks_module
 from ilnas.data.tasks import create_task, task_info
 from ilnas.errors import IlnasError
 
@@ -31,6 +31,7 @@ def bars(n: int, seed: int, side: int = 12, classes: int = 4) -> tuple[np.ndarra
 def registry(monkeypatch):
     """The task registry as it is; whatever a test registers goes with the test."""
     monkeypatch.setattr(tasks_module, "TASKS", dict(tasks_module.TASKS))
+    monkeypatch.setattr(names, "_REGISTERED", dict(names._REGISTERED))
 
 
 PLUGIN = '''
@@ -263,3 +264,13 @@ def test_the_readmes_plugins_run_as_written(registry, monkeypatch, tmp_path):
     task = create_task("scans", DataConfig(data_dir=str(tmp_path), image_size=16))
     assert task.classes[2] == "malignant" and task.input_shape == (1, 16, 16) and len(task.test) == 8
     check_input_size(zoo()["DARTS_V2"], 4, 1, 16, style="plain", layers=2, channels=8, auxiliary=False)
+
+
+def test_presets_lists_the_tasks_built_in_and_registered_without_torch(registry):
+    """The names `ilnas presets` lists are those a run accepts: the in-memory tasks tasks.py loads, then one's own,
+    then the image-folder tasks; known without torch, as `presets` starts without it."""
+    assert sorted(names.BUILT_IN_TASKS) == sorted(tasks_module.TASKS)
+    ilnas.register_task("scans", classes=3, channels=1)(lambda data: None)
+    listed = "cifar10, cifar100, digits, mnist5k, scans, imagenet, imagefolder:<path>"
+    assert call("presets")[1].splitlines()[-1] == f"tasks a run may learn (data.tasks): {listed}"
+    assert tasks_module.known_tasks() == listed

@@ -272,7 +272,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _presets(args: argparse.Namespace) -> None:
     from ilnas.config import list_presets
-
+    from ilnas.data.names import task_names
     from ilnas.space.layout import known_ops, known_styles
 
     presets = list_presets()
@@ -281,6 +281,7 @@ def _presets(args: argparse.Namespace) -> None:
         print(f"{name:<{width}}  {description}")
     print(f"\noperations a search space may list (space.ops): {', '.join(known_ops())}")
     print(f"networks a re-training may build (network.style): {', '.join(known_styles())}")
+    print(f"tasks a run may learn (data.tasks): {', '.join(task_names())}")
 
 
 def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):

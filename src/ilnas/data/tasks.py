@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
+from ilnas.data.names import BUILT_IN_TASKS, FOLDER_TASKS, add_task_name, task_names
 from ilnas.errors import IlnasError, NotRegistered, fault, first_line
 from ilnas.fileio import reachable
 from ilnas.space.layout import REGISTRY_NAME
@@ -113,7 +114,7 @@ def _register_task(name: str, channels: int, classes: int,
 
 
 def known_tasks() -> str:
-    return ", ".join([*sorted(TASKS), "imagenet", "imagefolder:<path>"])
+    return ", ".join(task_names())
 
 
 def task_slug(name: str) -> str:
@@ -298,7 +299,7 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
 
 # --- tasks of one's own: arrays a loader returns ------------------------------------------------
 
-RESERVED_TASKS = ("cifar10", "cifar100", "mnist5k", "digits", "imagenet", "imagefolder")
+RESERVED_TASKS = BUILT_IN_TASKS + FOLDER_TASKS
 RESIZE_CHUNK = 4096  # images resized at a time: a data set's float copy would be 4x its uint8 size
 
 
@@ -339,6 +340,7 @@ def register_task(name: str, *, classes: int, channels: int, flip: bool = False,
         raise IlnasError(f"task {name!r}: flip must be true or false, got {flip!r}")
 
     def wrap(loader: TaskArraysLoader) -> TaskArraysLoader:
+        add_task_name(name)
         _register_task(name, channels, classes, lambda source: source.image_size)(
             lambda source: _arrays_task(name, loader, source, classes, channels, flip, crop_padding))
         return loader
