@@ -301,6 +301,30 @@ def test_bad_model_commands_are_one_line_and_touch_no_run(folder_runs, args, mes
     assert {p: snapshot(p) for p in (run, search)} == before
 
 
+def test_an_export_or_evaluation_replaces_only_its_own_earlier_files(folder_runs, tmp_path):
+    """--out names a file or folder that may hold a user's own files: an export replaces an earlier export (a model
+    whose ilnas card lies beside it), an evaluation an earlier evaluation, and neither anything else."""
+    run, photo, notes = folder_runs["train"], tmp_path / "photo.png", tmp_path / "notes.json"
+    photo.write_bytes(b"\x89PNG a photo")
+    notes.write_text('{"mine": true}')
+    exports = [["export", str(run), "--format", "torchscript", "--out", str(out)]
+               for out in (photo, tmp_path / "notes.pt", tmp_path / "model.pt")]
+    for argv, kept in zip(exports, (photo, notes)):
+        code, _, err = call(*argv)
+        assert code == 2 and "exists and is no earlier ilnas export (whose model card " in err, err
+        assert photo.read_bytes() == b"\x89PNG a photo" and notes.read_text() == '{"mine": true}'
+    assert call(*exports[2])[0] == 0 and call(*exports[2])[0] == 0  # its own export, replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "confusion.png").write_bytes(b"my figure")
+    evaluate = ["evaluate", str(run), "--data", str(folder_runs["pets"])]
+    code, _, err = call(*evaluate, "--out", str(tmp_path / "mine"))
+    assert code == 2 and err.startswith(f"ilnas: error: --out {tmp_path / 'mine'} holds confusion.png and no earlier "
+                                        f"ilnas evaluation"), err
+    assert (tmp_path / "mine" / "confusion.png").read_bytes() == b"my figure"
+    for _ in range(2):  # its own evaluation, brought up to date
+        assert call(*evaluate, "--out", str(tmp_path / "eval"))[0] == 0
+
+
 @pytest.mark.parametrize("kind", ["search", "train"])
 def test_a_run_is_not_resumed_on_other_data_than_it_started_on(folder_runs, tmp_path, monkeypatch, kind):
     """Images added to a folder between two sessions (or another folder under the same relative path) change

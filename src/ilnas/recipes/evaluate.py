@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ilnas.errors import IlnasError, NotRegistered
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, reachable
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable
 from ilnas.models import ModelCard, load_model
 from ilnas.runs import refuse_among_run_files
 
@@ -112,6 +112,7 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     run = Path(run)
     if out is not None:
         refuse_among_run_files([Path(out) / "evaluation.json"], "--out")
+        _refuse_replacing_other_files(Path(out))
     model = load_model(run, which, device)
     card: ModelCard = model.card
     dataset = evaluation_set(data, run, card, batch_size)
@@ -135,16 +136,34 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     return result
 
 
+EVALUATION_FILES = ("evaluation.json", "per_class.csv", "confusion.csv", "confusion.png")
+
+
+def _refuse_replacing_other_files(out: Path) -> None:
+    """An evaluation replaces an earlier evaluation's files only: a folder that holds a file of one of their names
+    but no evaluation.json of ilnas's keeps it."""
+    present = [name for name in EVALUATION_FILES if (out / name).exists()]
+    if present and _evaluated_data(out) is None:
+        raise IlnasError(f"--out {out} holds {present[0]} and no earlier ilnas evaluation (its evaluation.json); "
+                         f"choose another --out, or remove it")
+
+
+def _evaluated_data(folder: Path) -> str | None:
+    """The data an earlier evaluation in ``folder`` was of; None where it holds none (or one that is unreadable)."""
+    try:
+        found = load_json((folder / "evaluation.json").read_bytes())
+    except (OSError, ValueError):
+        return None
+    return found.get("data") if isinstance(found, dict) and "top1" in found else None
+
+
 def _default_out(folder: Path, name: str, data: str) -> Path:
     """``folder/name``, where nothing or an evaluation of the same data is (it is brought up to date); else the
     first of ``name-2``, ``name-3``, ... that is: two folders of one name (``a/val`` and ``b/val``) each keep
     their evaluation instead of the second replacing the first's."""
     for i in itertools.count(1):
         target = folder / (name if i == 1 else f"{name}-{i}")
-        try:
-            found = json.loads((target / "evaluation.json").read_text()).get("data")
-        except (OSError, ValueError, AttributeError):  # none yet (or unreadable: it is no evaluation to keep)
-            found = data if not target.exists() else None
+        found = _evaluated_data(target) if target.exists() else data  # unreadable: no evaluation to keep
         if found == data:
             return target
 

@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_text, umask
-from ilnas.models import load_model
+from ilnas.fileio import atomic_write_text, load_json, umask
+from ilnas.models import CARD_FORMAT, load_model
 from ilnas.runs import refuse_among_run_files
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}
@@ -38,6 +38,7 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
         raise IlnasError(f"--out {target} ends in .json, the name its card is written to (<name>.json beside the "
                          f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
     refuse_among_run_files([target, target.with_suffix(".json")], "--out")
+    _refuse_replacing_other_files(target)
     if fmt == "onnx":  # after the arguments: what is wrong with them holds on any machine
         require_onnx_export()
     model = load_model(run, which, "cpu")
@@ -52,6 +53,24 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
         raise IlnasError(f"cannot write {target}: {e.strerror or e}") from None
     return {"format": fmt, "path": str(target), "card": str(target.with_suffix(".json")), "runtime": runtime,
             "max_abs_difference": difference, "batch_sizes_checked": list(CHECK_BATCHES)}
+
+
+def _refuse_replacing_other_files(target: Path) -> None:
+    """An export replaces an earlier export only, a model whose card (<name>.json beside it) is ilnas's: a file of
+    another kind at ``target``, or at its card's name, is someone's own and is not overwritten."""
+    card = target.with_suffix(".json")
+    if not (target.exists() or card.exists()) or _holds_a_card(card):
+        return
+    found = target if target.exists() else card
+    raise IlnasError(f"--out {target}: {found} exists and is no earlier ilnas export (whose model card {card.name} "
+                     f"would lie beside it); choose another --out, or remove it")
+
+
+def _holds_a_card(path: Path) -> bool:
+    try:
+        return load_json(path.read_bytes()).get("format") == CARD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextlib.contextmanager
