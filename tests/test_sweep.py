@@ -687,3 +687,17 @@ def test_a_job_that_ended_without_a_result_is_reported_by_its_state_or_its_own_e
     raised = "\n".join(header).format("FAILED") + "\nError stream produced:\nTraceback (most recent call last):\n" \
         '  File "x.py", line 1\nMemoryError: out of host memory\n'
     assert _job_failure(raised) == "MemoryError: out of host memory"
+
+
+def test_a_sweep_into_a_folder_whose_sweep_json_is_not_a_sweeps_record_keeps_it(tmp_path):
+    """``out`` may name a folder of one's own: a sweep.json there that no sweep wrote is not replaced, and
+    nothing starts; a run of the sweep, or its --check, says so in one line."""
+    spec, out = _spec(tmp_path, grid={"search.seed": [0]}, train=None), tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text('{"my": "notes"}')
+    for extra in ([], ["--check"]):
+        code, _, err = call("sweep", spec, *extra)
+        assert code == 2 and err == (f"ilnas: error: {out / 'sweep.json'} is no ilnas sweep record, and a sweep "
+                                     f"writes its record there; choose another out, or move the file\n"), err
+    assert (out / "sweep.json").read_text() == '{"my": "notes"}'
+    assert sorted(p.name for p in out.iterdir()) in (["sweep.json"], [".lock", "sweep.json"])

@@ -305,6 +305,7 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     sweep would wait for it). Refused at once where another process runs the sweep itself, as the sweep would be."""
     if sweep.out.is_dir():
         RunLock(sweep.out).probe()
+    _refuse_a_record_not_ours(sweep.out)
     lines, refused = [], 0
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
@@ -524,6 +525,7 @@ def run_sweep(sweep: Sweep) -> dict:
     lock = RunLock(sweep.out)
     lock.acquire()
     try:
+        _refuse_a_record_not_ours(sweep.out)
         return _run_cells(sweep)
     finally:
         lock.release()
@@ -535,6 +537,21 @@ def _record(path: Path, content: dict, consequence: str) -> None:
         atomic_write_text(path, json.dumps(content, indent=1) + "\n")
     except OSError as e:
         raise RunFailed(f"cannot write {path} ({e.strerror or e}); {consequence}") from None
+
+
+def _refuse_a_record_not_ours(out: Path) -> None:
+    """``<out>/sweep.json`` is replaced only where it is an earlier ilnas sweep's record: a file of that name that
+    is not (notes of one's own in the folder ``out`` names) is kept, and the sweep refused."""
+    path = out / "sweep.json"
+    if not path.exists():
+        return
+    try:
+        found = load_json(path.read_bytes())
+    except (OSError, ValueError):
+        found = None
+    if not (isinstance(found, dict) and isinstance(found.get("cells"), list) and "final" in found):
+        raise IlnasError(f"{path} is no ilnas sweep record, and a sweep writes its record there; choose another out, "
+                         f"or move the file")
 
 
 class SweepRecord:
