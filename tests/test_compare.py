@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import call, ilnas_here, listed_the_other_way
+from helpers import call, ilnas_here, listed_the_other_way, snapshot
 from ilnas.config import resolve, to_dict
 from ilnas.recipes.compare import compare, mean_std, rows
 from ilnas.space.genotype import zoo
@@ -241,6 +241,14 @@ def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(
     assert page.images[1]["alt"] == "normal cell" and all(op in labels for op, _ in zoo()["DARTS_V2"].normal)
     code, _, err = call("compare", str(runs), "--html", str(tmp_path / "missing" / "page.html"))
     assert code == 2 and err.startswith("ilnas: error: cannot write --html ") and err.count("\n") == 1
+    run = next(runs.rglob("config.yaml")).parent  # a slip that names a run's own file, or a spec, writes nothing
+    before = snapshot(run)
+    for option, name, says in (("--html", run / "config.yaml", "the file must end in .html or .htm"),
+                               ("--html", run / "report.html", "lies in run directory"),
+                               ("--figure", run / "curves.png", "lies in run directory")):
+        code, _, err = call("compare", str(runs), option, str(name))
+        assert code == 2 and says in err and err.count("\n") == 1, err
+    assert snapshot(run) == before
 
 
 def test_the_runs_left_out_are_named_with_their_state(runs):

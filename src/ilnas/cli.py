@@ -325,10 +325,17 @@ def _compare(args: argparse.Namespace) -> None:
     if args.paired and args.csv:
         raise IlnasError("--paired adds a second table, which CSV cannot hold: use the Markdown output, --latex or "
                          "--json")
+    from ilnas.fileio import atomic_write_bytes
+    from ilnas.runs import refuse_among_run_files
+
     suffix = Path(args.figure).suffix.lower().lstrip(".") if args.figure else None
     if suffix not in (None, "png", "svg", "pdf"):
         raise IlnasError(f"--figure {args.figure}: the file must end in .png, .svg or .pdf")
-    from ilnas.fileio import atomic_write_bytes
+    if args.html and Path(args.html).suffix.lower() not in (".html", ".htm"):  # not a spec or notes by a slip
+        raise IlnasError(f"--html {args.html}: the file must end in .html or .htm")
+    for option, name in (("--figure", args.figure), ("--html", args.html)):
+        if name:
+            refuse_among_run_files([Path(name)], option)
 
     table = compare.compare(args.runs)
     written = [(option, name, data()) for option, name, data in
