@@ -215,7 +215,8 @@ def test_a_path_too_long_for_the_filesystem_is_refused_in_one_line_by_every_comm
          "--out", str(tmp_path / "t")],
         ["status", name], ["compare", name], ["plot", name], ["describe", name], ["evaluate", name, "--data", "digits"],
         ["evaluate", run, "--data", name], ["predict", name, "x.png"], ["predict", run, name],
-        ["export", name, "--format", "torchscript"], ["config", name]]
+        ["export", name, "--format", "torchscript"], ["export", run, "--format", "torchscript", "--out", name],
+        ["evaluate", run, "--data", "digits", "--out", f"{tmp_path}/{name}"], ["config", name]]
     for argv in commands:
         rc, _, err = call(*argv)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)

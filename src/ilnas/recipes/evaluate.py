@@ -142,7 +142,7 @@ EVALUATION_FILES = ("evaluation.json", "per_class.csv", "confusion.csv", "confus
 def _refuse_replacing_other_files(out: Path) -> None:
     """An evaluation replaces an earlier evaluation's files only: a folder that holds a file of one of their names
     but no evaluation.json of ilnas's keeps it."""
-    present = [name for name in EVALUATION_FILES if (out / name).exists()]
+    present = [name for name in EVALUATION_FILES if reachable(out / name, "--out").exists()]
     if present and _evaluated_data(out) is None:
         raise IlnasError(f"--out {out} holds {present[0]} and no earlier ilnas evaluation (its evaluation.json); "
                          f"choose another --out, or remove it")

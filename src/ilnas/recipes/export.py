@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_text, load_json, umask
+from ilnas.fileio import atomic_write_text, load_json, reachable, umask
 from ilnas.models import CARD_FORMAT, load_model
 from ilnas.runs import refuse_among_run_files
 
@@ -33,7 +33,7 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
     runtime and compare its logits with PyTorch's. Returns where it went and the largest difference."""
     if fmt not in FORMATS:
         raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
-    target = Path(out) if out is not None else Path(run) / "export" / FORMATS[fmt]
+    target = reachable(out, "--out") if out is not None else reachable(run, "run directory") / "export" / FORMATS[fmt]
     if target.suffix == ".json":
         raise IlnasError(f"--out {target} ends in .json, the name its card is written to (<name>.json beside the "
                          f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
@@ -58,8 +58,8 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
 def _refuse_replacing_other_files(target: Path) -> None:
     """An export replaces an earlier export only, a model whose card (<name>.json beside it) is ilnas's: a file of
     another kind at ``target``, or at its card's name, is someone's own and is not overwritten."""
-    card = target.with_suffix(".json")
-    if not (target.exists() or card.exists()) or _holds_a_card(card):
+    card = reachable(target.with_suffix(".json"), "--out")
+    if not (reachable(target, "--out").exists() or card.exists()) or _holds_a_card(card):
         return
     found = target if target.exists() else card
     raise IlnasError(f"--out {target}: {found} exists and is no earlier ilnas export (whose model card {card.name} "
