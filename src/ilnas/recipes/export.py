@@ -59,14 +59,14 @@ def _refuse_replacing_other_files(target: Path) -> None:
     """An export replaces an earlier export only, a model whose card (<name>.json beside it) is ilnas's: a file of
     another kind at ``target``, or at its card's name, is someone's own and is not overwritten."""
     card = reachable(target.with_suffix(".json"), "--out")
-    if not (reachable(target, "--out").exists() or card.exists()) or _holds_a_card(card):
+    if not (reachable(target, "--out").exists() or card.exists()) or _is_an_ilnas_card(card):
         return
     found = target if target.exists() else card
     raise IlnasError(f"--out {target}: {found} exists and is no earlier ilnas export (whose model card {card.name} "
                      f"would lie beside it); choose another --out, or remove it")
 
 
-def _holds_a_card(path: Path) -> bool:
+def _is_an_ilnas_card(path: Path) -> bool:
     try:
         return load_json(path.read_bytes()).get("format") == CARD_FORMAT
     except (OSError, ValueError, AttributeError):
