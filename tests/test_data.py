@@ -10,7 +10,7 @@ from ilnas.data.augment import crop
 from ilnas.data.loader import BatchMaker
 from ilnas.config import DataConfig
 from ilnas.data.tasks import create_task
-from helpers import write_cifar
+from helpers import write_cifar, write_image_folder
 from ilnas.errors import IlnasError
 
 
@@ -291,3 +291,52 @@ def test_a_channel_that_is_the_same_everywhere_normalises_to_zeros_not_infinitie
     assert np.allclose(task.std[:2], xf.std(dim=(0, 2, 3))[:2]) and min(task.std[:2]) > 0.2
     x, _ = next(BatchMaker(task, task.train, torch.device("cpu"), torch.float32, augment=True).stream(4, seed=0))
     assert torch.isfinite(x).all() and not x[:, 2].any() and x[:, :2].std() > 0.5
+
+
+DATA_CHANGES = {"train.resolution": 40, "train.color_jitter": True, "train.workers": 2, "train.decode": "device",
+                "train.cutout": 2, "data.image_size": 24, "data.folder_pipeline": "stream",
+                "data.memory_limit_gb": 1.0}
+
+
+@pytest.mark.parametrize("preset, task, unread, read", [
+    ("eval-digits", "mnist5k", {"train.resolution", "train.color_jitter", "train.workers", "train.decode",
+                                "data.folder_pipeline", "data.memory_limit_gb"}, "data.image_size"),
+    ("eval-cifar10", "cifar10", {"train.resolution", "train.color_jitter", "train.workers", "train.decode",
+                                 "data.folder_pipeline", "data.memory_limit_gb", "data.image_size"}, "train.cutout"),
+    ("eval-folder", "folder", {"train.resolution", "train.color_jitter", "train.workers", "train.decode"},
+     "data.image_size"),
+    ("eval-imagefolder", "folder", {"train.cutout", "data.image_size", "data.memory_limit_gb"}, "train.resolution"),
+], ids=["digits", "cifar", "folder-in-memory", "folder-streamed"])
+def test_the_data_settings_a_re_training_never_reads_change_no_batch_and_one_it_reads_does(
+        tmp_path, preset, task, unread, read):
+    """What config.schema.unused_settings calls unread among the data and pipeline settings (a --set of it is warned
+    of, compare pools runs over it, a sweep refuses cells that differ only in it): the training and test batches
+    with it changed are the same, bit for bit; ``read`` changed changes them (the comparison can fail)."""
+    from ilnas.config import resolve, to_dict
+    from ilnas.config.schema import unused_settings
+    from ilnas.data.training import Sharding, create_train_data
+
+    if task == "cifar10":
+        write_cifar(tmp_path, "cifar10")
+    elif task == "folder":
+        write_image_folder(tmp_path / "folder")
+        task = f"imagefolder:{tmp_path / 'folder'}"
+    base = [f"data.tasks=[{task}]", f"data.data_dir={tmp_path}", "data.verify=false", "train.workers=0",
+            "train.resolution=32"]
+
+    def batches(*change: str) -> list[torch.Tensor]:
+        cfg = resolve(preset, kind="eval", overrides=[*base, *change])
+        t = cfg.train
+        data = create_train_data(cfg.data.tasks[0], cfg.data, Sharding(4, seed=3), cutout=t.cutout,
+                                 resolution=t.resolution, color_jitter=t.color_jitter, workers=t.workers,
+                                 decode=t.decode)
+        return [*next(iter(data.epoch(0))), *next(iter(data.test()))]
+
+    data_rules = {k for k in unused_settings(to_dict(resolve(preset, kind="eval", overrides=base)))
+                  if k.split(".")[0] in ("data", "train")}
+    assert data_rules == unread and read not in data_rules
+    first = batches()
+    for key in sorted(unread) + [read]:
+        changed = batches(f"{key}={DATA_CHANGES[key]}")
+        same = all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, changed, strict=True))
+        assert same == (key != read), f"{key} changed: the same batches {same}"

@@ -425,13 +425,25 @@ def test_damaged_cifar_files_are_refused_without_a_traceback(tmp_path, finished_
 
 
 def test_an_image_folder_too_small_for_the_network_is_refused_before_a_run_exists(tmp_path):
+    """The refusal names the setting that gives the task larger images: train.resolution for a streamed folder,
+    data.image_size for one held in memory, none for CIFAR, whose images are 32x32 as published."""
     write_image_folder(tmp_path / "imgs")
+    write_cifar(tmp_path, "cifar10")
     out = tmp_path / "run"
-    assert_refused(["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--out", str(out),
-                    "--set", f"data.tasks=[imagefolder:{tmp_path / 'imgs'}]", "--set", "train.resolution=32",
-                    "--set", "train.workers=0", "--set", "train.batch_size=6", "--set", "network.layers=3"],
-                   "too small for the imagenet-style network", [])
-    assert not out.exists()  # nothing half-written blocks the rerun
+    tiny = ["--set", "train.batch_size=6", "--set", "network.layers=3", "--set", "network.style=imagenet", "--set",
+            f"data.data_dir={tmp_path}", "--set", "data.verify=false", "--out", str(out)]
+    for preset, task, settings, remedy in [
+            ("eval-imagefolder", f"imagefolder:{tmp_path / 'imgs'}", ["train.resolution=32", "train.workers=0"],
+             "use larger images (train.resolution) or another network.style"),
+            ("eval-folder", f"imagefolder:{tmp_path / 'imgs'}", ["data.image_size=32"],
+             "use larger images (data.image_size) or another network.style"),
+            ("eval-cifar10", "cifar10", [], "cifar10's images are 32x32: use another network.style")]:
+        argv = ["train", "--genotype", "DARTS_V2", "--preset", preset, "--set", f"data.tasks=[{task}]", *tiny]
+        for setting in settings:
+            argv += ["--set", setting]
+        err = assert_refused(argv, "too small for the imagenet-style network", [])
+        assert err.rstrip().endswith(f"; {remedy}"), err
+        assert not out.exists()  # nothing half-written blocks the rerun
 
 
 @pytest.mark.parametrize("name, problem", [(os.fsdecode(b"caf\xe9"), "b'caf\\xe9' in {} is not UTF-8"),

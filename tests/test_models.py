@@ -459,4 +459,5 @@ def test_image_shapes_are_checked_before_anything_is_written(tmp_path):
     r = ilnas_here("train", "--genotype", "DARTS_V2", *TINY_TRAIN, "--set", f"data.tasks=[{pets}]",
                    "--set", "network.style=imagenet", "--out", str(tmp_path / "t"))
     assert r.returncode == 2 and "too small for the imagenet-style network" in r.stderr, r.stderr
+    assert r.stderr.rstrip().endswith("use larger images (data.image_size) or another network.style"), r.stderr
     assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from ilnas.data.names import is_streamed, side_setting
 from ilnas.errors import IlnasError, NotRegistered
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
@@ -423,6 +424,10 @@ def unused_settings(config: dict) -> dict[str, str]:
     schedule = get("optimizer", "schedule", SGD.schedule)
     add((f"optimizer.{k}" for k in set().union(*SCHEDULE_SETTINGS.values()) - SCHEDULE_SETTINGS.get(schedule, set())),
         f"the {schedule} schedule does not read it")
+    tasks = get("data", "tasks", DataConfig.tasks)
+    if isinstance(tasks, (list, tuple)) and tasks and all(isinstance(t, str) for t in tasks):
+        unused.update(_unread_data_settings(tuple(tasks), get("data", "folder_pipeline", DataConfig.folder_pipeline),
+                                            config.get("kind") == "eval"))
     if config.get("kind") == "eval":
         if not get("network", "auxiliary", True):
             add(["network.auxiliary_weight"], "network.auxiliary is false")
@@ -446,6 +451,29 @@ def unused_settings(config: dict) -> dict[str, str]:
             add(["engine.lam"], f"engine.coupling={coupling} has no lambda")
         if coupling != "gd":
             add(["engine.allow_unstable"], "only engine.coupling=gd reads it")
+    return unused
+
+
+def _unread_data_settings(tasks: tuple[str, ...], pipeline: str, training: bool) -> dict[str, str]:
+    """The data and image-pipeline settings that ``tasks`` never read (``unused_settings``): the image side of tasks
+    that take theirs elsewhere, the folder settings without an image folder, and in a re-training the settings of
+    the pipeline its task does not go through (in memory: cutout; streamed: the ImageNet recipe's)."""
+    unused: dict[str, str] = {}
+    if not any(t.startswith("imagefolder:") for t in tasks):
+        unused.update(dict.fromkeys(("data.folder_pipeline", "data.memory_limit_gb"), "no task is an image folder"))
+    elif pipeline == "stream":
+        unused["data.memory_limit_gb"] = "data.folder_pipeline=stream holds no image folder in memory"
+    sides = {side_setting(t, pipeline) for t in tasks}
+    if "data.image_size" not in sides:
+        unused["data.image_size"] = ("CIFAR keeps its 32x32 images" if sides == {None} else
+                                     "a streamed image folder is cut to train.resolution")
+    if not training:
+        return unused
+    if is_streamed(tasks[0], pipeline):
+        unused["train.cutout"] = f"{tasks[0]} is streamed with the ImageNet recipe's augmentation, which has no cutout"
+    else:
+        unused.update(dict.fromkeys(("train.resolution", "train.color_jitter", "train.workers", "train.decode"),
+                                    f"{tasks[0]} is held in memory: only streamed image folders read it"))
     return unused
 
 

@@ -1,4 +1,4 @@
-"""Image folders streamed from disk (``train.folder_pipeline=stream``, ImageNet): torchvision's ImageFolder
+"""Image folders streamed from disk (``data.folder_pipeline=stream``, ImageNet): torchvision's ImageFolder
 over ilnas's own listing of the folder, with its samples packed into two numpy arrays.
 
 A DataLoader worker forked from the training process shares its memory until it writes to it, and merely

@@ -15,3 +15,21 @@ def task_names() -> tuple[str, ...]:
     """Every task a run may name, ``imagefolder:<path>`` for any image folder."""
     return (*sorted(BUILT_IN_TASKS), *(n for n in _REGISTERED if n not in BUILT_IN_TASKS), "imagenet",
             "imagefolder:<path>")
+
+
+CIFAR_SIDE = 32  # CIFAR's images keep their own side: data.image_size does not apply to them
+FIXED_SIDE_TASKS = ("cifar10", "cifar100")
+
+
+def is_streamed(name: str, folder_pipeline: str) -> bool:
+    """Whether a task's images are read from their files batch by batch (re-training only, at
+    train.resolution) rather than held in memory."""
+    return name == "imagenet" or (name.startswith("imagefolder:") and folder_pipeline == "stream")
+
+
+def side_setting(name: str, folder_pipeline: str) -> str | None:
+    """The setting that decides the side of a task's images: train.resolution for a streamed image folder, none
+    for CIFAR (32x32 as published), data.image_size for every other task (one's own included)."""
+    if is_streamed(name, folder_pipeline):
+        return "train.resolution"
+    return None if name in FIXED_SIDE_TASKS else "data.image_size"

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
-from ilnas.data.names import BUILT_IN_TASKS, FOLDER_TASKS, add_task_name, task_names
+from ilnas.data.names import BUILT_IN_TASKS, CIFAR_SIDE, FOLDER_TASKS, add_task_name, is_streamed, task_names
 from ilnas.errors import IlnasError, NotRegistered, fault, first_line
 from ilnas.fileio import reachable
 from ilnas.space.layout import REGISTRY_NAME
@@ -136,7 +136,7 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
         return TaskInfo(name, False, 3, 1000, None, Path(source.data_dir) / "imagenet")
     root = Path(name.split(":", 1)[1])
     classes = folder_classes(root, name)
-    memory = source.folder_pipeline == "memory"
+    memory = not is_streamed(name, source.folder_pipeline)
     return TaskInfo(name, memory, 3, len(classes), source.image_size if memory else None, root)
 
 
@@ -242,8 +242,8 @@ def _cifar(name: str, source: DataConfig) -> Task:
                 classes=tuple(test_set.classes))
 
 
-_register_task("cifar10", 3, 10, lambda source: 32)(lambda source: _cifar("cifar10", source))
-_register_task("cifar100", 3, 100, lambda source: 32)(lambda source: _cifar("cifar100", source))
+_register_task("cifar10", 3, 10, lambda source: CIFAR_SIDE)(lambda source: _cifar("cifar10", source))
+_register_task("cifar100", 3, 100, lambda source: CIFAR_SIDE)(lambda source: _cifar("cifar100", source))
 
 
 # --- the embedded digit tasks -----------------------------------------------------------------

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ilnas import distributed, ranks
 from ilnas.config import EvalRunConfig
+from ilnas.data.names import CIFAR_SIDE, side_setting
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
@@ -105,6 +106,15 @@ def source_record(source: str | None, out: Path) -> dict:
     return record
 
 
+def _larger_images(cfg: EvalRunConfig) -> str:
+    """What makes a re-training's images larger, for a network that finds them too small."""
+    task = cfg.data.tasks[0]
+    setting = side_setting(task, cfg.data.folder_pipeline)
+    if setting is None:
+        return f"{task}'s images are {CIFAR_SIDE}x{CIFAR_SIDE}: use another network.style"
+    return f"use larger images ({setting}) or another network.style"
+
+
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
          process: distributed.Process, genotype_source: str | None, guard: StepGuard,
          check_only: bool = False) -> dict | None:
@@ -125,7 +135,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
               device=process.device)
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args(),
-                     device=process.device)
+                     device=process.device, remedy=_larger_images(cfg))
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

@@ -217,12 +217,13 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
 
 
 def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
-                     layers: int = 20, channels: int = 36, auxiliary: bool = True,
-                     device: str | torch.device = "cpu") -> None:
+                     layers: int = 20, channels: int = 36, auxiliary: bool = True, device: str | torch.device = "cpu",
+                     remedy: str = "use larger images or another network style") -> None:
     """Refuse images a network cannot take: one training-mode (auxiliary head and drop-path included) and one
     evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``; a network of
     one's own at its own width, which it may depend on) on two images, on ``device`` (the run's), the random state
-    untouched; and a network of one's own that returns what re-training cannot take."""
+    untouched; and a network of one's own that returns what re-training cannot take. ``remedy`` ends the refusal
+    of images too small for the network's built-in parts: what its caller can change."""
     device = torch.device(device)
     width = 8 if style in NETWORK_STYLES else channels
     with unchanged_rng(device), torch.no_grad():
@@ -241,8 +242,7 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
                                  f"images ({fault(e, 100)}): they are too small for it, or "
                                  f"{' or '.join(own)} fails at that size") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
-                             f"{layers} cells ({first_line(e, 100)}); use larger images (train.resolution) or another "
-                             f"network.style") from None
+                             f"{layers} cells ({first_line(e, 100)}); {remedy}") from None
     _require_outputs(style, trained, evaluated, classes)
 
 
