@@ -39,13 +39,15 @@ TINY_TRAIN = ["--no-report", "--set", "network.layers=3", "--set", "network.chan
 TRAIN_ARGS = ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits", *TINY_TRAIN, "--set", "train.epochs=3"]
 
 
-def folder_training(images: Path, out: Path, batch: int, epochs: int = 1) -> list[str]:
-    """``ilnas train`` arguments: DARTS_V2 (3 cells, C=4, CIFAR-style) on the image folder ``images``, streamed
-    through one DataLoader worker."""
+def folder_training(images: Path, out: Path, batch: int, epochs: int = 1, pipeline: str = "stream") -> list[str]:
+    """``ilnas train`` arguments: DARTS_V2 (3 cells, C=4, CIFAR-style) on the image folder ``images`` at 32x32,
+    streamed through one DataLoader worker (or, ``pipeline="memory"``, decoded into memory first)."""
+    side = (["train.resolution=32", "train.workers=1"] if pipeline == "stream" else
+            ["data.folder_pipeline=memory", "data.image_size=32"])
     return ["train", "--genotype", "DARTS_V2", "--preset", "eval-imagefolder", "--set",
-            f"data.tasks=[imagefolder:{images}]", "--set", "network.style=cifar", "--set", "train.resolution=32",
-            "--set", "train.workers=1", "--set", f"train.batch_size={batch}", *TINY_TRAIN[1:5], "--set",
-            f"train.epochs={epochs}", "--set", "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
+            f"data.tasks=[imagefolder:{images}]", "--set", "network.style=cifar", "--set", side[0], "--set", side[1],
+            "--set", f"train.batch_size={batch}", *TINY_TRAIN[1:5], "--set", f"train.epochs={epochs}", "--set",
+            "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
 
 
 def ranks_stderr(stderr: str) -> str:

@@ -41,7 +41,8 @@ def test_a_schedule_reads_its_own_settings_only(schedule):
 
     base = SGD(lr=0.1, lr_min=0.01, schedule=schedule, warmup_epochs=3, step_size=4, gamma=0.9)
     changed = {"lr_min": 0.02, "warmup_epochs": 5, "step_size": 7, "gamma": 0.5}
-    unused = {k.split(".")[1] for k in unused_settings({"kind": "eval", "optimizer": {"schedule": schedule}})}
+    unused = {k.split(".")[1] for k in unused_settings({"kind": "eval", "optimizer": {"schedule": schedule}})
+              if k.startswith("optimizer.")}
     assert unused == set(changed) - SCHEDULE_SETTINGS[schedule]
     for name, value in changed.items():
         rates = [replace(base, **{name: value}).lr_at(e, 20) for e in range(20)]
@@ -188,8 +189,7 @@ def test_a_flat_validation_folder_is_refused_with_what_to_do(tmp_path, pipeline)
         image.rename(val / f"{image.parent.name}-{image.name}")
     for folder in [f for f in val.iterdir() if f.is_dir()]:
         folder.rmdir()
-    code, _, err = call(*folder_training(tmp_path / "imgs", tmp_path / "run", batch=6), "--set",
-                        f"data.folder_pipeline={pipeline}")
+    code, _, err = call(*folder_training(tmp_path / "imgs", tmp_path / "run", batch=6, pipeline=pipeline))
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.rstrip().endswith("; its 6 images lie in no class folder, as ImageNet's validation images come: sort "
                                  "them into one folder per class (torchvision.datasets.ImageNet(root, split='val') "
