@@ -188,10 +188,55 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
      "engine.lam \\(lambda\\) must be >= 0, got nan"),
     (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE, sgd=SGD(lr=math.nan)),
      "the learning rate must be a positive number, got nan"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SpaceConfig(channels=0, layers=3)),
+     "^space.channels must be a positive integer, got 0$"),  # was: "operation 'max_pool_3x3' fails on ..."
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SpaceConfig(channels=4, layers=3, partial_channels=3)),
+     "^space.partial_channels must be >= 1 and divide space.channels=4, got 3$"),
+    # heads and batches a first step used to trip over, deep in torch (a grouped convolution's channels, say)
+    (lambda: SupernetSearch({"a": 3}, 3, space=SPACE),
+     "^the head of task 'a' must be a torch.nn.Module or a builder of one given the feature width, got int$"),
+    (lambda: SupernetSearch({"a": lambda width: "linear"}, 3, space=SPACE),
+     "^the head builder of task 'a' returned str, not a torch.nn.Module$"),
+    (lambda: SupernetSearch({"a": nn.Linear(16, 2)}, 3, space=SPACE),
+     "^task 'a': the task head cannot take the supernet's features, \\(N, 64\\) \\(RuntimeError: mat1 and mat2"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 1, space=SPACE).step(
+        {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0)}),
+     "^train\\['a'\\]: the images must be a torch.float32 tensor \\(N, 1, H, W\\) on cpu, got torch.float32 "
+     "\\(2, 3, 8, 8\\) on cpu$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE, dtype=torch.float64).step(
+        {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0)}),
+     "^train\\['a'\\]: the images must be a torch.float64 tensor"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).step(
+        {"a": tensors(2, 2, 0)}, {"a": (tensors(2, 2, 0)[0], torch.zeros(3, dtype=torch.long))}),
+     "^val\\['a'\\]: 2 images but targets of shape \\(3,\\)$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).step({"a": tensors(2, 2, 0)}, {"a": [1]}),
+     "^val\\['a'\\] must be an \\(images, targets\\) pair, got list$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).step(
+        {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0)}, lr=math.nan), "^lr must be a positive number, got nan$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).logits(
+        "a", torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
+     "^logits: the images must be a torch.float32 tensor \\(N, 3, H, W\\) on cpu, got torch.uint8"),
 ])
 def test_a_supernet_search_refuses_bad_input_in_one_line(make, message):
     with pytest.raises(IlnasError, match=message):
         make()
+
+
+def test_a_step_above_the_schedules_rate_is_held_to_the_couplings_stability_and_a_head_is_left_as_it_was():
+    """A step's own lr above sgd.lr is checked as sgd.lr was (gd coupling: 2 * lr * lambda < 1). Building the search
+    runs a head given as a module once, to learn its output width: in evaluation mode without gradients, so its
+    running statistics, its mode and torch's global RNG stay as they were (a training-mode pass updated the
+    BatchNorm statistics and drew the dropout mask from the global RNG, which the class promises to leave alone)."""
+    head = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 2))
+    before, rng = {k: v.clone() for k, v in head.state_dict().items()}, torch.get_rng_state()
+    search = SupernetSearch({"a": head}, 3, space=SPACE, rounds=2, engine=EngineConfig(coupling="gd", lam=5.0),
+                            sgd=SGD(lr=0.05))
+    assert head.training and all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(rng, torch.get_rng_state())
+    batch = {"a": tensors(4, 2, 0)}
+    search.step(batch, batch, lr=0.02)
+    with pytest.raises(IlnasError, match="coupling 'gd' with 2\\*lr\\*lambda = 2 >= 1 overshoots"):
+        search.step(batch, batch, lr=0.2)
 
 
 def test_resolve_takes_a_mapping_of_dotted_keys_or_sections():

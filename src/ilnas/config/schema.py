@@ -321,8 +321,7 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     s, e, k = cfg.search, cfg.engine, len(cfg.data.tasks)
     _positive("search", s, ("rounds", "eval_batches", "log_every"))
     _non_negative("search", s, ("checkpoint_minutes",))
-    _positive("space", cfg.space, ("channels", "layers", "stem_multiplier"))
-    _at_most("space", cfg.space, ("layers",), MAX_CELLS)
+    validate_space(cfg.space)
     _at_most("pdarts", cfg.pdarts, ("layers",), MAX_CELLS)
     _at_most("search", s, ("rounds",), MAX_ROUNDS)
     _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
@@ -339,10 +338,6 @@ def _validate_search(cfg: SearchRunConfig) -> None:
                          f"space.edge_normalization), got {s.method!r}")
     if not 0 <= s.warmup_epochs < s.epochs:
         raise IlnasError(f"search.warmup_epochs must lie in [0, epochs), got {s.warmup_epochs}")
-    if cfg.space.partial_channels < 1 or cfg.space.channels % cfg.space.partial_channels:
-        raise IlnasError(f"space.partial_channels must be >= 1 and divide space.channels={cfg.space.channels}, "
-                         f"got {cfg.space.partial_channels}")
-    validate_ops(cfg.space.ops)
     if s.method == "pdarts":
         _validate_pdarts(cfg.pdarts, len(cfg.space.ops))
     else:
@@ -358,6 +353,17 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     if s.amp and s.dtype != "float32":
         raise IlnasError(f"search.amp (bf16 autocast) needs search.dtype=float32, got {s.dtype}")
     validate_config(e, k, cfg.optimizer.lr)
+
+
+def validate_space(space: SpaceConfig) -> None:
+    """The space section's values (the supernet's cell count is checked against the method: P-DARTS reads its
+    phases' instead)."""
+    _positive("space", space, ("channels", "layers", "stem_multiplier"))
+    _at_most("space", space, ("layers",), MAX_CELLS)
+    if space.partial_channels < 1 or space.channels % space.partial_channels:
+        raise IlnasError(f"space.partial_channels must be >= 1 and divide space.channels={space.channels}, "
+                         f"got {space.partial_channels}")
+    validate_ops(space.ops)
 
 
 def validate_ops(ops: Sequence[str]) -> None:

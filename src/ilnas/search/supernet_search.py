@@ -12,19 +12,21 @@ directory on top of the same pieces; this class is for tasks that live in your o
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell, validate_ops
+from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell, validate_space
 from ilnas.errors import IlnasError
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
-                                 search_step)
+                                 search_step, validate_config)
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
@@ -63,13 +65,17 @@ class SupernetSearch:
                  arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool | None = None, amp: bool = False, reduce: Reduce = no_reduce):
-        from ilnas.search.engine import validate_config
-
         if not heads:
             raise IlnasError("heads is empty: give at least one task")
+        for name, spec in heads.items():
+            if not (isinstance(spec, nn.Module) or callable(spec)):
+                raise IlnasError(f"the head of task {name!r} must be a torch.nn.Module or a builder of one given the "
+                                 f"feature width, got {type(spec).__name__}")
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
+        for setting in ("channels", "layers", "stem_multiplier", "partial_channels"):
+            positive_integer(f"space.{setting}", getattr(space, setting))
+        validate_space(space)
         require_normal_cell("space.layers", space.layers)
-        validate_ops(space.ops)
         check_ops(space.ops, channels=space.channels // space.partial_channels, device=device)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
@@ -78,6 +84,7 @@ class SupernetSearch:
         if amp and dtype != torch.float32:
             raise IlnasError(f"amp (bf16 autocast) needs dtype=torch.float32, got {dtype}")
         self.tasks, self.engine, self.sgd, self.reduce = list(heads), engine, sgd, reduce
+        self.images = (in_channels, dtype, torch.device(device))
         self.autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=amp)
 
@@ -104,8 +111,8 @@ class SupernetSearch:
             with torch.random.fork_rng(devices=[]):  # the caller's global RNG is neither read nor moved
                 torch.manual_seed(derive_seed(seed, 0, k, 1))
                 return spec(width)
-        modules = [build_head(k, h) for k, h in enumerate(heads.values())]
-        self.nets = [FunctionalTaskNet(self.encoder, m.to(device, dtype), None, (criteria or {}).get(name, F.cross_entropy))
+        modules = [_placed_head(name, build_head(k, h), device, dtype) for k, (name, h) in enumerate(heads.items())]
+        self.nets = [_task_net(name, self.encoder, m, (criteria or {}).get(name, F.cross_entropy))
                      for name, m in zip(self.tasks, modules)]
         self.learners = [Learner(name, net.loss, net.losses) for name, net in zip(self.tasks, self.nets)]
         heads_init = [[p.detach().clone() for p in m.parameters()] for m in modules]
@@ -120,6 +127,8 @@ class SupernetSearch:
         missing = [t for t in self.tasks if t not in batches]
         if missing:
             raise IlnasError(f"{what} has no batch for {', '.join(missing)}")
+        for task in self.tasks:
+            _require_batch(f"{what}[{task!r}]", batches[task], *self.images)
         return [batches[t] for t in self.tasks]
 
     def step(self, train: Mapping[str, Batch], val: Mapping[str, Batch], lr: float | None = None,
@@ -128,7 +137,12 @@ class SupernetSearch:
         final round's losses on the ``val`` batches, Adam on the architecture, the stages' real SGD updates.
         ``lr``: this step's learning rate (default ``sgd.lr``). Returns the engine's metrics, losses named
         by stage (``r2/colours``) and task."""
-        lr = self.sgd.lr if lr is None else lr
+        if lr is None:
+            lr = self.sgd.lr
+        elif not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+            raise IlnasError(f"lr must be a positive number, got {lr!r}")
+        elif lr > self.sgd.lr:  # the coupling was checked for stability up to sgd.lr
+            validate_config(self.engine, len(self.tasks), lr)
         with self.autocast():
             metrics = search_step(self.state, self.learners, self._per_task(train, "train"),
                                   self._per_task(val, "val"), self.engine, self.sgd, lr, update_arch, self.reduce)
@@ -143,6 +157,7 @@ class SupernetSearch:
         """Logits of ``task``'s final-round stage on ``x`` (evaluation mode)."""
         if task not in self.tasks:
             raise IlnasError(f"unknown task {task!r}; tasks: {', '.join(self.tasks)}")
+        _require_images("logits", x, *self.images)
         k = self.tasks.index(task)
         stage = next(self.state.stages[s] for s in final_stages(self.state, len(self.tasks))
                      if self.state.stages[s].learner == k)
@@ -151,3 +166,36 @@ class SupernetSearch:
             return self.nets[k].logits([a.detach() for a in self.state.arch], stage.w, stage.h, x)
         finally:
             self.encoder.train()
+
+
+def _placed_head(task: str, head: Any, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """The head on the search's device and dtype."""
+    if not isinstance(head, nn.Module):
+        raise IlnasError(f"the head builder of task {task!r} returned {type(head).__name__}, not a torch.nn.Module")
+    return head.to(device, dtype)
+
+
+def _task_net(task: str, encoder: nn.Module, head: nn.Module, criterion: Criterion) -> FunctionalTaskNet:
+    try:
+        return FunctionalTaskNet(encoder, head, None, criterion)
+    except IlnasError as e:  # a head that cannot take the features: which task's
+        raise IlnasError(f"task {task!r}: {e}") from None
+
+
+def _require_batch(where: str, batch: Any, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+    """An (images, targets) pair the supernet can take: images (N, channels, H, W) of the search's dtype on its
+    device; targets, where a tensor, of N rows (a criterion of one's own may take other targets)."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise IlnasError(f"{where} must be an (images, targets) pair, got {type(batch).__name__}")
+    x, y = batch
+    _require_images(where, x, channels, dtype, device)
+    if isinstance(y, torch.Tensor) and (y.dim() == 0 or len(y) != len(x)):
+        raise IlnasError(f"{where}: {len(x)} images but targets of shape {tuple(y.shape)}")
+
+
+def _require_images(where: str, x: Any, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+    on_device = isinstance(x, torch.Tensor) and x.device.type == device.type and (
+        device.index is None or x.device.index == device.index)
+    if not on_device or x.dim() != 4 or x.shape[1] != channels or x.dtype != dtype:
+        got = (f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__)
+        raise IlnasError(f"{where}: the images must be a {dtype} tensor (N, {channels}, H, W) on {device}, got {got}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, fault
 from ilnas.space.sets import stack_sets
 from ilnas.space.supernet import Supernet, arch_weights
 
@@ -21,6 +21,24 @@ Tensors = list[torch.Tensor]
 
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, targets) -> scalar loss
+
+
+def _output_width(head: nn.Module, features: int) -> int:
+    """The width of a head's output for (N, features) inputs: one pass of two rows in evaluation mode without
+    gradients, so that the head's running statistics, its mode and torch's global RNG (dropout) stay as they
+    were. A head that cannot take such input is refused in one line."""
+    first = next(head.parameters(), None)
+    probe = torch.zeros(2, features, dtype=first.dtype if first is not None else torch.float32,
+                        device=first.device if first is not None else None)
+    training = head.training
+    try:
+        with torch.no_grad():
+            return head.eval()(probe).shape[-1]
+    except Exception as e:  # a head of one's own may fail any way it likes
+        raise IlnasError(f"the task head cannot take the supernet's features, (N, {features}) "
+                         f"({fault(e, 120)})") from None
+    finally:
+        head.train(training)
 
 
 class FunctionalTaskNet:
@@ -34,10 +52,7 @@ class FunctionalTaskNet:
     def __init__(self, encoder: Supernet, head: nn.Module, num_classes: int | None,
                  criterion: Criterion = F.cross_entropy):
         self.encoder, self.head, self.criterion = encoder, head, criterion
-        probe = torch.zeros(2, encoder.out_features, dtype=next(head.parameters()).dtype,
-                            device=next(head.parameters()).device)
-        with torch.no_grad():
-            width = head(probe).shape[-1]
+        width = _output_width(head, encoder.out_features)
         if num_classes is not None and width != num_classes:
             raise IlnasError(f"task head gives {width} outputs but the task has {num_classes} classes")
         self.encoder_names = [n for n, _ in encoder.named_parameters()]
