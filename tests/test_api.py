@@ -344,3 +344,34 @@ def test_a_short_search_finds_the_same_cell_in_either_layout(tmp_path):
             np.testing.assert_allclose(a, alphas_nchw[name], rtol=1e-6, atol=1e-9)
         else:  # the labels: ops and edges
             assert (a == alphas_nchw[name]).all()
+
+
+def test_the_recipes_hold_a_configuration_built_in_python_to_what_resolve_holds_one_to(tmp_path):
+    """dataclasses.replace of a resolved configuration passes any value: the recipes check it as resolve does,
+    before anything is written, and refuse a configuration of the other kind; run_train takes a genotype by name."""
+    from dataclasses import replace
+
+    from ilnas import run_search, run_train
+
+    search, training = resolve("demo"), resolve("eval-digits", kind="eval")
+    out = tmp_path / "run"
+    for call_recipe, message in [
+            (lambda: run_search(replace(search, search=replace(search.search, epochs=0)), out),
+             "^search.epochs must be positive, got 0$"),
+            (lambda: run_search(replace(search, search=replace(search.search, epochs="3")), out),
+             "^search.epochs must be an integer, got '3'$"),
+            (lambda: run_search(replace(search, engine=replace(search.engine, lam=-1.0)), out),
+             "^engine.lam \\(lambda\\) must be >= 0, got -1.0$"),
+            (lambda: run_search(training, out), "^expected a search configuration \\(SearchRunConfig: "
+                                                "ilnas.resolve\\(preset, kind='search'\\)\\), got EvalRunConfig$"),
+            (lambda: run_search({"search": {}}, out), "^expected a search configuration .*, got dict$"),
+            (lambda: run_train(search, "DARTS_V2", out), "^expected a training configuration .*, got SearchRunConfig$"),
+            (lambda: run_train(replace(training, train=replace(training.train, batch_size=-4)), "DARTS_V2", out),
+             "^train.batch_size must be positive, got -4$"),
+            (lambda: run_train(training, 42, out), "^genotype must be a Genotype or what load_genotype reads"),
+            (lambda: run_train(training, "DARTS_V9", out), "^unknown genotype 'DARTS_V9'")]:
+        with pytest.raises(IlnasError, match=message):
+            call_recipe()
+        assert not out.exists()
+    tiny = replace(training, network=replace(training.network, layers=3, channels=4))
+    assert run_train(tiny, "DARTS_V2", out, progress=False, check_only=True) is None and not out.exists()

@@ -287,6 +287,18 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+def checked(cfg: Any, kind: str) -> RunConfig:
+    """A configuration handed to a recipe in Python, held to what ``resolve`` holds one to: of the recipe's kind,
+    every value of its type (``dataclasses.replace`` of a resolved configuration passes anything), validated."""
+    expected = KINDS[kind]
+    if not isinstance(cfg, expected):
+        raise IlnasError(f"expected a {KIND_NAMES[kind]} configuration ({expected.__name__}: ilnas.resolve(preset, "
+                         f"kind={kind!r})), got {type(cfg).__name__}")
+    cfg = from_dict(expected, to_dict(cfg))
+    validate(cfg)
+    return cfg
+
+
 def resolve(preset: str | None = None, config_file: str | None = None,
             overrides: Sequence[str] | Mapping[str, Any] = (), kind: str | None = "search") -> RunConfig:
     """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- overrides,

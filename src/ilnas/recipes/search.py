@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ilnas.config import SearchRunConfig
+from ilnas.config import SearchRunConfig, checked
 from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed, ranks
@@ -260,6 +260,7 @@ def run_search(cfg: SearchRunConfig, out: Path, resume: bool = False, force: boo
     (run directory, checkpoint against config, device, data, shapes) before anything is written.
     ``report``: plots/ and report.html at the end (recipes/report.py). ``check_only``: validate all that, then
     return None, nothing written."""
+    cfg = checked(cfg, "search")
     out, s = Path(out), cfg.search
     if s.batch_size % ranks.world_size():
         raise IlnasError(f"search.batch_size={s.batch_size} is not divisible by the {ranks.world_size()} ranks")

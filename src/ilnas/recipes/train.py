@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ilnas import distributed, ranks
-from ilnas.config import EvalRunConfig
+from ilnas.config import EvalRunConfig, checked
 from ilnas.data.names import CIFAR_SIDE, side_setting
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
@@ -36,7 +36,7 @@ from ilnas.runs import (PROVENANCE, RunDir, check, config_dict, is_finished, loa
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
-from ilnas.space.genotype import Genotype
+from ilnas.space.genotype import Genotype, load_genotype
 from ilnas.space.layout import NETWORK_STYLES
 from ilnas.space.network import build_network, check_input_size, count_parameters, multiply_adds
 from ilnas.space.ops import check_ops
@@ -59,14 +59,21 @@ def unfinished_search(source: str | None) -> Path | None:
     return run if searched and not is_finished(run) else None
 
 
-def run_train(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool = False, force: bool = False,
+def run_train(cfg: EvalRunConfig, genotype: Genotype | str, out: Path, resume: bool = False, force: bool = False,
               progress: bool = True, genotype_source: str | None = None, report: bool = True,
               check_only: bool = False) -> dict | None:
-    """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank).
+    """Train ``genotype``'s network into ``out``; returns result.json's content (on every rank). ``genotype``: a
+    Genotype, or what ``load_genotype`` reads (a zoo name, a search run, a file, a literal: its source).
     ``genotype_source`` (a zoo name, a search run, a file) is recorded in the run's provenance;
     ``report``: plots/ and report.html at the end (recipes/report.py). ``check_only``: validate everything a
     training validates before it writes (run directory, checkpoint, data, network, memory), then return None,
     nothing written."""
+    cfg = checked(cfg, "eval")
+    if isinstance(genotype, str):
+        genotype, genotype_source = load_genotype(genotype), genotype_source or genotype
+    elif not isinstance(genotype, Genotype):
+        raise IlnasError(f"genotype must be a Genotype or what load_genotype reads (a zoo name, a run, a file, a "
+                         f"literal), got {type(genotype).__name__}")
     t, world = cfg.train, ranks.world_size()
     if t.batch_size % world:
         raise IlnasError(f"train.batch_size={t.batch_size} is not divisible by the {world} ranks")
