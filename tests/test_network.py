@@ -468,6 +468,18 @@ def _tensor_in_training(genotype, classes, in_channels, resolution, layers, chan
     return net
 
 
+def _two_images_only(genotype, classes, in_channels, resolution, layers, channels, auxiliary):
+    net = _PlainNetwork(genotype, classes, in_channels, resolution, layers, channels, auxiliary)
+    plain = net.forward
+
+    def forward(x, drop_path_rate=0.0):
+        if len(x) != 2:  # a reshape written for one batch size, say
+            raise RuntimeError(f"shape '[2, -1]' is invalid for input of size {len(x) * 10}")
+        return plain(x, drop_path_rate)
+    net.forward = forward
+    return net
+
+
 @pytest.mark.parametrize("factory, message", [
     (lambda *args: 1 / 0, r"^network style 'mine' cannot be built \(ZeroDivisionError: division by zero\)$"),
     (lambda *args: "a network", r"^network style 'mine' is no torch.nn.Module: its factory returned str$"),
@@ -478,8 +490,12 @@ def _tensor_in_training(genotype, classes, in_channels, resolution, layers, chan
                                                                       r"a tensor \(2, 11\)\) and a tensor \(2, 11\)"),
     (lambda g, classes, in_channels, *args: _PlainNetwork(g, classes, 3, *args),
      r"^the mine-style network of 2 cells fails on 16x16 images \(RuntimeError: .*\): they are too small for it, or "
-     r"your network style mine fails at that size$")],
-    ids=["raises", "no-module", "tensor", "classes", "channels"])
+     r"your network style mine fails at that size$"),
+    # it passed the check of two images, then failed the recipe's count of multiply-adds (one image) in a traceback
+    (_two_images_only, r"^your network style mine fails on a batch of 1 image\(s\) in evaluation mode \(RuntimeError: "
+                       r"shape '\[2, -1\]' is invalid for input of size 10\), where it takes two: a run feeds it "
+                       r"batches of any size$")],
+    ids=["raises", "no-module", "tensor", "classes", "channels", "batch"])
 def test_a_network_of_ones_own_that_cannot_be_re_trained_is_refused_before_a_run(factory, message, network_registry,
                                                                                  tmp_path):
     import ilnas

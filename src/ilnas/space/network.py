@@ -222,27 +222,41 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
     """Refuse images a network cannot take: one training-mode (auxiliary head and drop-path included) and one
     evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``; a network of
     one's own at its own width, which it may depend on) on two images, on ``device`` (the run's), the random state
-    untouched; and a network of one's own that returns what re-training cannot take. ``remedy`` ends the refusal
-    of images too small for the network's built-in parts: what its caller can change."""
+    untouched; and a network of one's own that returns what re-training cannot take. Code of one's own also runs
+    the passes a recipe makes before its run (one image to count multiply-adds, four for the memory check), so
+    that one written for a single batch size fails here, in one line. ``remedy`` ends the refusal of images too
+    small for the network's built-in parts: what its caller can change."""
     device = torch.device(device)
     width = 8 if style in NETWORK_STYLES else channels
+    ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
+    own = [f"an operation of your own ({', '.join(ops)})"] if ops else []
+    own += [f"your network style {style}"] if style not in NETWORK_STYLES else []
     with unchanged_rng(device), torch.no_grad():
         model = build_network(genotype, classes, in_channels, resolution, style, layers, width, auxiliary).to(device)
-        x = torch.zeros(2, in_channels, resolution, resolution, device=device)
+
+        def forward(training: bool, images: int) -> object:
+            x = torch.zeros(images, in_channels, resolution, resolution, device=device)
+            return model.train()(x, torch.tensor(0.1, device=device)) if training else model.eval()(x)
         try:
-            trained, evaluated = model.train()(x, torch.tensor(0.1, device=device)), model.eval()(x)
+            trained, evaluated = forward(True, 2), forward(False, 2)
         except Exception as e:  # an operation or a network of one's own may fail any way it likes
             if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
                 raise
-            ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
-            own = [f"an operation of your own ({', '.join(ops)})"] if ops else []
-            own += [f"your network style {style}"] if style not in NETWORK_STYLES else []
             if own:
                 raise IlnasError(f"the {style}-style network of {layers} cells fails on {resolution}x{resolution} "
                                  f"images ({fault(e, 100)}): they are too small for it, or "
                                  f"{' or '.join(own)} fails at that size") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
                              f"{layers} cells ({first_line(e, 100)}); {remedy}") from None
+        for training, images in ((False, 1), (True, 4)) if own else ():
+            try:
+                forward(training, images)
+            except Exception as e:
+                if allocation_failure(e) is not None:
+                    raise
+                raise IlnasError(f"{' or '.join(own)} fails on a batch of {images} image(s) in "
+                                 f"{'training' if training else 'evaluation'} mode ({fault(e, 100)}), where it takes "
+                                 f"two: a run feeds it batches of any size") from None
     _require_outputs(style, trained, evaluated, classes)
 
 
