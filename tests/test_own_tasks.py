@@ -87,6 +87,17 @@ def test_a_task_of_ones_own_is_searched_re_trained_evaluated_and_held_against_a_
     assert json.loads((train / "model.json").read_text())["classes"] == ["top", "middle", "bottom"]
     code, out, err = call("evaluate", str(train), "--data", "grey-rows")
     assert code == 0 and "grey-rows (test split): 30 images" in out, err
+    elsewhere = tmp_path / "elsewhere"  # --data-dir: the task's files are looked for there, not in the run's data_dir
+    elsewhere.mkdir()
+    code, _, err = call("evaluate", str(train), "--data", "grey-rows", "--data-dir", str(elsewhere))
+    assert code == 2 and f"{elsewhere}/pixel" in err, err
+    (elsewhere / "pixel").write_text("0")
+    code, out, err = call("evaluate", str(train), "--data", "grey-rows", "--data-dir", str(elsewhere))
+    assert code == 0 and "grey-rows (test split): 30 images" in out, err
+    for data_dir, data, message in [(tmp_path / "nowhere", "grey-rows", "is no directory"),
+                                    (elsewhere, str(elsewhere), "is a folder of images itself")]:
+        code, _, err = call("evaluate", str(train), "--data", data, "--data-dir", str(data_dir))
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
     (run / "summary.json").unlink()  # interrupted before its end
     before = snapshot(run)
     (tmp_path / "pixel").write_text("1")

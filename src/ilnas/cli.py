@@ -91,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="a task name (its test split), or a folder of class folders (or holding val/)")
     _model_options(ev)
     ev.add_argument("--out", help="where the results go (default: RUN/evaluations/<data>-<weights>/)")
+    ev.add_argument("--data-dir", help="where a task's files are (CIFAR, ImageNet; default: the training run's "
+                                       "data.data_dir)")
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--json", action="store_true", help="print evaluation.json")
 
@@ -418,7 +420,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if args.batch_size < 1:
         raise IlnasError(f"--batch-size must be positive, got {args.batch_size}")
-    r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device))
+    r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device), args.data_dir)
     if args.json:
         print(json.dumps(r, indent=1))
         return

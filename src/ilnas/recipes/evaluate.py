@@ -58,9 +58,9 @@ def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
     return EvalSet(str(folder.resolve()), len(items), batches())
 
 
-def _task_set(task: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet:
-    """A task name: in-memory tasks give their test split (with the run's data settings), streamed
-    image folders their val/ tree."""
+def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: str | None) -> EvalSet:
+    """A task name: in-memory tasks give their test split (with the run's data settings, ``data_dir`` in place of
+    its data.data_dir where given), streamed image folders their val/ tree."""
     from ilnas.config import DataConfig, from_dict
     from ilnas.data.tasks import create_task, task_info
     from ilnas.runs import read_config
@@ -69,7 +69,9 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet
         source = from_dict(DataConfig, read_config(run).get("data", {}), "data.")
     except IlnasError:
         source = DataConfig()
-    source = dataclasses.replace(source, tasks=(task,))
+    if data_dir is not None and not reachable(data_dir, "--data-dir").is_dir():
+        raise IlnasError(f"--data-dir {data_dir} is no directory")
+    source = dataclasses.replace(source, tasks=(task,), data_dir=source.data_dir if data_dir is None else data_dir)
     info = task_info(task, source)
     if not info.in_memory:
         return _folder_set(info.root / "val", card, batch_size)
@@ -85,17 +87,20 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet
     return EvalSet(f"{task} (test split)", len(labels), batches())
 
 
-def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int) -> EvalSet:
-    """A task name (its test split) or a folder of class folders (or a folder holding val/)."""
+def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int, data_dir: str | None = None) -> EvalSet:
+    """A task name (its test split; ``data_dir``: where its files are, default the run's data.data_dir) or a folder
+    of class folders (or a folder holding val/)."""
     from ilnas.data.tasks import TASKS, known_tasks
 
     path = reachable(data, "--data") if ":" not in data else Path(data)
     if ":" not in data and path.is_dir():
+        if data_dir is not None:
+            raise IlnasError(f"--data-dir says where a task's files are; --data {data} is a folder of images itself")
         return _folder_set(path / "val" if (path / "val").is_dir() else path, card, batch_size)
     if ":" not in data and data not in TASKS and data != "imagenet":
         raise NotRegistered(f"--data {data!r} is neither a folder nor a task ({known_tasks()}; one of your own: "
                             f"ilnas.register_task in a module that ILNAS_PLUGINS names)")
-    return _task_set(data, run, card, batch_size)
+    return _task_set(data, run, card, batch_size, data_dir)
 
 
 @torch.no_grad()
@@ -105,17 +110,19 @@ def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | None = None,
-             batch_size: int = 256, device: str = "cpu") -> dict:
+             batch_size: int = 256, device: str = "cpu", data_dir: str | None = None) -> dict:
     """Top-1/top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted) of
     ``run``'s model on ``data``; written to ``out`` (default <run>/evaluations/<data>-<which>/) as
-    evaluation.json, per_class.csv, confusion.csv and confusion.png. Returns evaluation.json's content."""
+    evaluation.json, per_class.csv, confusion.csv and confusion.png. Returns evaluation.json's content.
+    ``data_dir``: where a task's files are (CIFAR's, ImageNet's), in place of the training run's data.data_dir
+    (a relative one is relative to where the training ran)."""
     run = Path(run)
     if out is not None:
         refuse_among_run_files([Path(out) / "evaluation.json"], "--out")
         _refuse_replacing_other_files(Path(out))
     model = load_model(run, which, device)
     card: ModelCard = model.card
-    dataset = evaluation_set(data, run, card, batch_size)
+    dataset = evaluation_set(data, run, card, batch_size, data_dir)
     k, n = min(5, card.num_classes), card.num_classes
     confusion = torch.zeros(n, n, dtype=torch.int64)
     top_k = 0
