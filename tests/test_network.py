@@ -179,6 +179,13 @@ class _Refusing(torch.nn.Module):
         return x
 
 
+class _TwoImagesOnly(torch.nn.Module):
+    """An operation of one's own written for batches of two images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(2, *x.shape[1:])
+
+
 @pytest.mark.parametrize("factory, message", [
     (lambda c, stride, affine, sets: torch.nn.Conv2d(sets * c, 2 * sets * c, 1, stride),
      r"maps a \(2, 16, 8, 8\) input at stride 1 to \(2, 32, 8, 8\), not \(2, 16, 8, 8\)"),
@@ -190,8 +197,10 @@ class _Refusing(torch.nn.Module):
     (lambda c, stride, affine: torch.nn.Identity(),  # a factory of the wrong signature
      r"cannot be built as factory\(channels=8, stride=1, affine=False, sets=2\) \(TypeError: "),
     (lambda c, stride, affine, sets: _Refusing(),  # fails with an error other than torch's
-     r"fails on a \(2, 16, 8, 8\) input at stride 1 \(AssertionError: wants 16x16\)$")],
-    ids=["channels", "sets", "stride", "no-module", "signature", "assertion"])
+     r"fails on a \(2, 16, 8, 8\) input at stride 1 \(AssertionError: wants 16x16\)$"),
+    (lambda c, stride, affine, sets: _TwoImagesOnly(),
+     r"fails on a \(3, 16, 8, 8\) input at stride 1 \(RuntimeError: shape '\[2, 16, 8, 8\]' is invalid")],
+    ids=["channels", "sets", "stride", "no-module", "signature", "assertion", "batch"])
 def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_before_a_run(factory, message, monkeypatch,
                                                                                         tmp_path):
     """Checked as a search or a re-training starts, before its run directory is made."""

@@ -88,14 +88,16 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
     """Each operation built as a supernet and a re-trained network build it, at both strides, run once on a small
     input on ``device`` (the run's: an operation of one's own may run on a GPU only), ``channels`` a set (the run's
     narrowest cells', at most CHECK_CHANNELS): it must keep ``sets * channels`` channels and keep (stride 1) or
-    halve (stride 2) the resolution. One of one's own that does not is
-    refused here, in one line, rather than deep in a supernet's pass. The random state is left as it was."""
+    halve (stride 2) the resolution. One of one's own runs on a batch of two images and one of three (a run feeds
+    it batches of any size). One that does not hold is refused here, in one line, rather than deep in a supernet's
+    pass. The random state is left as it was."""
     device, channels = torch.device(device), min(channels, CHECK_CHANNELS)
     with unchanged_rng(device), torch.no_grad():
         for name in dict.fromkeys(names):
             factory = _factory(name)
-            for stride, affine in itertools.product((1, 2), (False, True)):
-                x = torch.randn(2, sets * channels, size, size, device=device)
+            batches = (2,) if name in BUILT_IN_OPS else (2, 3)
+            for stride, affine, batch in itertools.product((1, 2), (False, True), batches):
+                x = torch.randn(batch, sets * channels, size, size, device=device)
                 try:
                     op = factory(channels, stride, affine, sets)
                 except Exception as e:  # one's own factory's failure, whatever it is
@@ -111,7 +113,7 @@ def check_ops(names: Sequence[str], channels: int = 8, sets: int = 2, size: int 
                         raise
                     raise IlnasError(f"operation {name!r} fails on a {tuple(x.shape)} input at stride {stride} "
                                      f"({fault(e)})") from None
-                want = (2, sets * channels, size // stride, size // stride)
+                want = (batch, sets * channels, size // stride, size // stride)
                 if shape != want:
                     raise IlnasError(f"operation {name!r} maps a {tuple(x.shape)} input at stride {stride} to "
                                      f"{shape}, not {want}: an operation keeps its sets * channels channels and "
