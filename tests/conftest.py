@@ -20,8 +20,9 @@ def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "demo"
     code, stdout, err = call(*with_report(SEARCH3), "--out", str(out))  # in this process: no torch start-up
     assert code == 0, err
-    assert stdout.splitlines()[-3].startswith("genotype = Genotype(") and stdout.splitlines()[-2:] == [
-        f"report: {out / 'report.html'}", f"re-train it on mnist5k: ilnas train --genotype {out} --preset eval-digits"]
+    assert stdout.splitlines()[-4].startswith("genotype = Genotype(") and stdout.splitlines()[-3:] == [
+        f"report: {out / 'report.html'}", f"re-train it on mnist5k: ilnas train --genotype {out} --preset eval-digits",
+        f"re-train it on digits: ilnas train --genotype {out} --preset eval-digits --set 'data.tasks=[digits]'"]
     return out
 
 

@@ -554,13 +554,18 @@ def test_check_runs_every_check_a_run_makes_and_writes_nothing(finished_run, fin
 
 
 def test_a_finished_search_suggests_the_retraining_of_each_task_a_shipped_preset_covers():
-    """The next step a search prints: a shipped eval preset of the task alone, an image folder's with its path."""
+    """The next step a search prints: a shipped eval preset of the task alone, an image folder's with its path, the
+    small-image recipe for digits (and any task of one's own held in memory), at the search's image size."""
     from ilnas.config import resolve, retraining_presets
 
-    suggested = dict(retraining_presets(["cifar100", "digits", "mnist5k", "imagefolder:/data/my photos"]))
+    suggested = dict(retraining_presets(["cifar100", "digits", "mnist5k", "imagefolder:/data/my photos"], 16))
     assert suggested == {"cifar100": ["--preset", "eval-cifar100"], "mnist5k": ["--preset", "eval-digits"],
+                         "digits": ["--preset", "eval-digits", "--set", "data.tasks=[digits]"],
                          "imagefolder:/data/my photos": ["--preset", "eval-folder", "--set",
-                                                         "data.tasks=[imagefolder:/data/my photos]"]}
-    for task, args in suggested.items():  # each re-trains on that task
-        cfg = resolve(args[1], None, args[3:], "eval")
-        assert cfg.data.tasks == (task,)
+                                                         "data.tasks=[imagefolder:/data/my photos]", "--set",
+                                                         "data.image_size=16"]}
+    assert dict(retraining_presets(["cifar10", "mnist5k"], 28)) == {
+        "cifar10": ["--preset", "eval-cifar10"], "mnist5k": ["--preset", "eval-digits", "--set", "data.image_size=28"]}
+    for task, args in suggested.items():  # each re-trains on that task, at the search's image size where it has one
+        cfg = resolve(args[1], None, args[3::2], "eval")
+        assert cfg.data.tasks == (task,) and (task.startswith("cifar") or cfg.data.image_size == 16)

@@ -204,7 +204,7 @@ def _search(args: argparse.Namespace) -> None:
         _report_line(out)
         from ilnas.config import retraining_presets
 
-        for task, args in retraining_presets(cfg.data.tasks):
+        for task, args in retraining_presets(cfg.data.tasks, cfg.data.image_size, cfg.data.folder_pipeline):
             print(f"re-train it on {task}: {shlex.join(['ilnas', 'train', '--genotype', str(out), *args])}")
 
 

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES, KINDS, RunConfig, flat_settings, unused_settings, validate
+from ilnas.data.names import side_setting
+from ilnas.config.schema import (KIND_COMMANDS, KIND_NAMES, KINDS, DataConfig, RunConfig, flat_settings,
+                                 unused_settings, validate)
 from ilnas.errors import IlnasError
 from ilnas.fileio import shortened
 
@@ -47,19 +49,32 @@ def list_presets() -> dict[str, str]:
     return out
 
 
-def retraining_presets(tasks: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """(task, the arguments that re-train on it: a shipped eval preset of that task alone, or of one image folder
-    with ``--set data.tasks=[task]``) for each of ``tasks`` that has one: what a finished search suggests next."""
-    alone: dict[str, str] = {}
-    for name in list_presets():
-        tasks_of = (load_preset(name).get("data") or {}).get("tasks") if name.startswith("eval-") else None
-        if isinstance(tasks_of, list) and len(tasks_of) == 1:
-            alone.setdefault(str(tasks_of[0]).partition(":")[0], name)  # imagefolder:<path> as imagefolder
+SMALL_IMAGES_PRESET_TASK = "mnist5k"  # its preset re-trains a task held in memory at data.image_size without one
+
+
+def retraining_presets(tasks: Sequence[str], image_size: int | None = None,
+                       folder_pipeline: str = "memory") -> list[tuple[str, list[str]]]:
+    """(task, the arguments that re-train on it) for each of ``tasks`` a shipped eval preset covers: the preset of that
+    task alone; an image folder's (of the search's pipeline) with ``--set data.tasks=[task]``; for any other task held
+    in memory at data.image_size (digits, one of one's own) the small-image recipe on it. Where data.image_size sizes
+    the task's images and the search's ``image_size`` is not the preset's, it is set too: the re-training sees the
+    images the search saw. What a finished search suggests next."""
+    alone: dict[str, tuple[str, DataConfig]] = {}  # a task's kind (imagefolder for any folder) -> preset, its data
+    for name in (n for n in list_presets() if n.startswith("eval-")):
+        data = resolve(name, kind="eval").data
+        kind = data.tasks[0].partition(":")[0]
+        if len(data.tasks) == 1 and (kind != "imagefolder" or data.folder_pipeline == folder_pipeline):
+            alone.setdefault(kind, (name, data))
     found = []
     for task in tasks:
-        kind = task.partition(":")[0]
-        if kind in alone:
-            found.append((task, ["--preset", alone[kind], *(["--set", f"data.tasks=[{task}]"] if ":" in task else [])]))
+        sized = side_setting(task, folder_pipeline) == "data.image_size"
+        preset, data = alone.get(task.partition(":")[0]) or (alone[SMALL_IMAGES_PRESET_TASK] if sized else (None, None))
+        if preset is None:
+            continue
+        args = ["--preset", preset, *(["--set", f"data.tasks=[{task}]"] if data.tasks != (task,) else [])]
+        if sized and image_size is not None and image_size != data.image_size:
+            args += ["--set", f"data.image_size={image_size}"]
+        found.append((task, args))
     return found
 
 
