@@ -95,7 +95,10 @@ def test_a_task_of_ones_own_is_searched_re_trained_evaluated_and_held_against_a_
     code, out, err = call("evaluate", str(train), "--data", "grey-rows", "--data-dir", str(elsewhere))
     assert code == 0 and "grey-rows (test split): 30 images" in out, err
     for data_dir, data, message in [(tmp_path / "nowhere", "grey-rows", "is no directory"),
-                                    (elsewhere, str(elsewhere), "is a folder of images itself")]:
+                                    ("", "grey-rows", "--data-dir '' is no directory"),
+                                    (elsewhere, str(elsewhere), "is a folder of images itself"),
+                                    (elsewhere, "imagenet",  # was a FileNotFoundError's traceback
+                                     f"no validation images of imagenet: {elsewhere}/imagenet/val is no directory")]:
         code, _, err = call("evaluate", str(train), "--data", data, "--data-dir", str(data_dir))
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
     (run / "summary.json").unlink()  # interrupted before its end

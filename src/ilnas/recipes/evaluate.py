@@ -69,12 +69,16 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: 
         source = from_dict(DataConfig, read_config(run).get("data", {}), "data.")
     except IlnasError:
         source = DataConfig()
-    if data_dir is not None and not reachable(data_dir, "--data-dir").is_dir():
-        raise IlnasError(f"--data-dir {data_dir} is no directory")
+    if data_dir is not None and (not str(data_dir).strip() or not reachable(data_dir, "--data-dir").is_dir()):
+        raise IlnasError(f"--data-dir {data_dir!r} is no directory")
     source = dataclasses.replace(source, tasks=(task,), data_dir=source.data_dir if data_dir is None else data_dir)
     info = task_info(task, source)
     if not info.in_memory:
-        return _folder_set(info.root / "val", card, batch_size)
+        val = info.root / "val"
+        if not reachable(val, f"{task}'s validation folder").is_dir():  # was a FileNotFoundError's traceback
+            where = " (--data-dir DIR reads DIR/imagenet/val)" if task == "imagenet" else ""
+            raise IlnasError(f"no validation images of {task}: {val} is no directory{where}")
+        return _folder_set(val, card, batch_size)
     t = create_task(task, source)
     if t.input_shape != card.input_size:
         raise IlnasError(f"{task}'s images are {'x'.join(map(str, t.input_shape))}, the model takes "
