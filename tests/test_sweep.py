@@ -18,7 +18,7 @@ import yaml
 from helpers import call, ilnas, ilnas_here
 from ilnas import runlock
 from ilnas.errors import IlnasError
-from ilnas.recipes.sweep import load_spec
+from ilnas.recipes.sweep import load_spec, stand_in_cell
 from ilnas.runs import is_finished
 
 SEARCH_SET = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
@@ -633,8 +633,10 @@ def test_a_variant_that_names_its_cell_trains_it_without_searching(tmp_path):
 
 def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
     """``ilnas sweep --check``: each search, and each re-training whose cell is already known (a given cell here),
-    checked as its cell would start it; a re-training of a cell still to be searched is said to wait. A run that
-    would be refused makes the sweep's check exit 2 after the others, nothing written."""
+    checked as its cell would start it; a re-training of a cell still to be searched, with a stand-in cell of its
+    search's operations, so that what refuses it with any cell (a network too deep for its images) is said before
+    the searches run. A run that would be refused makes the sweep's check exit 2 after the others, nothing
+    written."""
     grid = {"search.seed": [0], "framework": {"il": [], "random": ["genotype=random:{seed}"]}}
     spec = _spec(tmp_path, grid=grid)
     r = ilnas_here("sweep", spec, "--check")
@@ -643,10 +645,20 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
     assert r.stdout.splitlines()[1:] == [
         f"{sweep / 'seed-0_framework-il' / 'search'}: checked: the run would start "
         f"{sweep / 'seed-0_framework-il' / 'search'}; nothing was written",
-        f"{sweep / 'seed-0_framework-il' / 'train-digits'}: not checked: its cell is the one its search is to find",
+        f"{sweep / 'seed-0_framework-il' / 'train-digits'}: with a stand-in cell (random:0; its own is the one its "
+        f"search is to find): checked: the run would start {sweep / 'seed-0_framework-il' / 'train-digits'}; nothing "
+        f"was written",
         f"{sweep / 'seed-0_framework-random' / 'train-digits'}: checked: the run would start "
         f"{sweep / 'seed-0_framework-random' / 'train-digits'}; nothing was written"]
     assert not sweep.exists()
+    deep = {"preset": "eval-digits", "tasks": ["digits"], "set": [*TRAIN_SET, "network.style=imagenet"]}
+    r = ilnas_here("sweep", _spec(tmp_path, grid=grid, train=deep), "--check")
+    refusal = "ilnas: error: 16x16 images are too small for the imagenet-style network of 3 cells"
+    assert r.returncode == 2 and r.stdout.count(refusal) == 2, r.stdout
+    assert f"train-digits: with a stand-in cell (random:0; its own is the one its search is to find): {refusal}" \
+        in r.stdout and r.stderr == "ilnas: error: 2 of the sweep's runs would be refused (above)\n"
+    assert stand_in_cell({"space": {"ops": ["none", "skip_connect", "conv_1x1"]}}) == \
+        "random:0:none,skip_connect,conv_1x1"
     r = ilnas_here("sweep", _spec(tmp_path, grid=grid, search={"preset": "demo",
                                                               "set": [*SEARCH_SET, "space.channels=100000"]}),
                    "--check")

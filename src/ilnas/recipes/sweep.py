@@ -301,8 +301,10 @@ def command(run: RunSpec) -> list[str]:
 def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     """Every run of the sweep checked as its cell would start it (``--check``: nothing written), one after another
     in this process's environment: a line per run, and how many would be refused. A re-training of a cell its
-    search has not found yet cannot be checked before that search ends, nor a run another process works on (the
-    sweep would wait for it). Refused at once where another process runs the sweep itself, as the sweep would be."""
+    search has not found yet is checked with a stand-in cell (``stand_in_cell``): what refuses it there (its data,
+    a network too deep for its images, ...) refuses it with any cell, bar the memory its cell needs. A run another
+    process works on is not checked (the sweep would wait for it). Refused at once where another process runs the
+    sweep itself, as the sweep would be."""
     if sweep.out.is_dir():
         RunLock(sweep.out).probe()
     _refuse_a_record_not_ours(sweep.out)
@@ -310,20 +312,37 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
         for run in cell.runs:
-            genotype = run.args[run.args.index("--genotype") + 1] if "--genotype" in run.args else None
-            if search is not None and genotype == str(search.out) and not _finished_run(search.out):
-                lines.append(f"{run.out}: not checked: its cell is the one its search is to find")
-                continue
+            args, prefix = run.args, f"{run.out}: "
+            at = args.index("--genotype") + 1 if "--genotype" in args else None
+            if search is not None and at is not None and args[at] == str(search.out) and \
+                    not _finished_run(search.out):
+                if (run.out / CONFIG).is_file():  # begun with a cell the search has since dropped (--force)
+                    lines.append(f"{prefix}not checked: its cell is the one its search is to find")
+                    continue
+                stand_in = stand_in_cell(search.config)
+                args = (*args[:at], stand_in, *args[at + 1:])
+                prefix += f"with a stand-in cell ({stand_in}; its own is the one its search is to find): "
             holder = lock_holder(run.out)
             if holder is not None:
                 lines.append(f"{run.out}: not checked: another process works on it ({holder}); the sweep would wait "
                              f"for it to end, then skip or continue the run")
                 continue
-            done = subprocess.run([*command(run), "--check"], capture_output=True, text=True)
+            done = subprocess.run([*command(dataclasses.replace(run, args=args)), "--check"], capture_output=True,
+                                  text=True)
             said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
             refused += done.returncode != 0
-            lines.append(f"{run.out}: {said[-1] if said else f'exit code {done.returncode}'}")
+            lines.append(prefix + (said[-1] if said else f"exit code {done.returncode}"))
     return lines, refused
+
+
+def stand_in_cell(search_config: dict) -> str:
+    """The cell a re-training is checked with before its search has found one: a random cell (``random:0``) of the
+    search's operations, so that a re-training that needs them (operations of one's own) is checked as it will
+    run."""
+    from ilnas.space.genotype import PRIMITIVES
+
+    ops = tuple(search_config["space"]["ops"])
+    return "random:0" if ops == PRIMITIVES else f"random:0:{','.join(ops)}"
 
 
 def describe_sweep(sweep: Sweep, commands: bool = True) -> str:
