@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -329,3 +330,13 @@ def listed_the_other_way(genotype: Genotype) -> Genotype:
     def swap(edges):
         return tuple(e for i in range(0, len(edges), 2) for e in reversed(edges[i:i + 2]))
     return Genotype(swap(genotype.normal), genotype.normal_concat, swap(genotype.reduce), genotype.reduce_concat)
+
+
+def under_address_space_limit(gigabytes: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that caps the process's address space: what it allocates beyond fails, in one allocation,
+    instead of filling the machine."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (gigabytes * 2 ** 30,) * 2)
+    return limit

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import call
+from helpers import call, under_address_space_limit
 from ilnas import memory
 from ilnas.space.genotype import load_genotype
 from ilnas.space.network import build_network
@@ -155,8 +155,41 @@ def test_saved_activations_are_counted_per_image_without_the_weights():
     from torch import nn
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-    kept = memory.saved_activation_bytes(lambda n: net(torch.randn(n, 3, 16, 16)), 64)
-    assert kept == 64 * (3 + 8 + 8) * 16 * 16 * 4
+    sides = []
+
+    def forward(n: int, side: int) -> torch.Tensor:
+        sides.append(side)
+        return net(torch.randn(n, 3, side, side))
+    assert memory.saved_activation_bytes(forward, 64, 16) == 64 * (3 + 8 + 8) * 16 * 16 * 4
+    assert sides == [16, 16]
+    # larger images: measured at 64x64 (4 images of 512x512 through a supernet took the check past 24 GB)
+    assert memory.saved_activation_bytes(forward, 64, 512) == 64 * (3 + 8 + 8) * 512 * 512 * 4
+    assert sides[2:] == [64, 64]
+
+
+def test_large_images_measured_at_a_smaller_side_give_a_supernets_activations_within_a_thousandth():
+    """A supernet's stride-2 cells round each side up: the bytes scaled from 64x64 to 100x100 images come within a
+    thousandth of those measured on 100x100 images; a network that cannot take the smaller side is measured at its
+    own."""
+    from ilnas.space.supernet import init_arch
+
+    net = Supernet(1, 4, 3)
+    arch = [a.requires_grad_() for a in init_arch(net.num_ops, False, torch.Generator().manual_seed(0), torch.float32)]
+    weights = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
+
+    def forward(n: int, side: int):
+        return torch.func.functional_call(net, weights, (torch.randn(n, 1, side, side), *arch))
+
+    exact = memory._per_image(lambda n: forward(n, 100))
+    assert abs(memory.saved_activation_bytes(forward, 1, 100) / exact - 1) < 1e-3
+    sides = []
+
+    def fixed(n: int, side: int):
+        sides.append(side)
+        if side != 100:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+        return forward(n, side)
+    assert memory.saved_activation_bytes(fixed, 3, 100) == 3 * exact and sides == [64, 100, 100]
 
 
 def test_what_a_supernet_pass_keeps_grows_linearly_with_its_batch():
@@ -169,11 +202,11 @@ def test_what_a_supernet_pass_keeps_grows_linearly_with_its_batch():
     weights = {k: p.detach().requires_grad_() for k, p in net.named_parameters()}
     x = torch.randn(8, 1, 16, 16)
 
-    def forward(n: int):
+    def forward(n: int, side: int = 16):
         return torch.func.functional_call(net, weights, (x[:n], *arch))
 
     one, eight = memory._saved_bytes(lambda: forward(1)), memory._saved_bytes(lambda: forward(8))
-    assert eight - one == memory.saved_activation_bytes(forward, 7) > 0
+    assert eight - one == memory.saved_activation_bytes(forward, 7, 16) > 0
 
 
 def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp_path, monkeypatch):
@@ -212,26 +245,29 @@ def test_the_training_pass_that_measures_activations_leaves_the_model_and_the_ge
     model = build_network(load_genotype("DARTS_V2"), 10, 1, 16, **cfg.network.build_args()).eval()
     data = type("Data", (), {"in_channels": 1, "resolution": 16})
     before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.get_rng_state()
-    logits, aux = _training_pass(model, cfg, data, torch.device("cpu"), 4)
+    logits, aux = _training_pass(model, cfg, data, torch.device("cpu"), 4, 16)
     assert logits.shape == (4, 10) and aux is not None and logits.requires_grad
     assert not model.training and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def _under_address_space_limit(gigabytes: int):
-    import resource
-
-    def limit():
-        size = gigabytes * 2 ** 30
-        resource.setrlimit(resource.RLIMIT_AS, (size, size))
-    return limit
+def test_a_search_on_large_images_is_refused_for_its_batch_without_the_check_running_out_of_memory():
+    """The digits at 256x256: the two tasks' images resized a chunk at a time, and the activations measured on
+    64x64 images and scaled, under a 5 GB address-space limit. The whole set resized at once, then 4 images a pass
+    measured at their own size, ran out of memory there ("out of memory (1.3 GB at once)"); at 1000x1000 the
+    kernel killed the check itself on a 24 GB machine."""
+    r = subprocess.run([sys.executable, "-m", "ilnas", "search", "--set", "data.image_size=256", "--set",
+                        "search.batch_size=600", "--check"], capture_output=True, text=True, timeout=300,
+                       preexec_fn=under_address_space_limit(5))
+    assert r.returncode == 2 and re.search(r"what one pass of 600 images through 4 weight sets side by side keeps "
+                                           r"for its backward \(375\d\.\d\d GB\)", r.stderr), r.stderr
 
 
 def test_describe_gives_the_size_of_a_network_that_would_not_fit_in_memory():
     """C=3000: 21.9 G parameters, 88 GB of weights; described under a 4 GB address-space limit (the
     network is built on the meta device, shapes only)."""
     r = subprocess.run([sys.executable, "-m", "ilnas", "describe", "DARTS_V2", "--set", "network.channels=3000"],
-                       capture_output=True, text=True, timeout=300, preexec_fn=_under_address_space_limit(4))
+                       capture_output=True, text=True, timeout=300, preexec_fn=under_address_space_limit(4))
     assert r.returncode == 0, r.stderr
     assert "parameters: 21895.56M (auxiliary head excluded), 21902.11M in all" in r.stdout
     assert "multiply-adds: 3385715M at 32x32" in r.stdout

@@ -195,6 +195,13 @@ def test_what_a_loader_of_ones_own_returns_is_checked_in_one_line(loader, messag
     assert "\n" not in str(caught.value)
 
 
+def test_a_task_of_ones_own_too_large_for_the_memory_limit_once_resized_is_refused_before_it_is(registry):
+    ilnas.register_task("mine", classes=4, channels=3)(lambda data: ilnas.TaskArrays(train=(X, Y), test=(X, Y)))
+    with pytest.raises(IlnasError, match=r"^task 'mine' takes 0\.13 GB held in memory at 1024x1024, over "
+                                         r"data\.memory_limit_gb=0\.1; lower data\.image_size or raise the limit$"):
+        create_task("mine", DataConfig(image_size=1024, memory_limit_gb=0.1))
+
+
 @pytest.mark.parametrize("name, settings, message", [
     ("cifar10", {}, "none of cifar10, cifar100"), ("imagefolder", {}, "none of"), ("My Task", {}, "lower-case"),
     ("a:b", {}, "lower-case"), ("ok", {"classes": 1}, "classes must be an integer of at least 2, got 1"),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ilnas.cgroups import CGROUP_ROOT, cgroup_folders
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, allocation_failure
 
 # cgroup v2 files, and cgroup v1's (under memory/), that hold a limit; "max" or a huge number: none
 CGROUP_LIMITS = (("memory.max", "memory.swap.max"), ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes"))
@@ -123,11 +123,30 @@ def require_search_memory(one: int, stages: int, device: torch.device, settings:
                 settings, activations, batch, sets)
 
 
-def saved_activation_bytes(forward: Callable[[int], object], batch: int) -> int:
-    """The bytes autograd keeps for the backward of one forward pass of ``batch`` images, from passes of two and
-    of four images (``forward(n)``; BatchNorm in training mode needs two): half their difference is what each
-    image adds (the weights a pass keeps are the same at any batch, and not counted)."""
-    return max(_saved_bytes(lambda: forward(4)) - _saved_bytes(lambda: forward(2)), 0) // 2 * batch
+MEASURED_SIDE = 64  # larger images are measured at this side, their activations scaled by their pixels
+
+
+def saved_activation_bytes(forward: Callable[[int, int], object], batch: int, side: int) -> int:
+    """The bytes autograd keeps for the backward of one forward pass of ``batch`` images of ``side`` x ``side``, from
+    passes of two and of four images (``forward(n, s)``: n images of side s; BatchNorm in training mode needs two):
+    half their difference is what each image adds (the weights a pass keeps are the same at any batch, and not
+    counted). Images larger than MEASURED_SIDE are measured at that side and scaled by their pixels: every layer
+    keeps its pixels times its channels (a stride-2 layer rounds its side up, the scaled bytes down; the few bytes
+    an image that do not grow with it, its pooled features and logits, are scaled up: a supernet's come within a
+    thousandth); measured at their own size, four images of 512x512 took the check itself past a 24 GB machine.
+    A network that cannot take the smaller side (one of one's own, say) is measured at its own."""
+    small = min(side, MEASURED_SIDE)
+    try:
+        each = _per_image(lambda n: forward(n, small))
+    except Exception as e:
+        if small == side or allocation_failure(e) is not None:
+            raise
+        each, small = _per_image(lambda n: forward(n, side)), side
+    return each * batch * side * side // (small * small)
+
+
+def _per_image(forward: Callable[[int], object]) -> int:
+    return max(_saved_bytes(lambda: forward(4)) - _saved_bytes(lambda: forward(2)), 0) // 2
 
 
 def _saved_bytes(forward: Callable[[], object]) -> int:

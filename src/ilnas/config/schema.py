@@ -37,7 +37,8 @@ class DataConfig:
         folder_pipeline: how ``imagefolder:<path>`` tasks are read: ``memory`` (decoded once to uint8
             at image_size, searchable, CIFAR-style augmentation) or ``stream`` (re-training only:
             torchvision's ImageFolder at train.resolution, the ImageNet recipe's augmentation).
-        memory_limit_gb: the most a ``memory`` image folder may take once decoded.
+        memory_limit_gb: the most a task held in memory at ``image_size`` (an image folder decoded, the digits,
+            a task of one's own) may take.
     """
 
     tasks: tuple[str, ...] = ("mnist5k", "digits")
@@ -466,13 +467,13 @@ def _unread_data_settings(tasks: tuple[str, ...], pipeline: str, training: bool)
     the pipeline its task does not go through (in memory: cutout; streamed: the ImageNet recipe's)."""
     unused: dict[str, str] = {}
     if not any(t.startswith("imagefolder:") for t in tasks):
-        unused.update(dict.fromkeys(("data.folder_pipeline", "data.memory_limit_gb"), "no task is an image folder"))
-    elif pipeline == "stream":
-        unused["data.memory_limit_gb"] = "data.folder_pipeline=stream holds no image folder in memory"
+        unused["data.folder_pipeline"] = "no task is an image folder"
     sides = {side_setting(t, pipeline) for t in tasks}
     if "data.image_size" not in sides:
         unused["data.image_size"] = ("CIFAR keeps its 32x32 images" if sides == {None} else
                                      "a streamed image folder is cut to train.resolution")
+        unused["data.memory_limit_gb"] = "no task is held in memory at data.image_size (CIFAR keeps its own " \
+                                         "32x32 images, a streamed image folder is read from its files)"
     if not training:
         return unused
     if is_streamed(tasks[0], pipeline):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import pickle
 import re
@@ -183,14 +184,29 @@ def _search_splits(x: torch.Tensor, y: torch.Tensor, test: Split | None) -> tupl
     return tuple(_split(x, y, (n_train, len(y) - n_test - n_train, n_test)))
 
 
+STATS_CHUNK = 1 << 24  # pixels counted at a time: one channel's copy of them, 16 MB, whatever the data set's size
+
+
 def _stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and standard deviation of uint8 images in [0, 1]. A channel that is the same everywhere
-    (the empty blue channel of two-channel microscopy saved as RGB, say) has no spread to divide by: its std
-    is taken as 1, so that it normalises to zeros (dividing by 0 made every input infinite, and the search
-    "diverged" at its first step)."""
-    xf = x.double() / 255.0
-    std = xf.std(dim=(0, 2, 3))
-    return tuple(xf.mean(dim=(0, 2, 3)).tolist()), tuple(torch.where(std > 0, std, 1.0).tolist())
+    """Per-channel mean and standard deviation of uint8 images in [0, 1], exact: from each channel's histogram of
+    its 256 values, counted a chunk at a time (a float64 copy of a folder's images was 8x their size, and a second
+    one took the spread; 1 GB of images needed 17 GB). A channel that is the same everywhere (the empty blue
+    channel of two-channel microscopy saved as RGB, say) has no spread to divide by: its std is taken as 1, so that
+    it normalises to zeros (dividing by 0 made every input infinite, and the search "diverged" at its first step)."""
+    step = max(STATS_CHUNK // max(x[0].numel(), 1), 1)
+    counts = torch.zeros(x.shape[1], 256, dtype=torch.int64)
+    for i in range(0, len(x), step):
+        for c, chunk in enumerate(x[i:i + step].unbind(1)):
+            counts[c] += torch.bincount(chunk.reshape(-1), minlength=256)
+    means, stds = [], []
+    for histogram in counts.tolist():  # Python integers: the sums exact, each result rounded once
+        n = sum(histogram)
+        total = sum(v * k for v, k in enumerate(histogram))
+        squares = sum(v * v * k for v, k in enumerate(histogram))
+        spread = (squares * n - total * total) / (n * (n - 1) * 255 ** 2) if n > 1 else 0.0
+        means.append(total / (n * 255))
+        stds.append(math.sqrt(spread) if spread > 0 else 1.0)
+    return tuple(means), tuple(stds)
 
 
 # --- CIFAR ------------------------------------------------------------------------------------
@@ -248,15 +264,36 @@ _register_task("cifar100", 3, 100, lambda source: CIFAR_SIDE)(lambda source: _ci
 
 # --- the embedded digit tasks -----------------------------------------------------------------
 
+RESIZE_BYTES = 1 << 28  # float32 images (before and after) resized at a time: 256 MB, whatever the data set's size
+
+
 def _resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, h, w) in [0, 255] -> (N, C, size, size) uint8."""
-    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    """(N, C, h, w) in [0, 255] -> (N, C, size, size) uint8, resized a chunk of images at a time (bilinear,
+    antialiased): a float copy of a whole data set is 4x its uint8 size, and more where it grows."""
+    out = torch.empty(len(x), x.shape[1], size, size, dtype=torch.uint8)
+    step = max(RESIZE_BYTES // (4 * x.shape[1] * (x.shape[2] * x.shape[3] + size * size)), 1)
+    for i in range(0, len(x), step):
+        chunk = F.interpolate(x[i:i + step].float(), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        out[i:i + step] = chunk.round().clamp(0, 255)
+    return out
+
+
+def _require_room(what: str, images: int, channels: int, side: int, source: DataConfig, remedy: str = "") -> None:
+    """Refuse a task whose images, held in memory at ``side``, would take more than data.memory_limit_gb: found
+    before they are made (digits at a large data.image_size did not fail, they filled the machine until the
+    kernel killed the process)."""
+    gigabytes = images * channels * side * side / 1e9
+    if gigabytes > source.memory_limit_gb:
+        raise IlnasError(f"{what} takes {gigabytes:.{1 if gigabytes >= 1 else 2}f} GB held in memory at "
+                         f"{side}x{side}, over data.memory_limit_gb={source.memory_limit_gb:g}; lower data.image_size "
+                         f"or raise the limit{remedy}")
 
 
 def _digit_task(name: str, images: np.ndarray, labels: np.ndarray, scale: float, sizes: tuple[int, int, int],
                 source: DataConfig) -> Task:
     side = int(round(images.shape[1] ** 0.5))
+    _require_room(name, len(images), 1, source.image_size, source)
     x = torch.from_numpy(images.reshape(-1, 1, side, side) * scale)
     x = _resize_uint8(x, source.image_size)
     y = torch.from_numpy(labels.astype(np.int64))
@@ -300,7 +337,6 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
 # --- tasks of one's own: arrays a loader returns ------------------------------------------------
 
 RESERVED_TASKS = BUILT_IN_TASKS + FOLDER_TASKS
-RESIZE_CHUNK = 4096  # images resized at a time: a data set's float copy would be 4x its uint8 size
 
 
 @dataclass(frozen=True)
@@ -358,7 +394,7 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
     if not isinstance(arrays, TaskArrays):
         raise IlnasError(f"task {name!r}: its loader returned {type(arrays).__name__}, not ilnas.TaskArrays")
     digest = hashlib.sha256()
-    given = {part: _array_split(name, part, pair, classes, channels, source.image_size, digest)
+    given = {part: _array_split(name, part, pair, classes, channels, digest)
              for part, pair in (("train", arrays.train), ("val", arrays.val), ("test", arrays.test))
              if pair is not None or part == "train"}
     seen = torch.zeros(classes, dtype=torch.bool)
@@ -367,6 +403,9 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
         missing = (~seen).nonzero().flatten().tolist()
         raise IlnasError(f"task {name!r}: no training image of class(es) {', '.join(map(str, missing[:5]))}: the "
                          f"network would have an output it never trains")
+    _require_room(f"task {name!r}", sum(len(split) for split in given.values()), channels, source.image_size,
+                  source)
+    given = {part: Split(_square(split.x, source.image_size), split.y) for part, split in given.items()}
     x, y = given["train"].x, given["train"].y
     if "val" not in given:
         train, val, test = _search_splits(x, y, given.get("test"))
@@ -386,8 +425,8 @@ def _arrays_task(name: str, loader: TaskArraysLoader, source: DataConfig, classe
                 classes=_class_names(name, arrays.class_names, classes), digest={"data_sha256": digest.hexdigest()})
 
 
-def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, side: int, digest: Any) -> Split:
-    """One split as (N, C, side, side) uint8 images and int64 labels, checked; its bytes go into ``digest``."""
+def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, digest: Any) -> Split:
+    """One split as (N, C, H, W) uint8 images and int64 labels, checked; its bytes go into ``digest``."""
     where = f"task {name!r}: {part}"
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise IlnasError(f"{where} must be a pair (images, labels), got {type(pair).__name__}")
@@ -415,7 +454,7 @@ def _array_split(name: str, part: str, pair: Any, classes: int, channels: int, s
     for tensor in (x, y):
         digest.update(f"{part}{tuple(tensor.shape)}".encode())
         digest.update(tensor.numpy().tobytes())
-    return Split(_square(x, side), y)
+    return Split(x, y)
 
 
 def _square(x: torch.Tensor, side: int) -> torch.Tensor:
@@ -425,7 +464,7 @@ def _square(x: torch.Tensor, side: int) -> torch.Tensor:
         return x
     top, left, edge = (h - min(h, w)) // 2, (w - min(h, w)) // 2, min(h, w)
     square = x[:, :, top:top + edge, left:left + edge]
-    return torch.cat([_resize_uint8(square[i:i + RESIZE_CHUNK], side) for i in range(0, len(x), RESIZE_CHUNK)])
+    return _resize_uint8(square, side)
 
 
 def _class_names(name: str, names: Sequence[str] | None, classes: int) -> tuple[str, ...]:
@@ -597,11 +636,8 @@ def _image_folder(name: str, root: Path, source: DataConfig) -> Task:
         raise IlnasError(f"the class folder(s) {', '.join(empty[:5])} in {root / 'train'} hold no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}); add some, or remove the folder(s)")
     test_items = folder_images(root / "val", classes) if (root / "val").is_dir() else []
-    gigabytes = (len(train_items) + len(test_items)) * 3 * side * side / 1e9
-    if gigabytes > source.memory_limit_gb:
-        raise IlnasError(f"{root} takes {gigabytes:.1f} GB decoded at {side}x{side}, over data.memory_limit_gb="
-                         f"{source.memory_limit_gb:g}; lower data.image_size, raise the limit, or re-train with "
-                         f"data.folder_pipeline=stream")
+    _require_room(str(root), len(train_items) + len(test_items), 3, side, source,
+                  ", or re-train with data.folder_pipeline=stream")
     x, y = _decode_all(train_items, side)
     train, val, test = _search_splits(x, y, Split(*_decode_all(test_items, side)) if test_items else None)
     if min(len(train), len(val), len(test)) == 0:

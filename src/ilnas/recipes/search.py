@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -362,8 +363,11 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
     x, _ = next(maker.ordered(4))
     leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
                                                                     net.head.parameters())]
+
+    def forward(n: int, side: int) -> torch.Tensor:
+        return net.logits(*leaves, F.interpolate(x[:n], size=(side, side)) if side != x.shape[-1] else x[:n])
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
-        kept = saved_activation_bytes(lambda n: net.logits(*leaves, x[:n]), batch)
+        kept = saved_activation_bytes(forward, batch, x.shape[-1])
     sets = widest_pass(cfg.engine, cfg.search.rounds)
     one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
     lower = ", search.batch_size or engine.batched_sets (1: a pass a weight set, slower)" if sets > 1 \

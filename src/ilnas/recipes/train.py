@@ -203,17 +203,19 @@ def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainDa
         require_fit(weights, copies * one, device, "network.channels or network.layers")
         return
     batch = cfg.train.batch_size // ranks.world_size()
-    kept = saved_activation_bytes(lambda n: _training_pass(model, cfg, data, device, n), batch)
+    kept = saved_activation_bytes(lambda n, side: _training_pass(model, cfg, data, device, n, side), batch,
+                                  data.resolution)
     require_fit(weights, copies * one, device, "network.channels, network.layers or train.batch_size", kept, batch)
 
 
-def _training_pass(model: torch.nn.Module, cfg: EvalRunConfig, data: TrainData, device: torch.device, n: int):
-    """A training-mode forward pass of ``n`` blank images, leaving the model's mode, its buffers (BatchNorm's
-    running statistics) and every random generator as they were."""
+def _training_pass(model: torch.nn.Module, cfg: EvalRunConfig, data: TrainData, device: torch.device, n: int,
+                   side: int):
+    """A training-mode forward pass of ``n`` blank images of ``side`` x ``side``, leaving the model's mode, its buffers
+    (BatchNorm's running statistics) and every random generator as they were."""
     state = {k: p.detach().requires_grad_() for k, p in model.named_parameters()}
     state.update({k: b.clone() for k, b in model.named_buffers()})
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    x = torch.zeros(n, data.in_channels, data.resolution, data.resolution, device=device).to(memory_format=fmt)
+    x = torch.zeros(n, data.in_channels, side, side, device=device).to(memory_format=fmt)
     mode, cuda = model.training, device.type == "cuda"
     try:
         with (torch.random.fork_rng(devices=[device] if cuda else []),
