@@ -298,6 +298,25 @@ def test_threads_default_to_what_the_environment_grants(monkeypatch):
         resolve("demo", overrides={"search.threads": 0})
 
 
+def test_more_threads_than_cores_are_used_as_asked_and_warned_of(monkeypatch, caplog):
+    """64 OpenMP threads on 2 cores made a search step many times slower, in silence."""
+    from ilnas import threads
+
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.WARNING, logger="ilnas"):
+            assert threads.set_threads(2, "search.threads") == 2 and not caplog.records
+            assert threads.set_threads(3, "search.threads") == 3 and torch.get_num_threads() == 3
+            assert threads.set_threads(None, "train.threads") == 6
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{asked} is more than the 2 core(s) this process may run on: OpenMP threads beyond the cores make each "
+            f"step many times slower" for asked in ("search.threads=3", "OMP_NUM_THREADS=6")]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("hvp", ["fd", "exact"])
 def test_channels_last_computes_the_same_step(hvp):
     """NHWC activations (the CPU default) are a layout, not another function: in float64 the hypergradient and

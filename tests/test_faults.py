@@ -123,6 +123,9 @@ BAD_SETTINGS = [
     ("search.threads=99999999999", "search.threads must be at most 4096"),  # torch.set_num_threads overflowed
     # so did a supernet too wide for the memory (each allocation succeeded), here refused before it is built
     ("space.channels=100000", "of this machine's memory; lower space.channels or space.layers"),
+    # past torch's 64-bit sizes: the weights' count stopped in an overflow's traceback
+    ("space.channels=99999999999999999999", "space.channels must be at most 1048576, got 99999999999999999999"),
+    ("space.stem_multiplier=99999999999999999999", "space.stem_multiplier must be at most 64, got 9999999999"),
 ]
 
 
@@ -160,6 +163,7 @@ BAD_TRAIN_SETTINGS = [
                                     "got ['digits', 'mnist5k']: train once per task"),
     ("network.channels=100000", "of this machine's memory; lower network.channels or "
                                 "network.layers"),
+    ("network.channels=99999999999999999999", "network.channels must be at most 1048576, got 99999999999999999999"),
 ]
 
 

@@ -7,11 +7,13 @@ its cgroup's CPU quota allows (``docker run --cpus=4`` on a 64-core host grants 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 from ilnas.cgroups import CGROUP_ROOT, cgroup_folders
+from ilnas.ranks import is_main_rank
 
 MAX_THREADS = 4096  # torch takes a C int; no machine has more cores than this
 
@@ -49,11 +51,18 @@ def default_threads() -> int:
     return int(value) if value.isdigit() and 0 < int(value) <= MAX_THREADS else available_cores()
 
 
-def set_threads(threads: int | None) -> int:
-    """Use ``threads`` (None: ``default_threads()``) for torch's intra-op parallelism; returns the number."""
+def set_threads(threads: int | None, setting: str = "threads") -> int:
+    """Use ``threads`` (None: ``default_threads()``) for torch's intra-op parallelism; returns the number. More than
+    the cores available are used as asked, with a warning that names where they were asked for (``setting``, or
+    OMP_NUM_THREADS): such a run is slow, not wrong, and a run copied to a smaller machine should still start."""
     import torch
 
     n = threads or default_threads()
+    cores = available_cores()
+    if n > cores and is_main_rank():  # every rank of a job on the machine alike: one says so
+        asked = f"{setting}={threads}" if threads else f"OMP_NUM_THREADS={n}"
+        logging.getLogger("ilnas").warning(f"{asked} is more than the {cores} core(s) this process may run on: "
+                                           f"OpenMP threads beyond the cores make each step many times slower")
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -21,6 +21,8 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 # ImageNet loaders: tens of workers a GPU) that stop a typo before it fills the machine's memory or process table.
 MAX_CELLS, MAX_ROUNDS, MAX_WORKERS = 1000, 100, 256
 MAX_IMAGE_SIDE = 1024  # pixels: data.image_size, train.resolution and a model card's input
+MAX_CHANNELS, MAX_STEM_MULTIPLIER = 1 << 20, 64  # far past any machine's memory (refused there, counted on
+# the meta device), short of the sizes torch's 64-bit integers overflow at
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
@@ -289,8 +291,9 @@ def require_normal_cell(name: str, layers: int, kind: str = "supernet") -> None:
 
 
 def _at_most(section: str, obj: Any, names: Sequence[str], limit: int) -> None:
-    """A typo's worth of cells, rounds, threads or workers: it would fill the host's memory object by object
-    (no one allocation fails, so nothing else stops it), start as many processes, or overflow torch's int."""
+    """A typo's worth of cells, rounds, threads, workers or channels: it would fill the host's memory object by
+    object (no one allocation fails, so nothing else stops it), start as many processes, or overflow torch's
+    integers (channels of 1e20 stopped the check in a traceback)."""
     for name in names:
         value = getattr(obj, name)
         for v in value if isinstance(value, tuple) else (value,):
@@ -361,6 +364,8 @@ def validate_space(space: SpaceConfig) -> None:
     phases' instead)."""
     _positive("space", space, ("channels", "layers", "stem_multiplier"))
     _at_most("space", space, ("layers",), MAX_CELLS)
+    _at_most("space", space, ("channels",), MAX_CHANNELS)
+    _at_most("space", space, ("stem_multiplier",), MAX_STEM_MULTIPLIER)
     if space.partial_channels < 1 or space.channels % space.partial_channels:
         raise IlnasError(f"space.partial_channels must be >= 1 and divide space.channels={space.channels}, "
                          f"got {space.partial_channels}")
@@ -488,6 +493,7 @@ def validate_network(net: NetworkConfig) -> None:
     """The network section's values (also those a model card holds)."""
     _positive("network", net, ("layers", "channels"))
     _at_most("network", net, ("layers",), MAX_CELLS)
+    _at_most("network", net, ("channels",), MAX_CHANNELS)
     if net.style not in known_styles():
         raise NotRegistered(f"network.style must be one of {', '.join(known_styles())}, got {net.style!r} (one of "
                             f"your own: ilnas.register_network in a module that ILNAS_PLUGINS names)")

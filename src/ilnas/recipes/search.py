@@ -285,7 +285,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
              check_only: bool = False) -> Genotype | None:
     """Data, method and shapes checked on every rank; then rank 0 opens the run directory and all search."""
     s, device, dtype = cfg.search, process.device, getattr(torch, cfg.search.dtype)
-    set_threads(s.threads)
+    set_threads(s.threads, "search.threads")
     tasks = load_tasks(cfg)
     train = [BatchMaker(t, t.train, device, dtype, augment=True) for t in tasks]
     val = [BatchMaker(t, t.val, device, dtype, augment=False) for t in tasks]

@@ -83,7 +83,7 @@ def run_train(cfg: EvalRunConfig, genotype: Genotype | str, out: Path, resume: b
                          f"BatchNorm needs two: raise it or set network.auxiliary=false")
     check_compile_backend(t.compile)
     process = distributed.start(t.device)
-    set_threads(t.threads)
+    set_threads(t.threads, "train.threads")
     unfinished = unfinished_search(genotype_source)
     if unfinished is not None and process.main:
         log.warning(f"the search in {unfinished} has not finished: its genotype.json holds the cell of its latest "
