@@ -652,11 +652,13 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
         f"{sweep / 'seed-0_framework-random' / 'train-digits'}; nothing was written"]
     assert not sweep.exists()
     deep = {"preset": "eval-digits", "tasks": ["digits"], "set": [*TRAIN_SET, "network.style=imagenet"]}
-    r = ilnas_here("sweep", _spec(tmp_path, grid=grid, train=deep), "--check")
+    r = ilnas_here("sweep", _spec(tmp_path, grid={**grid, "search.seed": [0, 1]}, train=deep), "--check")
     refusal = "ilnas: error: 16x16 images are too small for the imagenet-style network of 3 cells"
-    assert r.returncode == 2 and r.stdout.count(refusal) == 2, r.stdout
-    assert f"train-digits: with a stand-in cell (random:0; its own is the one its search is to find): {refusal}" \
-        in r.stdout and r.stderr == "ilnas: error: 2 of the sweep's runs would be refused (above)\n"
+    assert r.returncode == 2 and r.stdout.count(refusal) == 3, r.stdout  # il's once: every cell's is alike
+    stand_in = "train-digits: with a stand-in cell (random:0; its own is the one its search is to find): "
+    assert f"{stand_in}{refusal}" in r.stdout and f"seed-1_framework-il/{stand_in}refused as " \
+        f"{sweep / 'seed-0_framework-il' / 'train-digits'} (the same training)\n" in r.stdout, r.stdout
+    assert r.stderr == "ilnas: error: 4 of the sweep's runs would be refused (above)\n"
     assert stand_in_cell({"space": {"ops": ["none", "skip_connect", "conv_1x1"]}}) == \
         "random:0:none,skip_connect,conv_1x1"
     r = ilnas_here("sweep", _spec(tmp_path, grid=grid, search={"preset": "demo",

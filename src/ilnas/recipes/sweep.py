@@ -302,13 +302,15 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     """Every run of the sweep checked as its cell would start it (``--check``: nothing written), one after another
     in this process's environment: a line per run, and how many would be refused. A re-training of a cell its
     search has not found yet is checked with a stand-in cell (``stand_in_cell``): what refuses it there (its data,
-    a network too deep for its images, ...) refuses it with any cell, bar the memory its cell needs. A run another
+    a network too deep for its images, ...) refuses it with any cell, bar the memory its cell needs; each such
+    training once (a grid's cells differ in their searches only: their re-trainings of a task alike). A run another
     process works on is not checked (the sweep would wait for it). Refused at once where another process runs the
     sweep itself, as the sweep would be."""
     if sweep.out.is_dir():
         RunLock(sweep.out).probe()
     _refuse_a_record_not_ours(sweep.out)
     lines, refused = [], 0
+    stood_in: dict[tuple[str, ...], tuple[Path, bool]] = {}  # a stand-in's training -> its first run, refused
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
         for run in cell.runs:
@@ -327,11 +329,18 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
                 lines.append(f"{run.out}: not checked: another process works on it ({holder}); the sweep would wait "
                              f"for it to end, then skip or continue the run")
                 continue
+            if args is not run.args and args in stood_in:  # the grid sets searches only: each task re-trained alike
+                first, no = stood_in[args]
+                refused += no
+                lines.append(f"{prefix}{'refused' if no else 'checked'} as {first} (the same training)")
+                continue
             done = subprocess.run([*command(dataclasses.replace(run, args=args)), "--check"], capture_output=True,
                                   text=True)
             said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
             refused += done.returncode != 0
             lines.append(prefix + (said[-1] if said else f"exit code {done.returncode}"))
+            if args is not run.args:
+                stood_in[args] = run.out, done.returncode != 0
     return lines, refused
 
 
