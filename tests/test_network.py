@@ -220,10 +220,11 @@ def test_an_operation_of_ones_own_that_cannot_take_a_cells_place_is_refused_befo
 
 
 class _SmallOnly(torch.nn.Conv2d):
-    """An operation of one's own that passes check_ops's 8x8 inputs and fails on larger ones."""
+    """An operation of one's own that passes check_ops's 8x8 inputs and fails on inputs larger than ``largest``."""
+    largest = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] > 8:
+        if x.shape[-1] > self.largest:
             raise ValueError(f"no {x.shape[-1]}x{x.shape[-1]} input, please")
         return super().forward(x)
 
@@ -248,6 +249,37 @@ def test_an_operation_of_ones_own_that_fails_only_at_the_networks_size_is_named_
         describe(genotype, cfg)
     with pytest.raises(IlnasError, match=r"^32x32 images are too small for the imagenet-style network of 3 cells"):
         check_input_size(zoo()["DARTS_V2"], 10, 3, 32, style="imagenet", layers=3)  # built-in ops: the size's fault
+
+
+@pytest.mark.parametrize("size, largest, memory, message", [
+    (16, 8, None, r"the supernet fails on mnist5k's \(1, 16, 16\) images \(ValueError: no 16x16 input, please\): an "
+                  r"operation of your own \(small_only\) fails at that size$"),
+    (96, 64, None, r"the supernet fails on mnist5k's \(1, 96, 96\) images \(ValueError: no 96x96 input, please\)"),
+    (96, 64, 10 ** 6, r"the supernet's weights .* more than the 0\.0 GB of this machine's memory")],
+    ids=["measured-at-its-size", "measured-at-64", "memory-first"])
+def test_a_search_over_an_operation_of_ones_own_that_fails_at_the_images_size_is_refused_in_one_line(
+        size, largest, memory, message, monkeypatch, tmp_path):
+    """The supernet's passes before a search name one's own operation, where its failure had ended the search in a
+    traceback: the memory check's passes (images above 64x64 measured at 64x64, the others at their size), then
+    one at the images' own size. A batch too large for the memory is refused before that last pass, which at a
+    large size could fill the machine itself."""
+    import ilnas
+    from ilnas import memory as memory_module
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+    monkeypatch.setattr(_SmallOnly, "largest", largest)
+    if memory is not None:
+        monkeypatch.setattr(memory_module, "memory_total", lambda device: memory)
+    ilnas.register_op("small_only")(lambda c, stride, affine, sets: _SmallOnly(sets * c, sets * c, 1, stride,
+                                                                                groups=sets, bias=False))
+    cfg = resolve("demo", kind="search", overrides=["space.ops=[small_only, skip_connect, none]", "space.layers=3",
+                                                    "space.channels=4", "search.batch_size=8",
+                                                    f"data.image_size={size}"])
+    with pytest.raises(IlnasError, match=f"^{message}"):
+        ilnas.run_search(cfg, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["eval", "search"])

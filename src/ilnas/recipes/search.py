@@ -13,6 +13,7 @@ all ranks hold the same architecture and weights, which each epoch verifies. Onl
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from ilnas.data.loader import BatchMaker
 from ilnas.data.tasks import Task, create_task, require_in_memory, task_info
 from ilnas import distributed, ranks
 from ilnas.determinism import deterministic_algorithms
-from ilnas.errors import IlnasError, RunFailed
+from ilnas.errors import IlnasError, RunFailed, allocation_failure, fault
 from ilnas.memory import parameter_count, require_search_memory, saved_activation_bytes
 from ilnas.resuming import (describe, load_optimizer_state, require_number, require_rng_states, require_tensors_like,
                             restoring)
@@ -48,7 +49,7 @@ from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
-from ilnas.space.layout import PARAMETER_FREE, edge_names, full_edge_ops
+from ilnas.space.layout import BUILT_IN_OPS, PARAMETER_FREE, edge_names, full_edge_ops
 from ilnas.space.ops import check_ops
 from ilnas.space.supernet import Supernet, alpha_entropy, init_arch, ranking_weights, use_channels_last
 
@@ -327,22 +328,34 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
 
 def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, val: Sequence[BatchMaker],
                    device: torch.device, dtype: torch.dtype) -> None:
-    """One forward pass of the first phase's supernet on four images of each task, with the random state
-    untouched: a shape that cannot work is refused here, before the run directory changes; and so is a batch
-    whose validation pass, with the weights a step holds, cannot fit on the device."""
+    """The first phase's supernet measured and tried, with the random state untouched, before the run directory
+    changes: a batch whose step cannot fit on the device is refused first (measured on small images, memory.py,
+    so that a run's large images cannot fill the machine before it is refused); then one forward pass on two
+    images of each task at their own size refuses a shape that cannot work."""
     check_ops(cfg.space.ops, channels=cfg.space.channels // cfg.space.partial_channels, device=device)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
-        for net, maker in zip(nets, val):
-            x, _ = next(maker.ordered(4))
-            w = [p.detach() for p in net.encoder.parameters()]
-            h = [p.detach() for p in net.head.parameters()]
-            try:
-                net.logits(arch, w, h, x)
-            except RuntimeError as e:
-                raise IlnasError(f"the supernet cannot take {maker.task.name}'s {tuple(x.shape[1:])} images "
-                                 f"({str(e).splitlines()[0][:120]})") from None
         _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
+        for net, maker in zip(nets, val):
+            x, _ = next(maker.ordered(2))
+            with _refusing_shapes(cfg.space.ops, maker.task.name, x):
+                net.logits(arch, [p.detach() for p in net.encoder.parameters()],
+                           [p.detach() for p in net.head.parameters()], x)
+
+
+@contextlib.contextmanager
+def _refusing_shapes(ops: Sequence[str], task: str, x: torch.Tensor) -> Iterator[None]:
+    """A pass of a supernet over ``ops`` on ``x`` that fails other than for memory: refused in one line. The
+    built-in operations take any image size a run may have; one of one's own may fail any way it likes."""
+    try:
+        yield
+    except Exception as e:
+        if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
+            raise
+        own = sorted(set(ops) - set(BUILT_IN_OPS))
+        blame = f": an operation of your own ({', '.join(own)}) fails at that size" if own else ""
+        raise IlnasError(f"the supernet fails on {task}'s {tuple(x.shape[1:])} images ({fault(e, 100)}){blame}") \
+            from None
 
 
 def _probe_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress, device: torch.device,
@@ -366,7 +379,8 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
 
     def forward(n: int, side: int) -> torch.Tensor:
         return net.logits(*leaves, F.interpolate(x[:n], size=(side, side)) if side != x.shape[-1] else x[:n])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp):  # as the step runs
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp), _refusing_shapes(
+            cfg.space.ops, maker.task.name, x):  # autocast: as the step runs
         kept = saved_activation_bytes(forward, batch, x.shape[-1])
     sets = widest_pass(cfg.engine, cfg.search.rounds)
     one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
