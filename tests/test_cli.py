@@ -364,12 +364,14 @@ def test_a_rank_whose_peers_never_come_says_so_while_it_waits(rank):
 
 def test_a_run_directory_whose_path_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
     """A name in another encoding (a Latin-1 byte, as Python passes it: a surrogate escape): TensorBoard's
-    writer cannot open a file there, after the run directory was made."""
+    writer cannot open a file there, after the run directory was made. Nothing is printed but the refusal (a
+    search had named the run directory first)."""
     out = str(tmp_path / "caf\udce9")
     for argv in (["search", "--preset", "demo"], ["train", "--genotype", "DARTS_V2", "--preset", "eval-digits"]):
-        rc, _, err = call(*argv, "--out", out)
+        rc, printed, err = call(*argv, "--out", out)
         assert rc == 2 and err == f"ilnas: error: the run directory's path {out!r} is not valid UTF-8; choose " \
                                   f"another --out\n", err
+        assert printed == ""
     assert not any(tmp_path.iterdir())
 
 

@@ -195,8 +195,6 @@ def _search(args: argparse.Namespace) -> None:
         if speaks:
             print(_checked(out, resume, args.force))
         return
-    if speaks:
-        print(f"run directory: {out}", flush=True)
     genotype = run_search(cfg, out, resume=resume, force=args.force, progress=not args.quiet,
                           report=not args.no_report)
     if speaks:

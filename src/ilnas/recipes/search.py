@@ -310,6 +310,7 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
         return _search(ctx, prog, continued)
 
     with RunDir.open(out, "search", config, resume, force, device=device) as run:
+        log.info(f"run directory: {out}")  # once it is open: a refused search names none
         run.truncate_metrics(ckpt["metrics_lines"] if ckpt else 0)
         run.write_text("tasks.json", json.dumps(records, indent=1) + "\n")
         # Resumed: drop the events an interrupted run logged after its checkpoint (steps > global_step).
