@@ -505,6 +505,14 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
     ({"train": {"tasks": "digits", "set": TRAIN_SET}}, "train needs tasks: [task, ...]"),  # not one per letter
     ({"out": 5}, "out must be a directory's path, got 5"),
+    ({"out": []}, "out must be a directory's path, got []"),  # not the default in its place
+    ({"out": ""}, "out must be a directory's path, got ''"),
+    ({"search": {"preset": 3}}, "search.preset must name a preset (see `ilnas presets`), got 3"),
+    ({"search": {"preset": None}}, "search.preset must name a preset (see `ilnas presets`), got None"),
+    ({"search": []}, "search must be a mapping (preset, set)"),
+    ({"train": {"tasks": ["digits"], "preset": ["eval-digits"]}}, "train.preset must name a preset (see `ilnas "
+                                                                  "presets`), got ['eval-digits']"),
+    ({"executor": "submitit", "submitit": 0}, "submitit must be a mapping"),
     ({"grid": {"engine.lam": [1, 10], "framework": {"il": [], "mtl": MTL}}},
      "cells lam-1_framework-mtl and lam-10_framework-mtl make the same search run (search never reads engine.lam "
      "there); name variants so that it is made once"),
@@ -538,6 +546,11 @@ def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
         load_spec(_spec(tmp_path, **change))
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_empty_out_flag_is_refused_rather_than_read_as_the_specs(tmp_path):
+    code, _, err = call("sweep", _spec(tmp_path), "--out", "", "--check")
+    assert code == 2 and err == "ilnas: error: --out must be a directory's path, got ''\n", err
 
 
 def test_a_cell_whose_directory_name_the_filesystem_cannot_take_is_refused_before_anything_runs(tmp_path):

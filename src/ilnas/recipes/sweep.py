@@ -117,12 +117,14 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise IlnasError(f"sweep spec: unknown key {sorted(unknown)[0]!r}; valid: {', '.join(sorted(SPEC_KEYS))}")
-    out = out or spec.get("out") or f"runs/sweep-{p.stem}"
-    if not isinstance(out, str):
-        raise IlnasError(f"sweep spec: out must be a directory's path, got {out!r}")
+    where, out = ("--out", out) if out is not None else ("sweep spec: out", spec.get("out"))
+    out = f"runs/sweep-{p.stem}" if out is None else out
+    if not isinstance(out, str) or not out.strip():  # not the default in its place: a slip, like [] or 0
+        raise IlnasError(f"{where} must be a directory's path, got {out!r}")
     root = reachable(out, "sweep directory")
     refuse_inside_a_run(root, "sweep")
-    search, train = spec.get("search") or {}, spec.get("train")
+    search, train = spec.get("search", {}), spec.get("train")
+    search = {} if search is None else search
     if not isinstance(search, dict):
         raise IlnasError("sweep spec: search must be a mapping (preset, set)")
     if set(search) - set(SEARCH_KEYS):  # a typo (sets:) would have run every cell without its overrides
@@ -136,11 +138,11 @@ def load_spec(path: str | Path, out: str | None = None) -> Sweep:
     if executor not in EXECUTORS:
         raise IlnasError(f"sweep spec: executor must be {' or '.join(EXECUTORS)}, got {executor!r}")
     cells = []
-    axes = _axes(spec.get("grid"))
+    axes, preset = _axes(spec.get("grid")), _preset(search, "search", "demo")
     for combo in itertools.product(*(values for _, values in axes)):
         labels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
         overrides = _list(search.get("set"), "search.set") + [o for _, sets in combo for o in sets]
-        cells.append(_cell(root, labels, search.get("preset", "demo"), overrides, train, report))
+        cells.append(_cell(root, labels, preset, overrides, train, report))
     if len({c.name for c in cells}) != len(cells):
         raise IlnasError("sweep spec: two cells get the same directory name; give variants distinct names")
     outs = [run.out for c in cells for run in c.runs]
@@ -181,8 +183,17 @@ def _refuse_repeats(cells: list[Cell]) -> None:
             seen[key] = cell, run, settings
 
 
+def _preset(section: dict, name: str, default: str) -> str:
+    """A section's preset, a name (which one is checked as the cells resolve): a number or a list had ended the
+    sweep in a traceback."""
+    preset = section.get("preset", default)
+    if not isinstance(preset, str) or not preset.strip():
+        raise IlnasError(f"sweep spec: {name}.preset must name a preset (see `ilnas presets`), got {preset!r}")
+    return preset
+
+
 def _submitit_settings(value: Any) -> dict:
-    settings = value or {}
+    settings = {} if value is None else value
     if not isinstance(settings, dict):
         raise IlnasError("sweep spec: submitit must be a mapping of AutoExecutor parameters")
     requeues = settings.get("max_num_timeout", 0)
@@ -242,7 +253,7 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
             raise IlnasError("sweep spec: train.tasks names the tasks a cell is re-trained on; a data.tasks in "
                              "train.set or a recipe would train another one in its directory")
         seeds = _train_seeds(train.get("seeds"), [common, *recipes.values()])
-        preset = train.get("preset", "eval-digits")
+        preset = _preset(train, "train", "eval-digits")
         for task, (recipe, recipe_sets), seed in itertools.product(train["tasks"], recipes.items(), seeds):
             seed_sets = [f"train.seed={seed}"] if seed is not None else []
             sets = [f"data.tasks=[{task}]", *common, *recipe_sets, *seed_sets]
