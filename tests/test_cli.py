@@ -306,6 +306,22 @@ def test_a_run_whose_output_fills_its_disk_goes_on_to_its_end_having_said_so_onc
                                               "device); the run goes on without it (metrics.jsonl holds its lines)"]
 
 
+def test_an_empty_argument_is_refused_rather_than_read_as_here_or_as_not_given(finished_training, tmp_path,
+                                                                               monkeypatch):
+    """'' (an unset shell variable, most often): `evaluate --out ""` wrote its four files into the current
+    directory, `--html ""` and `describe --preset ""` counted as not given, and a run or image named '' was looked
+    for here."""
+    monkeypatch.chdir(tmp_path)
+    run = str(finished_training)
+    for argv, name in [(["evaluate", run, "--data", "digits", "--out", ""], "--out"),
+                       (["evaluate", " ", "--data", "digits"], "RUN"), (["compare", run, "--html", ""], "--html"),
+                       (["describe", "DARTS_V2", "--preset", ""], "--preset"), (["predict", run, ""], "IMAGE"),
+                       (["sweep", ""], "SPEC"), (["train", "--genotype", "", "--check"], "--genotype")]:
+        code, printed, err = call(*argv)
+        assert (code, printed, err) == (2, "", f"ilnas: error: {name} is empty (an unset shell variable?)\n"), argv
+    assert not any(tmp_path.iterdir())
+
+
 def test_output_the_terminal_cannot_encode_is_escaped(tmp_path):
     """A run's path (or a class name) outside the terminal's encoding: escaped, as stderr does, where printing
     the status table raised a UnicodeEncodeError."""

@@ -26,6 +26,17 @@ class _Parser(argparse.ArgumentParser):
         print(f"ilnas: error: {_one_line(message)}", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """An empty argument (an unset shell variable, most often) is refused: a path read as '' is the current
+        directory (``evaluate --out ""`` wrote its files there), and an option given as '' counted as not given."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+                name = action.option_strings[0] if action.option_strings else action.metavar or action.dest.upper()
+                self.error(f"{name} is empty (an unset shell variable?)")
+        return namespace, extras
+
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ilnas", description="Interleaving learning for differentiable architecture search.")
@@ -150,8 +161,6 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
     from ilnas.runs import resume_config
     from ilnas.ranks import world_size
 
-    if args.out is not None and not args.out.strip():
-        raise IlnasError("--out is empty; name a run directory")
     if args.resume and args.force:
         raise IlnasError("--resume and --force exclude each other")
     if args.auto_resume and (args.resume or args.force):
