@@ -30,6 +30,15 @@ def test_schedules_follow_their_formulas():
     assert math.isclose(SGD(lr=0.1, schedule="step", step_size=1, gamma=0.97).lr_at(10, 250), 0.1 * 0.97 ** 10)
 
 
+def test_a_warm_up_as_long_as_the_training_is_refused_naming_the_epochs_setting():
+    """eval-imagenet warms up for 5 epochs: a one-epoch trial of it is refused, saying which epochs."""
+    from ilnas.config import resolve
+    from ilnas.errors import IlnasError
+
+    with pytest.raises(IlnasError, match=r"^optimizer.warmup_epochs must lie in \[0, train.epochs=1\), got 5$"):
+        resolve("eval-imagenet", kind="eval", overrides=["train.epochs=1"])
+
+
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "step"])
 def test_a_schedule_reads_its_own_settings_only(schedule):

@@ -245,7 +245,7 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
     if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
         raise IlnasError(f"{section}.device must be {DEVICES}, got {run.device!r}")
-    _validate_sgd(cfg.optimizer, run.epochs)
+    _validate_sgd(cfg.optimizer, run.epochs, f"{section}.epochs")
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
@@ -308,7 +308,7 @@ def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be >= 0, got {value}")
 
 
-def _validate_sgd(o: SGD, epochs: int) -> None:
+def _validate_sgd(o: SGD, epochs: int, epochs_setting: str) -> None:
     _positive("optimizer", o, ("lr", "grad_clip", "step_size", "gamma"))
     _non_negative("optimizer", o, ("weight_decay", "lr_min"))
     if not 0.0 <= o.momentum < 1.0:
@@ -318,7 +318,7 @@ def _validate_sgd(o: SGD, epochs: int) -> None:
     if o.schedule not in SCHEDULES:
         raise IlnasError(f"optimizer.schedule must be {', '.join(SCHEDULES)}, got {o.schedule!r}")
     if o.warmup_epochs < 0 or o.warmup_epochs >= epochs and o.schedule == "linear":
-        raise IlnasError(f"optimizer.warmup_epochs must lie in [0, epochs), got {o.warmup_epochs}")
+        raise IlnasError(f"optimizer.warmup_epochs must lie in [0, {epochs_setting}={epochs}), got {o.warmup_epochs}")
 
 
 def _validate_search(cfg: SearchRunConfig) -> None:

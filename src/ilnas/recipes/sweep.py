@@ -325,14 +325,14 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
         for run in cell.runs:
-            args, prefix = run.args, f"{run.out}: "
+            args, prefix, stands_in = run.args, f"{run.out}: ", False
             at = args.index("--genotype") + 1 if "--genotype" in args else None
             if search is not None and at is not None and args[at] == str(search.out) and \
                     not _finished_run(search.out):
                 if (run.out / CONFIG).is_file():  # begun with a cell the search has since dropped (--force)
                     lines.append(f"{prefix}not checked: its cell is the one its search is to find")
                     continue
-                stand_in = stand_in_cell(search.config)
+                stand_in, stands_in = stand_in_cell(search.config), True
                 args = (*args[:at], stand_in, *args[at + 1:])
                 prefix += f"with a stand-in cell ({stand_in}; its own is the one its search is to find): "
             holder = lock_holder(run.out)
@@ -340,7 +340,7 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
                 lines.append(f"{run.out}: not checked: another process works on it ({holder}); the sweep would wait "
                              f"for it to end, then skip or continue the run")
                 continue
-            if args is not run.args and args in stood_in:  # the grid sets searches only: each task re-trained alike
+            if stands_in and args in stood_in:  # the grid sets searches only: each task re-trained alike
                 first, no = stood_in[args]
                 refused += no
                 lines.append(f"{prefix}{'refused' if no else 'checked'} as {first} (the same training)")
@@ -350,7 +350,7 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
             said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
             refused += done.returncode != 0
             lines.append(prefix + (said[-1] if said else f"exit code {done.returncode}"))
-            if args is not run.args:
+            if stands_in:
                 stood_in[args] = run.out, done.returncode != 0
     return lines, refused
 
