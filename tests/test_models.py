@@ -325,6 +325,20 @@ def test_an_export_or_evaluation_replaces_only_its_own_earlier_files(folder_runs
         assert call(*evaluate, "--out", str(tmp_path / "eval"))[0] == 0
 
 
+def test_an_evaluation_that_could_not_be_written_is_refused_before_it_is_made(folder_runs, tmp_path, monkeypatch):
+    """An --out that is a file (or lies below one) was found only once every image had been classified."""
+    from ilnas.recipes import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_logits", lambda *a: pytest.fail("evaluated before --out was checked"))
+    (tmp_path / "notes.txt").write_text("mine")
+    run, data = str(folder_runs["train"]), str(folder_runs["pets"])
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "eval"):
+        code, _, err = call("evaluate", run, "--data", data, "--out", str(out))
+        assert (code, err) == (2, f"ilnas: error: cannot create the evaluation's folder {out}: "
+                                  f"{tmp_path / 'notes.txt'} is a file\n")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("kind", ["search", "train"])
 def test_a_run_is_not_resumed_on_other_data_than_it_started_on(folder_runs, tmp_path, monkeypatch, kind):
     """Images added to a folder between two sessions (or another folder under the same relative path) change

@@ -5,6 +5,7 @@ Files are created with the permissions the umask allows (like ``open``), not ``m
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -28,6 +29,24 @@ def reachable(path: str | Path, what: str) -> Path:
     except ValueError:  # a NUL byte
         raise IlnasError(f"{what} {shortened(str(path))!r} holds a NUL byte") from None
     return Path(path)
+
+
+def require_writable(path: Path, what: str) -> None:
+    """Refuse a ``path`` to be made below a file, on a read-only file system or without write permission, before
+    any work whose result it is to hold is done."""
+    base = path.absolute()
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise IlnasError(f"cannot create {what} {path}: {base} is a file")
+    try:  # a probe file, removed at once: the only reliable test (root ignores permission bits)
+        with open(os.open(base / f".ilnas-probe-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                  "wb"):
+            pass
+        os.unlink(base / f".ilnas-probe-{os.getpid()}")
+    except OSError as e:
+        reason = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e)).lower()
+        raise IlnasError(f"cannot write to {base} ({reason}); choose another --out") from None
 
 
 def _name_max(path: Path) -> int:

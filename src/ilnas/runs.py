@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
 import hashlib
 import io
 import json
@@ -40,7 +39,8 @@ from ilnas import __version__
 from ilnas.config import KINDS, from_dict, to_dict, validate
 from ilnas.config.schema import KIND_COMMANDS, KIND_NAMES
 from ilnas.errors import IlnasError, NotRegistered, RunFailed, Stopped, allocation_failure, first_line
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, shortened
+from ilnas.fileio import (atomic_write_bytes, atomic_write_text, load_json, reachable, require_writable,
+                          shortened)
 from ilnas.runlock import LOCK, RunLock
 
 if TYPE_CHECKING:
@@ -140,28 +140,6 @@ def _start_cut_short(path: Path) -> bool:
         return False
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse an --out below a file, on a read-only file system or without write permission."""
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise IlnasError(f"cannot create run directory {path}: {base} is a file")
-    try:  # a probe file, removed at once: the only reliable test (root ignores permission bits)
-        with open(os.open(base / f".ilnas-probe-{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                  "wb"):
-            pass
-        os.unlink(base / f".ilnas-probe-{os.getpid()}")
-    except OSError as e:
-        reason = "read-only file system" if e.errno == errno.EROFS else (e.strerror or str(e)).lower()
-        raise IlnasError(f"cannot write to {base} ({reason}); choose another --out") from None
-
-
 def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = True) -> None:
     """Refuse, before anything is written, what would damage an existing run or cannot work
     (``probe_lock=False``: the caller holds the lock itself)."""
@@ -176,7 +154,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
     if path.exists() and not path.is_dir():
         raise IlnasError(f"{path} exists and is not a directory")
     refuse_inside_a_run(path, "run")
-    _check_writable(path)
+    require_writable(path, "run directory")
     if resume:
         if not (path / CONFIG).is_file():
             raise IlnasError(f"nothing to resume: {path} holds no {CONFIG}")

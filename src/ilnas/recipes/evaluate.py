@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ilnas.errors import IlnasError, NotRegistered
-from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable
+from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, require_writable
 from ilnas.models import ModelCard, load_model
 from ilnas.runs import refuse_among_run_files
 
@@ -127,6 +127,11 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     model = load_model(run, which, device)
     card: ModelCard = model.card
     dataset = evaluation_set(data, run, card, batch_size, data_dir)
+    from ilnas.data.tasks import task_slug
+
+    slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
+    target = Path(out) if out is not None else _default_out(run / "evaluations", f"{slug}-{which}", dataset.name)
+    require_writable(target, "the evaluation's folder")  # before the evaluation, which a large data set makes long
     k, n = min(5, card.num_classes), card.num_classes
     confusion = torch.zeros(n, n, dtype=torch.int64)
     top_k = 0
@@ -138,10 +143,6 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     per_class = {c: int(confusion[i, i]) / seen[i] for i, c in enumerate(card.classes) if seen[i] > 0}
     result = {"run": str(run), "weights": which, "data": dataset.name, "images": total,
               "top1": int(confusion.diagonal().sum()) / total, f"top{k}": top_k / total, "per_class": per_class}
-    from ilnas.data.tasks import task_slug
-
-    slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
-    target = Path(out) if out is not None else _default_out(run / "evaluations", f"{slug}-{which}", dataset.name)
     _write_evaluation(target, result, confusion, card.classes)
     result["out"] = str(target)
     return result
