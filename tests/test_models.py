@@ -325,17 +325,23 @@ def test_an_export_or_evaluation_replaces_only_its_own_earlier_files(folder_runs
         assert call(*evaluate, "--out", str(tmp_path / "eval"))[0] == 0
 
 
-def test_an_evaluation_that_could_not_be_written_is_refused_before_it_is_made(folder_runs, tmp_path, monkeypatch):
-    """An --out that is a file (or lies below one) was found only once every image had been classified."""
-    from ilnas.recipes import evaluate as evaluate_module
+def test_an_evaluation_or_export_that_could_not_be_written_is_refused_before_it_is_made(folder_runs, tmp_path,
+                                                                                      monkeypatch):
+    """An --out that is a file (or lies below one) was found only once every image had been classified, or the
+    model exported and checked ("File exists")."""
+    from ilnas.recipes import evaluate as evaluate_module, export as export_module
 
     monkeypatch.setattr(evaluate_module, "_logits", lambda *a: pytest.fail("evaluated before --out was checked"))
+    monkeypatch.setattr(export_module, "load_model", lambda *a: pytest.fail("exported before --out was checked"))
     (tmp_path / "notes.txt").write_text("mine")
     run, data = str(folder_runs["train"]), str(folder_runs["pets"])
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "eval"):
         code, _, err = call("evaluate", run, "--data", data, "--out", str(out))
         assert (code, err) == (2, f"ilnas: error: cannot create the evaluation's folder {out}: "
                                   f"{tmp_path / 'notes.txt'} is a file\n")
+    code, _, err = call("export", run, "--format", "torchscript", "--out", str(tmp_path / "notes.txt" / "m.pt"))
+    assert (code, err) == (2, f"ilnas: error: cannot create the export's folder {tmp_path / 'notes.txt'}: "
+                              f"{tmp_path / 'notes.txt'} is a file\n")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

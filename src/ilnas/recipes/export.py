@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from ilnas.errors import IlnasError, RunFailed
-from ilnas.fileio import atomic_write_text, load_json, reachable, umask
+from ilnas.fileio import atomic_write_text, load_json, reachable, require_writable, umask
 from ilnas.models import CARD_FORMAT, load_model
 from ilnas.runs import refuse_among_run_files
 
@@ -39,6 +39,7 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
                          f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
     refuse_among_run_files([target, target.with_suffix(".json")], "--out")
     _refuse_replacing_other_files(target)
+    require_writable(target.parent, "the export's folder")
     if fmt == "onnx":  # after the arguments: what is wrong with them holds on any machine
         require_onnx_export()
     model = load_model(run, which, "cpu")
