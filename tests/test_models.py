@@ -325,6 +325,18 @@ def test_an_export_or_evaluation_replaces_only_its_own_earlier_files(folder_runs
         assert call(*evaluate, "--out", str(tmp_path / "eval"))[0] == 0
 
 
+def test_an_export_into_a_folder_takes_the_formats_file_name_there(folder_runs, tmp_path, monkeypatch):
+    """A folder as --out (one that exists, or any ending in /): '.' ended in a traceback ("has an empty name"),
+    an existing folder was refused as someone's file, and 'new/' was written as a file named new."""
+    monkeypatch.chdir(tmp_path)
+    run = str(folder_runs["train"])
+    for out, folder in ((".", tmp_path), ("new/", tmp_path / "new"), (str(tmp_path / "new"), tmp_path / "new")):
+        code, printed, err = call("export", run, "--format", "torchscript", "--out", out)
+        assert code == 0, err
+        assert (folder / "model.torchscript.pt").is_file() and (folder / "model.torchscript.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.torchscript.json", "model.torchscript.pt", "new"]
+
+
 def test_an_evaluation_or_export_that_could_not_be_written_is_refused_before_it_is_made(folder_runs, tmp_path,
                                                                                       monkeypatch):
     """An --out that is a file (or lies below one) was found only once every image had been classified, or the

@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--format", required=True, choices=["onnx", "torchscript", "exported-program"])
     ex.add_argument("--weights", choices=["last", "best"], default="last",
                     help="the last epoch's weights (default) or the best test epoch's")
-    ex.add_argument("--out", help="the file to write (default: RUN/export/model.onnx|model.torchscript.pt|model.pt2)")
+    ex.add_argument("--out", help="the file to write, or a folder (existing, or ending in /) to write it into "
+                                  "(default: RUN/export/model.onnx|model.torchscript.pt|model.pt2)")
 
     d = sub.add_parser("describe", help="print a genotype and the size of its evaluation network")
     d.add_argument("genotype", help="zoo name, genotype.json, run directory, or Genotype(...) literal")

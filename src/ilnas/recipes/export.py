@@ -33,7 +33,7 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
     runtime and compare its logits with PyTorch's. Returns where it went and the largest difference."""
     if fmt not in FORMATS:
         raise IlnasError(f"format must be {', '.join(FORMATS)}, got {fmt!r}")
-    target = reachable(out, "--out") if out is not None else reachable(run, "run directory") / "export" / FORMATS[fmt]
+    target = reachable(run, "run directory") / "export" / FORMATS[fmt] if out is None else _target(out, fmt)
     if target.suffix == ".json":
         raise IlnasError(f"--out {target} ends in .json, the name its card is written to (<name>.json beside the "
                          f"model); give the model another suffix, e.g. {target.with_suffix(Path(FORMATS[fmt]).suffix)}")
@@ -54,6 +54,14 @@ def export_model(run: str | Path, fmt: str, out: str | Path | None = None, which
         raise IlnasError(f"cannot write {target}: {e.strerror or e}") from None
     return {"format": fmt, "path": str(target), "card": str(target.with_suffix(".json")), "runtime": runtime,
             "max_abs_difference": difference, "batch_sizes_checked": list(CHECK_BATCHES)}
+
+
+def _target(out: str | Path, fmt: str) -> Path:
+    """``out``, or where it names a folder (one that exists, or any ending in /, as ``cp`` reads it) the format's
+    file in it: a folder had been taken for the model's own name ('/' and '.' ended in a traceback)."""
+    if str(out).endswith(("/", os.sep)) or reachable(out, "--out").is_dir():
+        return reachable(Path(out) / FORMATS[fmt], "--out")
+    return Path(out)
 
 
 def _refuse_replacing_other_files(target: Path) -> None:
