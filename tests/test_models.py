@@ -274,6 +274,8 @@ def test_create_model_checks_its_arguments_as_ilnas_train_checks_its_network(kwa
     (["evaluate", "__RUN__", "--data", "no-such-thing"], "is neither a folder nor a task"),
     (["evaluate", "__SEARCH__", "--data", "digits"], "holds no model.json"),
     (["predict", "__RUN__", "nowhere.png"], "no image file nowhere.png"),
+    (["predict", "__RUN__", "__ROOT__"], "; it is a folder: `ilnas evaluate RUN --data FOLDER` takes a folder of "
+                                         "labelled images, predict takes image files (FOLDER/*.jpg)"),
     (["predict", "__RUN__", "__RUN__/model.json"], "cannot read image"),
     (["export", "__RUN__", "--format", "tflite"], "invalid choice: 'tflite'"),
     (["predict", "__RUN__", "x.png", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N"),

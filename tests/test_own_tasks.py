@@ -95,7 +95,7 @@ def test_a_task_of_ones_own_is_searched_re_trained_evaluated_and_held_against_a_
     code, out, err = call("evaluate", str(train), "--data", "grey-rows", "--data-dir", str(elsewhere))
     assert code == 0 and "grey-rows (test split): 30 images" in out, err
     for data_dir, data, message in [(tmp_path / "nowhere", "grey-rows", "is no directory"),
-                                    ("", "grey-rows", "--data-dir '' is no directory"),
+                                    ("", "grey-rows", "--data-dir is empty (an unset shell variable?)"),
                                     (elsewhere, str(elsewhere), "is a folder of images itself"),
                                     (elsewhere, "imagenet",  # was a FileNotFoundError's traceback
                                      f"no validation images of imagenet: {elsewhere}/imagenet/val is no directory")]:

@@ -548,9 +548,11 @@ def test_a_bad_spec_is_refused_before_anything_runs(tmp_path, change, message):
     assert not (tmp_path / "sweep").exists()
 
 
-def test_an_empty_out_flag_is_refused_rather_than_read_as_the_specs(tmp_path):
+def test_an_empty_out_is_refused_rather_than_read_as_the_specs(tmp_path):
+    with pytest.raises(IlnasError, match="^--out must be a directory's path, got ''$"):
+        load_spec(_spec(tmp_path), out="")
     code, _, err = call("sweep", _spec(tmp_path), "--out", "", "--check")
-    assert code == 2 and err == "ilnas: error: --out must be a directory's path, got ''\n", err
+    assert code == 2 and err == "ilnas: error: --out is empty (an unset shell variable?)\n", err
 
 
 def test_a_cell_whose_directory_name_the_filesystem_cannot_take_is_refused_before_anything_runs(tmp_path):

@@ -236,9 +236,11 @@ def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which
         raise IlnasError(f"top-k and the batch size must be positive, got {top_k} and {batch_size}")
     model = load_model(run, which, device)
     card: ModelCard = model.card
-    missing = [str(p) for p in images if not reachable(p, "image").is_file()]
+    missing = [Path(p) for p in images if not reachable(p, "image").is_file()]
     if missing:
-        raise IlnasError(f"no image file {missing[0]}")
+        folder = "; it is a folder: `ilnas evaluate RUN --data FOLDER` takes a folder of labelled images, " \
+                 "predict takes image files (FOLDER/*.jpg)" if missing[0].is_dir() else ""
+        raise IlnasError(f"no image file {missing[0]}{folder}")
     found = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
