@@ -78,6 +78,8 @@ def test_load_genotype_from_name_json_run_dir_and_literal(tmp_path):
      r"^malformed genotype: normal is no literal .*: \[\('sep_conv_3x3', 0\), \('sep_conv_3x3', 1\)\] \* 4$"),
     ("Genotype(normal=[], colour=[])", "unknown field"),
     ("not a genotype at all", "unknown genotype"),
+    ("runs/gone/search", "genotype runs/gone/search: no such file or run directory"),  # a path, not a zoo name
+    ("gone.json", "genotype gone.json: no such file or run directory"),
 ])
 def test_malformed_genotypes_are_refused(text, message):
     with pytest.raises(IlnasError, match=message):

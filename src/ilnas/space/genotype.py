@@ -315,5 +315,7 @@ def load_genotype(spec: str) -> Genotype:
             return _genotype_file(path, text)
         except NotRegistered as e:  # a cell of operations of one's own: the file is fine, the plugin not loaded
             raise NotRegistered(f"{path}: {e}") from None
+    if "/" in spec or spec.endswith((".json", ".txt")):  # meant as a path: say what is missing
+        raise IlnasError(f"genotype {shortened(spec)}: no such file or run directory")
     raise IlnasError(f"unknown genotype {shortened(repr(spec))}: not a zoo name ({', '.join(sorted(known))}), "
                      f"random:SEED, a file, a run directory or a Genotype(...) literal")
