@@ -106,6 +106,8 @@ BAD_SETTINGS = [
     ("engine.train_weights=[&a 1, *a]", "not valid YAML"),
     ("data.image_size=100000", "data.image_size must lie in [8, 1024]"),
     ("data.tasks=[no_such_task]", "unknown task 'no_such_task'"),
+    ("data.tasks=['imagefolder: ']", "unknown task 'imagefolder: '"),  # a blank path: "no image folder  /train"
+    ("data.data_dir=", "data.data_dir is empty; name the folder of the data sets (default: data)"),  # not here
     ("search.batch_size=100000", "fewer than search.batch_size=100000"),
     ("space.partial_channels=3", "space.partial_channels must be >= 1 and divide"),
     ("search.lam=10", "config key 'search.lam' is now 'engine.lam'"),

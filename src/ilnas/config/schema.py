@@ -235,6 +235,8 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError(f"data.image_size must lie in [8, {MAX_IMAGE_SIDE}], got {cfg.data.image_size}")
     if cfg.data.folder_pipeline not in ("memory", "stream"):
         raise IlnasError(f"data.folder_pipeline must be memory or stream, got {cfg.data.folder_pipeline!r}")
+    if not cfg.data.data_dir.strip():  # '' is the current directory, where CIFAR would be downloaded
+        raise IlnasError("data.data_dir is empty; name the folder of the data sets (default: data)")
     if not cfg.data.memory_limit_gb > 0:
         raise IlnasError(f"data.memory_limit_gb must be positive, got {cfg.data.memory_limit_gb}")
     run = cfg.search if isinstance(cfg, SearchRunConfig) else cfg.train

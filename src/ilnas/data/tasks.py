@@ -143,7 +143,8 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
 
 def check_task_name(name: str) -> None:
     """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
-    if name not in TASKS and name != "imagenet" and not (name.startswith("imagefolder:") and name.split(":", 1)[1]):
+    folder = name.startswith("imagefolder:") and name.split(":", 1)[1].strip()  # a blank path names no folder
+    if name not in TASKS and name != "imagenet" and not folder:
         raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
                             f"in a module that ILNAS_PLUGINS names)")
 
