@@ -103,24 +103,22 @@ def _local_ranks() -> int:
 
 
 def require_fit(weights: str, weight_bytes: int, device: torch.device, settings: str, activations: int = 0,
-                batch: int = 0, sets: int = 1) -> None:
+                kept: str = "") -> None:
     """Refuse a run whose ``weights`` (their copies held at once, ``weight_bytes`` in all) and ``activations``
-    (what one pass of ``batch`` images, through ``sets`` weight sets side by side, keeps for its backward,
-    ``saved_activation_bytes``; 0: not yet known) cannot fit on ``device``."""
-    side_by_side = f" through {sets} weight sets side by side" if sets > 1 else ""
-    what = weights + (f" and what one pass of {batch} images{side_by_side} keeps for its backward "
-                      f"({activations / 1e9:.2f} GB)" if activations else " alone")
+    (what its widest pass keeps for its backward, ``saved_activation_bytes``; 0: not yet known), that pass
+    described by ``kept`` ("what one pass of 96 images keeps for its backward"), cannot fit on ``device``."""
+    what = weights + (f" and {kept} ({activations / 1e9:.2f} GB)" if activations else " alone")
     require_memory(weight_bytes + activations, device, what, settings)
 
 
 def require_search_memory(one: int, stages: int, device: torch.device, settings: str, activations: int = 0,
-                          batch: int = 0, sets: int = 1) -> None:
+                          kept: str = "") -> None:
     """``require_fit`` for a search, ``one`` the bytes of one copy of its supernet's weights: every step holds the
     module's weights and, for each stage, its weights, their gradient and their virtual step (the engine's
-    unroll), 1 + 3 * stages copies, while it takes its passes (the widest through ``sets`` weight sets)."""
+    unroll), 1 + 3 * stages copies, while it takes its widest pass."""
     require_fit(f"the supernet's weights ({one / 1e9:.2f} GB a copy; the module's and, for each of {stages} "
                 f"stage(s), its weights, gradient and virtual step at once)", (1 + 3 * stages) * one, device,
-                settings, activations, batch, sets)
+                settings, activations, kept)
 
 
 MEASURED_SIDE = 64  # larger images are measured at this side, their activations scaled by their pixels

@@ -371,8 +371,9 @@ def _probe_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progre
 
 def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNet, arch: list[torch.Tensor],
                          maker: BatchMaker, device: torch.device) -> None:
-    """With the weights, the widest pass of a step on one rank's batch (as many weight sets side by side as the
-    engine batches, ``widest_pass``) and what it keeps for its backward."""
+    """With the weights, the widest pass of a step on one rank's batch and what it keeps for its backward: as many
+    weight sets side by side as the engine batches (``widest_pass``), or, with ``engine.hvp=exact``, one set
+    whose gradient keeps its own graph for the double backward, whichever keeps more."""
     batch = cfg.search.batch_size // ranks.world_size()
     x, _ = next(maker.ordered(4))
     leaves = [[t.detach().requires_grad_() for t in ts] for ts in (arch, net.encoder.parameters(),
@@ -380,15 +381,27 @@ def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNe
 
     def forward(n: int, side: int) -> torch.Tensor:
         return net.logits(*leaves, F.interpolate(x[:n], size=(side, side)) if side != x.shape[-1] else x[:n])
+
+    def double_backward(n: int, side: int) -> object:  # as hvp.exact takes it: the gradient's own graph kept
+        return torch.autograd.grad(forward(n, side).logsumexp(1).sum(), leaves[1] + leaves[2], create_graph=True)
+
+    sets = widest_pass(cfg.engine, cfg.search.rounds)
+    exact = cfg.engine.order == 2 and cfg.engine.hvp == "exact"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.search.amp), _refusing_shapes(
             cfg.space.ops, maker.task.name, x):  # autocast: as the step runs
-        kept = saved_activation_bytes(forward, batch, x.shape[-1])
-    sets = widest_pass(cfg.engine, cfg.search.rounds)
-    one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
+        kept = saved_activation_bytes(forward, batch, x.shape[-1]) * sets
+        kept_exact = saved_activation_bytes(double_backward, batch, x.shape[-1]) if exact else 0
+    what = f"what one pass of {batch} images{f' through {sets} weight sets side by side' if sets > 1 else ''} " \
+           "keeps for its backward"
+    if kept_exact > kept:
+        kept, what = kept_exact, f"what one pass of {batch} images keeps for its double backward (engine.hvp=exact)"
     lower = ", search.batch_size or engine.batched_sets (1: a pass a weight set, slower)" if sets > 1 \
         else " or search.batch_size"
+    if exact:
+        lower = lower.replace(" or ", ", ") + " or engine.hvp (fd: first-order passes only)"
     settings = f"space.channels, {cells_setting(cfg)}{lower}"
-    require_search_memory(one, tasks * cfg.search.rounds, device, settings, kept * sets, batch, sets)
+    one = sum(p.numel() * p.element_size() for p in net.encoder.parameters())
+    require_search_memory(one, tasks * cfg.search.rounds, device, settings, kept, what)
 
 
 # The built-in operations by what a supernet's pass keeps of them for its backward, most first: a separable

@@ -205,7 +205,8 @@ def require_network_memory(cfg: EvalRunConfig, genotype: Genotype, data: TrainDa
     batch = cfg.train.batch_size // ranks.world_size()
     kept = saved_activation_bytes(lambda n, side: _training_pass(model, cfg, data, device, n, side), batch,
                                   data.resolution)
-    require_fit(weights, copies * one, device, "network.channels, network.layers or train.batch_size", kept, batch)
+    require_fit(weights, copies * one, device, "network.channels, network.layers or train.batch_size", kept,
+                f"what one pass of {batch} images keeps for its backward")
 
 
 def _training_pass(model: torch.nn.Module, cfg: EvalRunConfig, data: TrainData, device: torch.device, n: int,
