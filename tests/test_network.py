@@ -251,6 +251,47 @@ def test_an_operation_of_ones_own_that_fails_only_at_the_networks_size_is_named_
         check_input_size(zoo()["DARTS_V2"], 10, 3, 32, style="imagenet", layers=3)  # built-in ops: the size's fault
 
 
+@pytest.mark.parametrize("side, works", [(s, s % 4 == 0) for s in range(8, 41)])
+def test_the_cells_take_the_sides_their_reduction_cells_can_halve_twice(side, works):
+    """Not a matter of size: 30x30 images were "too small" for a network that takes 28x28 and 32x32. A supernet and
+    a CIFAR-style network take a side exactly where it is a multiple of 4, and say so where it is not."""
+    try:
+        Supernet(1, 4, 5)(torch.zeros(2, 1, side, side), *init_arch(8))
+    except RuntimeError:
+        assert not works
+    else:
+        assert works
+    if works:
+        check_input_size(zoo()["DARTS_V2"], 10, 1, side, layers=5)
+        return
+    below = side // 4 * 4
+    with pytest.raises(IlnasError, match=rf"^the cifar-style network cannot take {side}x{side} images: the two "
+                                         rf"reduction cells halve the side twice, which takes a multiple of 4 "
+                                         rf"\({below} or {below + 4}\), got {side}; another side$"):
+        check_input_size(zoo()["DARTS_V2"], 10, 1, side, layers=5, remedy="-", side_remedy="another side")
+
+
+def test_an_image_side_the_cells_cannot_halve_is_refused_as_such_before_a_run(tmp_path):
+    """By the search's probe and the training's, naming the setting; the ImageNet style's after its stem (224 and
+    256 work, 220 does not; 60 is too small)."""
+    code, _, err = call("search", "--set", "data.image_size=30", "--check")
+    assert code == 2 and err.strip() == (
+        "ilnas: error: the supernet cannot take mnist5k's (1, 30, 30) images: the two reduction cells halve the side "
+        "twice, which takes a multiple of 4 (28 or 32), got 30 (data.image_size)"), err
+    code, _, err = call("train", "--preset", "eval-digits", "--genotype", "DARTS_V2", "--set", "data.image_size=30",
+                        "--check")
+    assert code == 2 and err.strip().endswith(
+        "cannot take 30x30 images: the two reduction cells halve the side twice, which takes a multiple of 4 (28 or "
+        "32), got 30; use another side (data.image_size) or another network.style"), err
+    for side in (224, 256):
+        check_input_size(zoo()["DARTS_V2"], 10, 3, side, style="imagenet", layers=3)
+    with pytest.raises(IlnasError, match=r"^the imagenet-style network cannot take 220x220 images: the stem halves "
+                                         r".* leave a multiple of 8 \(224: 56\), got 220: 55 \(221x221 works\); "):
+        check_input_size(zoo()["DARTS_V2"], 10, 3, 220, style="imagenet", layers=3)
+    with pytest.raises(IlnasError, match=r"^60x60 images are too small for the imagenet-style network"):
+        check_input_size(zoo()["DARTS_V2"], 10, 3, 60, style="imagenet", layers=3)  # uneven too, but 64 fails as well
+
+
 @pytest.mark.parametrize("size, largest, memory, message", [
     (16, 8, None, r"the supernet fails on mnist5k's \(1, 16, 16\) images \(ValueError: no 16x16 input, please\): an "
                   r"operation of your own \(small_only\) fails at that size$"),

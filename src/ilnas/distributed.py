@@ -62,6 +62,22 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
     return torch.device(f"cuda:{index}")
 
 
+def as_device(device: object, what: str = "device") -> torch.device:
+    """A device given in Python (``"cpu"``, ``"cuda:1"``, a torch.device) that this process can use, refused in one
+    line otherwise (torch says it on the first tensor placed there, if at all: ``to(1.5)`` is accepted)."""
+    try:
+        found = torch.device(device) if isinstance(device, (str, torch.device)) else None
+    except RuntimeError:
+        found = None
+    if found is None:
+        raise IlnasError(f"{what} must be a torch.device or its name (cpu, cuda, cuda:1, ...), got {device!r}"[:200])
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise IlnasError(f"{what} {found} but no CUDA device is available")
+    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
+        raise IlnasError(f"{what} {found} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return found
+
+
 def start(device: str) -> Process:
     """Join the process group torchrun describes in the environment (NCCL on GPUs, gloo on CPUs);
     a plain process is rank 0 of 1."""

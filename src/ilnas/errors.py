@@ -2,8 +2,10 @@
 one-line error quotes another failure."""
 from __future__ import annotations
 
+import numbers
 import re
 import sys
+from typing import Any
 
 
 class IlnasError(Exception):
@@ -56,3 +58,11 @@ def allocation_failure(e: BaseException) -> str | None:
     size = "" if found is None else (f" ({int(found.group(1)) / 1e9:.1f} GB at once)" if found.group(1) else
                                      f" ({found.group(2)} at once)")
     return f"out of {'device memory' if device else 'memory'}{size}"
+
+
+def positive_integer(name: str, value: Any, at_most: int | None = None) -> int:
+    """An integer argument of the Python API (numpy's integers too) checked as the CLI's parser checks one."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (at_most or value):
+        raise IlnasError(f"{name} must be a positive integer{f' of at most {at_most}' if at_most else ''}, got "
+                         f"{value!r}")
+    return int(value)

@@ -19,6 +19,8 @@ def reachable(path: str | Path, what: str) -> Path:
     """``path`` as a Path, once the filesystem can say whether something is there: a name too long, or a
     parent directory that may not be searched, is refused in one line naming ``what`` the path is for
     (pathlib's ``exists`` and ``is_dir`` raise for those, where an absent path is simply False)."""
+    if not isinstance(path, (str, os.PathLike)):  # os.stat would take an integer for a file descriptor
+        raise IlnasError(f"{what} must be a path, got {type(path).__name__}")
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):  # absent; its names must still fit where it will be made

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ilnas.errors import IlnasError, NotRegistered
+from ilnas.errors import IlnasError, NotRegistered, positive_integer
 from ilnas.fileio import load_json, reachable
 
 CARD_FILE = "model.json"
@@ -162,6 +162,9 @@ def load_model(run: str | Path, which: str = "last", device: str | torch.device 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from ilnas.distributed import as_device
+
+    device = as_device(device)
     card = read_card(run)
     path = weights_file(run, which)
     _require_weights_of(card, path)
@@ -207,7 +210,7 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
     cells, C=36), imagenet (14 cells, C=48) or one registered (cifar's defaults); ``resolution`` matters only
     below 32 (cifar style: the auxiliary head pools adaptively). Trained weights: ``load_model``."""
     from ilnas.config import MAX_IMAGE_SIDE, NetworkConfig, from_dict, validate_network
-    from ilnas.config.schema import positive_integer, require_normal_cell
+    from ilnas.config.schema import require_normal_cell
     from ilnas.space.genotype import load_genotype
     from ilnas.space.layout import NETWORK_STYLES, known_styles
     from ilnas.space.network import build_network

@@ -314,12 +314,28 @@ def checked(cfg: Any, kind: str) -> RunConfig:
     return cfg
 
 
+def checked_section(value: Any, cls: type, section: str) -> Any:
+    """A section of a configuration handed over in Python (``SupernetSearch``'s engine, sgd, arch_optimizer and
+    space), held to the types ``resolve`` holds it to: an instance of ``cls``, every value of its field's type."""
+    if not isinstance(value, cls):
+        raise IlnasError(f"{section} must be an ilnas.{cls.__name__}, got {type(value).__name__}")
+    return from_dict(cls, to_dict(value), f"{section}.")
+
+
 def resolve(preset: str | None = None, config_file: str | None = None,
             overrides: Sequence[str] | Mapping[str, Any] = (), kind: str | None = "search") -> RunConfig:
     """Defaults <- preset (after the base presets it names) <- config file (after its bases) <- overrides,
     then validation. ``overrides``: ``--set`` strings (``"engine.lam=10"``) or a mapping of dotted keys or
     sections to values (``{"engine.lam": 10, "search": {"epochs": 3}}``). ``kind=None`` takes whichever kind
     the preset or file declares (default search)."""
+    if kind is not None and kind not in KINDS:
+        raise IlnasError(f"kind must be one of {', '.join(KINDS)} or None, got {kind!r}")
+    for name, value in (("preset", preset), ("config_file", config_file)):
+        if value is not None and not isinstance(value, (str, Path)):
+            raise IlnasError(f"{name} must be a {'name' if name == 'preset' else 'path'}, got {type(value).__name__}")
+    if isinstance(overrides, (str, bytes)) or not hasattr(overrides, "__iter__"):  # a string: one per letter
+        raise IlnasError(f"overrides must be a list of 'section.key=value' strings or a mapping, got "
+                         f"{shortened(repr(overrides), 80)}")
     layers: list[tuple[dict, str]] = []
     if preset is not None:
         if not preset.strip():

@@ -3,7 +3,6 @@ where a block is shared (the engine's settings, the SGD block of search and trai
 checks a resolved configuration must pass. No torch at import time."""
 from __future__ import annotations
 
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -247,7 +246,7 @@ def validate(cfg: RunConfig) -> None:
         raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
     if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
         raise IlnasError(f"{section}.device must be {DEVICES}, got {run.device!r}")
-    _validate_sgd(cfg.optimizer, run.epochs, f"{section}.epochs")
+    validate_sgd(cfg.optimizer, run.epochs, f"{section}.epochs")
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
     else:
@@ -265,14 +264,6 @@ def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
         value = getattr(obj, name)
         if value is not None and value <= 0:
             raise IlnasError(f"{section}.{name} must be positive, got {value}")
-
-
-def positive_integer(name: str, value: Any, at_most: int | None = None) -> int:
-    """An integer argument of the Python API (numpy's integers too) checked as the CLI's parser checks one."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (at_most or value):
-        raise IlnasError(f"{name} must be a positive integer{f' of at most {at_most}' if at_most else ''}, got "
-                         f"{value!r}")
-    return int(value)
 
 
 # The fewest cells a supernet or network may have: the reduction cells sit at layers//3 and 2*layers//3, so
@@ -310,17 +301,21 @@ def _non_negative(section: str, obj: Any, names: Sequence[str]) -> None:
             raise IlnasError(f"{section}.{name} must be >= 0, got {value}")
 
 
-def _validate_sgd(o: SGD, epochs: int, epochs_setting: str) -> None:
-    _positive("optimizer", o, ("lr", "grad_clip", "step_size", "gamma"))
-    _non_negative("optimizer", o, ("weight_decay", "lr_min"))
+def validate_sgd(o: SGD, epochs: int | None = None, epochs_setting: str = "", section: str = "optimizer") -> None:
+    """The weights' optimizer (the ``section`` of its settings); its warm-up against ``epochs`` (setting
+    ``epochs_setting``) where they are known."""
+    _positive(section, o, ("lr", "grad_clip", "step_size", "gamma"))
+    _non_negative(section, o, ("weight_decay", "lr_min"))
     if not 0.0 <= o.momentum < 1.0:
-        raise IlnasError(f"optimizer.momentum must lie in [0, 1), got {o.momentum}")
+        raise IlnasError(f"{section}.momentum must lie in [0, 1), got {o.momentum}")
     if o.lr_min > o.lr:
-        raise IlnasError(f"optimizer.lr_min must lie in [0, lr], got {o.lr_min}")
+        raise IlnasError(f"{section}.lr_min must lie in [0, lr], got {o.lr_min}")
     if o.schedule not in SCHEDULES:
-        raise IlnasError(f"optimizer.schedule must be {', '.join(SCHEDULES)}, got {o.schedule!r}")
-    if o.warmup_epochs < 0 or o.warmup_epochs >= epochs and o.schedule == "linear":
-        raise IlnasError(f"optimizer.warmup_epochs must lie in [0, {epochs_setting}={epochs}), got {o.warmup_epochs}")
+        raise IlnasError(f"{section}.schedule must be {', '.join(SCHEDULES)}, got {o.schedule!r}")
+    if o.warmup_epochs < 0:
+        raise IlnasError(f"{section}.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    if epochs is not None and o.warmup_epochs >= epochs and o.schedule == "linear":
+        raise IlnasError(f"{section}.warmup_epochs must lie in [0, {epochs_setting}={epochs}), got {o.warmup_epochs}")
 
 
 def _validate_search(cfg: SearchRunConfig) -> None:
@@ -330,10 +325,7 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     validate_space(cfg.space)
     _at_most("pdarts", cfg.pdarts, ("layers",), MAX_CELLS)
     _at_most("search", s, ("rounds",), MAX_ROUNDS)
-    _positive("arch_optimizer", cfg.arch_optimizer, ("lr",))
-    _non_negative("arch_optimizer", cfg.arch_optimizer, ("weight_decay",))
-    if not all(0.0 <= b < 1.0 for b in cfg.arch_optimizer.betas):
-        raise IlnasError(f"arch_optimizer.betas must both lie in [0, 1), got {list(cfg.arch_optimizer.betas)}")
+    validate_arch_optimizer(cfg.arch_optimizer)
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
     from ilnas.search.engine import validate_config  # lazily: these pull in torch
@@ -359,6 +351,13 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     if s.amp and s.dtype != "float32":
         raise IlnasError(f"search.amp (bf16 autocast) needs search.dtype=float32, got {s.dtype}")
     validate_config(e, k, cfg.optimizer.lr)
+
+
+def validate_arch_optimizer(a: Adam) -> None:
+    _positive("arch_optimizer", a, ("lr",))
+    _non_negative("arch_optimizer", a, ("weight_decay",))
+    if not all(0.0 <= b < 1.0 for b in a.betas):
+        raise IlnasError(f"arch_optimizer.betas must both lie in [0, 1), got {list(a.betas)}")
 
 
 def validate_space(space: SpaceConfig) -> None:

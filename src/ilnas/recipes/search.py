@@ -51,7 +51,8 @@ from ilnas.threads import set_threads
 from ilnas.space.genotype import Genotype, derive_genotype, parse_genotype
 from ilnas.space.layout import BUILT_IN_OPS, PARAMETER_FREE, edge_names, full_edge_ops
 from ilnas.space.ops import check_ops
-from ilnas.space.supernet import Supernet, alpha_entropy, init_arch, ranking_weights, use_channels_last
+from ilnas.space.supernet import (Supernet, alpha_entropy, init_arch, ranking_weights, uneven_side,
+                                  use_channels_last)
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
@@ -354,6 +355,9 @@ def _refusing_shapes(ops: Sequence[str], task: str, x: torch.Tensor) -> Iterator
         if allocation_failure(e) is not None:  # out of memory: the recipe names the settings
             raise
         own = sorted(set(ops) - set(BUILT_IN_OPS))
+        if not own and (why := uneven_side(x.shape[-1])):  # a side data.image_size set: CIFAR's is 32
+            raise IlnasError(f"the supernet cannot take {task}'s {tuple(x.shape[1:])} images: {why} "
+                             f"(data.image_size)") from None
         blame = f": an operation of your own ({', '.join(own)}) fails at that size" if own else ""
         raise IlnasError(f"the supernet fails on {task}'s {tuple(x.shape[1:])} images ({fault(e, 100)}){blame}") \
             from None

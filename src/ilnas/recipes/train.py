@@ -113,13 +113,13 @@ def source_record(source: str | None, out: Path) -> dict:
     return record
 
 
-def _larger_images(cfg: EvalRunConfig) -> str:
-    """What makes a re-training's images larger, for a network that finds them too small."""
+def _other_images(cfg: EvalRunConfig, larger: bool = True) -> str:
+    """What makes a re-training's images larger (or of another side), for a network that cannot take them."""
     task = cfg.data.tasks[0]
     setting = side_setting(task, cfg.data.folder_pipeline)
     if setting is None:
         return f"{task}'s images are {CIFAR_SIDE}x{CIFAR_SIDE}: use another network.style"
-    return f"use larger images ({setting}) or another network.style"
+    return f"use {'larger images' if larger else 'another side'} ({setting}) or another network.style"
 
 
 def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force: bool, progress: bool,
@@ -142,7 +142,7 @@ def _run(cfg: EvalRunConfig, genotype: Genotype, out: Path, resume: bool, force:
               device=process.device)
     require_network_memory(cfg, genotype, data, process.device)
     check_input_size(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args(),
-                     device=process.device, remedy=_larger_images(cfg))
+                     device=process.device, remedy=_other_images(cfg), side_remedy=_other_images(cfg, larger=False))
     torch.manual_seed(derive_seed(t.seed))  # identical initial weights on every rank
     model = build_network(genotype, data.num_classes, data.in_channels, data.resolution, **cfg.network.build_args())
     sizes = {"params": count_parameters(model), "params_total": count_parameters(model, include_auxiliary=True),

@@ -20,19 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.config.schema import SpaceConfig, positive_integer, require_normal_cell, validate_space
-from ilnas.errors import IlnasError
+from ilnas.config.loading import checked_section
+from ilnas.distributed import as_device
+from ilnas.config.schema import (SpaceConfig, require_normal_cell, validate_arch_optimizer, validate_sgd,
+                                 validate_space)
+from ilnas.errors import IlnasError, positive_integer
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
                                  search_step, validate_config)
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
-from ilnas.seeds import derive_seed
+from ilnas.seeds import MAX_SEED, derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
 from ilnas.space.layout import full_edge_ops
 from ilnas.space.ops import check_ops
-from ilnas.space.supernet import Supernet, init_arch, ranking_weights, use_channels_last
+from ilnas.space.supernet import Supernet, init_arch, ranking_weights, uneven_side, use_channels_last
 
 HeadSpec = nn.Module | Callable[[int], nn.Module]  # a head, or a builder given the supernet's feature width
 
@@ -65,6 +68,8 @@ class SupernetSearch:
                  arch_optimizer: Adam = Adam(), criteria: Mapping[str, Criterion] | None = None, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  channels_last: bool | None = None, amp: bool = False, reduce: Reduce = no_reduce):
+        if not isinstance(heads, Mapping):
+            raise IlnasError(f"heads must map each task's name to its head, got {type(heads).__name__}")
         if not heads:
             raise IlnasError("heads is empty: give at least one task")
         for name, spec in heads.items():
@@ -72,10 +77,20 @@ class SupernetSearch:
                 raise IlnasError(f"the head of task {name!r} must be a torch.nn.Module or a builder of one given the "
                                  f"feature width, got {type(spec).__name__}")
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
-        for setting in ("channels", "layers", "stem_multiplier", "partial_channels"):
-            positive_integer(f"space.{setting}", getattr(space, setting))
+        engine, sgd = checked_section(engine, EngineConfig, "engine"), checked_section(sgd, SGD, "sgd")
+        arch_optimizer = checked_section(arch_optimizer, Adam, "arch_optimizer")
+        space = checked_section(space, SpaceConfig, "space")
         validate_space(space)
+        validate_sgd(sgd, section="sgd")
+        validate_arch_optimizer(arch_optimizer)
         require_normal_cell("space.layers", space.layers)
+        device = as_device(device)
+        if dtype not in (torch.float32, torch.float64):
+            raise IlnasError(f"dtype must be torch.float32 or torch.float64 (bf16: amp=True), got {dtype!r}")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
+            raise IlnasError(f"seed must be an integer in [0, 2**32), got {seed!r}"[:120])
+        if criteria is not None and not isinstance(criteria, Mapping):
+            raise IlnasError(f"criteria must map task names to loss functions, got {type(criteria).__name__}")
         check_ops(space.ops, channels=space.channels // space.partial_channels, device=device)
         unknown = set(criteria or {}) - set(heads)
         if unknown:
@@ -124,6 +139,8 @@ class SupernetSearch:
         self.state = create_state([a.to(device) for a in arch], initial, len(self.tasks), rounds, arch_optimizer)
 
     def _per_task(self, batches: Mapping[str, Batch], what: str) -> list[Batch]:
+        if not isinstance(batches, Mapping):
+            raise IlnasError(f"{what} must map each task's name to its batch, got {type(batches).__name__}")
         missing = [t for t in self.tasks if t not in batches]
         if missing:
             raise IlnasError(f"{what} has no batch for {', '.join(missing)}")
@@ -139,7 +156,7 @@ class SupernetSearch:
         by stage (``r2/colours``) and task."""
         if lr is None:
             lr = self.sgd.lr
-        elif not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
             raise IlnasError(f"lr must be a positive number, got {lr!r}")
         elif lr > self.sgd.lr:  # the coupling was checked for stability up to sgd.lr
             validate_config(self.engine, len(self.tasks), lr)
@@ -199,3 +216,8 @@ def _require_images(where: str, x: Any, channels: int, dtype: torch.dtype, devic
     if not on_device or x.dim() != 4 or x.shape[1] != channels or x.dtype != dtype:
         got = (f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__)
         raise IlnasError(f"{where}: the images must be a {dtype} tensor (N, {channels}, H, W) on {device}, got {got}")
+    if len(x) == 0:
+        raise IlnasError(f"{where} holds no images")
+    for side in x.shape[2:]:
+        if why := uneven_side(side):
+            raise IlnasError(f"{where}: the supernet cannot take {tuple(x.shape[2:])} images: {why}")

@@ -10,6 +10,7 @@ import ast
 import contextlib
 import contextvars
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -18,9 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Collection, Iterator, Sequence
 
-from ilnas.errors import IlnasError, NotRegistered
+from ilnas.errors import IlnasError, NotRegistered, positive_integer
 from ilnas.fileio import reachable, shortened
-from ilnas.space.layout import NODES, OP_NAME, PRIMITIVES, EdgeOps, full_edge_ops, known_ops, op_list_fault
+from ilnas.space.layout import (NODES, OP_NAME, PRIMITIVES, EdgeOps, checked_edge_ops, known_ops,
+                                op_list_fault)
 
 if TYPE_CHECKING:  # reading and comparing cells needs no torch (ilnas compare runs without it)
     import torch
@@ -193,16 +195,24 @@ def derive_genotype(normal: torch.Tensor, reduce: torch.Tensor, normal_ops: Edge
     """The DARTS rule on (E, O) mixing weights: per node the two incoming edges whose strongest
     non-``none`` op is strongest, each with that op. ``*_ops`` name each edge's columns (default:
     the eight primitives on every edge)."""
-    return Genotype(normal=derive_cell(normal, normal_ops or full_edge_ops(nodes=nodes), nodes),
+    nodes = positive_integer("nodes", nodes)
+    return Genotype(normal=derive_cell(normal, checked_edge_ops(normal_ops, nodes, "normal_ops"), nodes, "normal"),
                     normal_concat=tuple(range(2, 2 + nodes)),
-                    reduce=derive_cell(reduce, reduce_ops or full_edge_ops(nodes=nodes), nodes),
+                    reduce=derive_cell(reduce, checked_edge_ops(reduce_ops, nodes, "reduce_ops"), nodes, "reduce"),
                     reduce_concat=tuple(range(2, 2 + nodes)))
 
 
-def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES) -> tuple[Edge, ...]:
+def derive_cell(weights: torch.Tensor, edge_ops: EdgeOps, nodes: int = NODES, name: str = "weights"
+                ) -> tuple[Edge, ...]:
     import torch
 
+    shape = (len(edge_ops), len(edge_ops[0]))
+    if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != shape:
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise IlnasError(f"{name} must be a tensor of shape {shape} (edges x candidate operations), got {got}")
     w = weights.detach().double().cpu()  # (E, O)
+    if torch.isnan(w).any() or (w == float("inf")).any():  # -inf strikes an op out (limit_skips)
+        raise IlnasError(f"{name} holds NaN or +inf: no cell can be derived from them")
     usable = torch.tensor([[op != "none" for op in ops] for ops in edge_ops])
     w = w.masked_fill(~usable, float("-inf"))
     chosen, start = [], 0
@@ -286,9 +296,16 @@ def _genotype_file(path: Path, text: str) -> Genotype:
         raise IlnasError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_genotype(spec: str) -> Genotype:
+def load_genotype(spec: str | os.PathLike | Genotype) -> Genotype:
     """A zoo name, ``random:SEED`` (a cell drawn uniformly from the DARTS space) or ``random:SEED:OP,OP,...`` (from
-    the space of those operations), a genotype.json, a search run directory, a text file, or a literal."""
+    the space of those operations), a genotype.json, a search run directory, a text file (as a string or a path),
+    or a literal; a Genotype is returned as it is."""
+    if isinstance(spec, Genotype):
+        return spec
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise IlnasError(f"a genotype is given by a name, a path or a Genotype(...) literal, got {type(spec).__name__}")
     spec = spec.strip()
     known = zoo()
     if spec in known:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from ilnas.errors import IlnasError
+from ilnas.fileio import shortened
+
 # Order matters: it is the column order of the alphas and of the official genotypes.
 PRIMITIVES: tuple[str, ...] = (
     "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
@@ -77,3 +80,22 @@ def edge_names(nodes: int = NODES) -> list[str]:
 
 def full_edge_ops(primitives: Sequence[str] = PRIMITIVES, nodes: int = NODES) -> list[list[str]]:
     return [list(primitives) for _ in range(num_edges(nodes))]
+
+
+def checked_edge_ops(given: EdgeOps | None, nodes: int, name: str) -> list[list[str]]:
+    """``given`` (per edge of a ``nodes``-node cell, its candidate operations' names; None: the eight primitives on
+    every edge) as lists, refused in one line where it is not one non-empty list of names per edge."""
+    if given is None:
+        return full_edge_ops(nodes=nodes)
+    edges = num_edges(nodes)
+
+    def names(edge: object) -> bool:
+        return isinstance(edge, Sequence) and not isinstance(edge, str) and bool(edge) and \
+            all(isinstance(op, str) for op in edge)
+    if isinstance(given, str) or not isinstance(given, Sequence) or len(given) != edges or \
+            not all(names(edge) for edge in given):
+        got = f"{len(given)} edges" if isinstance(given, Sequence) and not isinstance(given, str) and \
+            len(given) != edges else shortened(repr(given), 120)
+        raise IlnasError(f"{name} must list, for each of the {edges} edges of a {nodes}-node cell, its candidate "
+                         f"operations' names, got {got}")
+    return [list(edge) for edge in given]

@@ -7,17 +7,18 @@ evaluation mode plain logits, so a trained network traces and exports like any c
 """
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError, allocation_failure, fault, first_line
+from ilnas.errors import IlnasError, allocation_failure, fault, first_line, positive_integer
 from ilnas.space.genotype import Edge, Genotype
 from ilnas.space.layout import BUILT_IN_OPS, NETWORK_STYLES, REGISTRY_NAME, add_style_name, known_styles
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, create_op, unchanged_rng
-from ilnas.space.supernet import reduction_layers
+from ilnas.space.supernet import reduction_layers, uneven_side
 
 
 def drop_path(x: torch.Tensor, drop_prob: float | torch.Tensor, training: bool) -> torch.Tensor:
@@ -84,6 +85,16 @@ class _Network(nn.Module):
     """Shared body: cells, auxiliary head, pooling, classifier. Subclasses add the stem and ``_stem``
     (input -> the first two cell inputs)."""
 
+    @staticmethod
+    def _require_arguments(genotype: Genotype, **counts: int) -> None:
+        """The constructor's arguments refused in one line rather than deep inside torch (a negative width) or
+        as a network without cells (no layer)."""
+        if not isinstance(genotype, Genotype):
+            raise IlnasError(f"genotype must be a Genotype (load_genotype or parse_genotype gives one), got "
+                             f"{type(genotype).__name__}")
+        for name, value in counts.items():
+            positive_integer(name, value)
+
     def _build_cells(self, genotype: Genotype, layers: int, c_prev_prev: int, c_prev: int, channels: int,
                      reduction_prev: bool) -> None:
         cells, c_curr, self.aux_after = [], channels, 2 * layers // 3
@@ -123,6 +134,8 @@ class NetworkCIFAR(_Network):
     def __init__(self, genotype: Genotype, num_classes: int = 10, layers: int = 20, channels: int = 36,
                  auxiliary: bool = True, in_channels: int = 3, stem_multiplier: int = 3, small_images: bool = False):
         super().__init__()
+        self._require_arguments(genotype, num_classes=num_classes, layers=layers, channels=channels,
+                                in_channels=in_channels, stem_multiplier=stem_multiplier)
         c_stem = stem_multiplier * channels
         self.stem = nn.Sequential(nn.Conv2d(in_channels, c_stem, 3, padding=1, bias=False), nn.BatchNorm2d(c_stem))
         self._build_cells(genotype, layers, c_stem, c_stem, channels, reduction_prev=False)
@@ -143,6 +156,11 @@ class NetworkImageNet(_Network):
     def __init__(self, genotype: Genotype, num_classes: int = 1000, layers: int = 14, channels: int = 48,
                  auxiliary: bool = True, in_channels: int = 3):
         super().__init__()
+        self._require_arguments(genotype, num_classes=num_classes, layers=layers, channels=channels,
+                                in_channels=in_channels)
+        if channels < 2:
+            raise IlnasError(f"channels must be at least 2 (the stem's first convolution has half as many), got "
+                             f"{channels}")
         self.stem0 = nn.Sequential(
             nn.Conv2d(in_channels, channels // 2, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(channels // 2), nn.ReLU(inplace=True),
@@ -216,16 +234,31 @@ def build_network(genotype: Genotype, classes: int, in_channels: int, resolution
     return model
 
 
+def _uneven_side(resolution: int, style: str) -> str | None:
+    """Why a built-in network style's cells cannot take images of ``resolution`` pixels (uneven_side), or None. The
+    ImageNet style's stem halves the side twice into the first cell's earlier input and once more into its later
+    one, which the first cell's factorized reduction must match from the earlier: four halvings from there."""
+    if style != "imagenet":
+        return uneven_side(resolution)
+    earlier = ((resolution + 1) // 2 + 1) // 2
+    if earlier % 8 == 0:
+        return None
+    return (f"the stem halves the side three times and the two reduction cells twice more, which takes a side the "
+            f"stem's first two halvings leave a multiple of 8 (224: 56), got {resolution}: {earlier}")
+
+
 def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolution: int, style: str = "cifar",
                      layers: int = 20, channels: int = 36, auxiliary: bool = True, device: str | torch.device = "cpu",
-                     remedy: str = "use larger images or another network style") -> None:
+                     remedy: str = "use larger images or another network style",
+                     side_remedy: str = "use images of another side") -> None:
     """Refuse images a network cannot take: one training-mode (auxiliary head and drop-path included) and one
     evaluation-mode forward pass of a narrow copy of it (same cells, C=8 instead of ``channels``; a network of
     one's own at its own width, which it may depend on) on two images, on ``device`` (the run's), the random state
     untouched; and a network of one's own that returns what re-training cannot take. Code of one's own also runs
     the passes a recipe makes before its run (one image to count multiply-adds, four for the memory check), so
     that one written for a single batch size fails here, in one line. ``remedy`` ends the refusal of images too
-    small for the network's built-in parts: what its caller can change."""
+    small for the network's built-in parts, ``side_remedy`` that of a side its reduction cells cannot halve: what
+    its caller can change."""
     device = torch.device(device)
     width = 8 if style in NETWORK_STYLES else channels
     ops = sorted({op for op, _ in genotype.normal + genotype.reduce} - set(BUILT_IN_OPS))
@@ -234,9 +267,19 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
     with unchanged_rng(device), torch.no_grad():
         model = build_network(genotype, classes, in_channels, resolution, style, layers, width, auxiliary).to(device)
 
-        def forward(training: bool, images: int) -> object:
-            x = torch.zeros(images, in_channels, resolution, resolution, device=device)
+        def forward(training: bool, images: int, side: int = resolution) -> object:
+            x = torch.zeros(images, in_channels, side, side, device=device)
             return model.train()(x, torch.tensor(0.1, device=device)) if training else model.eval()(x)
+
+        def halvable_above() -> int | None:
+            """The next larger side the cells can halve, where the network takes it: the side was the fault,
+            not the size (else None)."""
+            side = next(s for s in itertools.count(resolution + 1) if _uneven_side(s, style) is None)
+            try:
+                forward(True, 2, side), forward(False, 2, side)
+            except Exception:
+                return None
+            return side
         try:
             trained, evaluated = forward(True, 2), forward(False, 2)
         except Exception as e:  # an operation or a network of one's own may fail any way it likes
@@ -246,6 +289,10 @@ def check_input_size(genotype: Genotype, classes: int, in_channels: int, resolut
                 raise IlnasError(f"the {style}-style network of {layers} cells fails on {resolution}x{resolution} "
                                  f"images ({fault(e, 100)}): they are too small for it, or "
                                  f"{' or '.join(own)} fails at that size") from None
+            if (why := _uneven_side(resolution, style)) and (larger := halvable_above()):
+                works = f" ({larger}x{larger} works)" if style == "imagenet" else ""  # cifar's names its multiples
+                raise IlnasError(f"the {style}-style network cannot take {resolution}x{resolution} images: "
+                                 f"{why}{works}; {side_remedy}") from None
             raise IlnasError(f"{resolution}x{resolution} images are too small for the {style}-style network of "
                              f"{layers} cells ({first_line(e, 100)}); {remedy}") from None
         for training, images in ((False, 1), (True, 4)) if own else ():

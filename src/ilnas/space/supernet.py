@@ -14,14 +14,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError
-from ilnas.space.layout import NODES, EdgeOps, full_edge_ops, num_edges
+from ilnas.errors import IlnasError, positive_integer
+from ilnas.space.layout import NODES, EdgeOps, checked_edge_ops, num_edges
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, Zero, create_op
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
 
 
 def reduction_layers(layers: int) -> tuple[int, ...]:
     return (layers // 3, 2 * layers // 3)
+
+
+def uneven_side(side: int) -> str | None:
+    """Why cells cannot take images whose side is ``side`` pixels where they enter them, or None where they can:
+    each of the two reduction cells halves the side, and its two paths (a stride-2 operation, and a factorized
+    reduction, which drops the first row and column of one of its halves) agree on even sides only."""
+    if side % 4 == 0:
+        return None
+    below = side // 4 * 4
+    near = f"{below} or {below + 4}" if below else "4"
+    return f"the two reduction cells halve the side twice, which takes a multiple of 4 ({near}), got {side}"
 
 
 class MixedOp(nn.Module):
@@ -185,13 +196,18 @@ class Supernet(nn.Module):
                  partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES,
                  channels_last: bool = False, sets: int = 1):
         super().__init__()
+        in_channels, channels, layers, partial_channels, stem_multiplier, nodes, sets = (
+            positive_integer(name, value) for name, value in (
+                ("in_channels", in_channels), ("channels", channels), ("layers", layers),
+                ("partial_channels", partial_channels), ("stem_multiplier", stem_multiplier), ("nodes", nodes),
+                ("sets", sets)))
         self.settings = dict(in_channels=in_channels, channels=channels, layers=layers, normal_ops=normal_ops,
                              reduce_ops=reduce_ops, partial_channels=partial_channels,
                              stem_multiplier=stem_multiplier, nodes=nodes, channels_last=channels_last)
         self.sets = sets
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.normal_ops = [list(o) for o in (normal_ops or full_edge_ops(nodes=nodes))]
-        self.reduce_ops = [list(o) for o in (reduce_ops or full_edge_ops(nodes=nodes))]
+        self.normal_ops = checked_edge_ops(normal_ops, nodes, "normal_ops")
+        self.reduce_ops = checked_edge_ops(reduce_ops, nodes, "reduce_ops")
         if len({len(o) for o in self.normal_ops + self.reduce_ops}) != 1:
             raise IlnasError("every edge must have the same number of candidate ops")
         self.nodes = nodes
@@ -258,7 +274,8 @@ def init_arch(num_ops: int, edge_normalization: bool = False, generator: torch.G
               dtype: torch.dtype | None = None, nodes: int = NODES) -> list[torch.Tensor]:
     """DARTS initialisation, 1e-3 * N(0, 1): alphas (E, O) of the normal and the reduction cell, and
     with edge normalisation (PC-DARTS) betas (E,) of each."""
-    e = num_edges(nodes)
+    e = num_edges(positive_integer("nodes", nodes))
+    num_ops = positive_integer("num_ops", num_ops)
     shapes = [(e, num_ops), (e, num_ops)] + ([(e,), (e,)] if edge_normalization else [])
     return [1e-3 * torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
 
