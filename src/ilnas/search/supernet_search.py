@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilnas.config.loading import checked_section
-from ilnas.distributed import as_device
 from ilnas.config.schema import (SpaceConfig, require_normal_cell, validate_arch_optimizer, validate_sgd,
                                  validate_space)
+from ilnas.distributed import as_device
 from ilnas.errors import IlnasError, positive_integer
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
