@@ -450,6 +450,11 @@ INF = torch.full((14, 8), math.inf)
      "^train\\['a'\\]: the supernet cannot take \\(10, 10\\) images: the two reduction cells halve the side twice, "
      "which takes a multiple of 4 \\(8 or 12\\), got 10$"),
     (lambda: _step({"a": tensors(2, 2, 0)}, lr=True), "^lr must be a positive number, got True$"),
+    (lambda: _step({"a": (torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.int32))}),  # torch: "expected ... Long"
+     "^train\\['a'\\]: the default cross-entropy takes targets of class indices \\(torch.int64, \\(N,\\)\\) or class "
+     "probabilities \\(floating, \\(N, classes\\)\\) on the images' device, got torch.int32 \\(2,\\) on cpu$"),
+    (lambda: _step({"a": (torch.randn(2, 1, 8, 8), torch.zeros(2, 1, dtype=torch.long))}),
+     "^train\\['a'\\]: the default cross-entropy takes .* got torch.int64 \\(2, 1\\) on cpu$"),
 ])
 def test_the_public_modules_and_functions_refuse_bad_arguments_in_one_line(make, message):
     with pytest.raises(IlnasError, match=message) as refused:

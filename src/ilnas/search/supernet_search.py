@@ -100,6 +100,7 @@ class SupernetSearch:
             raise IlnasError(f"amp (bf16 autocast) needs dtype=torch.float32, got {dtype}")
         self.tasks, self.engine, self.sgd, self.reduce = list(heads), engine, sgd, reduce
         self.images = (in_channels, dtype, torch.device(device))
+        self.own_criterion = {name: name in (criteria or {}) for name in heads}
         self.autocast = functools.partial(torch.autocast, torch.device(device).type, dtype=torch.bfloat16,
                                           enabled=amp)
 
@@ -145,7 +146,7 @@ class SupernetSearch:
         if missing:
             raise IlnasError(f"{what} has no batch for {', '.join(missing)}")
         for task in self.tasks:
-            _require_batch(f"{what}[{task!r}]", batches[task], *self.images)
+            _require_batch(f"{what}[{task!r}]", batches[task], *self.images, self.own_criterion[task])
         return [batches[t] for t in self.tasks]
 
     def step(self, train: Mapping[str, Batch], val: Mapping[str, Batch], lr: float | None = None,
@@ -199,15 +200,26 @@ def _task_net(task: str, encoder: nn.Module, head: nn.Module, criterion: Criteri
         raise IlnasError(f"task {task!r}: {e}") from None
 
 
-def _require_batch(where: str, batch: Any, channels: int, dtype: torch.dtype, device: torch.device) -> None:
+def _require_batch(where: str, batch: Any, channels: int, dtype: torch.dtype, device: torch.device,
+                   own_criterion: bool) -> None:
     """An (images, targets) pair the supernet can take: images (N, channels, H, W) of the search's dtype on its
-    device; targets, where a tensor, of N rows (a criterion of one's own may take other targets)."""
+    device; targets, where a tensor, of N rows (a criterion of one's own may take other targets), and for the
+    default cross-entropy, class indices (int64, (N,)) or class probabilities (floating, (N, classes)). Their
+    values are not looked at: that would wait for the device at every step."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise IlnasError(f"{where} must be an (images, targets) pair, got {type(batch).__name__}")
     x, y = batch
     _require_images(where, x, channels, dtype, device)
     if isinstance(y, torch.Tensor) and (y.dim() == 0 or len(y) != len(x)):
         raise IlnasError(f"{where}: {len(x)} images but targets of shape {tuple(y.shape)}")
+    if own_criterion:
+        return
+    indices = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1
+    probabilities = isinstance(y, torch.Tensor) and y.is_floating_point() and y.dim() == 2
+    if not (indices or probabilities) or y.device != x.device:
+        got = f"{y.dtype} {tuple(y.shape)} on {y.device}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise IlnasError(f"{where}: the default cross-entropy takes targets of class indices (torch.int64, (N,)) or "
+                         f"class probabilities (floating, (N, classes)) on the images' device, got {got}")
 
 
 def _require_images(where: str, x: Any, channels: int, dtype: torch.dtype, device: torch.device) -> None:
