@@ -89,13 +89,14 @@ def checked_edge_ops(given: EdgeOps | None, nodes: int, name: str) -> list[list[
         return full_edge_ops(nodes=nodes)
     edges = num_edges(nodes)
 
-    def names(edge: object) -> bool:
-        return isinstance(edge, Sequence) and not isinstance(edge, str) and bool(edge) and \
-            all(isinstance(op, str) for op in edge)
-    if isinstance(given, str) or not isinstance(given, Sequence) or len(given) != edges or \
-            not all(names(edge) for edge in given):
-        got = f"{len(given)} edges" if isinstance(given, Sequence) and not isinstance(given, str) and \
-            len(given) != edges else shortened(repr(given), 120)
-        raise IlnasError(f"{name} must list, for each of the {edges} edges of a {nodes}-node cell, its candidate "
-                         f"operations' names, got {got}")
-    return [list(edge) for edge in given]
+    def listed(value: object) -> bool:
+        return isinstance(value, Sequence) and not isinstance(value, str)
+    if listed(given) and len(given) != edges:
+        got = f"{len(given)} edges"
+    elif not listed(given) or not all(listed(edge) and edge and all(isinstance(op, str) for op in edge)
+                                      for edge in given):
+        got = shortened(repr(given), 120)
+    else:
+        return [list(edge) for edge in given]
+    raise IlnasError(f"{name} must list, for each of the {edges} edges of a {nodes}-node cell, its candidate "
+                     f"operations' names, got {got}")
