@@ -30,8 +30,11 @@ from ilnas.space.supernet import Supernet, init_arch
 # Short runs skip the end-of-run report (seconds of plotting each); the session fixtures keep it (with_report).
 # What torchrun sets beside RANK and WORLD_SIZE: a rank's environment without it is refused.
 RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+# Four of the eight operations, one of each kind (zero, pool, identity, convolution): a tiny search on them takes
+# half the time, and what its tests check (checkpoints, resumes, faults, files) is the same on any set.
+FOUR_OPS = "space.ops=[none,max_pool_3x3,skip_connect,sep_conv_3x3]"
 SHORT_SEARCH = ["--no-report", "--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
-                "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2"]
+                "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2", "--set", FOUR_OPS]
 # The finished_run fixture: IL on mnist5k + digits (K=2, M=2), 3 epochs of 2 steps.
 SEARCH3 = ["search", "--quiet", *SHORT_SEARCH, "--set", "search.steps_per_epoch=2", "--set", "search.epochs=3"]
 TINY_TRAIN = ["--no-report", "--set", "network.layers=3", "--set", "network.channels=4", "--set", "train.batch_size=16",

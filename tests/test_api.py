@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import FOUR_OPS
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch, resolve
 from ilnas.errors import IlnasError
 from ilnas.search.engine import Learner, create_state, search_step, to_host
@@ -350,14 +351,14 @@ def test_a_short_search_finds_the_same_cell_in_either_layout(tmp_path):
     for flag in ("true", "false"):
         cfg = resolve("demo", overrides=["space.layers=3", "space.channels=4", "search.batch_size=8",
                                          "search.steps_per_epoch=2", "search.epochs=2", "search.eval_batches=1",
-                                         "search.dtype=float64", "data.image_size=8",
+                                         "search.dtype=float64", "data.image_size=8", FOUR_OPS,
                                          f"search.channels_last={flag}"])
         genotype = run_search(cfg, tmp_path / flag, progress=False, report=False)
         with np.load(tmp_path / flag / "arch_history.npz") as history:
             found[flag] = (genotype, {k: history[k] for k in history.files})
     (cell_nhwc, alphas_nhwc), (cell_nchw, alphas_nchw) = found["true"], found["false"]
     assert cell_nhwc == cell_nchw and sorted(alphas_nhwc) == sorted(alphas_nchw)
-    assert alphas_nhwc["p0/alphas_normal"].shape == (2, 14, 8)  # one entry per epoch
+    assert alphas_nhwc["p0/alphas_normal"].shape == (2, 14, 4)  # one entry per epoch
     for name, a in alphas_nhwc.items():
         if a.dtype.kind == "f":
             np.testing.assert_allclose(a, alphas_nchw[name], rtol=1e-6, atol=1e-9)

@@ -34,7 +34,7 @@ def test_short_demo_search_writes_a_complete_run(finished_run):
     assert list(steps[0]["train_loss"]) == ["r1/mnist5k", "r1/digits", "r2/mnist5k", "r2/digits"]  # S = 4 stages
     assert list(steps[0]["val_loss"]) == ["mnist5k", "digits"]  # the final round's K = 2 learners
     history = np.load(finished_run / "arch_history.npz")
-    assert history["p0/normal_ops"].shape == (14, 8) and history["edges"][2] == "c_{k-2} -> 1"
+    assert history["p0/normal_ops"].shape == (14, 4) and history["edges"][2] == "c_{k-2} -> 1"
     assert set(epochs[-1]["val_acc"]) == {"mnist5k", "digits"}
     assert epochs[0]["alpha_entropy"]["normal"] > epochs[-1]["alpha_entropy"]["normal"] - 1e-3
     summary = json.loads((finished_run / "summary.json").read_text())

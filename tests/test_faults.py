@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import (SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
+from helpers import (FOUR_OPS, SEARCH3, SHORT_SEARCH, TRAIN_ARGS, assert_same_search, assert_same_training, call,
                      folder_training, ilnas, ilnas_here, read_lines, snapshot, wait_for_sessions, write_cifar,
                      write_image_folder)
 from ilnas import runlock, runs
@@ -46,7 +46,8 @@ MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tas
 # P-DARTS in two phases of three steps, skip-connect dropout in the second; a checkpoint after every step.
 TINY_PDARTS = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=3",
                "search.eval_batches=1", "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[3, 4]",
-               "pdarts.ops_per_edge=[8, 4]", "pdarts.skip_dropout=[0.0, 0.4]", "search.checkpoint_minutes=1e-9"]
+               FOUR_OPS, "pdarts.ops_per_edge=[4, 3]", "pdarts.skip_dropout=[0.0, 0.4]",
+               "search.checkpoint_minutes=1e-9"]
 GENOTYPE_OK = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat={c}, "
                "reduce=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], reduce_concat=[2])")
 
@@ -682,7 +683,7 @@ SEARCH_LAYOUTS = [
     (lambda p: p["progress"].update(epoch_steps=2), "its step within its epoch is 2, where an integer from 0 to 1"),
     (lambda p: p.update(metrics_lines=-1), "its metrics line count is -1, where an integer from 0 belongs"),
     (lambda p: p["state"]["arch"].__setitem__(1, torch.zeros(3, 3)),
-     "its architecture [1] is a torch.float32 tensor of shape (3, 3), where a torch.float32 tensor of shape (14, 8)"),
+     "its architecture [1] is a torch.float32 tensor of shape (3, 3), where a torch.float32 tensor of shape (14, 4)"),
     (lambda p: p["state"]["arch"].__setitem__(0, p["state"]["arch"][0].double()), "torch.float64 tensor"),
     (lambda p: _stage(0, "w")(p).pop(), "its stage 1's w is a list of"),
     (lambda p: _stage(0, "buf_h")(p).__setitem__(0, torch.zeros(2)), "its stage 1's buf_h [0] is a torch.float32 "

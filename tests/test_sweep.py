@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import call, ilnas, ilnas_here
+from helpers import FOUR_OPS, call, ilnas, ilnas_here
 from ilnas import runlock
 from ilnas.errors import IlnasError
 from ilnas.recipes.sweep import load_spec, stand_in_cell
 from ilnas.runs import is_finished
 
 SEARCH_SET = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
-              "search.epochs=2", "search.eval_batches=1"]
+              "search.epochs=2", "search.eval_batches=1", FOUR_OPS]
 TRAIN_SET = ["network.layers=3", "network.channels=4", "train.batch_size=8", "train.steps_per_epoch=1",
              "train.epochs=1"]
 MTL = ["search.framework=mtl", "search.rounds=1", "engine.coupling=none"]
@@ -654,13 +654,15 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
     written."""
     grid = {"search.seed": [0], "framework": {"il": [], "random": ["genotype=random:{seed}"]}}
     spec = _spec(tmp_path, grid=grid)
+    picked = stand_in_cell(load_spec(spec).cells[0].runs[0].config)  # of the search's four operations
+    assert picked == "random:0:none,max_pool_3x3,skip_connect,sep_conv_3x3"
     r = ilnas_here("sweep", spec, "--check")
     assert r.returncode == 0, r.stderr
     sweep = tmp_path / "sweep"
     assert r.stdout.splitlines()[1:] == [
         f"{sweep / 'seed-0_framework-il' / 'search'}: checked: the run would start "
         f"{sweep / 'seed-0_framework-il' / 'search'}; nothing was written",
-        f"{sweep / 'seed-0_framework-il' / 'train-digits'}: with a stand-in cell (random:0; its own is the one its "
+        f"{sweep / 'seed-0_framework-il' / 'train-digits'}: with a stand-in cell ({picked}; its own is the one its "
         f"search is to find): checked: the run would start {sweep / 'seed-0_framework-il' / 'train-digits'}; nothing "
         f"was written",
         f"{sweep / 'seed-0_framework-random' / 'train-digits'}: checked: the run would start "
@@ -670,7 +672,7 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
     r = ilnas_here("sweep", _spec(tmp_path, grid={**grid, "search.seed": [0, 1]}, train=deep), "--check")
     refusal = "ilnas: error: 16x16 images are too small for the imagenet-style network of 3 cells"
     assert r.returncode == 2 and r.stdout.count(refusal) == 3, r.stdout  # il's once: every cell's is alike
-    stand_in = "train-digits: with a stand-in cell (random:0; its own is the one its search is to find): "
+    stand_in = f"train-digits: with a stand-in cell ({picked}; its own is the one its search is to find): "
     assert f"{stand_in}{refusal}" in r.stdout and f"seed-1_framework-il/{stand_in}refused as " \
         f"{sweep / 'seed-0_framework-il' / 'train-digits'} (the same training)\n" in r.stdout, r.stdout
     assert r.stderr == "ilnas: error: 4 of the sweep's runs would be refused (above)\n"
