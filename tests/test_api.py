@@ -415,6 +415,9 @@ INF = torch.full((14, 8), math.inf)
     (lambda: _network("imagenet", channels=1), "^channels must be at least 2 \\(the stem's first convolution"),
     (lambda: _network("cifar", genotype="DARTS_V2"), "^genotype must be a Genotype \\(load_genotype or parse_genotype"),
     (lambda: init_arch(0), "^num_ops must be a positive integer, got 0$"),
+    (lambda: init_arch(8, dtype=0), "^init_arch's dtype must be a torch.dtype or None, got 0$"),  # torch: 40 lines
+    (lambda: init_arch(8, generator=0), "^init_arch's generator must be a torch.Generator or None, got 0$"),
+    (lambda: init_arch(8, dtype=torch.int64), "^init_arch's dtype must be a floating dtype, got torch.int64$"),
     (lambda: _load_genotype(3), "^a genotype is given by a name, a path or a Genotype\\(...\\) literal, got int$"),
     (lambda: _derive(torch.zeros(14, 1), ARCH), "^normal must be a tensor of shape \\(14, 8\\) \\(edges x candidate "
                                                 "operations\\), got \\(14, 1\\)$"),
@@ -439,6 +442,8 @@ INF = torch.full((14, 8), math.inf)
      "^arch_optimizer.betas must have 2 entries, got 0$"),
     (lambda: SupernetSearch({"a": HEAD}, 1, space={"channels": 4}), "^space must be an ilnas.SpaceConfig, got dict$"),
     (lambda: SupernetSearch({"a": HEAD}, 1, space=SPACE, seed=1.5), "^seed must be an integer in \\[0, 2\\*\\*32\\)"),
+    (lambda: SupernetSearch({"a": HEAD}, 1, space=SPACE, seed=2**32),
+     "^seed must be an integer in \\[0, 2\\*\\*32\\), got 4294967296$"),
     (lambda: SupernetSearch({"a": HEAD}, 1, space=SPACE, device="gpu"), "^device must be a torch.device or its name"),
     (lambda: SupernetSearch({"a": HEAD}, 1, space=SPACE, dtype=torch.int64),
      "^dtype must be torch.float32 or torch.float64 \\(bf16: amp=True\\), got torch.int64$"),

@@ -496,7 +496,7 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
 @pytest.mark.parametrize("change, message", [
     ({"grid": {}}, "grid must map axes to values"),
     ({"grid": {"framework": [1, 2]}}, "is not a setting (section.key)"),
-    ({"grid": {"search.seed": [-1]}}, "sweep cell seed--1: search.seed must lie in [0, 2**32)"),
+    ({"grid": {"search.seed": [-1]}}, "sweep cell seed--1: search.seed must be an integer in [0, 2**32)"),
     ({"parallel": 0}, "parallel must be a positive integer"),
     ({"executor": "kubernetes"}, "executor must be local or submitit"),
     ({"colour": 1}, "unknown key 'colour'"),

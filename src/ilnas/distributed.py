@@ -54,12 +54,18 @@ def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise IlnasError(f"device={name} but no CUDA device is available; use device=cpu or auto")
     index = int(name[5:]) if name.startswith("cuda:") and world == 1 else local_rank
-    if index >= torch.cuda.device_count():
-        raise IlnasError(f"device={name} but only {torch.cuda.device_count()} CUDA devices are visible")
+    _require_cuda(index, f"device={name}", "; use device=cpu or auto")
     return torch.device(f"cuda:{index}")
+
+
+def _require_cuda(index: int, said: str, hint: str = "") -> None:
+    """CUDA device ``index`` is visible to this process, refused in one line otherwise (``said``: the device as
+    it was asked for)."""
+    if not torch.cuda.is_available():
+        raise IlnasError(f"{said} but no CUDA device is available{hint}")
+    if index >= torch.cuda.device_count():
+        raise IlnasError(f"{said} but only {torch.cuda.device_count()} CUDA devices are visible")
 
 
 def as_device(device: object, what: str = "device") -> torch.device:
@@ -71,10 +77,8 @@ def as_device(device: object, what: str = "device") -> torch.device:
         found = None
     if found is None:
         raise IlnasError(f"{what} must be a torch.device or its name (cpu, cuda, cuda:1, ...), got {device!r}"[:200])
-    if found.type == "cuda" and not torch.cuda.is_available():
-        raise IlnasError(f"{what} {found} but no CUDA device is available")
-    if found.type == "cuda" and (found.index or 0) >= torch.cuda.device_count():
-        raise IlnasError(f"{what} {found} but only {torch.cuda.device_count()} CUDA devices are visible")
+    if found.type == "cuda":
+        _require_cuda(found.index or 0, f"{what} {found}")
     return found
 
 

@@ -11,7 +11,7 @@ from ilnas.data.names import is_streamed, side_setting
 from ilnas.errors import IlnasError, NotRegistered
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
 from ilnas.search.config import EngineConfig
-from ilnas.seeds import MAX_SEED
+from ilnas.seeds import checked_seed
 from ilnas.space.layout import NETWORK_STYLES, PRIMITIVES, known_ops, known_styles, op_list_fault
 from ilnas.threads import MAX_THREADS
 
@@ -242,8 +242,7 @@ def validate(cfg: RunConfig) -> None:
     section = "search" if isinstance(cfg, SearchRunConfig) else "train"
     _positive(section, run, ("epochs", "batch_size", "steps_per_epoch", "threads"))
     _at_most(section, run, ("threads",), MAX_THREADS)
-    if not 0 <= run.seed < MAX_SEED:
-        raise IlnasError(f"{section}.seed must lie in [0, 2**32), got {run.seed}"[:120])
+    checked_seed(run.seed, f"{section}.seed")
     if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
         raise IlnasError(f"{section}.device must be {DEVICES}, got {run.device!r}")
     validate_sgd(cfg.optimizer, run.epochs, f"{section}.epochs")

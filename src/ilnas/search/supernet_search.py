@@ -31,7 +31,7 @@ from ilnas.search.config import EngineConfig
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
                                  search_step, validate_config)
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
-from ilnas.seeds import MAX_SEED, derive_seed
+from ilnas.seeds import checked_seed, derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
 from ilnas.space.layout import full_edge_ops
 from ilnas.space.ops import check_ops
@@ -87,8 +87,7 @@ class SupernetSearch:
         device = as_device(device)
         if dtype not in (torch.float32, torch.float64):
             raise IlnasError(f"dtype must be torch.float32 or torch.float64 (bf16: amp=True), got {dtype!r}")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < MAX_SEED:
-            raise IlnasError(f"seed must be an integer in [0, 2**32), got {seed!r}"[:120])
+        seed = checked_seed(seed, "seed")
         if criteria is not None and not isinstance(criteria, Mapping):
             raise IlnasError(f"criteria must map task names to loss functions, got {type(criteria).__name__}")
         check_ops(space.ops, channels=space.channels // space.partial_channels, device=device)

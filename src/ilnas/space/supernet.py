@@ -276,6 +276,12 @@ def init_arch(num_ops: int, edge_normalization: bool = False, generator: torch.G
     with edge normalisation (PC-DARTS) betas (E,) of each."""
     e = num_edges(positive_integer("nodes", nodes))
     num_ops = positive_integer("num_ops", num_ops)
+    for name, value, kind, label in (("generator", generator, torch.Generator, "torch.Generator"),
+                                     ("dtype", dtype, torch.dtype, "torch.dtype")):
+        if value is not None and not isinstance(value, kind):  # else torch's TypeError lists randn's signatures
+            raise IlnasError(f"init_arch's {name} must be a {label} or None, got {value!r}"[:160])
+    if dtype is not None and not dtype.is_floating_point:
+        raise IlnasError(f"init_arch's dtype must be a floating dtype, got {dtype}")
     shapes = [(e, num_ops), (e, num_ops)] + ([(e,), (e,)] if edge_normalization else [])
     return [1e-3 * torch.randn(s, generator=generator, dtype=dtype) for s in shapes]
 
