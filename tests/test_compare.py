@@ -205,10 +205,12 @@ def test_the_latex_output_is_the_same_tables_escaped_for_a_paper(runs):
         r"a\textbackslash{}b\&c\%d\$e\#f\_g\{h\}i\textasciitilde{}j\textasciicircum{}k \\"
 
 
-def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(runs, tmp_path):
+def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(runs, tmp_path, monkeypatch):
     import base64
     import xml.etree.ElementTree as ET
     from html.parser import HTMLParser
+
+    from ilnas.report import cells
 
     class Page(HTMLParser):
         def __init__(self):
@@ -224,9 +226,14 @@ def test_the_html_page_holds_the_tables_the_errors_and_every_rows_cells_escaped(
 
     provenance = json.loads((runs / "zoo" / "provenance.json").read_text())
     (runs / "zoo" / "provenance.json").write_text(json.dumps({**provenance, "genotype_source": "cells/<b>.txt"}))
+    drawings = []
+    monkeypatch.setattr(cells, "cell_figure", lambda cell, part, draw=cells.cell_figure: drawings.append(part) or
+                        draw(cell, part))
     code, out, err = call("compare", str(runs), "--html", str(tmp_path / "page.html"), "--figure",
                           str(tmp_path / "errors.png"))
     assert code == 0 and (tmp_path / "errors.png").read_bytes().startswith(b"\x89PNG"), err
+    # every run here holds DARTS_V2 (the random rows' configurations too): drawn once, not once per seed and row
+    assert drawings == ["normal", "reduce"]
     raw = (tmp_path / "page.html").read_text()
     page = Page()
     page.feed(raw)

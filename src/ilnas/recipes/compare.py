@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import itertools
@@ -415,6 +416,10 @@ def as_html(c: Comparison) -> str:
         css = ' class="wide"' if wide else ""
         return f'<img{css} alt="{html.escape(alt)}" src="data:image/svg+xml;base64,{base64.b64encode(data).decode()}">'
 
+    @functools.cache  # a cell that several seeds found (or several rows share) is drawn once
+    def cell_picture(cell, part: str) -> str:
+        return picture(figure_data(cell_figure(cell, part), "svg"), f"{part} cell")
+
 
     pairs = paired(c)
     parts = ["<h1>ilnas comparison</h1>", html_table(*_table(c)),
@@ -431,7 +436,7 @@ def as_html(c: Comparison) -> str:
         parts.append(f"<h2>cells of {html.escape(_label(c, g))}"
                      + ("" if math.isnan(agreement) else f" (agreement {agreement:.2f})") + "</h2>")
         parts += [f"<h3>{'given cell' if seed is None else f'seed {seed}'}</h3>\n"
-                  + "".join(picture(figure_data(cell_figure(cell, part), "svg"), f"{part} cell") for part in CELLS)
+                  + "".join(cell_picture(cell, part) for part in CELLS)
                   for seed, cell in found]
     if c.unfinished:
         parts.append(f"<h2>left out</h2>\n<p>{len(c.unfinished)} unfinished run(s) (`ilnas status` tells more): "
