@@ -420,7 +420,6 @@ def as_html(c: Comparison) -> str:
     def cell_picture(cell, part: str) -> str:
         return picture(figure_data(cell_figure(cell, part), "svg"), f"{part} cell")
 
-
     pairs = paired(c)
     parts = ["<h1>ilnas comparison</h1>", html_table(*_table(c)),
              f"<h2>pairs</h2>\n<p>{html.escape(PAIRED if pairs else NO_PAIRS)}</p>"]
