@@ -20,6 +20,7 @@ from ilnas import runlock
 from ilnas.errors import IlnasError
 from ilnas.recipes.sweep import load_spec, stand_in_cell
 from ilnas.runs import is_finished
+from ilnas.space.layout import PRIMITIVES
 
 SEARCH_SET = ["space.layers=3", "space.channels=4", "search.batch_size=8", "search.steps_per_epoch=1",
               "search.epochs=2", "search.eval_batches=1", FOUR_OPS]
@@ -656,6 +657,7 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
     spec = _spec(tmp_path, grid=grid)
     picked = stand_in_cell(load_spec(spec).cells[0].runs[0].config)  # of the search's four operations
     assert picked == "random:0:none,max_pool_3x3,skip_connect,sep_conv_3x3"
+    assert stand_in_cell({"space": {"ops": list(PRIMITIVES)}}) == "random:0"  # the default operations
     r = ilnas_here("sweep", spec, "--check")
     assert r.returncode == 0, r.stderr
     sweep = tmp_path / "sweep"
