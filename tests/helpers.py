@@ -32,7 +32,8 @@ from ilnas.space.supernet import Supernet, init_arch
 RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 # Four of the eight operations, one of each kind (zero, pool, identity, convolution): a tiny search on them takes
 # half the time, and what its tests check (checkpoints, resumes, faults, files) is the same on any set.
-FOUR_OPS = "space.ops=[none,max_pool_3x3,skip_connect,sep_conv_3x3]"
+FOUR_OP_NAMES = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+FOUR_OPS = f"space.ops=[{','.join(FOUR_OP_NAMES)}]"
 SHORT_SEARCH = ["--no-report", "--set", "space.layers=3", "--set", "space.channels=4", "--set", "search.batch_size=8",
                 "--set", "search.steps_per_epoch=3", "--set", "search.eval_batches=2", "--set", FOUR_OPS]
 # The finished_run fixture: IL on mnist5k + digits (K=2, M=2), 3 epochs of 2 steps.
@@ -260,11 +261,12 @@ class SmoothSupernet(Supernet):
 
 def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_ops: bool = False,
                  momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False,
-                 batched: bool = True) -> Problem:
-    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data.
+                 batched: bool = True, primitives: tuple[str, ...] = PRIMITIVES) -> Problem:
+    """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data, on
+    ``primitives`` (all eight by default; ``smooth_ops`` leaves max pooling out).
     ``batched``: the learners can evaluate several weight sets in one pass (the engine's batched path)."""
     dtype = torch.float64
-    primitives = [p for p in PRIMITIVES if p != "max_pool_3x3"] if smooth_ops else PRIMITIVES
+    primitives = [p for p in primitives if p != "max_pool_3x3"] if smooth_ops else primitives
     ops = full_edge_ops(primitives)
 
     def build_encoder() -> Supernet:

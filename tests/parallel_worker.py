@@ -9,7 +9,6 @@ import torch
 
 from torch import nn
 
-from helpers import make_problem
 from ilnas import distributed
 from ilnas.config import DataConfig
 from ilnas.data.loader import BatchMaker
@@ -18,7 +17,7 @@ from ilnas.recipes.search import accuracy
 from ilnas.search.engine import Stage, search_step
 from ilnas.search.task_net import FunctionalTaskNet
 from ilnas.space.supernet import Supernet, init_arch
-from parallel_cases import CASES, STEPS
+from parallel_cases import CASES, STEPS, problem
 
 
 def main(out: Path) -> None:
@@ -26,7 +25,7 @@ def main(out: Path) -> None:
     reduce = distributed.mean_over_ranks(process)
     results = {}
     for name, (cfg, sgd, lr) in CASES.items():
-        p = make_problem()
+        p = problem()
         train = [distributed.shard(b, process) for b in p.train]
         val = [distributed.shard(b, process) for b in p.val]
         metrics = [search_step(p.state, p.learners, train, val, cfg, sgd, lr, reduce=reduce) for _ in range(STEPS)]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, ilnas_here, make_problem, metric_records,
+from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, ilnas_here, metric_records,
                      ranks_stderr, rel_error)
 from ilnas.runs import read_checkpoint
 from ilnas.search.engine import Learner, search_step
-from parallel_cases import CASES, STEPS
+from parallel_cases import CASES, STEPS, problem
 
 TESTS = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -65,11 +65,11 @@ def test_two_ranks_hold_identical_replicas_equal_to_one_process(ranks, case):
     assert r0["divergence"] == r1["divergence"] == 0.0
 
     cfg, sgd, lr = CASES[case]
-    p = make_problem()
+    p = problem()
     learners = [sliced(learner) for learner in p.learners]
     metrics = [search_step(p.state, learners, p.train, p.val, cfg, sgd, lr) for _ in range(STEPS)]
     assert rel_error(r0["arch"], [a.detach() for a in p.state.arch]) < 1e-12
-    assert not torch.equal(r0["arch"][0], make_problem().state.arch[0].detach())  # the steps moved A
+    assert not torch.equal(r0["arch"][0], problem().state.arch[0].detach())  # the steps moved A
     for s, st in enumerate(p.state.stages):
         assert rel_error(r0["w"][s], st.w) < 1e-12 and rel_error(r0["h"][s], st.h) < 1e-12
     for got, want in zip(r0["metrics"], metrics):
