@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import yaml
 from helpers import FOUR_OPS, call, ilnas, ilnas_here
 from ilnas import runlock
 from ilnas.errors import IlnasError
+from ilnas.recipes import sweep as sweep_module
 from ilnas.recipes.sweep import load_spec, stand_in_cell
 from ilnas.runs import is_finished
 from ilnas.space.layout import PRIMITIVES
@@ -703,6 +705,29 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
             assert "the sweep would wait for it to end, then skip or continue the run" in r.stdout
         else:
             assert r.stderr.startswith(f"ilnas: error: {sweep} is in use by another ilnas process (pid {holder.pid} ")
+
+
+def test_a_sweeps_checks_run_parallel_at_a_time_with_their_share_of_the_threads(monkeypatch):
+    """Two checks at a time for parallel: 2 (each waits at a barrier only both reach), each with half the threads;
+    the outcomes come back in the runs' order, whichever check ends first."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    both = threading.Barrier(2, timeout=60)
+    seen = []
+
+    def fake_run(argv, capture_output, text, env):
+        assert capture_output and text
+        seen.append(env["OMP_NUM_THREADS"])
+        both.wait()
+        time.sleep(0.2 if argv[0] == "a" else 0.0)  # the first run's check ends last
+        refused = argv[0] == "b"
+        return subprocess.CompletedProcess(argv, 2 * refused, f"{argv[0]} checked\n", "ilnas: error: b\n")
+    monkeypatch.setattr(sweep_module.subprocess, "run", fake_run)
+    assert sweep_module._run_checks([["a"], ["b"]], parallel=2) == [(False, "a checked"), (True, "ilnas: error: b")]
+    assert seen == ["2", "2"]
+    both = threading.Barrier(1)  # one at a time, all the threads: parallel above the runs' count divides by that
+    seen.clear()
+    assert sweep_module._run_checks([["c"]], parallel=4) == [(False, "c checked")] and seen == ["4"]
+    assert sweep_module._run_checks([], parallel=2) == []
 
 
 def test_a_job_that_ended_without_a_result_is_reported_by_its_state_or_its_own_error():

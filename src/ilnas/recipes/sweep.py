@@ -310,18 +310,20 @@ def command(run: RunSpec) -> list[str]:
 
 
 def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
-    """Every run of the sweep checked as its cell would start it (``--check``: nothing written), one after another
-    in this process's environment: a line per run, and how many would be refused. A re-training of a cell its
-    search has not found yet is checked with a stand-in cell (``stand_in_cell``): what refuses it there (its data,
-    a network too deep for its images, ...) refuses it with any cell, bar the memory its cell needs; each such
-    training once (a grid's cells differ in their searches only: their re-trainings of a task alike). A run another
-    process works on is not checked (the sweep would wait for it). Refused at once where another process runs the
-    sweep itself, as the sweep would be."""
+    """Every run of the sweep checked as its cell would start it (``--check``: nothing written), ``parallel`` at a
+    time, each with its share of the CPU threads, in this process's environment otherwise: a line per run, in the
+    sweep's order, and how many would be refused. A re-training of a cell its search has not found yet is checked
+    with a stand-in cell (``stand_in_cell``): what refuses it there (its data, a network too deep for its images,
+    ...) refuses it with any cell, bar the memory its cell needs; each such training once (a grid's cells differ in
+    their searches only: their re-trainings of a task alike). A run another process works on is not checked (the
+    sweep would wait for it). Refused at once where another process runs the sweep itself, as the sweep would be."""
     if sweep.out.is_dir():
         RunLock(sweep.out).probe()
     _refuse_a_record_not_ours(sweep.out)
-    lines, refused = [], 0
-    stood_in: dict[tuple[str, ...], tuple[Path, bool]] = {}  # a stand-in's training -> its first run, refused
+    # (prefix, then a line of its own, or the check that decides it and whether that check is another run's)
+    entries: list[tuple[str, str | int, bool]] = []
+    checks: list[tuple[Path, list[str]]] = []  # each run's directory and command, its cell's stand-in given
+    first_check: dict[tuple[str, ...], int] = {}  # a stand-in's training -> the check of its first run
     for cell in sweep.cells:
         search = cell.runs[0] if cell.runs[0].command == "search" else None
         for run in cell.runs:
@@ -330,29 +332,54 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
             if search is not None and at is not None and args[at] == str(search.out) and \
                     not _finished_run(search.out):
                 if (run.out / CONFIG).is_file():  # begun with a cell the search has since dropped (--force)
-                    lines.append(f"{prefix}not checked: its cell is the one its search is to find")
+                    entries.append((prefix, "not checked: its cell is the one its search is to find", False))
                     continue
                 stand_in, stands_in = stand_in_cell(search.config), True
                 args = (*args[:at], stand_in, *args[at + 1:])
                 prefix += f"with a stand-in cell ({stand_in}; its own is the one its search is to find): "
             holder = lock_holder(run.out)
             if holder is not None:
-                lines.append(f"{run.out}: not checked: another process works on it ({holder}); the sweep would wait "
-                             f"for it to end, then skip or continue the run")
+                entries.append((f"{run.out}: ", f"not checked: another process works on it ({holder}); the sweep "
+                                                f"would wait for it to end, then skip or continue the run", False))
                 continue
-            if stands_in and args in stood_in:  # the grid sets searches only: each task re-trained alike
-                first, no = stood_in[args]
-                refused += no
-                lines.append(f"{prefix}{'refused' if no else 'checked'} as {first} (the same training)")
+            if stands_in and args in first_check:  # the grid sets searches only: each task re-trained alike
+                entries.append((prefix, first_check[args], True))
                 continue
-            done = subprocess.run([*command(dataclasses.replace(run, args=args)), "--check"], capture_output=True,
-                                  text=True)
-            said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
-            refused += done.returncode != 0
-            lines.append(prefix + (said[-1] if said else f"exit code {done.returncode}"))
             if stands_in:
-                stood_in[args] = run.out, done.returncode != 0
+                first_check[args] = len(checks)
+            entries.append((prefix, len(checks), False))
+            checks.append((run.out, [*command(dataclasses.replace(run, args=args)), "--check"]))
+    outcomes = _run_checks([argv for _, argv in checks], sweep.parallel)
+    lines, refused = [], 0
+    for prefix, what, repeated in entries:
+        if isinstance(what, str):
+            lines.append(prefix + what)
+            continue
+        no, said = outcomes[what]
+        refused += no
+        lines.append(prefix + (f"{'refused' if no else 'checked'} as {checks[what][0]} (the same training)"
+                               if repeated else said))
     return lines, refused
+
+
+def _run_checks(commands: list[list[str]], parallel: int) -> list[tuple[bool, str]]:
+    """Each ``--check`` command, ``parallel`` processes at a time (their share of the cores each): whether it
+    would refuse its run, and the last line it said. A Ctrl-C starts no further check."""
+    if not commands:
+        return []
+    workers = min(parallel, len(commands))
+    env = {**os.environ, **slot_env(0, workers, gpus=0)}
+
+    def check(argv: list[str]) -> tuple[bool, str]:
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
+        said = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+        return done.returncode != 0, said[-1] if said else f"exit code {done.returncode}"
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        return list(pool.map(check, commands))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def stand_in_cell(search_config: dict) -> str:
