@@ -127,7 +127,7 @@ def test_a_sweep_runs_resumes_after_a_kill_and_skips_finished_cells(tmp_path):
     assert trained["genotype_source"] == str((out / cells[1].name / "search").resolve())
     assert trained["genotype_source_relative"] == "../search"  # what still leads there once the sweep has moved
 
-    r = ilnas("sweep", spec)  # everything finished: every run is skipped
+    r = ilnas_here("sweep", spec)  # everything finished: every run is skipped (in this process: nothing starts)
     assert r.returncode == 0, r.stderr
     assert sorted(line.partition(" ")[2] for line in r.stdout.splitlines() if line.startswith("[")) == [
         "seed-0: finished before (skipped)", "seed-1: finished before (skipped)"]
@@ -599,7 +599,7 @@ def test_more_parallel_slots_than_cells_are_as_many_as_the_cells(tmp_path, monke
 
 def test_a_submitit_parameter_it_does_not_know_is_refused_in_one_line(tmp_path):
     pytest.importorskip("submitit")
-    r = ilnas("sweep", _spec(tmp_path, executor="submitit", submitit={"cluster": "local", "colour": "red"}))
+    r = ilnas_here("sweep", _spec(tmp_path, executor="submitit", submitit={"cluster": "local", "colour": "red"}))
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
     assert "submitit settings not accepted (Parameter 'colour'" in r.stderr
 
@@ -634,7 +634,7 @@ def test_the_command_refuses_a_bad_spec_in_one_line(tmp_path):
 
 
 def test_dry_run_lists_the_cells_and_their_commands(tmp_path):
-    r = ilnas("sweep", _spec(tmp_path), "--dry-run")
+    r = ilnas_here("sweep", _spec(tmp_path), "--dry-run")
     assert r.returncode == 0 and r.stdout.count("ilnas search") == 4 and r.stdout.count("ilnas train") == 4
     assert r.stdout.startswith(f"4 cells (8 runs, 0 finished) in {tmp_path / 'sweep'}, 2 at a time (local)\n")
     assert not (tmp_path / "sweep").exists()
