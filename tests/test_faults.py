@@ -1230,8 +1230,8 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
                     auto: bool = False) -> int:
     """Start ``argv``; SIGKILL it at a random point (once its metrics log has reached a random line below
     ``lines``, the length of the uninterrupted run's log, plus a random instant), resume; ``kills`` times.
-    Then let the last resume finish (in this process). Returns how many kills hit an unfinished run. ``auto``: start and resume
-    with the same command line plus --auto-resume, as a restarted or requeued job does."""
+    Then let the last resume finish, in this process. Returns how many kills hit an unfinished run. ``auto``:
+    start and resume with the same command line plus --auto-resume, as a restarted or requeued job does."""
     rng, hits = random.Random(seed), 0
     argv = [*argv, "--auto-resume"] if auto else argv
     proc = ilnas(*argv, "--out", str(out), wait=False)
