@@ -709,25 +709,39 @@ def test_a_sweeps_check_checks_every_run_it_can_and_writes_nothing(tmp_path):
 
 def test_a_sweeps_checks_run_parallel_at_a_time_with_their_share_of_the_threads(monkeypatch):
     """Two checks at a time for parallel: 2 (each waits at a barrier only both reach), each with half the threads;
-    the outcomes come back in the runs' order, whichever check ends first."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    both = threading.Barrier(2, timeout=60)
+    the outcomes come back in the runs' order, whichever check ends first. No more checks at a time than threads:
+    a submitit sweep's parallel counts its jobs on the cluster."""
+    lock, now = threading.Lock(), {"running": 0, "most": 0, "gate": threading.Barrier(2, timeout=60).wait}
     seen = []
 
     def fake_run(argv, capture_output, text, env):
         assert capture_output and text
-        seen.append(env["OMP_NUM_THREADS"])
-        both.wait()
-        time.sleep(0.2 if argv[0] == "a" else 0.0)  # the first run's check ends last
+        with lock:
+            seen.append(env["OMP_NUM_THREADS"])
+            now["running"] += 1
+            now["most"] = max(now["most"], now["running"])
+        now["gate"]()
+        time.sleep(0.2 if argv[0] == "a" else 0.05)  # the first run's check ends last
+        with lock:
+            now["running"] -= 1
         refused = argv[0] == "b"
         return subprocess.CompletedProcess(argv, 2 * refused, f"{argv[0]} checked\n", "ilnas: error: b\n")
     monkeypatch.setattr(sweep_module.subprocess, "run", fake_run)
-    assert sweep_module._run_checks([["a"], ["b"]], parallel=2) == [(False, "a checked"), (True, "ilnas: error: b")]
-    assert seen == ["2", "2"]
-    both = threading.Barrier(1)  # one at a time, all the threads: parallel above the runs' count divides by that
-    seen.clear()
-    assert sweep_module._run_checks([["c"]], parallel=4) == [(False, "c checked")] and seen == ["4"]
-    assert sweep_module._run_checks([], parallel=2) == []
+
+    def checks(runs: list[str], parallel: int) -> list[tuple[bool, str]]:
+        seen.clear()
+        now["most"] = 0
+        return sweep_module._run_checks([[run] for run in runs], parallel)
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert checks(["a", "b"], 2) == [(False, "a checked"), (True, "ilnas: error: b")]
+    assert seen == ["2", "2"] and now["most"] == 2
+    now["gate"] = lambda: None
+    assert checks(["c"], 4) == [(False, "c checked")] and seen == ["4"]  # parallel above the runs' count
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread: one check at a time, whatever parallel says
+    assert checks(["c", "d", "e"], 8) == [(False, f"{run} checked") for run in "cde"]
+    assert seen == ["1", "1", "1"] and now["most"] == 1
+    assert checks([], 2) == []
 
 
 def test_a_job_that_ended_without_a_result_is_reported_by_its_state_or_its_own_error():

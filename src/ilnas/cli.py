@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="print the cells and their commands, run nothing")
     sw.add_argument("--check", action="store_true",
                     help="check every run as it would start (ilnas search/train --check), the spec's parallel "
-                         "at a time; nothing written")
+                         "at a time (at most one per core); nothing written")
 
     pl = sub.add_parser("plot", help="draw a run's cells, curves and alphas into plots/ and report.html")
     pl.add_argument("runs", nargs="+", metavar="RUN", help="run directories (search or training)")

@@ -311,12 +311,13 @@ def command(run: RunSpec) -> list[str]:
 
 def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
     """Every run of the sweep checked as its cell would start it (``--check``: nothing written), ``parallel`` at a
-    time, each with its share of the CPU threads, in this process's environment otherwise: a line per run, in the
-    sweep's order, and how many would be refused. A re-training of a cell its search has not found yet is checked
-    with a stand-in cell (``stand_in_cell``): what refuses it there (its data, a network too deep for its images,
-    ...) refuses it with any cell, bar the memory its cell needs; each such training once (a grid's cells differ in
-    their searches only: their re-trainings of a task alike). A run another process works on is not checked (the
-    sweep would wait for it). Refused at once where another process runs the sweep itself, as the sweep would be."""
+    time (at most one per core), each with its share of the CPU threads, in this process's environment otherwise:
+    a line per run, in the sweep's order, and how many would be refused. A re-training of a cell its search has not
+    found yet is checked with a stand-in cell (``stand_in_cell``): what refuses it there (its data, a network too
+    deep for its images, ...) refuses it with any cell, bar the memory its cell needs; each such training once (a
+    grid's cells differ in their searches only: their re-trainings of a task alike). A run another process works
+    on is not checked (the sweep would wait for it). Refused at once where another process runs the sweep itself,
+    as the sweep would be."""
     if sweep.out.is_dir():
         RunLock(sweep.out).probe()
     _refuse_a_record_not_ours(sweep.out)
@@ -363,11 +364,13 @@ def check_sweep(sweep: Sweep) -> tuple[list[str], int]:
 
 
 def _run_checks(commands: list[list[str]], parallel: int) -> list[tuple[bool, str]]:
-    """Each ``--check`` command, ``parallel`` processes at a time (their share of the cores each): whether it
-    would refuse its run, and the last line it said. A Ctrl-C starts no further check."""
+    """Each ``--check`` command, ``parallel`` processes at a time but no more than this process has threads
+    (``OMP_NUM_THREADS`` or its cores: a submitit sweep's ``parallel`` counts cluster jobs, not this host's
+    cores), each with its share of them: whether it would refuse its run, and the last line it said. A Ctrl-C
+    starts no further check."""
     if not commands:
         return []
-    workers = min(parallel, len(commands))
+    workers = min(parallel, len(commands), default_threads())
     env = {**os.environ, **slot_env(0, workers, gpus=0)}
 
     def check(argv: list[str]) -> tuple[bool, str]:
