@@ -513,6 +513,57 @@ def test_help_version_and_presets_start_without_torch():
     assert ilnas.Genotype is ilnas.__getattr__("Genotype") and "run_search" in dir(ilnas)
 
 
+def test_config_and_refused_settings_answer_without_torch(tmp_path):
+    """`ilnas config` of every preset, a sweep's --dry-run, and a search or training whose settings are refused,
+    answer in a fraction of a second: the checks of the configuration (the engine's, the methods', the task names)
+    need no torch."""
+    import subprocess
+    import sys
+
+    from ilnas.config import list_presets
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("out: sweep\nsearch: {preset: demo}\ngrid: {search.seed: [0, 1], engine.lam: [1, 10]}\n"
+                    "train: {preset: eval-digits, tasks: [digits, mnist5k]}\n")
+
+    refused = {("search", "--set", "search.roundz=0"): "unknown config key 'search.roundz'",
+               ("search", "--set", "engine.hvp=nope"): "unknown hvp 'nope'; choose from exact, fd",
+               ("search", "--set", "engine.coupling=gd", "--set", "engine.lam=1e9"): "coupling 'gd' with 2*lr*lambda",
+               ("search", "--set", "engine.coupling=glue"): "unknown coupling 'glue'; choose from none, prox, gd",
+               ("search", "--set", "search.method=nope"): "search.method must be darts or pdarts",
+               ("search", "--set", "engine.val_weights=[0,0]"): "engine.val_weights are all 0",
+               ("search", "--set", "data.tasks=[nosuch]"): "unknown task 'nosuch'",
+               ("search", "--resume", "--out", "gone"): "nothing to resume",
+               ("train", "--genotype", "NO_SUCH"): "unknown genotype 'NO_SUCH'",
+               ("train", "--genotype", "DARTS_V2", "--set", "data.tasks=[nosuch]"): "unknown task 'nosuch'",
+               ("config", "--set", "search.rounds=0"): "search.rounds must be positive"}
+    code = ("import sys\nfrom ilnas import cli\n"
+            f"for preset in {sorted(list_presets())}:\n"
+            "    assert cli.main(['config', '--preset', preset]) == 0, preset\n"
+            "assert cli.main(['sweep', 'spec.yaml', '--dry-run']) == 0\n"
+            f"for argv in {list(refused)}:\n"
+            "    assert cli.main(list(argv)) == 2, argv\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "torch loaded: False" and "4 cells (12 runs, 0 finished)" in r.stdout
+    errors = r.stderr.splitlines()
+    assert len(errors) == len(refused) and all(e.startswith("ilnas: error: ") for e in errors)
+    assert all(m in e for m, e in zip(refused.values(), errors)), errors
+    assert list(tmp_path.iterdir()) == [spec]
+
+
+def test_the_names_configuration_checks_are_those_the_engine_and_methods_run():
+    from ilnas.config.schema import SEARCH_METHODS
+    from ilnas.search.config import COUPLING_MODES, HVP_METHODS
+    from ilnas.search.coupling import COUPLINGS
+    from ilnas.search.hvp import HVPS
+    from ilnas.search.methods import METHODS
+
+    assert sorted(HVPS) == sorted(HVP_METHODS) and tuple(COUPLINGS) == COUPLING_MODES
+    assert tuple(METHODS) == SEARCH_METHODS
+
+
 def test_status_and_compare_of_finished_runs_read_them_without_torch(finished_run, finished_training):
     """They read records only: on a cluster's login node importing torch takes seconds (1.3 s and 650 MB here)."""
     import subprocess

@@ -294,4 +294,4 @@ def test_presets_lists_the_tasks_built_in_and_registered_without_torch(registry)
     ilnas.register_task("scans", classes=3, channels=1)(lambda data: None)
     listed = "cifar10, cifar100, digits, mnist5k, scans, imagenet, imagefolder:<path>"
     assert call("presets")[1].splitlines()[-1] == f"tasks a run may learn (data.tasks): {listed}"
-    assert tasks_module.known_tasks() == listed
+    assert names.known_tasks() == listed

@@ -187,11 +187,11 @@ def _config_and_out(args: argparse.Namespace, kind: str, default_preset: str, pr
 
 
 def _search(args: argparse.Namespace) -> None:
-    from ilnas.recipes.search import run_search
+    from ilnas.ranks import is_main_rank
     from ilnas.runs import config_dict, read_json
 
     cfg, out = _config_and_out(args, "search", "demo", "")
-    from ilnas.ranks import is_main_rank
+    from ilnas.recipes.search import run_search  # after the arguments' checks: a refusal answers before torch loads
 
     speaks = is_main_rank()
     resume = _resume(args, out, "search", config_dict(cfg))
@@ -239,7 +239,6 @@ def _resume(args: argparse.Namespace, out: Path, kind: str, config: dict) -> boo
 
 def _train(args: argparse.Namespace) -> None:
     from ilnas.ranks import is_main_rank
-    from ilnas.recipes.train import run_train
     from ilnas.runs import config_dict, read_json
     from ilnas.space.genotype import load_genotype, zoo
 
@@ -258,6 +257,8 @@ def _train(args: argparse.Namespace) -> None:
         if is_path and out.resolve() in (found.resolve(), *found.resolve().parents):
             raise IlnasError(f"--genotype {args.genotype} lies in --out {out}: the training would replace the run "
                              f"its cell comes from; choose another --out")
+    from ilnas.recipes.train import run_train  # after the arguments' checks: a refusal answers before torch loads
+
     resume = _resume(args, out, "eval", config_dict(cfg, genotype=genotype.to_string()))
     if resume is None:
         result = read_json(out, "result.json")
@@ -295,12 +296,15 @@ def _presets(args: argparse.Namespace) -> None:
 
 
 def _resolve(preset: str | None, config: str | None, overrides: list[str], kind: str | None):
-    """The configuration, with a warning (from rank 0 of torchrun's) for each --set that the run it describes would
-    never read."""
+    """The configuration, its task names known (as the run would refuse them, but before torch loads), with a
+    warning (from rank 0 of torchrun's) for each --set that the run it describes would never read."""
     from ilnas.config import resolve, to_dict, unread_overrides
+    from ilnas.data.names import check_task_name
     from ilnas.ranks import is_main_rank
 
     cfg = resolve(preset, config, overrides, kind)
+    for task in cfg.data.tasks:  # an image folder's path is looked at only by the run
+        check_task_name(task)
     for key, why in unread_overrides(to_dict(cfg), overrides) if is_main_rank() else ():
         logging.getLogger("ilnas").warning(f"--set {key} changes nothing: {why}")
     return cfg
@@ -310,15 +314,12 @@ def _config(args: argparse.Namespace) -> None:
     import yaml
 
     from ilnas.config import to_dict
-    from ilnas.data.tasks import check_task_name
 
     if args.preset is not None and args.preset_option is not None:
         raise IlnasError(f"two presets given ({args.preset!r} and --preset {args.preset_option!r}): name one")
     preset = args.preset if args.preset is not None else args.preset_option
     preset = preset if preset is not None else (None if args.config else "demo")
     cfg = _resolve(preset, args.config, args.overrides, kind=None)
-    for task in cfg.data.tasks:  # as a run would refuse it; an image folder is looked at only by the run
-        check_task_name(task)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
 
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 from ilnas.data.names import is_streamed, side_setting
 from ilnas.errors import IlnasError, NotRegistered
 from ilnas.optim import SCHEDULE_SETTINGS, SCHEDULES, SGD, Adam
-from ilnas.search.config import EngineConfig
+from ilnas.search.config import EngineConfig, validate_config
 from ilnas.seeds import checked_seed
 from ilnas.space.layout import NETWORK_STYLES, PRIMITIVES, known_ops, known_styles, op_list_fault
 from ilnas.threads import MAX_THREADS
@@ -22,6 +22,7 @@ MAX_CELLS, MAX_ROUNDS, MAX_WORKERS = 1000, 100, 256
 MAX_IMAGE_SIDE = 1024  # pixels: data.image_size, train.resolution and a model card's input
 MAX_CHANNELS, MAX_STEM_MULTIPLIER = 1 << 20, 64  # far past any machine's memory (refused there, counted on
 # the meta device), short of the sizes torch's 64-bit integers overflow at
+SEARCH_METHODS = ("darts", "pdarts")  # search.method: a strategy of search/methods.py each
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's
 
 
@@ -327,11 +328,8 @@ def _validate_search(cfg: SearchRunConfig) -> None:
     validate_arch_optimizer(cfg.arch_optimizer)
     if len(set(cfg.data.tasks)) != k:
         raise IlnasError(f"data.tasks names a task twice: {list(cfg.data.tasks)}")
-    from ilnas.search.engine import validate_config  # lazily: these pull in torch
-    from ilnas.search.methods import METHODS
-
-    if s.method not in METHODS:
-        raise IlnasError(f"search.method must be {' or '.join(METHODS)} (PC-DARTS is space.partial_channels and "
+    if s.method not in SEARCH_METHODS:
+        raise IlnasError(f"search.method must be {' or '.join(SEARCH_METHODS)} (PC-DARTS is space.partial_channels and "
                          f"space.edge_normalization), got {s.method!r}")
     if not 0 <= s.warmup_epochs < s.epochs:
         raise IlnasError(f"search.warmup_epochs must lie in [0, epochs), got {s.warmup_epochs}")

@@ -2,6 +2,11 @@
 in, then those registered with ``ilnas.register_task``, then the image-folder tasks."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+from ilnas.errors import NotRegistered
+
 BUILT_IN_TASKS = ("cifar10", "cifar100", "mnist5k", "digits")  # held in memory (tasks.py loads each)
 FOLDER_TASKS = ("imagenet", "imagefolder")  # read from an ImageFolder tree; imagefolder:<path>
 _REGISTERED: dict[str, None] = {}  # every name given to ilnas.register_task, in order
@@ -15,6 +20,25 @@ def task_names() -> tuple[str, ...]:
     """Every task a run may name, ``imagefolder:<path>`` for any image folder."""
     return (*sorted(BUILT_IN_TASKS), *(n for n in _REGISTERED if n not in BUILT_IN_TASKS), "imagenet",
             "imagefolder:<path>")
+
+
+def known_tasks() -> str:
+    return ", ".join(task_names())
+
+
+def check_task_name(name: str) -> None:
+    """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
+    folder = name.startswith("imagefolder:") and name.split(":", 1)[1].strip()  # a blank path names no folder
+    if name not in BUILT_IN_TASKS and name not in _REGISTERED and name != "imagenet" and not folder:
+        raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
+                            f"in a module that ILNAS_PLUGINS names)")
+
+
+def task_slug(name: str) -> str:
+    """A task name as a file name: ``imagefolder:/data/pets`` -> ``imagefolder-pets``, ``cifar10`` -> ``cifar10``."""
+    kind, sep, path = name.partition(":")
+    text = f"{kind}-{Path(path.rstrip('/')).name or 'data'}" if sep else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 CIFAR_SIDE = 32  # CIFAR's images keep their own side: data.image_size does not apply to them

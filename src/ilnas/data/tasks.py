@@ -17,7 +17,6 @@ import importlib.util
 import math
 import os
 import pickle
-import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
-from ilnas.data.names import BUILT_IN_TASKS, CIFAR_SIDE, FOLDER_TASKS, add_task_name, is_streamed, task_names
-from ilnas.errors import IlnasError, NotRegistered, fault, first_line
+from ilnas.data.names import (BUILT_IN_TASKS, CIFAR_SIDE, FOLDER_TASKS, add_task_name, check_task_name, is_streamed)
+from ilnas.errors import IlnasError, fault, first_line
 from ilnas.fileio import reachable
 from ilnas.space.layout import REGISTRY_NAME
 
@@ -114,17 +113,6 @@ def _register_task(name: str, channels: int, classes: int,
     return wrap
 
 
-def known_tasks() -> str:
-    return ", ".join(task_names())
-
-
-def task_slug(name: str) -> str:
-    """A task name as a file name: ``imagefolder:/data/pets`` -> ``imagefolder-pets``, ``cifar10`` -> ``cifar10``."""
-    kind, sep, path = name.partition(":")
-    text = f"{kind}-{Path(path.rstrip('/')).name or 'data'}" if sep else name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
-
-
 def task_info(name: str, source: DataConfig) -> TaskInfo:
     """The static facts of any task name: an in-memory task, ``imagenet`` (an ImageFolder tree at
     <data_dir>/imagenet, 1000 classes) or ``imagefolder:<path>`` (classes counted from <path>/train;
@@ -139,14 +127,6 @@ def task_info(name: str, source: DataConfig) -> TaskInfo:
     classes = folder_classes(root, name)
     memory = not is_streamed(name, source.folder_pipeline)
     return TaskInfo(name, memory, 3, len(classes), source.image_size if memory else None, root)
-
-
-def check_task_name(name: str) -> None:
-    """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
-    folder = name.startswith("imagefolder:") and name.split(":", 1)[1].strip()  # a blank path names no folder
-    if name not in TASKS and name != "imagenet" and not folder:
-        raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
-                            f"in a module that ILNAS_PLUGINS names)")
 
 
 def require_in_memory(info: TaskInfo) -> TaskInfo:

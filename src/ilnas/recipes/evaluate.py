@@ -94,7 +94,8 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: 
 def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int, data_dir: str | None = None) -> EvalSet:
     """A task name (its test split; ``data_dir``: where its files are, default the run's data.data_dir) or a folder
     of class folders (or a folder holding val/)."""
-    from ilnas.data.tasks import TASKS, known_tasks
+    from ilnas.data.names import known_tasks
+    from ilnas.data.tasks import TASKS
 
     path = reachable(data, "--data") if ":" not in data else Path(data)
     if ":" not in data and path.is_dir():
@@ -127,7 +128,7 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     model = load_model(run, which, device)
     card: ModelCard = model.card
     dataset = evaluation_set(data, run, card, batch_size, data_dir)
-    from ilnas.data.tasks import task_slug
+    from ilnas.data.names import task_slug
 
     slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
     target = Path(out) if out is not None else _default_out(run / "evaluations", f"{slug}-{which}", dataset.name)

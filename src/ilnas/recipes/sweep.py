@@ -204,12 +204,16 @@ def _submitit_settings(value: Any) -> dict:
 
 def _resolved(preset: str, overrides: list[str], kind: str, where: str):
     """The configuration a run will have, its tasks known: refused here rather than when the run starts."""
-    from ilnas.data.tasks import task_info
+    from ilnas.data.names import check_task_name
 
     try:
         cfg = resolve(preset, None, overrides, kind)
         for task in cfg.data.tasks:
-            task_info(task, cfg.data)
+            check_task_name(task)
+            if task.startswith("imagefolder:"):  # its classes are read from the folder now (with torch loaded)
+                from ilnas.data.tasks import task_info
+
+                task_info(task, cfg.data)
     except IlnasError as e:
         raise IlnasError(f"{where}: {e}") from None
     return cfg
@@ -239,7 +243,7 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
         if train is None:
             raise IlnasError(f"{where}: a variant that names its cell (genotype=...) needs a train section")
     if train is not None:
-        from ilnas.data.tasks import task_slug
+        from ilnas.data.names import task_slug
 
         tasks = train.get("tasks") if isinstance(train, dict) else None
         if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):

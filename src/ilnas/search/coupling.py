@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ilnas.errors import IlnasError
+from ilnas.search.config import check_coupling
 from ilnas.search.tensors import Tensors, axpy, scale, sub
-
-MAX_COUPLING = 1e30
 
 
 @dataclass(frozen=True)
@@ -84,19 +82,12 @@ class CopyCoupling(Coupling):
         return axpy(-1.0, hvp_w, scale(1.0 - self.lr * self.virtual_wd, u))
 
 
+# one class for each of config.COUPLING_MODES, which configuration checks without importing this module
 COUPLINGS: dict[str, type[Coupling]] = {"none": NoCoupling, "prox": ProxCoupling, "gd": GradientCoupling,
                                         "copy": CopyCoupling}
 
 
 def create_coupling(name: str, lr: float, lam: float, virtual_wd: float = 0.0,
                     allow_unstable: bool = False) -> Coupling:
-    if name not in COUPLINGS:
-        raise IlnasError(f"unknown coupling {name!r}; choose from {', '.join(COUPLINGS)}")
-    c = 2.0 * lr * lam
-    if name in ("prox", "gd") and c > MAX_COUPLING:  # a float32 scalar of the step past ~3e38
-        raise IlnasError(f"coupling {name!r} with 2*lr*lambda = {c:g} overflows float32 arithmetic; "
-                         f"for the lambda -> infinity limit use coupling=copy")
-    if name == "gd" and c >= 1.0 and not allow_unstable:
-        raise IlnasError(f"coupling 'gd' with 2*lr*lambda = {c:g} >= 1 overshoots and diverges; "
-                         f"use coupling=prox, a smaller lambda, or allow_unstable=true")
+    check_coupling(name, lr, lam, allow_unstable)
     return COUPLINGS[name](lr=lr, lam=lam, virtual_wd=virtual_wd)

@@ -17,13 +17,11 @@ each hold a shard of every batch step exactly as one process whose loss is the m
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ilnas.errors import IlnasError
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig
 from ilnas.search.coupling import COUPLINGS, Coupling, create_coupling
@@ -462,35 +460,3 @@ def _sgd(p: Tensors, g: Tensors, buf: Tensors | None, rule: StepRule) -> tuple[T
     d = axpy(rule.sgd.weight_decay, p, g)
     buf = d if buf is None else axpy(rule.sgd.momentum, buf, d)
     return detached(axpy(-rule.lr, buf, p)), detached(buf)
-
-
-ALL_ZERO = {"train_weights": "the stages' training losses would be 0, so no weights would train",
-            "val_weights": "the architecture's objective would be 0, so nothing would search it"}
-
-
-def validate_config(cfg: EngineConfig, num_learners: int, max_lr: float) -> None:
-    """Refuse settings the engine cannot run, before any run directory is touched."""
-    if cfg.order not in (1, 2):
-        raise IlnasError(f"engine.order must be 1 or 2, got {cfg.order}")
-    if cfg.update_order not in ("alg1", "darts"):
-        raise IlnasError(f"engine.update_order must be alg1 or darts, got {cfg.update_order!r}")
-    # the comparisons are written so that NaN (which the Python API can pass; the CLI refuses it) fails them
-    if not cfg.lam >= 0:
-        raise IlnasError(f"engine.lam (lambda) must be >= 0, got {cfg.lam}")
-    if not cfg.fd_eps > 0:
-        raise IlnasError(f"engine.fd_eps must be positive, got {cfg.fd_eps}")
-    if not math.isfinite(max_lr) or max_lr <= 0:
-        raise IlnasError(f"the learning rate must be a positive number, got {max_lr}")
-    if isinstance(cfg.batched_sets, bool) or not isinstance(cfg.batched_sets, int) or cfg.batched_sets < 1:
-        raise IlnasError(f"engine.batched_sets must be an integer >= 1, got {cfg.batched_sets!r}")
-    create_hvp(cfg.hvp)
-    create_coupling(cfg.coupling, max_lr, cfg.lam, 0.0, cfg.allow_unstable)
-    for name in ("train_weights", "val_weights"):
-        weights = getattr(cfg, name)
-        if weights is not None and len(weights) != num_learners:
-            raise IlnasError(f"engine.{name} has {len(weights)} entries for {num_learners} learners")
-        if any(not x >= 0 for x in weights or ()):
-            raise IlnasError(f"engine.{name} must be >= 0, got {list(weights)}")
-        if weights is not None and not any(weights):  # a zero objective: nothing would train (or search) at all
-            raise IlnasError(f"engine.{name} are all 0: {ALL_ZERO[name]}; give at least one learner a positive "
-                             f"weight")

@@ -16,7 +16,7 @@ StageLoss = Callable[[Tensors, Tensors, Tensors], torch.Tensor]  # (arch, w, h) 
 SetsLoss = Callable[[Tensors, Sequence[Tensors], Sequence[Tensors]], torch.Tensor]  # (arch, ws, hs) -> (S,)
 HVPResult = tuple[Tensors, Tensors | None]  # (A-part, W-part or None)
 HVP = Callable[..., HVPResult]
-HVPS: dict[str, HVP] = {}
+HVPS: dict[str, HVP] = {}  # one for each of config.HVP_METHODS, which configuration checks without this module
 
 
 def register_hvp(fn: HVP) -> HVP:

@@ -71,7 +71,7 @@ class PDarts(Darts):
         return limit_skips(normal, reduce, normal_ops, reduce_ops, self.settings.max_skips)
 
 
-METHODS: dict[str, Callable[[SearchRunConfig], Darts]] = {
+METHODS: dict[str, Callable[[SearchRunConfig], Darts]] = {  # one for each of config's SEARCH_METHODS
     "darts": lambda cfg: Darts(cfg.space.layers, len(cfg.space.ops)),
     "pdarts": lambda cfg: PDarts(cfg.pdarts),
 }

@@ -27,9 +27,9 @@ from ilnas.distributed import as_device
 from ilnas.errors import IlnasError, positive_integer
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
-from ilnas.search.config import EngineConfig
+from ilnas.search.config import EngineConfig, validate_config
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
-                                 search_step, validate_config)
+                                 search_step)
 from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import checked_seed, derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
