@@ -32,7 +32,7 @@ import yaml
 from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 
-from ilnas.data.tasks import task_slug
+from ilnas.data.names import task_slug
 from ilnas.recipes.compare import cell_agreement, paired_difference, paired_units, rank_among
 from ilnas.report.figures import softmax
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices, zoo
