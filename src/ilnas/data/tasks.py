@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ilnas.config import DataConfig
-from ilnas.data.names import (BUILT_IN_TASKS, CIFAR_SIDE, FOLDER_TASKS, add_task_name, check_task_name, is_streamed)
+from ilnas.data.names import BUILT_IN_TASKS, CIFAR_SIDE, FOLDER_TASKS, add_task_name, check_task_name, is_streamed
 from ilnas.errors import IlnasError, fault, first_line
 from ilnas.fileio import reachable
 from ilnas.space.layout import REGISTRY_NAME

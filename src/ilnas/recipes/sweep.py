@@ -210,7 +210,7 @@ def _resolved(preset: str, overrides: list[str], kind: str, where: str):
         cfg = resolve(preset, None, overrides, kind)
         for task in cfg.data.tasks:
             check_task_name(task)
-            if task.startswith("imagefolder:"):  # its classes are read from the folder now (with torch loaded)
+            if task.startswith("imagefolder:"):  # its classes are counted in its files now (tasks.py loads torch)
                 from ilnas.data.tasks import task_info
 
                 task_info(task, cfg.data)
