@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,6 +186,21 @@ def test_sweep_json_records_each_cell_as_it_ends(tmp_path, monkeypatch):
     assert summary == json.loads((sweep.out / "sweep.json").read_text())
     assert summary["final"] is True and [c["runs"]["search"] for c in summary["cells"]] == [
         "finished (seed-0)", "finished (seed-1)"]
+
+
+def test_a_sweep_cell_whose_finished_search_has_an_unreadable_summary_fails_saying_how_to_mend_it(tmp_path,
+                                                                                                   finished_run):
+    """Skipped as finished, the cell's re-trainings would run and compare would then refuse the search: the cell
+    fails at once instead, starting nothing, with the line that says how to write the summary again."""
+    spec, out = _spec(tmp_path, grid={"search.seed": [0]}), tmp_path / "sweep"
+    search = out / "seed-0" / "search"
+    shutil.copytree(finished_run, search)
+    (search / "summary.json").write_text("[]")
+    status = sweep_module.run_cell(load_spec(spec).cells[0])
+    assert status["runs"] == {"search": f"failed ({search / 'summary.json'} is damaged: it holds a JSON list, not an "
+                                        f"object; remove it, and --resume finishes the run again from its last "
+                                        f"checkpoint)"}
+    assert sorted(p.name for p in (out / "seed-0").iterdir()) == ["search"]
 
 
 def test_a_sweep_that_cannot_write_its_records_says_so_in_one_line_and_keeps_its_runs(tmp_path, monkeypatch):

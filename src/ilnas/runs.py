@@ -59,6 +59,18 @@ def is_finished(path: Path) -> bool:
     return any((Path(path) / name).is_file() for name in FINISHED)
 
 
+def require_readable_end(path: Path) -> None:
+    """Refuse a finished run whose record of its end (summary.json or result.json) cannot be read, in one line
+    that says how to write it again: nothing else reads as finished a run that ``compare`` cannot read."""
+    for name in FINISHED:
+        if (Path(path) / name).is_file():
+            try:
+                read_json(path, name)
+            except IlnasError as e:
+                raise IlnasError(f"{e}; remove it, and --resume finishes the run again from its last checkpoint") \
+                    from None
+
+
 def read_config(path: Path) -> dict:
     """config.yaml as a mapping with a known ``kind``, or a one-line error."""
     f = Path(path) / CONFIG
@@ -166,6 +178,7 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
             raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `{KIND_COMMANDS[found]} "
                              f"--resume`")
         if is_finished(path):
+            require_readable_end(path)
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
     elif path.is_dir() and _entries(path) and not _start_cut_short(path):
         if not is_ilnas_run(path):
@@ -195,7 +208,10 @@ def auto_resume(path: Path, kind: str, config: dict) -> str:
         raise IlnasError(f"{path} holds a run of another configuration (first difference at "
                          f"{_first_difference(stored, config)}); --auto-resume continues only the run its command "
                          f"line describes: choose another --out, or replace the run with --force")
-    return "finished" if is_finished(path) else "resume"
+    if is_finished(path):
+        require_readable_end(path)
+        return "finished"
+    return "resume"
 
 
 def resume_config(path: Path, kind: str) -> Any:

@@ -17,8 +17,8 @@ from ilnas.errors import IlnasError
 from ilnas.fileio import reachable
 from ilnas.report.tables import markdown_table
 from ilnas.runlock import lock_holder
-from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json,
-                        read_metrics)
+from ilnas.runs import (PROVENANCE, find_runs, is_finished, latest_checkpoint, read_config, read_json, read_metrics,
+                        require_readable_end)
 from ilnas.space.genotype import parse_genotype, unchanged_for
 
 RECENT = 5  # epochs whose mean time predicts the remaining ones
@@ -41,6 +41,7 @@ def run_status(path: Path) -> dict:
         holder = f"unknown: its lock cannot be opened ({e.strerror or e})"
     outcome = sessions[-1].get("outcome") if sessions else None  # how the last session ended, where it did
     outcome = outcome if isinstance(outcome, str) else None
+    require_readable_end(path)
     state = ("finished" if is_finished(path) else "running" if holder is not None
              else "failed" if outcome and outcome.startswith(FAILURES) else "interrupted" if sessions
              else "not started")

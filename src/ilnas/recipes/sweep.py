@@ -34,7 +34,7 @@ from ilnas.config.schema import canonical, flat_settings, unused_settings
 from ilnas.errors import IlnasError, RunFailed, Stopped
 from ilnas.fileio import atomic_write_text, load_json, reachable
 from ilnas.runlock import RunLock, holder_pid, local_pid, lock_holder
-from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, with_defaults
+from ilnas.runs import CONFIG, is_finished, read_config, refuse_inside_a_run, require_readable_end, with_defaults
 from ilnas.threads import default_threads
 
 SPEC_KEYS = {"out", "search", "grid", "train", "parallel", "executor", "submitit", "report"}
@@ -442,6 +442,11 @@ def run_cell(cell: Cell, slot_env: dict[str, str] | None = None,
                 status["runs"][key] = "stopped (the sweep was stopped while another process held the run)"
                 break
         if is_finished(run.out):
+            try:  # a finished run whose record cannot be read would stop compare: the cell fails, saying so
+                require_readable_end(run.out)
+            except IlnasError as e:
+                status["runs"][key] = f"failed ({e})"
+                break
             status["runs"][key] = "finished (skipped)"
             continue
         log = run.out.parent / f"{key}.log"
