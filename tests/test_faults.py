@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -864,6 +865,13 @@ def test_device_memory_running_out_part_way_stops_in_one_line_and_the_run_resume
     assert rc == 0, err
     assert_same_search(micro_run, out)
 
+def npy_file() -> bytes:
+    """A NumPy file of one array (.npy), not an archive of several (.npz)."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(3))
+    return buf.getvalue()
+
+
 DAMAGED_RECORDS = [  # (run, file, content, command, message): valid JSON or arrays of the wrong shape or type
     ("search", "summary.json", "[1, 2]", "compare", "summary.json is damaged: it holds a JSON list, not an object"),
     ("search", "summary.json", "{}", "compare", "summary.json is damaged: its 'search_hours' is null, where a finite"),
@@ -872,7 +880,10 @@ DAMAGED_RECORDS = [  # (run, file, content, command, message): valid JSON or arr
      "its 'phase_genotypes' is not a list of genotypes"),
     ("search", "provenance.json", '{"sessions": 5}', "status", None),
     ("search", "metrics.jsonl", "[1]\n{}\n", "plot", "metrics.jsonl line 1 is damaged: a JSON list, not an object"),
-    ("search", "arch_history.npz", "junk", "plot", "arch_history.npz cannot be read ("),
+    ("search", "arch_history.npz", "junk", "plot", "arch_history.npz cannot be read (not an .npz archive of plain "
+                                                   "arrays)"),
+    ("search", "arch_history.npz", npy_file(), "plot", "arch_history.npz cannot be read (it holds one array, not an "
+                                                      ".npz archive)"),
     ("train", "result.json", '{"task": "digits", "final_test_error": "x"}', "compare",
      "result.json is damaged: its 'final_test_error' is \"x\", where a finite number belongs"),
     ("train", "result.json", '{"task": 3}', "plot", "result.json is damaged: its 'task' is 3, where a string belongs"),
@@ -885,7 +896,7 @@ def test_a_run_record_of_the_wrong_shape_is_refused_in_one_line_by_the_commands_
         finished_run, finished_training, tmp_path, kind, name, content, command, message):
     run = tmp_path / "run"
     shutil.copytree(finished_run if kind == "search" else finished_training, run)
-    (run / name).write_text(content)
+    (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     if message is None:  # status lists the run, whose sessions it cannot count
         code, out, err = call(command, str(run), "--json")
         assert code == 0 and json.loads(out)[0]["sessions"] == 0, err

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from ilnas.config.schema import KIND_NAMES
-from ilnas.errors import IlnasError
+from ilnas.errors import IlnasError, first_line
 from ilnas.fileio import atomic_write_text, reachable
 from ilnas.report.cells import CELLS, save_cells, save_figure
 from ilnas.report.figures import alpha_figures, cell_evolution, epoch_cells, search_curves, training_curves
@@ -142,11 +142,17 @@ def _phase_genotypes(path: Path, summary: dict | None) -> list[Genotype]:
 
 
 def _arch_history(path: Path) -> dict[str, np.ndarray]:
+    """The architecture weights the search recorded each epoch: an .npz archive of plain arrays."""
     try:
-        with np.load(path) as npz:  # plain arrays only: pickled objects are refused
+        loaded = np.load(path)  # allow_pickle=False: pickled objects are refused, never run
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one array, not an .npz archive")
+        with loaded as npz:
             return {k: npz[k] for k in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise IlnasError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        # numpy takes any file it does not recognise for a pickle, and offers to load it unsafely: say what it is
+        why = "not an .npz archive of plain arrays" if "pickle" in str(e) else first_line(e)
+        raise IlnasError(f"{path} cannot be read ({why})") from None
 
 
 def _network_size(genotype: Genotype, data: dict) -> list[tuple[str, str]]:
