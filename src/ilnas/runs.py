@@ -60,8 +60,9 @@ def is_finished(path: Path) -> bool:
 
 
 def require_readable_end(path: Path) -> None:
-    """Refuse a finished run whose record of its end (summary.json or result.json) cannot be read, in one line
-    that says how to write it again: nothing else reads as finished a run that ``compare`` cannot read."""
+    """Refuse a finished run whose record of its end (summary.json or result.json) cannot be read as a JSON object,
+    in one line that says how to write it again: ``status``, ``--resume`` and a sweep would otherwise take for
+    finished a run that ``compare`` refuses."""
     for name in FINISHED:
         if (Path(path) / name).is_file():
             try:
