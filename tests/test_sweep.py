@@ -789,3 +789,27 @@ def test_a_sweep_into_a_folder_whose_sweep_json_is_not_a_sweeps_record_keeps_it(
                                      f"writes its record there; choose another out, or move the file\n"), err
     assert (out / "sweep.json").read_text() == '{"my": "notes"}'
     assert sorted(p.name for p in out.iterdir()) in (["sweep.json"], [".lock", "sweep.json"])
+
+
+def test_a_finished_run_whose_record_is_unreadable_is_not_counted_finished_and_its_whole_cell_is_not_skipped(
+        tmp_path, finished_run):
+    """Every run of the cell has finished, but the search's summary.json is cut short: --dry-run does not count it
+    finished, and the sweep fails the cell with the line that says how to mend it, instead of skipping it."""
+    search_set = [s for s in SEARCH_SET if not s.startswith(("search.steps_per_epoch", "search.epochs",
+                                                             "search.eval_batches"))]
+    spec = _spec(tmp_path, grid={"search.seed": [0]}, train=None, parallel=1,
+                 search={"preset": "demo", "set": [*search_set, "search.steps_per_epoch=2", "search.epochs=3",
+                                                   "search.eval_batches=2"]})
+    search = tmp_path / "sweep" / "seed-0" / "search"
+    shutil.copytree(finished_run, search)
+    assert ilnas_here("sweep", spec, "--dry-run").stdout.startswith("1 cells (1 runs, 1 finished)")
+    (search / "summary.json").write_text('{"genotype": ')
+    r = ilnas_here("sweep", spec, "--dry-run")
+    assert r.returncode == 0 and r.stdout.startswith("1 cells (1 runs, 0 finished)"), r.stderr
+    r = ilnas_here("sweep", spec)
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert r.returncode != 0 and record["failed"] == ["seed-0"], r.stderr
+    assert record["cells"][0]["runs"]["search"].startswith(f"failed ({search / 'summary.json'} cannot be read")
+    assert record["cells"][0]["runs"]["search"].endswith("remove it, and --resume finishes the run again from its "
+                                                         "last checkpoint)")
+    assert (search / "summary.json").read_text() == '{"genotype": '

@@ -413,11 +413,13 @@ def describe_sweep(sweep: Sweep, commands: bool = True) -> str:
 
 
 def _finished_run(path: Path) -> bool:
-    """Whether the run at ``path`` has finished; False where its path cannot be looked up (run_sweep refuses
-    that in one line)."""
+    """Whether the run at ``path`` has finished and its record of the end can be read: a run whose record cannot
+    is no finished run, and its cell fails saying how to mend it (run_cell). False also where the path cannot be
+    looked up (run_sweep refuses that in one line)."""
     try:
+        require_readable_end(path)
         return is_finished(path)
-    except OSError:
+    except (OSError, IlnasError):
         return False
 
 
@@ -836,7 +838,7 @@ LIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "R
 
 
 def _finished(cell: Cell) -> bool:
-    return all(is_finished(run.out) for run in cell.runs)
+    return all(_finished_run(run.out) for run in cell.runs)
 
 
 def _skipped(cell: Cell) -> dict:
