@@ -553,6 +553,35 @@ def test_config_and_refused_settings_answer_without_torch(tmp_path):
     assert list(tmp_path.iterdir()) == [spec]
 
 
+def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(tmp_path, finished_run,
+                                                                              finished_training):
+    """evaluate, predict, export and describe given a run that holds no trained model (no directory, a search run,
+    a training without the weights asked for, a damaged card) or an unknown genotype answer before torch loads."""
+    unfinished, damaged = tmp_path / "unfinished", tmp_path / "damaged"
+    for run in (unfinished, damaged):
+        shutil.copytree(finished_training, run)
+    (unfinished / "model.safetensors").unlink()
+    (damaged / "model.json").write_text('{"format": "ilnas-model/1", "genotype": "DARTS_V2"}')
+    before = snapshot(tmp_path)
+    refused = {("evaluate", "gone", "--data", "digits"): "no run directory gone",
+               ("predict", str(finished_run), "x.png"): f"{finished_run} holds no model.json: not a training run",
+               ("export", str(unfinished), "--format", "onnx"): f"{unfinished} holds no model.safetensors yet (written when the run "
+                                            f"finishes)",
+               ("evaluate", str(damaged), "--data", "digits", "--weights", "best"):
+                   f"{damaged / 'model.json'} is not an ilnas model card",
+               ("describe", "NO_SUCH"): "unknown genotype 'NO_SUCH'",
+               ("describe", "DARTS_V2", "--against", "NOR_THIS"): "unknown genotype 'NOR_THIS'"}
+    code = ("import sys\nfrom ilnas import cli\n"
+            f"for argv in {list(refused)}:\n"
+            "    assert cli.main(list(argv)) == 2, argv\n"
+            "print('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "torch loaded: False", r.stderr
+    errors = r.stderr.splitlines()
+    assert len(errors) == len(refused) and all(m in e for m, e in zip(refused.values(), errors)), errors
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "unfinished"]
+
+
 def test_the_names_configuration_checks_are_those_the_engine_and_methods_run():
     from ilnas.config.schema import SEARCH_METHODS
     from ilnas.search.config import COUPLING_MODES, HVP_METHODS

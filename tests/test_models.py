@@ -140,7 +140,7 @@ def test_predict_names_the_top_classes_with_the_models_probabilities(folder_runs
 
 
 def test_predict_reads_and_classifies_a_batch_at_a_time_with_the_same_result(folder_runs, monkeypatch):
-    from ilnas.models import ModelCard
+    from ilnas.card import ModelCard
     from ilnas.recipes.evaluate import predict
 
     images = sorted((folder_runs["pets"] / "val").rglob("*.png"))

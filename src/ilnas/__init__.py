@@ -25,7 +25,7 @@ _PUBLIC = {  # name -> module that defines it
     "NetworkCIFAR": "ilnas.space.network", "NetworkImageNet": "ilnas.space.network",
     "Supernet": "ilnas.space.supernet", "register_op": "ilnas.space.ops",
     "register_network": "ilnas.space.network", "EvalCell": "ilnas.space.network",
-    "load_model": "ilnas.models", "create_model": "ilnas.models", "ModelCard": "ilnas.models",
+    "load_model": "ilnas.models", "create_model": "ilnas.models", "ModelCard": "ilnas.card",
 }
 
 __all__ = ["IlnasError", "RunFailed", "__version__", *_PUBLIC]

@@ -387,7 +387,7 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _holds_a_card(spec: str) -> bool:
     """Whether a genotype argument names a training run (its model.json)."""
-    from ilnas.models import CARD_FILE
+    from ilnas.card import CARD_FILE
 
     try:
         return (Path(spec) / CARD_FILE).is_file()
@@ -396,17 +396,19 @@ def _holds_a_card(spec: str) -> bool:
 
 
 def _describe(args: argparse.Namespace) -> None:
-    from ilnas.models import read_card
-    from ilnas.recipes.describe import describe, describe_trained, shared_with
+    from ilnas.card import read_card
     from ilnas.space.genotype import load_genotype, parse_genotype, zoo
 
     others = {name: cell for spec in args.against
               for name, cell in (zoo().items() if spec == "zoo" else [(spec, load_genotype(spec))])}
     if args.preset is None and not args.overrides and _holds_a_card(args.genotype):
-        info = describe_trained(read_card(args.genotype))  # the network the run trained, not a CIFAR one
+        card = read_card(args.genotype)  # the network the run trained, not a CIFAR one
     else:
-        info = describe(load_genotype(args.genotype), _resolve(args.preset or "eval-cifar10", None, args.overrides,
-                                                               kind="eval"))
+        card, genotype = None, load_genotype(args.genotype)
+        cfg = _resolve(args.preset or "eval-cifar10", None, args.overrides, kind="eval")
+    from ilnas.recipes.describe import describe, describe_trained, shared_with  # after the arguments' checks
+
+    info = describe_trained(card) if card is not None else describe(genotype, cfg)
     if others:
         info["shared_with"] = shared_with(parse_genotype(info["genotype"]), others)
     if args.json:
@@ -425,10 +427,11 @@ def _describe(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from ilnas.recipes.evaluate import evaluate
-
     if args.batch_size < 1:
         raise IlnasError(f"--batch-size must be positive, got {args.batch_size}")
+    _require_trained_model(args)
+    from ilnas.recipes.evaluate import evaluate
+
     r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device), args.data_dir)
     if args.json:
         print(json.dumps(r, indent=1))
@@ -442,6 +445,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    _require_trained_model(args)
     from ilnas.recipes.evaluate import predict
 
     found = predict(args.run, args.images, args.top_k, args.weights, _device(args.device), args.batch_size)
@@ -453,12 +457,21 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    _require_trained_model(args)
     from ilnas.recipes.export import export_model
 
     r = export_model(args.run, args.format, args.out, args.weights)
     print(f"{r['format']}: {r['path']} (card: {r['card']})")
     print(f"checked with {r['runtime']} at batch sizes {r['batch_sizes_checked']}: max |logit difference| vs "
           f"PyTorch {r['max_abs_difference']:.2e}")
+
+
+def _require_trained_model(args: argparse.Namespace) -> None:
+    """A run that holds no trained model (a typo, a search run, a training not yet finished, a damaged card) is
+    refused before the command's recipe, and torch, load."""
+    from ilnas.card import require_trained_model
+
+    require_trained_model(args.run, args.weights)
 
 
 def _device(name: str) -> str:

@@ -275,6 +275,10 @@ def from_dict(cls: type, data: dict, where: str = "", base: Any = None) -> Any:
         raise IlnasError(f"unknown config key {where + unknown[0]!r}; valid keys{' in ' + where[:-1] if where else ''}: "
                          f"{', '.join(names)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [name for name, f in fields.items() if name not in data and base is None and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # a record without defaults (a model card) cut short: was a TypeError's traceback
+        raise IlnasError(f"missing key{'s' * (len(missing) > 1)} {', '.join(where + m for m in missing)}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]

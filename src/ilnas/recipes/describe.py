@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from ilnas.card import ModelCard
 from ilnas.config import EvalRunConfig
 from ilnas.data.tasks import task_info
 from ilnas.errors import IlnasError, fault
-from ilnas.models import ModelCard
 from ilnas.space.genotype import Genotype, parse_genotype, shared_choices
 from ilnas.space.network import build_network, count_parameters, multiply_adds
 from ilnas.space.ops import check_ops

@@ -1,7 +1,7 @@
 """Use a trained model: ``evaluate`` it on a task's test split or a folder of labelled images (top-1, top-5,
 per-class accuracy, confusion matrix as CSV and PNG), ``predict`` the classes of image files.
 
-Images are prepared as the card says (``ilnas.models.ModelCard``): an in-memory task's test split as its
+Images are prepared as the card says (``ilnas.card.ModelCard``): an in-memory task's test split as its
 uint8 tensors, image files scaled to the card's ``resize`` and centre-cropped, then normalised.
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Iterator, Sequence
 
 import torch
 
+from ilnas.card import ModelCard
 from ilnas.errors import IlnasError, NotRegistered
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, require_writable
-from ilnas.models import ModelCard, load_model
+from ilnas.models import load_model
 from ilnas.runs import refuse_among_run_files
 
 Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices

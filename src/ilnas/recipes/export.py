@@ -15,9 +15,10 @@ from typing import Callable
 
 import torch
 
+from ilnas.card import CARD_FORMAT
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import atomic_write_text, load_json, reachable, require_writable, umask
-from ilnas.models import CARD_FORMAT, load_model
+from ilnas.models import load_model
 from ilnas.runs import refuse_among_run_files
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported-program": "model.pt2"}

@@ -22,13 +22,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ilnas import distributed, ranks
+from ilnas.card import CARD_FILE, WEIGHT_FILES, ModelCard
 from ilnas.config import EvalRunConfig, checked
 from ilnas.data.names import CIFAR_SIDE, side_setting
 from ilnas.data.training import Sharding, TrainData, create_train_data
 from ilnas.determinism import deterministic_algorithms
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.memory import parameter_count, require_fit, saved_activation_bytes
-from ilnas.models import CARD_FILE, WEIGHT_FILES, ModelCard, state_dict_bytes
+from ilnas.models import state_dict_bytes
 from ilnas.resuming import (describe, load_module_state, load_optimizer_state, require_number, require_rng_states,
                             restoring)
 from ilnas.runs import (PROVENANCE, RunDir, check, config_dict, is_finished, load_checkpoint, out_of_memory,
