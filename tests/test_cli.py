@@ -556,7 +556,8 @@ def test_config_and_refused_settings_answer_without_torch(tmp_path):
 def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(tmp_path, finished_run,
                                                                               finished_training):
     """evaluate, predict, export and describe given a run that holds no trained model (no directory, a search run,
-    a training without the weights asked for, a damaged card) or an unknown genotype answer before torch loads."""
+    a training without the weights asked for, a damaged card), data that is no task, or an unknown genotype answer
+    before torch loads."""
     unfinished, damaged = tmp_path / "unfinished", tmp_path / "damaged"
     for run in (unfinished, damaged):
         shutil.copytree(finished_training, run)
@@ -569,6 +570,8 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
                                             f"finishes)",
                ("evaluate", str(damaged), "--data", "digits", "--weights", "best"):
                    f"{damaged / 'model.json'} is not an ilnas model card",
+               ("evaluate", str(finished_training), "--data", "nosuch"):
+                   "--data 'nosuch' is neither a folder nor a task",
                ("describe", "NO_SUCH"): "unknown genotype 'NO_SUCH'",
                ("describe", "DARTS_V2", "--against", "NOR_THIS"): "unknown genotype 'NOR_THIS'"}
     code = ("import sys\nfrom ilnas import cli\n"

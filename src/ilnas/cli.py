@@ -429,7 +429,10 @@ def _describe(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise IlnasError(f"--batch-size must be positive, got {args.batch_size}")
+    from ilnas.data.names import check_data_source
+
     _require_trained_model(args)
+    check_data_source(args.data)
     from ilnas.recipes.evaluate import evaluate
 
     r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device), args.data_dir)

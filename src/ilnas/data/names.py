@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from ilnas.errors import NotRegistered
+from ilnas.fileio import reachable
 
 BUILT_IN_TASKS = ("cifar10", "cifar100", "mnist5k", "digits")  # held in memory (tasks.py loads each)
 FOLDER_TASKS = ("imagenet", "imagefolder")  # read from an ImageFolder tree; imagefolder:<path>
@@ -32,6 +33,15 @@ def check_task_name(name: str) -> None:
     if name not in BUILT_IN_TASKS and name not in _REGISTERED and name != "imagenet" and not folder:
         raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
                             f"in a module that ILNAS_PLUGINS names)")
+
+
+def check_data_source(data: str) -> None:
+    """Refuse what an evaluation reads (``--data``) where it is neither a folder of images nor a task's name."""
+    if ":" in data or reachable(data, "--data").is_dir():
+        return  # an image folder task's path is checked when it is read
+    if data not in BUILT_IN_TASKS and data not in _REGISTERED and data != "imagenet":
+        raise NotRegistered(f"--data {data!r} is neither a folder nor a task ({known_tasks()}; one of your own: "
+                            f"ilnas.register_task in a module that ILNAS_PLUGINS names)")
 
 
 def task_slug(name: str) -> str:

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ilnas.card import ModelCard
-from ilnas.errors import IlnasError, NotRegistered
+from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, require_writable
 from ilnas.models import load_model
 from ilnas.runs import refuse_among_run_files
@@ -95,17 +95,14 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: 
 def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int, data_dir: str | None = None) -> EvalSet:
     """A task name (its test split; ``data_dir``: where its files are, default the run's data.data_dir) or a folder
     of class folders (or a folder holding val/)."""
-    from ilnas.data.names import known_tasks
-    from ilnas.data.tasks import TASKS
+    from ilnas.data.names import check_data_source
 
-    path = reachable(data, "--data") if ":" not in data else Path(data)
+    check_data_source(data)
+    path = Path(data)
     if ":" not in data and path.is_dir():
         if data_dir is not None:
             raise IlnasError(f"--data-dir says where a task's files are; --data {data} is a folder of images itself")
         return _folder_set(path / "val" if (path / "val").is_dir() else path, card, batch_size)
-    if ":" not in data and data not in TASKS and data != "imagenet":
-        raise NotRegistered(f"--data {data!r} is neither a folder nor a task ({known_tasks()}; one of your own: "
-                            f"ilnas.register_task in a module that ILNAS_PLUGINS names)")
     return _task_set(data, run, card, batch_size, data_dir)
 
 
