@@ -30,7 +30,7 @@ def known_tasks() -> str:
 def check_task_name(name: str) -> None:
     """Refuse a name that is no task, without reading any file (an image folder's path is checked when read)."""
     folder = name.startswith("imagefolder:") and name.split(":", 1)[1].strip()  # a blank path names no folder
-    if name not in BUILT_IN_TASKS and name not in _REGISTERED and name != "imagenet" and not folder:
+    if not _is_named_task(name) and not folder:
         raise NotRegistered(f"unknown task {name!r}; known: {known_tasks()} (one of your own: ilnas.register_task "
                             f"in a module that ILNAS_PLUGINS names)")
 
@@ -39,9 +39,14 @@ def check_data_source(data: str) -> None:
     """Refuse what an evaluation reads (``--data``) where it is neither a folder of images nor a task's name."""
     if ":" in data or reachable(data, "--data").is_dir():
         return  # an image folder task's path is checked when it is read
-    if data not in BUILT_IN_TASKS and data not in _REGISTERED and data != "imagenet":
+    if not _is_named_task(data):
         raise NotRegistered(f"--data {data!r} is neither a folder nor a task ({known_tasks()}; one of your own: "
                             f"ilnas.register_task in a module that ILNAS_PLUGINS names)")
+
+
+def _is_named_task(name: str) -> bool:
+    """A task known by its name alone: built in, registered, or ImageNet."""
+    return name in BUILT_IN_TASKS or name in _REGISTERED or name == "imagenet"
 
 
 def task_slug(name: str) -> str:
