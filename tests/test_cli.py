@@ -556,14 +556,18 @@ def test_config_and_refused_settings_answer_without_torch(tmp_path):
 def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(tmp_path, finished_run,
                                                                               finished_training):
     """evaluate, predict, export and describe given a run that holds no trained model (no directory, a search run,
-    a training without the weights asked for, a damaged card), data that is no task, or an unknown genotype answer
-    before torch loads."""
+    a training without the weights asked for, a damaged card), data that is no task, an unknown genotype, image
+    files that are not there, or an --out or --data-dir they cannot use answer before torch loads."""
     unfinished, damaged = tmp_path / "unfinished", tmp_path / "damaged"
     for run in (unfinished, damaged):
         shutil.copytree(finished_training, run)
     (unfinished / "model.safetensors").unlink()
     (damaged / "model.json").write_text('{"format": "ilnas-model/1", "genotype": "DARTS_V2"}')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.pt2").write_bytes(b"someone's own")
+    (tmp_path / "mine" / "confusion.png").write_bytes(b"someone's own")
     before = snapshot(tmp_path)
+    trained = str(finished_training)
     refused = {("evaluate", "gone", "--data", "digits"): "no run directory gone",
                ("predict", str(finished_run), "x.png"): f"{finished_run} holds no model.json: not a training run",
                ("export", str(unfinished), "--format", "onnx"): f"{unfinished} holds no model.safetensors yet (written when the run "
@@ -573,7 +577,18 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
                ("evaluate", str(finished_training), "--data", "nosuch"):
                    "--data 'nosuch' is neither a folder nor a task",
                ("describe", "NO_SUCH"): "unknown genotype 'NO_SUCH'",
-               ("describe", "DARTS_V2", "--against", "NOR_THIS"): "unknown genotype 'NOR_THIS'"}
+               ("describe", "DARTS_V2", "--against", "NOR_THIS"): "unknown genotype 'NOR_THIS'",
+               ("predict", trained, "cat.jpg"): "no image file cat.jpg",
+               ("predict", trained, "mine"): "no image file mine; it is a folder",
+               ("predict", trained, "cat.jpg", "--top-k", "0"): "top-k and the batch size must be positive",
+               ("predict", trained, "cat.jpg", "--device", "gpu"): "device must be auto, cpu, cuda or cuda:N",
+               ("export", trained, "--format", "torchscript", "--out", "m.json"): "ends in .json",
+               ("export", trained, "--format", "torchscript", "--out", f"{trained}/m.pt"): "beside the run's own files",
+               ("export", trained, "--format", "exported-program", "--out", "mine"):
+                   "mine/model.pt2 exists and is no earlier ilnas export",
+               ("evaluate", trained, "--data", "digits", "--out", "mine"): "holds confusion.png and no earlier",
+               ("evaluate", trained, "--data", "digits", "--data-dir", "nowhere"): "--data-dir 'nowhere' is no "
+                                                                                   "directory"}
     code = ("import sys\nfrom ilnas import cli\n"
             f"for argv in {list(refused)}:\n"
             "    assert cli.main(list(argv)) == 2, argv\n"
@@ -582,7 +597,8 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
     assert r.returncode == 0 and r.stdout.splitlines()[-1] == "torch loaded: False", r.stderr
     errors = r.stderr.splitlines()
     assert len(errors) == len(refused) and all(m in e for m, e in zip(refused.values(), errors)), errors
-    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "unfinished"]
+    assert snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "mine", "unfinished"]
 
 
 def test_the_names_configuration_checks_are_those_the_engine_and_methods_run():

@@ -20,7 +20,8 @@ from helpers import FOUR_OPS, call, ilnas_here, snapshot, write_image_folder
 from ilnas.errors import IlnasError
 from ilnas.models import create_model
 from ilnas.fileio import umask
-from ilnas.recipes.export import export_model, require_onnx_export
+from ilnas.exporters import require_onnx_export
+from ilnas.recipes.export import export_model
 from ilnas.space.genotype import zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,10 +344,9 @@ def test_an_evaluation_or_export_that_could_not_be_written_is_refused_before_it_
                                                                                       monkeypatch):
     """An --out that is a file (or lies below one) was found only once every image had been classified, or the
     model exported and checked ("File exists")."""
-    from ilnas.recipes import evaluate as evaluate_module, export as export_module
+    from ilnas import models
 
-    monkeypatch.setattr(evaluate_module, "_logits", lambda *a: pytest.fail("evaluated before --out was checked"))
-    monkeypatch.setattr(export_module, "load_model", lambda *a: pytest.fail("exported before --out was checked"))
+    monkeypatch.setattr(models, "load_model", lambda *a: pytest.fail("evaluated or exported before --out was checked"))
     (tmp_path / "notes.txt").write_text("mine")
     run, data = str(folder_runs["train"]), str(folder_runs["pets"])
     for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "eval"):

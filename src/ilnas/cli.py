@@ -435,7 +435,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     check_data_source(args.data)
     from ilnas.recipes.evaluate import evaluate
 
-    r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, _device(args.device), args.data_dir)
+    r = evaluate(args.run, args.data, args.weights, args.out, args.batch_size, args.device, args.data_dir)
     if args.json:
         print(json.dumps(r, indent=1))
         return
@@ -451,7 +451,7 @@ def _predict(args: argparse.Namespace) -> None:
     _require_trained_model(args)
     from ilnas.recipes.evaluate import predict
 
-    found = predict(args.run, args.images, args.top_k, args.weights, _device(args.device), args.batch_size)
+    found = predict(args.run, args.images, args.top_k, args.weights, args.device, args.batch_size)
     if args.json:
         print(json.dumps(found, indent=1))
         return
@@ -470,17 +470,14 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _require_trained_model(args: argparse.Namespace) -> None:
-    """A run that holds no trained model (a typo, a search run, a training not yet finished, a damaged card) is
-    refused before the command's recipe, and torch, load."""
+    """A run that holds no trained model (a typo, a search run, a training not yet finished, a damaged card), or a
+    --device that names none, is refused before the command's recipe, and torch, load."""
     from ilnas.card import require_trained_model
+    from ilnas.config.schema import check_device_name
 
     require_trained_model(args.run, args.weights)
-
-
-def _device(name: str) -> str:
-    from ilnas.distributed import pick_device
-
-    return str(pick_device(name))
+    if "device" in args:
+        check_device_name(args.device)
 
 
 COMMANDS = {"search": _search, "train": _train, "presets": _presets, "config": _config, "describe": _describe,

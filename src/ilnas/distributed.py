@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 import threading
 import time
@@ -14,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
+from ilnas.config.schema import check_device_name
 from ilnas.errors import IlnasError
 from ilnas.ranks import env_count, launch
 
@@ -48,8 +48,7 @@ def lost_peer(e: BaseException) -> bool:
 def pick_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device, refused in one line when it is not there;
     under torchrun (``world`` > 1) every rank takes ``cuda:<local rank>``."""
-    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", name):
-        raise IlnasError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    check_device_name(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":

@@ -244,8 +244,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(section, run, ("epochs", "batch_size", "steps_per_epoch", "threads"))
     _at_most(section, run, ("threads",), MAX_THREADS)
     checked_seed(run.seed, f"{section}.seed")
-    if run.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", run.device):
-        raise IlnasError(f"{section}.device must be {DEVICES}, got {run.device!r}")
+    check_device_name(run.device, f"{section}.device")
     validate_sgd(cfg.optimizer, run.epochs, f"{section}.epochs")
     if isinstance(cfg, SearchRunConfig):
         _validate_search(cfg)
@@ -517,3 +516,10 @@ def _validate_train(t: TrainConfig) -> None:
             raise IlnasError(f"train.compile_mode is inductor's; it needs train.compile=inductor, got {t.compile}")
         if t.compile_mode not in COMPILE_MODES:
             raise IlnasError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+
+
+def check_device_name(name: str, what: str = "device") -> None:
+    """``name`` is a device as settings and options give it (auto, cpu, cuda or cuda:N); refused in one line
+    otherwise (whether that device is there is for ``ilnas.distributed.pick_device`` to say)."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d{1,3}", name):
+        raise IlnasError(f"{what} must be {DEVICES}, got {name!r}")

@@ -13,17 +13,18 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
-import torch
-
-from ilnas.card import ModelCard
+from ilnas.card import ModelCard, require_trained_model
 from ilnas.errors import IlnasError
 from ilnas.fileio import atomic_write_bytes, atomic_write_text, load_json, reachable, require_writable
-from ilnas.models import load_model
 from ilnas.runs import refuse_among_run_files
 
-Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices
+if TYPE_CHECKING:  # torch loads once the arguments are checked: a refusal takes no torch start-up (seconds)
+    import torch
+    from torch import nn
+
+    Labelled = Iterator[tuple[torch.Tensor, torch.Tensor]]  # uint8 images, labels in the model's class indices
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
         raise IlnasError(f"{folder} holds no images")
 
     def batches() -> Labelled:
+        import torch
+
         for i in range(0, len(items), batch_size):
             chunk = items[i:i + batch_size]
             yield card.read_images([p for p, _ in chunk]), torch.tensor([y for _, y in chunk])
@@ -63,15 +66,16 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: 
     """A task name: in-memory tasks give their test split (with the run's data settings, ``data_dir`` in place of
     its data.data_dir where given), streamed image folders their val/ tree."""
     from ilnas.config import DataConfig, from_dict
-    from ilnas.data.tasks import create_task, task_info
     from ilnas.runs import read_config
+
+    if data_dir is not None and (not str(data_dir).strip() or not reachable(data_dir, "--data-dir").is_dir()):
+        raise IlnasError(f"--data-dir {data_dir!r} is no directory")
+    from ilnas.data.tasks import create_task, task_info
 
     try:  # the training run's data settings (image size, data_dir), for its own task and others alike
         source = from_dict(DataConfig, read_config(run).get("data", {}), "data.")
     except IlnasError:
         source = DataConfig()
-    if data_dir is not None and (not str(data_dir).strip() or not reachable(data_dir, "--data-dir").is_dir()):
-        raise IlnasError(f"--data-dir {data_dir!r} is no directory")
     source = dataclasses.replace(source, tasks=(task,), data_dir=source.data_dir if data_dir is None else data_dir)
     info = task_info(task, source)
     if not info.in_memory:
@@ -84,6 +88,8 @@ def _task_set(task: str, run: Path, card: ModelCard, batch_size: int, data_dir: 
     if t.input_shape != card.input_size:
         raise IlnasError(f"{task}'s images are {'x'.join(map(str, t.input_shape))}, the model takes "
                          f"{'x'.join(map(str, card.input_size))}")
+    import torch
+
     labels = torch.tensor(_class_map(t.classes, card, task))[t.test.y]
 
     def batches() -> Labelled:
@@ -106,14 +112,25 @@ def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int, data_
     return _task_set(data, run, card, batch_size, data_dir)
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def _model(run: str | Path, which: str, device: str | torch.device) -> nn.Module:
+    """The trained model on ``device``: a torch.device, or its name as the command line takes it (cpu, cuda,
+    cuda:N, auto)."""
+    from ilnas.distributed import pick_device
+    from ilnas.models import load_model
+
+    return load_model(run, which, pick_device(device) if isinstance(device, str) else device)
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    import torch
+
     device = next(model.parameters()).device
-    return model(model.card.normalize(images.to(device))).float().cpu()
+    with torch.no_grad():
+        return model(model.card.normalize(images.to(device))).float().cpu()
 
 
 def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | None = None,
-             batch_size: int = 256, device: str = "cpu", data_dir: str | None = None) -> dict:
+             batch_size: int = 256, device: str | torch.device = "cpu", data_dir: str | None = None) -> dict:
     """Top-1/top-5, per-class accuracy and the confusion matrix (rows: true class, columns: predicted) of
     ``run``'s model on ``data``; written to ``out`` (default <run>/evaluations/<data>-<which>/) as
     evaluation.json, per_class.csv, confusion.csv and confusion.png. Returns evaluation.json's content.
@@ -123,14 +140,16 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
     if out is not None:
         refuse_among_run_files([Path(out) / "evaluation.json"], "--out")
         _refuse_replacing_other_files(Path(out))
-    model = load_model(run, which, device)
-    card: ModelCard = model.card
+    card = require_trained_model(run, which)
     dataset = evaluation_set(data, run, card, batch_size, data_dir)
     from ilnas.data.names import task_slug
 
     slug = task_slug(data if ":" in data or not Path(data).is_dir() else Path(data).resolve().name)
     target = Path(out) if out is not None else _default_out(run / "evaluations", f"{slug}-{which}", dataset.name)
     require_writable(target, "the evaluation's folder")  # before the evaluation, which a large data set makes long
+    model = _model(run, which, device)
+    import torch
+
     k, n = min(5, card.num_classes), card.num_classes
     confusion = torch.zeros(n, n, dtype=torch.int64)
     top_k = 0
@@ -227,19 +246,19 @@ def _confusion_png(confusion: torch.Tensor, classes: Sequence[str]) -> bytes:
 
 
 def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which: str = "last",
-            device: str = "cpu", batch_size: int = 256) -> list[dict]:
+            device: str | torch.device = "cpu", batch_size: int = 256) -> list[dict]:
     """For each image file: the ``top_k`` classes, by name, with their softmax probabilities. The images are
     read and classified ``batch_size`` at a time, so a long list (a shell glob over a photo folder) takes the
     memory of one batch, not of all its images at once."""
     if top_k < 1 or batch_size < 1:
         raise IlnasError(f"top-k and the batch size must be positive, got {top_k} and {batch_size}")
-    model = load_model(run, which, device)
-    card: ModelCard = model.card
+    card = require_trained_model(run, which)
     missing = [Path(p) for p in images if not reachable(p, "image").is_file()]
     if missing:
         folder = "; it is a folder: `ilnas evaluate RUN --data FOLDER` takes a folder of labelled images, " \
                  "predict takes image files (FOLDER/*.jpg)" if missing[0].is_dir() else ""
         raise IlnasError(f"no image file {missing[0]}{folder}")
+    model = _model(run, which, device)
     found = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
