@@ -903,24 +903,31 @@ def test_a_run_record_of_the_wrong_shape_is_refused_in_one_line_by_the_commands_
     else:
         assert_refused([command, str(run)], message, [run])
 
+@pytest.mark.parametrize("damage", ["garbled", "a directory"])
 @pytest.mark.parametrize("kind", ["search", "train"])
 def test_a_finished_run_whose_final_record_is_unreadable_is_no_finished_run_and_is_finished_again_by_a_resume(
-        finished_run, finished_training, tmp_path, kind):
+        finished_run, finished_training, tmp_path, kind, damage):
     """status does not list it as finished (compare could not read it); --resume and --auto-resume refuse it in one
-    line that says how to write the record again; done so, the run is finished with the record it had."""
+    line that says how to write the record again (a directory in its place was found only once the resumed run had
+    run to its end again, exit 3); done so, the run is finished with the record it had."""
     source, name, argv = ((finished_run, "summary.json", SEARCH3) if kind == "search"
                           else (finished_training, "result.json", TRAIN_ARGS))
     run = tmp_path / "run"
     shutil.copytree(source, run)
-    (run / name).write_bytes(b"\xff{")
-    cause = f"{run / name} cannot be read as JSON ("
+    if damage == "garbled":
+        (run / name).write_bytes(b"\xff{")
+        cause = f"{run / name} cannot be read as JSON ("
+    else:
+        (run / name).unlink()
+        (run / name).mkdir()
+        cause = f"{run / name} is not a file, where a finished run records its end"
     remedy = "; remove it, and --resume finishes the run again from its last checkpoint"
     code, out, err = call("status", str(run), "--json")
     state = json.loads(out)[0]["state"]
     assert code == 0 and state.startswith(f"unreadable: {cause}") and state.endswith(remedy), err
     for again in ([kind, "--resume", "--out", str(run)], [*argv, "--out", str(run), "--auto-resume"]):
         assert assert_refused(again, cause, [run]).endswith(f"{remedy}\n")
-    (run / name).unlink()
+    (run / name).unlink() if damage == "garbled" else (run / name).rmdir()
     code, _, err = call(kind, "--resume", "--out", str(run), "--quiet", "--no-report")
     assert code == 0, err
     assert json.loads(call("status", str(run), "--json")[1])[0]["state"] == "finished"

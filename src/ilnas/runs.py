@@ -64,12 +64,16 @@ def require_readable_end(path: Path) -> None:
     in one line that says how to write it again: ``status``, ``--resume`` and a sweep would otherwise take for
     finished a run that ``compare`` refuses."""
     for name in FINISHED:
-        if (Path(path) / name).is_file():
+        record = Path(path) / name
+        if record.is_file():
             try:
                 read_json(path, name)
             except IlnasError as e:
                 raise IlnasError(f"{e}; remove it, and --resume finishes the run again from its last checkpoint") \
                     from None
+        elif os.path.lexists(record):  # a directory (or a dangling link): found only once the run had ended again
+            raise IlnasError(f"{record} is not a file, where a finished run records its end; remove it, and --resume "
+                             f"finishes the run again from its last checkpoint")
 
 
 def read_config(path: Path) -> dict:
@@ -178,8 +182,8 @@ def check(path: Path, resume: bool, force: bool, kind: str, probe_lock: bool = T
         if found != kind:
             raise IlnasError(f"{path} holds a {KIND_NAMES[found]} run; resume it with `{KIND_COMMANDS[found]} "
                              f"--resume`")
+        require_readable_end(path)
         if is_finished(path):
-            require_readable_end(path)
             raise IlnasError(f"{path} holds a finished run; nothing to resume")
     elif path.is_dir() and _entries(path) and not _start_cut_short(path):
         if not is_ilnas_run(path):
@@ -209,10 +213,8 @@ def auto_resume(path: Path, kind: str, config: dict) -> str:
         raise IlnasError(f"{path} holds a run of another configuration (first difference at "
                          f"{_first_difference(stored, config)}); --auto-resume continues only the run its command "
                          f"line describes: choose another --out, or replace the run with --force")
-    if is_finished(path):
-        require_readable_end(path)
-        return "finished"
-    return "resume"
+    require_readable_end(path)
+    return "finished" if is_finished(path) else "resume"
 
 
 def resume_config(path: Path, kind: str) -> Any:
