@@ -566,6 +566,7 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "model.pt2").write_bytes(b"someone's own")
     (tmp_path / "mine" / "confusion.png").write_bytes(b"someone's own")
+    (tmp_path / "fruit" / "apple").mkdir(parents=True)
     before = snapshot(tmp_path)
     trained = str(finished_training)
     refused = {("evaluate", "gone", "--data", "digits"): "no run directory gone",
@@ -588,7 +589,9 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
                    "mine/model.pt2 exists and is no earlier ilnas export",
                ("evaluate", trained, "--data", "digits", "--out", "mine"): "holds confusion.png and no earlier",
                ("evaluate", trained, "--data", "digits", "--data-dir", "nowhere"): "--data-dir 'nowhere' is no "
-                                                                                   "directory"}
+                                                                                   "directory",
+               ("evaluate", trained, "--data", "mine"): "mine holds no class folders",
+               ("evaluate", trained, "--data", "fruit"): "fruit has classes the model does not know (apple)"}
     code = ("import sys\nfrom ilnas import cli\n"
             f"for argv in {list(refused)}:\n"
             "    assert cli.main(list(argv)) == 2, argv\n"
@@ -598,7 +601,7 @@ def test_commands_of_a_trained_model_refuse_a_run_that_holds_none_without_torch(
     errors = r.stderr.splitlines()
     assert len(errors) == len(refused) and all(m in e for m, e in zip(refused.values(), errors)), errors
     assert snapshot(tmp_path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "mine", "unfinished"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged", "fruit", "mine", "unfinished"]
 
 
 def test_the_names_configuration_checks_are_those_the_engine_and_methods_run():

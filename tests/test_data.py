@@ -172,7 +172,7 @@ def test_a_bad_image_folder_is_refused_in_one_line(tmp_path, damage, message):
 def _listings(root):
     """The in-memory pipeline's listing of train/, and the streamed pipeline's samples (paths, labels)."""
     from ilnas.data.folders import StreamedImageFolder
-    from ilnas.data.tasks import folder_classes, folder_images
+    from ilnas.data.listing import folder_classes, folder_images
 
     memory = [(str(p), label) for p, label in folder_images(root / "train", folder_classes(root, "x"))]
     streamed = StreamedImageFolder(root / "train", None, loader=str)
@@ -211,7 +211,7 @@ def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
     assert _listings(root) == before and len(before[0]) == 12
     task = create_task(f"imagefolder:{root}", DataConfig(image_size=16))
     assert task.classes == ("cat", "dog", "eel") and (len(task.train) + len(task.val), len(task.test)) == (12, 6)
-    from ilnas.data.tasks import class_folders
+    from ilnas.data.listing import class_folders
 
     assert class_folders(root / "val") == ["cat", "dog", "eel"]
 

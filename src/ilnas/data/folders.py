@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torchvision import datasets
 
-from ilnas.data.tasks import class_folders, folder_images
+from ilnas.data.listing import class_folders, folder_images
 
 
 class PackedSamples:
@@ -36,7 +36,7 @@ class PackedSamples:
 
 
 class StreamedImageFolder(datasets.ImageFolder):
-    """ImageFolder listing ``root`` by ``ilnas.data.tasks.folder_images`` (the in-memory pipeline's order and
+    """ImageFolder listing ``root`` by ``ilnas.data.listing.folder_images`` (the in-memory pipeline's order and
     suffixes; links to folders followed, each folder once); a class folder without images is refused, as
     ImageFolder refuses it."""
 

@@ -20,8 +20,8 @@ import torch
 from ilnas.data import augment, device_decode
 from ilnas.data.loader import Batch, BatchMaker, ShardedEpochs
 from ilnas.config import DataConfig
-from ilnas.data.tasks import (Split, create_task, eight_bit, files_digest, image_errors, loose_images_hint,
-                              task_info)
+from ilnas.data.listing import loose_images_hint
+from ilnas.data.tasks import Split, create_task, eight_bit, files_digest, image_errors, task_info
 from ilnas.errors import IlnasError, RunFailed
 from ilnas.fileio import reachable
 from ilnas.seeds import derive_seed

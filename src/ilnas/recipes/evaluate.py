@@ -43,7 +43,7 @@ def _class_map(names: Sequence[str], card: ModelCard, where: str) -> list[int]:
 
 
 def _folder_set(folder: Path, card: ModelCard, batch_size: int) -> EvalSet:
-    from ilnas.data.tasks import class_folders, folder_images
+    from ilnas.data.listing import class_folders, folder_images
 
     classes = class_folders(folder)
     if not classes:
