@@ -523,6 +523,8 @@ def test_a_slurm_job_still_running_a_cell_as_other_settings_made_it_is_refused(t
     ({"executor": "submitit", "submitit": {"max_num_timeout": -1}}, "max_num_timeout must be a non-negative integer"),
     ({"train": {"tasks": ["nope"], "set": TRAIN_SET}}, "training on nope: unknown task"),
     ({"train": {"tasks": "digits", "set": TRAIN_SET}}, "train needs tasks: [task, ...]"),  # not one per letter
+    ({"train": {"tasks": ["digits", "cifar10\n"], "set": TRAIN_SET}}, "train.tasks holds 'cifar10\\n', which is no "
+                                                                      "task's name"),
     ({"out": 5}, "out must be a directory's path, got 5"),
     ({"out": []}, "out must be a directory's path, got []"),  # not the default in its place
     ({"out": ""}, "out must be a directory's path, got ''"),

@@ -248,6 +248,9 @@ def _cell(root: Path, labels: dict[str, str], preset: str, overrides: list[str],
         tasks = train.get("tasks") if isinstance(train, dict) else None
         if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
             raise IlnasError("sweep spec: train needs tasks: [task, ...] (and optionally preset, set, recipes, seeds)")
+        odd = next((t for t in tasks if not t.strip() or not t.isprintable()), None)
+        if odd is not None:  # a line break or tab would split the messages and directory names that carry it
+            raise IlnasError(f"sweep spec: train.tasks holds {odd!r}, which is no task's name")
         unknown = set(train) - set(TRAIN_KEYS)
         if unknown:
             raise IlnasError(f"sweep spec: unknown key train.{sorted(unknown)[0]}; valid: {', '.join(TRAIN_KEYS)}")
