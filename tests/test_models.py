@@ -259,10 +259,13 @@ def test_create_model_builds_any_genotype_by_name_or_run(folder_runs):
     ({"num_classes": True}, "num_classes must be a positive integer, got True"),
     ({"num_classes": 10.0}, "num_classes must be a positive integer, got 10.0"),
     ({"channels": 2.5}, "channels must be an integer, got 2.5"),
-    ({"resolution": 0}, "resolution must be a positive integer of at most 1024, got 0")])
+    ({"resolution": 0}, "resolution must be a positive integer of at most 1024, got 0"),
+    # a classifier of 2.6e14 bytes, more than any address space: torch's allocator error, said as ilnas says it
+    ({"num_classes": 10 ** 12, "layers": 3, "channels": 4}, "the network cannot be built: out of memory (")])
 def test_create_model_checks_its_arguments_as_ilnas_train_checks_its_network(kwargs, message):
     """Through torch.hub too: two cells made a network of reduction cells only (the genotype's normal cell in
-    none of them), which `ilnas train` refuses; a float or a bool came back as a TypeError from inside torch."""
+    none of them), which `ilnas train` refuses; a float or a bool came back as a TypeError from inside torch, and a
+    network too large for the machine as the allocator's RuntimeError."""
     with pytest.raises(IlnasError, match=f"^{re.escape(message)}"):
         torch.hub.load(str(REPO), "darts_v2", source="local", verbose=False, **{"num_classes": 10, **kwargs})
     small = create_model("DARTS_V2", np.int64(10), resolution=np.int32(16))  # numpy's integers are integers

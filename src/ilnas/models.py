@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ilnas.card import CARD_FILE, ModelCard, read_card, weights_file
-from ilnas.errors import IlnasError, positive_integer
+from ilnas.errors import IlnasError, allocation_failure, positive_integer
 
 STYLE_DEFAULTS = {"cifar": (20, 36, 32), "imagenet": (14, 48, 224)}  # layers, channels, input side
 
@@ -99,5 +99,11 @@ def create_model(name_or_run: str, num_classes: int = 10, *, style: str = "cifar
     num_classes = positive_integer("num_classes", num_classes)
     in_channels = positive_integer("in_channels", in_channels)
     resolution = positive_integer("resolution", side if resolution is None else resolution, MAX_IMAGE_SIDE)
-    return build_network(load_genotype(str(name_or_run)), num_classes, in_channels, resolution,
-                         **network.build_args())
+    genotype = load_genotype(str(name_or_run))
+    try:
+        return build_network(genotype, num_classes, in_channels, resolution, **network.build_args())
+    except RuntimeError as e:  # the CPU allocator's error: num_classes=10**9, say, asks for a 256 GB classifier
+        if (failure := allocation_failure(e)) is None:
+            raise
+        raise IlnasError(f"the network cannot be built: {failure}; lower num_classes, in_channels, layers or "
+                         f"channels") from None
