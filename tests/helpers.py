@@ -261,17 +261,19 @@ class SmoothSupernet(Supernet):
 
 def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_ops: bool = False,
                  momentum_buffers: bool = True, partial_channels: int = 1, edge_normalization: bool = False,
-                 batched: bool = True, primitives: tuple[str, ...] = PRIMITIVES) -> Problem:
+                 batched: bool = True, primitives: tuple[str, ...] = PRIMITIVES, nodes: int = 2) -> Problem:
     """A 3-cell, C=2 supernet (C=4 with partial channels) on 8x8 one-channel images, float64, random data, on
     ``primitives`` (all eight by default; ``smooth_ops`` leaves max pooling out).
-    ``batched``: the learners can evaluate several weight sets in one pass (the engine's batched path)."""
+    ``batched``: the learners can evaluate several weight sets in one pass (the engine's batched path).
+    ``nodes``: intermediate nodes a cell (2: five edges). The engine never sees the cell's shape, and the
+    hypergradient through DARTS's 14-edge cell costs three to four times as long on a CPU, per operation called."""
     dtype = torch.float64
     primitives = [p for p in primitives if p != "max_pool_3x3"] if smooth_ops else primitives
-    ops = full_edge_ops(primitives)
+    ops = full_edge_ops(primitives, nodes)
 
     def build_encoder() -> Supernet:
         return (SmoothSupernet if smooth_ops else Supernet)(1, 2 * partial_channels, 3, ops, ops,
-                                                             partial_channels).to(dtype)
+                                                             partial_channels, nodes=nodes).to(dtype)
 
     gen = torch.Generator().manual_seed(seed)
     encoder = build_encoder()
@@ -285,7 +287,7 @@ def make_problem(K: int = 2, M: int = 2, classes=(3, 4), seed: int = 0, smooth_o
         bufs = ([0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in w],
                 [0.1 * torch.randn(x.shape, generator=gen, dtype=dtype) for x in h]) if momentum_buffers else (None, None)
         stages.append(Stage(k, w, h, *bufs))
-    arch = [(a * 300).requires_grad_() for a in init_arch(len(primitives), edge_normalization, gen, dtype)]
+    arch = [(a * 300).requires_grad_() for a in init_arch(len(primitives), edge_normalization, gen, dtype, nodes)]
     adam = torch.optim.Adam(arch, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
 
     def batch(c: int):
