@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import brute_force, engine_hypergradient, make_problem, rel_error
+from helpers import FOUR_OPS, brute_force, engine_hypergradient, make_problem, rel_error
 from ilnas.config import resolve
 from ilnas.recipes.search import run_search
 from ilnas.recipes.train import run_train
@@ -182,7 +182,8 @@ def test_skip_dropout_is_an_argument_of_the_forward_pass():
 
 
 TINY = ["space.channels=8", "search.batch_size=8", "search.steps_per_epoch=2", "search.eval_batches=1",
-        "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[3, 3, 4]", "space.layers=3"]
+        "search.epochs=2", "search.warmup_epochs=1", "pdarts.layers=[3, 3, 4]", "space.layers=3", FOUR_OPS,
+        "pdarts.ops_per_edge=[4, 3, 2]"]
 FRAMEWORKS = {"single": ["data.tasks=[digits]"], "mtl": ["data.tasks=[mnist5k, digits]"],
               "il": ["data.tasks=[mnist5k, digits]"]}
 PRESETS = {("single", "darts"): "darts2nd-cifar10", ("single", "pdarts"): "pdarts-cifar10",
@@ -205,8 +206,8 @@ def test_every_combination_searches_and_its_genotype_trains(tmp_path, framework,
     history = np.load(tmp_path / "search" / "arch_history.npz")
     assert ("p0/betas_normal" in history) == (method == "pcdarts")
     if method == "pdarts":
-        assert history["p1/alphas_normal"].shape == (2, 14, 5) and history["p2/alphas_normal"].shape == (2, 14, 3)
-        assert history["p1/normal_ops"].shape == (14, 5) and history["p2/reduce_ops"].shape == (14, 3)
+        assert history["p1/alphas_normal"].shape == (2, 14, 3) and history["p2/alphas_normal"].shape == (2, 14, 2)
+        assert history["p1/normal_ops"].shape == (14, 3) and history["p2/reduce_ops"].shape == (14, 2)
     if report:
         plots = {p.name for p in (tmp_path / "search" / "plots").iterdir()}
         assert {f"cell_phase{p}_{c}.svg" for p in (1, 2, 3) for c in ("normal", "reduce")} <= plots
