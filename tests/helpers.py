@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from ilnas.optim import SGD
@@ -53,6 +55,24 @@ def folder_training(images: Path, out: Path, batch: int, epochs: int = 1, pipeli
             f"data.tasks=[imagefolder:{images}]", "--set", "network.style=cifar", "--set", side[0], "--set", side[1],
             "--set", f"train.batch_size={batch}", *TINY_TRAIN[1:5], "--set", f"train.epochs={epochs}", "--set",
             "optimizer.warmup_epochs=0", "--no-report", "--quiet", "--out", str(out)]
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``name``, a folder that ``build`` fills, built by the first of the session's xdist workers to ask and read by
+    the others (a module fixture is otherwise built once per worker). Only for what its tests leave as it is."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # one process: its own folder
+        out = tmp_path_factory.mktemp(name)
+        build(out)
+        return out
+    root = tmp_path_factory.getbasetemp().parent  # one per session, shared by its workers
+    out, done = root / name, root / f"{name}.built"
+    with FileLock(root / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a worker that failed to build it left
+            out.mkdir()
+            build(out)
+            done.touch()
+    return out
 
 
 def ranks_stderr(stderr: str) -> str:

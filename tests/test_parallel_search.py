@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, ilnas, ilnas_here, metric_records,
+from helpers import (RENDEZVOUS, SHORT_SEARCH, assert_same_search, built_once, ilnas, ilnas_here, metric_records,
                      ranks_stderr, rel_error)
 from ilnas.runs import read_checkpoint
 from ilnas.search.engine import Learner, search_step
@@ -40,9 +40,11 @@ def sliced(learner: Learner) -> Learner:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    r = torchrun(str(TESTS / "parallel_worker.py"), str(out))
-    assert r.returncode == 0, ranks_stderr(r.stderr)
+    def build(out: Path) -> None:
+        r = torchrun(str(TESTS / "parallel_worker.py"), str(out))
+        assert r.returncode == 0, ranks_stderr(r.stderr)
+
+    out = built_once(tmp_path_factory, "ranks", build)
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1)]
 
 
@@ -85,15 +87,16 @@ MICRO = ["search", "--quiet", "--preset", "darts2nd-cifar10", "--set", "data.tas
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> Path:
     """An uninterrupted two-rank search."""
-    out = tmp_path_factory.mktemp("runs") / "two"
-    r = torchrun("-m", "ilnas", *MICRO, "--out", str(out))
-    assert r.returncode == 0, ranks_stderr(r.stderr)
-    assert r.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
-    return out
+    def build(runs: Path) -> None:
+        r = torchrun("-m", "ilnas", *MICRO, "--out", str(runs / "two"))
+        assert r.returncode == 0, ranks_stderr(r.stderr)
+        assert r.stdout.count("genotype = Genotype(") == 1  # rank 0 speaks
+
+    return built_once(tmp_path_factory, "two-ranks", build) / "two"
 
 
 def test_two_rank_cli_search_runs_the_same_global_batches(two_ranks, tmp_path):
-    one = ilnas(*MICRO, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    one = ilnas_here(*MICRO, "--out", str(tmp_path / "one"))  # one thread, as each rank
     assert one.returncode == 0, one.stderr
     summary = json.loads((two_ranks / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
