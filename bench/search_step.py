@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ilnas import SGD, EngineConfig, SpaceConfig, SupernetSearch
-from ilnas.space import depthwise
+from ilnas.space import depthwise, grouped
 from ilnas.threads import set_threads
 
 DEFAULT_ROUTE_DEVICES = depthwise.ROUTE_DEVICES
@@ -44,7 +44,10 @@ VARIANTS = {"NCHW eager": {"channels_last": False, "batched_sets": 1},
             # the dilated convolutions through torch's own convolution everywhere, or through their routes
             # (ilnas.space.depthwise, the CPU default) on every device
             "NHWC torch-dilated": {"channels_last": True, "route_devices": ()},
-            "NHWC routed-dilated": {"channels_last": True, "route_devices": ("cpu", "cuda")}}
+            "NHWC routed-dilated": {"channels_last": True, "route_devices": ("cpu", "cuda")},
+            # every edge of a cell called alone (ilnas.space.grouped: the edges that read one state together)
+            "NHWC edge-by-edge": {"channels_last": True, "group_edges": False},
+            "NCHW edge-by-edge": {"channels_last": False, "group_edges": False}}
 
 
 def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float, float | None]:
@@ -52,6 +55,7 @@ def step_time(name: str, args: argparse.Namespace, variant: dict) -> tuple[float
     variant = dict(variant)
     engine = dataclasses.replace(engine, batched_sets=variant.pop("batched_sets", engine.batched_sets))
     depthwise.ROUTE_DEVICES = variant.pop("route_devices", DEFAULT_ROUTE_DEVICES)
+    grouped.GROUP_EDGES = variant.pop("group_edges", True)
     dev = torch.device(args.device)
     in_ch, c, layers, side, batch = (3, 16, 8, 32, 64) if args.paper else (1, 8, 5, 16, 16)
     gen = torch.Generator().manual_seed(0)

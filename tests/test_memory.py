@@ -210,7 +210,7 @@ def test_what_a_supernet_pass_keeps_grows_linearly_with_its_batch():
 
 
 def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp_path, monkeypatch):
-    """The demo's tiny supernet passes the weights' check; 600 images a pass keep 3.7 GB for the backward, and
+    """The demo's tiny supernet passes the weights' check; 600 images a pass keep 3.4 GB for the backward, and
     the widest pass of its steps (IL, K=2, M=2: a task's two stages' finite differences) takes four weight
     sets side by side."""
     monkeypatch.setattr(memory, "memory_total", lambda device: 10 ** 9)
@@ -218,7 +218,7 @@ def test_a_batch_whose_activations_cannot_fit_is_refused_before_a_run_exists(tmp
     code, _, err = call("search", "--set", "search.batch_size=600", "--no-report", "--quiet", "--out", str(out))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(r"at once\) and what one pass of 600 images through 4 weight sets side by side keeps for its "
-                     r"backward \(14\.\d\d GB\) take 14\.\d GB, "
+                     r"backward \(13\.4\d GB\) take 13\.4 GB, "
                      r"more than the 1\.0 GB of this machine's memory; lower space.channels, space.layers, "
                      r"search.batch_size or engine.batched_sets \(1: a pass a weight set, slower\)$", err.strip()), err
     assert not out.exists()
@@ -279,7 +279,7 @@ def test_a_search_on_large_images_is_refused_for_its_batch_without_the_check_run
                         "search.batch_size=600", "--check"], capture_output=True, text=True, timeout=300,
                        preexec_fn=under_address_space_limit(5))
     assert r.returncode == 2 and re.search(r"what one pass of 600 images through 4 weight sets side by side keeps "
-                                           r"for its backward \(375\d\.\d\d GB\)", r.stderr), r.stderr
+                                           r"for its backward \(343\d\.\d\d GB\)", r.stderr), r.stderr
 
 
 def test_describe_gives_the_size_of_a_network_that_would_not_fit_in_memory():

@@ -672,3 +672,87 @@ def test_the_checks_of_ones_own_code_run_at_the_runs_width(monkeypatch, network_
     check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="wide", layers=2, channels=16)
     with pytest.raises(IlnasError, match=r"^network style 'wide' cannot be built \(AssertionError: needs 16"):
         check_input_size(zoo()["DARTS_V2"], 10, 1, 16, style="wide", layers=2, channels=12)
+
+
+def _edge_by_edge_and_grouped(**settings) -> tuple[Supernet, Supernet]:
+    """Two float64 supernets of the same weights, one calling every edge alone, one grouping them."""
+    alone = Supernet(**settings, group_edges=False).double()
+    together = Supernet(**settings, group_edges=True).double()
+    together.load_state_dict(alone.state_dict())
+    return alone, together
+
+
+GROUPINGS = {  # name: supernet settings, and the weight sets of a batched pass
+    "darts": (dict(channels_last=False), 1),
+    "darts-nhwc": (dict(channels_last=True), 1),
+    "pc-darts": (dict(partial_channels=2), 1),  # with edge normalisation's betas below
+    "p-darts": (dict(normal_ops=[list(PRIMITIVES[i:i + 5]) for i in (0, 1, 2, 3, 1, 2, 3, 0, 2, 3, 1, 0, 3, 2)],
+                     reduce_ops=[["none", "max_pool_3x3", "skip_connect", "sep_conv_7x7", "conv_7x1_1x7"]] * 14), 1),
+    "two-sets-nhwc": (dict(channels_last=True), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPINGS))
+def test_grouped_edges_compute_what_every_edge_computes_alone(name):
+    """A cell's edges that read one state, evaluated together (ilnas/space/grouped.py), against every edge called
+    alone, in float64: the features, the gradients of the architecture, the edge weights and every weight, and a
+    second derivative (what hvp=exact takes), to 1e-11; DARTS in NCHW and NHWC, PC-DARTS (partial channels, edge
+    normalisation), P-DARTS's different operations per edge (the reduction cells' extra operations among them), and
+    two weight sets side by side."""
+    settings, sets = GROUPINGS[name]
+    alone, together = _edge_by_edge_and_grouped(in_channels=3, channels=4, layers=3, **settings)
+    gen = torch.Generator().manual_seed(0)
+    arch = [a.double().requires_grad_() for a in init_arch(alone.num_ops, name == "pc-darts", gen)]
+    x = torch.randn(3, 3 * sets, 8, 8, generator=gen, dtype=torch.float64)
+    names = [k for k, _ in alone.named_parameters()]
+    weights = [p.detach().repeat(sets, *[1] * (p.dim() - 1)).requires_grad_() for p in alone.parameters()]
+    v = [torch.randn(a.shape, generator=gen, dtype=torch.float64) for a in arch]
+
+    def derivatives(net: Supernet) -> list[torch.Tensor]:
+        net = net.batched(sets) if sets > 1 else net
+        y = torch.func.functional_call(net, dict(zip(names, weights)), (x, *arch_weights(arch)))
+        loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=torch.float64)).square().sum()
+        first = torch.autograd.grad(loss, [*arch, *weights], create_graph=True)
+        second = torch.autograd.grad(sum((g * u).sum() for g, u in zip(first, v)), weights[:4])
+        return [y.detach(), *(g.detach() for g in first), *second]
+
+    expected, got = derivatives(alone), derivatives(together)
+    assert expected[0].abs().sum() > 0 and all(e.abs().sum() > 0 for e in expected[1:3])  # a real signal
+    for e, g in zip(expected, got):
+        assert float((e - g).abs().max()) <= 1e-11 * max(1.0, float(e.abs().max()))
+
+
+class _Convolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "convolution"
+        return func(*args, **(kwargs or {}))
+
+
+def test_grouped_edges_call_each_convolution_once_per_state_and_an_operation_changed_later_alone():
+    """A 3-cell DARTS supernet (a normal cell, a reduction cell, a reduction cell after a reduction) calls 544
+    convolutions edge by edge: the stem's, each cell's preprocessing (2, 2, 3), 12 in the convolutional operations
+    of each of 14 edges and 2 in the factorized reduction (skip_connect at stride 2) of each reduction cell's 8 input
+    edges. Grouped, the 12 run once for each of a cell's 5 states that edges read, the 2 once for each input of a
+    reduction cell: 196. An operation whose modules were changed after the supernet was built (ReLU swapped for
+    SiLU) is called edge by edge, with its new modules: the grouped supernet still computes the changed one."""
+    alone, together = _edge_by_edge_and_grouped(in_channels=3, channels=4, layers=3)
+    a = arch_weights(init_arch(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    counts = []
+    for net in (alone, together):
+        with torch.no_grad(), _Convolutions() as convolutions:
+            net(x, *a)
+        counts.append(convolutions.count)
+    assert counts == [1 + 2 + 2 + 3 + 3 * 14 * 12 + 2 * 8 * 2, 1 + 2 + 2 + 3 + 3 * 5 * 12 + 2 * 2 * 2] == [544, 196]
+    changed = [Supernet(3, 4, 3, group_edges=g).double() for g in (False, True)]
+    for net in changed:
+        net.load_state_dict(alone.state_dict())
+        for edge in net.cells[0].edges:
+            edge.ops[PRIMITIVES.index("sep_conv_3x3")][1][0] = torch.nn.SiLU()  # its second ReLU
+    with torch.no_grad():
+        assert not torch.allclose(changed[0](x, *a), alone(x, *a))
+        assert float((changed[1](x, *a) - changed[0](x, *a)).abs().max()) < 1e-12

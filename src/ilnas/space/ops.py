@@ -179,6 +179,8 @@ class SepConv(nn.Sequential):
 
 
 class Zero(nn.Module):
+    input_only = True  # its output is a function of its input alone: a cell's edges that read one state share it
+
     def __init__(self, stride: int):
         super().__init__()
         self.stride = stride
@@ -227,8 +229,17 @@ class FactorizedReduce(nn.Module):
         return self.bn(cat_channels([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], self.sets))
 
 
+class PoolBN(nn.Sequential):
+    """A search cell's pool: the pool, then a BatchNorm without parameters or running statistics."""
+
+    input_only = True  # its output is a function of its input alone: a cell's edges that read one state share it
+
+    def __init__(self, pool: nn.Module, channels: int):
+        super().__init__(pool, batch_norm(channels, affine=False))
+
+
 def _pool(pool: nn.Module, channels: int, affine: bool) -> nn.Module:
-    return pool if affine else nn.Sequential(pool, batch_norm(channels, affine=False))
+    return pool if affine else PoolBN(pool, channels)
 
 
 @_register("none")

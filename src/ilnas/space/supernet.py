@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilnas.errors import IlnasError, positive_integer
+from ilnas.space import grouped
+from ilnas.space.grouped import EdgeGroup
 from ilnas.space.layout import NODES, EdgeOps, checked_edge_ops, num_edges
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, Zero, create_op
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
@@ -52,6 +54,7 @@ class MixedOp(nn.Module):
         self.k, self.stride, self.channels, self.sets = partial_channels, stride, channels, sets
         self.ops = nn.ModuleList(create_op(p, channels // partial_channels, stride, affine=False, sets=sets)
                                  for p in primitives)
+        self.names = list(primitives)
         self.identity = [isinstance(op, nn.Identity) for op in self.ops]
         self.relu = nn.ReLU(inplace=False)
         self.from_relu = [getattr(op, "starts_with_relu", False) for op in self.ops]
@@ -66,22 +69,30 @@ class MixedOp(nn.Module):
                 x_relu: torch.Tensor | None = None) -> torch.Tensor:
         """weights: (O,); ``x_relu``: relu(x) where the caller already has it (it is shared by every op
         that begins with that ReLU)."""
+        active, active_relu = self.inputs(x, x_relu)
+        terms = [op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
+                 for i, op in ((i, self.ops[i]) for i in self.live)]
+        return self.mix(x, terms, weights, skip_dropout)
+
+    def inputs(self, x: torch.Tensor, x_relu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the ops read: x (its first C/K channels under PC-DARTS) and its ReLU, where an op needs it."""
         part = self.channels // self.k
         active = x if self.k == 1 else slice_channels(x, 0, part, self.sets)
         if x_relu is None and any(self.from_relu):
             x_relu = self.relu(x)
         active_relu = x_relu if self.k == 1 or x_relu is None else slice_channels(x_relu, 0, part, self.sets)
-        terms = []
-        for i in self.live:
-            op = self.ops[i]
-            y = op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
-            if self.identity[i] and skip_dropout > 0:
-                y = F.dropout(y, skip_dropout, training=self.training)
-            terms.append(y)
+        return active, active_relu
+
+    def mix(self, x: torch.Tensor, terms: Sequence[torch.Tensor], weights: torch.Tensor,
+            skip_dropout: float = 0.0) -> torch.Tensor:
+        """The edge's output from its live ops' outputs ``terms`` (in ``self.live`` order) on input ``x``."""
+        if skip_dropout > 0:
+            terms = [F.dropout(y, skip_dropout, training=self.training) if self.identity[i] else y
+                     for i, y in zip(self.live, terms)]
         out = weighted_sum(weights[self.live_index], terms)
         if self.k == 1:
             return out
-        bypass = slice_channels(x, part, self.channels, self.sets)
+        bypass = slice_channels(x, self.channels // self.k, self.channels, self.sets)
         if self.stride == 2:
             bypass = F.max_pool2d(bypass, 2, 2)
         return shuffle_channels(cat_channels([out, bypass], self.sets), self.k, self.sets)
@@ -141,8 +152,13 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class SearchCell(nn.Module):
+    """A DARTS cell of ``nodes`` nodes, node i the sum of its MixedOp edges from the cell's two inputs and the
+    nodes before it. ``group_edges``: the edges that read one state evaluated together (ilnas/space/grouped.py),
+    the same numbers from fewer operator calls; False calls every edge alone."""
+
     def __init__(self, c_prev_prev: int, c_prev: int, channels: int, reduction: bool, reduction_prev: bool,
-                 edge_ops: EdgeOps, partial_channels: int = 1, nodes: int = NODES, sets: int = 1):
+                 edge_ops: EdgeOps, partial_channels: int = 1, nodes: int = NODES, sets: int = 1,
+                 group_edges: bool = True):
         super().__init__()
         self.reduction = reduction
         self.nodes, self.sets = nodes, sets
@@ -153,25 +169,39 @@ class SearchCell(nn.Module):
         self.edges = nn.ModuleList(MixedOp(channels, s, ops, partial_channels, sets)
                                    for s, ops in zip(strides, edge_ops))
         self.relu = nn.ReLU(inplace=False)
+        self.starts = [i * (i + 3) // 2 for i in range(nodes)]  # node i's first edge: it reads states 0..i+1
+        # the edges that read state j: one of each node from node j-1 on (plain lists: no modules of their own)
+        self.readers = [[self.starts[i] + j for i in range(max(0, j - 1), nodes)] for j in range(nodes + 1)]
+        self.groups = [EdgeGroup([self.edges[e] for e in es]) for es in self.readers] if group_edges else None
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
                 edge_weights: torch.Tensor | None = None, skip_dropout: float = 0.0) -> torch.Tensor:
         # weights: (E, O) edges x ops, rows in edge order (node 0's inputs first); edge_weights: (E,)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        relus = [self.relu(h) for h in states]  # once per node, for every op on its out-edges that begins with it
         # rows by unbind: backward stacks their gradients in one operator (a select each would cost a
         # select_backward and an add per edge)
         rows = weights.unbind(0)
-        offset = 0
+        outputs: list[torch.Tensor] = [None] * len(self.edges)
         for i in range(self.nodes):
-            inputs = [self.edges[offset + j](h, rows[offset + j], skip_dropout, relus[j]) for j, h in enumerate(states)]
-            node = (sum(inputs[1:], inputs[0]) if edge_weights is None  # not 0 + ...: one operator less
-                    else weighted_sum(edge_weights[offset:offset + len(states)], inputs))
-            offset += len(states)
-            states.append(node)
-            if i < self.nodes - 1:
-                relus.append(self.relu(node))
+            for j in ((0, 1) if i == 0 else (i + 1,)):  # the states node i is the first to read
+                self._read(j, states[j], rows, skip_dropout, outputs)
+            inputs = outputs[self.starts[i]:self.starts[i] + 2 + i]
+            states.append(sum(inputs[1:], inputs[0]) if edge_weights is None  # not 0 + ...: one operator less
+                          else weighted_sum(edge_weights[self.starts[i]:self.starts[i] + 2 + i], inputs))
         return cat_channels(states[2:], self.sets)
+
+    def _read(self, j: int, h: torch.Tensor, rows: Sequence[torch.Tensor], skip_dropout: float,
+              outputs: list[torch.Tensor]) -> None:
+        """The outputs of the edges that read state ``j`` (``h``) into ``outputs``; its ReLU computed once, for
+        every op on them that begins with it."""
+        edges = self.readers[j]
+        h_relu = self.relu(h) if any(f for e in edges for f in self.edges[e].from_relu) else None
+        if self.groups is not None:
+            ys = self.groups[j](h, h_relu, [rows[e] for e in edges], skip_dropout)
+        else:
+            ys = [self.edges[e](h, rows[e], skip_dropout, h_relu) for e in edges]
+        for e, y in zip(edges, ys):
+            outputs[e] = y
 
 
 class Supernet(nn.Module):
@@ -189,21 +219,25 @@ class Supernet(nn.Module):
         channels_last: run the cells on NHWC activations (faster convolutions on CPUs; the same function).
         sets: S weight sets evaluated side by side in one pass (``batched``; ilnas/space/sets.py): the input
             is (N, S * in_channels, H, W), the output (N, S, out_features).
+        group_edges: each cell's edges that read one state evaluated together (SearchCell); the same function.
+            None: ``ilnas.space.grouped.GROUP_EDGES`` (True).
     """
 
     def __init__(self, in_channels: int = 3, channels: int = 16, layers: int = 8,
                  normal_ops: EdgeOps | None = None, reduce_ops: EdgeOps | None = None,
                  partial_channels: int = 1, stem_multiplier: int = 3, nodes: int = NODES,
-                 channels_last: bool = False, sets: int = 1):
+                 channels_last: bool = False, sets: int = 1, group_edges: bool | None = None):
         super().__init__()
         in_channels, channels, layers, partial_channels, stem_multiplier, nodes, sets = (
             positive_integer(name, value) for name, value in (
                 ("in_channels", in_channels), ("channels", channels), ("layers", layers),
                 ("partial_channels", partial_channels), ("stem_multiplier", stem_multiplier), ("nodes", nodes),
                 ("sets", sets)))
+        group_edges = grouped.GROUP_EDGES if group_edges is None else group_edges
         self.settings = dict(in_channels=in_channels, channels=channels, layers=layers, normal_ops=normal_ops,
                              reduce_ops=reduce_ops, partial_channels=partial_channels,
-                             stem_multiplier=stem_multiplier, nodes=nodes, channels_last=channels_last)
+                             stem_multiplier=stem_multiplier, nodes=nodes, channels_last=channels_last,
+                             group_edges=group_edges)
         self.sets = sets
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.normal_ops = checked_edge_ops(normal_ops, nodes, "normal_ops")
@@ -220,7 +254,8 @@ class Supernet(nn.Module):
             reduction = i in reduction_layers(layers)
             c_curr = c_curr * 2 if reduction else c_curr
             cells.append(SearchCell(c_prev_prev, c_prev, c_curr, reduction, reduction_prev,
-                                    self.reduce_ops if reduction else self.normal_ops, partial_channels, nodes, sets))
+                                    self.reduce_ops if reduction else self.normal_ops, partial_channels, nodes, sets,
+                                    group_edges))
             reduction_prev = reduction
             c_prev_prev, c_prev = c_prev, nodes * c_curr
         self.cells = nn.ModuleList(cells)
