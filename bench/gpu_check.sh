@@ -46,8 +46,9 @@ run() {  # run NAME SECONDS COMMAND...: its log, exit code (124: cut at the limi
 
 if [ "$DEVICE" = cuda ]; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOGS/gpu.log" 2>&1; fi
 # Operator counts do not depend on the device: bench/search_step.py --ops gives them on any CPU.
-run search_step 120 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repeats 3 \
-    --variants "NCHW eager" NCHW NHWC "NHWC bf16"
+# edge-by-edge first: the ratios give what grouping a cell's edges (the default) and batching the stages gain there
+run search_step 120 "$PY" bench/search_step.py --device "$DEVICE" $PAPER --repeats 2 \
+    --variants "NCHW edge-by-edge" "NCHW eager" NCHW NHWC "NHWC bf16"
 run depthwise 15 "$PY" bench/depthwise.py --device "$DEVICE" --rounds 3
 run train_step 130 "$PY" bench/train_step.py --device "$DEVICE" $PAPER --repeats 5 --compile inductor:reduce-overhead
 run search 45 "$PY" -m ilnas search --quiet --no-report --set search.device="$DEVICE" --set search.epochs=1 \
