@@ -19,13 +19,16 @@ the recipe, and for the control each cell among the random cells (<sweep>-agains
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
 import re
 import statistics
 import sys
+import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import yaml
@@ -50,29 +53,50 @@ LABELS = ("labels", "")
 RECIPE = ("recipe", "")
 
 
+class StudyError(Exception):
+    """A sweep record that cannot be read: said in one line, exit code 2."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A record missing, damaged or lacking a field, as one line that names it rather than a traceback."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, zipfile.BadZipFile) as e:
+        raise StudyError(f"{path} cannot be read as ilnas writes it ({type(e).__name__}: {e})") from None
+
+
+def _json(path: Path):
+    with _reading(path):
+        return json.loads(path.read_text())
+
+
 def load(sweep: Path) -> dict[str, Arm]:
     arms: dict[str, Arm] = {}
-    record = json.loads((sweep / "sweep.json").read_text())
-    if not record.get("final", True):  # written as the sweep goes: the trainings finished so far
-        done = sum(all(v.startswith("finished") for v in c["runs"].values()) for c in record["cells"])
-        print(f"{sweep}: the sweep has not ended ({done} of {len(record['cells'])} cells finished); "
-              f"tables of the trainings finished so far", file=sys.stderr)
-    for cell in record["cells"]:
-        labels = {k.split(".")[-1]: str(v) for k, v in cell["labels"].items() if k != "search.seed"}
-        seed = int(cell["labels"].get("search.seed", 0))
+    with _reading(sweep / "sweep.json"):
+        record = _json(sweep / "sweep.json")
+        if not record.get("final", True):  # written as the sweep goes: the trainings finished so far
+            done = sum(all(v.startswith("finished") for v in c["runs"].values()) for c in record["cells"])
+            print(f"{sweep}: the sweep has not ended ({done} of {len(record['cells'])} cells finished); "
+                  f"tables of the trainings finished so far", file=sys.stderr)
+        cells = [(c["cell"], {k.split(".")[-1]: str(v) for k, v in c["labels"].items() if k != "search.seed"},
+                  int(c["labels"].get("search.seed", 0))) for c in record["cells"]]
+    for name, labels, seed in cells:
         own: list[Arm] = []  # this cell's arms, one per recipe
-        for train in sorted((sweep / cell["cell"]).glob("train-*/result.json")):
-            result = json.loads(train.read_text())
-            recipe, training_seed = _training(train.parent.name, result["task"])
+        for train in sorted((sweep / name).glob("train-*/result.json")):
+            with _reading(train):
+                result = _json(train)
+                task, error = result["task"], 100 * float(result["final_test_error"])
+            recipe, training_seed = _training(train.parent.name, task)
             arm = _arm(arms, {**labels, **({"recipe": recipe} if recipe else {})})
-            arm[(seed, training_seed, result["task"])] = 100 * result["final_test_error"]
+            arm[(seed, training_seed, task)] = error
             arm.setdefault(RECIPE, set()).add(_recipe_signature(train.parent / "config.yaml"))
             if "params" in result:
-                arm[("params", seed, training_seed, result["task"])] = result["params"]
+                arm[("params", seed, training_seed, task)] = result["params"]
             if all(a is not arm for a in own):
                 own.append(arm)
         for arm in own or [_arm(arms, labels)]:
-            _add_cell(arm, sweep / cell["cell"], seed)
+            _add_cell(arm, sweep / name, seed)
     return dict(sorted(arms.items(), key=lambda kv: _recipe_order(kv[1][LABELS].get("recipe", ""))))  # x1 first
 
 
@@ -105,15 +129,18 @@ def _add_cell(arm: Arm, cell: Path, seed: int) -> None:
     search = cell / "search"
     trained = sorted(cell.glob("train-*/config.yaml"))
     if not search.is_dir() and trained:
-        arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
+        with _reading(trained[0]):
+            arm[("cell", seed)] = parse_genotype(yaml.safe_load(trained[0].read_text())["genotype"]).to_dict()
         provenance = trained[0].parent / "provenance.json"
         if provenance.is_file():
-            arm[("source", seed)] = str(json.loads(provenance.read_text()).get("genotype_source"))
+            with _reading(provenance):
+                arm[("source", seed)] = str(_json(provenance).get("genotype_source"))
     if (search / "summary.json").is_file():
-        arm.setdefault(("hours", ""), []).append(json.loads((search / "summary.json").read_text())["search_hours"])
-        arm[("cell", seed)] = json.loads((search / "genotype.json").read_text())
+        with _reading(search / "summary.json"):
+            arm.setdefault(("hours", ""), []).append(float(_json(search / "summary.json")["search_hours"]))
+        arm[("cell", seed)] = _json(search / "genotype.json")
     if (search / "arch_history.npz").is_file():
-        with np.load(search / "arch_history.npz") as history:
+        with _reading(search / "arch_history.npz"), np.load(search / "arch_history.npz") as history:
             last = max(k for k in history.files if k.endswith("/alphas_normal"))  # the last P-DARTS phase
             arm[("alphas", seed)] = history[last][-1]
 
@@ -431,7 +458,10 @@ def main() -> None:
     p.add_argument("sweeps", nargs="+")
     p.add_argument("--figures", help="directory for one PNG per sweep")
     args = p.parse_args()
-    loaded = {Path(s).name: load(Path(s)) for s in args.sweeps}
+    try:
+        loaded = {Path(s).name: load(Path(s)) for s in args.sweeps}
+    except StudyError as e:
+        p.exit(2, f"analyze: error: {e}\n")
     main_il = next((arm for arms in loaded.values() for arm in arms.values() if arm[LABELS] == {"framework": "il"}),
                    None)
     for name, arms in loaded.items():

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -709,3 +710,41 @@ def test_the_figure_draws_one_dot_per_training_run_beside_each_rows_mean(runs, t
         2, "", f"ilnas: error: --figure {tmp_path / 'errors.jpg'}: the file must end in .png, .svg or .pdf\n")
     code, _, err = call("compare", str(runs), "--figure", str(tmp_path / "missing" / "errors.png"))
     assert code == 2 and err.startswith("ilnas: error: cannot write --figure ") and "No such file" in err
+
+
+@pytest.mark.parametrize("damage, file, reason", [
+    ("missing", "sweep.json", "FileNotFoundError"),
+    ("text", "sweep.json", "JSONDecodeError"),
+    ("no error", "il-0/train-digits/result.json", "KeyError: 'final_test_error'"),
+    ("cut", "il-0/search/arch_history.npz", "BadZipFile"),
+    ("no hours", "il-0/search/summary.json", "KeyError: 'search_hours'")])
+def test_the_study_analysis_refuses_a_damaged_sweep_record_in_one_line_naming_it(tmp_path, monkeypatch, capsys,
+                                                                                damage, file, reason):
+    """A sweep record missing, not JSON, lacking a field or an npz archive cut short: 'analyze: error: <file> cannot
+    be read ...' and exit code 2, not a traceback."""
+    analyze = _study_analysis()
+    run = tmp_path / "il-0"
+    (run / "train-digits").mkdir(parents=True)
+    (run / "search").mkdir()
+    result = {"task": "digits", "final_test_error": 0.1}
+    (run / "train-digits" / "result.json").write_text(json.dumps(result))
+    (run / "search" / "summary.json").write_text(json.dumps({"search_hours": 0.1}))
+    (run / "search" / "genotype.json").write_text(json.dumps(zoo()["DARTS_V2"].to_dict()))
+    (tmp_path / "sweep.json").write_text(json.dumps({"cells": [{"cell": "il-0", "labels": {"framework": "il"}}]}))
+    monkeypatch.setattr(sys, "argv", ["analyze.py", str(tmp_path)])
+    analyze.main()  # intact: it reads
+    capsys.readouterr()
+    target = tmp_path / file
+    if damage == "missing":
+        target.unlink()
+    elif damage == "text":
+        target.write_text("not what ilnas writes")
+    elif damage == "cut":  # the start of a zip archive, cut short
+        target.write_bytes(b"PK\x03\x04" + bytes(20))
+    else:
+        target.write_text(json.dumps({"task": "digits"} if damage == "no error" else {}))
+    with pytest.raises(SystemExit) as exit_:
+        analyze.main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"analyze: error: {target} cannot be read as ilnas writes it (")
+    assert reason in err and err.count("\n") == 1, err
