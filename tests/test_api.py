@@ -214,6 +214,16 @@ def test_amp_search_steps_in_bf16_and_keeps_float32_state():
      "^val\\['a'\\] must be an \\(images, targets\\) pair, got list$"),
     (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).step(
         {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0)}, lr=math.nan), "^lr must be a positive number, got nan$"),
+    # flags given as text or numbers: "false" is truthy, and was taken for True without a word
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE, amp="false"),
+     "^amp must be True or False, got 'false'$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE, channels_last=0),
+     "^channels_last must be True, False or None, got 0$"),
+    (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).step(
+        {"a": tensors(2, 2, 0)}, {"a": tensors(2, 2, 0)}, update_arch="no"),
+     "^update_arch must be True or False, got 'no'$"),
+    (lambda: Supernet(3, 4, 3, channels_last="yes"), "^channels_last must be True or False, got 'yes'$"),
+    (lambda: Supernet(3, 4, 3, group_edges=1), "^group_edges must be True, False or None, got 1$"),
     (lambda: SupernetSearch({"a": nn.Linear(64, 2)}, 3, space=SPACE).logits(
         "a", torch.zeros(2, 3, 8, 8, dtype=torch.uint8)),
      "^logits: the images must be a torch.float32 tensor \\(N, 3, H, W\\) on cpu, got torch.uint8"),

@@ -60,6 +60,14 @@ def allocation_failure(e: BaseException) -> str | None:
     return f"out of {'device memory' if device else 'memory'}{size}"
 
 
+def flag(name: str, value: Any, none: bool = False) -> bool | None:
+    """A True/False argument of the Python API (None too where ``none``): anything else, "false" or 0 say, would be
+    taken for its truth value without a word."""
+    if not (isinstance(value, bool) or (none and value is None)):
+        raise IlnasError(f"{name} must be True{', False or None' if none else ' or False'}, got {value!r}"[:160])
+    return value
+
+
 def positive_integer(name: str, value: Any, at_most: int | None = None) -> int:
     """An integer argument of the Python API (numpy's integers too) checked as the CLI's parser checks one."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= (at_most or value):

@@ -24,7 +24,7 @@ from ilnas.config.loading import checked_section
 from ilnas.config.schema import (SpaceConfig, require_normal_cell, validate_arch_optimizer, validate_sgd,
                                  validate_space)
 from ilnas.distributed import as_device
-from ilnas.errors import IlnasError, positive_integer
+from ilnas.errors import IlnasError, flag, positive_integer
 from ilnas.memory import parameter_count, require_search_memory
 from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig, validate_config
@@ -77,6 +77,7 @@ class SupernetSearch:
                 raise IlnasError(f"the head of task {name!r} must be a torch.nn.Module or a builder of one given the "
                                  f"feature width, got {type(spec).__name__}")
         rounds, in_channels = positive_integer("rounds", rounds), positive_integer("in_channels", in_channels)
+        amp, channels_last = flag("amp", amp), flag("channels_last", channels_last, none=True)
         engine, sgd = checked_section(engine, EngineConfig, "engine"), checked_section(sgd, SGD, "sgd")
         arch_optimizer = checked_section(arch_optimizer, Adam, "arch_optimizer")
         space = checked_section(space, SpaceConfig, "space")
@@ -154,6 +155,7 @@ class SupernetSearch:
         final round's losses on the ``val`` batches, Adam on the architecture, the stages' real SGD updates.
         ``lr``: this step's learning rate (default ``sgd.lr``). Returns the engine's metrics, losses named
         by stage (``r2/colours``) and task."""
+        update_arch = flag("update_arch", update_arch)
         if lr is None:
             lr = self.sgd.lr
         elif isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:

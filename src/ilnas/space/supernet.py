@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilnas.errors import IlnasError, positive_integer
+from ilnas.errors import IlnasError, flag, positive_integer
 from ilnas.space import grouped
 from ilnas.space.grouped import EdgeGroup
 from ilnas.space.layout import NODES, EdgeOps, checked_edge_ops, num_edges
@@ -233,6 +233,7 @@ class Supernet(nn.Module):
                 ("in_channels", in_channels), ("channels", channels), ("layers", layers),
                 ("partial_channels", partial_channels), ("stem_multiplier", stem_multiplier), ("nodes", nodes),
                 ("sets", sets)))
+        channels_last, group_edges = flag("channels_last", channels_last), flag("group_edges", group_edges, none=True)
         group_edges = grouped.GROUP_EDGES if group_edges is None else group_edges
         self.settings = dict(in_channels=in_channels, channels=channels, layers=layers, normal_ops=normal_ops,
                              reduce_ops=reduce_ops, partial_channels=partial_channels,
