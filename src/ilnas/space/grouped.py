@@ -42,25 +42,35 @@ class _Once:
     def __init__(self, op: nn.Module, from_relu: bool):
         self.op, self.from_relu = op, from_relu
 
-    def __call__(self, x: torch.Tensor, x_relu: torch.Tensor | None, copies: int, repeat: Repeat) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, x_relu: torch.Tensor | None, copies: int, repeat: Repeat,
+                 weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         return [self.op.forward_from_relu(x_relu) if self.from_relu else self.op(x)] * copies
 
 
 class _Stacked:
     """One operation with weights called once for the ``len(ops)`` edges that hold it: the module built for that
-    many times the sets, on the meta device (it owns no weights), given the edges' weights concatenated for the
-    call as ``torch.func.functional_call`` gives a module its weights."""
+    many times the sets, on the meta device (it owns no weights), given the edges' weights concatenated along dim 0
+    for the call, as ``torch.func.functional_call`` gives a module its weights."""
 
     def __init__(self, module: nn.Module, ops: Sequence[nn.Module], from_relu: bool):
         self.module, self.ops, self.from_relu = module, ops, from_relu
         self.slots = _slots(module)
         self.empty = [getattr(owner, attr) for owner, attr in self.slots]
+        self.shapes = [w.shape for w in self.empty]
         self.edge_slots = [_slots(op) for op in ops]
 
-    def __call__(self, x: torch.Tensor, x_relu: torch.Tensor | None, copies: int, repeat: Repeat) -> list[torch.Tensor]:
+    def edge_weights(self) -> list[torch.Tensor]:
+        """The edges' weights as the call takes them: each parameter's, edge after edge."""
+        return [getattr(o, a) for p in range(len(self.slots)) for o, a in (slots[p] for slots in self.edge_slots)]
+
+    def __call__(self, x: torch.Tensor, x_relu: torch.Tensor | None, copies: int, repeat: Repeat,
+                 weights: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``weights``: the module's, stacked (else concatenated here from ``edge_weights``)."""
         if self.module.training != self.ops[0].training:
             self.module.train(self.ops[0].training)
-        weights = [torch.cat(ws) for ws in zip(*([getattr(o, a) for o, a in slots] for slots in self.edge_slots))]
+        if weights is None:
+            ws, e = self.edge_weights(), len(self.ops)
+            weights = [torch.cat(ws[p * e:(p + 1) * e]) for p in range(len(self.slots))]
         for (owner, attr), w in zip(self.slots, weights):
             owner._parameters[attr] = w
         try:
@@ -70,6 +80,19 @@ class _Stacked:
             for (owner, attr), w in zip(self.slots, self.empty):
                 owner._parameters[attr] = w
         return list(y.split(y.shape[1] // copies, 1))
+
+
+def _stacked_weights(calls: Sequence[_Stacked]) -> dict[_Stacked, list[torch.Tensor]]:
+    """Every call's stacked weights from one concatenation of all their edges' weights, flattened: concatenating
+    along dim 0 lays a parameter's edges one after another in memory, so each stacked weight is a view of the
+    result (one operator for a state's operations where a concatenation a parameter took a dozen)."""
+    parts = [w for call in calls for w in call.edge_weights()]
+    if len({(w.dtype, w.device) for w in parts}) != 1:
+        return {}  # none, or of several kinds: each call concatenates its own
+    flat = torch.cat([w.reshape(-1) for w in parts])
+    shapes = [shape for call in calls for shape in call.shapes]
+    views = iter(v.view(shape) for v, shape in zip(flat.split([shape.numel() for shape in shapes]), shapes))
+    return {call: [next(views) for _ in call.shapes] for call in calls}
 
 
 def _kinds(module: nn.Module) -> list[type]:
@@ -123,9 +146,10 @@ class EdgeGroup:
                 repeated[from_relu, copies] = torch.cat([active_relu if from_relu else active] * copies, 1)
             return repeated[from_relu, copies]
 
+        weights = _stacked_weights([call for _, call in self.calls if isinstance(call, _Stacked)])
         terms: list[dict[int, torch.Tensor]] = [{} for _ in self.edges]
         for held, call in self.calls:
-            for (p, i), y in zip(held, call(active, active_relu, len(held), repeat)):
+            for (p, i), y in zip(held, call(active, active_relu, len(held), repeat, weights.get(call))):
                 terms[p][i] = y
         return [edge.mix(x, [t[i] for i in edge.live], w, skip_dropout)
                 for edge, t, w in zip(self.edges, terms, rows)]
