@@ -7,7 +7,7 @@ edges' weights concatenated along dim 0, the input repeated along the channels, 
 the result's channels. A pool (with its non-affine BatchNorm) is a function of the input alone: it runs once and
 every edge reads its output. Grouped convolutions and per-channel BatchNorm keep the copies apart, so every edge
 computes the numbers it computes alone; a pass calls a fraction of the operators (on a GPU, launches them).
-Operations of one's own and identities are called edge by edge, as before.
+Operations of one's own and identities are called edge by edge.
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ from ilnas.space.ops import create_op
 GROUP_EDGES = True
 
 Slots = list[tuple[nn.Module, str]]
+Repeat = Callable[[bool, int], torch.Tensor]  # (from relu, copies) -> the input (or its ReLU) repeated
 
 
 def _slots(module: nn.Module) -> Slots:
     """Where each parameter of ``module`` lives (its owner and name), in ``named_parameters`` order."""
     owners = dict(module.named_modules())
     return [(owners[path.rpartition(".")[0]], path.rpartition(".")[2]) for path, _ in module.named_parameters()]
-
-
-Repeat = Callable[[bool, int], torch.Tensor]  # (from relu, copies) -> the input (or its ReLU) repeated
 
 
 class _Once:

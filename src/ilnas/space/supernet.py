@@ -70,8 +70,8 @@ class MixedOp(nn.Module):
         """weights: (O,); ``x_relu``: relu(x) where the caller already has it (it is shared by every op
         that begins with that ReLU)."""
         active, active_relu = self.inputs(x, x_relu)
-        terms = [op.forward_from_relu(active_relu) if self.from_relu[i] else op(active)
-                 for i, op in ((i, self.ops[i]) for i in self.live)]
+        terms = [self.ops[i].forward_from_relu(active_relu) if self.from_relu[i] else self.ops[i](active)
+                 for i in self.live]
         return self.mix(x, terms, weights, skip_dropout)
 
     def inputs(self, x: torch.Tensor, x_relu: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -181,7 +181,7 @@ class SearchCell(nn.Module):
         # rows by unbind: backward stacks their gradients in one operator (a select each would cost a
         # select_backward and an add per edge)
         rows = weights.unbind(0)
-        outputs: list[torch.Tensor] = [None] * len(self.edges)
+        outputs: list[torch.Tensor | None] = [None] * len(self.edges)  # each edge's, filled as its state is read
         for i in range(self.nodes):
             for j in ((0, 1) if i == 0 else (i + 1,)):  # the states node i is the first to read
                 self._read(j, states[j], rows, skip_dropout, outputs)
@@ -191,7 +191,7 @@ class SearchCell(nn.Module):
         return cat_channels(states[2:], self.sets)
 
     def _read(self, j: int, h: torch.Tensor, rows: Sequence[torch.Tensor], skip_dropout: float,
-              outputs: list[torch.Tensor]) -> None:
+              outputs: list[torch.Tensor | None]) -> None:
         """The outputs of the edges that read state ``j`` (``h``) into ``outputs``; its ReLU computed once, for
         every op on them that begins with it."""
         edges = self.readers[j]
