@@ -172,6 +172,8 @@ class SearchCell(nn.Module):
         self.starts = [i * (i + 3) // 2 for i in range(nodes)]  # node i's first edge: it reads states 0..i+1
         # the edges that read state j: one of each node from node j-1 on (plain lists: no modules of their own)
         self.readers = [[self.starts[i] + j for i in range(max(0, j - 1), nodes)] for j in range(nodes + 1)]
+        # whether an op on them begins with a ReLU: the state's ReLU is then computed once, for all of them
+        self.reads_relu = [any(f for e in es for f in self.edges[e].from_relu) for es in self.readers]
         self.groups = [EdgeGroup([self.edges[e] for e in es]) for es in self.readers] if group_edges else None
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
@@ -192,10 +194,9 @@ class SearchCell(nn.Module):
 
     def _read(self, j: int, h: torch.Tensor, rows: Sequence[torch.Tensor], skip_dropout: float,
               outputs: list[torch.Tensor | None]) -> None:
-        """The outputs of the edges that read state ``j`` (``h``) into ``outputs``; its ReLU computed once, for
-        every op on them that begins with it."""
+        """The outputs of the edges that read state ``j`` (``h``) into ``outputs``."""
         edges = self.readers[j]
-        h_relu = self.relu(h) if any(f for e in edges for f in self.edges[e].from_relu) else None
+        h_relu = self.relu(h) if self.reads_relu[j] else None
         if self.groups is not None:
             ys = self.groups[j](h, h_relu, [rows[e] for e in edges], skip_dropout)
         else:
