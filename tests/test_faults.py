@@ -861,7 +861,7 @@ def test_device_memory_running_out_part_way_stops_in_one_line_and_the_run_resume
     assert (rc, err) == (3, "ilnas: error: out of device memory (20.00 GiB at once); lower search.batch_size and "
                             "continue with --resume (the last checkpoint is intact)\n")
     monkeypatch.undo()
-    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet", "--no-report")
     assert rc == 0, err
     assert_same_search(micro_run, out)
 
@@ -1030,7 +1030,8 @@ def test_status_says_which_runs_failed_and_why(tmp_path, monkeypatch):
     assert call("plot", str(diverged))[0] == 0  # its report says so too, where it said "running or interrupted"
     assert "<th>status</th><td>failed: the search diverged at step 1" in (diverged / "report.html").read_text()
     monkeypatch.undo()
-    assert call("search", "--resume", "--quiet", "--out", str(crashed))[0] == 0  # fixed, and resumed: finished
+    # fixed, and resumed: finished
+    assert call("search", "--resume", "--quiet", "--no-report", "--out", str(crashed))[0] == 0
     rows = json.loads(call("status", str(crashed), "--json")[1])
     assert [(r["state"], r["outcome"]) for r in rows] == [("finished", None)]
 
@@ -1043,7 +1044,7 @@ def test_divergence_after_a_checkpoint_keeps_it_and_the_run_resumes_exactly(micr
     assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 1  # the last good one
     assert not (out / "summary.json").exists()
     monkeypatch.undo()
-    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet", "--no-report")
     assert rc == 0, err
     assert_same_search(micro_run, out)
 
@@ -1084,7 +1085,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(micro_run, tmp_p
     assert len(err.strip().splitlines()) == 1
     assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 1
     monkeypatch.undo()
-    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet", "--no-report")
     assert rc == 0, err
     assert_same_search(micro_run, out)
 
@@ -1109,7 +1110,7 @@ def test_a_full_disk_under_tensorboard_stops_the_run_in_one_line_and_it_resumes(
     assert err.startswith(f"ilnas: error: cannot write TensorBoard events (tb/) in {out} (No space left on device); "
                           f"the last checkpoint is intact;"), err
     monkeypatch.undo()
-    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet", "--no-report")
     assert rc == 0, err
     assert_same_search(micro_run, out)
 
@@ -1129,7 +1130,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(micro_run, t
     monkeypatch.undo()
     assert read_checkpoint(out / "checkpoint.pt")["progress"]["epoch"] == 2
     _flip(out / "checkpoint.pt")
-    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet")
+    rc, _, err = call("search", "--resume", "--out", str(out), "--quiet", "--no-report")
     assert rc == 0, err
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "checksum mismatch" in warnings[0] and "checkpoint.prev.pt" in warnings[0]
@@ -1289,7 +1290,7 @@ def kill_and_resume(argv: list[str], out: Path, finished: str, seed: int, kills:
         if (out / finished).exists():
             return hits
         hits += 1
-        restart = argv if auto else [argv[0], "--resume", "--quiet"]
+        restart = argv if auto else [argv[0], "--resume", "--quiet", "--no-report"]
         if i + 1 < kills:
             proc = ilnas(*restart, "--out", str(out), wait=False)
     rc, _, err = call(*restart, "--out", str(out))  # the last resume, killed no more: in this process
@@ -1342,7 +1343,7 @@ def killed_once_checkpointed(argv: list[str], out: Path, reached: Callable[[dict
 
 def resume(command: str, out: Path) -> None:
     """``ilnas COMMAND --resume`` in this process: the stopped process's checkpoint, not its memory, carries on."""
-    rc, _, err = call(command, "--resume", "--quiet", "--out", str(out))
+    rc, _, err = call(command, "--resume", "--quiet", "--no-report", "--out", str(out))
     assert rc == 0, err
 
 

@@ -18,6 +18,7 @@ from ilnas.space.genotype import parse_genotype, zoo
 from ilnas.space.network import NetworkCIFAR, NetworkImageNet, check_input_size, count_parameters, drop_path
 from ilnas.space.layout import EXTRA_OPS, PRIMITIVES, known_ops
 from ilnas.space.ops import OPS, create_op
+from ilnas.search.task_net import FreshParameters, fresh_parameters
 from ilnas.space.supernet import Supernet, arch_weights, init_arch, weighted_sum
 
 PUBLISHED = [  # (genotype, CIFAR-10 20 cells C=36, ImageNet 14 cells C=48), millions, as published
@@ -730,6 +731,60 @@ class _Convolutions(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.overloadpacket.__name__ == "convolution"
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", list(GROUPINGS))
+def test_a_supernet_drawn_again_for_each_seed_starts_where_a_new_build_would(name):
+    """FreshParameters (a search's stages each start from a seed of their own) builds a supernet of ilnas's
+    operations once and redraws it in place for every seed: each seed's parameters, placed in float64, equal
+    those of a supernet built anew under it (fresh_parameters) bit for bit, in any order of seeds, and torch's
+    global random state is left as it was."""
+    settings, _ = GROUPINGS[name]
+    builds = []
+
+    def build() -> Supernet:
+        builds.append(name)
+        return Supernet(channels=8, layers=3, **settings)
+
+    init = FreshParameters(build, torch.device("cpu"), torch.float64)
+    before = torch.get_rng_state()
+    for seed in (5, 9, 5, 0):
+        got = init(seed)
+        expected = fresh_parameters(lambda: Supernet(channels=8, layers=3, **settings).double(), seed)
+        assert len(got) == len(expected) and all(g.dtype == torch.float64 and torch.equal(g, e)
+                                                 for g, e in zip(got, expected))
+    assert len(builds) == 1 and torch.equal(torch.get_rng_state(), before)
+    head = FreshParameters(lambda: torch.nn.Linear(6, 3))
+    linear = fresh_parameters(lambda: torch.nn.Linear(6, 3), 4)
+    assert [torch.equal(a, b) for a, b in zip(head(4), linear)] == [True, True]
+
+
+def test_a_supernet_with_an_operation_of_ones_own_is_built_anew_for_every_seed(monkeypatch):
+    """An operation of one's own may draw random numbers as it is built (this one draws one and then builds a
+    sep_conv_3x3): a redraw would leave that draw out and start elsewhere, so such a supernet is built anew."""
+    import ilnas
+    from ilnas.space import layout, ops as ops_module
+
+    monkeypatch.setattr(ops_module, "OPS", dict(ops_module.OPS))
+    monkeypatch.setattr(layout, "_REGISTERED", dict(layout._REGISTERED))
+
+    @ilnas.register_op("noisy_conv")
+    def noisy_conv(c: int, stride: int, affine: bool, sets: int) -> torch.nn.Module:
+        torch.rand(1)
+        return create_op("sep_conv_3x3", c, stride, affine, sets)
+
+    ops = [["none", "noisy_conv", "sep_conv_3x3"]] * 14
+    builds = []
+
+    def build() -> Supernet:
+        builds.append(1)
+        return Supernet(channels=8, layers=3, normal_ops=ops, reduce_ops=ops)
+
+    init = FreshParameters(build)
+    for seed in (1, 2):
+        expected = fresh_parameters(lambda: Supernet(channels=8, layers=3, normal_ops=ops, reduce_ops=ops), seed)
+        assert all(torch.equal(g, e) for g, e in zip(init(seed), expected))
+    assert len(builds) == 2
 
 
 def test_grouped_edges_call_each_convolution_once_per_state_and_an_operation_changed_later_alone():

@@ -44,7 +44,7 @@ from ilnas.runs import RunDir, check, config_dict, load_checkpoint, out_of_memor
 from ilnas.search.engine import (Learner, SearchState, Stage, create_state, final_stages, label_metrics,
                                  search_step, to_host, widest_pass)
 from ilnas.search.methods import Darts, Phase, create_method
-from ilnas.search.task_net import FunctionalTaskNet, fresh_parameters
+from ilnas.search.task_net import FreshParameters, FunctionalTaskNet, fresh_parameters
 from ilnas.seeds import derive_seed
 from ilnas.stopping import StepGuard, global_rng_state, set_global_rng_state, stopped
 from ilnas.threads import set_threads
@@ -130,8 +130,9 @@ def cells_setting(cfg: SearchRunConfig) -> str:
 
 def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,
                device: torch.device, dtype: torch.dtype):
-    """One supernet module shared by all tasks, one linear head per task; builders for fresh weights. A supernet
-    whose weights cannot fit on ``device`` is refused before any of them is made."""
+    """One supernet module shared by all tasks, one linear head per task; the stages' fresh encoder weights
+    (FreshParameters) and head builders. A supernet whose weights cannot fit on ``device`` is refused before any
+    of them is made."""
     sp = cfg.space
 
     def module() -> Supernet:
@@ -142,22 +143,19 @@ def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progres
     require_search_memory(parameter_count(module) * dtype.itemsize, len(tasks) * cfg.search.rounds, device,
                           f"space.channels or {cells_setting(cfg)}")
 
-    def build_encoder() -> Supernet:
-        return module().to(device, dtype)
-
-    encoder = build_encoder()
+    encoder = module().to(device, dtype)
     head_builders = [lambda t=t: nn.Linear(encoder.out_features, t.num_classes).to(device, dtype) for t in tasks]
     nets = [FunctionalTaskNet(encoder, hb(), t.num_classes) for t, hb in zip(tasks, head_builders)]
-    return nets, build_encoder, head_builders
+    return nets, FreshParameters(module, device, dtype), head_builders
 
 
-def init_state(cfg: SearchRunConfig, phase: int, build_encoder, head_builders, num_ops: int,
+def init_state(cfg: SearchRunConfig, phase: int, encoder_init: FreshParameters, head_builders, num_ops: int,
                device: torch.device, dtype: torch.dtype) -> SearchState:
     """Fresh stage weights and a fresh architecture (per P-DARTS phase, too)."""
     s = cfg.search
 
     def initial(i: int, k: int):
-        return (fresh_parameters(build_encoder, derive_seed(s.seed, phase, i, 0)),
+        return (encoder_init(derive_seed(s.seed, phase, i, 0)),
                 fresh_parameters(head_builders[k], derive_seed(s.seed, phase, i, 1)))
     gen = torch.Generator().manual_seed(derive_seed(s.seed, phase))
     arch = [a.to(device, dtype) for a in init_arch(num_ops, cfg.space.edge_normalization, gen, dtype)]
@@ -548,9 +546,9 @@ def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchSt
 
 def _phase_state(ctx: SearchContext, prog: Progress) -> tuple[list[FunctionalTaskNet], SearchState]:
     """The phase's fresh supernets (one per task), stages and architecture."""
-    nets, build_encoder, head_builders = build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog,
-                                                    ctx.device, ctx.dtype)
-    state = init_state(ctx.cfg, prog.phase, build_encoder, head_builders, nets[0].encoder.num_ops, ctx.device,
+    nets, encoder_init, head_builders = build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog,
+                                                   ctx.device, ctx.dtype)
+    state = init_state(ctx.cfg, prog.phase, encoder_init, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
     return nets, state
 

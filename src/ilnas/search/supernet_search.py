@@ -30,7 +30,7 @@ from ilnas.optim import SGD, Adam
 from ilnas.search.config import EngineConfig, validate_config
 from ilnas.search.engine import (Batch, Learner, Reduce, create_state, final_stages, label_metrics, no_reduce,
                                  search_step)
-from ilnas.search.task_net import Criterion, FunctionalTaskNet, fresh_parameters
+from ilnas.search.task_net import Criterion, FreshParameters, FunctionalTaskNet
 from ilnas.seeds import checked_seed, derive_seed
 from ilnas.space.genotype import Genotype, derive_genotype
 from ilnas.space.layout import full_edge_ops
@@ -111,14 +111,11 @@ class SupernetSearch:
                             stem_multiplier=space.stem_multiplier,
                             channels_last=use_channels_last(channels_last, device))
 
-        def build_encoder() -> Supernet:
-            return module().to(device, dtype)
-
         require_search_memory(parameter_count(module) * dtype.itemsize, len(heads) * rounds, torch.device(device),
                               "space.channels or space.layers")
 
         with torch.random.fork_rng(devices=[]):  # its own weights are never used: each pass gets a stage's
-            self.encoder = build_encoder()
+            self.encoder = module().to(device, dtype)
         width = self.encoder.out_features
 
         def build_head(k: int, spec: HeadSpec) -> nn.Module:
@@ -133,8 +130,10 @@ class SupernetSearch:
         self.learners = [Learner(name, net.loss, net.losses) for name, net in zip(self.tasks, self.nets)]
         heads_init = [[p.detach().clone() for p in m.parameters()] for m in modules]
 
+        encoder_init = FreshParameters(module, torch.device(device), dtype)
+
         def initial(s: int, k: int):
-            return fresh_parameters(build_encoder, derive_seed(seed, 0, s, 0)), heads_init[k]
+            return encoder_init(derive_seed(seed, 0, s, 0)), heads_init[k]
         arch = init_arch(self.encoder.num_ops, space.edge_normalization,
                          torch.Generator().manual_seed(derive_seed(seed, 0)), dtype)
         self.state = create_state([a.to(device) for a in arch], initial, len(self.tasks), rounds, arch_optimizer)

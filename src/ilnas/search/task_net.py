@@ -60,7 +60,6 @@ class FunctionalTaskNet:
         # functional_call looks for a parameter registered under two names in every call (a walk over every
         # submodule, a tenth of a small supernet's step); a module without such names is spared the walk.
         self.encoder_tied, self.head_tied = has_tied_parameters(encoder), has_tied_parameters(head)
-        self._batched: dict[int, Supernet] = {}
 
     def logits(self, arch: Tensors, w: Tensors, h: Tensors, x: torch.Tensor,
                skip_dropout: float = 0.0) -> torch.Tensor:
@@ -83,9 +82,7 @@ class FunctionalTaskNet:
         by side along the channels, ilnas/space/sets.py): (S,) losses, the same numbers as S calls."""
         x, y = batch
         sets = len(ws)
-        if sets not in self._batched:
-            self._batched[sets] = self.encoder.batched(sets)
-        encoder = self._batched[sets]
+        encoder = self.encoder.batched(sets)
         if encoder.training != self.encoder.training:  # the mode follows the encoder's (a walk: only on a change)
             encoder.train(self.encoder.training)
         feats = functional_call(encoder, dict(zip(self.encoder_names, stack_sets(ws))),
@@ -104,3 +101,46 @@ def fresh_parameters(build: Callable[[], nn.Module], seed: int) -> Tensors:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return [p.detach().clone() for p in build().parameters()]
+
+
+# torch's layers whose construction draws exactly what their reset_parameters() draws
+REDRAWN = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
+
+
+class FreshParameters:
+    """``seed -> fresh_parameters(build, seed)``, placed on ``device`` in ``dtype``, for seed after seed (a
+    search's stages each start from their own seed). A module whose building draws nothing but its layers'
+    initialisations (``redrawable``) is built once and drawn again in place, every layer's ``reset_parameters``
+    in the order the layers were built: the draws of a new build (tests/test_network.py holds it to that, bit for
+    bit) at a tenth of the cost of building the module. Any other module is built anew for every seed."""
+
+    def __init__(self, build: Callable[[], nn.Module], device: torch.device | None = None,
+                 dtype: torch.dtype | None = None):
+        self.build, self.device, self.dtype = build, device, dtype
+        self._kept: nn.Module | None = None
+
+    def __call__(self, seed: int) -> Tensors:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self._kept is None:
+                module = self.build()
+                self._kept = module if redrawable(module) else None
+            else:
+                module = self._kept
+                for layer in module.modules():
+                    if isinstance(layer, REDRAWN):
+                        layer.reset_parameters()
+            return [p.detach().to(self.device, self.dtype, copy=True) for p in module.parameters()]
+
+
+def redrawable(module: nn.Module) -> bool:
+    """Whether building ``module`` draws nothing but what its layers' ``reset_parameters`` draw: a supernet of
+    ilnas's operations (whose layers subclass torch's without drawing more) or a module of torch's layers, with
+    every parameter in a REDRAWN layer. (Code of one's own, an operation or a head, may draw anything as it is
+    built.)"""
+    if type(module) is Supernet:
+        trusted = module.built_in
+    else:
+        trusted = all(type(layer).__module__.startswith("torch.nn.") for layer in module.modules())
+    return trusted and all(isinstance(layer, REDRAWN) or all(p is None for p in layer._parameters.values())
+                           for layer in module.modules())

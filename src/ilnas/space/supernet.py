@@ -17,7 +17,7 @@ from torch import nn
 from ilnas.errors import IlnasError, flag, positive_integer
 from ilnas.space import grouped
 from ilnas.space.grouped import EdgeGroup
-from ilnas.space.layout import NODES, EdgeOps, checked_edge_ops, num_edges
+from ilnas.space.layout import BUILT_IN_OPS, NODES, EdgeOps, checked_edge_ops, num_edges
 from ilnas.space.ops import FactorizedReduce, ReLUConvBN, Zero, create_op
 from ilnas.space.sets import cat_channels, shuffle_channels, slice_channels
 
@@ -241,6 +241,7 @@ class Supernet(nn.Module):
                              stem_multiplier=stem_multiplier, nodes=nodes, channels_last=channels_last,
                              group_edges=group_edges)
         self.sets = sets
+        self._twins: dict[int, Supernet] = {}  # batched(): a plain dict, so that their meta weights stay apart
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.normal_ops = checked_edge_ops(normal_ops, nodes, "normal_ops")
         self.reduce_ops = checked_edge_ops(reduce_ops, nodes, "reduce_ops")
@@ -266,9 +267,17 @@ class Supernet(nn.Module):
     def batched(self, sets: int) -> Supernet:
         """The same supernet for ``sets`` weight sets side by side, built without weights of its own (on
         the meta device): it is only ever called with ``functional_call`` and ``stack_sets``' weights.
-        A subclass is rebuilt as itself, from the same settings."""
-        with torch.device("meta"):
-            return type(self)(**self.settings, sets=sets).train(self.training)
+        Built once for each ``sets`` and kept (the learners that share this supernet share it too), in the
+        mode this supernet had then. A subclass is rebuilt as itself, from the same settings."""
+        if sets not in self._twins:
+            with torch.device("meta"):
+                self._twins[sets] = type(self)(**self.settings, sets=sets).train(self.training)
+        return self._twins[sets]
+
+    @property
+    def built_in(self) -> bool:
+        """Whether every operation is one of ilnas's (none of one's own, whose code may do anything)."""
+        return all(op in BUILT_IN_OPS for ops in self.normal_ops + self.reduce_ops for op in ops)
 
     @property
     def num_ops(self) -> int:
