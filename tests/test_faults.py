@@ -148,6 +148,18 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(finished_run, 
                    "no CUDA device is available", [run])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_evaluating_on_cuda_without_a_gpu_is_refused_before_the_data_is_read(finished_training, monkeypatch):
+    """A large test set takes long to read: a device that is not there is said first."""
+    from ilnas.recipes import evaluate as evaluate_module
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the data was read")
+    monkeypatch.setattr(evaluate_module, "evaluation_set", unread)
+    code, _, err = call("evaluate", str(finished_training), "--data", "digits", "--device", "cuda")
+    assert code == 2 and err == "ilnas: error: device=cuda but no CUDA device is available; use device=cpu or auto\n"
+
+
 BAD_TRAIN_SETTINGS = [
     ("train.device=tpu", "train.device must be auto, cpu, cuda or cuda:N"),
     ("optimizer.lr=.nan", "optimizer.lr must be a finite number"),
