@@ -65,6 +65,18 @@ def test_a_supernet_of_three_sets_is_three_supernets(partial_channels, edge_norm
         assert rel_error(got_sets[s], expected[len(arch) + s * n:len(arch) + (s + 1) * n]) < 1e-10
 
 
+def test_a_supernets_batched_twin_is_built_once_per_number_of_sets_and_follows_its_mode():
+    """The learners of a search share one supernet, and so its weightless twins: one per number of sets, kept
+    apart from its own parameters, in the mode the supernet is in whenever it is asked for."""
+    net = Supernet(2, 4, 3)
+    twin = net.batched(2)
+    assert net.batched(2) is twin and net.batched(3) is not twin and twin.training
+    net.eval()
+    assert net.batched(2) is twin and not any(m.training for m in twin.modules())
+    assert all(p.is_meta for p in twin.parameters()) and not any(p.is_meta for p in net.parameters())
+    assert len(net.state_dict()) == len(Supernet(2, 4, 3).state_dict())
+
+
 @pytest.mark.parametrize("K, M, coupling, hvp", [(2, 2, "prox", "fd"), (2, 3, "gd", "fd"), (2, 1, "none", "fd"),
                                                 (1, 1, "none", "fd"), (2, 2, "prox", "exact"),
                                                 (2, 2, "copy", "fd")])

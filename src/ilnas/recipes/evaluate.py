@@ -112,19 +112,22 @@ def evaluation_set(data: str, run: Path, card: ModelCard, batch_size: int, data_
     return _task_set(data, run, card, batch_size, data_dir)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    """A torch.device, or a device's name as the command line takes it (cpu, cuda, cuda:N, auto): one that is not
-    there is refused in one line, before any data is read."""
+def _require_device(device: str | torch.device) -> None:
+    """A device asked for by name (cuda, cuda:N, auto) that is not there, refused in one line before any data is
+    read. That takes torch: cpu, the default, is not looked at here, so that the data's own refusals need none."""
+    if isinstance(device, str) and device != "cpu":
+        from ilnas.distributed import pick_device
+
+        pick_device(device)
+
+
+def _model(run: str | Path, which: str, device: str | torch.device) -> nn.Module:
+    """The trained model on ``device``: a torch.device, or its name as the command line takes it (cpu, cuda,
+    cuda:N, auto)."""
     from ilnas.distributed import pick_device
-
-    return pick_device(device) if isinstance(device, str) else device
-
-
-def _model(run: str | Path, which: str, device: torch.device) -> nn.Module:
-    """The trained model on ``device``."""
     from ilnas.models import load_model
 
-    return load_model(run, which, device)
+    return load_model(run, which, pick_device(device) if isinstance(device, str) else device)
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,7 @@ def evaluate(run: str | Path, data: str, which: str = "last", out: str | Path | 
         refuse_among_run_files([Path(out) / "evaluation.json"], "--out")
         _refuse_replacing_other_files(Path(out))
     card = require_trained_model(run, which)
-    device = _device(device)  # before the data, which a large data set makes long to read
+    _require_device(device)  # before the data, which a large data set makes long to read
     dataset = evaluation_set(data, run, card, batch_size, data_dir)
     from ilnas.data.names import task_slug
 
@@ -260,7 +263,7 @@ def predict(run: str | Path, images: Sequence[str | Path], top_k: int = 5, which
     if top_k < 1 or batch_size < 1:
         raise IlnasError(f"top-k and the batch size must be positive, got {top_k} and {batch_size}")
     card = require_trained_model(run, which)
-    device = _device(device)
+    _require_device(device)
     missing = [Path(p) for p in images if not reachable(p, "image").is_file()]
     if missing:
         folder = "; it is a folder: `ilnas evaluate RUN --data FOLDER` takes a folder of labelled images, " \

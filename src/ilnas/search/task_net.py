@@ -83,8 +83,6 @@ class FunctionalTaskNet:
         x, y = batch
         sets = len(ws)
         encoder = self.encoder.batched(sets)
-        if encoder.training != self.encoder.training:  # the mode follows the encoder's (a walk: only on a change)
-            encoder.train(self.encoder.training)
         feats = functional_call(encoder, dict(zip(self.encoder_names, stack_sets(ws))),
                                 (x.repeat(1, sets, 1, 1), *arch_weights(arch)), {"skip_dropout": skip_dropout},
                                 tie_weights=self.encoder_tied)

@@ -267,12 +267,15 @@ class Supernet(nn.Module):
     def batched(self, sets: int) -> Supernet:
         """The same supernet for ``sets`` weight sets side by side, built without weights of its own (on
         the meta device): it is only ever called with ``functional_call`` and ``stack_sets``' weights.
-        Built once for each ``sets`` and kept (the learners that share this supernet share it too), in the
-        mode this supernet had then. A subclass is rebuilt as itself, from the same settings."""
+        Built once for each ``sets`` and kept (the learners that share this supernet share it too); its mode
+        follows this supernet's. A subclass is rebuilt as itself, from the same settings."""
         if sets not in self._twins:
             with torch.device("meta"):
-                self._twins[sets] = type(self)(**self.settings, sets=sets).train(self.training)
-        return self._twins[sets]
+                self._twins[sets] = type(self)(**self.settings, sets=sets)
+        twin = self._twins[sets]
+        if twin.training != self.training:  # a walk over every module: only on a change
+            twin.train(self.training)
+        return twin
 
     @property
     def built_in(self) -> bool:
