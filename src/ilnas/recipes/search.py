@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ from ilnas.space.supernet import (Supernet, alpha_entropy, init_arch, ranking_we
 
 log = logging.getLogger(__name__)  # epoch lines; the CLI prints them, a library user routes them
 ARCH_NAMES = ("alphas_normal", "alphas_reduce", "betas_normal", "betas_reduce")
+# build_nets': the supernets (one per task, one encoder module), the stages' fresh encoder weights, head builders
+Built = tuple[list[FunctionalTaskNet], FreshParameters, list[Callable[[], nn.Module]]]
 
 
 @dataclass
@@ -96,6 +98,7 @@ class SearchContext:
     dtype: torch.dtype
     progress: bool  # progress bars and epoch lines
     guard: StepGuard  # checkpoints part-way through an epoch, and stop signals
+    probed: Built | None = None  # the first phase's supernets, as probe_supernet built and tried them
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +132,7 @@ def cells_setting(cfg: SearchRunConfig) -> str:
 
 
 def build_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress,
-               device: torch.device, dtype: torch.dtype):
+               device: torch.device, dtype: torch.dtype) -> Built:
     """One supernet module shared by all tasks, one linear head per task; the stages' fresh encoder weights
     (FreshParameters) and head builders. A supernet whose weights cannot fit on ``device`` is refused before any
     of them is made."""
@@ -294,8 +297,9 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
             raise IlnasError(f"task {m.task.name} has a split of {len(m)} images, fewer than "
                              f"search.batch_size={s.batch_size}")
     method = create_method(cfg)
-    probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
-    ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard)
+    probed = probe_supernet(cfg, tasks, method.phases[0], val, device, dtype)
+    ctx = SearchContext(cfg, method, tasks, train, val, None, None, process, dtype, progress and process.main, guard,
+                        probed)
     prog, continued = _read_back(ctx, ckpt, out) if ckpt else (Progress.first(cfg), None)
     records = [task_record(t) for t in tasks]
     if ckpt:
@@ -327,20 +331,23 @@ def _prepare(cfg: SearchRunConfig, out: Path, config: dict, ckpt: dict | None, r
 
 
 def probe_supernet(cfg: SearchRunConfig, tasks: Sequence[Task], phase: Phase, val: Sequence[BatchMaker],
-                   device: torch.device, dtype: torch.dtype) -> None:
+                   device: torch.device, dtype: torch.dtype) -> Built:
     """The first phase's supernet measured and tried, with the random state untouched, before the run directory
     changes: a batch whose step cannot fit on the device is refused first (measured on small images, memory.py,
     so that a run's large images cannot fill the machine before it is refused); then one forward pass on two
-    images of each task at their own size refuses a shape that cannot work."""
+    images of each task at their own size refuses a shape that cannot work. Returns what build_nets built (the
+    first phase searches with it: a supernet is not built twice)."""
     check_ops(cfg.space.ops, channels=cfg.space.channels // cfg.space.partial_channels, device=device)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        nets, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
+        built, arch = _probe_nets(cfg, tasks, phase.layers, Progress.first(cfg), device, dtype)
+        nets = built[0]
         _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
         for net, maker in zip(nets, val):
             x, _ = next(maker.ordered(2))
             with _refusing_shapes(cfg.space.ops, maker.task.name, x):
                 net.logits(arch, [p.detach() for p in net.encoder.parameters()],
                            [p.detach() for p in net.head.parameters()], x)
+    return built
 
 
 @contextlib.contextmanager
@@ -362,13 +369,13 @@ def _refusing_shapes(ops: Sequence[str], task: str, x: torch.Tensor) -> Iterator
 
 
 def _probe_nets(cfg: SearchRunConfig, tasks: Sequence[Task], layers: int, progress: Progress, device: torch.device,
-                dtype: torch.dtype) -> tuple[list[FunctionalTaskNet], list[torch.Tensor]]:
-    """A supernet of ``layers`` cells with ``progress``'s operations, and an architecture, to measure (the caller
-    keeps the random state untouched)."""
-    nets, _, _ = build_nets(cfg, tasks, layers, progress, device, dtype)
-    arch = [a.to(device, dtype) for a in init_arch(nets[0].encoder.num_ops, cfg.space.edge_normalization,
+                dtype: torch.dtype) -> tuple[Built, list[torch.Tensor]]:
+    """build_nets' supernet of ``layers`` cells with ``progress``'s operations, and an architecture, to measure
+    (the caller keeps the random state untouched)."""
+    built = build_nets(cfg, tasks, layers, progress, device, dtype)
+    arch = [a.to(device, dtype) for a in init_arch(built[0][0].encoder.num_ops, cfg.space.edge_normalization,
                                                    torch.Generator().manual_seed(0), dtype)]
-    return nets, arch
+    return built, arch
 
 
 def _require_step_memory(cfg: SearchRunConfig, tasks: int, net: FunctionalTaskNet, arch: list[torch.Tensor],
@@ -429,8 +436,8 @@ def warn_of_later_phases(cfg: SearchRunConfig, tasks: Sequence[Task], phases: Se
         heaviest = Progress(normal_ops=ops, reduce_ops=[list(edge) for edge in ops])
         try:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                nets, arch = _probe_nets(cfg, tasks, phase.layers, heaviest, device, dtype)
-                _require_step_memory(cfg, len(tasks), nets[0], arch, val[0], device)
+                built, arch = _probe_nets(cfg, tasks, phase.layers, heaviest, device, dtype)
+                _require_step_memory(cfg, len(tasks), built[0][0], arch, val[0], device)
         except IlnasError as e:
             log.warning(f"phase {number} of {len(phases)} ({phase.layers} cells, {phase.ops_per_edge} operations "
                         f"an edge) may not fit, should its edges keep their heaviest operations: {e}")
@@ -545,9 +552,11 @@ def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchSt
 
 
 def _phase_state(ctx: SearchContext, prog: Progress) -> tuple[list[FunctionalTaskNet], SearchState]:
-    """The phase's fresh supernets (one per task), stages and architecture."""
-    nets, encoder_init, head_builders = build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog,
-                                                   ctx.device, ctx.dtype)
+    """The phase's supernets (one per task: the first phase's are the probe's), fresh stages and architecture."""
+    first = Progress.first(ctx.cfg)
+    probed = prog.phase == 0 and (prog.normal_ops, prog.reduce_ops) == (first.normal_ops, first.reduce_ops)
+    nets, encoder_init, head_builders = ctx.probed if probed and ctx.probed else \
+        build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog, ctx.device, ctx.dtype)
     state = init_state(ctx.cfg, prog.phase, encoder_init, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
     return nets, state
