@@ -554,8 +554,9 @@ def _checkpoint_within_epoch(ctx: SearchContext, prog: Progress, state: SearchSt
 def _phase_state(ctx: SearchContext, prog: Progress) -> tuple[list[FunctionalTaskNet], SearchState]:
     """The phase's supernets (one per task: the first phase's are the probe's), fresh stages and architecture."""
     first = Progress.first(ctx.cfg)
-    probed = prog.phase == 0 and (prog.normal_ops, prog.reduce_ops) == (first.normal_ops, first.reduce_ops)
-    nets, encoder_init, head_builders = ctx.probed if probed and ctx.probed else \
+    as_probed = ctx.probed is not None and prog.phase == 0 and \
+        (prog.normal_ops, prog.reduce_ops) == (first.normal_ops, first.reduce_ops)
+    nets, encoder_init, head_builders = ctx.probed if as_probed else \
         build_nets(ctx.cfg, ctx.tasks, ctx.method.phases[prog.phase].layers, prog, ctx.device, ctx.dtype)
     state = init_state(ctx.cfg, prog.phase, encoder_init, head_builders, nets[0].encoder.num_ops, ctx.device,
                        ctx.dtype)
